@@ -1,0 +1,105 @@
+"""
+Deciding whether a login is good, off the reactor thread, and pacing failures.
+
+Password hashes cost tens of milliseconds of CPU each, so verification runs on a dedicated
+thread pool: one slow login never stalls the relays. Failure replies are held back until a
+fixed time after the login command, so that an unknown user, a wrong password and a backend
+refusal cannot be told apart by their timing.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+from gateway.userdb import UserDatabase
+
+
+class IAuthenticator(Interface):
+    """Checks credentials for the front ends."""
+
+    backend_decides: bool  # type: ignore[misc]
+    """True when there is no local database and the backend's answer decides."""
+
+    def verify(user: str, password: bytes) -> Deferred[bool]:
+        """Check credentials; fires True when they are good (always True when the backend decides)."""
+
+    def failure_pause(started: float) -> Deferred[None]:
+        """Fire when the failure reply to a login command made at C{started} may be sent."""
+
+
+class HashingPool(Service):
+    """The thread pool that verifies password hashes, started and stopped with the gateway."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="password-hashing")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+@implementer(IAuthenticator)
+class Authenticator:
+    """
+    Verifies against the local users file on a thread pool, or defers to the backend.
+
+    :param reactor: for the failure delay, and to return results from the pool's threads.
+    :param pool: where hashes are verified; unused when C{users} is None.
+    :param users: the local database, or None when the backend decides.
+    :param failure_delay: seconds from a login command to its failure reply.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        pool: ThreadPool,
+        users: UserDatabase | None,
+        failure_delay: float,
+    ) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._users = users
+        self._failure_delay = failure_delay
+        self.backend_decides = users is None
+
+    def verify(self, user: str, password: bytes) -> Deferred[bool]:
+        if self._users is None:
+            return succeed(True)
+        assert IReactorFromThreads.providedBy(self._reactor)
+        return deferToThreadPool(self._reactor, self._pool, self._users.verify, user, password)  # type: ignore[arg-type]
+
+    def failure_pause(self, started: float) -> Deferred[None]:
+        wait = max(0.0, started + self._failure_delay - self._reactor.seconds())
+        return deferLater(self._reactor, wait)
+
+
+@implementer(IAuthenticator)
+class MemoryAuthenticator:
+    """
+    An in-memory authenticator for tests: a dict of good passwords, answered at once, and a
+    failure pause driven by the given clock.
+    """
+
+    def __init__(self, clock: IReactorTime, passwords: dict[str, bytes], failure_delay: float = 2.0) -> None:
+        self._clock = clock
+        self.passwords = passwords
+        self.failure_delay = failure_delay
+        self.backend_decides = False
+        self.checked: list[str] = []
+
+    def verify(self, user: str, password: bytes) -> Deferred[bool]:
+        self.checked.append(user)
+        return succeed(self.passwords.get(user) == password)
+
+    def failure_pause(self, started: float) -> Deferred[None]:
+        return deferLater(self._clock, max(0.0, started + self.failure_delay - self._clock.seconds()))

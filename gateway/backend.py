@@ -1,0 +1,210 @@
+"""
+Connecting to the plaintext store and logging in there on the client's behalf.
+
+L{BackendConnector} is protocol-neutral: it opens the connection (with TLS when configured),
+runs a protocol-specific L{BackendLogin} dialogue under one deadline, and hands back the
+logged-in protocol, ready to be spliced to the client. Every way the backend can fail ends in
+L{BackendUnavailable}, except a refusal of the credentials, which is L{BackendRejected}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTCP, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from gateway.config import BackendSettings
+from gateway.relay import Splice, hand_over
+from gateway.tls import client_tls
+
+
+class BackendUnavailable(Exception):
+    """The backend could not be reached, timed out or failed; the message is for the log only."""
+
+
+class BackendRejected(Exception):
+    """The backend refused the credentials; the message is for the log only."""
+
+
+@dataclass(frozen=True)
+class ClientAddress:
+    """Where a client connected from and to, for logs and for forwarding to the backend."""
+
+    host: str
+    port: int
+    local_host: str
+    local_port: int
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    """
+    One login to perform on the backend.
+
+    :ivar user: the user to log in as (the client's user; with a master login, the one to impersonate).
+    :ivar password: the client's password, or the master password.
+    :ivar master_user: set for a Dovecot master login (C{user*master_user}).
+    """
+
+    user: str
+    password: bytes = field(repr=False)
+    client: ClientAddress
+    master_user: str | None = None
+
+
+class BackendLogin(LineReceiver):
+    """
+    Base of the protocol-specific login dialogues with the backend.
+
+    A subclass talks the protocol in C{lineReceived} and ends with L{succeed} or L{fail}. After
+    success the protocol holds still until L{attach} splices it to the client.
+
+    :ivar result: fires with this protocol once logged in, or fails with L{BackendUnavailable}
+        or L{BackendRejected}.
+    :ivar capabilities: what the backend offers after login, as the subclass found out.
+    """
+
+    MAX_LENGTH = 65536
+
+    def __init__(self, request: LoginRequest, settings: BackendSettings,
+                 tls: IOpenSSLClientConnectionCreator | None) -> None:
+        self.request = request
+        self.settings = settings
+        self.tls = tls
+        self.capabilities: tuple[bytes, ...] = ()
+        self.result: Deferred[BackendLogin] = Deferred(lambda d: self._abort())
+        self._splice: Splice | None = None
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def start_tls(self) -> None:
+        """Upgrade the backend connection (after the protocol's STARTTLS exchange)."""
+        assert self.tls is not None
+        self.transport.startTLS(self.tls)  # type: ignore[union-attr]
+
+    def succeed(self) -> None:
+        """Logged in: stop reading until the client is attached."""
+        self.pauseProducing()
+        if not self.result.called:
+            self.result.callback(self)
+
+    def fail(self, reason: Exception) -> None:
+        """The login cannot go on: report why and drop the connection."""
+        if not self.result.called:
+            self.result.errback(reason)
+        self._abort()
+
+    def attach(self, splice: Splice) -> None:
+        """Relay everything from now on through C{splice}, starting with what is buffered."""
+        self._splice = splice
+        hand_over(self, splice.from_backend)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        assert self._splice is not None
+        self._splice.from_backend(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.fail(BackendUnavailable("backend sent an over-long line"))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:
+        if self._splice is not None:
+            self._splice.backend_lost()
+        else:
+            self.fail(BackendUnavailable(f"connection lost during login: {reason.getErrorMessage()}"))
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
+
+
+class BackendConnector:
+    """
+    Logs in to one configured backend for each client that passed authentication.
+
+    :param reactor: connects and times out.
+    :param settings: where the backend is and how to talk to it.
+    :param login_protocol: builds the protocol-specific login dialogue.
+    """
+
+    def __init__(self, reactor: IReactorTCP, settings: BackendSettings, login_protocol: LoginFactory) -> None:
+        self._reactor = reactor
+        self.settings = settings
+        self._login_protocol = login_protocol
+        self._tls = client_tls(settings.server_name, settings.ca_file) if settings.tls != "none" else None
+        self.address = f"{settings.host}:{settings.port}"
+
+    def login(self, request: LoginRequest) -> Deferred[BackendLogin]:
+        """
+        Connect and log in.
+
+        :returns: fires with the logged-in protocol; fails with L{BackendRejected} when the
+            backend refuses the credentials and L{BackendUnavailable} for anything else,
+            including taking longer than the configured timeout.
+        """
+        protocol = self._login_protocol(request, self.settings, self._tls)
+        endpoint = self._endpoint()
+        if self.settings.tls == "implicit":
+            assert self._tls is not None
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False  # one per login; the front end logs what matters
+        connecting = endpoint.connect(factory)
+
+        def connected(_: object) -> Deferred[BackendLogin]:
+            return protocol.result
+
+        def cancel_login(d: Deferred[BackendLogin]) -> None:
+            connecting.cancel()
+            protocol.result.cancel()
+
+        done: Deferred[BackendLogin] = Deferred(cancel_login)
+        connecting.addCallback(connected).chainDeferred(done)
+        done.addErrback(self._unavailable)
+        done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
+        done.addErrback(self._timed_out)
+        return done
+
+    def _endpoint(self) -> IStreamClientEndpoint:
+        host, port, timeout = self.settings.host, self.settings.port, self.settings.timeout
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        # An address needs no resolver, and the resolver's thread hop costs every login.
+        if version == 4:
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        if failure.check(BackendRejected, BackendUnavailable, CancelledError):
+            return failure
+        if failure.check(ConnectError):
+            raise BackendUnavailable(f"cannot connect: {failure.getErrorMessage()}")
+        raise BackendUnavailable(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+
+    def _timed_out(self, failure: Failure) -> Failure:
+        if failure.check(TimeoutError):
+            raise BackendUnavailable(f"no answer within {self.settings.timeout:g} s")
+        return failure
+
+
+def set_nodelay(transport: object) -> None:
+    """
+    Turn off Nagle's algorithm where the transport is TCP: login dialogues are small
+    request-reply exchanges, and delayed ACKs would add 40 ms to each.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        setter(True)

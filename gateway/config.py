@@ -1,0 +1,378 @@
+"""
+The gateway's configuration: one TOML file, validated once at start into frozen settings.
+
+Every check lives here. A wrong key, value or unreadable file raises L{ConfigError}, whose
+message is one line naming the file, the key and the expected form. Nothing else in the
+gateway parses configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+BackendTLS = Literal["none", "starttls", "implicit"]
+BackendLogin = Literal["replay", "master"]
+AuthMode = Literal["local", "backend"]
+
+# Listeners carry plain streams: the gateway adds TLS itself, so "ssl:" endpoints are refused.
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """
+    The certificate the listeners present.
+
+    :ivar certificate: PEM file with the leaf certificate followed by its intermediates.
+    :ivar private_key: PEM file with the private key.
+    :ivar self_signed: generate (once) and use a self-signed certificate instead; for trials and tests.
+    """
+
+    certificate: str | None
+    private_key: str | None
+    self_signed: bool
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """
+    How to reach and log in to the plaintext store behind one protocol.
+
+    :ivar tls: C{none}, C{starttls} or C{implicit}; with TLS the certificate and the host name
+        (C{server_name}) are verified against C{ca_file}, or the system's trust store.
+    :ivar timeout: seconds allowed to connect and log in, after which the backend counts as down.
+    :ivar login: C{replay} logs in with the client's credentials; C{master} logs in as
+        C{user*master_user} with the master password (Dovecot master users).
+    :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip}).
+    """
+
+    host: str
+    port: int
+    tls: BackendTLS
+    ca_file: str | None
+    server_name: str
+    timeout: float
+    login: BackendLogin
+    master_user: str | None
+    master_password: bytes | None = field(repr=False)
+    forward_client_ip: bool
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """
+    The listeners of one protocol and its backend.
+
+    :ivar implicit_tls: endpoint descriptions of the listeners that speak TLS from the first byte.
+    :ivar starttls: endpoint descriptions of the listeners that start in clear and upgrade.
+    """
+
+    implicit_tls: tuple[str, ...]
+    starttls: tuple[str, ...]
+    backend: BackendSettings
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """
+    Who decides whether a login is good.
+
+    :ivar mode: C{local} checks the users file; C{backend} lets the backend's answer decide.
+    :ivar failure_delay: seconds from a login command to its failure reply, for every cause alike.
+    :ivar hash_threads: size of the thread pool that verifies password hashes.
+    """
+
+    mode: AuthMode
+    users_file: str | None
+    failure_delay: float
+    hash_threads: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Bounds on what an unauthenticated client may do.
+
+    :ivar line_length: longest command line in bytes, without CRLF.
+    :ivar literal_size: largest IMAP literal before login.
+    :ivar idle_timeout: seconds of silence before a client that has not logged in is dropped.
+    :ivar login_timeout: seconds from connect by which the client must have logged in.
+    :ivar login_attempts: failed logins allowed on one connection.
+    :ivar errors: consecutive protocol errors before the connection is closed.
+    """
+
+    line_length: int = 8192
+    literal_size: int = 8192
+    idle_timeout: float = 60.0
+    login_timeout: float = 120.0
+    login_attempts: int = 3
+    errors: int = 5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration."""
+
+    path: str
+    hostname: str
+    state_dir: str
+    tls: TLSSettings
+    auth: AuthSettings
+    limits: Limits
+    imap: ProtocolSettings | None
+
+
+class _Table:
+    """
+    One TOML table being read: typed getters that name the key on error, and a final check
+    that no key was left unread (a misspelt key must not be silently ignored).
+    """
+
+    def __init__(self, path: str, name: str, data: object) -> None:
+        self._path = path
+        self.name = name
+        if not isinstance(data, dict):
+            raise self.error(None, "a table", data)
+        self._data: dict[str, Any] = data
+        self._read: set[str] = set()
+
+    def error(self, key: str | None, expected: str, got: object = None) -> ConfigError:
+        where = f"[{self.name}]" + (f" {key}" if key else "")
+        shown = "" if got is None else f", got {_show(got)}"
+        return ConfigError(f"{self._path}: {where}: expected {expected}{shown}")
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def _get(self, key: str, default: T, kind: type | tuple[type, ...], expected: str) -> T:
+        self._read.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        # bool is an int in Python; never accept true where a number is expected.
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            raise self.error(key, expected, value)
+        return value  # type: ignore[no-any-return]
+
+    def string(self, key: str, default: str | None = None, *, expected: str = "a string") -> str | None:
+        value = self._get(key, default, str, expected)
+        if value is not None and not value.strip():
+            raise self.error(key, expected, value)
+        return value
+
+    def required_string(self, key: str, expected: str = "a string") -> str:
+        value = self.string(key, expected=expected)
+        if value is None:
+            raise self.error(key, expected + " (this key is required)")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(key, default, bool, "true or false")
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        expected = f"an integer from {low} to {high}"
+        value = self._get(key, default, int, expected)
+        if not low <= value <= high:
+            raise self.error(key, expected, value)
+        return value
+
+    def seconds(self, key: str, default: float, low: float, high: float) -> float:
+        expected = f"a number of seconds from {low:g} to {high:g}"
+        value = self._get(key, default, (int, float), expected)
+        if not low <= value <= high:
+            raise self.error(key, expected, value)
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        expected = "one of " + ", ".join(f'"{c}"' for c in choices)
+        value = self._get(key, default, str, expected)
+        if value not in choices:
+            raise self.error(key, expected, value)
+        return value
+
+    def readable_file(self, key: str) -> str | None:
+        path = self.string(key, expected="the path of a readable file")
+        if path is not None:
+            _check_readable(path, lambda: self.error(key, "the path of a readable file", path))
+        return path
+
+    def endpoints(self, key: str) -> tuple[str, ...]:
+        expected = 'a list of endpoint descriptions such as ["tcp:993"] (' + "/".join(_ENDPOINT_TYPES) + ")"
+        value = self._get(key, [], list, expected)
+        for item in value:
+            if not isinstance(item, str) or item.split(":", 1)[0] not in _ENDPOINT_TYPES:
+                raise self.error(key, expected, item)
+        return tuple(value)
+
+    def table(self, key: str) -> _Table:
+        self._read.add(key)
+        return _Table(self._path, f"{self.name}.{key}" if self.name else key, self._data.get(key, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._read)
+        if unknown:
+            where = f"[{self.name}] " if self.name else ""
+            raise ConfigError(f"{self._path}: {where}{unknown[0]}: unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_readable(path: str, error: Callable[[], ConfigError]) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError:
+        raise error() from None
+
+
+def load_settings(path: str) -> Settings:
+    """
+    Read and validate the configuration file.
+
+    :param path: the TOML file.
+    :returns: the frozen settings.
+    :raises ConfigError: for anything wrong, with a one-line message.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return parse_settings(path, data)
+
+
+def parse_settings(path: str, data: dict[str, Any]) -> Settings:
+    """
+    Validate already-decoded TOML data; C{path} is only used in messages and to resolve nothing.
+
+    :raises ConfigError: for anything wrong, with a one-line message.
+    """
+    root = _Table(path, "", data)
+    gateway = root.table("gateway")
+    hostname = gateway.string("hostname") or socket.gethostname()
+    state_dir = gateway.string("state_dir", "/var/lib/mailgateway")
+    assert state_dir is not None
+    gateway.finish()
+
+    tls = _tls_settings(root.table("tls"))
+    auth = _auth_settings(root.table("auth"))
+    limits = _limits(root.table("limits"))
+    imap = _protocol_settings(root, "imap", default_backend_port=143) if root.has("imap") else None
+    root.finish()
+
+    if imap is None:
+        raise ConfigError(f"{path}: [imap]: expected at least one protocol section with a listener")
+    for name, protocol in (("imap", imap),):
+        if auth.mode == "backend" and protocol.backend.login != "replay":
+            raise ConfigError(
+                f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
+                " (the backend must see the client's password to decide)"
+            )
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap)
+
+
+def _tls_settings(table: _Table) -> TLSSettings:
+    self_signed = table.boolean("self_signed", False)
+    certificate = table.readable_file("certificate")
+    private_key = table.readable_file("private_key")
+    table.finish()
+    if self_signed and (certificate or private_key):
+        raise table.error("self_signed", "either self_signed = true or certificate and private_key, not both")
+    if not self_signed and not (certificate and private_key):
+        missing = "private_key" if certificate else "certificate"
+        raise table.error(missing, "the path of a PEM file (or self_signed = true for a trial)")
+    return TLSSettings(certificate, private_key, self_signed)
+
+
+def _auth_settings(table: _Table) -> AuthSettings:
+    mode = table.choice("mode", "local", ("local", "backend"))
+    users_file = table.readable_file("users_file")
+    failure_delay = table.seconds("failure_delay", 2.0, 0.0, 60.0)
+    hash_threads = table.integer("hash_threads", 2, 1, 64)
+    table.finish()
+    if mode == "local" and users_file is None:
+        raise table.error("users_file", 'the path of a users file when mode is "local"')
+    return AuthSettings(mode, users_file, failure_delay, hash_threads)  # type: ignore[arg-type]
+
+
+def _limits(table: _Table) -> Limits:
+    d = Limits()
+    limits = Limits(
+        line_length=table.integer("line_length", d.line_length, 512, 65536),
+        literal_size=table.integer("literal_size", d.literal_size, 512, 65536),
+        idle_timeout=table.seconds("idle_timeout", d.idle_timeout, 1, 3600),
+        login_timeout=table.seconds("login_timeout", d.login_timeout, 1, 3600),
+        login_attempts=table.integer("login_attempts", d.login_attempts, 1, 100),
+        errors=table.integer("errors", d.errors, 1, 100),
+    )
+    table.finish()
+    return limits
+
+
+def _protocol_settings(root: _Table, name: str, default_backend_port: int) -> ProtocolSettings:
+    table = root.table(name)
+    implicit_tls = table.endpoints("implicit_tls")
+    starttls = table.endpoints("starttls")
+    backend = _backend_settings(table.table("backend"), default_backend_port)
+    table.finish()
+    if not implicit_tls and not starttls:
+        raise table.error("implicit_tls", "at least one listener in implicit_tls or starttls")
+    return ProtocolSettings(implicit_tls, starttls, backend)
+
+
+def _backend_settings(table: _Table, default_port: int) -> BackendSettings:
+    host = table.string("host", "127.0.0.1", expected="a host name or address")
+    assert host is not None
+    port = table.integer("port", default_port, 1, 65535)
+    tls = table.choice("tls", "none", ("none", "starttls", "implicit"))
+    ca_file = table.readable_file("ca_file")
+    server_name = table.string("server_name", host, expected="a host name") or host
+    timeout = table.seconds("timeout", 10.0, 0.1, 300)
+    login = table.choice("login", "replay", ("replay", "master"))
+    master_user = table.string("master_user", expected="a user name")
+    password_file = table.readable_file("master_password_file")
+    forward_client_ip = table.boolean("forward_client_ip", False)
+    table.finish()
+    master_password = None
+    if login == "master":
+        if master_user is None:
+            raise table.error("master_user", 'a user name when login is "master"')
+        if password_file is None:
+            raise table.error("master_password_file", 'a readable file when login is "master"')
+        master_password = _read_secret(password_file, table)
+    if ca_file is not None and tls == "none":
+        raise table.error("ca_file", 'nothing unless tls is "starttls" or "implicit"')
+    return BackendSettings(
+        host, port, tls, ca_file, server_name, timeout, login,  # type: ignore[arg-type]
+        master_user, master_password, forward_client_ip,
+    )
+
+
+def _read_secret(path: str, table: _Table) -> bytes:
+    with open(path, "rb") as f:
+        secret = f.read().rstrip(b"\r\n")
+    if not secret or b"\n" in secret:
+        raise table.error("master_password_file", "a file holding the password on one line")
+    if os.stat(path).st_mode & 0o077:
+        raise table.error("master_password_file", "a file readable by its owner only (chmod 600)")
+    return secret

@@ -1,0 +1,396 @@
+"""
+The protocol-neutral core of every front end: what a client may do before it has logged in.
+
+L{LoginFrontEnd} owns the pre-authentication rules that IMAP, POP3 and submission share: the
+line length limit, the idle timeout and the absolute login deadline, the consecutive-error
+limit, the switch to TLS (dropping whatever was pipelined in clear), the login itself
+(verification, uniform failure pacing, the backend login) and the hand-over to the byte relay
+(forwarding whatever was pipelined after the login). A protocol subclass parses its commands
+and words the replies; it never touches timers, TLS or the backend directly.
+
+The log events here have stable formats with named fields; C{login_failed} is the interface
+for fail2ban, and tests pin its shape.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.auth import IAuthenticator
+from gateway.backend import BackendConnector, BackendLogin, BackendRejected, BackendUnavailable, ClientAddress, LoginRequest, set_nodelay
+from gateway.config import Limits
+from gateway.relay import Splice, hand_over
+from gateway.tls import ServerTLS, describe_tls
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class FrontEndContext:
+    """
+    Everything a front-end connection needs, shared by all connections of one listener.
+
+    :ivar protocol: the protocol's name in logs (C{imap}, C{pop3}, C{submission}).
+    :ivar tls: the server TLS for STARTTLS; on an implicit-TLS listener the connection is
+        already secure and this is not used.
+    :ivar implicit_tls: True on a listener that speaks TLS from the first byte.
+    :ivar backend: logs in to the store behind this protocol.
+    """
+
+    protocol: str
+    clock: IReactorTime
+    limits: Limits
+    tls: ServerTLS
+    implicit_tls: bool
+    authenticator: IAuthenticator
+    backend: BackendConnector
+    hostname: str
+
+
+class LoginOutcome(enum.Enum):
+    """How a login ended, for the protocol subclass to word its reply."""
+
+    REJECTED = "rejected"        # bad credentials, whatever the cause; reply after the failure pause
+    UNAVAILABLE = "unavailable"  # the backend failed; a temporary error, never an auth failure
+    LOGGED_IN = "logged-in"      # the backend session is ready; the subclass replies, then relays
+
+
+class _Phase(enum.Enum):
+    COMMANDS = "commands"
+    LOGGING_IN = "logging-in"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+def loggable_user(user: str) -> str:
+    """A user name made safe for one log line: quoted, escaped, bounded (fail2ban parses it)."""
+    return json.dumps(user[:64])
+
+
+@implementer(IHandshakeListener)
+class LoginFrontEnd(LineReceiver, TimeoutMixin):
+    """
+    One client connection before and after login; subclassed once per protocol.
+
+    Subclasses implement L{greet}, L{command_line} and the C{reply_*} hooks, and call
+    L{command_succeeded}, L{command_failed}, L{start_tls}, L{log_in} and L{start_relay}.
+    """
+
+    # Lines end in LF; a CR before it is dropped, so clients that send bare LF still work.
+    delimiter = b"\n"
+
+    def __init__(self, context: FrontEndContext) -> None:
+        self.context = context
+        self.clock = context.clock
+        self.callLater = context.clock.callLater  # TimeoutMixin's timer source
+        self.MAX_LENGTH = context.limits.line_length + 1  # room for the CR
+        self.secure = context.implicit_tls
+        self.user: str | None = None
+        self.login_failures = 0
+        self._errors = 0
+        self._phase = _Phase.COMMANDS
+        self._deadline: object | None = None
+        self._pending: Deferred[object] | None = None
+        self._session: BackendLogin | None = None
+        self._splice: Splice | None = None
+        self._started = 0.0
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self.client = ClientAddress("", 0, "", 0)
+
+    # -- connection lifecycle
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        self.client = ClientAddress(getattr(peer, "host", str(peer)), getattr(peer, "port", 0),
+                                    getattr(host, "host", str(host)), getattr(host, "port", 0))
+        self._started = time.monotonic()
+        set_nodelay(self.transport)
+        self.setTimeout(self.context.limits.idle_timeout)
+        self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
+        log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                 protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
+                 listener=self.client.local_port, tls="implicit" if self.secure else "none")
+        self.greet()
+
+    def handshakeCompleted(self) -> None:
+        described = describe_tls(self.transport)
+        if described is not None:
+            log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
+                     protocol=self.context.protocol, client=self.client.host,
+                     version=described[0], cipher=described[1])
+
+    def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:
+        phase, self._phase = self._phase, _Phase.CLOSED
+        self.setTimeout(None)
+        self._cancel_deadline()
+        if self._pending is not None:
+            self._pending.cancel()  # a no-op once the login has finished
+        bytes_in, bytes_out = self._bytes_in, self._bytes_out
+        if self._splice is not None:
+            self._splice.client_lost()
+            bytes_in += self._splice.from_client_bytes
+            bytes_out += self._splice.from_backend_bytes
+        log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
+                 "in={bytes_in} out={bytes_out} duration={duration:.3f}",
+                 protocol=self.context.protocol, client=self.client.host,
+                 user=loggable_user(self.user or ""), state=phase.value,
+                 bytes_in=bytes_in, bytes_out=bytes_out, duration=time.monotonic() - self._started)
+
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._phase is _Phase.RELAYING:
+            # Relayed bytes are counted by the splice.
+            super().dataReceived(data)
+            return
+        self._bytes_in += len(data)
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.context.limits.line_length:
+            self.lineLengthExceeded(line)
+            return
+        self.command_line(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        assert self._splice is not None, "raw mode before the relay belongs to the subclass"
+        self._splice.from_client(data)
+
+    def back_to_lines(self, rest: bytes) -> None:
+        """
+        Leave a subclass's raw mode (an IMAP literal) and parse C{rest} as lines again.
+        C{rest} was already counted and timed when it arrived, so it bypasses L{dataReceived}.
+        """
+        self.setLineMode()
+        if rest:
+            LineReceiver.dataReceived(self, rest)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.reply_line_too_long()
+        self.close()
+
+    def timeoutConnection(self) -> None:
+        log.info("timeout protocol={protocol} client={client} reason=idle",
+                 protocol=self.context.protocol, client=self.client.host)
+        self.reply_timeout()
+        self.close()
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        log.info("timeout protocol={protocol} client={client} reason=login-deadline",
+                 protocol=self.context.protocol, client=self.client.host)
+        self.reply_timeout()
+        self.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()  # type: ignore[attr-defined]
+            self._deadline = None
+
+    # -- for subclasses: writing and closing
+
+    def send(self, data: bytes) -> None:
+        """Write protocol bytes to the client."""
+        self._bytes_out += len(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection after what was written has been sent, and read nothing more."""
+        self._phase = _Phase.CLOSED
+        self.pauseProducing()
+        self.clearLineBuffer()
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def command_succeeded(self) -> None:
+        """A command was valid: the run of consecutive errors is broken."""
+        self._errors = 0
+
+    def command_failed(self) -> None:
+        """A command was malformed or not allowed; too many in a row close the connection."""
+        self._errors += 1
+        if self._errors >= self.context.limits.errors:
+            log.info("too_many_errors protocol={protocol} client={client}",
+                     protocol=self.context.protocol, client=self.client.host)
+            self.reply_too_many_errors()
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing; nothing more is read or answered."""
+        return self._phase is _Phase.CLOSED
+
+    # -- for subclasses: STARTTLS
+
+    def start_tls(self) -> None:
+        """
+        Switch to TLS after the protocol's positive reply has been written. Bytes the client
+        pipelined after the STARTTLS command arrived in clear: they are dropped, never run.
+        """
+        dropped = self.clearLineBuffer()
+        if dropped:
+            log.info("starttls_discarded protocol={protocol} client={client} bytes={count}",
+                     protocol=self.context.protocol, client=self.client.host, count=len(dropped))
+        self.secure = True
+        assert self.transport is not None
+        self.transport.startTLS(self.context.tls)  # type: ignore[attr-defined]
+
+    # -- for subclasses: logging in
+
+    @property
+    def may_log_in(self) -> bool:
+        """True when the connection is secure; logins in clear are refused."""
+        return self.secure
+
+    def log_in(self, user: str, password: bytes, reply: Callable[[LoginOutcome], None], authzid: str = "") -> None:
+        """
+        Check the credentials, then log in to the backend, then call C{reply} with the outcome.
+        Commands the client pipelined meanwhile wait. Every kind of rejection is reported after
+        the same failure pause.
+
+        :param reply: words the reply; after L{LoginOutcome.REJECTED} or L{LoginOutcome.UNAVAILABLE}
+            it then calls L{resume_commands}, after L{LoginOutcome.LOGGED_IN} it calls L{start_relay}.
+            It is not called when the client has gone away meanwhile.
+        :param authzid: a SASL authorization identity; any other than the user itself is refused.
+        """
+        assert self.may_log_in and self._phase is _Phase.COMMANDS
+        self._phase = _Phase.LOGGING_IN
+        self.pauseProducing()
+        started = self.clock.seconds()
+        checking = self.context.authenticator.verify(user, password)
+        checking.addCallback(self._verified, user, password, authzid)
+        checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,), errbackArgs=(user, started))
+        checking.addCallback(reply)
+        checking.addErrback(self._login_broken)
+        self._pending = checking
+
+    def _login_broken(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away; connectionLost has cleaned up
+        log.failure("login handling failed protocol={protocol} client={client}", failure,
+                    protocol=self.context.protocol, client=self.client.host)
+        self.close()
+
+    def _verified(self, good: bool, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
+        if not good or (authzid and authzid != user):
+            raise _Refused("credentials")
+        backend = self.context.backend.settings
+        if backend.login == "master":
+            assert backend.master_user is not None and backend.master_password is not None
+            request = LoginRequest(user, backend.master_password, self.client, backend.master_user)
+        else:
+            request = LoginRequest(user, password, self.client)
+        return self.context.backend.login(request)
+
+    def _logged_in(self, session: BackendLogin, user: str) -> LoginOutcome:
+        self.user = user
+        self._session = session
+        log.info("login protocol={protocol} client={client} user={user}",
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+        return LoginOutcome.LOGGED_IN
+
+    def _not_logged_in(self, failure: Failure, user: str, started: float) -> Deferred[LoginOutcome] | Failure:
+        failure.trap(_Refused, BackendRejected, BackendUnavailable)
+        auth = self.context.authenticator
+        # With a local database a backend refusal is the backend's fault, never the client's.
+        if failure.check(BackendUnavailable) or (failure.check(BackendRejected) and not auth.backend_decides):
+            log.warn("backend_unavailable protocol={protocol} client={client} user={user} backend={backend} reason={reason}",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                     backend=self.context.backend.address, reason=failure.getErrorMessage())
+            return LoginOutcome.UNAVAILABLE
+        self.login_failures += 1
+        log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                 reason="backend-refused" if failure.check(BackendRejected) else "credentials")
+        pause = auth.failure_pause(started)
+        pause.addCallback(lambda _: LoginOutcome.REJECTED)
+        return pause
+
+    def backend_capabilities(self) -> tuple[bytes, ...]:
+        """What the backend announced after the login; valid from L{LoginOutcome.LOGGED_IN} on."""
+        assert self._session is not None
+        return self._session.capabilities
+
+    @property
+    def attempts_exhausted(self) -> bool:
+        """True when the client has used up its failed logins on this connection."""
+        return self.login_failures >= self.context.limits.login_attempts
+
+    def resume_commands(self) -> None:
+        """After a failed login: read the next command, or close if the attempts are used up."""
+        if self.attempts_exhausted:
+            self.close()
+            return
+        self._phase = _Phase.COMMANDS
+        self.resumeProducing()
+
+    def start_relay(self) -> None:
+        """After a successful login's reply: relay bytes both ways, starting with what the client pipelined."""
+        self._phase = _Phase.RELAYING
+        self.setTimeout(None)
+        self._cancel_deadline()
+        session = self._session
+        assert self.transport is not None and session is not None and session.transport is not None
+        self._splice = Splice(self.transport, session.transport)
+        session.attach(self._splice)
+        hand_over(self, self._splice.from_client)
+
+    # -- hooks for the protocol subclass
+
+    def greet(self) -> None:
+        """Write the greeting."""
+        raise NotImplementedError
+
+    def command_line(self, line: bytes) -> None:
+        """Handle one line (without its line ending and never longer than the limit) from the client."""
+        raise NotImplementedError
+
+    def reply_line_too_long(self) -> None:
+        """Tell the client its line was too long; the connection closes after."""
+        raise NotImplementedError
+
+    def reply_timeout(self) -> None:
+        """Tell the client it took too long; the connection closes after."""
+        raise NotImplementedError
+
+    def reply_too_many_errors(self) -> None:
+        """Tell the client it made too many errors; the connection closes after."""
+        raise NotImplementedError
+
+
+class _Refused(Exception):
+    """The local check refused the credentials."""
+
+
+class FrontEndFactory(ServerFactory):
+    """Builds one protocol's front-end connections for one listener."""
+
+    noisy = False  # connections are logged by the front end itself
+
+    def __init__(self, protocol: type[LoginFrontEnd], context: FrontEndContext) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+        self.context = context
+
+    def buildProtocol(self, addr: object) -> LoginFrontEnd:
+        front = self.protocol(self.context)  # type: ignore[call-arg]
+        front.factory = self
+        return front  # type: ignore[no-any-return]

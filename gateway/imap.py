@@ -1,0 +1,257 @@
+"""
+The IMAP front end (RFC 9051 / RFC 3501): the commands a client may use before it has logged in.
+
+CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and AUTHENTICATE (PLAIN and LOGIN, with SASL-IR).
+Commands are assembled across literals (C{{n}} and C{{n+}}, bounded in size) and then parsed
+whole. Everything else before login is a tagged BAD. Once the backend has accepted the login the
+connection becomes a byte relay (see L{gateway.frontend}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome
+from gateway.imap_syntax import Arg, Command, ParseError, format_capabilities, literal_at_end, parse_command, split_tag
+from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
+
+# Capabilities that describe the pre-login state of the backend and mean nothing to the client.
+_PRE_LOGIN_ONLY = (b"STARTTLS", b"LOGINDISABLED")
+
+_ID_REPLY = b'* ID ("name" "mailgateway")\r\n'
+
+
+class ImapFrontEnd(LoginFrontEnd):
+    """One IMAP client connection."""
+
+    def __init__(self, context: FrontEndContext) -> None:
+        super().__init__(context)
+        self._command = bytearray()
+        self._tag: bytes | None = None
+        self._literal_left = 0
+        self._sasl: tuple[bytes, SaslExchange] | None = None
+        self._handlers: dict[bytes, Callable[[Command], None]] = {
+            b"CAPABILITY": self.do_CAPABILITY,
+            b"NOOP": self.do_NOOP,
+            b"LOGOUT": self.do_LOGOUT,
+            b"STARTTLS": self.do_STARTTLS,
+            b"ID": self.do_ID,
+            b"LOGIN": self.do_LOGIN,
+            b"AUTHENTICATE": self.do_AUTHENTICATE,
+        }
+
+    def capabilities(self) -> bytes:
+        """What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after."""
+        caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
+        caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"] if self.secure else [b"STARTTLS", b"LOGINDISABLED"]
+        return format_capabilities(caps)
+
+    # -- hooks of LoginFrontEnd
+
+    def greet(self) -> None:
+        self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] Mail gateway ready.\r\n")
+
+    def reply_line_too_long(self) -> None:
+        self.send(b"* BYE Command line too long.\r\n")
+
+    def reply_timeout(self) -> None:
+        self.send(b"* BYE Disconnected for inactivity.\r\n")
+
+    def reply_too_many_errors(self) -> None:
+        self.send(b"* BYE Too many invalid IMAP commands.\r\n")
+
+    def command_line(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._sasl_response(line)
+            return
+        if not self._command:
+            self._tag = split_tag(line)
+        self._command += line
+        try:
+            literal = literal_at_end(line)
+        except ParseError as e:
+            self._bad(str(e).encode("ascii"))
+            return
+        if literal is None:
+            data = bytes(self._command)
+            self._command.clear()
+            self._run(data)
+            return
+        budget = self.context.limits.line_length + self.context.limits.literal_size
+        if literal.size > self.context.limits.literal_size or len(self._command) + literal.size > budget:
+            if not literal.synchronizing:
+                # The literal's bytes are already on their way; there is no way to skip them safely.
+                self.send(b"* BYE [TOOBIG] Literal too large.\r\n")
+                self.close()
+                return
+            self._bad(b"[TOOBIG] Literal too large.")
+            return
+        self._command += b"\r\n"
+        if literal.synchronizing:
+            self.send(b"+ Ready for literal data.\r\n")
+        if literal.size:
+            self._literal_left = literal.size
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._literal_left:
+            super().rawDataReceived(data)
+            return
+        chunk, rest = data[: self._literal_left], data[self._literal_left :]
+        self._command += chunk
+        self._literal_left -= len(chunk)
+        if not self._literal_left:
+            self.back_to_lines(rest)
+
+    # -- commands
+
+    def _run(self, data: bytes) -> None:
+        try:
+            command = parse_command(data)
+        except ParseError as e:
+            self._bad(str(e).encode("ascii"))
+            return
+        handler = self._handlers.get(command.name)
+        if handler is None:
+            self._bad(b"Unknown command or not allowed before login.")
+            return
+        handler(command)
+
+    def do_CAPABILITY(self, command: Command) -> None:
+        if self._no_args(command):
+            self.send(b"* CAPABILITY " + self.capabilities() + b"\r\n")
+            self._ok(b"Capability completed.")
+
+    def do_NOOP(self, command: Command) -> None:
+        if self._no_args(command):
+            self._ok(b"NOOP completed.")
+
+    def do_LOGOUT(self, command: Command) -> None:
+        if self._no_args(command):
+            self.send(b"* BYE Logging out.\r\n")
+            self._ok(b"Logout completed.")
+            self.close()
+
+    def do_STARTTLS(self, command: Command) -> None:
+        if not self._no_args(command):
+            return
+        if self.secure:
+            self._bad(b"TLS is already active.")
+            return
+        self._ok(b"Begin TLS negotiation now.")
+        self.start_tls()
+
+    def do_ID(self, command: Command) -> None:
+        if not _valid_id(command.args):
+            self._bad(b"Invalid ID parameters.")
+            return
+        self.send(_ID_REPLY)
+        self._ok(b"ID completed.")
+
+    def do_LOGIN(self, command: Command) -> None:
+        if not self._may_log_in():
+            return
+        if len(command.args) != 2 or not all(isinstance(a, bytes) for a in command.args):
+            self._bad(b"LOGIN expects a user name and a password.")
+            return
+        user, password = command.args
+        assert isinstance(user, bytes) and isinstance(password, bytes)
+        self._log_in(command.tag, user.decode("utf-8", "surrogateescape"), password)
+
+    def do_AUTHENTICATE(self, command: Command) -> None:
+        if not self._may_log_in():
+            return
+        if not 1 <= len(command.args) <= 2 or not all(isinstance(a, bytes) for a in command.args):
+            self._bad(b"AUTHENTICATE expects a mechanism and an optional initial response.")
+            return
+        mechanism = command.args[0]
+        initial = command.args[1] if len(command.args) == 2 else None
+        assert isinstance(mechanism, bytes) and (initial is None or isinstance(initial, bytes))
+        try:
+            exchange = begin(mechanism)
+        except SaslError:
+            self.send(command.tag + b" NO Unsupported authentication mechanism.\r\n")
+            self.command_failed()
+            return
+        self._sasl_step(command.tag, exchange, lambda: exchange.start(initial))
+
+    def _sasl_response(self, line: bytes) -> None:
+        tag, exchange = self._sasl  # type: ignore[misc]
+        self._sasl = None
+        self._sasl_step(tag, exchange, lambda: exchange.respond(line))
+
+    def _sasl_step(self, tag: bytes, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]) -> None:
+        self._tag = tag
+        try:
+            result = step()
+        except SaslCancelled:
+            self._bad(b"Authentication cancelled.")
+            return
+        except SaslError:
+            self._bad(b"Invalid SASL response.")
+            return
+        if isinstance(result, Challenge):
+            self._sasl = (tag, exchange)
+            self.send(b"+ " + encode_challenge(result.data) + b"\r\n")
+            return
+        self._log_in(tag, result.user, result.password, result.authzid)
+
+    # -- logging in
+
+    def _may_log_in(self) -> bool:
+        if self.may_log_in:
+            return True
+        assert self._tag is not None
+        self.send(self._tag + b" NO [PRIVACYREQUIRED] Login is only allowed over TLS: use STARTTLS first.\r\n")
+        self.command_failed()
+        return False
+
+    def _log_in(self, tag: bytes, user: str, password: bytes, authzid: str = "") -> None:
+        self.command_succeeded()
+        self.log_in(user, password, lambda outcome: self._login_reply(tag, outcome), authzid)
+
+    def _login_reply(self, tag: bytes, outcome: LoginOutcome) -> None:
+        if outcome is LoginOutcome.LOGGED_IN:
+            caps = [c for c in self.backend_capabilities()
+                    if c.upper() not in _PRE_LOGIN_ONLY and not c.upper().startswith(b"AUTH=")]
+            code = b"[CAPABILITY " + format_capabilities(caps) + b"] " if caps else b""
+            self.send(tag + b" OK " + code + b"Logged in.\r\n")
+            self.start_relay()
+            return
+        if outcome is LoginOutcome.UNAVAILABLE:
+            self.send(tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+        else:
+            self.send(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            if self.attempts_exhausted:
+                self.send(b"* BYE Too many failed login attempts.\r\n")
+        self.resume_commands()
+
+    # -- replies
+
+    def _no_args(self, command: Command) -> bool:
+        if command.args:
+            self._bad(command.name + b" takes no arguments.")
+            return False
+        return True
+
+    def _ok(self, text: bytes) -> None:
+        assert self._tag is not None
+        self.send(self._tag + b" OK " + text + b"\r\n")
+        self.command_succeeded()
+
+    def _bad(self, text: bytes) -> None:
+        self._command.clear()
+        self.send((self._tag or b"*") + b" BAD " + text + b"\r\n")
+        self.command_failed()
+
+
+def _valid_id(args: tuple[Arg, ...]) -> bool:
+    """ID takes NIL or a list of at most 30 field/value pairs of strings (RFC 2971)."""
+    if args == (None,):
+        return True
+    if len(args) != 1 or not isinstance(args[0], tuple):
+        return False
+    fields = args[0]
+    return (len(fields) % 2 == 0 and len(fields) <= 60
+            and all(isinstance(f, bytes) and len(f) <= 30 for f in fields[0::2])
+            and all(v is None or (isinstance(v, bytes) and len(v) <= 1024) for v in fields[1::2]))

@@ -1,0 +1,178 @@
+"""
+The IMAP login dialogue with the backend store.
+
+Greeting, optional STARTTLS, CAPABILITY when the greeting did not carry it, optional ID with
+the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN. The
+capabilities the backend announces after login are kept for the client's tagged OK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.config import BackendSettings
+from gateway.imap_syntax import ParseError, Response, login_command, parse_capabilities, parse_response_line
+
+# Backend NO codes that mean "these credentials are wrong"; any other NO is the backend failing.
+_REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"))
+
+_Handler = Callable[[Response], None]
+
+
+class ImapBackendLogin(BackendLogin):
+    """Logs in to an IMAP backend for one client."""
+
+    def __init__(self, request: LoginRequest, settings: BackendSettings,
+                 tls: IOpenSSLClientConnectionCreator | None) -> None:
+        super().__init__(request, settings, tls)
+        self._known_capabilities: tuple[bytes, ...] | None = None
+        self._tag_number = 0
+        self._greeted_yet = False
+        self._waiting: tuple[bytes, _Handler] | None = None
+        self._login_chunks: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.result.called:
+            return
+        try:
+            response = parse_response_line(line.rstrip(b"\r"))
+        except ParseError:
+            self.fail(BackendUnavailable("backend sent a malformed line"))
+            return
+        if response.continuation:
+            self._continue_login()
+        elif response.tag is None:
+            self._untagged(response)
+        elif self._waiting is not None and response.tag == self._waiting[0]:
+            handler = self._waiting[1]
+            self._waiting = None
+            handler(response)
+        else:
+            self.fail(BackendUnavailable("backend answered an unknown tag"))
+
+    def _untagged(self, response: Response) -> None:
+        if response.status == b"BYE":
+            self.fail(BackendUnavailable(f"backend said BYE: {_text(response)}"))
+        elif response.code is not None and response.code.name == b"CAPABILITY":
+            self._capabilities_from(response.code.args)
+        elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
+            self._capabilities_from(response.text[11:])
+        if not self._greeted_yet and response.status is not None:
+            self._greeted_yet = True
+            self._greeted(response)
+
+    def _capabilities_from(self, text: bytes) -> None:
+        try:
+            self._known_capabilities = parse_capabilities(text)
+        except ParseError:
+            self.fail(BackendUnavailable("backend sent malformed capabilities"))
+
+    def _has(self, capability: bytes) -> bool:
+        return capability.upper() in (c.upper() for c in self._known_capabilities or ())
+
+    def _send(self, command: bytes, handler: _Handler) -> None:
+        self._tag_number += 1
+        tag = b"gw%d" % self._tag_number
+        self._waiting = (tag, handler)
+        assert self.transport is not None
+        self.transport.write(tag + b" " + command + b"\r\n")
+
+    # -- the dialogue, in order
+
+    def _greeted(self, greeting: Response) -> None:
+        if greeting.status != b"OK":
+            self.fail(BackendUnavailable(f"backend greeting was {greeting.status!r}"))
+        elif self.settings.tls == "starttls":
+            self._with_capabilities(self._starttls)
+        else:
+            self._with_capabilities(self._identify)
+
+    def _with_capabilities(self, then: Callable[[], None]) -> None:
+        if self._known_capabilities is not None:
+            then()
+            return
+
+        def done(response: Response) -> None:
+            if response.status != b"OK" or self._known_capabilities is None:
+                self.fail(BackendUnavailable("backend CAPABILITY failed"))
+            else:
+                then()
+
+        self._send(b"CAPABILITY", done)
+
+    def _starttls(self) -> None:
+        if not self._has(b"STARTTLS"):
+            self.fail(BackendUnavailable("backend does not offer STARTTLS"))
+            return
+
+        def done(response: Response) -> None:
+            if response.status != b"OK":
+                self.fail(BackendUnavailable("backend refused STARTTLS"))
+                return
+            self.start_tls()
+            # Capabilities announced in clear are not to be trusted after TLS (RFC 9051 7.1).
+            self._known_capabilities = None
+            self._with_capabilities(self._identify)
+
+        self._send(b"STARTTLS", done)
+
+    def _identify(self) -> None:
+        if not (self.settings.forward_client_ip and self._has(b"ID")):
+            self._login()
+            return
+        client = self.request.client
+        fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
+                  (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)))
+        pairs = b" ".join(b'"%s" "%s"' % (key, value.encode("ascii")) for key, value in fields)
+        # The answer does not matter: a backend that ignores ID still takes the login.
+        self._send(b"ID (" + pairs + b")", lambda response: self._login())
+
+    def _login(self) -> None:
+        if self._has(b"LOGINDISABLED"):
+            self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
+            return
+        user = self.request.user
+        if self.request.master_user is not None:
+            user = f"{user}*{self.request.master_user}"
+        self._tag_number += 1
+        tag = b"gw%d" % self._tag_number
+        try:
+            chunks = login_command(tag, user.encode("utf-8", "surrogateescape"), self.request.password,
+                                   self._has(b"LITERAL+"))
+        except ValueError:
+            self.fail(BackendRejected("credentials cannot be sent in an IMAP LOGIN"))
+            return
+        self._known_capabilities = None
+        self._waiting = (tag, self._logged_in)
+        self._login_chunks = chunks
+        self._continue_login()
+
+    def _continue_login(self) -> None:
+        if not self._login_chunks:
+            self.fail(BackendUnavailable("backend sent an unexpected continuation"))
+            return
+        assert self.transport is not None
+        self.transport.write(self._login_chunks.pop(0))
+
+    def _logged_in(self, response: Response) -> None:
+        self._login_chunks = []
+        if response.status == b"OK":
+            if response.code is not None and response.code.name == b"CAPABILITY":
+                self._capabilities_from(response.code.args)
+            self._with_capabilities(self._done)
+        elif response.status == b"NO" and (response.code is None or response.code.name in _REJECTION_CODES):
+            self.fail(BackendRejected(f"backend refused the login: {_text(response)}"))
+        else:
+            self.fail(BackendUnavailable(f"backend login failed: {_text(response)}"))
+
+    def _done(self) -> None:
+        self.capabilities = self._known_capabilities or ()
+        self.succeed()
+
+
+def _text(response: Response) -> str:
+    code = f"[{response.code.name.decode('ascii', 'replace')}] " if response.code else ""
+    return code + response.text[:200].decode("utf-8", "replace")

@@ -1,0 +1,72 @@
+"""
+The byte relay between a logged-in client and its backend session.
+
+Once a login has gone through, the gateway stops reading the protocol and only moves bytes.
+Each transport is registered as the other's streaming producer, so a slow reader stalls its
+writer instead of growing a buffer in the gateway (the transports keep at most one socket
+read in flight each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import ITransport
+from twisted.protocols.basic import LineReceiver
+
+
+class Splice:
+    """
+    Two connected transports relaying bytes both ways.
+
+    The protocols on either side feed it what they read and tell it when they are lost; it
+    writes to the other side, and closes the other side (after its buffered data is flushed)
+    when one side goes away.
+
+    :ivar from_client_bytes: bytes relayed from the client to the backend.
+    :ivar from_backend_bytes: bytes relayed from the backend to the client.
+    """
+
+    def __init__(self, client: ITransport, backend: ITransport) -> None:
+        self._client = client
+        self._backend = backend
+        self.from_client_bytes = 0
+        self.from_backend_bytes = 0
+        # A transport takes one producer: the relay owns both registrations from here on.
+        client.registerProducer(backend, True)  # type: ignore[attr-defined]
+        backend.registerProducer(client, True)  # type: ignore[attr-defined]
+
+    def from_client(self, data: bytes) -> None:
+        """Relay bytes the client sent."""
+        self.from_client_bytes += len(data)
+        self._backend.write(data)
+
+    def from_backend(self, data: bytes) -> None:
+        """Relay bytes the backend sent."""
+        self.from_backend_bytes += len(data)
+        self._client.write(data)
+
+    def client_lost(self) -> None:
+        """The client's connection is gone: close the backend once its buffer is written."""
+        self._backend.unregisterProducer()  # type: ignore[attr-defined]
+        self._backend.loseConnection()
+
+    def backend_lost(self) -> None:
+        """The backend's connection is gone: close the client once its buffer is written."""
+        self._client.unregisterProducer()  # type: ignore[attr-defined]
+        self._client.loseConnection()
+
+
+def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:
+    """
+    Switch a line-parsing protocol to relaying: what it has buffered and everything it reads
+    from now on goes to C{forward}, unparsed. The protocol must be paused (it stopped parsing
+    when the login began) and its C{rawDataReceived} must call C{forward}.
+    """
+    pending = protocol.clearLineBuffer()
+    protocol.setRawMode()
+    if pending:
+        forward(pending)
+    protocol.paused = False
+    assert protocol.transport is not None
+    protocol.transport.resumeProducing()  # type: ignore[attr-defined]

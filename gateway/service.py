@@ -1,0 +1,113 @@
+"""
+Wiring: builds the gateway's service tree from validated settings.
+
+This is the only module that knows how the pieces fit together: the hashing thread pool, the
+authenticator, the TLS contexts, the backend connectors and one listener per configured
+endpoint.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from gateway.auth import Authenticator, HashingPool
+from gateway.backend import BackendConnector
+from gateway.config import ConfigError, Settings
+from gateway.frontend import FrontEndContext, FrontEndFactory
+from gateway.imap import ImapFrontEnd
+from gateway.imap_backend import ImapBackendLogin
+from gateway.tls import ServerTLS, TLSError, ensure_self_signed
+from gateway.userdb import UserDatabase, UserFileError, self_test
+
+log = Logger()
+
+
+class Listener(Service):
+    """
+    Listens on one endpoint. Binding happens in C{privilegedStartService}, before twistd drops
+    privileges, and a failure to bind stops the start-up with one line naming the endpoint.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self.label = label
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list[IListeningPort | Failure] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise SystemExit(f"mailgateway: {self.label}: the endpoint did not start listening at once")
+        if isinstance(outcome[0], Failure):
+            raise SystemExit(f"mailgateway: {self.label}: cannot listen: {outcome[0].getErrorMessage()}")
+        self.port = outcome[0]
+        address = self.port.getHost()
+        log.info("listening {label} address={host}:{port}", label=self.label,
+                 host=getattr(address, "host", address), port=getattr(address, "port", 0))
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> object:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def build_service(settings: Settings, reactor: object) -> MultiService:
+    """
+    Build everything the configuration asks for.
+
+    :param reactor: the running reactor (twistd's); every part gets it injected.
+    :raises ConfigError: when a file named by the configuration cannot be used.
+    """
+    top = MultiService()
+    hashing = HashingPool(settings.auth.hash_threads)
+    hashing.setServiceParent(top)
+    users = None
+    if settings.auth.mode == "local":
+        assert settings.auth.users_file is not None
+        try:
+            users = UserDatabase(settings.auth.users_file)
+        except UserFileError as e:
+            raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
+        self_test()
+    authenticator = Authenticator(reactor, hashing.pool, users, settings.auth.failure_delay)  # type: ignore[arg-type]
+
+    if settings.tls.self_signed:
+        certificate, key = ensure_self_signed(settings.state_dir, settings.hostname)
+    else:
+        assert settings.tls.certificate is not None and settings.tls.private_key is not None
+        certificate, key = settings.tls.certificate, settings.tls.private_key
+
+    protocols = (("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),)
+    for name, alpn, protocol, front_end, backend_login in protocols:
+        if protocol is None:
+            continue
+        try:
+            server_tls = ServerTLS(certificate, key, alpn)
+            backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
+        except TLSError as e:
+            raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
+        for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
+            context = FrontEndContext(name, reactor, settings.limits, server_tls, implicit,  # type: ignore[arg-type]
+                                      authenticator, backend, settings.hostname)
+            factory: Factory = FrontEndFactory(front_end, context)
+            if implicit:
+                factory = TLSMemoryBIOFactory(server_tls, False, factory)
+                factory.noisy = False
+            kind = "implicit_tls" if implicit else "starttls"
+            for description in descriptions:
+                endpoint = serverFromString(reactor, description)
+                Listener(endpoint, factory, f"protocol={name} tls={kind} endpoint={description}").setServiceParent(top)
+    return top

@@ -1,0 +1,35 @@
+"""
+The twistd entry point: C{twistd mailgateway --config FILE}.
+
+Kept small: options, then the settings are loaded and handed to L{gateway.service}. A bad
+configuration ends start-up with a non-zero exit and one line on stderr.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+DEFAULT_CONFIG = "/etc/mailgateway/mailgateway.toml"
+
+
+class Options(usage.Options):
+    """Command line of C{twistd mailgateway}."""
+
+    synopsis = "[--config FILE]"
+    longdesc = ("A TLS front end for IMAP (and later POP3 and submission) that authenticates clients "
+                "and relays them to a plaintext mail store. Everything else is in the configuration file.")
+    optParameters = [["config", "c", DEFAULT_CONFIG, "The configuration file (TOML)."]]
+
+
+def makeService(options: Options) -> IService:
+    """Load the configuration and build the service tree; exit with one line if it is wrong."""
+    from twisted.internet import reactor  # twistd has installed the reactor by now
+
+    from gateway.config import ConfigError, load_settings
+    from gateway.service import build_service
+
+    try:
+        return build_service(load_settings(options["config"]), reactor)
+    except ConfigError as e:
+        raise SystemExit(f"mailgateway: {e}") from None

@@ -1,0 +1,10 @@
+"""twistd plugin: names the real module as a string so that nothing is imported until it runs."""
+
+from twisted.application.service import ServiceMaker
+
+mailgateway = ServiceMaker(
+    "mailgateway",
+    "gateway.tap",
+    "Secure mail access gateway: TLS front end for IMAP in front of a plaintext store.",
+    "mailgateway",
+)
