@@ -81,25 +81,3 @@ class Authenticator:
     def failure_pause(self, started: float) -> Deferred[None]:
         wait = max(0.0, started + self._failure_delay - self._reactor.seconds())
         return deferLater(self._reactor, wait)
-
-
-@implementer(IAuthenticator)
-class MemoryAuthenticator:
-    """
-    An in-memory authenticator for tests: a dict of good passwords, answered at once, and a
-    failure pause driven by the given clock.
-    """
-
-    def __init__(self, clock: IReactorTime, passwords: dict[str, bytes], failure_delay: float = 2.0) -> None:
-        self._clock = clock
-        self.passwords = passwords
-        self.failure_delay = failure_delay
-        self.backend_decides = False
-        self.checked: list[str] = []
-
-    def verify(self, user: str, password: bytes) -> Deferred[bool]:
-        self.checked.append(user)
-        return succeed(self.passwords.get(user) == password)
-
-    def failure_pause(self, started: float) -> Deferred[None]:
-        return deferLater(self._clock, max(0.0, started + self.failure_delay - self._clock.seconds()))

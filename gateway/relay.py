@@ -32,6 +32,7 @@ class Splice:
         self._backend = backend
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
+        self._closing = False
         # A transport takes one producer: the relay owns both registrations from here on.
         client.registerProducer(backend, True)  # type: ignore[attr-defined]
         backend.registerProducer(client, True)  # type: ignore[attr-defined]
@@ -48,13 +49,20 @@ class Splice:
 
     def client_lost(self) -> None:
         """The client's connection is gone: close the backend once its buffer is written."""
-        self._backend.unregisterProducer()  # type: ignore[attr-defined]
-        self._backend.loseConnection()
+        self._close(self._backend)
 
     def backend_lost(self) -> None:
         """The backend's connection is gone: close the client once its buffer is written."""
-        self._client.unregisterProducer()  # type: ignore[attr-defined]
-        self._client.loseConnection()
+        self._close(self._client)
+
+    def _close(self, survivor: ITransport) -> None:
+        if self._closing:
+            return  # the survivor's own loss comes back here
+        self._closing = True
+        # The lost side is the survivor's producer: if it stayed registered, a flushed
+        # buffer would "resume" it instead of completing the close.
+        survivor.unregisterProducer()  # type: ignore[attr-defined]
+        survivor.loseConnection()
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

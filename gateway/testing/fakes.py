@@ -1,0 +1,108 @@
+"""
+In-memory stand-ins for the gateway's collaborators, for unit tests with C{StringTransport}
+and C{Clock}: an authenticator, a backend connector, and a transport that records STARTTLS.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from gateway.auth import IAuthenticator
+from gateway.backend import BackendLogin, BackendRejected, LoginRequest
+from gateway.config import BackendSettings
+
+BACKEND_SETTINGS = BackendSettings(
+    host="127.0.0.1", port=143, tls="none", ca_file=None, server_name="127.0.0.1", timeout=10.0,
+    login="replay", master_user=None, master_password=None, forward_client_ip=False,
+)
+
+
+@implementer(IAuthenticator)
+class MemoryAuthenticator:
+    """
+    Good passwords in a dict, answered at once; the failure pause runs on the given clock.
+
+    :ivar checked: the user names verified so far, in order.
+    """
+
+    def __init__(self, clock: IReactorTime, passwords: dict[str, bytes], failure_delay: float = 2.0,
+                 backend_decides: bool = False) -> None:
+        self._clock = clock
+        self.passwords = passwords
+        self.failure_delay = failure_delay
+        self.backend_decides = backend_decides
+        self.checked: list[str] = []
+
+    def verify(self, user: str, password: bytes) -> Deferred[bool]:
+        self.checked.append(user)
+        return succeed(self.backend_decides or self.passwords.get(user) == password)
+
+    def failure_pause(self, started: float) -> Deferred[None]:
+        return deferLater(self._clock, max(0.0, started + self.failure_delay - self._clock.seconds()))
+
+
+class MemoryBackend:
+    """
+    A backend connector whose sessions live on C{StringTransport}s.
+
+    :ivar passwords: when set, logins with other credentials are refused (BackendRejected).
+    :ivar error: when set, every login fails with it.
+    :ivar hold: when True, logins wait in C{held} until the test fires them.
+    :ivar cancelled: how many held logins were cancelled.
+    :ivar requests: every login request, in order.
+    :ivar sessions: the logged-in backend protocols, in order.
+    """
+
+    def __init__(self, capabilities: tuple[bytes, ...] = (b"IMAP4rev1", b"IDLE"),
+                 settings: BackendSettings = BACKEND_SETTINGS) -> None:
+        self.settings = settings
+        self.address = f"{settings.host}:{settings.port}"
+        self.capabilities = capabilities
+        self.passwords: dict[str, bytes] | None = None
+        self.error: Exception | None = None
+        self.hold = False
+        self.held: list[Deferred[BackendLogin]] = []
+        self.cancelled = 0
+        self.requests: list[LoginRequest] = []
+        self.sessions: list[BackendLogin] = []
+
+    def login(self, request: LoginRequest) -> Deferred[BackendLogin]:
+        self.requests.append(request)
+        if self.hold:
+            waiting: Deferred[BackendLogin] = Deferred(self._cancelled)
+            self.held.append(waiting)
+            return waiting
+        if self.error is not None:
+            return fail(self.error)
+        if self.passwords is not None and self.passwords.get(request.user) != request.password:
+            return fail(BackendRejected("memory backend refused the login"))
+        return succeed(self.session(request))
+
+    def _cancelled(self, waiting: Deferred[BackendLogin]) -> None:
+        self.cancelled += 1
+
+    def session(self, request: LoginRequest) -> BackendLogin:
+        """A logged-in backend session on a fresh StringTransport."""
+        session = BackendLogin(request, self.settings, None)
+        session.capabilities = self.capabilities
+        session.makeConnection(StringTransport())
+        session.succeed()
+        self.sessions.append(session)
+        return session
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A StringTransport that records C{startTLS}.
+
+    :ivar tls_options: what C{startTLS} was called with, or None.
+    """
+
+    tls_options: object = None
+
+    def startTLS(self, options: object) -> None:
+        self.tls_options = options

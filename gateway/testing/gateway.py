@@ -1,0 +1,168 @@
+"""
+The real gateway as a child process, for integration tests, the demo and the benchmark.
+
+It writes a configuration and a users file into a directory, runs
+C{python -m twisted mailgateway --config ...} (from this source tree), and learns the ports it
+listens on from its own C{listening} log lines, so every listener can use port 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+from gateway.userdb import hash_password
+
+SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_LISTENING = re.compile(r"listening protocol=(\w+) tls=(\w+) endpoint=\S+ address=(\S+):(\d+)")
+
+
+class GatewayProcess:
+    """
+    One gateway child process with its own configuration.
+
+    :ivar ports: (protocol, "implicit_tls" | "starttls") -> port, once started.
+    :ivar config_path: the configuration file written by L{start}.
+    :ivar log_path: everything the gateway logged (text format).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        imap_backend_port: int,
+        users: Mapping[str, str] | None,
+        certificate: str | None = None,
+        private_key: str | None = None,
+        host: str = "127.0.0.1",
+        settings: str = "",
+        imap_backend: str = "",
+    ) -> None:
+        """
+        :param users: user name to password for the local users file; None for auth mode "backend".
+        :param certificate: chain file; with C{private_key}. None means C{self_signed = true}.
+        :param settings: extra TOML tables appended to the configuration (e.g. C{[limits]}).
+        :param imap_backend: extra keys for the C{[imap.backend]} table.
+        """
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self._imap_backend_port = imap_backend_port
+        self._users = users
+        self._certificate = certificate
+        self._private_key = private_key
+        self._host = host
+        self._settings = settings
+        self._imap_backend = imap_backend
+        self.config_path = os.path.join(self.directory, "mailgateway.toml")
+        self.log_path = os.path.join(self.directory, "mailgateway.log")
+        self.users_path = os.path.join(self.directory, "users")
+        self.ports: dict[tuple[str, str], int] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def port(self, protocol: str, tls: str) -> int:
+        """The port of one listener, e.g. C{port("imap", "implicit_tls")}."""
+        return self.ports[(protocol, tls)]
+
+    def write_config(self) -> None:
+        """Write the users file (argon2id hashes) and the configuration."""
+        if self._users is not None:
+            with open(self.users_path, "w", encoding="utf-8") as f:
+                for user, password in self._users.items():
+                    f.write(f"{user}:{hash_password(password.encode('utf-8'))}\n")
+            os.chmod(self.users_path, 0o600)
+        if self._certificate is None:
+            tls = "self_signed = true"
+        else:
+            tls = f'certificate = "{self._certificate}"\nprivate_key = "{self._private_key}"'
+        auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
+        listen = f"tcp:0:interface={self._host}"
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(f"""\
+[gateway]
+hostname = "localhost"
+state_dir = "{self.directory}/state"
+
+[tls]
+{tls}
+
+[auth]
+{auth}
+failure_delay = 0.2
+
+[imap]
+implicit_tls = ["{listen}"]
+starttls = ["{listen}"]
+
+[imap.backend]
+host = "127.0.0.1"
+port = {self._imap_backend_port}
+{self._imap_backend}
+
+{self._settings}
+""")
+
+    def start(self, timeout: float = 30.0) -> None:
+        """
+        Start the gateway and wait until every listener is up.
+
+        :raises RuntimeError: with the end of the gateway's log if it exits or does not listen in time.
+        """
+        self.write_config()
+        log = open(self.log_path, "ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--log-format=text", "mailgateway", "--config", self.config_path],
+            cwd=SOURCE_TREE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(self.log())}
+            if len(self.ports) >= 2 and "Starting reactor" in self.log():
+                return
+            if self._process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the gateway did not start; its log ends with:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL after 10 s) and wait for it."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def log(self) -> str:
+        """Everything the gateway has logged so far."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """Wait until a log line matches the regular expression C{pattern}; return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log())
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matches {pattern!r}; the log ends with:\n{self.log()[-2000:]}")
+            time.sleep(0.05)

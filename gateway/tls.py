@@ -1,0 +1,363 @@
+"""TLS configuration for the gateway's listeners and for its backend connections.
+
+:class:`ServerTLS` is the server side: one pyOpenSSL context built from a
+certificate chain and a key, configured after Mozilla's "intermediate"
+recommendation, that refuses clients announcing a foreign application protocol
+through ALPN (the ALPACA cross-protocol defence). The same object serves
+implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
+(:meth:`~twisted.internet.interfaces.ITLSTransport.startTLS`).
+
+:func:`client_tls` builds the verifying client side for the backend,
+:func:`ensure_self_signed` provides a certificate when none is configured, and
+:func:`describe_tls` reports what an established connection negotiated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    ISSLTransport,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+__all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls"]
+
+log = Logger()
+
+# Mozilla "intermediate" TLS 1.2 suites (guidelines 5.7), ECDHE only. The DHE
+# suites are left out: they need a dhparam file this gateway does not manage,
+# and every mail client that can do DHE-GCM can also do ECDHE-GCM.
+_TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+# X25519 first, P-256 for clients without it (FIPS builds, older Java). The
+# rest of OpenSSL's default list (P-384, P-521, FFDHE, hybrid groups) is left
+# out on purpose, as the gateway's policy is exactly these two.
+_GROUPS = b"X25519:P-256"
+
+# OpenSSL refuses to resume a session whose context differs from the
+# server's, and requires one as soon as client certificates are verified. A
+# constant shared by every context keeps resumption working across contexts.
+_SESSION_ID_CONTEXT = b"mailgateway"
+
+# pyOpenSSL has no wrapper for the key exchange group list, so the list is set
+# through the OpenSSL binding that pyOpenSSL itself is built on.
+_lib = Binding().lib
+
+_SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
+
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+
+
+class TLSError(Exception):
+    """A certificate, key or CA file cannot be used; the message names the file and the problem."""
+
+
+class _ALPNRefused(SSL.Error):
+    """The client announced ALPN protocols and ours is not among them.
+
+    Subclassing :class:`OpenSSL.SSL.Error` makes Twisted treat the refusal as
+    an ordinary handshake failure: the alert is flushed, the connection is
+    closed and the wrapped protocol's ``connectionLost`` receives this
+    exception. Twisted reads ``args[0]`` as an OpenSSL error queue, a list of
+    ``(library, function, reason)`` triples, so the exception carries one.
+    """
+
+    def __init__(self, alpn: bytes) -> None:
+        """
+        :param alpn: the protocol the listener wanted and the client did not offer.
+        """
+        wanted = alpn.decode("ascii", "replace")
+        reason = f"no application protocol: client did not offer {wanted!r}"
+        super().__init__([("mailgateway", "ALPN", reason)])
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Server-side TLS for one certificate chain, usable for implicit TLS and STARTTLS.
+
+    The context is built once, at construction, so that a bad file is reported
+    at startup rather than at the first connection.
+
+    Clients that offer no ALPN, or whose ALPN list contains ``alpn``, are
+    accepted (``alpn`` is then selected). Any other ALPN list is refused with
+    the ``no_application_protocol`` alert, so that a client meant for another
+    protocol cannot be tricked into talking to this one.
+    """
+
+    def __init__(self, certificate_path: str, key_path: str, alpn: bytes) -> None:
+        """
+        :param certificate_path: PEM file holding the leaf certificate followed
+            by its intermediates, all of which are sent to clients.
+        :param key_path: PEM file with the unencrypted RSA or ECDSA private key
+            of the leaf certificate.
+        :param alpn: the ALPN protocol identifier this listener speaks, for
+            example ``b"imap"``.
+        :raises TLSError: if a file is unreadable, is not PEM, holds no
+            certificate, or the key does not match the leaf certificate.
+        """
+        self._context = _make_server_context(certificate_path, key_path, alpn)
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """Create the OpenSSL connection for one accepted client.
+
+        :param tlsProtocol: the Twisted TLS protocol that drives the connection.
+        :returns: a new server connection sharing this object's context.
+        """
+        return SSL.Connection(self._context, None)
+
+
+def _make_server_context(certificate_path: str, key_path: str, alpn: bytes) -> SSL.Context:
+    """Build a fully configured server context from a chain file and a key file.
+
+    :raises TLSError: as described for :class:`ServerTLS`.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    # Idle connections then hold no read/write buffers, which is what makes
+    # many thousands of idle IMAP sessions affordable.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.set_cipher_list(_TLS12_CIPHERS)
+    if _lib.SSL_CTX_set1_curves_list(context._context, _GROUPS) != 1:
+        raise TLSError(f"OpenSSL rejects the key exchange group list {_GROUPS.decode()}")
+    context.set_session_id(_SESSION_ID_CONTEXT)
+    context.set_alpn_select_callback(_alpn_selector(alpn))
+    _load_chain(context, certificate_path)
+    _load_key(context, key_path, certificate_path)
+    return context
+
+
+def _alpn_selector(alpn: bytes) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    """Return an ALPN select callback that accepts only ``alpn``.
+
+    OpenSSL calls it only when the client sends the ALPN extension. Raising
+    makes pyOpenSSL return ``SSL_TLSEXT_ERR_ALERT_FATAL``, for which OpenSSL
+    sends ``no_application_protocol``; returning pyOpenSSL's
+    ``NO_OVERLAPPING_PROTOCOLS`` would instead carry on without ALPN.
+    """
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+        if alpn in offered:
+            return alpn
+        raise _ALPNRefused(alpn)
+
+    return select
+
+
+def _read(path: str, what: str) -> bytes:
+    """Read a whole file, turning any failure into a :class:`TLSError`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSError(f"{path}: cannot read {what}: {e.strerror}") from e
+
+
+def _load_chain(context: SSL.Context, certificate_path: str) -> None:
+    """Install the leaf and intermediate certificates of ``certificate_path``."""
+    data = _read(certificate_path, "certificate file")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TLSError(f"{certificate_path}: no PEM certificate found")
+    try:
+        context.use_certificate_chain_file(certificate_path)
+    except SSL.Error as e:
+        raise TLSError(f"{certificate_path}: malformed PEM certificate chain") from e
+
+
+def _load_key(context: SSL.Context, key_path: str, certificate_path: str) -> None:
+    """Install the private key of ``key_path`` and check it against the leaf."""
+    data = _read(key_path, "private key file")
+    # The key is parsed here rather than by OpenSSL so that an encrypted key
+    # fails instead of prompting for a passphrase on the terminal. Parser
+    # errors are not chained: nothing derived from key bytes may reach a log.
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSError(f"{key_path}: private key is encrypted; it must be unencrypted") from None
+    except ValueError:
+        raise TLSError(f"{key_path}: not a PEM private key") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise TLSError(f"{key_path}: unsupported key type; RSA or ECDSA is required")
+    context.use_privatekey(key)
+    try:
+        context.check_privatekey()
+    except SSL.Error:
+        raise TLSError(
+            f"{key_path}: private key does not match the certificate in {certificate_path}"
+        ) from None
+
+
+def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
+    """Return a self-signed certificate and key for ``hostname``, creating them if needed.
+
+    The files are ``<state_dir>/selfsigned-<hostname>.crt`` and ``.key``. When
+    both exist they are returned as they are. Otherwise a new ECDSA P-256 key
+    and a certificate valid for one year, naming only ``hostname`` (as a DNS
+    name, or as an IP address if it is one), replace them; the key is written
+    atomically with mode 0600 and the generation is logged with the
+    certificate's path and SHA-256 fingerprint. ``state_dir`` is created with
+    mode 0700 if missing.
+
+    :param state_dir: directory that keeps the gateway's generated files.
+    :param hostname: the DNS name or IP address clients connect to.
+    :returns: ``(certificate_path, key_path)``.
+    :raises TLSError: if ``hostname`` is neither a DNS name nor an IP address,
+        or the files cannot be written.
+    """
+    address = _parse_ip(hostname)
+    if address is None and not _DNS_NAME.match(hostname):
+        raise TLSError(f"{hostname!r}: not a host name or IP address")
+    cert_path = os.path.join(state_dir, f"selfsigned-{hostname}.crt")
+    key_path = os.path.join(state_dir, f"selfsigned-{hostname}.key")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    san: x509.GeneralName = (
+        x509.IPAddress(address) if address is not None else x509.DNSName(hostname)
+    )
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _SELF_SIGNED_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # The key goes first: a certificate without its key is never returned,
+        # because both must exist for the files to be reused.
+        _write_atomically(key_path, key_pem, 0o600)
+        _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as e:
+        where = e.filename or state_dir
+        raise TLSError(f"{where}: cannot write self-signed certificate: {e.strerror}") from e
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+    log.info(
+        "self-signed certificate generated path={path} sha256={fingerprint}",
+        path=cert_path,
+        fingerprint=fingerprint,
+    )
+    return cert_path, key_path
+
+
+def _parse_ip(hostname: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return ``hostname`` as an IP address, or None if it is not one."""
+    try:
+        return ipaddress.ip_address(hostname)
+    except ValueError:
+        return None
+
+
+def _write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a part."""
+    directory = os.path.dirname(path) or "."
+    # mkstemp creates the file with mode 0600, so a key is never readable by others.
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def client_tls(server_name: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
+    """Client-side TLS for a backend connection, verifying the server's certificate and name.
+
+    :param server_name: the DNS name or IP address the backend's certificate
+        must match (checked through service-identity).
+    :param ca_file: PEM bundle of one or more trusted CA certificates, or
+        None to trust the platform's CA store.
+    :returns: a connection creator for ``TLSMemoryBIOFactory`` or ``startTLS``
+        that refuses anything below TLS 1.2.
+    :raises TLSError: if ``ca_file`` is unreadable or holds no PEM certificate.
+    """
+    if ca_file is None:
+        trust_root = platformTrust()
+    else:
+        trust_root = trustRootFromCertificates(_load_ca_bundle(ca_file))
+    return optionsForClientTLS(
+        server_name,
+        trustRoot=trust_root,
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
+
+
+def _load_ca_bundle(ca_file: str) -> list[Certificate]:
+    """Read every certificate of a PEM bundle."""
+    data = _read(ca_file, "CA file")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TLSError(f"{ca_file}: no valid PEM certificate found") from e
+    return [Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
+
+
+def describe_tls(transport: object) -> tuple[str, str] | None:
+    """Report the protocol version and cipher of an established TLS connection.
+
+    Works for the transport of a protocol behind ``TLSMemoryBIOFactory`` and
+    for a TCP transport after ``startTLS``; both provide ``ISSLTransport`` and
+    return the OpenSSL connection from ``getHandle()``.
+
+    :param transport: a protocol's transport.
+    :returns: for example ``("TLSv1.3", "TLS_AES_256_GCM_SHA384")``, or None
+        if the transport is not TLS or its handshake has not completed.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    handle = transport.getHandle()  # type: ignore[attr-defined]
+    if not isinstance(handle, SSL.Connection):
+        return None
+    cipher = handle.get_cipher_name()
+    if cipher is None:
+        return None
+    return handle.get_protocol_version_name(), cipher

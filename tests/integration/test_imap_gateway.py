@@ -1,0 +1,328 @@
+"""
+The IMAP gateway end to end: a private plaintext Dovecot, the gateway as a real process with
+TLS listeners and a test CA, and real clients (imaplib, curl, raw sockets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import imaplib
+import os
+import random
+import re
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import zlib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.testing.dovecot import DovecotSandbox
+from gateway.testing.gateway import GatewayProcess
+from gateway.testing.pki import TestCA
+
+from .wire import Wire
+
+USER = "alice"
+PASSWORD = 'pa ss"wo\\rd'  # spaces, a quote and a backslash: quoting and literals must be right
+OTHER = ("bob", "bobs-password")
+
+MESSAGE = (b"From: Bob <bob@example.org>\r\nTo: alice@example.org\r\nSubject: =?utf-8?q?gr=C3=BC=C3=9Fe?=\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln.\r\n.\r\n..leading dots stay\r\n"
+           b"trailing spaces   \r\n\tand a tab\r\n")
+
+
+def big_message(size: int) -> bytes:
+    """A CRLF message of about C{size} bytes with varied (incompressible) lines."""
+    rng = random.Random(size)
+    header = b"From: bob@example.org\r\nTo: alice@example.org\r\nSubject: big\r\n\r\n"
+    lines = []
+    total = len(header)
+    while total < size:
+        line = bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(76))
+        lines.append(line)
+        total += 78
+    return header + b"\r\n".join(lines) + b"\r\n"
+
+
+def require_curl() -> str:
+    curl = shutil.which("curl")
+    if curl is None:
+        raise AssertionError("curl is not installed: apt-get install curl")
+    return curl
+
+
+class GatewayFixture(SynchronousTestCase):
+    """One Dovecot and one gateway for a test class; torn down after its last test."""
+
+    forward_client_ip = True
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.mkdtemp(prefix="gw-it-")
+        os.chmod(cls.tmp, 0o755)
+        ca = TestCA(os.path.join(cls.tmp, "ca"))
+        cls.ca_path = ca.ca_path
+        issued = ca.issue()
+        cls.dovecot = DovecotSandbox(os.path.join(cls.tmp, "dovecot"), {USER: PASSWORD, OTHER[0]: OTHER[1]},
+                                     extra_config="mail_save_crlf = yes\n")
+        cls.dovecot.start()
+        cls.gateway = GatewayProcess(
+            os.path.join(cls.tmp, "gateway"), imap_backend_port=cls.dovecot.imap_port,
+            users={USER: PASSWORD, OTHER[0]: OTHER[1]},
+            certificate=issued.chain_path, private_key=issued.key_path,
+            imap_backend=f"forward_client_ip = {'true' if cls.forward_client_ip else 'false'}\ntimeout = 3",
+        )
+        try:
+            cls.gateway.start()
+        except Exception:
+            cls.dovecot.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.gateway.stop()
+        cls.dovecot.stop()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_path)
+
+    def imaps(self) -> imaplib.IMAP4_SSL:
+        return imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"), ssl_context=self.tls(),
+                                 timeout=30)
+
+    def starttls(self) -> imaplib.IMAP4:
+        client = imaplib.IMAP4("127.0.0.1", self.gateway.port("imap", "starttls"), timeout=30)
+        client.starttls(self.tls())
+        return client
+
+
+class ClientFlowMixin:
+    """What every client does, run over IMAPS and over STARTTLS by the two subclasses."""
+
+    def connect(self) -> imaplib.IMAP4:
+        raise NotImplementedError
+
+    def test_login_select_fetch(self) -> None:
+        """LOGIN, SELECT and FETCH return the stored message byte for byte."""
+        self.dovecot.deliver(USER, MESSAGE)
+        client = self.connect()
+        typ, data = client.login(USER, PASSWORD)
+        self.assertEqual(typ, "OK")
+        self.assertNotIn(b"STARTTLS", data[0])
+        typ, data = client.select("INBOX")
+        self.assertEqual(typ, "OK")
+        uids = client.uid("SEARCH", None, "ALL")[1][0].split()
+        typ, data = client.uid("FETCH", b",".join(uids), "(BODY.PEEK[])")
+        bodies = [part[1] for part in data if isinstance(part, tuple)]
+        self.assertIn(MESSAGE, bodies)
+        self.assertEqual(client.logout()[0], "BYE")
+
+    def test_authenticate_plain(self) -> None:
+        """AUTHENTICATE PLAIN logs in."""
+        client = self.connect()
+        typ, _ = client.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())
+        self.assertEqual(typ, "OK")
+        self.assertEqual(client.select("INBOX")[0], "OK")
+        client.logout()
+
+    def test_wrong_password(self) -> None:
+        """A wrong password is refused with AUTHENTICATIONFAILED; an unknown user alike."""
+        for user, password in ((USER, "wrong"), ("nobody", PASSWORD)):
+            client = self.connect()
+            with self.assertRaises(imaplib.IMAP4.error) as caught:
+                client.login(user, password)
+            self.assertIn("[AUTHENTICATIONFAILED] Authentication failed.", str(caught.exception))
+            client.logout()
+
+    def test_append_20mb_read_back(self) -> None:
+        """A 20 MB APPEND is stored and read back byte for byte."""
+        message = big_message(20 * 1024 * 1024)
+        client = self.connect()
+        client.login(OTHER[0], OTHER[1])
+        typ, data = client.append("INBOX", None, None, message)
+        self.assertEqual(typ, "OK", data)
+        uid = re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1)
+        client.select("INBOX", readonly=True)
+        typ, data = client.uid("FETCH", uid, "(BODY.PEEK[])")
+        self.assertEqual(hashlib.sha256(data[0][1]).hexdigest(), hashlib.sha256(message).hexdigest())
+        client.logout()
+        stored = [p for p in self.dovecot.message_files(OTHER[0]) if os.path.getsize(p) == len(message)]
+        with open(stored[0], "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).digest(), hashlib.sha256(message).digest())
+
+
+class ImapsTests(ClientFlowMixin, GatewayFixture):
+    """Client flows over IMAPS (implicit TLS)."""
+
+    def connect(self) -> imaplib.IMAP4:
+        return self.imaps()
+
+
+class StarttlsTests(ClientFlowMixin, GatewayFixture):
+    """Client flows over IMAP with STARTTLS."""
+
+    def connect(self) -> imaplib.IMAP4:
+        return self.starttls()
+
+    def test_login_before_starttls_refused(self) -> None:
+        """LOGIN before STARTTLS is refused with PRIVACYREQUIRED; the greeting says LOGINDISABLED."""
+        client = imaplib.IMAP4("127.0.0.1", self.gateway.port("imap", "starttls"), timeout=30)
+        self.assertIn("LOGINDISABLED", client.capabilities)
+        self.assertNotIn("AUTH=PLAIN", client.capabilities)
+        with self.assertRaises(imaplib.IMAP4.error) as caught:
+            client.login(USER, PASSWORD)
+        self.assertIn("PRIVACYREQUIRED", str(caught.exception))
+        client.logout()
+
+    def test_starttls_injection_discarded(self) -> None:
+        """A command pipelined with STARTTLS in the same segment is never run."""
+        wire = Wire(self.gateway.port("imap", "starttls"))
+        wire.line()
+        wire.send(f'a STARTTLS\r\nb LOGIN {USER} "{PASSWORD.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"\r\n'.encode())
+        self.assertEqual(wire.line(), b"a OK Begin TLS negotiation now.\r\n")
+        wire.upgrade(self.tls())
+        wire.send(b"c NOOP\r\n")
+        self.assertEqual(wire.line(), b"c OK NOOP completed.\r\n")  # not "b OK": LOGIN never ran
+        wire.close()
+        self.gateway.wait_for_log(r"starttls_discarded protocol=imap client=127\.0\.0\.1 bytes=\d+")
+
+
+class GatewayBehaviourTests(GatewayFixture):
+    """Behaviour beyond the basic flows, over IMAPS."""
+
+    def test_login_with_literal_password(self) -> None:
+        """LOGIN with a synchronizing literal password containing spaces and quotes works."""
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls())
+        wire.line()
+        secret = PASSWORD.encode()
+        wire.send(b"a LOGIN " + USER.encode() + b" {%d}\r\n" % len(secret))
+        self.assertTrue(wire.line().startswith(b"+ "))
+        wire.send(secret + b"\r\n")
+        self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK [CAPABILITY "))
+        wire.send(b"b SELECT INBOX\r\n")
+        self.assertTrue(wire.until(b"b ")[-1].startswith(b"b OK "))
+        wire.close()
+
+    def test_pipelined_after_login(self) -> None:
+        """Commands pipelined after LOGIN in the same segment reach the backend after the login."""
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls())
+        wire.line()
+        wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\nb SELECT INBOX\r\nc LOGOUT\r\n".encode())
+        lines = wire.until(b"c ")
+        tagged = [line[:4] for line in lines if line[:1] in b"abc"]
+        self.assertEqual(tagged, [b"a OK", b"b OK", b"c OK"])
+        self.assertEqual(wire.line(), b"")  # the backend's close reached the client
+        wire.close()
+
+    def test_idle_sees_new_message(self) -> None:
+        """A client in IDLE is told about a message that arrives meanwhile."""
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls())
+        wire.line()
+        wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\nb SELECT INBOX\r\nc IDLE\r\n".encode())
+        wire.until(b"b ")
+        self.assertTrue(wire.line().startswith(b"+ "))
+        appender = self.imaps()
+        appender.login(OTHER[0], OTHER[1])
+        appender.append("INBOX", None, None, MESSAGE)
+        appender.logout()
+        self.assertRegex(wire.line(), rb"^\* \d+ EXISTS\r\n$")
+        wire.send(b"DONE\r\n")
+        self.assertTrue(wire.until(b"c ")[-1].startswith(b"c OK "))
+        wire.close()
+
+    def test_compress_deflate_passes_through(self) -> None:
+        """COMPRESS=DEFLATE is negotiated with the backend through the relay and works."""
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls())
+        wire.line()
+        wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
+        self.assertIn(b"COMPRESS=DEFLATE", wire.until(b"a ")[-1])
+        wire.send(b"b COMPRESS DEFLATE\r\n")
+        self.assertTrue(wire.line().startswith(b"b OK"))
+        deflate = zlib.compressobj(wbits=-15)
+        wire.send(deflate.compress(b"c NOOP\r\n") + deflate.flush(zlib.Z_SYNC_FLUSH))
+        inflate = zlib.decompressobj(wbits=-15)
+        received = b""
+        while b"c OK" not in received:
+            chunk = wire.sock.recv(65536)
+            self.assertTrue(chunk, "connection closed")
+            received += inflate.decompress(chunk)
+        wire.close()
+
+    def test_client_address_forwarded(self) -> None:
+        """With forward_client_ip the backend logs the client's own address (IMAP ID)."""
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls(), source="127.0.0.5")
+        wire.line()
+        wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
+        self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK"))
+        wire.close()
+        self.gateway.wait_for_log(r"login protocol=imap client=127\.0\.0\.5 user=\"bob\"")
+        deadline_log = ""
+        for _ in range(100):
+            with open(self.dovecot.info_log_path, encoding="utf-8", errors="replace") as f:
+                deadline_log = f.read()
+            if "rip=127.0.0.5" in deadline_log:
+                break
+            threading.Event().wait(0.05)
+        self.assertIn("user=<bob>, method=PLAIN, rip=127.0.0.5", deadline_log)
+
+    def test_curl_imaps_and_starttls(self) -> None:
+        """curl fetches a message over imaps:// and over imap:// with --ssl-reqd, byte for byte."""
+        curl = require_curl()
+        self.dovecot.deliver(USER, MESSAGE)
+        client = self.imaps()
+        client.login(USER, PASSWORD)
+        client.select("INBOX", readonly=True)
+        uid = client.uid("SEARCH", None, "ALL")[1][0].split()[0].decode()
+        client.logout()
+        urls = (f"imaps://127.0.0.1:{self.gateway.port('imap', 'implicit_tls')}/INBOX;UID={uid}",
+                f"imap://127.0.0.1:{self.gateway.port('imap', 'starttls')}/INBOX;UID={uid}")
+        for url in urls:
+            result = subprocess.run([curl, "-sS", "--ssl-reqd", "--cacert", self.ca_path, "-u", f"{USER}:{PASSWORD}", url],
+                                    capture_output=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stdout, self.first_message(uid))
+
+    def first_message(self, uid: str) -> bytes:
+        client = self.imaps()
+        client.login(USER, PASSWORD)
+        client.select("INBOX", readonly=True)
+        body = client.uid("FETCH", uid, "(BODY.PEEK[])")[1][0][1]
+        client.logout()
+        return body
+
+    def test_log_lines(self) -> None:
+        """The gateway logs TLS details, logins and disconnects with byte counts; never a password."""
+        client = self.imaps()
+        client.login(OTHER[0], OTHER[1])
+        client.logout()
+        self.gateway.wait_for_log(r"tls protocol=imap client=127\.0\.0\.1 version=TLSv1\.[23] cipher=\S+")
+        self.gateway.wait_for_log(r"disconnect protocol=imap client=127\.0\.0\.1 user=\"bob\" state=relaying "
+                                  r"in=\d+ out=\d+ duration=\d+\.\d+")
+        self.assertNotIn(OTHER[1], self.gateway.log())
+        self.assertNotIn(PASSWORD, self.gateway.log())
+
+
+class BackendOutageTests(GatewayFixture):
+    """The backend goes away and comes back; the gateway keeps running."""
+
+    def test_backend_down_then_back(self) -> None:
+        """With the backend stopped a login gets NO [UNAVAILABLE]; once it is back, logins work again."""
+        self.dovecot.stop()
+        try:
+            client = self.imaps()
+            with self.assertRaises(imaplib.IMAP4.error) as caught:
+                client.login(USER, PASSWORD)
+            self.assertIn("[UNAVAILABLE]", str(caught.exception))
+            client.logout()
+            self.gateway.wait_for_log(r"backend_unavailable protocol=imap client=127\.0\.0\.1 user=\"alice\" "
+                                      r"backend=127\.0\.0\.1:\d+ reason=")
+        finally:
+            self.dovecot.start()
+        client = self.imaps()
+        self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
+        client.logout()

@@ -1,0 +1,441 @@
+"""Transcript tests of the IMAP front end with StringTransport and Clock."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.backend import BackendUnavailable, ClientAddress
+from gateway.config import Limits
+from gateway.frontend import FrontEndContext, FrontEndFactory
+from gateway.imap import ImapFrontEnd
+from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
+
+PASSWORD = b'p4ss "w rd\\'
+TLS_OPTIONS = object()
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class ImapTestBase(SynchronousTestCase):
+    """A front end on a StringTransport, with a memory authenticator and backend."""
+
+    implicit_tls = True
+    limits = Limits()
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.auth = MemoryAuthenticator(self.clock, {"alice": PASSWORD, "bob": b"secret"})
+        self.backend = MemoryBackend(capabilities=(b"IMAP4rev1", b"STARTTLS", b"AUTH=PLAIN", b"IDLE",
+                                                   b"LOGINDISABLED", b"COMPRESS=DEFLATE"))
+        self.front, self.transport = self.connect()
+        self.greeting = self.read()
+
+    def connect(self) -> tuple[ImapFrontEnd, TLSStringTransport]:
+        context = FrontEndContext("imap", self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
+                                  self.implicit_tls, self.auth, self.backend, "mail.example.org")  # type: ignore[arg-type]
+        front = FrontEndFactory(ImapFrontEnd, context).buildProtocol(None)
+        transport = TLSStringTransport()
+        front.makeConnection(transport)
+        return front, transport  # type: ignore[return-value]
+
+    def tearDown(self) -> None:
+        if not self.front.closed or self.transport.connected:
+            self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def read(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def say(self, data: bytes) -> bytes:
+        self.front.dataReceived(data)
+        return self.read()
+
+    def log_in(self) -> bytes:
+        return self.say(b"a1 LOGIN bob secret\r\n")
+
+
+class PlainListenerTests(ImapTestBase):
+    """The STARTTLS listener before TLS."""
+
+    implicit_tls = False
+
+    def test_greeting_announces_starttls_and_logindisabled(self) -> None:
+        """The greeting carries CAPABILITY with STARTTLS and LOGINDISABLED and no AUTH=."""
+        self.assertTrue(self.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 "))
+        self.assertIn(b" STARTTLS LOGINDISABLED]", self.greeting)
+        self.assertNotIn(b"AUTH=", self.greeting)
+
+    def test_capability_before_tls(self) -> None:
+        """CAPABILITY before TLS lists STARTTLS and LOGINDISABLED and no AUTH=."""
+        reply = self.say(b"c1 CAPABILITY\r\n")
+        self.assertEqual(reply, b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED\r\n"
+                                b"c1 OK Capability completed.\r\n")
+
+    def test_login_before_starttls_refused(self) -> None:
+        """LOGIN before STARTTLS is refused with NO [PRIVACYREQUIRED] and nothing is checked."""
+        reply = self.say(b"a1 LOGIN bob secret\r\n")
+        self.assertTrue(reply.startswith(b"a1 NO [PRIVACYREQUIRED] "))
+        self.assertEqual(self.auth.checked, [])
+        self.assertEqual(self.backend.requests, [])
+
+    def test_authenticate_before_starttls_refused(self) -> None:
+        """AUTHENTICATE before STARTTLS is refused with NO [PRIVACYREQUIRED], even with SASL-IR."""
+        reply = self.say(b"a1 AUTHENTICATE PLAIN " + b64(b"\0bob\0secret") + b"\r\n")
+        self.assertTrue(reply.startswith(b"a1 NO [PRIVACYREQUIRED] "))
+        self.assertEqual(self.auth.checked, [])
+
+    def test_starttls_discards_pipelined_commands(self) -> None:
+        """Commands pipelined after STARTTLS in the same segment are discarded, never run."""
+        reply = self.say(b"a1 STARTTLS\r\nb1 LOGIN bob secret\r\nb2 NOOP\r\n")
+        self.assertEqual(reply, b"a1 OK Begin TLS negotiation now.\r\n")
+        self.assertIs(self.transport.tls_options, TLS_OPTIONS)
+        self.assertEqual(self.auth.checked, [])
+        self.assertEqual(self.say(b"c1 NOOP\r\n"), b"c1 OK NOOP completed.\r\n")
+
+    def test_after_starttls(self) -> None:
+        """After STARTTLS the capabilities offer AUTH= and not STARTTLS, and login works."""
+        self.say(b"a1 STARTTLS\r\n")
+        caps = self.say(b"a2 CAPABILITY\r\n")
+        self.assertIn(b"AUTH=PLAIN AUTH=LOGIN", caps)
+        self.assertNotIn(b"STARTTLS", caps)
+        self.assertNotIn(b"LOGINDISABLED", caps)
+        self.assertTrue(self.say(b"a3 LOGIN bob secret\r\n").startswith(b"a3 OK "))
+
+    def test_second_starttls_refused(self) -> None:
+        """STARTTLS once TLS is active is a BAD."""
+        self.say(b"a1 STARTTLS\r\n")
+        self.assertEqual(self.say(b"a2 STARTTLS\r\n"), b"a2 BAD TLS is already active.\r\n")
+
+    def test_starttls_with_arguments(self) -> None:
+        """STARTTLS with an argument is a BAD and TLS does not start."""
+        self.assertTrue(self.say(b"a1 STARTTLS now\r\n").startswith(b"a1 BAD "))
+        self.assertIsNone(self.transport.tls_options)
+
+
+class ImplicitTLSTests(ImapTestBase):
+    """The IMAPS listener: the connection is secure from the start."""
+
+    def test_greeting_offers_auth(self) -> None:
+        """The greeting offers AUTH=PLAIN and AUTH=LOGIN and neither STARTTLS nor LOGINDISABLED."""
+        self.assertEqual(self.greeting, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] "
+                                        b"Mail gateway ready.\r\n")
+
+    def test_starttls_refused(self) -> None:
+        """STARTTLS on the implicit-TLS listener is a BAD."""
+        self.assertEqual(self.say(b"a1 STARTTLS\r\n"), b"a1 BAD TLS is already active.\r\n")
+
+    def test_noop_and_logout(self) -> None:
+        """NOOP answers OK; LOGOUT answers BYE and OK and closes the connection."""
+        self.assertEqual(self.say(b"a NOOP\r\n"), b"a OK NOOP completed.\r\n")
+        self.assertEqual(self.say(b"b LOGOUT\r\n"), b"* BYE Logging out.\r\nb OK Logout completed.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_id(self) -> None:
+        """ID with a field list or NIL answers with the gateway's own ID."""
+        reply = self.say(b'a ID ("name" "Thunderbird" "version" "115.0")\r\n')
+        self.assertEqual(reply, b'* ID ("name" "mailgateway")\r\na OK ID completed.\r\n')
+        self.assertTrue(self.say(b"b ID NIL\r\n").endswith(b"b OK ID completed.\r\n"))
+
+    def test_bad_id(self) -> None:
+        """ID with an odd number of fields is a BAD."""
+        self.assertEqual(self.say(b'a ID ("name")\r\n'), b"a BAD Invalid ID parameters.\r\n")
+
+    def test_login_relays(self) -> None:
+        """
+        A good LOGIN gets a tagged OK with the backend's capabilities minus STARTTLS,
+        LOGINDISABLED and AUTH=, and the backend session receives the commands that follow.
+        """
+        reply = self.log_in()
+        self.assertEqual(reply, b"a1 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in.\r\n")
+        [request] = self.backend.requests
+        self.assertEqual((request.user, request.password), ("bob", b"secret"))
+        self.assertEqual(request.client, ClientAddress("192.168.1.1", 54321, "10.0.0.1", 12345))
+        self.front.dataReceived(b"a2 SELECT INBOX\r\n")
+        backend_transport = self.backend.sessions[0].transport
+        self.assertEqual(backend_transport.value(), b"a2 SELECT INBOX\r\n")
+
+    def test_pipelined_after_login_goes_to_backend(self) -> None:
+        """Commands pipelined after LOGIN go to the backend, after the tagged OK."""
+        reply = self.say(b"a1 LOGIN bob secret\r\na2 SELECT INBOX\r\na3 IDLE\r\n")
+        self.assertTrue(reply.startswith(b"a1 OK "))
+        self.assertEqual(self.backend.sessions[0].transport.value(), b"a2 SELECT INBOX\r\na3 IDLE\r\n")
+
+    def test_backend_bytes_reach_client(self) -> None:
+        """What the backend sends after login reaches the client unchanged, literals and all."""
+        self.log_in()
+        message = b"* 1 FETCH (BODY[] {7}\r\nx\0y\r\n\xff)\r\n"
+        self.backend.sessions[0].dataReceived(message)
+        self.assertEqual(self.read(), message)
+
+    def test_relay_backpressure(self) -> None:
+        """After login each transport is the other's streaming producer."""
+        self.log_in()
+        backend_transport = self.backend.sessions[0].transport
+        self.assertIs(self.transport.producer, backend_transport)
+        self.assertIs(backend_transport.producer, self.transport)
+        self.assertTrue(self.transport.streaming)
+        backend_transport.producer.pauseProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_backend_close_closes_client(self) -> None:
+        """When the backend closes, the client connection is closed after its buffer is flushed."""
+        self.log_in()
+        self.backend.sessions[0].connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_client_close_closes_backend(self) -> None:
+        """When the client goes away, the backend connection is closed."""
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.backend.sessions[0].transport.disconnecting)
+
+    def test_login_quoted_and_literals(self) -> None:
+        """LOGIN takes quoted strings and both kinds of literal; a password with spaces and quotes works."""
+        reply = self.say(b"a1 LOGIN {5}\r\n")
+        self.assertEqual(reply, b"+ Ready for literal data.\r\n")
+        reply = self.say(b"alice {%d+}\r\n" % len(PASSWORD) + PASSWORD + b"\r\n")
+        self.assertTrue(reply.startswith(b"a1 OK "), reply)
+        self.assertEqual(self.backend.requests[0].password, PASSWORD)
+
+    def test_login_quoted(self) -> None:
+        """LOGIN takes a quoted password with escaped quotes and backslashes."""
+        reply = self.say(b'a1 LOGIN "alice" "p4ss \\"w rd\\\\"\r\n')
+        self.assertTrue(reply.startswith(b"a1 OK "), reply)
+
+    def test_literal_split_across_segments(self) -> None:
+        """A literal may arrive a byte at a time."""
+        self.say(b"a1 LOGIN bob {6}\r\n")
+        for byte in b"secret\r\n":
+            self.front.dataReceived(bytes([byte]))
+        self.assertTrue(self.read().startswith(b"a1 OK "))
+
+    def test_wrong_password_paced(self) -> None:
+        """A wrong password gets NO [AUTHENTICATIONFAILED] only after the failure delay."""
+        self.assertEqual(self.say(b"a1 LOGIN bob wrong\r\n"), b"")
+        self.clock.advance(1.9)
+        self.assertEqual(self.read(), b"")
+        self.clock.advance(0.1)
+        self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_unknown_user_same_as_wrong_password(self) -> None:
+        """An unknown user gets the same reply at the same time as a wrong password."""
+        replies = []
+        for line in (b"a1 LOGIN nobody secret\r\n", b"a2 LOGIN bob wrong\r\n"):
+            self.front.dataReceived(line)
+            self.clock.advance(1.999)
+            self.assertEqual(self.read(), b"")
+            self.clock.advance(0.001)
+            replies.append(self.read()[3:])
+        self.assertEqual(replies[0], replies[1])
+
+    def test_commands_wait_during_login(self) -> None:
+        """Commands pipelined behind a failing LOGIN run after its reply, in order."""
+        self.front.dataReceived(b"a1 LOGIN bob wrong\r\na2 NOOP\r\n")
+        self.assertEqual(self.read(), b"")
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\na2 OK NOOP completed.\r\n")
+
+    def test_login_attempts_limited(self) -> None:
+        """After the allowed number of failed logins the connection is closed with BYE."""
+        for n in range(3):
+            self.front.dataReceived(b"a%d LOGIN bob wrong\r\n" % n)
+            self.clock.advance(2)
+        self.assertTrue(self.read().endswith(b"a2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+                                             b"* BYE Too many failed login attempts.\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_backend_unavailable(self) -> None:
+        """A backend that is down gives NO [UNAVAILABLE], not an authentication failure."""
+        self.backend.error = BackendUnavailable("connection refused")
+        self.assertEqual(self.log_in(),
+                         b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+        self.backend.error = None
+        self.assertTrue(self.say(b"a2 LOGIN bob secret\r\n").startswith(b"a2 OK "))
+
+    def test_backend_rejects_after_local_success(self) -> None:
+        """With a local database, a backend that refuses the login makes it NO [UNAVAILABLE]."""
+        self.backend.passwords = {}
+        self.assertTrue(self.log_in().startswith(b"a1 NO [UNAVAILABLE] "))
+
+    def test_backend_decides(self) -> None:
+        """In backend auth mode a backend refusal is an authentication failure, after the delay."""
+        self.auth.backend_decides = True
+        self.backend.passwords = {"bob": b"secret"}
+        self.assertEqual(self.say(b"a1 LOGIN bob wrong\r\n"), b"")
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertTrue(self.say(b"a2 LOGIN bob secret\r\n").startswith(b"a2 OK "))
+
+    def test_client_leaves_during_login(self) -> None:
+        """A client that disconnects while its backend login runs cancels it; nothing is left behind."""
+        self.backend.hold = True
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.backend.cancelled, 1)
+
+    def test_authenticate_plain_sasl_ir(self) -> None:
+        """AUTHENTICATE PLAIN with an initial response logs in."""
+        reply = self.say(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0" + PASSWORD) + b"\r\n")
+        self.assertTrue(reply.startswith(b"a1 OK "), reply)
+
+    def test_authenticate_plain_two_steps(self) -> None:
+        """AUTHENTICATE PLAIN without an initial response asks with an empty challenge."""
+        self.assertEqual(self.say(b"a1 AUTHENTICATE PLAIN\r\n"), b"+ \r\n")
+        self.assertTrue(self.say(b64(b"bob\0bob\0secret") + b"\r\n").startswith(b"a1 OK "))
+
+    def test_authenticate_login(self) -> None:
+        """AUTHENTICATE LOGIN asks for the user name and the password."""
+        self.assertEqual(self.say(b"a1 AUTHENTICATE LOGIN\r\n"), b"+ " + b64(b"Username:") + b"\r\n")
+        self.assertEqual(self.say(b64(b"bob") + b"\r\n"), b"+ " + b64(b"Password:") + b"\r\n")
+        self.assertTrue(self.say(b64(b"secret") + b"\r\n").startswith(b"a1 OK "))
+
+    def test_authenticate_cancel(self) -> None:
+        """A "*" response cancels AUTHENTICATE with a tagged BAD."""
+        self.say(b"a1 AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(self.say(b"*\r\n"), b"a1 BAD Authentication cancelled.\r\n")
+        self.assertEqual(self.say(b"a2 NOOP\r\n"), b"a2 OK NOOP completed.\r\n")
+
+    def test_authenticate_bad_base64(self) -> None:
+        """A response that is not base64 ends AUTHENTICATE with a tagged BAD."""
+        self.say(b"a1 AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(self.say(b"not base64!\r\n"), b"a1 BAD Invalid SASL response.\r\n")
+
+    def test_authenticate_unknown_mechanism(self) -> None:
+        """An unsupported mechanism is a NO."""
+        self.assertEqual(self.say(b"a1 AUTHENTICATE CRAM-MD5\r\n"), b"a1 NO Unsupported authentication mechanism.\r\n")
+
+    def test_authzid_for_another_user_refused(self) -> None:
+        """PLAIN with an authorization identity other than the user is a failed login."""
+        self.say(b"a1 AUTHENTICATE PLAIN " + b64(b"alice\0bob\0secret") + b"\r\n")
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_unknown_command(self) -> None:
+        """Commands other than the pre-login ones are a tagged BAD."""
+        self.assertEqual(self.say(b"a1 SELECT INBOX\r\n"), b"a1 BAD Unknown command or not allowed before login.\r\n")
+
+    def test_malformed_tag(self) -> None:
+        """A line without a valid tag gets an untagged BAD."""
+        self.assertTrue(self.say(b"+ NOOP\r\n").startswith(b"* BAD "))
+        self.assertTrue(self.say(b"a*1 NOOP\r\n").startswith(b"* BAD "))
+
+    def test_nul_refused(self) -> None:
+        """A NUL byte in a command is a BAD."""
+        self.assertTrue(self.say(b"a1 LOGIN bob se\0cret\r\n").startswith(b"a1 BAD "))
+
+    def test_too_many_errors(self) -> None:
+        """Five consecutive bad commands end the connection with BYE."""
+        for _ in range(4):
+            self.say(b"a1 BOGUS\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        reply = self.say(b"a1 BOGUS\r\n")
+        self.assertTrue(reply.endswith(b"* BYE Too many invalid IMAP commands.\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_good_command_resets_errors(self) -> None:
+        """A valid command between bad ones resets the count."""
+        for _ in range(3):
+            self.say(b"a1 BOGUS\r\n")
+        self.say(b"a2 NOOP\r\n")
+        for _ in range(4):
+            self.say(b"a1 BOGUS\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_long_line(self) -> None:
+        """A line over the limit closes the connection with BYE, even without its line end."""
+        self.front.dataReceived(b"a1 LOGIN " + b"x" * 9000)
+        self.assertEqual(self.read(), b"* BYE Command line too long.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_large_synchronizing_literal(self) -> None:
+        """A synchronizing literal over the limit is refused with BAD and the session goes on."""
+        self.assertEqual(self.say(b"a1 LOGIN bob {9000}\r\n"), b"a1 BAD [TOOBIG] Literal too large.\r\n")
+        self.assertEqual(self.say(b"a2 NOOP\r\n"), b"a2 OK NOOP completed.\r\n")
+
+    def test_large_nonsynchronizing_literal(self) -> None:
+        """A non-synchronizing literal over the limit closes the connection: its bytes are coming."""
+        self.assertEqual(self.say(b"a1 LOGIN bob {9000+}\r\n"), b"* BYE [TOOBIG] Literal too large.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idle_timeout(self) -> None:
+        """A client silent for the idle timeout is disconnected with BYE."""
+        self.clock.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_login_deadline(self) -> None:
+        """A client that keeps talking but never logs in is dropped at the login deadline."""
+        for _ in range(3):
+            self.clock.advance(30)
+            self.say(b"a NOOP\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(30)
+        self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_no_timeout_after_login(self) -> None:
+        """After login the pre-login timers are gone."""
+        self.log_in()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LoggingTests(ImapTestBase):
+    """The log events are an interface (fail2ban) and never hold a password."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        super().setUp()
+
+    def test_login_failed_event(self) -> None:
+        """A failed login logs login_failed with protocol, client, quoted user and reason."""
+        self.say(b"a1 LOGIN bob wrong\r\n")
+        self.clock.advance(2)
+        [event] = [e for e in self.events if e["log_format"].startswith("login_failed ")]
+        self.assertEqual(event["log_format"],
+                         "login_failed protocol={protocol} client={client} user={user} reason={reason}")
+        self.assertEqual((event["protocol"], event["client"], event["user"], event["reason"]),
+                         ("imap", "192.168.1.1", '"bob"', "credentials"))
+
+    def test_user_name_cannot_forge_fields(self) -> None:
+        """A user name with spaces and quotes stays one quoted, escaped field."""
+        self.say(b'a1 LOGIN "x client=1.2.3.4 \\"" wrong\r\n')
+        self.clock.advance(2)
+        [event] = [e for e in self.events if e["log_format"].startswith("login_failed ")]
+        self.assertEqual(event["user"], '"x client=1.2.3.4 \\""')
+
+    def test_passwords_never_logged(self) -> None:
+        """No log event holds a password, for good, bad and SASL logins."""
+        self.say(b"a1 LOGIN bob wrongpassword1\r\n")
+        self.clock.advance(2)
+        self.say(b"a2 AUTHENTICATE PLAIN " + b64(b"\0bob\0wrongpassword2") + b"\r\n")
+        self.clock.advance(2)
+        self.say(b"a3 LOGIN alice {%d+}\r\n" % len(PASSWORD) + PASSWORD + b"\r\n")
+        self.front.connectionLost(Failure(ConnectionDone()))
+        text = repr([dict(e) for e in self.events])
+        for secret in ("wrongpassword1", "wrongpassword2", "p4ss", "secret"):
+            self.assertNotIn(secret, text)
+        self.assertTrue(any(e["log_format"].startswith("login ") for e in self.events))
+
+
+class StringTransportAddressTests(SynchronousTestCase):
+    """The fixtures' addresses are what the tests above expect."""
+
+    def test_addresses(self) -> None:
+        """StringTransport's default peer and host are the ones the relay test checks."""
+        transport = StringTransport()
+        self.assertEqual((transport.getPeer().host, transport.getHost().host), ("192.168.1.1", "10.0.0.1"))

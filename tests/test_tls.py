@@ -1,0 +1,965 @@
+"""Tests for gateway.tls, over real TLS connections on 127.0.0.1.
+
+Certificates and keys are generated at test time in each test's temporary
+directory; the clients are Python's ``ssl`` module (in a thread), Twisted's
+own TLS client, and in one place a plain Python ``ssl`` server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import stat
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from gateway.tls import ServerTLS, TLSError, client_tls, describe_tls, ensure_self_signed
+
+_binding = Binding()
+
+# OpenSSL's text for receiving alert 120, no_application_protocol.
+_NO_APPLICATION_PROTOCOL = "tlsv1 alert no application protocol"
+
+# --------------------------------------------------------------------------
+# Throwaway PKI
+
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True)
+class _Issued:
+    """A certificate and its private key."""
+
+    certificate: x509.Certificate
+    key: PrivateKey
+
+    def cert_pem(self) -> bytes:
+        """The certificate in PEM form."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        """The private key in unencrypted PKCS#8 PEM form."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def _issue(
+    common_name: str,
+    issuer: _Issued | None,
+    *,
+    ca: bool,
+    names: Iterable[x509.GeneralName] = (),
+    key: PrivateKey | None = None,
+) -> _Issued:
+    """Issue a certificate signed by ``issuer``, or self-signed if it is None."""
+    key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    signer = issuer.key if issuer is not None else key
+    return _Issued(builder.sign(signer, hashes.SHA256()), key)
+
+
+@dataclass(frozen=True)
+class _PKI:
+    """root -> intermediate -> leaf for localhost/127.0.0.1, plus an unrelated CA."""
+
+    root: _Issued
+    intermediate: _Issued
+    leaf: _Issued
+    rsa_leaf: _Issued
+    other_root: _Issued
+
+
+@functools.cache
+def _pki() -> _PKI:
+    """Build the test PKI once per test run; key generation is the slow part."""
+    root = _issue("Test Root CA", None, ca=True)
+    intermediate = _issue("Test Intermediate CA", root, ca=True)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    leaf = _issue("localhost", intermediate, ca=False, names=names)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_leaf = _issue("localhost", intermediate, ca=False, names=names, key=rsa_key)
+    other_root = _issue("Unrelated Root CA", None, ca=True)
+    return _PKI(root, intermediate, leaf, rsa_leaf, other_root)
+
+
+def _temporary_directory(test: SynchronousTestCase) -> str:
+    """Create a directory that is removed after ``test``.
+
+    Unlike trial's ``mktemp``, this stays out of the working directory when the
+    tests run under pytest.
+    """
+    directory = tempfile.mkdtemp(prefix="test_tls-")
+    test.addCleanup(shutil.rmtree, directory)
+    return directory
+
+
+def _write(directory: str, name: str, *parts: bytes) -> str:
+    """Write ``parts`` one after another to ``directory/name``; return the path."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(b"".join(parts))
+    return path
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Paths of the test PKI's PEM files."""
+
+    chain: str
+    key: str
+    root: str
+    other_root: str
+    rsa_chain: str
+    rsa_key: str
+
+
+def _files(directory: str) -> _Files:
+    """Write the test PKI as PEM files into ``directory``."""
+    pki = _pki()
+    return _Files(
+        chain=_write(directory, "chain.pem", pki.leaf.cert_pem(), pki.intermediate.cert_pem()),
+        key=_write(directory, "leaf.key", pki.leaf.key_pem()),
+        root=_write(directory, "root.pem", pki.root.cert_pem()),
+        other_root=_write(directory, "other-root.pem", pki.other_root.cert_pem()),
+        rsa_chain=_write(
+            directory, "rsa-chain.pem", pki.rsa_leaf.cert_pem(), pki.intermediate.cert_pem()
+        ),
+        rsa_key=_write(directory, "rsa-leaf.key", pki.rsa_leaf.key_pem()),
+    )
+
+
+# --------------------------------------------------------------------------
+# Server side
+
+
+@implementer(IHandshakeListener)
+class _Greeter(Protocol):
+    """Greets after the TLS handshake, echoes lines, and records what TLS negotiated."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self.description: tuple[str, str] | None = None
+        self.before_handshake: tuple[str, str] | None = ("not", "recorded")
+        self.alpn: bytes | None = None
+        self.group: str | None = None
+
+    def connectionMade(self) -> None:
+        self.before_handshake = describe_tls(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        assert self.transport is not None
+        self.description = describe_tls(self.transport)
+        handle = self.transport.getHandle()  # type: ignore[attr-defined]
+        self.alpn = handle.get_alpn_proto_negotiated() or None
+        # Neither pyOpenSSL nor Python 3.11's ssl reports the key exchange
+        # group, so it is read from the server's connection through the binding.
+        name = _binding.lib.SSL_get0_group_name(handle._ssl)
+        self.group = _binding.ffi.string(name).decode() if name != _binding.ffi.NULL else None
+        self.transport.write(b"hello\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class _StartTLSServer(LineReceiver, _Greeter):
+    """Plain-text greeting, then TLS with the given ServerTLS on ``STARTTLS``."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self, server_tls: ServerTLS) -> None:
+        _Greeter.__init__(self)
+        self.server_tls = server_tls
+        self.plain_description: tuple[str, str] | None = ("not", "recorded")
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.plain_description = describe_tls(self.transport)
+        self.sendLine(b"OK")
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"STARTTLS":
+            self.sendLine(b"GO")
+            ITLSTransport(self.transport).startTLS(self.server_tls)
+        else:
+            self.sendLine(line)
+
+    def dataReceived(self, data: bytes) -> None:
+        LineReceiver.dataReceived(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        _Greeter.connectionLost(self, reason)
+
+
+class _RecordingFactory(Factory):
+    """Builds protocols with ``make`` and remembers them."""
+
+    def __init__(self, make: Callable[[], _Greeter]) -> None:
+        self.make = make
+        self.protocols: list[_Greeter] = []
+
+    def buildProtocol(self, addr: Any) -> _Greeter:
+        protocol = self.make()
+        protocol.factory = self
+        self.protocols.append(protocol)
+        return protocol
+
+
+# --------------------------------------------------------------------------
+# Python ssl client (runs in a thread)
+
+
+@dataclass
+class _ClientResult:
+    version: str | None
+    cipher: str | None
+    alpn: str | None
+    greeting: bytes
+    echo: bytes
+    session: ssl.SSLSession | None
+    session_reused: bool
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """Read up to and including CRLF, or until the peer closes."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1024)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _client_context(
+    cafile: str | None,
+    *,
+    minimum: ssl.TLSVersion | None = None,
+    maximum: ssl.TLSVersion | None = None,
+    ciphers: str | None = None,
+    alpn: list[str] | None = None,
+    curve: str | None = None,
+) -> ssl.SSLContext:
+    """A client context trusting ``cafile`` (or nothing, if None) with the given limits."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(cafile)
+    if minimum is not None:
+        context.minimum_version = minimum
+    if maximum is not None:
+        context.maximum_version = maximum
+    if ciphers is not None:
+        context.set_ciphers(ciphers)
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    if curve is not None:
+        # With OpenSSL 3 this sets the client's supported_groups to one group.
+        context.set_ecdh_curve(curve)
+    return context
+
+
+def _allow_only_tls11(context: ssl.SSLContext) -> None:
+    """Make ``context`` speak TLS 1.1 and nothing else, as an outdated peer would."""
+    with warnings.catch_warnings():
+        # Python deprecates these versions; using them is the point here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    # OpenSSL 3 refuses TLS 1.1 above security level 0.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+
+
+def _tls_client(
+    port: int,
+    context: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> _ClientResult:
+    """Connect, read the greeting, get one line echoed, close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            greeting = _read_line(tls)
+            tls.sendall(b"ping\r\n")
+            echo = _read_line(tls)
+            cipher = tls.cipher()
+            return _ClientResult(
+                version=tls.version(),
+                cipher=cipher[0] if cipher else None,
+                alpn=tls.selected_alpn_protocol(),
+                greeting=greeting,
+                echo=echo,
+                session=tls.session,
+                session_reused=tls.session_reused,
+            )
+
+
+def _starttls_client(port: int, context: ssl.SSLContext) -> tuple[bytes, bytes, _ClientResult]:
+    """Read the plain greeting, send STARTTLS, then talk TLS on the same socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        plain = _read_line(raw)
+        raw.sendall(b"STARTTLS\r\n")
+        go = _read_line(raw)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            greeting = _read_line(tls)
+            tls.sendall(b"ping\r\n")
+            echo = _read_line(tls)
+            cipher = tls.cipher()
+            result = _ClientResult(
+                version=tls.version(),
+                cipher=cipher[0] if cipher else None,
+                alpn=tls.selected_alpn_protocol(),
+                greeting=greeting,
+                echo=echo,
+                session=None,
+                session_reused=False,
+            )
+    return plain, go, result
+
+
+def _starttls_error(port: int, context: ssl.SSLContext) -> str:
+    """Like _starttls_client, for a handshake expected to fail; returns the SSL error text."""
+    try:
+        _starttls_client(port, context)
+    except ssl.SSLError as e:
+        return str(e)
+    return "handshake succeeded"
+
+
+# --------------------------------------------------------------------------
+# Twisted client (for client_tls)
+
+
+@implementer(IHandshakeListener)
+class _TwistedClient(Protocol):
+    """Reads the greeting and disconnects; records whether the handshake completed."""
+
+    def __init__(self) -> None:
+        self.handshake_done = False
+        self.received = b""
+        self.reason: Failure | None = None
+        self.lost: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.received += data
+        if self.received.endswith(b"\r\n"):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class _LoopbackTestCase(TestCase):
+    """Starts implicit-TLS listeners on 127.0.0.1 and cleans them up."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.files = _files(_temporary_directory(self))
+
+    @inlineCallbacks
+    def listen(self, factory: Factory) -> Any:
+        """Listen on an ephemeral loopback port; the port number is the result."""
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port: IListeningPort = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def serve_tls(
+        self, alpn: bytes = b"imap", chain: str | None = None, key: str | None = None
+    ) -> Any:
+        """Serve _Greeter behind ServerTLS; the result is (port, recording factory)."""
+        server_tls = ServerTLS(chain or self.files.chain, key or self.files.key, alpn)
+        factory = _RecordingFactory(_Greeter)
+        port = yield self.listen(TLSMemoryBIOFactory(server_tls, False, factory))
+        return port, factory
+
+    @inlineCallbacks
+    def all_closed(self, factory: _RecordingFactory) -> Any:
+        """Wait until every server-side connection is gone; the result is their reasons."""
+        yield gatherResults([p.lost for p in factory.protocols])
+        return [p.reason for p in factory.protocols]
+
+    @inlineCallbacks
+    def client_error(self, port: int, context: ssl.SSLContext) -> Any:
+        """Run a client expected to fail; the result is its ssl.SSLError."""
+        try:
+            yield deferToThread(_tls_client, port, context)
+        except ssl.SSLError as e:
+            return e
+        self.fail("the TLS client connected")
+
+
+# --------------------------------------------------------------------------
+# ServerTLS over loopback
+
+
+class ServerHandshakeTests(_LoopbackTestCase):
+    """Implicit TLS with ServerTLS against Python's ssl client."""
+
+    @inlineCallbacks
+    def test_no_alpn_is_accepted(self) -> Any:
+        """A client that offers no ALPN completes the handshake and gets no protocol selected."""
+        port, factory = yield self.serve_tls()
+        result = yield deferToThread(_tls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        self.assertEqual((result.greeting, result.echo), (b"hello\r\n", b"ping\r\n"))
+        self.assertIsNone(result.alpn)
+        self.assertIsNone(factory.protocols[0].alpn)
+
+    @inlineCallbacks
+    def test_matching_alpn_is_selected(self) -> Any:
+        """A client offering the listener's protocol among others gets it selected."""
+        port, factory = yield self.serve_tls(alpn=b"imap")
+        context = _client_context(self.files.root, alpn=["h2", "imap"])
+        result = yield deferToThread(_tls_client, port, context)
+        yield self.all_closed(factory)
+        self.assertEqual(result.alpn, "imap")
+        self.assertEqual(factory.protocols[0].alpn, b"imap")
+        self.assertEqual(result.echo, b"ping\r\n")
+
+    @inlineCallbacks
+    def test_foreign_alpn_is_refused(self) -> Any:
+        """A client offering only another protocol gets alert no_application_protocol (120)."""
+        port, factory = yield self.serve_tls(alpn=b"imap")
+        context = _client_context(self.files.root, alpn=["http/1.1"])
+        error = yield self.client_error(port, context)
+        (reason,) = yield self.all_closed(factory)
+        # Python 3.11's error table lacks a mnemonic for this reason, so the
+        # OpenSSL text for alert 120 is checked instead.
+        self.assertIn(_NO_APPLICATION_PROTOCOL, str(error))
+        # An SSL.Error is what TLSMemoryBIOProtocol treats as a handshake failure.
+        self.assertIsInstance(reason.value, SSL.Error)
+        self.assertIn("no application protocol", str(reason.value))
+        self.assertIsNone(factory.protocols[0].description)
+
+    @inlineCallbacks
+    def test_tls11_is_refused(self) -> Any:
+        """A TLS 1.1 client is refused with alert protocol_version."""
+        port, factory = yield self.serve_tls()
+        context = _client_context(None)
+        _allow_only_tls11(context)
+        error = yield self.client_error(port, context)
+        yield self.all_closed(factory)
+        # The alert comes from the server, so the client did send a TLS 1.1 hello.
+        self.assertEqual(error.reason, "TLSV1_ALERT_PROTOCOL_VERSION")
+
+    @inlineCallbacks
+    def test_tls12_uses_ecdhe_aes_gcm(self) -> Any:
+        """A TLS 1.2 client negotiates an ECDHE AES-GCM suite."""
+        port, factory = yield self.serve_tls()
+        context = _client_context(
+            self.files.root, maximum=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE+AESGCM"
+        )
+        result = yield deferToThread(_tls_client, port, context)
+        yield self.all_closed(factory)
+        self.assertEqual(result.version, "TLSv1.2")
+        self.assertIn(
+            result.cipher, {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"}
+        )
+
+    @inlineCallbacks
+    def test_tls12_cbc_suites_are_refused(self) -> Any:
+        """A TLS 1.2 client offering only CBC suites finds no shared cipher."""
+        port, factory = yield self.serve_tls()
+        context = _client_context(
+            self.files.root,
+            maximum=ssl.TLSVersion.TLSv1_2,
+            ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA",
+        )
+        error = yield self.client_error(port, context)
+        yield self.all_closed(factory)
+        self.assertEqual(error.reason, "SSLV3_ALERT_HANDSHAKE_FAILURE")
+
+    @inlineCallbacks
+    def test_rsa_key(self) -> Any:
+        """An RSA certificate and key serve TLS 1.2 with an ECDHE-RSA suite."""
+        port, factory = yield self.serve_tls(chain=self.files.rsa_chain, key=self.files.rsa_key)
+        context = _client_context(self.files.root, maximum=ssl.TLSVersion.TLSv1_2)
+        result = yield deferToThread(_tls_client, port, context)
+        yield self.all_closed(factory)
+        assert result.cipher is not None
+        self.assertTrue(result.cipher.startswith("ECDHE-RSA-"), result.cipher)
+
+    @inlineCallbacks
+    def test_chain_includes_intermediate(self) -> Any:
+        """A client trusting only the root verifies the leaf, so the intermediate is served."""
+        port, factory = yield self.serve_tls()
+        result = yield deferToThread(_tls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        self.assertEqual(result.greeting, b"hello\r\n")
+        # Without the intermediate in the chain file, the same client fails.
+        directory = os.path.dirname(self.files.chain)
+        leaf_only = _write(directory, "leaf-only.pem", _pki().leaf.cert_pem())
+        port, factory = yield self.serve_tls(chain=leaf_only)
+        error = yield self.client_error(port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        self.assertEqual(error.reason, "CERTIFICATE_VERIFY_FAILED")
+
+    @inlineCallbacks
+    def test_tls13_prefers_x25519(self) -> Any:
+        """A default TLS 1.3 client negotiates X25519."""
+        port, factory = yield self.serve_tls()
+        result = yield deferToThread(_tls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        self.assertEqual(result.version, "TLSv1.3")
+        self.assertEqual(factory.protocols[0].group, "x25519")
+
+    @inlineCallbacks
+    def test_p256_is_accepted(self) -> Any:
+        """A client supporting only P-256 negotiates it, in TLS 1.3 and in TLS 1.2."""
+        for maximum in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            port, factory = yield self.serve_tls()
+            context = _client_context(self.files.root, maximum=maximum, curve="prime256v1")
+            yield deferToThread(_tls_client, port, context)
+            yield self.all_closed(factory)
+            self.assertEqual(factory.protocols[0].group, "secp256r1")
+
+    @inlineCallbacks
+    def test_p384_only_is_refused(self) -> Any:
+        """A client supporting only P-384 shares no group with the server."""
+        port, factory = yield self.serve_tls()
+        error = yield self.client_error(port, _client_context(self.files.root, curve="secp384r1"))
+        yield self.all_closed(factory)
+        self.assertEqual(error.reason, "SSLV3_ALERT_HANDSHAKE_FAILURE")
+
+    @inlineCallbacks
+    def test_session_resumption(self) -> Any:
+        """A client resumes its session on a second connection, in TLS 1.2 and in TLS 1.3."""
+        for maximum in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            port, factory = yield self.serve_tls()
+            context = _client_context(self.files.root, maximum=maximum)
+            first = yield deferToThread(_tls_client, port, context)
+            second = yield deferToThread(_tls_client, port, context, first.session)
+            yield self.all_closed(factory)
+            self.assertEqual(second.version, maximum.name.replace("_", "."))
+            self.assertFalse(first.session_reused)
+            self.assertTrue(second.session_reused, maximum)
+
+    @inlineCallbacks
+    def test_describe_tls(self) -> Any:
+        """describe_tls reports the version and cipher once the handshake is done, None before."""
+        port, factory = yield self.serve_tls()
+        result = yield deferToThread(_tls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        self.assertIsNone(factory.protocols[0].before_handshake)
+        self.assertEqual(factory.protocols[0].description, (result.version, result.cipher))
+        self.assertEqual(result.version, "TLSv1.3")
+
+    @inlineCallbacks
+    def test_starttls(self) -> Any:
+        """The same ServerTLS secures a plain connection through startTLS, ALPN rules included."""
+        server_tls = ServerTLS(self.files.chain, self.files.key, b"imap")
+        factory = _RecordingFactory(lambda: _StartTLSServer(server_tls))
+        port = yield self.listen(factory)
+        context = _client_context(self.files.root, alpn=["imap"])
+        plain, go, result = yield deferToThread(_starttls_client, port, context)
+        foreign = _client_context(self.files.root, alpn=["http/1.1"])
+        refused = yield deferToThread(_starttls_error, port, foreign)
+        yield self.all_closed(factory)
+        protocol = factory.protocols[0]
+        self.assertEqual((plain, go), (b"OK\r\n", b"GO\r\n"))
+        self.assertEqual(
+            (result.greeting, result.echo, result.alpn), (b"hello\r\n", b"ping\r\n", "imap")
+        )
+        self.assertIsNone(protocol.plain_description)
+        self.assertEqual(protocol.description, (result.version, result.cipher))
+        self.assertIn(_NO_APPLICATION_PROTOCOL, refused)
+
+
+# --------------------------------------------------------------------------
+# ServerTLS construction
+
+
+class ServerTLSConfigurationTests(SynchronousTestCase):
+    """ServerTLS validates its files and configures its context."""
+
+    def setUp(self) -> None:
+        self.directory = _temporary_directory(self)
+        self.files = _files(self.directory)
+
+    def assert_refused(
+        self, certificate_path: str, key_path: str, named: str, problem: str
+    ) -> None:
+        """ServerTLS raises a one-line TLSError that names ``named`` and states ``problem``."""
+        error = self.assertRaises(TLSError, ServerTLS, certificate_path, key_path, b"imap")
+        message = str(error)
+        self.assertIn(named, message)
+        self.assertIn(problem, message)
+        self.assertNotIn("\n", message)
+        self.assertNotIn("PRIVATE KEY", message)
+
+    def test_missing_certificate(self) -> None:
+        """A missing certificate file is a TLSError naming it."""
+        missing = os.path.join(self.directory, "missing.pem")
+        self.assert_refused(missing, self.files.key, missing, "cannot read")
+
+    def test_missing_key(self) -> None:
+        """A missing key file is a TLSError naming it."""
+        missing = os.path.join(self.directory, "missing.key")
+        self.assert_refused(self.files.chain, missing, missing, "cannot read")
+
+    def test_garbage_certificate(self) -> None:
+        """A certificate file that is not PEM is a TLSError naming it."""
+        garbage = _write(self.directory, "garbage.pem", os.urandom(64))
+        self.assert_refused(garbage, self.files.key, garbage, "no PEM certificate")
+
+    def test_empty_chain(self) -> None:
+        """A certificate file holding only a key has an empty chain and is a TLSError."""
+        self.assert_refused(self.files.key, self.files.key, self.files.key, "no PEM certificate")
+
+    def test_malformed_certificate(self) -> None:
+        """A PEM certificate block with a broken body is a TLSError naming the file."""
+        pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        broken = _write(self.directory, "broken.pem", pem)
+        self.assert_refused(broken, self.files.key, broken, "malformed")
+
+    def test_garbage_key(self) -> None:
+        """A key file that is not a PEM private key is a TLSError naming it."""
+        garbage = _write(self.directory, "garbage.key", b"not a key\n")
+        self.assert_refused(self.files.chain, garbage, garbage, "not a PEM private key")
+
+    def test_encrypted_key(self) -> None:
+        """An encrypted key is a TLSError, not a passphrase prompt."""
+        encrypted = _write(
+            self.directory,
+            "encrypted.key",
+            _pki().leaf.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            ),
+        )
+        self.assert_refused(self.files.chain, encrypted, encrypted, "encrypted")
+
+    def test_mismatched_key(self) -> None:
+        """A key that does not belong to the leaf certificate is a TLSError naming both files."""
+        files = self.files
+        self.assert_refused(files.chain, files.rsa_key, files.rsa_key, files.chain)
+
+    def test_unsupported_key_type(self) -> None:
+        """Only RSA and ECDSA keys are accepted."""
+        ed_key = ed25519.Ed25519PrivateKey.generate()
+        path = _write(
+            self.directory,
+            "ed25519.key",
+            ed_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        self.assert_refused(self.files.chain, path, path, "RSA or ECDSA")
+
+    def test_context_options(self) -> None:
+        """The context disables compression and renegotiation and releases idle buffers."""
+        context = ServerTLS(self.files.chain, self.files.key, b"imap")._context
+        # set_options and set_mode return the resulting bit mask; OR-ing in 0 reads it.
+        options = context.set_options(0)
+        self.assertEqual(options & SSL.OP_NO_COMPRESSION, SSL.OP_NO_COMPRESSION)
+        self.assertEqual(options & SSL.OP_NO_RENEGOTIATION, SSL.OP_NO_RENEGOTIATION)
+        self.assertEqual(context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS, SSL.MODE_RELEASE_BUFFERS)
+
+
+# --------------------------------------------------------------------------
+# ensure_self_signed
+
+
+class EnsureSelfSignedTests(SynchronousTestCase):
+    """ensure_self_signed creates a certificate once and reuses it."""
+
+    def setUp(self) -> None:
+        self.state_dir = os.path.join(_temporary_directory(self), "state")
+
+    def test_creates_once(self) -> None:
+        """The first call writes a 0600 key and logs the fingerprint; later calls reuse it."""
+        with capturedLogs() as events:
+            cert_path, key_path = ensure_self_signed(self.state_dir, "mail.example.org")
+            with open(cert_path, "rb") as f:
+                first = f.read()
+            again = ensure_self_signed(self.state_dir, "mail.example.org")
+        self.assertEqual(again, (cert_path, key_path))
+        self.assertEqual(cert_path, os.path.join(self.state_dir, "selfsigned-mail.example.org.crt"))
+        self.assertEqual(key_path, os.path.join(self.state_dir, "selfsigned-mail.example.org.key"))
+        self.assertEqual(stat.S_IMODE(os.stat(key_path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.state_dir).st_mode), 0o700)
+        with open(cert_path, "rb") as f:
+            self.assertEqual(f.read(), first)
+        self.assertEqual(len(os.listdir(self.state_dir)), 2)
+
+        certificate = x509.load_pem_x509_certificate(first)
+        generated = [e for e in events if e.get("log_namespace") == "gateway.tls"]
+        self.assertEqual(len(generated), 1)
+        self.assertEqual(generated[0]["path"], cert_path)
+        self.assertEqual(
+            generated[0]["fingerprint"].replace(":", "").lower(),
+            certificate.fingerprint(hashes.SHA256()).hex(),
+        )
+
+    def test_certificate_contents(self) -> None:
+        """The certificate is self-signed ECDSA P-256 for one year, naming only the host."""
+        cert_path, key_path = ensure_self_signed(self.state_dir, "mail.example.org")
+        with open(cert_path, "rb") as f:
+            certificate = x509.load_pem_x509_certificate(f.read())
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        self.assertIsInstance(key.curve, ec.SECP256R1)
+        self.assertEqual(certificate.public_key(), key.public_key())
+        self.assertEqual(certificate.issuer, certificate.subject)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(list(san), [x509.DNSName("mail.example.org")])
+        lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+        self.assertEqual(lifetime, datetime.timedelta(days=365))
+
+    def test_ip_address(self) -> None:
+        """For an IP address the certificate carries it as an IP SAN."""
+        cert_path, _ = ensure_self_signed(self.state_dir, "192.0.2.7")
+        with open(cert_path, "rb") as f:
+            certificate = x509.load_pem_x509_certificate(f.read())
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(list(san), [x509.IPAddress(ipaddress.ip_address("192.0.2.7"))])
+
+    def test_missing_key_regenerates(self) -> None:
+        """If only the certificate is left, both files are generated again."""
+        cert_path, key_path = ensure_self_signed(self.state_dir, "mail.example.org")
+        with open(cert_path, "rb") as f:
+            first = f.read()
+        os.unlink(key_path)
+        ensure_self_signed(self.state_dir, "mail.example.org")
+        with open(cert_path, "rb") as f:
+            self.assertNotEqual(f.read(), first)
+        self.assertTrue(os.path.exists(key_path))
+
+    def test_bad_hostname(self) -> None:
+        """A host name that could escape the state directory is a TLSError."""
+        self.assertRaises(TLSError, ensure_self_signed, self.state_dir, "../etc/passwd")
+        self.assertFalse(os.path.exists(self.state_dir))
+
+    def test_loads_into_server_tls(self) -> None:
+        """The generated pair is accepted by ServerTLS."""
+        ServerTLS(*ensure_self_signed(self.state_dir, "localhost"), b"imap")
+
+
+# --------------------------------------------------------------------------
+# client_tls
+
+
+class ClientTLSTests(_LoopbackTestCase):
+    """client_tls verifies the backend's certificate and host name."""
+
+    @inlineCallbacks
+    def connect(self, port: int, server_name: str, ca_file: str | None) -> Any:
+        """Connect with client_tls; the result is (client protocol, its connectionLost reason)."""
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        endpoint = wrapClientTLS(client_tls(server_name, ca_file), tcp)
+        protocol = _TwistedClient()
+        yield connectProtocol(endpoint, protocol)
+        yield protocol.lost
+        return protocol, protocol.reason
+
+    @inlineCallbacks
+    def test_good_server(self) -> Any:
+        """A server whose chain leads to the given CA and whose name matches is accepted."""
+        port, factory = yield self.serve_tls()
+        protocol, _ = yield self.connect(port, "localhost", self.files.root)
+        yield self.all_closed(factory)
+        self.assertTrue(protocol.handshake_done)
+        self.assertEqual(protocol.received, b"hello\r\n")
+
+    @inlineCallbacks
+    def test_ip_address_name(self) -> Any:
+        """A server name given as an IP address is checked against the IP SAN."""
+        port, factory = yield self.serve_tls()
+        protocol, _ = yield self.connect(port, "127.0.0.1", self.files.root)
+        yield self.all_closed(factory)
+        self.assertEqual(protocol.received, b"hello\r\n")
+
+    @inlineCallbacks
+    def test_bundle_with_several_cas(self) -> Any:
+        """A CA file holding several certificates trusts each of them."""
+        roots = (_pki().other_root.cert_pem(), _pki().root.cert_pem())
+        bundle = _write(os.path.dirname(self.files.root), "bundle.pem", *roots)
+        port, factory = yield self.serve_tls()
+        protocol, _ = yield self.connect(port, "localhost", bundle)
+        yield self.all_closed(factory)
+        self.assertEqual(protocol.received, b"hello\r\n")
+
+    @inlineCallbacks
+    def test_wrong_host_name(self) -> Any:
+        """A certificate for another name is refused."""
+        port, factory = yield self.serve_tls()
+        protocol, reason = yield self.connect(port, "imap.example.org", self.files.root)
+        yield self.all_closed(factory)
+        self.assertEqual(protocol.received, b"")
+        self.assertIn("imap.example.org", str(reason.value))
+
+    @inlineCallbacks
+    def test_untrusted_ca(self) -> Any:
+        """A server whose chain does not lead to the given CA is refused."""
+        port, factory = yield self.serve_tls()
+        protocol, reason = yield self.connect(port, "localhost", self.files.other_root)
+        yield self.all_closed(factory)
+        self.assertFalse(protocol.handshake_done)
+        self.assertIsInstance(reason.value, SSL.Error)
+        self.assertIn("certificate verify failed", str(reason.value))
+
+    @inlineCallbacks
+    def test_platform_trust_rejects_test_ca(self) -> Any:
+        """Without a CA file the platform store is used, which does not know the test CA."""
+        port, factory = yield self.serve_tls()
+        protocol, reason = yield self.connect(port, "localhost", None)
+        yield self.all_closed(factory)
+        self.assertFalse(protocol.handshake_done)
+        self.assertIn("certificate verify failed", str(reason.value))
+
+    @inlineCallbacks
+    def test_self_signed_backend(self) -> Any:
+        """A backend with an ensure_self_signed certificate is trusted with it as the CA file."""
+        state_dir = os.path.join(_temporary_directory(self), "state")
+        cert_path, key_path = ensure_self_signed(state_dir, "localhost")
+        port, factory = yield self.serve_tls(chain=cert_path, key=key_path)
+        protocol, _ = yield self.connect(port, "localhost", cert_path)
+        yield self.all_closed(factory)
+        self.assertEqual(protocol.received, b"hello\r\n")
+
+    @inlineCallbacks
+    def test_tls11_server_is_refused(self) -> Any:
+        """A backend that offers at most TLS 1.1 is refused."""
+        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_context.load_cert_chain(self.files.chain, self.files.key)
+        _allow_only_tls11(server_context)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(10)
+
+        def serve_once() -> str:
+            connection, _ = listener.accept()
+            with connection:
+                try:
+                    server_context.wrap_socket(connection, server_side=True).close()
+                except ssl.SSLError as e:
+                    return e.reason or ""
+            return "handshake succeeded"
+
+        served = deferToThread(serve_once)
+        port = listener.getsockname()[1]
+        protocol, reason = yield self.connect(port, "localhost", self.files.root)
+        server_error = yield served
+        self.assertFalse(protocol.handshake_done)
+        self.assertIsInstance(reason.value, SSL.Error)
+        self.assertEqual(server_error, "UNSUPPORTED_PROTOCOL")
+
+
+class ClientTLSConfigurationTests(SynchronousTestCase):
+    """client_tls reports unusable CA files."""
+
+    def setUp(self) -> None:
+        self.directory = _temporary_directory(self)
+
+    def test_missing_ca_file(self) -> None:
+        """A missing CA file is a TLSError naming it."""
+        path = os.path.join(self.directory, "missing.pem")
+        error = self.assertRaises(TLSError, client_tls, "localhost", path)
+        self.assertIn(path, str(error))
+
+    def test_garbage_ca_file(self) -> None:
+        """A CA file without a PEM certificate is a TLSError naming it."""
+        path = _write(self.directory, "garbage.pem", b"garbage\n")
+        error = self.assertRaises(TLSError, client_tls, "localhost", path)
+        self.assertIn(path, str(error))
+        self.assertIn("no valid PEM certificate", str(error))
+
+
+class DescribeTLSTests(SynchronousTestCase):
+    """describe_tls on transports that are not TLS."""
+
+    def test_plain_transport(self) -> None:
+        """A transport that is not TLS is described as None."""
+        self.assertIsNone(describe_tls(StringTransport()))
