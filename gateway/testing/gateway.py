@@ -67,8 +67,13 @@ class GatewayProcess:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id while it runs."""
+        """The child's process id once started, until stopped."""
         return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process is alive."""
+        return self._process is not None and self._process.poll() is None
 
     def port(self, protocol: str, tls: str) -> int:
         """The port of one listener, e.g. C{port("imap", "implicit_tls")}."""
