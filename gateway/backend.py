@@ -34,6 +34,19 @@ class BackendRejected(Exception):
     """The backend refused the credentials; the message is for the log only."""
 
 
+class BackendRefused(Exception):
+    """
+    The backend accepted the credentials but refused the session for a reason the client must
+    see as the backend said it (POP3 C{[IN-USE]}, C{[LOGIN-DELAY]}).
+
+    :ivar reply: the backend's reply text, printable ASCII, safe to relay.
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__("backend refused the session")
+        self.reply = reply
+
+
 @dataclass(frozen=True)
 class ClientAddress:
     """Where a client connected from and to, for logs and for forwarding to the backend."""
@@ -188,7 +201,7 @@ class BackendConnector:
         return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
 
     def _unavailable(self, failure: Failure) -> Failure:
-        if failure.check(BackendRejected, BackendUnavailable, CancelledError):
+        if failure.check(BackendRejected, BackendRefused, BackendUnavailable, CancelledError):
             return failure
         if failure.check(ConnectError):
             raise BackendUnavailable(f"cannot connect: {failure.getErrorMessage()}")

@@ -9,7 +9,9 @@ gateway parses configuration.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ AuthMode = Literal["local", "backend"]
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 
 T = TypeVar("T")
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 class ConfigError(Exception):
@@ -171,12 +175,6 @@ class _Table:
             raise self.error(key, expected, value)
         return value
 
-    def required_string(self, key: str, expected: str = "a string") -> str:
-        value = self.string(key, expected=expected)
-        if value is None:
-            raise self.error(key, expected + " (this key is required)")
-        return value
-
     def boolean(self, key: str, default: bool) -> bool:
         return self._get(key, default, bool, "true or false")
 
@@ -223,7 +221,9 @@ class _Table:
         unknown = sorted(set(self._data) - self._read)
         if unknown:
             where = f"[{self.name}] " if self.name else ""
-            raise ConfigError(f"{self._path}: {where}{unknown[0]}: unknown key")
+            known = ", ".join(sorted(self._read)) or "none"
+            key = unknown[0] if unknown[0].isidentifier() else _show(unknown[0])
+            raise ConfigError(f"{self._path}: {where}{key}: unknown key (known here: {known})")
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -237,9 +237,11 @@ def _show(value: object) -> str:
 
 def _check_readable(path: str, error: Callable[[], ConfigError]) -> None:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise error()  # a FIFO or device would block or never end
         with open(path, "rb"):
             pass
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         raise error() from None
 
 
@@ -269,7 +271,9 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     """
     root = _Table(path, "", data)
     gateway = root.table("gateway")
-    hostname = gateway.string("hostname") or socket.gethostname()
+    hostname = gateway.string("hostname", expected="a host name such as mail.example.org") or socket.gethostname()
+    if not _HOSTNAME.fullmatch(hostname):
+        raise gateway.error("hostname", "a host name such as mail.example.org", hostname)
     state_dir = gateway.string("state_dir", "/var/lib/mailgateway")
     assert state_dir is not None
     gateway.finish()
@@ -312,6 +316,8 @@ def _auth_settings(table: _Table) -> AuthSettings:
     table.finish()
     if mode == "local" and users_file is None:
         raise table.error("users_file", 'the path of a users file when mode is "local"')
+    if mode == "backend" and users_file is not None:
+        raise table.error("users_file", 'nothing when mode is "backend" (the backend decides)')
     return AuthSettings(mode, users_file, failure_delay, hash_threads)  # type: ignore[arg-type]
 
 
@@ -354,14 +360,20 @@ def _backend_settings(table: _Table, default_port: int) -> BackendSettings:
     forward_client_ip = table.boolean("forward_client_ip", False)
     table.finish()
     master_password = None
+    if login != "master":
+        for key, value in (("master_user", master_user), ("master_password_file", password_file)):
+            if value is not None:
+                raise table.error(key, 'nothing unless login is "master"')
     if login == "master":
         if master_user is None:
             raise table.error("master_user", 'a user name when login is "master"')
         if password_file is None:
             raise table.error("master_password_file", 'a readable file when login is "master"')
         master_password = _read_secret(password_file, table)
-    if ca_file is not None and tls == "none":
-        raise table.error("ca_file", 'nothing unless tls is "starttls" or "implicit"')
+    if tls == "none":
+        for key in ("ca_file", "server_name"):
+            if table.has(key):
+                raise table.error(key, 'nothing unless tls is "starttls" or "implicit"')
     return BackendSettings(
         host, port, tls, ca_file, server_name, timeout, login,  # type: ignore[arg-type]
         master_user, master_password, forward_client_ip,
@@ -370,9 +382,9 @@ def _backend_settings(table: _Table, default_port: int) -> BackendSettings:
 
 def _read_secret(path: str, table: _Table) -> bytes:
     with open(path, "rb") as f:
-        secret = f.read().rstrip(b"\r\n")
-    if not secret or b"\n" in secret:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise table.error("master_password_file", "a file readable by its owner only (chmod 600)")
+        secret = f.read(4097).rstrip(b"\r\n")
+    if not secret or b"\n" in secret or len(secret) > 4096:
         raise table.error("master_password_file", "a file holding the password on one line")
-    if os.stat(path).st_mode & 0o077:
-        raise table.error("master_password_file", "a file readable by its owner only (chmod 600)")
     return secret

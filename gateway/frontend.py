@@ -15,6 +15,7 @@ for fail2ban, and tests pin its shape.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -30,9 +31,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.auth import IAuthenticator
-from gateway.backend import BackendConnector, BackendLogin, BackendRejected, BackendUnavailable, ClientAddress, LoginRequest, set_nodelay
+from gateway.backend import (
+    BackendConnector,
+    BackendLogin,
+    BackendRefused,
+    BackendRejected,
+    BackendUnavailable,
+    ClientAddress,
+    LoginRequest,
+    set_nodelay,
+)
 from gateway.config import Limits
 from gateway.relay import Splice, hand_over
+from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.tls import ServerTLS, describe_tls
 
 log = Logger()
@@ -65,7 +76,16 @@ class LoginOutcome(enum.Enum):
 
     REJECTED = "rejected"        # bad credentials, whatever the cause; reply after the failure pause
     UNAVAILABLE = "unavailable"  # the backend failed; a temporary error, never an auth failure
-    LOGGED_IN = "logged-in"      # the backend session is ready; the subclass replies, then relays
+    REFUSED = "refused"          # the backend refused the session with a reason for the client (POP3 [IN-USE])
+    LOGGED_IN = "logged-in"      # the backend session is ready; after the reply the connection relays
+
+
+class SaslFailure(enum.Enum):
+    """Why a SASL exchange ended without credentials."""
+
+    UNKNOWN_MECHANISM = "unknown-mechanism"
+    CANCELLED = "cancelled"
+    MALFORMED = "malformed"
 
 
 class _Phase(enum.Enum):
@@ -73,6 +93,18 @@ class _Phase(enum.Enum):
     LOGGING_IN = "logging-in"
     RELAYING = "relaying"
     CLOSED = "closed"
+
+
+def plain_address(host: str) -> str:
+    """
+    An IPv4 client on an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, so logs,
+    fail2ban and the backend see one form per client.
+    """
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host
 
 
 def loggable_user(user: str) -> str:
@@ -86,7 +118,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     One client connection before and after login; subclassed once per protocol.
 
     Subclasses implement L{greet}, L{command_line} and the C{reply_*} hooks, and call
-    L{command_succeeded}, L{command_failed}, L{start_tls}, L{log_in} and L{start_relay}.
+    L{send}, L{close}, L{command_succeeded}, L{command_failed}, L{start_tls}, L{start_sasl}
+    and L{log_in}.
     """
 
     # Lines end in LF; a CR before it is dropped, so clients that send bare LF still work.
@@ -105,6 +138,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._deadline: object | None = None
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
+        self._sasl: SaslExchange | None = None
+        self.backend_refusal = b""
         self._splice: Splice | None = None
         self._started = 0.0
         self._bytes_in = 0
@@ -116,8 +151,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         assert self.transport is not None
         peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.client = ClientAddress(getattr(peer, "host", str(peer)), getattr(peer, "port", 0),
-                                    getattr(host, "host", str(host)), getattr(host, "port", 0))
+        self.client = ClientAddress(plain_address(getattr(peer, "host", str(peer))), getattr(peer, "port", 0),
+                                    plain_address(getattr(host, "host", str(host))), getattr(host, "port", 0))
         self._started = time.monotonic()
         set_nodelay(self.transport)
         self.setTimeout(self.context.limits.idle_timeout)
@@ -168,7 +203,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if len(line) > self.context.limits.line_length:
             self.lineLengthExceeded(line)
             return
-        self.command_line(line)
+        if self._sasl is not None:
+            exchange, self._sasl = self._sasl, None
+            self._sasl_step(exchange, lambda: exchange.respond(line))
+        else:
+            self.command_line(line)
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self._splice is not None, "raw mode before the relay belongs to the subclass"
@@ -261,27 +300,68 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """True when the connection is secure; logins in clear are refused."""
         return self.secure
 
-    def log_in(self, user: str, password: bytes, reply: Callable[[LoginOutcome], None], authzid: str = "") -> None:
+    def start_sasl(self, mechanism: bytes, initial_response: bytes | None) -> None:
         """
-        Check the credentials, then log in to the backend, then call C{reply} with the outcome.
-        Commands the client pipelined meanwhile wait. Every kind of rejection is reported after
-        the same failure pause.
+        Begin a SASL exchange (IMAP AUTHENTICATE, POP3 AUTH, SMTP AUTH). Until it ends, lines from
+        the client are SASL responses; it ends in L{reply_sasl_failed} or in a login.
 
-        :param reply: words the reply; after L{LoginOutcome.REJECTED} or L{LoginOutcome.UNAVAILABLE}
-            it then calls L{resume_commands}, after L{LoginOutcome.LOGGED_IN} it calls L{start_relay}.
-            It is not called when the client has gone away meanwhile.
+        :param initial_response: the base64 text given on the command line, if any.
+        """
+        try:
+            exchange = begin(mechanism)
+        except SaslError:
+            self.reply_sasl_failed(SaslFailure.UNKNOWN_MECHANISM)
+            self.command_failed()
+            return
+        self._sasl_step(exchange, lambda: exchange.start(initial_response))
+
+    def _sasl_step(self, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]) -> None:
+        try:
+            result = step()
+        except SaslCancelled:
+            self.reply_sasl_failed(SaslFailure.CANCELLED)
+            self.command_failed()
+            return
+        except SaslError:
+            self.reply_sasl_failed(SaslFailure.MALFORMED)
+            self.command_failed()
+            return
+        if isinstance(result, Challenge):
+            self._sasl = exchange
+            self.reply_challenge(encode_challenge(result.data))
+        else:
+            self.log_in(result.user, result.password, result.authzid)
+
+    def log_in(self, user: str, password: bytes, authzid: str = "") -> None:
+        """
+        Check the credentials, then log in to the backend, then word the outcome with
+        L{reply_login}: relay after L{LoginOutcome.LOGGED_IN}, otherwise read the next command
+        (or close once the failed attempts are used up). Commands the client pipelined meanwhile
+        wait. Every kind of rejection is reported after the same failure pause.
+
         :param authzid: a SASL authorization identity; any other than the user itself is refused.
         """
         assert self.may_log_in and self._phase is _Phase.COMMANDS
+        self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
         self.pauseProducing()
         started = self.clock.seconds()
         checking = self.context.authenticator.verify(user, password)
         checking.addCallback(self._verified, user, password, authzid)
         checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,), errbackArgs=(user, started))
-        checking.addCallback(reply)
+        checking.addCallback(self._login_finished)
         checking.addErrback(self._login_broken)
         self._pending = checking
+
+    def _login_finished(self, outcome: LoginOutcome) -> None:
+        self.reply_login(outcome)
+        if outcome is LoginOutcome.LOGGED_IN:
+            self._start_relay()
+        elif self.attempts_exhausted:
+            self.close()
+        else:
+            self._phase = _Phase.COMMANDS
+            self.resumeProducing()
 
     def _login_broken(self, failure: Failure) -> None:
         if failure.check(CancelledError):
@@ -292,7 +372,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
 
     def _verified(self, good: bool, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if not good or (authzid and authzid != user):
-            raise _Refused("credentials")
+            raise _BadCredentials("credentials")
         backend = self.context.backend.settings
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
@@ -309,8 +389,14 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         return LoginOutcome.LOGGED_IN
 
     def _not_logged_in(self, failure: Failure, user: str, started: float) -> Deferred[LoginOutcome] | Failure:
-        failure.trap(_Refused, BackendRejected, BackendUnavailable)
+        failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused)
         auth = self.context.authenticator
+        if failure.check(BackendRefused):
+            self.backend_refusal = failure.value.reply  # type: ignore[union-attr]
+            log.info("backend_refused protocol={protocol} client={client} user={user} reply={reply}",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                     reply=self.backend_refusal.decode("ascii", "replace"))
+            return LoginOutcome.REFUSED
         # With a local database a backend refusal is the backend's fault, never the client's.
         if failure.check(BackendUnavailable) or (failure.check(BackendRejected) and not auth.backend_decides):
             log.warn("backend_unavailable protocol={protocol} client={client} user={user} backend={backend} reason={reason}",
@@ -335,16 +421,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """True when the client has used up its failed logins on this connection."""
         return self.login_failures >= self.context.limits.login_attempts
 
-    def resume_commands(self) -> None:
-        """After a failed login: read the next command, or close if the attempts are used up."""
-        if self.attempts_exhausted:
-            self.close()
-            return
-        self._phase = _Phase.COMMANDS
-        self.resumeProducing()
-
-    def start_relay(self) -> None:
-        """After a successful login's reply: relay bytes both ways, starting with what the client pipelined."""
+    def _start_relay(self) -> None:
         self._phase = _Phase.RELAYING
         self.setTimeout(None)
         self._cancel_deadline()
@@ -352,6 +429,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         assert self.transport is not None and session is not None and session.transport is not None
         self._splice = Splice(self.transport, session.transport)
         session.attach(self._splice)
+        # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)
 
     # -- hooks for the protocol subclass
@@ -376,9 +454,24 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """Tell the client it made too many errors; the connection closes after."""
         raise NotImplementedError
 
+    def reply_challenge(self, challenge: bytes) -> None:
+        """Send a SASL challenge, already base64-encoded."""
+        raise NotImplementedError
 
-class _Refused(Exception):
-    """The local check refused the credentials."""
+    def reply_sasl_failed(self, reason: SaslFailure) -> None:
+        """Tell the client its SASL exchange failed (not a login failure: no credentials came)."""
+        raise NotImplementedError
+
+    def reply_login(self, outcome: LoginOutcome) -> None:
+        """
+        Word the outcome of a login. For L{LoginOutcome.REFUSED} the backend's reason is in
+        C{backend_refusal}; when L{attempts_exhausted} the connection closes after this reply.
+        """
+        raise NotImplementedError
+
+
+class _BadCredentials(Exception):
+    """The local check found the credentials wrong."""
 
 
 class FrontEndFactory(ServerFactory):

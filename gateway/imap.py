@@ -11,14 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome
+from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
 from gateway.imap_syntax import Arg, Command, ParseError, format_capabilities, literal_at_end, parse_command, split_tag
-from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 
 # Capabilities that describe the pre-login state of the backend and mean nothing to the client.
 _PRE_LOGIN_ONLY = (b"STARTTLS", b"LOGINDISABLED")
 
 _ID_REPLY = b'* ID ("name" "mailgateway")\r\n'
+
+_SASL_FAILURES = {
+    SaslFailure.UNKNOWN_MECHANISM: b" NO Unsupported authentication mechanism.\r\n",
+    SaslFailure.CANCELLED: b" BAD Authentication cancelled.\r\n",
+    SaslFailure.MALFORMED: b" BAD Invalid SASL response.\r\n",
+}
 
 
 class ImapFrontEnd(LoginFrontEnd):
@@ -29,7 +34,6 @@ class ImapFrontEnd(LoginFrontEnd):
         self._command = bytearray()
         self._tag: bytes | None = None
         self._literal_left = 0
-        self._sasl: tuple[bytes, SaslExchange] | None = None
         self._handlers: dict[bytes, Callable[[Command], None]] = {
             b"CAPABILITY": self.do_CAPABILITY,
             b"NOOP": self.do_NOOP,
@@ -61,9 +65,6 @@ class ImapFrontEnd(LoginFrontEnd):
         self.send(b"* BYE Too many invalid IMAP commands.\r\n")
 
     def command_line(self, line: bytes) -> None:
-        if self._sasl is not None:
-            self._sasl_response(line)
-            return
         if not self._command:
             self._tag = split_tag(line)
         self._command += line
@@ -156,7 +157,7 @@ class ImapFrontEnd(LoginFrontEnd):
             return
         user, password = command.args
         assert isinstance(user, bytes) and isinstance(password, bytes)
-        self._log_in(command.tag, user.decode("utf-8", "surrogateescape"), password)
+        self.log_in(user.decode("utf-8", "surrogateescape"), password)
 
     def do_AUTHENTICATE(self, command: Command) -> None:
         if not self._may_log_in():
@@ -167,36 +168,7 @@ class ImapFrontEnd(LoginFrontEnd):
         mechanism = command.args[0]
         initial = command.args[1] if len(command.args) == 2 else None
         assert isinstance(mechanism, bytes) and (initial is None or isinstance(initial, bytes))
-        try:
-            exchange = begin(mechanism)
-        except SaslError:
-            self.send(command.tag + b" NO Unsupported authentication mechanism.\r\n")
-            self.command_failed()
-            return
-        self._sasl_step(command.tag, exchange, lambda: exchange.start(initial))
-
-    def _sasl_response(self, line: bytes) -> None:
-        tag, exchange = self._sasl  # type: ignore[misc]
-        self._sasl = None
-        self._sasl_step(tag, exchange, lambda: exchange.respond(line))
-
-    def _sasl_step(self, tag: bytes, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]) -> None:
-        self._tag = tag
-        try:
-            result = step()
-        except SaslCancelled:
-            self._bad(b"Authentication cancelled.")
-            return
-        except SaslError:
-            self._bad(b"Invalid SASL response.")
-            return
-        if isinstance(result, Challenge):
-            self._sasl = (tag, exchange)
-            self.send(b"+ " + encode_challenge(result.data) + b"\r\n")
-            return
-        self._log_in(tag, result.user, result.password, result.authzid)
-
-    # -- logging in
+        self.start_sasl(mechanism, initial)
 
     def _may_log_in(self) -> bool:
         if self.may_log_in:
@@ -206,25 +178,29 @@ class ImapFrontEnd(LoginFrontEnd):
         self.command_failed()
         return False
 
-    def _log_in(self, tag: bytes, user: str, password: bytes, authzid: str = "") -> None:
-        self.command_succeeded()
-        self.log_in(user, password, lambda outcome: self._login_reply(tag, outcome), authzid)
+    # -- SASL and login replies (the tag is the AUTHENTICATE or LOGIN command's; commands wait meanwhile)
 
-    def _login_reply(self, tag: bytes, outcome: LoginOutcome) -> None:
+    def reply_challenge(self, challenge: bytes) -> None:
+        self.send(b"+ " + challenge + b"\r\n")
+
+    def reply_sasl_failed(self, reason: SaslFailure) -> None:
+        assert self._tag is not None
+        self.send(self._tag + _SASL_FAILURES[reason])
+
+    def reply_login(self, outcome: LoginOutcome) -> None:
+        assert self._tag is not None
         if outcome is LoginOutcome.LOGGED_IN:
             caps = [c for c in self.backend_capabilities()
                     if c.upper() not in _PRE_LOGIN_ONLY and not c.upper().startswith(b"AUTH=")]
             code = b"[CAPABILITY " + format_capabilities(caps) + b"] " if caps else b""
-            self.send(tag + b" OK " + code + b"Logged in.\r\n")
-            self.start_relay()
-            return
-        if outcome is LoginOutcome.UNAVAILABLE:
-            self.send(tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
-        else:
-            self.send(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            self.send(self._tag + b" OK " + code + b"Logged in.\r\n")
+        elif outcome is LoginOutcome.REJECTED:
+            self.send(self._tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
             if self.attempts_exhausted:
                 self.send(b"* BYE Too many failed login attempts.\r\n")
-        self.resume_commands()
+        else:
+            # IMAP has no way to relay a backend's reason; both are temporary for the client.
+            self.send(self._tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
 
     # -- replies
 

@@ -85,7 +85,11 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     authenticator = Authenticator(reactor, hashing.pool, users, settings.auth.failure_delay)  # type: ignore[arg-type]
 
     if settings.tls.self_signed:
-        certificate, key = ensure_self_signed(settings.state_dir, settings.hostname)
+        try:
+            certificate, key = ensure_self_signed(settings.state_dir, settings.hostname)
+        except (TLSError, OSError) as e:
+            raise ConfigError(f"{settings.path}: [tls] self_signed: cannot create a certificate in "
+                              f"[gateway] state_dir: {e}") from None
     else:
         assert settings.tls.certificate is not None and settings.tls.private_key is not None
         certificate, key = settings.tls.certificate, settings.tls.private_key
@@ -108,6 +112,10 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                 factory.noisy = False
             kind = "implicit_tls" if implicit else "starttls"
             for description in descriptions:
-                endpoint = serverFromString(reactor, description)
+                try:
+                    endpoint = serverFromString(reactor, description)
+                except (ValueError, TypeError, KeyError, IndexError) as e:
+                    raise ConfigError(f"{settings.path}: [{name}] {kind}: {description!r} is not a usable endpoint "
+                                      f"description ({type(e).__name__}: {e})") from None
                 Listener(endpoint, factory, f"protocol={name} tls={kind} endpoint={description}").setServiceParent(top)
     return top

@@ -1,0 +1,587 @@
+"""Tests for gateway.config: defaults, every validation path and its one-line message, and twistd start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.config import (
+    AuthSettings,
+    BackendSettings,
+    ConfigError,
+    Limits,
+    ProtocolSettings,
+    Settings,
+    TLSSettings,
+    load_settings,
+)
+
+PROJECT = Path(__file__).resolve().parent.parent
+SECRET = "Master-Pa55word-9f3e1c"
+
+# One table name (as written in a TOML header) to its keys, each a TOML literal.
+Tables = dict[str, dict[str, str]]
+
+
+def toml_string(value: str) -> str:
+    """
+    Return a TOML basic string holding C{value}.
+
+    :param value: any text.
+    :returns: a quoted TOML literal (JSON's escapes are a subset of TOML's).
+    """
+    return json.dumps(value)
+
+
+def render(tables: Tables) -> str:
+    """
+    Return TOML text with one header per table, in the given order.
+
+    :param tables: table names such as C{"imap.backend"} to their keys and TOML literals.
+    :returns: the document.
+    """
+    lines: list[str] = []
+    for name, keys in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {literal}" for key, literal in keys.items())
+    return "\n".join(lines) + "\n"
+
+
+class ConfigTestCase(SynchronousTestCase):
+    """Writes readable certificate, key, users, CA and secret files, and configurations that name them."""
+
+    def setUp(self) -> None:
+        # Unlike trial's mktemp under pytest, this stays out of the working tree.
+        self.directory = Path(tempfile.mkdtemp(prefix="mailgateway-config-"))
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.certificate = self.file("fullchain.pem", "certificate\n")
+        self.private_key = self.file("privkey.pem", "key\n", 0o600)
+        self.users = self.file("users", "")
+        self.ca_file = self.file("ca.pem", "ca\n")
+        self.master_password = self.file("master-password", SECRET + "\n", 0o600)
+
+    def file(self, name: str, content: str, mode: int = 0o644) -> str:
+        """
+        Create a file in the test's directory.
+
+        :param name: the file name.
+        :param content: what it holds.
+        :param mode: its permission bits.
+        :returns: its path.
+        """
+        path = self.directory / name
+        path.write_text(content)
+        path.chmod(mode)
+        return str(path)
+
+    def minimal(self) -> Tables:
+        """
+        Return the smallest valid configuration: a certificate, a users file and one listener.
+
+        :returns: tables ready to be changed and rendered.
+        """
+        return {
+            "tls": {"certificate": toml_string(self.certificate), "private_key": toml_string(self.private_key)},
+            "auth": {"users_file": toml_string(self.users)},
+            "imap": {"implicit_tls": '["tcp:993"]'},
+        }
+
+    def write(self, text: str) -> str:
+        """
+        Write a configuration file.
+
+        :param text: its TOML text.
+        :returns: its path.
+        """
+        path = self.directory / f"gateway-{len(list(self.directory.iterdir()))}.toml"
+        path.write_text(text)
+        return str(path)
+
+    def load(self, tables: Tables) -> Settings:
+        """
+        Render, write and load a configuration.
+
+        :param tables: the configuration.
+        :returns: the validated settings.
+        """
+        return load_settings(self.write(render(tables)))
+
+    def assert_error(self, text: str, where: str, expected: str) -> str:
+        """
+        Assert that a configuration is refused with one line naming the file, the key and the expected form.
+
+        :param text: the TOML text.
+        :param where: the key as the message names it, e.g. C{"[imap.backend] port"}.
+        :param expected: a part of the message saying what was expected.
+        :returns: the message.
+        """
+        path = self.write(text)
+        message = str(self.assertRaises(ConfigError, load_settings, path))
+        self.assertEqual(message.splitlines(), [message], f"not one line: {message!r}")
+        self.assertTrue(message.startswith(f"{path}: "), f"the file is not named first: {message!r}")
+        self.assertIn(f"{where}:", message)
+        self.assertIn(expected, message)
+        return message
+
+    def assert_tables_error(self, tables: Tables, where: str, expected: str) -> str:
+        """
+        L{assert_error} for a configuration given as tables.
+
+        :returns: the message.
+        """
+        return self.assert_error(render(tables), where, expected)
+
+
+class DefaultTests(ConfigTestCase):
+    """A minimal configuration is completed with documented defaults."""
+
+    def test_minimal(self) -> None:
+        """A certificate, a users file and one listener make complete settings; everything else has its default."""
+        path = self.write(render(self.minimal()))
+        self.assertEqual(
+            load_settings(path),
+            Settings(
+                path=path,
+                hostname=socket.gethostname(),
+                state_dir="/var/lib/mailgateway",
+                tls=TLSSettings(self.certificate, self.private_key, False),
+                auth=AuthSettings(mode="local", users_file=self.users, failure_delay=2.0, hash_threads=2),
+                limits=Limits(line_length=8192, literal_size=8192, idle_timeout=60.0, login_timeout=120.0,
+                              login_attempts=3, errors=5),
+                imap=ProtocolSettings(
+                    implicit_tls=("tcp:993",),
+                    starttls=(),
+                    backend=BackendSettings(
+                        host="127.0.0.1", port=143, tls="none", ca_file=None, server_name="127.0.0.1",
+                        timeout=10.0, login="replay", master_user=None, master_password=None,
+                        forward_client_ip=False,
+                    ),
+                ),
+            ),
+        )
+
+    def test_server_name_follows_host(self) -> None:
+        """Without server_name, the backend's certificate is checked against the backend host."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"host": '"store.example.org"'}
+        self.assertEqual(self.load(tables).imap.backend.server_name, "store.example.org")  # type: ignore[union-attr]
+
+    def test_integers_are_seconds(self) -> None:
+        """A whole number of seconds is accepted and kept as a float."""
+        tables = self.minimal()
+        tables["limits"] = {"idle_timeout": "30"}
+        idle_timeout = self.load(tables).limits.idle_timeout
+        self.assertEqual((idle_timeout, type(idle_timeout)), (30.0, float))
+
+    def test_self_signed_alone(self) -> None:
+        """self_signed = true needs no certificate or key."""
+        tables = self.minimal()
+        tables["tls"] = {"self_signed": "true"}
+        self.assertEqual(self.load(tables).tls, TLSSettings(None, None, True))
+
+    def test_backend_mode_needs_no_users_file(self) -> None:
+        """With [auth] mode "backend" no users file is needed."""
+        tables = self.minimal()
+        tables["auth"] = {"mode": '"backend"'}
+        self.assertEqual(self.load(tables).auth.users_file, None)
+
+
+class UnknownKeyTests(ConfigTestCase):
+    """A misspelt key is refused wherever it is, never ignored."""
+
+    def test_every_table(self) -> None:
+        """An unknown key in each table is named with its table."""
+        for table in ("gateway", "tls", "auth", "limits", "imap", "imap.backend"):
+            tables = self.minimal()
+            tables.setdefault(table, {})["colour"] = '"blue"'
+            self.assert_tables_error(tables, f"[{table}] colour", "unknown key")
+
+    def test_top_level(self) -> None:
+        """An unknown top-level key is named without a table."""
+        message = self.assert_error('colour = "blue"\n' + render(self.minimal()), "colour", "unknown key")
+        self.assertIn(": colour: unknown key", message)
+
+    def test_unknown_table(self) -> None:
+        """An unknown table, such as a protocol not yet supported, is an unknown top-level key."""
+        tables = self.minimal()
+        tables["pop3"] = {"implicit_tls": '["tcp:995"]'}
+        self.assert_tables_error(tables, "pop3", "unknown key")
+
+    def test_unknown_subtable(self) -> None:
+        """An unknown table under a known one is an unknown key of that table."""
+        tables = self.minimal()
+        tables["imap.frontend"] = {"port": "993"}
+        self.assert_tables_error(tables, "[imap] frontend", "unknown key")
+
+
+class TypeTests(ConfigTestCase):
+    """A value of the wrong type is refused with the expected form."""
+
+    # (table, key, TOML literal, the expected form the message gives)
+    cases: list[tuple[str, str, str, str]] = [
+        ("gateway", "hostname", "1", "a host name such as mail.example.org"),
+        ("gateway", "hostname", '"  "', "a host name such as mail.example.org"),
+        ("gateway", "state_dir", "true", "a string"),
+        ("tls", "self_signed", '"yes"', "true or false"),
+        ("tls", "certificate", "1", "the path of a readable file"),
+        ("tls", "private_key", '""', "the path of a readable file"),
+        ("auth", "mode", "1", 'one of "local", "backend"'),
+        ("auth", "users_file", "[]", "the path of a readable file"),
+        ("auth", "failure_delay", "true", "a number of seconds from 0 to 60"),
+        ("auth", "failure_delay", '"2"', "a number of seconds from 0 to 60"),
+        ("auth", "hash_threads", "true", "an integer from 1 to 64"),
+        ("auth", "hash_threads", "2.0", "an integer from 1 to 64"),
+        ("limits", "line_length", '"8192"', "an integer from 512 to 65536"),
+        ("limits", "literal_size", "false", "an integer from 512 to 65536"),
+        ("limits", "idle_timeout", "true", "a number of seconds from 1 to 3600"),
+        ("limits", "login_timeout", "1979-05-27", "a number of seconds from 1 to 3600"),
+        ("limits", "login_attempts", "true", "an integer from 1 to 100"),
+        ("limits", "errors", "5.5", "an integer from 1 to 100"),
+        ("imap", "implicit_tls", '"tcp:993"', 'a list of endpoint descriptions such as ["tcp:993"]'),
+        ("imap", "starttls", "[143]", "a list of endpoint descriptions"),
+        ("imap.backend", "host", '""', "a host name or address"),
+        ("imap.backend", "port", "true", "an integer from 1 to 65535"),
+        ("imap.backend", "port", '"143"', "an integer from 1 to 65535"),
+        ("imap.backend", "tls", "false", 'one of "none", "starttls", "implicit"'),
+        ("imap.backend", "server_name", "1", "a host name"),
+        ("imap.backend", "timeout", "true", "a number of seconds from 0.1 to 300"),
+        ("imap.backend", "login", "true", 'one of "replay", "master"'),
+        ("imap.backend", "master_user", "1", "a user name"),
+        ("imap.backend", "forward_client_ip", "1", "true or false"),
+        ("imap.backend", "forward_client_ip", '"yes"', "true or false"),
+    ]
+
+    def test_wrong_types(self) -> None:
+        """Each key refuses a value of another type, true where a number is expected included."""
+        for table, key, literal, expected in self.cases:
+            tables = self.minimal()
+            tables.setdefault(table, {})[key] = literal
+            message = self.assert_tables_error(tables, f"[{table}] {key}", f"expected {expected}")
+            self.assertIn(", got ", message)
+
+    def test_not_a_table(self) -> None:
+        """A table given as a plain value is refused as such."""
+        tables = self.minimal()
+        del tables["tls"]
+        self.assert_error('tls = "x"\n' + render(tables), "[tls]", "expected a table, got 'x'")
+        tables = self.minimal()
+        tables["imap"]["backend"] = "1"
+        self.assert_tables_error(tables, "[imap.backend]", "expected a table, got 1")
+
+
+class RangeTests(ConfigTestCase):
+    """Numbers outside their range are refused, and the bounds themselves are accepted."""
+
+    # (table, key, lowest, highest, the expected form)
+    bounds: list[tuple[str, str, float, float, str]] = [
+        ("auth", "failure_delay", 0, 60, "a number of seconds from 0 to 60"),
+        ("auth", "hash_threads", 1, 64, "an integer from 1 to 64"),
+        ("limits", "line_length", 512, 65536, "an integer from 512 to 65536"),
+        ("limits", "literal_size", 512, 65536, "an integer from 512 to 65536"),
+        ("limits", "idle_timeout", 1, 3600, "a number of seconds from 1 to 3600"),
+        ("limits", "login_timeout", 1, 3600, "a number of seconds from 1 to 3600"),
+        ("limits", "login_attempts", 1, 100, "an integer from 1 to 100"),
+        ("limits", "errors", 1, 100, "an integer from 1 to 100"),
+        ("imap.backend", "port", 1, 65535, "an integer from 1 to 65535"),
+        ("imap.backend", "timeout", 0.1, 300, "a number of seconds from 0.1 to 300"),
+    ]
+
+    def test_outside(self) -> None:
+        """One below the lowest and one above the highest value are refused."""
+        for table, key, low, high, expected in self.bounds:
+            step = 1 if isinstance(low, int) and isinstance(high, int) else 0.05
+            for value in (low - step, high + step):
+                tables = self.minimal()
+                tables.setdefault(table, {})[key] = repr(value)
+                self.assert_tables_error(tables, f"[{table}] {key}", f"expected {expected}, got {value!r}")
+
+    def test_bounds(self) -> None:
+        """The lowest and the highest value are accepted as given."""
+        for table, key, low, high, _ in self.bounds:
+            for value in (low, high):
+                tables = self.minimal()
+                tables.setdefault(table, {})[key] = repr(value)
+                settings = self.load(tables)
+                section = {"auth": settings.auth, "limits": settings.limits,
+                           "imap.backend": settings.imap.backend}[table]  # type: ignore[union-attr]
+                self.assertEqual(getattr(section, key), value, f"[{table}] {key} = {value!r}")
+
+    def test_not_a_number(self) -> None:
+        """nan and inf are not a number of seconds."""
+        for literal in ("nan", "inf", "-inf"):
+            tables = self.minimal()
+            tables["limits"] = {"idle_timeout": literal}
+            self.assert_tables_error(tables, "[limits] idle_timeout", "a number of seconds from 1 to 3600")
+
+
+class ChoiceTests(ConfigTestCase):
+    """A value outside a fixed set is refused with the set."""
+
+    def test_bad_choices(self) -> None:
+        """Unknown auth mode, backend TLS and login values are refused, listing the choices."""
+        for table, key, literal, expected in (
+            ("auth", "mode", '"ldap"', 'expected one of "local", "backend", got \'ldap\''),
+            ("imap.backend", "tls", '"ssl"', 'expected one of "none", "starttls", "implicit", got \'ssl\''),
+            ("imap.backend", "tls", '"STARTTLS"', 'expected one of "none", "starttls", "implicit"'),
+            ("imap.backend", "login", '"plain"', 'expected one of "replay", "master", got \'plain\''),
+        ):
+            tables = self.minimal()
+            tables.setdefault(table, {})[key] = literal
+            self.assert_tables_error(tables, f"[{table}] {key}", expected)
+
+
+class FileTests(ConfigTestCase):
+    """Every file the configuration names is opened once at start."""
+
+    def test_unreadable(self) -> None:
+        """A missing file or a directory is refused for each key that names a file."""
+        missing = str(self.directory / "missing.pem")
+        for bad in (missing, str(self.directory)):
+            for table, key, extra in (
+                ("tls", "certificate", {}),
+                ("tls", "private_key", {}),
+                ("auth", "users_file", {}),
+                ("imap.backend", "ca_file", {"tls": '"starttls"'}),
+                ("imap.backend", "master_password_file", {"login": '"master"', "master_user": '"gateway"'}),
+            ):
+                tables = self.minimal()
+                tables.setdefault(table, {}).update(extra)
+                tables[table][key] = toml_string(bad)
+                # Long paths are shortened in the message, so only their start is compared.
+                self.assert_tables_error(tables, f"[{table}] {key}",
+                                         f"expected the path of a readable file, got {bad!r}"[:80])
+
+    def test_missing_certificate(self) -> None:
+        """Without self_signed, a missing certificate or key is named."""
+        for absent in ("certificate", "private_key"):
+            tables = self.minimal()
+            del tables["tls"][absent]
+            self.assert_tables_error(tables, f"[tls] {absent}",
+                                     "expected the path of a PEM file (or self_signed = true for a trial)")
+
+    def test_self_signed_and_certificate(self) -> None:
+        """self_signed together with a certificate is refused: which one is meant is unclear."""
+        tables = self.minimal()
+        tables["tls"]["self_signed"] = "true"
+        self.assert_tables_error(tables, "[tls] self_signed",
+                                 "expected either self_signed = true or certificate and private_key, not both")
+
+    def test_local_needs_users_file(self) -> None:
+        """[auth] mode "local" without a users file is refused."""
+        tables = self.minimal()
+        tables["auth"] = {"mode": '"local"'}
+        self.assert_tables_error(tables, "[auth] users_file", 'expected the path of a users file when mode is "local"')
+
+    def test_ca_file_with_tls_none(self) -> None:
+        """A ca_file is refused when the backend connection has no TLS, rather than silently unused."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"ca_file": toml_string(self.ca_file)}
+        self.assert_tables_error(tables, "[imap.backend] ca_file",
+                                 'expected nothing unless tls is "starttls" or "implicit"')
+
+    def test_ca_file_with_tls(self) -> None:
+        """A ca_file and server_name are kept when the backend connection uses TLS."""
+        for tls in ("starttls", "implicit"):
+            tables = self.minimal()
+            tables["imap.backend"] = {"tls": toml_string(tls), "ca_file": toml_string(self.ca_file),
+                                      "server_name": '"store.example.org"'}
+            backend = self.load(tables).imap.backend  # type: ignore[union-attr]
+            self.assertEqual((backend.tls, backend.ca_file, backend.server_name),
+                             (tls, self.ca_file, "store.example.org"))
+
+
+class MasterLoginTests(ConfigTestCase):
+    """A Dovecot master login needs a user and a private password file."""
+
+    def master(self, **backend: str) -> Tables:
+        """
+        Return the minimal configuration with a master login.
+
+        :param backend: keys of [imap.backend] to set or replace, as TOML literals.
+        :returns: the tables.
+        """
+        tables = self.minimal()
+        tables["imap.backend"] = {"login": '"master"', "master_user": '"gateway"',
+                                  "master_password_file": toml_string(self.master_password), **backend}
+        return tables
+
+    def test_private_file(self) -> None:
+        """A password file of mode 0600 is read, without its line end, and kept out of the settings' repr."""
+        settings = self.load(self.master())
+        backend = settings.imap.backend  # type: ignore[union-attr]
+        self.assertEqual((backend.login, backend.master_user, backend.master_password),
+                         ("master", "gateway", SECRET.encode()))
+        self.assertNotIn(SECRET, repr(settings))
+        self.assertNotIn(SECRET, str(settings))
+
+    def test_readable_by_others(self) -> None:
+        """A password file that others (0644) or the group (0640) may read is refused, without showing the password."""
+        for mode in (0o644, 0o640, 0o604):
+            os.chmod(self.master_password, mode)
+            message = self.assert_tables_error(self.master(), "[imap.backend] master_password_file",
+                                               "expected a file readable by its owner only (chmod 600)")
+            self.assertNotIn(SECRET, message)
+
+    def test_not_one_line(self) -> None:
+        """An empty password file, or one of several lines, is refused, without showing its content."""
+        for content in ("", "\n", SECRET + "\nsecond line\n"):
+            Path(self.master_password).write_text(content)
+            message = self.assert_tables_error(self.master(), "[imap.backend] master_password_file",
+                                               "expected a file holding the password on one line")
+            self.assertNotIn(SECRET, message)
+
+    def test_needs_user_and_password(self) -> None:
+        """login "master" without master_user or without master_password_file is refused."""
+        for absent, expected in (("master_user", 'expected a user name when login is "master"'),
+                                 ("master_password_file", 'expected a readable file when login is "master"')):
+            tables = self.master()
+            del tables["imap.backend"][absent]
+            self.assert_tables_error(tables, f"[imap.backend] {absent}", expected)
+
+    def test_not_with_backend_auth(self) -> None:
+        """[auth] mode "backend" refuses a master login: the backend must see the client's password."""
+        tables = self.master()
+        tables["auth"] = {"mode": '"backend"'}
+        self.assert_tables_error(tables, "[imap.backend] login", 'expected "replay" when [auth] mode is "backend"')
+
+
+class ListenerTests(ConfigTestCase):
+    """Listeners are plain stream endpoints; the gateway adds TLS itself."""
+
+    def test_accepted(self) -> None:
+        """tcp, tcp6 (with escaped colons), systemd and unix endpoints are kept as written."""
+        accepted = ("tcp:993", r"tcp6:993:interface=\:\:", "systemd:domain=INET:index=0", "unix:/run/mailgateway.sock")
+        for key in ("implicit_tls", "starttls"):
+            tables = self.minimal()
+            # Literal strings: a backslash is itself in TOML's single quotes.
+            tables["imap"] = {key: "[" + ", ".join(f"'{d}'" for d in accepted) + "]"}
+            imap = self.load(tables).imap
+            assert imap is not None
+            self.assertEqual(getattr(imap, key), accepted)
+
+    def test_ssl_refused(self) -> None:
+        """An "ssl:" endpoint is refused: TLS on top of the gateway's own TLS cannot work."""
+        for key in ("implicit_tls", "starttls"):
+            tables = self.minimal()
+            tables["imap"] = {key: '["tcp:143", "ssl:993"]'}
+            self.assert_tables_error(tables, f"[imap] {key}",
+                                     "expected a list of endpoint descriptions such as [\"tcp:993\"] "
+                                     "(tcp/tcp6/unix/systemd), got 'ssl:993'")
+
+    def test_no_listener(self) -> None:
+        """An [imap] section without any listener is refused."""
+        tables = self.minimal()
+        tables["imap"] = {"implicit_tls": "[]", "starttls": "[]"}
+        self.assert_tables_error(tables, "[imap] implicit_tls",
+                                 "expected at least one listener in implicit_tls or starttls")
+
+    def test_no_protocol(self) -> None:
+        """A configuration without an [imap] section is refused."""
+        tables = self.minimal()
+        del tables["imap"]
+        self.assert_tables_error(tables, "[imap]", "expected at least one protocol section with a listener")
+
+
+class FileFormatTests(ConfigTestCase):
+    """The configuration file itself must exist and be TOML."""
+
+    def test_invalid_toml(self) -> None:
+        """A TOML syntax error is one line naming the file and the position."""
+        text = render(self.minimal()) + "[limits\n"
+        path = self.write(text)
+        message = str(self.assertRaises(ConfigError, load_settings, path))
+        self.assertEqual(message.splitlines(), [message])
+        self.assertTrue(message.startswith(f"{path}: not valid TOML ("), message)
+        self.assertIn(f"line {text.count(chr(10))}", message)
+
+    def test_missing_file(self) -> None:
+        """A missing configuration file is one line naming it and the reason."""
+        path = str(self.directory / "absent.toml")
+        message = str(self.assertRaises(ConfigError, load_settings, path))
+        self.assertEqual(message, f"{path}: cannot read the configuration file (No such file or directory)")
+
+
+class StartupTests(ConfigTestCase):
+    """twistd refuses a bad configuration before it starts anything."""
+
+    def test_bad_config_one_line(self) -> None:
+        """`python -m twisted mailgateway --config BAD` exits non-zero with one line naming the file and key."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"port": "0"}
+        path = self.write(render(tables))
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "mailgateway", "--config", path],
+            cwd=PROJECT, capture_output=True, text=True, timeout=120,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(
+            result.stderr.splitlines(),
+            [f"mailgateway: {path}: [imap.backend] port: expected an integer from 1 to 65535, got 0"],
+        )
+
+
+class HardeningTests(ConfigTestCase):
+    """Inputs that once crashed or hung start-up, or were silently ignored, give one clear line."""
+
+    def test_nul_in_path(self) -> None:
+        """A NUL byte in a file path is a configuration error, not a ValueError traceback."""
+        tables = self.minimal()
+        tables["auth"]["users_file"] = toml_string("a\0b")
+        self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+
+    def test_unknown_key_with_newline(self) -> None:
+        """An unknown key holding a newline is shown escaped, so the message stays one line."""
+        self.assert_error('"a\\nb" = 1\n' + render(self.minimal()), "'a\\nb'", "unknown key")
+
+    def test_bad_hostname(self) -> None:
+        """A host name with a space is refused before any certificate is made for it."""
+        tables = self.minimal()
+        tables["gateway"] = {"hostname": toml_string("bad host")}
+        self.assert_tables_error(tables, "[gateway] hostname", "a host name")
+
+    def test_device_as_password_file(self) -> None:
+        """/dev/zero as master_password_file is refused at once instead of read forever."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"login": '"master"', "master_user": '"gw"', "master_password_file": '"/dev/zero"'}
+        self.assert_tables_error(tables, "[imap.backend] master_password_file", "readable file")
+
+    def test_fifo_as_users_file(self) -> None:
+        """A FIFO as users_file is refused instead of blocking start-up."""
+        fifo = str(self.directory / "fifo")
+        os.mkfifo(fifo)
+        tables = self.minimal()
+        tables["auth"]["users_file"] = toml_string(fifo)
+        self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+
+    def test_keys_that_would_be_ignored(self) -> None:
+        """Keys that would have no effect in the chosen mode are errors, not silently ignored."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"master_user": '"gw"'}
+        self.assert_tables_error(tables, "[imap.backend] master_user", 'unless login is "master"')
+        tables = self.minimal()
+        tables["imap.backend"] = {"server_name": '"store.example.org"'}
+        self.assert_tables_error(tables, "[imap.backend] server_name", 'unless tls is "starttls"')
+        tables = self.minimal()
+        tables["auth"]["mode"] = '"backend"'
+        self.assert_tables_error(tables, "[auth] users_file", 'when mode is "backend"')
+
+    def test_unusable_endpoint(self) -> None:
+        """An endpoint description that only looks right is refused with one line at start-up."""
+        tables = self.minimal()
+        tables["tls"] = {"self_signed": "true"}
+        tables["gateway"] = {"hostname": '"localhost"', "state_dir": toml_string(str(self.directory / "state"))}
+        tables["imap"]["implicit_tls"] = '["tcp:abc"]'
+        path = self.write(render(tables))
+        result = subprocess.run([sys.executable, "-m", "twisted", "mailgateway", "--config", path],
+                                cwd=PROJECT, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(result.returncode, 0)
+        [line] = result.stderr.splitlines()
+        self.assertIn(f"{path}: [imap] implicit_tls: 'tcp:abc' is not a usable endpoint description", line)
