@@ -83,6 +83,7 @@ class BackendLogin(LineReceiver):
     :ivar result: fires with this protocol once logged in, or fails with L{BackendUnavailable}
         or L{BackendRejected}.
     :ivar capabilities: what the backend offers after login, as the subclass found out.
+    :ivar announced: what the backend offered before login, once the subclass has asked.
     """
 
     MAX_LENGTH = 65536
@@ -93,6 +94,7 @@ class BackendLogin(LineReceiver):
         self.settings = settings
         self.tls = tls
         self.capabilities: tuple[bytes, ...] = ()
+        self.announced: tuple[bytes, ...] | None = None
         self.result: Deferred[BackendLogin] = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
 
@@ -149,6 +151,8 @@ class BackendConnector:
     :param reactor: connects and times out.
     :param settings: where the backend is and how to talk to it.
     :param login_protocol: builds the protocol-specific login dialogue.
+    :ivar announced: what the backend offered before login when last asked, or None if never
+        learned; front ends use it to promise only what the backend does.
     """
 
     def __init__(self, reactor: IReactorTCP, settings: BackendSettings, login_protocol: LoginFactory) -> None:
@@ -157,6 +161,16 @@ class BackendConnector:
         self._login_protocol = login_protocol
         self._tls = client_tls(settings.server_name, settings.ca_file) if settings.tls != "none" else None
         self.address = f"{settings.host}:{settings.port}"
+        self.announced: tuple[bytes, ...] | None = None
+
+    def probe(self) -> Deferred[tuple[bytes, ...]]:
+        """
+        Connect only to learn what the backend offers before login (for protocols whose login
+        dialogue supports a request of None).
+        """
+        probing = self.login(None)  # type: ignore[arg-type]
+        probing.addCallback(lambda protocol: protocol.announced or ())
+        return probing
 
     def login(self, request: LoginRequest) -> Deferred[BackendLogin]:
         """
@@ -184,10 +198,16 @@ class BackendConnector:
 
         done: Deferred[BackendLogin] = Deferred(cancel_login)
         connecting.addCallback(connected).chainDeferred(done)
+        done.addBoth(self._learn, protocol)
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
         return done
+
+    def _learn(self, result: object, protocol: BackendLogin) -> object:
+        if protocol.announced is not None:
+            self.announced = protocol.announced
+        return result
 
     def _endpoint(self) -> IStreamClientEndpoint:
         host, port, timeout = self.settings.host, self.settings.port, self.settings.timeout

@@ -58,7 +58,8 @@ class BackendSettings:
     :ivar timeout: seconds allowed to connect and log in, after which the backend counts as down.
     :ivar login: C{replay} logs in with the client's credentials; C{master} logs in as
         C{user*master_user} with the master password (Dovecot master users).
-    :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip}).
+    :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip},
+        POP3 C{XCLIENT ADDR=... PORT=...}).
     """
 
     host: str
@@ -135,6 +136,7 @@ class Settings:
     auth: AuthSettings
     limits: Limits
     imap: ProtocolSettings | None
+    pop3: ProtocolSettings | None
 
 
 class _Table:
@@ -282,17 +284,19 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     auth = _auth_settings(root.table("auth"))
     limits = _limits(root.table("limits"))
     imap = _protocol_settings(root, "imap", default_backend_port=143) if root.has("imap") else None
+    pop3 = _protocol_settings(root, "pop3", default_backend_port=110) if root.has("pop3") else None
     root.finish()
 
-    if imap is None:
-        raise ConfigError(f"{path}: [imap]: expected at least one protocol section with a listener")
-    for name, protocol in (("imap", imap),):
+    protocols = {name: protocol for name, protocol in (("imap", imap), ("pop3", pop3)) if protocol is not None}
+    if not protocols:
+        raise ConfigError(f"{path}: [imap] or [pop3]: expected at least one protocol section with a listener")
+    for name, protocol in protocols.items():
         if auth.mode == "backend" and protocol.backend.login != "replay":
             raise ConfigError(
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
                 " (the backend must see the client's password to decide)"
             )
-    return Settings(path, hostname, state_dir, tls, auth, limits, imap)
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3)
 
 
 def _tls_settings(table: _Table) -> TLSSettings:

@@ -9,6 +9,7 @@ endpoint.
 from __future__ import annotations
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -22,6 +23,8 @@ from gateway.config import ConfigError, Settings
 from gateway.frontend import FrontEndContext, FrontEndFactory
 from gateway.imap import ImapFrontEnd
 from gateway.imap_backend import ImapBackendLogin
+from gateway.pop3 import Pop3FrontEnd
+from gateway.pop3_backend import Pop3BackendLogin
 from gateway.tls import ServerTLS, TLSError, ensure_self_signed
 from gateway.userdb import UserDatabase, UserFileError, self_test
 
@@ -64,6 +67,38 @@ class Listener(Service):
         return port.stopListening() if port is not None else None
 
 
+class CapabilityProbe(Service):
+    """
+    Asks a backend what it offers before login, once at start, so that the first clients are
+    promised only what the backend does. Every later login refreshes what is known.
+    """
+
+    def __init__(self, backend: BackendConnector, protocol: str) -> None:
+        self._backend = backend
+        self._protocol = protocol
+        self._probing: Deferred[tuple[bytes, ...]] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._probing = self._backend.probe()
+        self._probing.addCallbacks(self._learned, self._failed)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._probing is not None:
+            self._probing.cancel()
+
+    def _learned(self, capabilities: tuple[bytes, ...]) -> None:
+        log.info("backend_capabilities protocol={protocol} backend={backend} capabilities={capabilities}",
+                 protocol=self._protocol, backend=self._backend.address,
+                 capabilities=" ".join(c.decode("ascii", "replace") for c in capabilities))
+
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            log.warn("backend_unavailable protocol={protocol} backend={backend} reason={reason}",
+                     protocol=self._protocol, backend=self._backend.address, reason=failure.getErrorMessage())
+
+
 def build_service(settings: Settings, reactor: object) -> MultiService:
     """
     Build everything the configuration asks for.
@@ -94,7 +129,10 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         assert settings.tls.certificate is not None and settings.tls.private_key is not None
         certificate, key = settings.tls.certificate, settings.tls.private_key
 
-    protocols = (("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),)
+    protocols = (
+        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),
+        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin),
+    )
     for name, alpn, protocol, front_end, backend_login in protocols:
         if protocol is None:
             continue
@@ -103,6 +141,8 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
+        if name == "pop3":
+            CapabilityProbe(backend, name).setServiceParent(top)
         for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
             context = FrontEndContext(name, reactor, settings.limits, server_tls, implicit,  # type: ignore[arg-type]
                                       authenticator, backend, settings.hostname)

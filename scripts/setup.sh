@@ -2,7 +2,7 @@
 # on a fresh Debian machine, then the gateway itself into .venv (a regular, non-editable install).
 set -euo pipefail
 
-packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond curl openssl ca-certificates)
+packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond curl openssl ca-certificates fetchmail)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for package in "${packages[@]}"; do

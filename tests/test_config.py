@@ -165,6 +165,7 @@ class DefaultTests(ConfigTestCase):
                         forward_client_ip=False,
                     ),
                 ),
+                pop3=None,
             ),
         )
 
@@ -212,8 +213,8 @@ class UnknownKeyTests(ConfigTestCase):
     def test_unknown_table(self) -> None:
         """An unknown table, such as a protocol not yet supported, is an unknown top-level key."""
         tables = self.minimal()
-        tables["pop3"] = {"implicit_tls": '["tcp:995"]'}
-        self.assert_tables_error(tables, "pop3", "unknown key")
+        tables["nntp"] = {"implicit_tls": '["tcp:563"]'}
+        self.assert_tables_error(tables, "nntp", "unknown key")
 
     def test_unknown_subtable(self) -> None:
         """An unknown table under a known one is an unknown key of that table."""
@@ -484,10 +485,21 @@ class ListenerTests(ConfigTestCase):
                                  "expected at least one listener in implicit_tls or starttls")
 
     def test_no_protocol(self) -> None:
-        """A configuration without an [imap] section is refused."""
+        """A configuration without an [imap] or [pop3] section is refused."""
         tables = self.minimal()
         del tables["imap"]
-        self.assert_tables_error(tables, "[imap]", "expected at least one protocol section with a listener")
+        self.assert_tables_error(tables, "[imap] or [pop3]", "expected at least one protocol section with a listener")
+
+    def test_pop3_only(self) -> None:
+        """POP3 alone is a valid configuration; its backend port defaults to 110."""
+        tables = self.minimal()
+        del tables["imap"]
+        tables["pop3"] = {"implicit_tls": '["tcp:995"]', "starttls": '["tcp:110"]'}
+        settings = self.load(tables)
+        self.assertIsNone(settings.imap)
+        assert settings.pop3 is not None
+        self.assertEqual((settings.pop3.implicit_tls, settings.pop3.starttls, settings.pop3.backend.port),
+                         (("tcp:995",), ("tcp:110",), 110))
 
 
 class FileFormatTests(ConfigTestCase):

@@ -75,9 +75,10 @@ def settings_section(settings: Settings, table: str) -> object:
     :param table: a table name of the configuration.
     :returns: the settings object holding that table's values as attributes.
     """
-    assert settings.imap is not None
+    assert settings.imap is not None and settings.pop3 is not None
     return {"gateway": settings, "tls": settings.tls, "auth": settings.auth, "limits": settings.limits,
-            "imap": settings.imap, "imap.backend": settings.imap.backend}[table]
+            "imap": settings.imap, "imap.backend": settings.imap.backend,
+            "pop3": settings.pop3, "pop3.backend": settings.pop3.backend}[table]
 
 
 class ExampleTests(SynchronousTestCase):
@@ -148,7 +149,7 @@ class ExampleTests(SynchronousTestCase):
         for table, key, value in example_lines():
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
-        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend"])
+        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "pop3.backend"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)
             for key, value in lines:
@@ -179,14 +180,15 @@ class ExampleTests(SynchronousTestCase):
             parent, _, child = table.rpartition(".")
             if table:
                 documented.setdefault(parent, set()).add(child)
-        self.assertEqual(set(known), {"", "gateway", "tls", "auth", "limits", "imap", "imap.backend"})
+        self.assertEqual(set(known), {"", "gateway", "tls", "auth", "limits", "imap", "imap.backend", "pop3", "pop3.backend"})
         self.assertEqual(documented, known)
 
     def test_listeners_take_every_address(self) -> None:
-        """The example listens on "::" (IPv6, and IPv4 on Linux) on port 993 with TLS and 143 with STARTTLS."""
+        """The example listens on "::" (IPv6, and IPv4 on Linux) on the standard ports, with TLS and STARTTLS."""
         settings = self.parse(self.with_files(self.example))
-        assert settings.imap is not None
-        for descriptions, port in ((settings.imap.implicit_tls, 993), (settings.imap.starttls, 143)):
+        assert settings.imap is not None and settings.pop3 is not None
+        for descriptions, port in ((settings.imap.implicit_tls, 993), (settings.imap.starttls, 143),
+                                   (settings.pop3.implicit_tls, 995), (settings.pop3.starttls, 110)):
             reactor = MemoryReactor()
             for description in descriptions:
                 serverFromString(reactor, description).listen(Factory())

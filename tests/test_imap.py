@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-
+from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.backend import BackendUnavailable, ClientAddress
-from gateway.config import Limits
-from gateway.frontend import FrontEndContext, FrontEndFactory
 from gateway.imap import ImapFrontEnd
-from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
-PASSWORD = b'p4ss "w rd\\'
-TLS_OPTIONS = object()
+class ImapTestBase(FrontEndTestBase):
+    """An IMAP front end with a memory backend that announces a few capabilities."""
 
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
-
-
-class ImapTestBase(SynchronousTestCase):
-    """A front end on a StringTransport, with a memory authenticator and backend."""
-
-    implicit_tls = True
-    limits = Limits()
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.auth = MemoryAuthenticator(self.clock, {"alice": PASSWORD, "bob": b"secret"})
-        self.backend = MemoryBackend(capabilities=(b"IMAP4rev1", b"STARTTLS", b"AUTH=PLAIN", b"IDLE",
-                                                   b"LOGINDISABLED", b"COMPRESS=DEFLATE"))
-        self.front, self.transport = self.connect()
-        self.greeting = self.read()
-
-    def connect(self) -> tuple[ImapFrontEnd, TLSStringTransport]:
-        context = FrontEndContext("imap", self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
-                                  self.implicit_tls, self.auth, self.backend, "mail.example.org")  # type: ignore[arg-type]
-        front = FrontEndFactory(ImapFrontEnd, context).buildProtocol(None)
-        transport = TLSStringTransport()
-        front.makeConnection(transport)
-        return front, transport  # type: ignore[return-value]
-
-    def tearDown(self) -> None:
-        if not self.front.closed or self.transport.connected:
-            self.front.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def read(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    def say(self, data: bytes) -> bytes:
-        self.front.dataReceived(data)
-        return self.read()
+    front_end = ImapFrontEnd
+    protocol = "imap"
+    backend_capabilities = (b"IMAP4rev1", b"STARTTLS", b"AUTH=PLAIN", b"IDLE", b"LOGINDISABLED", b"COMPRESS=DEFLATE")
 
     def log_in(self) -> bytes:
         return self.say(b"a1 LOGIN bob secret\r\n")

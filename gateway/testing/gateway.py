@@ -36,19 +36,24 @@ class GatewayProcess:
         self,
         directory: str,
         *,
-        imap_backend_port: int,
+        imap_backend_port: int | None,
         users: Mapping[str, str] | None,
+        pop3_backend_port: int | None = None,
         certificate: str | None = None,
         private_key: str | None = None,
         host: str = "127.0.0.1",
         settings: str = "",
         imap_backend: str = "",
+        pop3_backend: str = "",
     ) -> None:
         """
+        :param imap_backend_port: the plaintext IMAP store; None serves no IMAP.
+        :param pop3_backend_port: the plaintext POP3 store; None serves no POP3.
         :param users: user name to password for the local users file; None for auth mode "backend".
         :param certificate: chain file; with C{private_key}. None means C{self_signed = true}.
         :param settings: extra TOML tables appended to the configuration (e.g. C{[limits]}).
         :param imap_backend: extra keys for the C{[imap.backend]} table.
+        :param pop3_backend: extra keys for the C{[pop3.backend]} table.
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -59,6 +64,8 @@ class GatewayProcess:
         self._host = host
         self._settings = settings
         self._imap_backend = imap_backend
+        self._pop3_backend_port = pop3_backend_port
+        self._pop3_backend = pop3_backend
         self.config_path = os.path.join(self.directory, "mailgateway.toml")
         self.log_path = os.path.join(self.directory, "mailgateway.log")
         self.users_path = os.path.join(self.directory, "users")
@@ -92,6 +99,12 @@ class GatewayProcess:
             tls = f'certificate = "{self._certificate}"\nprivate_key = "{self._private_key}"'
         auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
         listen = f"tcp:0:interface={self._host}"
+        protocols = ""
+        for name, port, extra in (("imap", self._imap_backend_port, self._imap_backend),
+                                  ("pop3", self._pop3_backend_port, self._pop3_backend)):
+            if port is not None:
+                protocols += (f'[{name}]\nimplicit_tls = ["{listen}"]\nstarttls = ["{listen}"]\n\n'
+                              f'[{name}.backend]\nhost = "127.0.0.1"\nport = {port}\n{extra}\n\n')
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(f"""\
 [gateway]
@@ -105,15 +118,7 @@ state_dir = "{self.directory}/state"
 {auth}
 failure_delay = 0.2
 
-[imap]
-implicit_tls = ["{listen}"]
-starttls = ["{listen}"]
-
-[imap.backend]
-host = "127.0.0.1"
-port = {self._imap_backend_port}
-{self._imap_backend}
-
+{protocols}
 {self._settings}
 """)
 
@@ -133,7 +138,8 @@ port = {self._imap_backend_port}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(self.log())}
-            if len(self.ports) >= 2 and "Starting reactor" in self.log():
+            expected = 2 * ((self._imap_backend_port is not None) + (self._pop3_backend_port is not None))
+            if len(self.ports) >= expected and "Starting reactor" in self.log():
                 return
             if self._process.poll() is not None:
                 break

@@ -1,0 +1,166 @@
+"""
+The POP3 login dialogue with the backend store (RFC 1939, 2449, 2595, 3206).
+
+Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... PORT=...} with the
+client's address (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
+backend's capabilities are kept so that the front end promises only what the backend does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from gateway.backend import BackendLogin, BackendRefused, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.config import BackendSettings
+
+# RFC 3206 / 2449 response codes: which backend refusals the client must see as they are.
+_PASS_THROUGH_CODES = (b"IN-USE", b"LOGIN-DELAY")
+_CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
+
+_Handler = Callable[[bool, bytes], None]
+
+
+class Pop3BackendLogin(BackendLogin):
+    """Logs in to a POP3 backend for one client; with no request it only learns the capabilities."""
+
+    def __init__(self, request: LoginRequest | None, settings: BackendSettings,
+                 tls: IOpenSSLClientConnectionCreator | None) -> None:
+        super().__init__(request, settings, tls)  # type: ignore[arg-type]
+        self._greeting_text = b""
+        self._handler: _Handler | None = self._greeted
+        self._capa: list[bytes] | None = None  # collecting a multi-line CAPA answer
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.result.called:
+            return
+        line = line.rstrip(b"\r")
+        if self._capa is not None:
+            if line == b".":
+                self.announced = tuple(self._capa)
+                self._capa = None
+                self._next(True, b"")
+            else:
+                # Dot-stuffed lines lose their leading dot (RFC 1939 3).
+                self._capa.append(line[1:] if line.startswith(b".") else line)
+            return
+        if line.startswith(b"+OK"):
+            self._next(True, line[3:].lstrip(b" "))
+        elif line.startswith(b"-ERR"):
+            self._next(False, line[4:].lstrip(b" "))
+        else:
+            self.fail(BackendUnavailable("backend sent a malformed line"))
+
+    def _next(self, ok: bool, text: bytes) -> None:
+        handler, self._handler = self._handler, None
+        if handler is None:
+            self.fail(BackendUnavailable("backend answered without being asked"))
+        else:
+            handler(ok, text)
+
+    def _send(self, command: bytes, handler: _Handler) -> None:
+        self._handler = handler
+        assert self.transport is not None
+        self.transport.write(command + b"\r\n")
+
+    def _has(self, capability: bytes) -> bool:
+        return any(line.split(b" ", 1)[0].upper() == capability for line in self.announced or ())
+
+    # -- the dialogue, in order
+
+    def _greeted(self, ok: bool, text: bytes) -> None:
+        if not ok:
+            self.fail(BackendUnavailable(f"backend greeting was -ERR {_show(text)}"))
+            return
+        self._greeting_text = text
+        self._capabilities(self._secure if self.settings.tls == "starttls" else self._identify)
+
+    def _capabilities(self, then: Callable[[], None]) -> None:
+        def answered(ok: bool, text: bytes) -> None:
+            if ok:
+                self._capa = []
+                self._handler = lambda ok, text: then()
+            else:
+                self.announced = ()  # a pre-CAPA server: promise nothing beyond RFC 1939
+                then()
+
+        self._send(b"CAPA", answered)
+
+    def _secure(self) -> None:
+        if not self._has(b"STLS"):
+            self.fail(BackendUnavailable("backend does not offer STLS"))
+            return
+
+        def answered(ok: bool, text: bytes) -> None:
+            if not ok:
+                self.fail(BackendUnavailable("backend refused STLS"))
+                return
+            self.start_tls()
+            self.announced = None  # what was announced in clear is not to be trusted after TLS
+            self._capabilities(self._identify)
+
+        self._send(b"STLS", answered)
+
+    def _identify(self) -> None:
+        if self.request is None:
+            self.result.callback(self)  # a capability probe: nothing more to learn
+            assert self.transport is not None
+            self.transport.write(b"QUIT\r\n")
+            self.transport.loseConnection()
+            return
+        offers_xclient = self._has(b"XCLIENT") or self._greeting_text.startswith(b"[XCLIENT]")
+        if not (self.settings.forward_client_ip and offers_xclient):
+            self._user()
+            return
+        client = self.request.client
+        # The answer does not matter: a backend that ignores XCLIENT still takes the login.
+        self._send(b"XCLIENT ADDR=%s PORT=%d" % (client.host.encode("ascii"), client.port),
+                   lambda ok, text: self._user())
+
+    def _user(self) -> None:
+        user = self.request.user
+        if self.request.master_user is not None:
+            user = f"{user}*{self.request.master_user}"
+        encoded = user.encode("utf-8", "surrogateescape")
+        if not encoded or any(byte in encoded for byte in b"\0\r\n "):
+            self.fail(BackendRejected("the user name cannot be sent in a POP3 USER command"))
+            return
+        self._send(b"USER " + encoded, self._password)
+
+    def _password(self, ok: bool, text: bytes) -> None:
+        if not ok:
+            self._refused(text)
+            return
+        password = self.request.password
+        if any(byte in password for byte in b"\0\r\n"):
+            self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
+            return
+        self._send(b"PASS " + password, self._logged_in)
+
+    def _logged_in(self, ok: bool, text: bytes) -> None:
+        if not ok:
+            self._refused(text)
+            return
+        self.capabilities = self.announced or ()
+        self.succeed()
+
+    def _refused(self, text: bytes) -> None:
+        code = _CODE.match(text)
+        name = code.group(1).upper() if code else b""
+        if name in _PASS_THROUGH_CODES:
+            self.fail(BackendRefused(_printable(text)))
+        elif name in (b"", b"AUTH"):
+            self.fail(BackendRejected(f"backend refused the login: {_show(text)}"))
+        else:
+            self.fail(BackendUnavailable(f"backend login failed: {_show(text)}"))
+
+
+def _printable(text: bytes) -> bytes:
+    """A backend's reply text made safe to relay: printable ASCII, bounded."""
+    return bytes(byte if 0x20 <= byte < 0x7F else 0x3F for byte in text[:200])
+
+
+def _show(text: bytes) -> str:
+    return _printable(text).decode("ascii")
