@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 BackendTLS = Literal["none", "starttls", "implicit"]
-BackendLogin = Literal["replay", "master"]
+BackendLogin = Literal["replay", "master", "xclient"]
 AuthMode = Literal["local", "backend"]
 
 # Listeners carry plain streams: the gateway adds TLS itself, so "ssl:" endpoints are refused.
@@ -56,8 +56,10 @@ class BackendSettings:
     :ivar tls: C{none}, C{starttls} or C{implicit}; with TLS the certificate and the host name
         (C{server_name}) are verified against C{ca_file}, or the system's trust store.
     :ivar timeout: seconds allowed to connect and log in, after which the backend counts as down.
-    :ivar login: C{replay} logs in with the client's credentials; C{master} logs in as
-        C{user*master_user} with the master password (Dovecot master users).
+    :ivar login: C{replay} logs in with the client's credentials; C{master} logs in with the
+        gateway's own account: IMAP and POP3 as C{user*master_user} (Dovecot master users),
+        submission as C{master_user} (a relay account); C{xclient} (submission only) tells
+        Postfix who the client is with XCLIENT instead of logging in.
     :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip},
         POP3 C{XCLIENT ADDR=... PORT=...}).
     """
@@ -86,6 +88,29 @@ class ProtocolSettings:
     implicit_tls: tuple[str, ...]
     starttls: tuple[str, ...]
     backend: BackendSettings
+
+
+@dataclass(frozen=True)
+class SubmissionSettings:
+    """
+    Submission listeners, their backend MTA and the rules for relayed mail.
+
+    :ivar senders_file: optional map of the sender addresses each user may use besides its
+        login name (when that is an address).
+    :ivar max_message_size: largest message in bytes, announced as SIZE and enforced.
+    :ivar max_recipients: recipients per message.
+    :ivar idle_timeout: seconds of silence after login before the connection is closed.
+    :ivar transaction_timeout: seconds a MAIL transaction may take, from MAIL to the end of DATA.
+    """
+
+    implicit_tls: tuple[str, ...]
+    starttls: tuple[str, ...]
+    backend: BackendSettings
+    senders_file: str | None
+    max_message_size: int
+    max_recipients: int
+    idle_timeout: float
+    transaction_timeout: float
 
 
 @dataclass(frozen=True)
@@ -137,6 +162,7 @@ class Settings:
     limits: Limits
     imap: ProtocolSettings | None
     pop3: ProtocolSettings | None
+    submission: SubmissionSettings | None
 
 
 class _Table:
@@ -285,18 +311,21 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     limits = _limits(root.table("limits"))
     imap = _protocol_settings(root, "imap", default_backend_port=143) if root.has("imap") else None
     pop3 = _protocol_settings(root, "pop3", default_backend_port=110) if root.has("pop3") else None
+    submission = _submission_settings(root.table("submission")) if root.has("submission") else None
     root.finish()
 
-    protocols = {name: protocol for name, protocol in (("imap", imap), ("pop3", pop3)) if protocol is not None}
+    protocols = {name: protocol for name, protocol in (("imap", imap), ("pop3", pop3), ("submission", submission))
+                 if protocol is not None}
     if not protocols:
-        raise ConfigError(f"{path}: [imap] or [pop3]: expected at least one protocol section with a listener")
+        raise ConfigError(f"{path}: [imap], [pop3] or [submission]: expected at least one protocol section "
+                          "with a listener")
     for name, protocol in protocols.items():
         if auth.mode == "backend" and protocol.backend.login != "replay":
             raise ConfigError(
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
                 " (the backend must see the client's password to decide)"
             )
-    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3)
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission)
 
 
 def _tls_settings(table: _Table) -> TLSSettings:
@@ -341,16 +370,34 @@ def _limits(table: _Table) -> Limits:
 
 def _protocol_settings(root: _Table, name: str, default_backend_port: int) -> ProtocolSettings:
     table = root.table(name)
-    implicit_tls = table.endpoints("implicit_tls")
-    starttls = table.endpoints("starttls")
-    backend = _backend_settings(table.table("backend"), default_backend_port)
+    implicit_tls, starttls = _listeners(table)
+    backend = _backend_settings(table.table("backend"), default_backend_port, ("replay", "master"))
     table.finish()
-    if not implicit_tls and not starttls:
-        raise table.error("implicit_tls", "at least one listener in implicit_tls or starttls")
     return ProtocolSettings(implicit_tls, starttls, backend)
 
 
-def _backend_settings(table: _Table, default_port: int) -> BackendSettings:
+def _listeners(table: _Table) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    implicit_tls = table.endpoints("implicit_tls")
+    starttls = table.endpoints("starttls")
+    if not implicit_tls and not starttls:
+        raise table.error("implicit_tls", "at least one listener in implicit_tls or starttls")
+    return implicit_tls, starttls
+
+
+def _submission_settings(table: _Table) -> SubmissionSettings:
+    implicit_tls, starttls = _listeners(table)
+    backend = _backend_settings(table.table("backend"), 587, ("replay", "master", "xclient"))
+    senders_file = table.readable_file("senders_file")
+    max_message_size = table.integer("max_message_size", 50 * 1024 * 1024, 1024, 2**40)
+    max_recipients = table.integer("max_recipients", 100, 1, 10000)
+    idle_timeout = table.seconds("idle_timeout", 300.0, 1, 3600)
+    transaction_timeout = table.seconds("transaction_timeout", 600.0, 1, 86400)
+    table.finish()
+    return SubmissionSettings(implicit_tls, starttls, backend, senders_file, max_message_size, max_recipients,
+                              idle_timeout, transaction_timeout)
+
+
+def _backend_settings(table: _Table, default_port: int, logins: tuple[str, ...]) -> BackendSettings:
     host = table.string("host", "127.0.0.1", expected="a host name or address")
     assert host is not None
     port = table.integer("port", default_port, 1, 65535)
@@ -358,7 +405,7 @@ def _backend_settings(table: _Table, default_port: int) -> BackendSettings:
     ca_file = table.readable_file("ca_file")
     server_name = table.string("server_name", host, expected="a host name") or host
     timeout = table.seconds("timeout", 10.0, 0.1, 300)
-    login = table.choice("login", "replay", ("replay", "master"))
+    login = table.choice("login", "replay", logins)
     master_user = table.string("master_user", expected="a user name")
     password_file = table.readable_file("master_password_file")
     forward_client_ip = table.boolean("forward_client_ip", False)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -47,6 +47,9 @@ from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslE
 from gateway.tls import ServerTLS, describe_tls
 
 log = Logger()
+
+CLOSE_GRACE = 10.0
+"""Seconds a closing connection may take to finish its TLS shutdown before it is aborted."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class SaslFailure(enum.Enum):
 class _Phase(enum.Enum):
     COMMANDS = "commands"
     LOGGING_IN = "logging-in"
-    RELAYING = "relaying"
+    RELAYING = "relaying"  # a blind byte relay (IMAP, POP3)
+    SESSION = "session"    # logged in, commands still parsed (submission)
     CLOSED = "closed"
 
 
@@ -138,6 +142,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._deadline: object | None = None
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
+        self._closing: IDelayedCall | None = None
         self._sasl: SaslExchange | None = None
         self.backend_refusal = b""
         self._splice: Splice | None = None
@@ -173,6 +178,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         phase, self._phase = self._phase, _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
         if self._pending is not None:
             self._pending.cancel()  # a no-op once the login has finished
         bytes_in, bytes_out = self._bytes_in, self._bytes_out
@@ -189,12 +196,18 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     # -- reading
 
     def dataReceived(self, data: bytes) -> None:
+        if self._phase is _Phase.CLOSED:
+            return  # closing: whatever still arrives is not answered
         if self._phase is _Phase.RELAYING:
             # Relayed bytes are counted by the splice.
             super().dataReceived(data)
             return
         self._bytes_in += len(data)
         self.resetTimeout()
+        if self.paused:
+            # A backpressure resume must not undo a pause that waits for a login or a reply.
+            assert self.transport is not None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -253,12 +266,22 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.transport.write(data)
 
     def close(self) -> None:
-        """Close the connection after what was written has been sent, and read nothing more."""
+        """
+        Close the connection after what was written has been sent; nothing more is answered.
+        Reading goes on (and is discarded), since a TLS close waits for the client's own
+        close_notify; a client that never sends it is cut off after L{CLOSE_GRACE} seconds.
+        """
+        if self._phase is _Phase.CLOSED and self._closing is not None:
+            return
         self._phase = _Phase.CLOSED
-        self.pauseProducing()
+        self.setTimeout(None)
+        self._cancel_deadline()
+        self.paused = True  # LineReceiver: deliver no more lines, but keep the transport reading
         self.clearLineBuffer()
         assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
+        self._closing = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[attr-defined]
 
     def command_succeeded(self) -> None:
         """A command was valid: the run of consecutive errors is broken."""
@@ -356,7 +379,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def _login_finished(self, outcome: LoginOutcome) -> None:
         self.reply_login(outcome)
         if outcome is LoginOutcome.LOGGED_IN:
-            self._start_relay()
+            assert self._session is not None
+            self.logged_in(self._session)
         elif self.attempts_exhausted:
             self.close()
         else:
@@ -377,6 +401,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
             request = LoginRequest(user, backend.master_password, self.client, backend.master_user)
+        elif backend.login == "xclient":
+            request = LoginRequest(user, b"", self.client)  # the MTA trusts the gateway's word: no password kept
         else:
             request = LoginRequest(user, password, self.client)
         return self.context.backend.login(request)
@@ -421,16 +447,27 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """True when the client has used up its failed logins on this connection."""
         return self.login_failures >= self.context.limits.login_attempts
 
-    def _start_relay(self) -> None:
+    def logged_in(self, session: BackendLogin) -> None:
+        """
+        The backend session is ready and the client has its reply. By default the connection
+        becomes a blind byte relay; a protocol that keeps parsing commands overrides this and
+        calls L{begin_session}.
+        """
         self._phase = _Phase.RELAYING
         self.setTimeout(None)
         self._cancel_deadline()
-        session = self._session
-        assert self.transport is not None and session is not None and session.transport is not None
+        assert self.transport is not None and session.transport is not None
         self._splice = Splice(self.transport, session.transport)
         session.attach(self._splice)
         # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)
+
+    def begin_session(self, idle_timeout: float) -> None:
+        """Logged in, commands still parsed: the login deadline ends, a post-login idle timeout starts."""
+        self._phase = _Phase.SESSION
+        self._cancel_deadline()
+        self.setTimeout(idle_timeout)
+        self.resumeProducing()
 
     # -- hooks for the protocol subclass
 
@@ -475,15 +512,20 @@ class _BadCredentials(Exception):
 
 
 class FrontEndFactory(ServerFactory):
-    """Builds one protocol's front-end connections for one listener."""
+    """
+    Builds one protocol's front-end connections for one listener.
+
+    :param front_end: makes a connection's protocol from the shared context (a front-end class,
+        or a function that adds protocol-specific collaborators).
+    """
 
     noisy = False  # connections are logged by the front end itself
 
-    def __init__(self, protocol: type[LoginFrontEnd], context: FrontEndContext) -> None:
-        self.protocol = protocol  # type: ignore[assignment]
+    def __init__(self, front_end: Callable[[FrontEndContext], LoginFrontEnd], context: FrontEndContext) -> None:
+        self._front_end = front_end
         self.context = context
 
     def buildProtocol(self, addr: object) -> LoginFrontEnd:
-        front = self.protocol(self.context)  # type: ignore[call-arg]
+        front = self._front_end(self.context)
         front.factory = self
-        return front  # type: ignore[no-any-return]
+        return front

@@ -8,6 +8,10 @@ endpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
@@ -18,13 +22,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from gateway.auth import Authenticator, HashingPool
-from gateway.backend import BackendConnector
-from gateway.config import ConfigError, Settings
-from gateway.frontend import FrontEndContext, FrontEndFactory
+from gateway.backend import BackendConnector, LoginFactory
+from gateway.config import ConfigError, Limits, ProtocolSettings, Settings, SubmissionSettings
+from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
 from gateway.imap_backend import ImapBackendLogin
 from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
+from gateway.senders import SenderPolicy, SendersFileError
+from gateway.smtp_backend import SmtpBackend
+from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
 from gateway.tls import ServerTLS, TLSError, ensure_self_signed
 from gateway.userdb import UserDatabase, UserFileError, self_test
 
@@ -129,11 +136,26 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         assert settings.tls.certificate is not None and settings.tls.private_key is not None
         certificate, key = settings.tls.certificate, settings.tls.private_key
 
-    protocols = (
-        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),
-        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin),
-    )
-    for name, alpn, protocol, front_end, backend_login in protocols:
+    # name, ALPN, settings, front end, backend dialogue, limits, whether to learn the backend's
+    # pre-login capabilities at start (POP3 CAPA and SMTP EHLO promise them before login).
+    protocols: list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
+                          Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, Limits, bool]] = [
+        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin, settings.limits, False),
+        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin, settings.limits, True),
+    ]
+    if settings.submission is not None:
+        rules = settings.submission
+        try:
+            senders = SenderPolicy(rules.senders_file)
+        except SendersFileError as e:
+            raise ConfigError(f"{settings.path}: [submission] senders_file: {e}") from None
+        protocols.append((
+            "submission", b"smtp", rules,
+            lambda context: SubmissionFrontEnd(context, rules, senders),
+            partial(SmtpBackend, ehlo_name=settings.hostname),
+            replace(settings.limits, line_length=AUTH_LINE_LIMIT), True,
+        ))
+    for name, alpn, protocol, front_end, backend_login, limits, probe in protocols:
         if protocol is None:
             continue
         try:
@@ -141,10 +163,10 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
-        if name == "pop3":
+        if probe:
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
-            context = FrontEndContext(name, reactor, settings.limits, server_tls, implicit,  # type: ignore[arg-type]
+            context = FrontEndContext(name, reactor, limits, server_tls, implicit,  # type: ignore[arg-type]
                                       authenticator, backend, settings.hostname)
             factory: Factory = FrontEndFactory(front_end, context)
             if implicit:

@@ -166,6 +166,7 @@ class DefaultTests(ConfigTestCase):
                     ),
                 ),
                 pop3=None,
+                submission=None,
             ),
         )
 
@@ -485,10 +486,11 @@ class ListenerTests(ConfigTestCase):
                                  "expected at least one listener in implicit_tls or starttls")
 
     def test_no_protocol(self) -> None:
-        """A configuration without an [imap] or [pop3] section is refused."""
+        """A configuration without a protocol section is refused."""
         tables = self.minimal()
         del tables["imap"]
-        self.assert_tables_error(tables, "[imap] or [pop3]", "expected at least one protocol section with a listener")
+        self.assert_tables_error(tables, "[imap], [pop3] or [submission]",
+                                 "expected at least one protocol section with a listener")
 
     def test_pop3_only(self) -> None:
         """POP3 alone is a valid configuration; its backend port defaults to 110."""

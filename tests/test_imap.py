@@ -99,6 +99,19 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.say(b"b LOGOUT\r\n"), b"* BYE Logging out.\r\nb OK Logout completed.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_close_keeps_reading_then_aborts(self) -> None:
+        """
+        After LOGOUT the connection keeps reading, since a TLS close waits for the client's
+        close_notify; a client that never finishes closing is aborted after the grace period.
+        """
+        self.say(b"b LOGOUT\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.say(b"c NOOP\r\n"), b"")  # nothing more is answered
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.aborted)
+
     def test_id(self) -> None:
         """ID with a field list or NIL answers with the gateway's own ID."""
         reply = self.say(b'a ID ("name" "Thunderbird" "version" "115.0")\r\n')

@@ -45,6 +45,9 @@ class GatewayProcess:
         settings: str = "",
         imap_backend: str = "",
         pop3_backend: str = "",
+        submission_backend_port: int | None = None,
+        submission_backend: str = "",
+        submission: str = "",
     ) -> None:
         """
         :param imap_backend_port: the plaintext IMAP store; None serves no IMAP.
@@ -54,6 +57,9 @@ class GatewayProcess:
         :param settings: extra TOML tables appended to the configuration (e.g. C{[limits]}).
         :param imap_backend: extra keys for the C{[imap.backend]} table.
         :param pop3_backend: extra keys for the C{[pop3.backend]} table.
+        :param submission_backend_port: the MTA's plaintext submission port; None serves no submission.
+        :param submission_backend: extra keys for the C{[submission.backend]} table.
+        :param submission: extra keys for the C{[submission]} table (senders_file, max_message_size, ...).
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -66,6 +72,9 @@ class GatewayProcess:
         self._imap_backend = imap_backend
         self._pop3_backend_port = pop3_backend_port
         self._pop3_backend = pop3_backend
+        self._submission_backend_port = submission_backend_port
+        self._submission_backend = submission_backend
+        self._submission = submission
         self.config_path = os.path.join(self.directory, "mailgateway.toml")
         self.log_path = os.path.join(self.directory, "mailgateway.log")
         self.users_path = os.path.join(self.directory, "users")
@@ -100,11 +109,10 @@ class GatewayProcess:
         auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
         listen = f"tcp:0:interface={self._host}"
         protocols = ""
-        for name, port, extra in (("imap", self._imap_backend_port, self._imap_backend),
-                                  ("pop3", self._pop3_backend_port, self._pop3_backend)):
+        for name, port, table, backend in self._protocols():
             if port is not None:
-                protocols += (f'[{name}]\nimplicit_tls = ["{listen}"]\nstarttls = ["{listen}"]\n\n'
-                              f'[{name}.backend]\nhost = "127.0.0.1"\nport = {port}\n{extra}\n\n')
+                protocols += (f'[{name}]\nimplicit_tls = ["{listen}"]\nstarttls = ["{listen}"]\n{table}\n\n'
+                              f'[{name}.backend]\nhost = "127.0.0.1"\nport = {port}\n{backend}\n\n')
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(f"""\
 [gateway]
@@ -122,6 +130,11 @@ failure_delay = 0.2
 {self._settings}
 """)
 
+    def _protocols(self) -> tuple[tuple[str, int | None, str, str], ...]:
+        return (("imap", self._imap_backend_port, "", self._imap_backend),
+                ("pop3", self._pop3_backend_port, "", self._pop3_backend),
+                ("submission", self._submission_backend_port, self._submission, self._submission_backend))
+
     def start(self, timeout: float = 30.0) -> None:
         """
         Start the gateway and wait until every listener is up.
@@ -138,7 +151,7 @@ failure_delay = 0.2
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(self.log())}
-            expected = 2 * ((self._imap_backend_port is not None) + (self._pop3_backend_port is not None))
+            expected = 2 * sum(port is not None for _, port, _, _ in self._protocols())
             if len(self.ports) >= expected and "Starting reactor" in self.log():
                 return
             if self._process.poll() is not None:

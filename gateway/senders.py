@@ -1,0 +1,96 @@
+"""
+Which envelope senders an authenticated user may use (anti-spoofing for submission).
+
+A user may always send as its login name when that is an address. The optional senders file
+adds more, one user per line::
+
+    # user: addresses, or @domain for every address of a domain
+    alice@example.org: a.smith@example.org, postmaster@example.org
+    bob: bob@example.net, @lists.example.net
+
+Addresses compare case-insensitively. The file is small and re-read when it changes (a stat per
+check); a broken rewrite keeps the previous contents and logs a warning.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class SendersFileError(Exception):
+    """The senders file cannot be read or parsed; the message names the file and line."""
+
+
+def parse_senders(data: bytes, path: str) -> dict[str, frozenset[str]]:
+    """Parse a senders file into user -> allowed addresses and C{@domain} patterns (lower-case)."""
+    senders: dict[str, frozenset[str]] = {}
+    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, addresses = line.partition(":")
+        allowed = [a.strip().lower() for a in addresses.replace(",", " ").split()]
+        if not colon or not user.strip() or not allowed or any("@" not in a for a in allowed):
+            raise SendersFileError(f"{path}:{number}: expected 'user: address, @domain, ...'")
+        if user.strip() in senders:
+            raise SendersFileError(f"{path}:{number}: user listed twice")
+        senders[user.strip()] = frozenset(allowed)
+    return senders
+
+
+class SenderPolicy:
+    """
+    Decides whether a user may use an envelope sender.
+
+    :param path: the senders file, or None for "the login name only".
+    :raises SendersFileError: if the file is unusable at start.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._signature: tuple[int, int, int] | None = None
+        self._senders: dict[str, frozenset[str]] = {}
+        if path is not None:
+            self._signature, self._senders = self._load(path)
+
+    def allowed(self, user: str, sender: str) -> bool:
+        """True when C{user} may send as C{sender}; never for the null sender."""
+        address = sender.lower()
+        if "@" not in address:
+            return False
+        if user.lower() == address:
+            return True
+        self._refresh()
+        allowed = self._senders.get(user, frozenset())
+        return address in allowed or "@" + address.rpartition("@")[2] in allowed
+
+    def _refresh(self) -> None:
+        if self._path is None:
+            return
+        try:
+            status = os.stat(self._path)
+        except OSError:
+            return  # gone for a moment (an editor's rename): keep what we have
+        if (status.st_ino, status.st_size, status.st_mtime_ns) == self._signature:
+            return
+        try:
+            self._signature, self._senders = self._load(self._path)
+        except SendersFileError as e:
+            log.warn("senders_file_not_reloaded problem={problem}", problem=str(e))
+            self._signature = (status.st_ino, status.st_size, status.st_mtime_ns)
+
+    @staticmethod
+    def _load(path: str) -> tuple[tuple[int, int, int], dict[str, frozenset[str]]]:
+        try:
+            with open(path, "rb") as f:
+                status = os.fstat(f.fileno())
+                data = f.read(1024 * 1024 + 1)
+        except OSError as e:
+            raise SendersFileError(f"{path}: cannot read: {e.strerror}") from None
+        if len(data) > 1024 * 1024:
+            raise SendersFileError(f"{path}: larger than 1 MiB")
+        return (status.st_ino, status.st_size, status.st_mtime_ns), parse_senders(data, path)

@@ -1,0 +1,178 @@
+"""
+The submission backend: the login dialogue with the MTA, then an ordered command channel.
+
+Login: greeting, EHLO, optional STARTTLS (then EHLO again), then one of AUTH PLAIN with the
+client's credentials (C{replay}), AUTH PLAIN with the gateway's relay account (C{master}), or
+Postfix XCLIENT naming the client and its login (C{xclient}; Postfix then logs the real client
+and treats the session as authenticated). Afterwards the submission front end sends commands
+and message data, and receives each reply in order.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections import deque
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+
+from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.config import BackendSettings
+from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
+
+
+class SmtpBackend(BackendLogin):
+    """
+    One connection to the backend MTA on behalf of one client session.
+
+    :ivar keywords: the MTA's EHLO extensions after login (upper-case keyword -> parameters).
+    """
+
+    MAX_LENGTH = 4096
+
+    def __init__(self, request: LoginRequest | None, settings: BackendSettings,
+                 tls: IOpenSSLClientConnectionCreator | None, ehlo_name: str = "localhost") -> None:
+        super().__init__(request, settings, tls)  # type: ignore[arg-type]
+        self._ehlo_name = ehlo_name.encode("ascii")
+        self._reader = ReplyReader()
+        self._waiting: deque[Deferred[Reply]] = deque()
+        self.keywords: dict[bytes, bytes] = {}
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        dialogue = self._log_in()
+        dialogue.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        self.fail(failure.value if failure.check(BackendRejected, BackendUnavailable)
+                  else BackendUnavailable(failure.getErrorMessage()))
+
+    # -- replies, in order
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            reply = self._reader.feed(line.rstrip(b"\r"))
+        except SmtpSyntaxError:
+            self._broken(BackendUnavailable("the MTA sent a malformed reply"))
+            return
+        if reply is None:
+            return
+        if not self._waiting:
+            self._broken(BackendUnavailable(f"the MTA replied unasked: {reply.code}"))
+            return
+        self._waiting.popleft().callback(reply)
+
+    def expect_reply(self) -> Deferred[Reply]:
+        """Wait for the next reply (after the greeting, or after the end of message data)."""
+        waiting: Deferred[Reply] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def command(self, line: bytes) -> Deferred[Reply]:
+        """Send one command line; fires with its reply, in order with every other command."""
+        waiting = self.expect_reply()
+        assert self.transport is not None
+        self.transport.write(line + b"\r\n")
+        return waiting
+
+    def write_data(self, data: bytes) -> None:
+        """Send message data (between DATA's 354 and the end of the message), as it is."""
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def _broken(self, reason: Exception) -> None:
+        self._abort()
+        self._fail_waiting(reason)
+
+    def _fail_waiting(self, reason: Exception) -> None:
+        while self._waiting:
+            self._waiting.popleft().errback(reason)
+
+    def connectionLost(self, reason: Failure = Failure(BackendUnavailable("closed"))) -> None:
+        self.fail(BackendUnavailable(f"connection lost: {reason.getErrorMessage()}"))
+        self._fail_waiting(BackendUnavailable("the MTA connection was lost"))
+
+    # -- the login dialogue
+
+    @inlineCallbacks
+    def _log_in(self) -> Generator[Deferred[Any], Any, None]:
+        greeting = yield self.expect_reply()
+        if greeting.code != 220:
+            raise BackendUnavailable(f"MTA greeting was {greeting.code}")
+        yield self._ehlo()
+        if self.settings.tls == "starttls":
+            if b"STARTTLS" not in self.keywords:
+                raise BackendUnavailable("the MTA does not offer STARTTLS")
+            reply = yield self.command(b"STARTTLS")
+            if reply.code != 220:
+                raise BackendUnavailable(f"the MTA refused STARTTLS: {reply.code}")
+            self.start_tls()
+            yield self._ehlo()
+        if self.request is None:
+            # A capability probe: nothing more to learn.
+            self.result.callback(self)
+            self.command(b"QUIT").addErrback(lambda f: None)
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        if self.settings.login == "xclient":
+            yield self._xclient()
+        else:
+            yield self._authenticate()
+        self.capabilities = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
+        self.succeed()
+
+    @inlineCallbacks
+    def _ehlo(self) -> Generator[Deferred[Any], Any, None]:
+        reply = yield self.command(b"EHLO " + self._ehlo_name)
+        if reply.code != 250:
+            raise BackendUnavailable(f"the MTA refused EHLO: {reply.code}")
+        self.keywords = ehlo_keywords(reply)
+        self.announced = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
+
+    @inlineCallbacks
+    def _authenticate(self) -> Generator[Deferred[Any], Any, None]:
+        assert self.request is not None
+        if b"PLAIN" not in self.keywords.get(b"AUTH", b"").upper().split():
+            raise BackendUnavailable("the MTA does not offer AUTH PLAIN")
+        account = self.request.master_user or self.request.user
+        token = base64.b64encode(b"\0" + account.encode("utf-8", "surrogateescape") + b"\0" + self.request.password)
+        reply = yield self.command(b"AUTH PLAIN " + token)
+        if reply.code == 235:
+            return
+        if reply.code == 535 and self.request.master_user is None:
+            raise BackendRejected(f"the MTA refused the login: {reply.code}")
+        raise BackendUnavailable(f"the MTA refused the login: {reply.code}")
+
+    @inlineCallbacks
+    def _xclient(self) -> Generator[Deferred[Any], Any, None]:
+        assert self.request is not None
+        if b"XCLIENT" not in self.keywords:
+            raise BackendUnavailable("the MTA does not offer XCLIENT (smtpd_authorized_xclient_hosts)")
+        client = self.request.client
+        address = client.host
+        try:
+            if ipaddress.ip_address(address).version == 6:
+                address = "IPV6:" + address
+        except ValueError:
+            pass
+        # Postfix takes PROTO=SMTP or ESMTP only (ESMTPA is refused with 501); with LOGIN= it
+        # logs the session as authenticated and writes "with ESMTPA" into Received: itself.
+        reply = yield self.command(b"XCLIENT ADDR=%s PORT=%d PROTO=ESMTP LOGIN=%s" % (
+            xtext(address.encode("ascii")), client.port, xtext(self.request.user.encode("utf-8", "surrogateescape"))))
+        if reply.code != 220:
+            raise BackendUnavailable(f"the MTA refused XCLIENT: {reply.code}")
+        # XCLIENT restarts the session with a new greeting: EHLO again.
+        yield self._ehlo()
+
+    # -- the session
+
+    def start_session(self) -> None:
+        """After login: read replies again, for the front end's commands."""
+        self.paused = False
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]

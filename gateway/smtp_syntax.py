@@ -1,0 +1,143 @@
+"""
+SMTP syntax (RFC 5321, 1870, 1652, 6531, 3461 xtext): pure functions, bytes in, values out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+class SmtpSyntaxError(Exception):
+    """A command or reply does not follow the grammar; the message is a fixed text."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    A complete (possibly multi-line) SMTP reply.
+
+    :ivar code: the three-digit reply code.
+    :ivar lines: the text of each line, without code and separator.
+    """
+
+    code: int
+    lines: tuple[bytes, ...] = field(default=())
+
+    def encode(self) -> bytes:
+        """The reply in wire form."""
+        lines = self.lines or (b"",)
+        code = b"%d" % self.code
+        return b"".join(code + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n" for i, line in enumerate(lines))
+
+
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
+
+
+class ReplyReader:
+    """Collects the lines of multi-line replies into L{Reply} values."""
+
+    def __init__(self) -> None:
+        self._code: bytes | None = None
+        self._lines: list[bytes] = []
+
+    def feed(self, line: bytes) -> Reply | None:
+        """
+        Take one line (without its line ending).
+
+        :returns: the reply once its last line has arrived, else None.
+        :raises SmtpSyntaxError: for a line that is not a reply line, or a code that changes mid-reply.
+        """
+        match = _REPLY_LINE.match(line)
+        if match is None or (self._code is not None and match.group(1) != self._code):
+            raise SmtpSyntaxError("malformed reply")
+        self._code = match.group(1)
+        self._lines.append(match.group(3))
+        if match.group(2) == b"-":
+            if len(self._lines) > 100:
+                raise SmtpSyntaxError("reply too long")
+            return None
+        reply = Reply(int(self._code), tuple(self._lines))
+        self._code, self._lines = None, []
+        return reply
+
+
+def ehlo_keywords(reply: Reply) -> dict[bytes, bytes]:
+    """The extensions of an EHLO reply: upper-case keyword -> its parameters (the first line is the greeting)."""
+    keywords = {}
+    for line in reply.lines[1:]:
+        keyword, _, parameters = line.partition(b" ")
+        keywords[keyword.upper()] = parameters
+    return keywords
+
+
+def split_command(line: bytes) -> tuple[bytes, bytes]:
+    """A command line as (upper-case verb, argument)."""
+    verb, _, argument = line.partition(b" ")
+    return verb.upper(), argument
+
+
+@dataclass(frozen=True)
+class PathCommand:
+    """
+    MAIL FROM or RCPT TO, parsed.
+
+    :ivar address: the address between the angle brackets (empty for the null path).
+    :ivar parameters: ESMTP parameters in order, keyword upper-cased, value None when absent.
+    """
+
+    address: bytes
+    parameters: tuple[tuple[bytes, bytes | None], ...]
+
+    def parameter(self, keyword: bytes) -> bytes | None:
+        """The value of one parameter (b"" when it has no value), or None when not given."""
+        for key, value in self.parameters:
+            if key == keyword:
+                return b"" if value is None else value
+        return None
+
+    def encode(self, verb: bytes) -> bytes:
+        """The command again, e.g. C{encode(b"MAIL FROM")}."""
+        parameters = b"".join(b" " + key + (b"=" + value if value is not None else b"")
+                              for key, value in self.parameters)
+        return verb + b":<" + self.address + b">" + parameters
+
+
+_ESMTP_KEYWORD = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
+    """
+    Parse the argument of MAIL (C{keyword} b"FROM") or RCPT (b"TO").
+
+    Accepts a space after the colon, as common clients send it. The address must be in angle
+    brackets; a source route is refused.
+
+    :raises SmtpSyntaxError: with a fixed text.
+    """
+    prefix = keyword + b":"
+    if argument[: len(prefix)].upper() != prefix:
+        raise SmtpSyntaxError("Syntax: " + keyword.decode() + ":<address>")
+    rest = argument[len(prefix):].lstrip(b" ")
+    if not rest.startswith(b"<") or b">" not in rest:
+        raise SmtpSyntaxError("Syntax: " + keyword.decode() + ":<address>")
+    end = rest.index(b">")
+    address, rest = rest[1:end], rest[end + 1:]
+    if address.startswith(b"@") or any(byte < 0x21 or byte == 0x7F for byte in address) or b"<" in address:
+        raise SmtpSyntaxError("Bad address syntax")
+    parameters = []
+    if rest:
+        if not rest.startswith(b" "):
+            raise SmtpSyntaxError("Syntax error in parameters")
+        for item in rest[1:].split(b" "):
+            key, equals, value = item.partition(b"=")
+            if not _ESMTP_KEYWORD.match(key) or (equals and not value):
+                raise SmtpSyntaxError("Syntax error in parameters")
+            parameters.append((key.upper(), value if equals else None))
+    return PathCommand(address, tuple(parameters))
+
+
+def xtext(value: bytes) -> bytes:
+    """Encode as xtext (RFC 3461 4): "+", "=" and bytes outside 0x21-0x7e become "+XX"."""
+    return b"".join(bytes([byte]) if 0x21 <= byte <= 0x7E and byte not in b"+=" else b"+%02X" % byte
+                    for byte in value)

@@ -1,0 +1,450 @@
+"""
+The submission front end (RFC 5321, 3207, 4954, 6409, 8314): mail submission over TLS only,
+authenticated, relayed to the backend MTA by an SMTP-aware relay.
+
+Before login it offers EHLO (STARTTLS until TLS, AUTH after), NOOP, RSET and QUIT, and refuses
+MAIL, RCPT and DATA. After AUTH every command still passes through the gateway, one at a time
+and in order (so pipelined commands get their replies in order): MAIL FROM must be an address
+the user may send as, SIZE is enforced both as declared and as sent, the recipient count is
+bounded, and DATA is streamed to the MTA as it arrives, with backpressure. The client's final
+reply to DATA is the MTA's own, so a 250 means the MTA has the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.backend import BackendLogin
+from gateway.config import SubmissionSettings
+from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure, loggable_user
+from gateway.senders import SenderPolicy
+from gateway.smtp_backend import SmtpBackend
+from gateway.smtp_syntax import PathCommand, Reply, SmtpSyntaxError, parse_path, split_command
+
+log = Logger()
+
+COMMAND_LINE_LIMIT = 512   # RFC 5321 4.5.3.1.4, CRLF excluded
+AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
+
+_END_OF_DATA = b"\r\n.\r\n"
+_NOT_IMPLEMENTED = (b"VRFY", b"EXPN", b"HELP", b"TURN", b"ETRN", b"BDAT", b"ATRN")
+
+_SASL_FAILURES = {
+    SaslFailure.UNKNOWN_MECHANISM: b"504 5.5.4 Unrecognized authentication type\r\n",
+    SaslFailure.CANCELLED: b"501 5.7.0 Authentication cancelled\r\n",
+    SaslFailure.MALFORMED: b"501 5.5.2 Cannot decode response\r\n",
+}
+_LOGIN_REPLIES = {
+    LoginOutcome.LOGGED_IN: b"235 2.7.0 Authentication successful\r\n",
+    LoginOutcome.REJECTED: b"535 5.7.8 Authentication credentials invalid\r\n",
+    # A 4xx: the client keeps the password and the message and tries again later.
+    LoginOutcome.UNAVAILABLE: b"454 4.7.0 Temporary authentication failure, try again later\r\n",
+    LoginOutcome.REFUSED: b"454 4.7.0 Temporary authentication failure, try again later\r\n",
+}
+_BACKEND_DOWN = b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n"
+
+
+class SubmissionFrontEnd(LoginFrontEnd):
+    """
+    One submission client connection.
+
+    :param rules: the submission settings (size, recipients, timeouts).
+    :param senders: who may send as whom.
+    """
+
+    def __init__(self, context: FrontEndContext, rules: SubmissionSettings, senders: SenderPolicy) -> None:
+        super().__init__(context)
+        self._rules = rules
+        self._senders = senders
+        self._greeted = False
+        self._backend: SmtpBackend | None = None
+        self._sender: bytes | None = None
+        self._recipients = 0
+        self._transaction_timer: IDelayedCall | None = None
+        # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes so far, too big?
+        self._data_tail = b""
+        self._data_size = 0
+        self._data_too_big = False
+        self._handlers: dict[bytes, Callable[[bytes], None]] = {
+            b"EHLO": self.do_EHLO, b"HELO": self.do_HELO, b"STARTTLS": self.do_STARTTLS,
+            b"AUTH": self.do_AUTH, b"MAIL": self.do_MAIL, b"RCPT": self.do_RCPT, b"DATA": self.do_DATA,
+            b"RSET": self.do_RSET, b"NOOP": self.do_NOOP, b"QUIT": self.do_QUIT,
+        }
+
+    # -- hooks of LoginFrontEnd
+
+    def greet(self) -> None:
+        self.send(b"220 %s ESMTP Mail gateway ready\r\n" % self.context.hostname.encode("ascii"))
+
+    def reply_line_too_long(self) -> None:
+        self.send(b"500 5.5.2 Line too long, closing connection\r\n")
+
+    def reply_timeout(self) -> None:
+        self.send(b"421 4.4.2 %s Timeout, closing connection\r\n" % self.context.hostname.encode("ascii"))
+
+    def reply_too_many_errors(self) -> None:
+        self.send(b"421 4.7.0 Too many errors, closing connection\r\n")
+
+    def reply_challenge(self, challenge: bytes) -> None:
+        self.send(b"334 " + challenge + b"\r\n")
+
+    def reply_sasl_failed(self, reason: SaslFailure) -> None:
+        self.send(_SASL_FAILURES[reason])
+
+    def reply_login(self, outcome: LoginOutcome) -> None:
+        self.send(_LOGIN_REPLIES[outcome])
+        if outcome is LoginOutcome.REJECTED and self.attempts_exhausted:
+            self.send(b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n")
+
+    def logged_in(self, session: BackendLogin) -> None:
+        assert isinstance(session, SmtpBackend)
+        self._use_backend(session)
+        self.begin_session(self._rules.idle_timeout)
+
+    def command_line(self, line: bytes) -> None:
+        verb, argument = split_command(line)
+        if len(line) > COMMAND_LINE_LIMIT and verb != b"AUTH":
+            self._error(b"500 5.5.2 Line too long")
+            return
+        handler = self._handlers.get(verb)
+        if handler is not None and b"\0" not in line:
+            handler(argument)
+        elif verb in _NOT_IMPLEMENTED:
+            self._error(b"502 5.5.1 Command not implemented")
+        else:
+            self._error(b"500 5.5.2 Command unrecognized")
+
+    # -- commands before and after login
+
+    def do_EHLO(self, argument: bytes) -> None:
+        if not self._hello(argument):
+            return
+        extensions = [b"PIPELINING", b"SIZE %d" % self._rules.max_message_size, b"ENHANCEDSTATUSCODES"]
+        if not self.secure:
+            extensions.append(b"STARTTLS")
+        else:
+            extensions += self._backend_extensions()
+            if self.user is None:
+                extensions.append(b"AUTH PLAIN LOGIN")
+        self._reply(Reply(250, (self.context.hostname.encode("ascii"), *extensions)).encode())
+
+    def do_HELO(self, argument: bytes) -> None:
+        if self._hello(argument):
+            self._reply(b"250 %s\r\n" % self.context.hostname.encode("ascii"))
+
+    def _hello(self, argument: bytes) -> bool:
+        if not argument or b" " in argument.strip():
+            self._error(b"501 5.5.4 Syntax: EHLO hostname")
+            return False
+        self._greeted = True
+        self._end_transaction(reset_backend=True)
+        return True
+
+    def _backend_extensions(self) -> list[bytes]:
+        """8BITMIME and SMTPUTF8 only when the MTA offers them: they are relayed, never downgraded."""
+        offered = self._backend.keywords if self._backend is not None else {
+            line.split(b" ", 1)[0].upper(): b"" for line in self.context.backend.announced or ()}
+        return [keyword for keyword in (b"8BITMIME", b"SMTPUTF8") if keyword in offered]
+
+    def do_STARTTLS(self, argument: bytes) -> None:
+        if self.secure:
+            self._error(b"503 5.5.1 TLS already active")
+        elif argument:
+            self._error(b"501 5.5.4 Syntax: STARTTLS")
+        else:
+            self._reply(b"220 2.0.0 Ready to start TLS\r\n")
+            # RFC 3207 4.2: forget everything learned from the client before TLS.
+            self._greeted = False
+            self.start_tls()
+
+    def do_AUTH(self, argument: bytes) -> None:
+        if not self.secure:
+            self._error(b"530 5.7.0 Must issue a STARTTLS command first")
+        elif self.user is not None:
+            self._error(b"503 5.5.1 Already authenticated")
+        elif not self._greeted:
+            self._error(b"503 5.5.1 Send EHLO first")
+        elif not argument:
+            self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        else:
+            mechanism, _, initial = argument.partition(b" ")
+            self.start_sasl(mechanism, initial or None)
+
+    def do_RSET(self, argument: bytes) -> None:
+        self._end_transaction(reset_backend=True)
+        self._reply(b"250 2.0.0 OK\r\n")
+
+    def do_NOOP(self, argument: bytes) -> None:
+        self._reply(b"250 2.0.0 OK\r\n")
+
+    def do_QUIT(self, argument: bytes) -> None:
+        self.send(b"221 2.0.0 Bye\r\n")
+        self.close()
+
+    def _must_be_logged_in(self) -> bool:
+        if not self.secure:
+            self._error(b"530 5.7.0 Must issue a STARTTLS command first")
+        elif self.user is None:
+            self._error(b"530 5.7.0 Authentication required")
+        else:
+            return True
+        return False
+
+    # -- the mail transaction
+
+    def do_MAIL(self, argument: bytes) -> None:
+        if not self._must_be_logged_in():
+            return
+        if self._sender is not None:
+            self._error(b"503 5.5.1 Nested MAIL command")
+            return
+        path = self._path(argument, b"FROM")
+        if path is None:
+            return
+        assert self.user is not None
+        sender = path.address.decode("utf-8", "replace")
+        if not self._senders.allowed(self.user, sender):
+            log.warn("sender_rejected protocol=submission client={client} user={user} sender={sender}",
+                     client=self.client.host, user=loggable_user(self.user), sender=loggable_user(sender))
+            self._error(b"553 5.7.1 Sender address rejected: not owned by the authenticated user")
+            return
+        size = path.parameter(b"SIZE")
+        if size is not None and (not size.isdigit() or len(size) > 20):
+            self._error(b"501 5.5.4 Bad SIZE parameter")
+            return
+        if size is not None and int(size) > self._rules.max_message_size:
+            self._reply(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+            return
+        if not self._parameters_supported(path, mail=True):
+            return
+
+        def accepted(reply: Reply) -> None:
+            if reply.code // 100 == 2:
+                self._sender = path.address
+                self._recipients = 0
+                self._transaction_timer = self.clock.callLater(self._rules.transaction_timeout, self._too_slow)
+
+        self._relay(path.encode(b"MAIL FROM"), accepted)
+
+    def do_RCPT(self, argument: bytes) -> None:
+        if not self._must_be_logged_in():
+            return
+        if self._sender is None:
+            self._error(b"503 5.5.1 Need MAIL command")
+            return
+        if self._recipients >= self._rules.max_recipients:
+            self._reply(b"452 4.5.3 Too many recipients\r\n")
+            return
+        path = self._path(argument, b"TO")
+        if path is None or not self._parameters_supported(path, mail=False):
+            return
+
+        def accepted(reply: Reply) -> None:
+            if reply.code // 100 == 2:
+                self._recipients += 1
+
+        self._relay(path.encode(b"RCPT TO"), accepted)
+
+    def do_DATA(self, argument: bytes) -> None:
+        if not self._must_be_logged_in():
+            return
+        if argument:
+            self._error(b"501 5.5.4 Syntax: DATA")
+            return
+        if self._sender is None or not self._recipients:
+            self._error(b"503 5.5.1 Need RCPT command")
+            return
+
+        def answered(reply: Reply) -> None:
+            if reply.code == 354:
+                self._data_tail, self._data_size, self._data_too_big = b"\r\n", 0, False
+                self.setRawMode()
+
+        self._relay(b"DATA", answered)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing travels untouched."""
+        window = self._data_tail + data
+        end = window.find(_END_OF_DATA)
+        if end < 0:
+            self._message_bytes(data)
+            self._data_tail = window[-4:]
+            return
+        cut = end + len(_END_OF_DATA) - len(self._data_tail)
+        self._message_bytes(data[:cut])
+        self.pauseProducing()  # what follows waits for the MTA's verdict
+        self.back_to_lines(data[cut:])
+        if self._data_too_big:
+            self._drop_backend()
+            self._end_transaction(reset_backend=False)
+            self._reply(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+            return
+        assert self._backend is not None
+        waiting = self._backend.expect_reply()
+        waiting.addCallbacks(self._message_done, self._backend_failed)
+
+    def _message_bytes(self, chunk: bytes) -> None:
+        self._data_size += len(chunk)
+        # The terminator's 5 bytes are not part of the message.
+        if self._data_size > self._rules.max_message_size + len(_END_OF_DATA):
+            if not self._data_too_big:
+                # Nothing of it may reach a mailbox: the MTA loses the connection before the final dot.
+                self._data_too_big = True
+                self._drop_backend()
+            return
+        if self._backend is not None:
+            self._backend.write_data(chunk)
+
+    def _message_done(self, reply: Reply) -> None:
+        assert self.user is not None
+        log.info("message protocol=submission client={client} user={user} size={size} recipients={recipients} "
+                 "reply={code}", client=self.client.host, user=loggable_user(self.user),
+                 size=self._data_size - len(_END_OF_DATA), recipients=self._recipients, code=reply.code)
+        self._end_transaction(reset_backend=False)
+        self._reply(reply.encode())
+
+    def _too_slow(self) -> None:
+        self._transaction_timer = None
+        log.info("timeout protocol=submission client={client} reason=transaction", client=self.client.host)
+        self.send(b"421 4.4.2 Transaction timeout, closing connection\r\n")
+        self.close()
+
+    def _end_transaction(self, reset_backend: bool) -> None:
+        if self._transaction_timer is not None:
+            self._transaction_timer.cancel()
+            self._transaction_timer = None
+        if reset_backend and self._sender is not None and self._backend is not None:
+            self._backend.command(b"RSET").addErrback(lambda failure: None)
+        self._sender = None
+        self._recipients = 0
+
+    # -- talking to the MTA, one command at a time
+
+    def _relay(self, line: bytes, then: Callable[[Reply], None]) -> None:
+        """Send a command to the MTA (connecting again if needed); its reply goes to the client."""
+        self.pauseProducing()
+        connecting = self._connected_backend()
+
+        def answered(reply: Reply) -> None:
+            then(reply)
+            self._reply(reply.encode())
+
+        connecting.addCallback(lambda backend: backend.command(line))
+        connecting.addCallbacks(answered, self._backend_failed)
+
+    def _connected_backend(self) -> Deferred[SmtpBackend]:
+        if self._backend is not None:
+            return succeed(self._backend)
+        assert self._session is not None
+        connecting = self.context.backend.login(self._session.request)
+
+        def connected(backend: BackendLogin) -> SmtpBackend:
+            assert isinstance(backend, SmtpBackend)
+            self._use_backend(backend)
+            return backend
+
+        connecting.addCallback(connected)
+        self._pending = connecting
+        return connecting
+
+    def _use_backend(self, backend: SmtpBackend) -> None:
+        self._backend = backend
+        backend.start_session()
+        backend.transport.registerProducer(_ClientReads(self.transport), True)  # type: ignore[union-attr,arg-type]
+        backend.result.addErrback(lambda failure: None)
+
+    def _drop_backend(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.transport is not None:
+            backend.transport.unregisterProducer()  # type: ignore[attr-defined]
+            backend.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _backend_failed(self, failure: Failure) -> None:
+        if self.closed:
+            return
+        log.warn("backend_unavailable protocol=submission client={client} user={user} backend={backend} "
+                 "reason={reason}", client=self.client.host, user=loggable_user(self.user or ""),
+                 backend=self.context.backend.address, reason=failure.getErrorMessage())
+        self._drop_backend()
+        self._end_transaction(reset_backend=False)
+        self._reply(_BACKEND_DOWN)
+
+    # -- replies
+
+    def _path(self, argument: bytes, keyword: bytes) -> PathCommand | None:
+        try:
+            return parse_path(argument, keyword)
+        except SmtpSyntaxError as e:
+            self._error(b"501 5.5.4 " + str(e).encode("ascii"))
+            return None
+
+    def _parameters_supported(self, path: PathCommand, mail: bool) -> bool:
+        """
+        MAIL takes SIZE, BODY=7BIT, and BODY=8BITMIME and SMTPUTF8 when the MTA offers them;
+        RCPT takes none (DSN is not relayed, so NOTIFY and ORCPT are refused rather than dropped).
+        """
+        offered = self._backend_extensions()
+        for keyword, value in path.parameters:
+            if not mail:
+                supported = False
+            elif keyword == b"SIZE":
+                supported = True
+            elif keyword == b"BODY":
+                body = (value or b"").upper()
+                supported = body == b"7BIT" or (body == b"8BITMIME" and b"8BITMIME" in offered)
+            else:
+                supported = keyword == b"SMTPUTF8" and value is None and b"SMTPUTF8" in offered
+            if not supported:
+                self._error(b"555 5.5.4 Unsupported parameter " + keyword)
+                return False
+        return True
+
+    def _reply(self, reply: bytes) -> None:
+        """Send a reply and read the next command."""
+        self.send(reply)
+        self.command_succeeded()
+        if not self.closed:
+            self.resumeProducing()
+
+    def _error(self, reply: bytes) -> None:
+        self.send(reply + b"\r\n")
+        self.command_failed()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self._transaction_timer is not None:
+            self._transaction_timer.cancel()
+            self._transaction_timer = None
+        backend, self._backend = self._backend, None
+        if backend is not None and backend.transport is not None:
+            backend.transport.unregisterProducer()  # type: ignore[attr-defined]
+            backend.command(b"QUIT").addErrback(lambda failure: None)
+            backend.transport.loseConnection()
+        super().connectionLost(reason)
+
+
+
+@implementer(IPushProducer)
+class _ClientReads:
+    """
+    Backpressure from the MTA to the client: a full MTA send buffer pauses reading from the
+    client. Unlike registering the client's transport itself, the MTA connection closing (its
+    idle timeout, say) does not close the client: the next MAIL simply connects again.
+    """
+
+    def __init__(self, transport: IPushProducer) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
