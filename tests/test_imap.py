@@ -108,9 +108,9 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.transport.producerState, "producing")
         self.assertEqual(self.say(b"c NOOP\r\n"), b"")  # nothing more is answered
         self.clock.advance(9.9)
-        self.assertFalse(self.transport.aborted)
+        self.assertFalse(self.transport.disconnected)  # StringTransport marks an abort so
         self.clock.advance(0.1)
-        self.assertTrue(self.transport.aborted)
+        self.assertTrue(self.transport.disconnected)
 
     def test_id(self) -> None:
         """ID with a field list or NIL answers with the gateway's own ID."""

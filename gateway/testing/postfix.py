@@ -45,14 +45,16 @@ MAIL_DOMAIN = "example.org"
 HOSTNAME = "mail.example.org"
 """The sandbox's ``myhostname``, which names it in the ``Received:`` headers it adds."""
 
-# Local parts the sandbox accepts, kept to characters that are safe as a
-# directory name. The same rule serves as Postfix's recipient table, so an
-# address outside it is refused at RCPT TO rather than delivered somewhere odd.
-_LOCALPART = r"[a-z0-9_+-][a-z0-9._+-]*"
-_LOCALPART_RE = re.compile(rf"{_LOCALPART}\Z", re.IGNORECASE)
-
 # Postfix names Maildir files "<seconds>.V<dev>I<inode>M<microseconds>.<host>".
 _MAILDIR_NAME_RE = re.compile(r"(\d+)\.V[0-9a-f]+I[0-9a-f]+M(\d+)\.")
+
+# The headers virtual(8) prepends to every delivered message, in order; the last
+# one is the Received: header that this Postfix's cleanup(8) added on receipt.
+_PREPENDED = (b"Return-Path:", b"X-Original-To:", b"Delivered-To:", b"Received:")
+_RECEIVED_BY = f"by {HOSTNAME} (Postfix) with ".encode()
+
+# A main.cf line that sets a parameter (continuation lines start with white space).
+_PARAMETER_RE = re.compile(r"^([A-Za-z0-9_]+)\s*=", re.MULTILINE)
 
 # The queue directories that hold mail not yet delivered or bounced.
 _QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -69,12 +71,12 @@ class PostfixNotInstalled(RuntimeError):
 class PostfixSandbox:
     """A Postfix instance that accepts plaintext SMTP for ``@example.org`` and delivers it.
 
-    Layout under ``directory``: ``etc/`` (``main.cf``, ``master.cf`` and the
-    recipient table ``virtual_mailboxes``, all rewritten on every start),
-    ``queue/`` (``queue_directory``), ``data/`` (``data_directory``, owned by
-    the ``postfix`` account), ``postfix.log`` (everything Postfix logs, through
-    its ``postlog`` service, plus the output of the ``postfix`` command) and,
-    without LMTP, ``mail/<localpart>/`` Maildirs owned by the ``mail`` account.
+    Layout under ``directory``: ``etc/`` (``main.cf`` and ``master.cf``,
+    rewritten on every start), ``queue/`` (``queue_directory``), ``data/``
+    (``data_directory``, owned by the ``postfix`` account), ``postfix.log``
+    (everything this instance logs, through its ``postlog`` service, plus the
+    output of the ``postfix`` command) and, without LMTP, ``mail/Maildir/``,
+    owned by the ``mail`` account, which receives every recipient's copy.
 
     The SMTP port speaks plain ESMTP with 8BITMIME, SMTPUTF8 and SIZE, and
     no TLS and no AUTH: the gateway authenticates clients and then names them
@@ -84,12 +86,12 @@ class PostfixSandbox:
     sasl_username=user``) and its ``Received:`` header says ``with ESMTPA``.
 
     Mail is accepted from clients in ``127.0.0.0/8`` and ``::1`` and from
-    authenticated ones, and only for recipients ``<localpart>@example.org``
-    whose local part consists of letters, digits and ``._+-`` and does not
-    start with a dot; every other recipient is refused at RCPT TO (``554 5.7.1
-    Relay access denied`` for other domains, ``550 5.1.1`` for other local
-    parts), because the sandbox relays nowhere. Mail the sandbox itself
-    generates (bounces, postmaster notices) goes to ``postmaster@example.org``.
+    authenticated ones, for any recipient in ``example.org`` (without LMTP,
+    every local part exists; with LMTP, the LMTP server decides). Other
+    domains are refused at RCPT TO with ``554 5.7.1 Relay access denied``,
+    even for authenticated clients, because the sandbox relays nowhere;
+    bounces to senders outside ``example.org`` fail at once (error(8)), so
+    the queue never keeps mail it cannot deliver.
 
     Postfix keeps what the client sent, except that it prepends headers (see
     :func:`body_as_sent`): unlike a production setup, the sandbox does not
@@ -132,7 +134,8 @@ class PostfixSandbox:
             allowed to send XCLIENT.
         :param message_size_limit: the largest message accepted, in bytes; larger ones get
             ``552 5.3.4``.
-        :param extra_main_cf: ``main.cf`` lines appended last, so they override the defaults.
+        :param extra_main_cf: ``main.cf`` text appended to the defaults; a parameter it sets
+            replaces the default setting of that parameter.
         :raises PostfixNotInstalled: if ``postfix`` is not on ``PATH`` or in ``/usr/sbin``.
         :raises RuntimeError: if the ``postfix`` or ``mail`` account or the ``postdrop``
             group is missing.
@@ -141,6 +144,7 @@ class PostfixSandbox:
         if binary is None:
             raise PostfixNotInstalled()
         self._binary = binary
+        self._postmap = os.path.join(os.path.dirname(binary), "postmap")
         self._directory = os.path.abspath(directory)
         self._postfix_uid = _uid("postfix")
         self._postfix_gid = _gid("postfix")
@@ -176,9 +180,9 @@ class PostfixSandbox:
         :meth:`start` delivers what was queued and serves on the same port.
 
         :raises RuntimeError: if the sandbox is already running, a directory above
-            ``directory`` is not searchable by other users, or Postfix exits or does
-            not greet within 20 seconds; the message then ends with the tail of
-            :attr:`log_path`.
+            ``directory`` is not searchable by other users, or Postfix refuses the
+            configuration, exits, or does not greet within 20 seconds; the message
+            then ends with the tail of :attr:`log_path`.
         """
         if self._process is not None:
             if self._process.poll() is None:
@@ -186,6 +190,23 @@ class PostfixSandbox:
             # The master died on its own and has been reaped: start afresh.
             self._process = None
         self._prepare()
+        with open(self.log_path, "ab") as log:
+            # The postfix command reports a malformed main.cf only to syslog
+            # (absent here) or a terminal; postmap parses main.cf the same way
+            # and always reports to stderr.
+            check = subprocess.run(
+                [self._postmap, "-c", self.config_directory, "-q", "check", "static:ok"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                timeout=_START_TIMEOUT,
+                check=False,
+            )
+        if check.returncode != 0:
+            raise RuntimeError(
+                f"postfix refuses the configuration in {self.config_directory}; "
+                f"end of {self.log_path}:\n{self._log_tail()}"
+            )
         with open(self.log_path, "ab") as log:
             # start-fg keeps the master (a child of the postfix-script shell
             # that this Popen runs) in the foreground, so the Popen exits
@@ -254,43 +275,43 @@ class PostfixSandbox:
                 )
             time.sleep(_POLL_INTERVAL)
 
-    def maildir(self, recipient_localpart: str) -> str:
-        """Return the Maildir that mail for ``<recipient_localpart>@example.org`` goes to.
+    @property
+    def maildir(self) -> str:
+        """Path of the one Maildir that receives all mail when the sandbox does not use LMTP.
 
-        The directory exists once a message has been delivered to it.
-
-        :raises ValueError: if the sandbox delivers over LMTP, or it refuses that local part.
+        Every recipient's copy is a file of its own there, named by
+        ``Delivered-To:``; the directory exists once the first message is delivered.
         """
-        if self._lmtp is not None:
-            raise ValueError("this Postfix sandbox delivers over LMTP, not into Maildirs")
-        if not _LOCALPART_RE.match(recipient_localpart):
-            raise ValueError(f"the sandbox refuses mail for {recipient_localpart!r}")
-        return os.path.join(self._mail_directory, recipient_localpart.lower())
+        return os.path.join(self._mail_directory, "Maildir")
 
     def delivered(self, recipient_localpart: str) -> list[bytes]:
         """Return the messages delivered to ``<recipient_localpart>@example.org``, oldest first.
 
         Each message is the raw Maildir file, which begins with the headers
         Postfix prepends and has LF line endings; :func:`body_as_sent` turns it
-        back into what the client sent. Local parts are matched case-insensitively.
+        back into what the client sent. The recipient is matched against the
+        ``Delivered-To:`` header regardless of case, as Postfix matches addresses.
 
-        :raises ValueError: if the sandbox delivers over LMTP, or it refuses that local part.
+        :raises ValueError: if the sandbox delivers over LMTP.
         """
-        root = self.maildir(recipient_localpart)
+        if self._lmtp is not None:
+            raise ValueError("this Postfix sandbox delivers over LMTP, not into its Maildir")
+        wanted = f"{recipient_localpart}@{MAIL_DOMAIN}".encode().lower()
         found: list[tuple[tuple[int, int, int], str]] = []
         for sub in ("new", "cur"):
-            path = os.path.join(root, sub)
+            path = os.path.join(self.maildir, sub)
             if not os.path.isdir(path):
                 continue
             for name in os.listdir(path):
-                if name.startswith("."):
-                    continue
-                file_path = os.path.join(path, name)
-                found.append((_delivery_time(name, file_path), file_path))
+                if not name.startswith("."):
+                    file_path = os.path.join(path, name)
+                    found.append((_delivery_time(name, file_path), file_path))
         messages = []
         for _, file_path in sorted(found):
             with open(file_path, "rb") as f:
-                messages.append(f.read())
+                message = f.read()
+            if _delivered_to(message).lower() == wanted:
+                messages.append(message)
         return messages
 
     def wait_for_delivered(self, localpart: str, count: int, timeout: float = 30) -> list[bytes]:
@@ -360,15 +381,7 @@ class PostfixSandbox:
             os.makedirs(self._mail_directory, exist_ok=True)
             os.chown(self._mail_directory, self._mail_uid, self._mail_gid)
             os.chmod(self._mail_directory, 0o755)
-        files = {
-            "main.cf": self._main_cf(),
-            "master.cf": self._master_cf(),
-            "virtual_mailboxes": (
-                "# Generated by gateway.testing.postfix; rewritten on every start.\n"
-                f"/^({_LOCALPART})@{re.escape(MAIL_DOMAIN)}$/ ${{1}}/\n"
-            ),
-        }
-        for name, text in files.items():
+        for name, text in (("main.cf", self._main_cf()), ("master.cf", self._master_cf())):
             with open(os.path.join(self.config_directory, name), "w", encoding="utf-8") as f:
                 f.write(text)
 
@@ -380,7 +393,7 @@ class PostfixSandbox:
             lmtp_host, lmtp_port = self._lmtp
             transport = f"lmtp:inet:[{lmtp_host}]:{lmtp_port}"
         directory = self._directory
-        return f"""\
+        defaults = f"""\
 # Generated by gateway.testing.postfix; rewritten on every start.
 compatibility_level = 3.6
 queue_directory = {self._queue_directory}
@@ -424,7 +437,7 @@ local_header_rewrite_clients =
 in_flow_delay = 0
 
 virtual_mailbox_domains = {MAIL_DOMAIN}
-virtual_mailbox_maps = regexp:{os.path.join(self.config_directory, "virtual_mailboxes")}
+virtual_mailbox_maps = static:Maildir/
 virtual_mailbox_base = {self._mail_directory}
 virtual_uid_maps = static:{self._mail_uid}
 virtual_gid_maps = static:{self._mail_gid}
@@ -437,9 +450,16 @@ relay_transport = $default_transport
 queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
-
-{self._extra_main_cf}
 """
+        # Postfix warns in every process about a parameter set twice, so the
+        # defaults that extra_main_cf sets are left out rather than overridden.
+        replaced = set(_PARAMETER_RE.findall(self._extra_main_cf))
+        kept = []
+        for line in defaults.splitlines(keepends=True):
+            match = _PARAMETER_RE.match(line)
+            if match is None or match[1] not in replaced:
+                kept.append(line)
+        return "".join(kept) + self._extra_main_cf
 
     def _master_cf(self) -> str:
         """Return the text of ``master.cf``: one SMTP listener and the internal services."""
@@ -499,31 +519,41 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 def body_as_sent(delivered: bytes) -> bytes:
     """Return the message a client sent, given the Maildir file Postfix delivered it as.
 
-    Postfix's virtual(8) delivery prepends ``Return-Path: <sender>``, then
-    ``Delivered-To: recipient``, above the ``Received:`` header that this
-    Postfix (``by mail.example.org (Postfix)``) added on receipt, and stores
-    lines with LF endings. This removes exactly those three headers and turns
-    every LF back into CRLF. The result is what the client sent after
-    dot-unstuffing (lines that began with ``..`` on the wire begin with ``.``),
-    provided the client ended every line with CRLF and sent no bare LF:
-    a bare LF, too, comes back as CRLF. Postfix does not otherwise change the
-    message (8-bit bytes are kept as they are).
+    Postfix's virtual(8) delivery prepends ``Return-Path: <sender>``,
+    ``X-Original-To: recipient`` and ``Delivered-To: recipient``, in that
+    order, above the ``Received:`` header (folded over several lines) that
+    this Postfix added on receipt (``by mail.example.org (Postfix) with
+    ESMTP``, or ``ESMTPA`` after ``XCLIENT LOGIN=``), and stores lines with
+    LF endings. This removes exactly those four headers and turns every LF
+    back into CRLF.
 
-    :raises ValueError: if ``delivered`` does not start with those headers.
+    The result is what the client sent after dot-unstuffing (a line sent as
+    ``..x`` is ``.x``), provided the client ended every line with CRLF: a
+    bare LF, too, comes back as CRLF. Postfix changes nothing else in the
+    sandbox's setup; 8-bit bytes, header order and folding are kept.
+
+    :raises ValueError: if ``delivered`` does not start with those four headers.
     """
     lines = delivered.split(b"\n")
-    for name in (b"Return-Path:", b"Delivered-To:"):
+    header: list[bytes] = []
+    for name in _PREPENDED:
         if not lines or not lines[0].startswith(name):
             raise ValueError(f"the delivered message does not start with {name.decode()!r}")
-        lines.pop(0)
-    if not lines or not lines[0].startswith(b"Received:"):
-        raise ValueError("the delivered message has no Received: header after Delivered-To:")
-    received = [lines.pop(0)]
-    while lines and lines[0][:1] in (b" ", b"\t"):
-        received.append(lines.pop(0))
-    if f" by {HOSTNAME} (Postfix)".encode() not in b"\n".join(received).replace(b"\n\t", b" "):
+        header = [lines.pop(0)]
+        while lines and lines[0][:1] in (b" ", b"\t"):
+            header.append(lines.pop(0))
+    # The loop leaves the Received: header, unfolded below, in ``header``.
+    if _RECEIVED_BY not in b" ".join(line.strip() for line in header):
         raise ValueError(f"the first Received: header was not added by {HOSTNAME}")
     return b"\r\n".join(lines)
+
+
+def _delivered_to(message: bytes) -> bytes:
+    """Return the address in the ``Delivered-To:`` header that Postfix prepended, or ``b""``."""
+    for line in message.split(b"\n", len(_PREPENDED))[: len(_PREPENDED)]:
+        if line.startswith(b"Delivered-To:"):
+            return line[len(b"Delivered-To:") :].strip()
+    return b""
 
 
 def _delivery_time(name: str, path: str) -> tuple[int, int, int]:
