@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTCP, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
@@ -102,8 +102,12 @@ class BackendLogin(LineReceiver):
         set_nodelay(self.transport)
 
     def start_tls(self) -> None:
-        """Upgrade the backend connection (after the protocol's STARTTLS exchange)."""
+        """
+        Upgrade the backend connection (after the protocol's STARTTLS exchange). Lines that came
+        after the positive reply arrived in clear, from whoever sits in between: dropped.
+        """
         assert self.tls is not None
+        self.clearLineBuffer()
         self.transport.startTLS(self.tls)  # type: ignore[union-attr]
 
     def succeed(self) -> None:
@@ -193,11 +197,15 @@ class BackendConnector:
             return protocol.result
 
         def cancel_login(d: Deferred[BackendLogin]) -> None:
+            # Once connected, "connecting" waits on protocol.result, so this cancels the login too.
             connecting.cancel()
-            protocol.result.cancel()
+
+        def connect_cancelled(failure: Failure) -> Failure:
+            failure.trap(ConnectingCancelledError)
+            raise CancelledError()
 
         done: Deferred[BackendLogin] = Deferred(cancel_login)
-        connecting.addCallback(connected).chainDeferred(done)
+        connecting.addCallback(connected).addErrback(connect_cancelled).chainDeferred(done)
         done.addBoth(self._learn, protocol)
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]

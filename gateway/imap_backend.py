@@ -60,7 +60,7 @@ class ImapBackendLogin(BackendLogin):
             self._capabilities_from(response.code.args)
         elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
             self._capabilities_from(response.text[11:])
-        if not self._greeted_yet and response.status is not None:
+        if not self._greeted_yet and response.status is not None and not self.result.called:
             self._greeted_yet = True
             self._greeted(response)
 
@@ -74,6 +74,8 @@ class ImapBackendLogin(BackendLogin):
         return capability.upper() in (c.upper() for c in self._known_capabilities or ())
 
     def _send(self, command: bytes, handler: _Handler) -> None:
+        if self.result.called:
+            return  # the login has already failed
         self._tag_number += 1
         tag = b"gw%d" % self._tag_number
         self._waiting = (tag, handler)

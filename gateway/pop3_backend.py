@@ -127,17 +127,16 @@ class Pop3BackendLogin(BackendLogin):
         if not encoded or any(byte in encoded for byte in b"\0\r\n "):
             self.fail(BackendRejected("the user name cannot be sent in a POP3 USER command"))
             return
+        if any(byte in self.request.password for byte in b"\0\r\n"):
+            self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
+            return
         self._send(b"USER " + encoded, self._password)
 
     def _password(self, ok: bool, text: bytes) -> None:
         if not ok:
             self._refused(text)
             return
-        password = self.request.password
-        if any(byte in password for byte in b"\0\r\n"):
-            self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
-            return
-        self._send(b"PASS " + password, self._logged_in)
+        self._send(b"PASS " + self.request.password, self._logged_in)
 
     def _logged_in(self, ok: bool, text: bytes) -> None:
         if not ok:

@@ -5,6 +5,8 @@ and C{Clock}: an authenticator, a backend connector, and a transport that record
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -55,11 +57,20 @@ class MemoryBackend:
     :ivar cancelled: how many held logins were cancelled.
     :ivar requests: every login request, in order.
     :ivar sessions: the logged-in backend protocols, in order.
+    :ivar announced: what the backend offers before login, as L{BackendConnector.announced}.
     """
 
     def __init__(self, capabilities: tuple[bytes, ...] = (b"IMAP4rev1", b"IDLE"),
-                 settings: BackendSettings = BACKEND_SETTINGS) -> None:
+                 settings: BackendSettings = BACKEND_SETTINGS,
+                 make_session: Callable[[LoginRequest], BackendLogin] | None = None) -> None:
+        """
+        :param make_session: builds a logged-in session for a request (default: a plain
+            L{BackendLogin} with C{capabilities}); protocols whose front end keeps talking to
+            the backend after login pass their own.
+        """
         self.settings = settings
+        self._make_session = make_session
+        self.announced: tuple[bytes, ...] | None = None
         self.address = f"{settings.host}:{settings.port}"
         self.capabilities = capabilities
         self.passwords: dict[str, bytes] | None = None
@@ -87,10 +98,13 @@ class MemoryBackend:
 
     def session(self, request: LoginRequest) -> BackendLogin:
         """A logged-in backend session on a fresh StringTransport."""
-        session = BackendLogin(request, self.settings, None)
-        session.capabilities = self.capabilities
-        session.makeConnection(StringTransport())
-        session.succeed()
+        if self._make_session is not None:
+            session = self._make_session(request)
+        else:
+            session = BackendLogin(request, self.settings, None)
+            session.capabilities = self.capabilities
+            session.makeConnection(StringTransport())
+            session.succeed()
         self.sessions.append(session)
         return session
 

@@ -6,13 +6,13 @@ data directory, log and Maildirs all live under one directory, and
 :meth:`PostfixSandbox.stop` stops exactly the instance that
 :meth:`PostfixSandbox.start` started.
 
-It needs root: the Postfix master must start as root. Running as root also
-means the default ``/etc/postfix/main.cf`` is left alone: Postfix insists that a
-``-c`` directory be listed in that file's ``alternate_config_directories`` only
-when the command runs unprivileged (``mail_conf_suck()`` skips the check for
-euid 0), and the sandbox never runs Postfix commands as another user. The
-default ``main.cf`` need not even exist, as after Debian's "No configuration"
-install.
+It needs root: the Postfix master must start as root. The default
+``/etc/postfix/main.cf`` is left alone and need not even exist (as after
+Debian's "No configuration" install): Postfix wants a ``-c`` directory listed
+in that file's ``alternate_config_directories`` only when one of its set-gid
+commands (``postqueue``, ``postdrop``, hence ``sendmail``) runs for an
+unprivileged user. The sandbox runs its Postfix commands as root and inspects
+the queue by listing its directories.
 """
 
 from __future__ import annotations
@@ -79,11 +79,14 @@ class PostfixSandbox:
     owned by the ``mail`` account, which receives every recipient's copy.
 
     The SMTP port speaks plain ESMTP with 8BITMIME, SMTPUTF8 and SIZE, and
-    no TLS and no AUTH: the gateway authenticates clients and then names them
-    with ``XCLIENT ADDR=... PORT=... PROTO=ESMTPA LOGIN=user``, which clients in
-    ``xclient_hosts`` may send after EHLO. After ``XCLIENT LOGIN=`` the session
-    counts as authenticated (Postfix logs ``sasl_method=XCLIENT,
-    sasl_username=user``) and its ``Received:`` header says ``with ESMTPA``.
+    no TLS and no AUTH (``503``): the gateway authenticates clients and then
+    names them with ``XCLIENT ADDR=... PORT=... PROTO=ESMTP LOGIN=user``, which
+    clients in ``xclient_hosts`` may send after EHLO (Postfix answers with a
+    new ``220`` greeting, so EHLO follows again). ``PROTO`` takes only ``SMTP``
+    or ``ESMTP``; ``PROTO=ESMTPA`` is refused with ``501 5.5.4``. After
+    ``LOGIN=`` the session counts as authenticated: Postfix logs
+    ``client=unknown[ADDR], sasl_method=XCLIENT, sasl_username=user`` and
+    its ``Received:`` header says ``with ESMTPA``.
 
     Mail is accepted from clients in ``127.0.0.0/8`` and ``::1`` and from
     authenticated ones, for any recipient in ``example.org`` (without LMTP,
@@ -242,9 +245,9 @@ class PostfixSandbox:
 
         ``postfix -c DIR stop`` signals the master named in this instance's own
         ``master.pid``; the master takes its children with it. If the master is
-        still there after 15 seconds, its process group (which holds only this
-        instance's processes) gets SIGKILL. Stopping a sandbox that is not
-        running does nothing.
+        still there after 15 seconds, its process group and that of the
+        ``postfix start-fg`` command (which hold only this instance's processes)
+        get SIGKILL. Stopping a sandbox that is not running does nothing.
 
         :raises RuntimeError: if the port still accepts connections 15 seconds after
             the master exited.
@@ -253,18 +256,19 @@ class PostfixSandbox:
         if process is None:
             return
         if process.poll() is None:
-            subprocess.run(
-                [self._binary, "-c", self.config_directory, "stop"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=_STOP_TIMEOUT,
-                check=False,
-            )
             try:
+                subprocess.run(
+                    [self._binary, "-c", self.config_directory, "stop"],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=_STOP_TIMEOUT,
+                    check=False,
+                )
                 process.wait(timeout=_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self._kill_master()
-                process.kill()
+                # The start-fg shell leads a process group of its own (see start()).
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         deadline = time.monotonic() + _STOP_TIMEOUT
         while _accepts(self._host, self.smtp_port):
@@ -318,7 +322,7 @@ class PostfixSandbox:
         """Wait until at least ``count`` messages have been delivered to ``localpart`` and return them.
 
         :returns: what :meth:`delivered` returns once it holds ``count`` messages or more.
-        :raises ValueError: if the sandbox delivers over LMTP, or it refuses that local part.
+        :raises ValueError: if the sandbox delivers over LMTP.
         :raises TimeoutError: if fewer arrive within ``timeout`` seconds; the message ends
             with the tail of :attr:`log_path`.
         """
@@ -407,7 +411,7 @@ maillog_file_prefixes = {directory}
 biff = no
 
 inet_interfaces = {self._host}
-inet_protocols = {"ipv6" if ":" in self._host else "ipv4"}
+inet_protocols = {"all" if ":" in self._host else "ipv4"}
 myhostname = {HOSTNAME}
 mydomain = {MAIL_DOMAIN}
 myorigin = $mydomain
@@ -420,8 +424,14 @@ alias_maps =
 alias_database =
 
 smtpd_banner = $myhostname ESMTP
+# No DNS: clients are logged and named in Received: as unknown[address].
 smtpd_peername_lookup = no
 smtpd_authorized_xclient_hosts = {self._xclient_hosts}
+# XCLIENT LOGIN= counts only while SASL is enabled; AUTH itself stays hidden
+# and refused, since the gateway authenticates clients. smtpd exits unless
+# Cyrus SASL offers at least one mechanism (Debian: libsasl2-modules).
+smtpd_sasl_auth_enable = yes
+smtpd_discard_ehlo_keywords = silent-discard, auth
 smtpd_client_restrictions = permit_mynetworks, permit_sasl_authenticated, reject
 smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject
 smtpd_recipient_restrictions = reject_unauth_destination

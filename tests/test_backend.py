@@ -1,0 +1,341 @@
+"""The protocol-neutral backend connector: endpoints, timeout, cancellation, failures, probing."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from collections.abc import Callable, Sequence
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IAddress, IHostnameResolver, IHostResolution, IResolutionReceiver
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from gateway.backend import (
+    BackendConnector,
+    BackendLogin,
+    BackendRefused,
+    BackendRejected,
+    BackendUnavailable,
+    ClientAddress,
+    LoginRequest,
+)
+from gateway.config import BackendSettings
+from gateway.imap_backend import ImapBackendLogin
+from gateway.pop3_backend import Pop3BackendLogin
+from gateway.testing.fakes import BACKEND_SETTINGS
+
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993)
+REQUEST = LoginRequest("alice", b"secret", CLIENT)
+SETTINGS = dataclasses.replace(BACKEND_SETTINGS, timeout=2.5)
+POP3_SETTINGS = dataclasses.replace(SETTINGS, port=110)
+POP3_CAPA = b"+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n"
+
+
+@dataclasses.dataclass
+class _Resolution:
+    name: str
+
+    def cancel(self) -> None:
+        """Resolution is synchronous: there is never anything to cancel."""
+
+
+@implementer(IHostnameResolver)
+class RecordingResolver:
+    """
+    Resolves every name to 127.0.0.1 at once and records the names asked for.
+
+    :ivar names: every host name resolved, in order.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def resolveHostName(self, resolutionReceiver: IResolutionReceiver, hostName: str, portNumber: int = 0,
+                        addressTypes: Sequence[type[IAddress]] | None = None,
+                        transportSemantics: str = "TCP") -> IHostResolution:
+        """Record C{hostName} and resolve it to 127.0.0.1 before returning."""
+        self.names.append(hostName)
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        resolutionReceiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+class ConnectorTestBase(SynchronousTestCase):
+    """A connector on a memory reactor whose connections are made by hand."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.resolver = RecordingResolver()
+        self.reactor.installNameResolver(self.resolver)
+        self.dialogues: list[BackendLogin] = []
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # no timeout left behind
+        # A dialogue's own result left failed and unread is logged whenever it is collected,
+        # which could be during a later test; only test_no_unhandled_error_* looks for that.
+        for dialogue in self.dialogues:
+            dialogue.result.addErrback(lambda _: None)
+
+    def connector(self, settings: BackendSettings = SETTINGS,
+                  login_protocol: Callable[..., BackendLogin] = ImapBackendLogin) -> BackendConnector:
+        """A connector whose dialogues are kept in C{dialogues}."""
+
+        def build(request: LoginRequest, settings: BackendSettings, tls: object) -> BackendLogin:
+            dialogue = login_protocol(request, settings, tls)  # type: ignore[arg-type]
+            self.dialogues.append(dialogue)
+            return dialogue
+
+        return BackendConnector(self.reactor, settings, build)  # type: ignore[arg-type]
+
+    def accept(self, index: int = 0) -> tuple[Protocol, StringTransport]:
+        """Complete the connection attempt number C{index}; return the wire protocol and its transport."""
+        host, port, factory = self.reactor.tcpClients[index][:3]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def refuse(self, attempt: Deferred[BackendLogin], index: int = 0) -> Failure:
+        """Fail the connection attempt number C{index} as refused; return how C{attempt} failed."""
+        self.reactor.tcpClients[index][2].clientConnectionFailed(self.reactor.connectors[index],
+                                                                 Failure(ConnectionRefusedError()))
+        return self.failureResultOf(attempt, BackendUnavailable)
+
+
+class EndpointTests(ConnectorTestBase):
+    """How the backend's address is reached."""
+
+    def test_ipv4_literal(self) -> None:
+        """An IPv4 address is connected to directly, without the resolver, with the configured timeout."""
+        attempt = self.connector().login(REQUEST)
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 143))
+        self.assertEqual(self.reactor.tcpClients[0][3], 2.5)
+        self.assertEqual(self.resolver.names, [])
+        self.refuse(attempt)
+
+    def test_ipv6_literal(self) -> None:
+        """An IPv6 address is connected to directly, without the resolver."""
+        attempt = self.connector(dataclasses.replace(SETTINGS, host="::1")).login(REQUEST)
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("::1", 143))
+        self.assertEqual(self.resolver.names, [])
+        self.refuse(attempt)
+
+    def test_host_name(self) -> None:
+        """A host name goes through the reactor's resolver and the resolved address is connected to."""
+        attempt = self.connector(dataclasses.replace(SETTINGS, host="store.example")).login(REQUEST)
+        self.reactor.advance(0)
+        self.assertEqual(self.resolver.names, ["store.example"])
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 143))
+        self.reactor.tcpClients[0][2].clientConnectionFailed(self.reactor.connectors[0],
+                                                             Failure(ConnectionRefusedError()))
+        self.reactor.advance(0.3)  # the endpoint reports once its next attempt finds no address left
+        self.failureResultOf(attempt, BackendUnavailable)
+
+    def test_tls_creator_given_to_login(self) -> None:
+        """The login dialogue gets a TLS client creator with STARTTLS and none without TLS."""
+        given: list[object] = []
+
+        def login_protocol(request: LoginRequest, settings: BackendSettings, tls: object) -> BackendLogin:
+            given.append(tls)
+            return ImapBackendLogin(request, settings, tls)  # type: ignore[arg-type]
+
+        for settings in (SETTINGS, dataclasses.replace(SETTINGS, tls="starttls")):
+            attempt = self.connector(settings, login_protocol).login(REQUEST)
+            self.refuse(attempt, len(given) - 1)
+        self.assertIsNone(given[0])
+        self.assertIsNotNone(given[1])
+
+
+class LoginTests(ConnectorTestBase):
+    """Outcomes of a login through the connector."""
+
+    def test_success(self) -> None:
+        """A login the backend accepts fires with the logged-in dialogue and cancels the timeout."""
+        attempt = self.connector().login(REQUEST)
+        wire, transport = self.accept()
+        self.assertNoResult(attempt)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n")
+        self.assertEqual(transport.value(), b"gw1 LOGIN alice secret\r\n")
+        wire.dataReceived(b"gw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        session = self.successResultOf(attempt)
+        self.assertIsInstance(session, ImapBackendLogin)
+        self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
+
+    def test_rejected(self) -> None:
+        """A rejection of the credentials stays a BackendRejected."""
+        attempt = self.connector().login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(attempt, BackendRejected)
+
+    def test_refused(self) -> None:
+        """A refusal of the session stays a BackendRefused with the backend's reply."""
+        attempt = self.connector(POP3_SETTINGS, Pop3BackendLogin).login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA + b"+OK\r\n-ERR [IN-USE] Mailbox locked.\r\n")
+        failure = self.failureResultOf(attempt, BackendRefused)
+        self.assertEqual(failure.value.reply, b"[IN-USE] Mailbox locked.")  # type: ignore[union-attr]
+
+    def test_connection_refused(self) -> None:
+        """A refused connection is BackendUnavailable."""
+        attempt = self.connector().login(REQUEST)
+        self.assertIn("cannot connect", self.refuse(attempt).getErrorMessage())
+
+    def test_connection_lost(self) -> None:
+        """The backend closing the connection during the login is BackendUnavailable."""
+        attempt = self.connector().login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        wire.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(attempt, BackendUnavailable)
+
+    def test_unexpected_error(self) -> None:
+        """An unexpected exception in the dialogue comes out as BackendUnavailable naming its type."""
+
+        class Broken(ImapBackendLogin):
+            def connectionMade(self) -> None:
+                self.result.errback(ValueError("boom"))
+
+        attempt = self.connector(login_protocol=Broken).login(REQUEST)
+        self.accept()
+        failure = self.failureResultOf(attempt, BackendUnavailable)
+        self.assertEqual(failure.getErrorMessage(), "ValueError: boom")
+
+
+class DeadlineTests(ConnectorTestBase):
+    """The timeout and cancellation."""
+
+    def test_timeout_connecting(self) -> None:
+        """A backend that does not accept the connection in time is BackendUnavailable naming the seconds."""
+        attempt = self.connector().login(REQUEST)
+        self.reactor.advance(2.4)
+        self.assertNoResult(attempt)
+        self.reactor.advance(0.1)
+        failure = self.failureResultOf(attempt, BackendUnavailable)
+        self.assertIn("2.5 s", failure.getErrorMessage())
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+
+    def test_timeout_logging_in(self) -> None:
+        """A backend that connects but does not answer in time is BackendUnavailable naming the seconds."""
+        attempt = self.connector().login(REQUEST)
+        self.reactor.advance(1)
+        wire, transport = self.accept()
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+        self.reactor.advance(1.4)
+        self.assertNoResult(attempt)
+        self.reactor.advance(0.1)
+        failure = self.failureResultOf(attempt, BackendUnavailable)
+        self.assertEqual(failure.getErrorMessage(), "no answer within 2.5 s")
+        self.assertTrue(transport.disconnecting)
+
+    def test_cancel_connecting(self) -> None:
+        """Cancelling while connecting stops the attempt and fails with CancelledError, not BackendUnavailable."""
+        attempt = self.connector().login(REQUEST)
+        attempt.cancel()
+        self.failureResultOf(attempt, CancelledError)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+
+    def test_no_unhandled_error_after_connecting_stops(self) -> None:
+        """A cancelled or timed-out connection attempt leaves no unhandled error to be logged."""
+        for stop in (lambda attempt: attempt.cancel(), lambda attempt: self.reactor.advance(2.5)):
+            attempt = BackendConnector(self.reactor, SETTINGS, ImapBackendLogin).login(REQUEST)
+            stop(attempt)
+            self.failureResultOf(attempt)
+            del attempt
+            # The connector's factory, kept by the memory reactor, is what holds the dialogue.
+            self.reactor.tcpClients.clear()
+            self.reactor.connectors.clear()
+            gc.collect()
+            self.assertEqual([error.type.__name__ for error in self.flushLoggedErrors()], [])
+
+    def test_cancel_logging_in(self) -> None:
+        """Cancelling during the login aborts the connection and fails with CancelledError."""
+        attempt = self.connector().login(REQUEST)
+        wire, transport = self.accept()
+        wire.dataReceived(b"* OK ready\r\n")
+        attempt.cancel()
+        self.failureResultOf(attempt, CancelledError)
+        self.assertTrue(transport.disconnecting)
+
+
+class AnnouncedTests(ConnectorTestBase):
+    """What the backend offers before login, as the connector learns it."""
+
+    def test_unknown_at_first(self) -> None:
+        """A connector that has not talked to its backend knows nothing of what it announces."""
+        self.assertIsNone(self.connector(POP3_SETTINGS, Pop3BackendLogin).announced)
+
+    def test_learned_from_login(self) -> None:
+        """The capabilities announced during a login are kept, even when the login is rejected."""
+        connector = self.connector(POP3_SETTINGS, Pop3BackendLogin)
+        attempt = connector.login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA + b"-ERR [AUTH] no\r\n")
+        self.failureResultOf(attempt, BackendRejected)
+        self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
+
+    def test_kept_when_not_learned(self) -> None:
+        """A login that fails before CAPA leaves what was learned earlier."""
+        connector = self.connector(POP3_SETTINGS, Pop3BackendLogin)
+        first = connector.login(REQUEST)
+        wire, _ = self.accept(0)
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA + b"+OK\r\n+OK Logged in.\r\n")
+        self.successResultOf(first)
+        second = connector.login(REQUEST)
+        wire, _ = self.accept(1)
+        wire.dataReceived(b"-ERR [SYS/TEMP] busy\r\n")
+        self.failureResultOf(second, BackendUnavailable)
+        self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
+
+    def test_probe(self) -> None:
+        """probe() asks CAPA, says QUIT, closes, and fires with the capabilities, which are kept."""
+        connector = self.connector(POP3_SETTINGS, Pop3BackendLogin)
+        probing = connector.probe()
+        wire, transport = self.accept()
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA)
+        self.assertEqual(transport.value(), b"CAPA\r\nQUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.successResultOf(probing), (b"TOP", b"UIDL", b"USER"))
+        self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
+
+    def test_probe_unavailable(self) -> None:
+        """A probe of a backend that cannot be reached fails with BackendUnavailable."""
+        self.refuse(self.connector(POP3_SETTINGS, Pop3BackendLogin).probe())  # type: ignore[arg-type]
+
+
+class RequestTests(SynchronousTestCase):
+    """The login request itself."""
+
+    def test_repr_hides_password(self) -> None:
+        """A login request's repr names the user but not the password."""
+        text = repr(LoginRequest("alice", b"Sup3r-s3cret", CLIENT, "admin"))
+        self.assertIn("alice", text)
+        self.assertNotIn("Sup3r-s3cret", text)
+
+
+class RealReactorTests(TestCase):
+    """The connector on the real reactor, on the loopback interface."""
+
+    async def test_closed_port(self) -> None:
+        """A port nobody listens on is BackendUnavailable."""
+        from twisted.internet import reactor
+
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        listening = await endpoint.listen(Factory.forProtocol(Protocol))
+        port = listening.getHost().port
+        await listening.stopListening()
+        connector = BackendConnector(reactor, dataclasses.replace(SETTINGS, port=port),  # type: ignore[arg-type]
+                                     ImapBackendLogin)
+        attempt: Deferred[BackendLogin] = connector.login(REQUEST)
+        with self.assertRaises(BackendUnavailable) as caught:
+            await attempt
+        self.assertIn("cannot connect", str(caught.exception))

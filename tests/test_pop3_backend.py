@@ -1,0 +1,415 @@
+"""The POP3 login dialogue with the backend, driven line by line over a StringTransport."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.backend import BackendRefused, BackendRejected, BackendUnavailable, ClientAddress, LoginRequest
+from gateway.config import BackendSettings
+from gateway.pop3_backend import Pop3BackendLogin
+from gateway.relay import Splice
+from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
+
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 995)
+TLS_CREATOR = object()
+SETTINGS = dataclasses.replace(BACKEND_SETTINGS, port=110)
+FORWARDING = dataclasses.replace(SETTINGS, forward_client_ip=True)
+STLS = dataclasses.replace(SETTINGS, tls="starttls")
+GREETING = b"+OK Dovecot ready.\r\n"
+CAPA = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
+CAPABILITIES = (b"CAPA", b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING", b"USER", b"SASL PLAIN")
+
+
+class Pop3LoginTestBase(SynchronousTestCase):
+    """One POP3 login dialogue on a transport that records STARTTLS."""
+
+    settings: BackendSettings = SETTINGS
+
+    def setUp(self) -> None:
+        self.start()
+
+    def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
+              settings: BackendSettings | None = None, probe: bool = False) -> None:
+        """Begin a fresh dialogue (a capability probe with C{probe}), replacing any earlier one."""
+        request = None if probe else LoginRequest(user, password, CLIENT, master_user)
+        self.protocol = Pop3BackendLogin(request, settings or self.settings, TLS_CREATOR)  # type: ignore[arg-type]
+        self.transport = TLSStringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def say(self, data: bytes) -> bytes:
+        """Feed the backend's bytes and return what the dialogue wrote in reply."""
+        self.protocol.dataReceived(data)
+        written = self.transport.value()
+        self.transport.clear()
+        return written
+
+    def reach_user(self, capa: bytes = CAPA) -> None:
+        """Run the greeting and CAPA and check that USER follows."""
+        self.assertEqual(self.say(GREETING), b"CAPA\r\n")
+        self.assertEqual(self.say(capa), b"USER alice\r\n")
+
+    def failed_with(self, kind: type[Exception]) -> Exception:
+        """Assert the login failed with C{kind} and dropped the connection; return the exception."""
+        failure = self.failureResultOf(self.protocol.result, kind)
+        self.assertTrue(self.transport.disconnecting)
+        return failure.value  # type: ignore[return-value]
+
+    def refusal(self) -> bytes:
+        """Assert the backend refused the session and dropped the connection; return its reply."""
+        error = self.failed_with(BackendRefused)
+        assert isinstance(error, BackendRefused)
+        return error.reply
+
+    def logged_in(self) -> Pop3BackendLogin:
+        """Assert the login succeeded and the backend is no longer read; return the protocol."""
+        self.assertIs(self.successResultOf(self.protocol.result), self.protocol)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertFalse(self.transport.disconnecting)
+        return self.protocol
+
+
+class GreetingAndCapaTests(Pop3LoginTestBase):
+    """The greeting and CAPA."""
+
+    def test_greeting_err(self) -> None:
+        """A -ERR greeting makes the backend unavailable without any command sent."""
+        self.assertEqual(self.say(b"-ERR [SYS/TEMP] Too many connections\r\n"), b"")
+        self.failed_with(BackendUnavailable)
+
+    def test_capa_parsed(self) -> None:
+        """The CAPA lines become C{announced}, in order, before USER is sent."""
+        self.assertIsNone(self.protocol.announced)
+        self.reach_user()
+        self.assertEqual(self.protocol.announced, CAPABILITIES)
+
+    def test_capa_dot_stuffed(self) -> None:
+        """A dot-stuffed CAPA line loses its leading dot."""
+        self.reach_user(b"+OK Capability list follows\r\nTOP\r\n..X-DOT\r\n.\r\n")
+        self.assertEqual(self.protocol.announced, (b"TOP", b".X-DOT"))
+
+    def test_capa_in_pieces(self) -> None:
+        """A CAPA answer split across reads is collected whole."""
+        self.say(GREETING)
+        self.assertEqual(self.say(b"+OK\r\nTOP\r\nUI"), b"")
+        self.assertEqual(self.say(b"DL\r\n"), b"")
+        self.assertEqual(self.say(b".\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.protocol.announced, (b"TOP", b"UIDL"))
+
+    def test_capa_err(self) -> None:
+        """A backend that answers CAPA with -ERR announces nothing, and the login goes on."""
+        self.reach_user(b"-ERR Unknown command\r\n")
+        self.assertEqual(self.protocol.announced, ())
+
+    def test_malformed_line(self) -> None:
+        """A line that is neither +OK nor -ERR makes the backend unavailable."""
+        self.say(GREETING)
+        self.say(b"* OK this is IMAP\r\n")
+        self.failed_with(BackendUnavailable)
+
+    def test_over_long_line(self) -> None:
+        """A line longer than the limit makes the backend unavailable."""
+        self.say(b"+OK " + b"x" * Pop3BackendLogin.MAX_LENGTH + b"\r\n")
+        self.failed_with(BackendUnavailable)
+
+    def test_connection_lost(self) -> None:
+        """The connection closing during the login makes the backend unavailable."""
+        self.reach_user()
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(self.protocol.result, BackendUnavailable)
+
+
+class XclientTests(Pop3LoginTestBase):
+    """Forwarding the client's address with XCLIENT."""
+
+    settings = FORWARDING
+
+    def test_xclient_capability(self) -> None:
+        """With forward_client_ip and an XCLIENT capability, XCLIENT carries the client's address and port."""
+        self.say(GREETING)
+        written = self.say(b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n")
+        self.assertEqual(written, b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertEqual(self.say(b"+OK\r\n"), b"USER alice\r\n")
+
+    def test_xclient_greeting_code(self) -> None:
+        """An [XCLIENT] greeting code offers XCLIENT even when CAPA does not list it."""
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+
+    def test_ipv6_client(self) -> None:
+        """An IPv6 client address goes into XCLIENT as it is."""
+        request = LoginRequest("alice", b"secret", ClientAddress("2001:db8::7", 4000, "2001:db8::1", 110))
+        self.protocol = Pop3BackendLogin(request, FORWARDING, None)
+        self.transport = TLSStringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=2001:db8::7 PORT=4000\r\n")
+
+    def test_xclient_refused_still_logs_in(self) -> None:
+        """A backend that answers XCLIENT with -ERR still gets USER."""
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.say(CAPA)
+        self.assertEqual(self.say(b"-ERR You are not from trusted IP\r\n"), b"USER alice\r\n")
+        self.assertNoResult(self.protocol.result)
+
+    def test_not_offered(self) -> None:
+        """Without an XCLIENT offer no XCLIENT is sent, even with forward_client_ip."""
+        self.reach_user()
+
+    def test_not_forwarding(self) -> None:
+        """Without forward_client_ip no XCLIENT is sent, even when the backend offers it."""
+        self.start(settings=SETTINGS)
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.assertEqual(self.say(b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n"), b"USER alice\r\n")
+
+
+class UserPassTests(Pop3LoginTestBase):
+    """USER, PASS and the backend's answers."""
+
+    def test_login(self) -> None:
+        """USER then PASS with a password holding spaces; +OK logs in with the announced capabilities."""
+        self.start(password=b"pass word  with spaces ")
+        self.reach_user()
+        self.assertEqual(self.say(b"+OK\r\n"), b"PASS pass word  with spaces \r\n")
+        self.assertEqual(self.say(b"+OK Logged in.\r\n"), b"")
+        self.assertEqual(self.logged_in().capabilities, CAPABILITIES)
+
+    def test_master_user(self) -> None:
+        """A master login sends USER user*master and the master password."""
+        self.start(user="alice", password=b"masterpw", master_user="admin")
+        self.say(GREETING)
+        self.assertEqual(self.say(CAPA), b"USER alice*admin\r\n")
+        self.assertEqual(self.say(b"+OK\r\n"), b"PASS masterpw\r\n")
+
+    def test_auth_code_rejected(self) -> None:
+        """-ERR [AUTH] to PASS is a rejection of the credentials."""
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.say(b"-ERR [AUTH] Authentication failed.\r\n")
+        self.failed_with(BackendRejected)
+
+    def test_err_without_code_rejected(self) -> None:
+        """-ERR without a response code to PASS is a rejection of the credentials."""
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.say(b"-ERR Authentication failed.\r\n")
+        self.failed_with(BackendRejected)
+
+    def test_user_refused(self) -> None:
+        """-ERR to USER is a rejection, and PASS is never sent."""
+        self.reach_user()
+        self.assertEqual(self.say(b"-ERR [AUTH] No such user\r\n"), b"")
+        self.failed_with(BackendRejected)
+
+    def test_in_use_refused(self) -> None:
+        """-ERR [IN-USE] is a refusal whose reply is the backend's text."""
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.say(b"-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n")
+        self.assertEqual(self.refusal(), b"[IN-USE] Mailbox is locked by another POP3 session.")
+
+    def test_login_delay_refused(self) -> None:
+        """-ERR [LOGIN-DELAY] is a refusal whose reply is the backend's text."""
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.say(b"-ERR [LOGIN-DELAY] Wait 300 seconds between logins.\r\n")
+        self.assertEqual(self.refusal(), b"[LOGIN-DELAY] Wait 300 seconds between logins.")
+
+    def test_refusal_reply_made_printable(self) -> None:
+        """A refusal's reply keeps at most 200 bytes, with control and 8-bit bytes replaced by '?'."""
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.say(b"-ERR [IN-USE] locked \x1b[31m\xc3\xa4" + b"x" * 300 + b"\r\n")
+        self.assertEqual(self.refusal(), (b"[IN-USE] locked ?[31m??" + b"x" * 300)[:200])
+
+    def test_sys_temp_unavailable(self) -> None:
+        """-ERR [SYS/TEMP] and [SYS/PERM] make the backend unavailable."""
+        for code in (b"SYS/TEMP", b"SYS/PERM"):
+            self.start()
+            self.reach_user()
+            self.say(b"+OK\r\n")
+            self.say(b"-ERR [" + code + b"] Internal error occurred.\r\n")
+            self.failed_with(BackendUnavailable)
+
+    def test_unsendable_user(self) -> None:
+        """A user name that is empty or holds a space, CR, LF or NUL is rejected without USER sent."""
+        for user in ("", "alice smith", "ali\rce", "ali\nce", "ali\0ce"):
+            self.start(user=user)
+            self.say(GREETING)
+            self.assertEqual(self.say(CAPA), b"")
+            self.failed_with(BackendRejected)
+
+    def test_unsendable_password(self) -> None:
+        """A password holding CR, LF or NUL is rejected before USER is even sent."""
+        for password in (b"se\rcret", b"se\ncret", b"se\0cret"):
+            self.start(password=password)
+            self.assertEqual(self.say(GREETING), b"CAPA\r\n")
+            self.assertEqual(self.say(CAPA), b"")
+            self.failed_with(BackendRejected)
+
+    def test_lines_after_failure_ignored(self) -> None:
+        """Once the login has failed, further lines are neither answered nor change the outcome."""
+        self.reach_user()
+        self.say(b"-ERR [AUTH] No\r\n")
+        self.assertEqual(self.say(b"+OK\r\n+OK Logged in.\r\n"), b"")
+        self.failed_with(BackendRejected)
+
+
+class StlsTests(Pop3LoginTestBase):
+    """Backend TLS by STLS."""
+
+    settings = STLS
+
+    def test_requires_stls(self) -> None:
+        """A backend that does not offer STLS is unavailable and TLS is not started."""
+        self.say(GREETING)
+        self.assertEqual(self.say(CAPA), b"")
+        self.failed_with(BackendUnavailable)
+        self.assertIsNone(self.transport.tls_options)
+
+    def test_stls_then_login(self) -> None:
+        """STLS follows CAPA; on +OK TLS starts, CAPA is asked again and only its answer is kept."""
+        self.say(GREETING)
+        self.assertEqual(self.say(b"+OK\r\nSTLS\r\nUSER\r\nX-CLEAR\r\n.\r\n"), b"STLS\r\n")
+        self.assertIsNone(self.transport.tls_options)
+        self.assertEqual(self.say(b"+OK Begin TLS negotiation now.\r\n"), b"CAPA\r\n")
+        self.assertIs(self.transport.tls_options, TLS_CREATOR)
+        self.assertIsNone(self.protocol.announced)
+        self.assertEqual(self.say(b"+OK\r\nUSER\r\nTOP\r\n.\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.protocol.announced, (b"USER", b"TOP"))
+        self.say(b"+OK\r\n")
+        self.say(b"+OK Logged in.\r\n")
+        self.assertEqual(self.logged_in().capabilities, (b"USER", b"TOP"))
+
+    def test_cleartext_xclient_offer_forgotten(self) -> None:
+        """An XCLIENT capability announced before TLS is not used after it."""
+        self.start(settings=dataclasses.replace(STLS, forward_client_ip=True))
+        self.say(GREETING)
+        self.say(b"+OK\r\nSTLS\r\nXCLIENT\r\n.\r\n")
+        self.say(b"+OK Begin TLS negotiation now.\r\n")
+        self.assertEqual(self.say(b"+OK\r\nUSER\r\n.\r\n"), b"USER alice\r\n")
+
+    def test_stls_refused(self) -> None:
+        """STLS answered -ERR makes the backend unavailable without starting TLS."""
+        self.say(GREETING)
+        self.say(b"+OK\r\nSTLS\r\n.\r\n")
+        self.assertEqual(self.say(b"-ERR TLS not available\r\n"), b"")
+        self.failed_with(BackendUnavailable)
+        self.assertIsNone(self.transport.tls_options)
+
+    def test_cleartext_after_stls_ok_not_acted_on(self) -> None:
+        """
+        Lines the backend sent in clear after its STLS +OK (a response injection) are never taken
+        for answers given under TLS: USER and PASS are not sent and no login succeeds on them.
+        """
+        self.say(GREETING)
+        self.say(b"+OK\r\nSTLS\r\n.\r\n")
+        written = self.say(b"+OK Begin TLS negotiation now.\r\n"
+                           b"+OK\r\nUSER\r\n.\r\n"
+                           b"+OK\r\n"
+                           b"+OK Logged in.\r\n")
+        self.assertIs(self.transport.tls_options, TLS_CREATOR)
+        self.assertNotIn(b"USER", written)
+        self.assertNotIn(b"PASS", written)
+        if self.protocol.result.called:
+            self.failed_with(BackendUnavailable)
+
+
+class ProbeTests(Pop3LoginTestBase):
+    """Learning the capabilities without logging in."""
+
+    def test_probe(self) -> None:
+        """A probe asks CAPA, then says QUIT and closes; the result carries the capabilities."""
+        self.start(probe=True)
+        self.assertEqual(self.say(GREETING), b"CAPA\r\n")
+        self.assertEqual(self.say(CAPA), b"QUIT\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        protocol = self.successResultOf(self.protocol.result)
+        self.assertEqual(protocol.announced, CAPABILITIES)
+        self.assertEqual(self.say(b"+OK Logging out.\r\n"), b"")
+
+    def test_probe_pre_capa_server(self) -> None:
+        """A probe of a backend without CAPA learns that it announces nothing."""
+        self.start(probe=True)
+        self.say(GREETING)
+        self.assertEqual(self.say(b"-ERR Unknown command\r\n"), b"QUIT\r\n")
+        self.assertEqual(self.successResultOf(self.protocol.result).announced, ())
+
+    def test_probe_over_stls(self) -> None:
+        """A probe over STLS reports what the backend announces under TLS."""
+        self.start(probe=True, settings=STLS)
+        self.say(GREETING)
+        self.say(b"+OK\r\nSTLS\r\nX-CLEAR\r\n.\r\n")
+        self.say(b"+OK Begin TLS negotiation now.\r\n")
+        self.assertEqual(self.say(b"+OK\r\nUSER\r\n.\r\n"), b"QUIT\r\n")
+        self.assertEqual(self.successResultOf(self.protocol.result).announced, (b"USER",))
+
+    def test_probe_greeting_err(self) -> None:
+        """A probe of a backend that greets with -ERR fails as unavailable."""
+        self.start(probe=True)
+        self.say(b"-ERR Go away\r\n")
+        self.failed_with(BackendUnavailable)
+
+
+class RelayTests(Pop3LoginTestBase):
+    """After the login, the protocol moves bytes only."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reach_user()
+        self.say(b"+OK\r\n")
+
+    def test_attach_relays_buffered_and_later_bytes(self) -> None:
+        """Bytes after the +OK to PASS, before and after attach, reach the client unparsed and in order."""
+        self.say(b"+OK Logged in.\r\n+OK 2 messages\r\n")
+        protocol = self.logged_in()
+        self.say(b"1 120\r\n")
+        client = StringTransport()
+        protocol.attach(Splice(client, self.transport))
+        self.assertEqual(client.value(), b"+OK 2 messages\r\n1 120\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(b"2 300\r\n.\r\n-ERR partial")
+        self.assertEqual(client.value(), b"+OK 2 messages\r\n1 120\r\n2 300\r\n.\r\n-ERR partial")
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_backend_lost_closes_client(self) -> None:
+        """The backend going away after attach closes the client connection."""
+        self.say(b"+OK Logged in.\r\n")
+        client = StringTransport()
+        self.logged_in().attach(Splice(client, self.transport))
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(client.disconnecting)
+
+
+class SecrecyTests(Pop3LoginTestBase):
+    """The password stays out of every exception message."""
+
+    PASSWORD = b"Sup3r-s3cret"
+
+    def assert_secret(self, error: Exception) -> None:
+        """Assert neither the text nor the repr of C{error} holds the password."""
+        text = self.PASSWORD.decode("ascii")
+        self.assertNotIn(text, str(error))
+        self.assertNotIn(text, repr(error))
+
+    def test_failure_messages(self) -> None:
+        """Rejection, refusal, backend failure, a lost connection and an unsendable password name no password."""
+        for answer, kind in ((b"-ERR [AUTH] Authentication failed.\r\n", BackendRejected),
+                             (b"-ERR [IN-USE] Mailbox locked.\r\n", BackendRefused),
+                             (b"-ERR [SYS/TEMP] Internal error.\r\n", BackendUnavailable)):
+            self.start(password=self.PASSWORD)
+            self.reach_user()
+            self.say(b"+OK\r\n" + answer)
+            self.assert_secret(self.failed_with(kind))
+        self.start(password=self.PASSWORD)
+        self.reach_user()
+        self.say(b"+OK\r\n")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assert_secret(self.failureResultOf(self.protocol.result, BackendUnavailable).value)
+        self.start(password=self.PASSWORD + b"\r")
+        self.say(GREETING + CAPA)
+        self.assert_secret(self.failed_with(BackendRejected))

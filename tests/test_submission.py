@@ -1,0 +1,331 @@
+"""Transcript tests of the submission front end with StringTransport and Clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from gateway.backend import BackendUnavailable, LoginRequest
+from gateway.config import Limits, SubmissionSettings
+from gateway.senders import SenderPolicy
+from gateway.smtp_backend import SmtpBackend
+from gateway.submission import SubmissionFrontEnd
+from gateway.testing.fakes import BACKEND_SETTINGS
+
+RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
+                           max_message_size=1000, max_recipients=3, idle_timeout=300.0, transaction_timeout=600.0)
+AUTH_BOB = b"AUTH PLAIN " + b64(b"\0bob@example.org\0secret") + b"\r\n"
+
+
+def logged_in_mta(request: LoginRequest) -> SmtpBackend:
+    """An MTA session that has just logged in (its EHLO offered 8BITMIME), on a StringTransport."""
+    backend = SmtpBackend(request, replace(BACKEND_SETTINGS, login="xclient"), None)
+    backend.makeConnection(StringTransport())
+    backend.dataReceived(b"220 mta ESMTP\r\n250-mta\r\n250-8BITMIME\r\n250 XCLIENT ADDR PORT PROTO LOGIN\r\n"
+                         b"220 mta ESMTP\r\n250-mta\r\n250 8BITMIME\r\n")
+    backend.transport.clear()
+    return backend
+
+
+class SubmissionTestBase(FrontEndTestBase):
+    """A submission front end whose users are addresses, over a scripted MTA."""
+
+    protocol = "submission"
+    limits = replace(Limits(), line_length=12288)
+
+    def front_end(self, context):  # type: ignore[no-untyped-def,override]
+        return SubmissionFrontEnd(context, RULES, SenderPolicy(None))
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.auth.passwords["bob@example.org"] = b"secret"
+        self.backend._make_session = logged_in_mta  # type: ignore[attr-defined]
+
+    def mta(self, n: int = -1) -> SmtpBackend:
+        session = self.backend.sessions[n]
+        assert isinstance(session, SmtpBackend)
+        return session
+
+    def mta_got(self, n: int = -1) -> bytes:
+        transport = self.mta(n).transport
+        data = transport.value()
+        transport.clear()
+        return data
+
+    def log_in(self) -> None:
+        self.say(b"EHLO client.example.org\r\n")
+        self.assertEqual(self.say(AUTH_BOB), b"235 2.7.0 Authentication successful\r\n")
+
+
+class PlainListenerTests(SubmissionTestBase):
+    """The STARTTLS listener (587) before TLS."""
+
+    implicit_tls = False
+
+    def test_greeting(self) -> None:
+        """The greeting is a 220 with the host name."""
+        self.assertEqual(self.greeting, b"220 mail.example.org ESMTP Mail gateway ready\r\n")
+
+    def test_ehlo_before_tls(self) -> None:
+        """EHLO before TLS offers STARTTLS, PIPELINING, SIZE and ENHANCEDSTATUSCODES, and no AUTH."""
+        self.assertEqual(self.say(b"EHLO client\r\n"), b"250-mail.example.org\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"
+                                                       b"250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+
+    def test_auth_and_mail_refused_before_tls(self) -> None:
+        """AUTH, MAIL, RCPT and DATA before STARTTLS get 530 5.7.0; nothing is checked."""
+        self.say(b"EHLO client\r\n")
+        for line in (AUTH_BOB, b"MAIL FROM:<bob@example.org>\r\n", b"RCPT TO:<x@example.org>\r\n", b"DATA\r\n"):
+            self.assertEqual(self.say(line), b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+        self.assertEqual(self.auth.checked, [])
+
+    def test_starttls_discards_and_forgets(self) -> None:
+        """STARTTLS drops pipelined input and the earlier EHLO; it is not offered again."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"STARTTLS\r\n" + AUTH_BOB), b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertIs(self.transport.tls_options, TLS_OPTIONS)
+        self.assertEqual(self.auth.checked, [])
+        self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Send EHLO first\r\n")
+        ehlo = self.say(b"EHLO client\r\n")
+        self.assertNotIn(b"STARTTLS", ehlo)
+        self.assertIn(b"250 AUTH PLAIN LOGIN\r\n", ehlo)
+        self.assertEqual(self.say(b"STARTTLS\r\n"), b"503 5.5.1 TLS already active\r\n")
+
+
+class AuthTests(SubmissionTestBase):
+    """AUTH on the implicit-TLS listener (465)."""
+
+    def test_mail_before_auth(self) -> None:
+        """MAIL before AUTH gets 530 5.7.0 Authentication required."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org>\r\n"), b"530 5.7.0 Authentication required\r\n")
+
+    def test_auth_plain(self) -> None:
+        """AUTH PLAIN with an initial response succeeds with 235 2.7.0."""
+        self.log_in()
+
+    def test_auth_login_two_steps(self) -> None:
+        """AUTH LOGIN asks with 334 challenges."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH LOGIN\r\n"), b"334 " + b64(b"Username:") + b"\r\n")
+        self.assertEqual(self.say(b64(b"bob@example.org") + b"\r\n"), b"334 " + b64(b"Password:") + b"\r\n")
+        self.assertEqual(self.say(b64(b"secret") + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+
+    def test_auth_empty_initial_response(self) -> None:
+        """"=" is an empty initial response; empty is not a valid PLAIN message."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN =\r\n"), b"501 5.5.2 Cannot decode response\r\n")
+
+    def test_auth_cancel(self) -> None:
+        """"*" cancels AUTH."""
+        self.say(b"EHLO client\r\n")
+        self.say(b"AUTH PLAIN\r\n")
+        self.assertEqual(self.say(b"*\r\n"), b"501 5.7.0 Authentication cancelled\r\n")
+
+    def test_wrong_password_paced(self) -> None:
+        """A wrong password gets 535 5.7.8 after the failure delay."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN " + b64(b"\0bob@example.org\0wrong") + b"\r\n"), b"")
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"535 5.7.8 Authentication credentials invalid\r\n")
+
+    def test_backend_down_at_auth(self) -> None:
+        """An unreachable MTA at AUTH time gives a 4xx: the client keeps its password and retries."""
+        self.backend.error = BackendUnavailable("refused")
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(AUTH_BOB), b"454 4.7.0 Temporary authentication failure, try again later\r\n")
+
+    def test_auth_twice(self) -> None:
+        """AUTH after a successful AUTH gets 503 5.5.1."""
+        self.log_in()
+        self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Already authenticated\r\n")
+
+    def test_long_auth_line(self) -> None:
+        """AUTH lines may be longer than 512 octets; other commands may not."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN " + b64(b"\0bob@example.org\0" + b"x" * 2000) + b"\r\n"), b"")
+        self.clock.advance(2)
+        self.assertTrue(self.read().startswith(b"535 "))
+        self.assertEqual(self.say(b"NOOP " + b"x" * 600 + b"\r\n"), b"500 5.5.2 Line too long\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+
+class TransactionTests(SubmissionTestBase):
+    """Mail transactions after AUTH, relayed command by command."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log_in()
+
+    def test_forged_sender(self) -> None:
+        """MAIL FROM an address the user does not own gets 553 5.7.1 and never reaches the MTA."""
+        self.assertEqual(self.say(b"MAIL FROM:<alice@example.org>\r\n"),
+                         b"553 5.7.1 Sender address rejected: not owned by the authenticated user\r\n")
+        self.assertEqual(self.mta_got(), b"")
+
+    def test_null_sender_refused(self) -> None:
+        """The null sender is not the user's address."""
+        self.assertTrue(self.say(b"MAIL FROM:<>\r\n").startswith(b"553 5.7.1 "))
+
+    def test_pipelined_transaction(self) -> None:
+        """MAIL, RCPTs and DATA in one segment go to the MTA one at a time; replies come back in order."""
+        self.front.dataReceived(b"MAIL FROM:<bob@example.org> SIZE=100\r\nRCPT TO:<a@example.org>\r\n"
+                                b"RCPT TO:<b@example.org>\r\nDATA\r\n")
+        self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org> SIZE=100\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.mta_got(), b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(self.mta_got(), b"RCPT TO:<b@example.org>\r\nDATA\r\n")
+        self.mta().dataReceived(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                                      b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def start_data(self) -> None:
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.say(b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.say(b"DATA\r\n")
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        self.mta_got()
+        self.read()
+
+    def test_data_streamed_unchanged(self) -> None:
+        """Message data reaches the MTA as sent, dot-stuffing included; the MTA's reply is the client's."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\n..dots\r\n")
+        self.assertEqual(self.mta_got(), b"Subject: x\r\n\r\n..dots\r\n")
+        self.front.dataReceived(b"\xc3\xa4\r")
+        self.front.dataReceived(b"\n.")
+        self.front.dataReceived(b"\r\nQUIT\r\n")
+        self.assertEqual(self.mta_got(), b"\xc3\xa4\r\n.\r\n")
+        self.assertEqual(self.read(), b"")  # QUIT waits for the MTA's verdict
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued as ABC\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as ABC\r\n221 2.0.0 Bye\r\n")
+
+    def test_empty_message(self) -> None:
+        """A message that is only the terminator ends at once."""
+        self.start_data()
+        self.front.dataReceived(b".\r\n")
+        self.assertEqual(self.mta_got(), b".\r\n")
+
+    def test_oversize_data_never_delivered(self) -> None:
+        """
+        A message larger than the limit gets 552 5.3.4 after its data, and the MTA connection
+        is dropped before the final dot, so nothing is delivered; the next MAIL connects again.
+        """
+        self.start_data()
+        self.front.dataReceived(b"x" * 600 + b"\r\n")
+        self.front.dataReceived(b"y" * 600 + b"\r\n.\r\n")
+        self.assertTrue(self.mta(0).transport.disconnecting)
+        self.assertNotIn(b"\r\n.\r\n", self.mta(0).transport.value())
+        self.assertEqual(self.read(), b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.assertEqual(len(self.backend.requests), 2)
+        self.assertEqual(self.mta_got(1), b"MAIL FROM:<bob@example.org>\r\n")
+
+    def test_declared_size_too_big(self) -> None:
+        """A declared SIZE over the limit is refused at MAIL; a malformed one is a syntax error."""
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> SIZE=5000\r\n"),
+                         b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> SIZE=big\r\n"), b"501 5.5.4 Bad SIZE parameter\r\n")
+
+    def test_unsupported_parameters(self) -> None:
+        """DSN parameters and SMTPUTF8 (not offered by this MTA) are refused, not silently dropped."""
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> SMTPUTF8\r\n"),
+                         b"555 5.5.4 Unsupported parameter SMTPUTF8\r\n")
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> RET=HDRS\r\n"), b"555 5.5.4 Unsupported parameter RET\r\n")
+        self.say(b"MAIL FROM:<bob@example.org> BODY=8BITMIME\r\n")
+        self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org> BODY=8BITMIME\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.read()
+        self.assertEqual(self.say(b"RCPT TO:<a@example.org> NOTIFY=NEVER\r\n"), b"555 5.5.4 Unsupported parameter NOTIFY\r\n")
+
+    def test_too_many_recipients(self) -> None:
+        """Recipients beyond the limit get 452 4.5.3."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        for n in range(3):
+            self.say(b"RCPT TO:<r%d@example.org>\r\n" % n)
+            self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.read()
+        self.assertEqual(self.say(b"RCPT TO:<r4@example.org>\r\n"), b"452 4.5.3 Too many recipients\r\n")
+
+    def test_rcpt_before_mail(self) -> None:
+        """RCPT and DATA without MAIL get 503 5.5.1."""
+        self.assertEqual(self.say(b"RCPT TO:<a@example.org>\r\n"), b"503 5.5.1 Need MAIL command\r\n")
+        self.assertEqual(self.say(b"DATA\r\n"), b"503 5.5.1 Need RCPT command\r\n")
+
+    def test_rset_resets_the_mta(self) -> None:
+        """RSET in a transaction resets the MTA's too."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.mta_got()
+        self.assertTrue(self.say(b"RSET\r\n").endswith(b"250 2.0.0 OK\r\n"))
+        self.assertEqual(self.mta_got(), b"RSET\r\n")
+
+    def test_mta_lost_mid_transaction(self) -> None:
+        """An MTA that goes away while a command waits gives 451 4.4.1; nothing is reported delivered."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.read(), b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_transaction_timeout(self) -> None:
+        """A transaction that takes longer than the limit is ended with 421."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        for _ in range(4):
+            self.clock.advance(150)
+            self.say(b"NOOP\r\n")
+        self.assertTrue(self.read().endswith(b"421 4.4.2 Transaction timeout, closing connection\r\n") or
+                        self.transport.disconnecting)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idle_timeout_after_login(self) -> None:
+        """A logged-in client silent for the idle timeout is dropped with 421."""
+        self.clock.advance(299)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+
+    def test_ehlo_after_login(self) -> None:
+        """EHLO after AUTH offers what the MTA relays (8BITMIME here) and no AUTH."""
+        ehlo = self.say(b"EHLO client\r\n")
+        self.assertTrue(ehlo.endswith(b"250 8BITMIME\r\n"))
+        self.assertNotIn(b"AUTH", ehlo)
+        self.assertNotIn(b"SMTPUTF8", ehlo)
+
+    def test_commands(self) -> None:
+        """NOOP answers 250; VRFY is not implemented; unknown commands are 500; QUIT closes."""
+        self.assertEqual(self.say(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
+        self.assertEqual(self.say(b"VRFY bob\r\n"), b"502 5.5.1 Command not implemented\r\n")
+        self.assertEqual(self.say(b"FOO\r\n"), b"500 5.5.2 Command unrecognized\r\n")
+        self.assertEqual(self.say(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_too_many_errors(self) -> None:
+        """Five consecutive errors close the connection with 421."""
+        for _ in range(4):
+            self.say(b"FOO\r\n")
+        self.assertTrue(self.say(b"FOO\r\n").endswith(b"421 4.7.0 Too many errors, closing connection\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+
+
+class SenderPolicyTests(SubmissionTestBase):
+    """Senders allowed by the senders file."""
+
+    def test_alias_from_file(self) -> None:
+        """An address the senders file grants the user is relayed; matching ignores case."""
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".senders", delete=False) as f:
+            f.write("bob@example.org: Bob.Smith@Example.org, @lists.example.net\n")
+        policy = SenderPolicy(f.name)
+        self.assertTrue(policy.allowed("bob@example.org", "bob.smith@example.org"))
+        self.assertTrue(policy.allowed("bob@example.org", "any@lists.example.net"))
+        self.assertFalse(policy.allowed("bob@example.org", "alice@example.org"))
+        self.assertFalse(policy.allowed("alice@example.org", "bob.smith@example.org"))
