@@ -61,7 +61,7 @@ class BackendSettings:
         submission as C{master_user} (a relay account); C{xclient} (submission only) tells
         Postfix who the client is with XCLIENT instead of logging in.
     :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip},
-        POP3 C{XCLIENT ADDR=... PORT=...}).
+        POP3 and SMTP C{XCLIENT ADDR=... PORT=...}).
     """
 
     host: str

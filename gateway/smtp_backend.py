@@ -120,8 +120,10 @@ class SmtpBackend(BackendLogin):
             self.transport.loseConnection()
             return
         if self.settings.login == "xclient":
-            yield self._xclient()
+            yield self._xclient(login=True)
         else:
+            if self.settings.forward_client_ip and b"XCLIENT" in self.keywords:
+                yield self._xclient(login=False)
             yield self._authenticate()
         self.capabilities = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
         self.succeed()
@@ -149,7 +151,8 @@ class SmtpBackend(BackendLogin):
         raise BackendUnavailable(f"the MTA refused the login: {reply.code}")
 
     @inlineCallbacks
-    def _xclient(self) -> Generator[Deferred[Any], Any, None]:
+    def _xclient(self, login: bool) -> Generator[Deferred[Any], Any, None]:
+        """Name the client (and, with C{login}, its authenticated user) to Postfix."""
         assert self.request is not None
         if b"XCLIENT" not in self.keywords:
             raise BackendUnavailable("the MTA does not offer XCLIENT (smtpd_authorized_xclient_hosts)")
@@ -162,8 +165,10 @@ class SmtpBackend(BackendLogin):
             pass
         # Postfix takes PROTO=SMTP or ESMTP only (ESMTPA is refused with 501); with LOGIN= it
         # logs the session as authenticated and writes "with ESMTPA" into Received: itself.
-        reply = yield self.command(b"XCLIENT ADDR=%s PORT=%d PROTO=ESMTP LOGIN=%s" % (
-            xtext(address.encode("ascii")), client.port, xtext(self.request.user.encode("utf-8", "surrogateescape"))))
+        command = b"XCLIENT ADDR=%s PORT=%d PROTO=ESMTP" % (xtext(address.encode("ascii")), client.port)
+        if login:
+            command += b" LOGIN=" + xtext(self.request.user.encode("utf-8", "surrogateescape"))
+        reply = yield self.command(command)
         if reply.code != 220:
             raise BackendUnavailable(f"the MTA refused XCLIENT: {reply.code}")
         # XCLIENT restarts the session with a new greeting: EHLO again.

@@ -27,7 +27,8 @@ UNIT = PROJECT / "etc" / "mailgateway.service"
 INSTALLED_TWISTD = "/opt/mailgateway/venv/bin/twistd"
 
 # Keys whose value is a file the validator opens; the example's production paths do not exist here.
-FILE_KEYS = frozenset({"certificate", "private_key", "users_file", "ca_file", "master_password_file"})
+FILE_KEYS = frozenset({"certificate", "private_key", "users_file", "ca_file", "master_password_file",
+                       "senders_file"})
 MASTER_PASSWORD = b"example-master-password"
 
 _HEADER = re.compile(r"^\[([\w.]+)\]\s*$")
@@ -75,10 +76,11 @@ def settings_section(settings: Settings, table: str) -> object:
     :param table: a table name of the configuration.
     :returns: the settings object holding that table's values as attributes.
     """
-    assert settings.imap is not None and settings.pop3 is not None
+    assert settings.imap is not None and settings.pop3 is not None and settings.submission is not None
     return {"gateway": settings, "tls": settings.tls, "auth": settings.auth, "limits": settings.limits,
             "imap": settings.imap, "imap.backend": settings.imap.backend,
-            "pop3": settings.pop3, "pop3.backend": settings.pop3.backend}[table]
+            "pop3": settings.pop3, "pop3.backend": settings.pop3.backend,
+            "submission": settings.submission, "submission.backend": settings.submission.backend}[table]
 
 
 class ExampleTests(SynchronousTestCase):
@@ -149,7 +151,8 @@ class ExampleTests(SynchronousTestCase):
         for table, key, value in example_lines():
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
-        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "pop3.backend"])
+        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "pop3.backend", "submission",
+                                                 "submission.backend"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)
             for key, value in lines:
@@ -180,15 +183,17 @@ class ExampleTests(SynchronousTestCase):
             parent, _, child = table.rpartition(".")
             if table:
                 documented.setdefault(parent, set()).add(child)
-        self.assertEqual(set(known), {"", "gateway", "tls", "auth", "limits", "imap", "imap.backend", "pop3", "pop3.backend"})
+        self.assertEqual(set(known), {"", "gateway", "tls", "auth", "limits", "imap", "imap.backend", "pop3", "pop3.backend",
+                                           "submission", "submission.backend"})
         self.assertEqual(documented, known)
 
     def test_listeners_take_every_address(self) -> None:
         """The example listens on "::" (IPv6, and IPv4 on Linux) on the standard ports, with TLS and STARTTLS."""
         settings = self.parse(self.with_files(self.example))
-        assert settings.imap is not None and settings.pop3 is not None
+        assert settings.imap is not None and settings.pop3 is not None and settings.submission is not None
         for descriptions, port in ((settings.imap.implicit_tls, 993), (settings.imap.starttls, 143),
-                                   (settings.pop3.implicit_tls, 995), (settings.pop3.starttls, 110)):
+                                   (settings.pop3.implicit_tls, 995), (settings.pop3.starttls, 110),
+                                   (settings.submission.implicit_tls, 465), (settings.submission.starttls, 587)):
             reactor = MemoryReactor()
             for description in descriptions:
                 serverFromString(reactor, description).listen(Factory())
