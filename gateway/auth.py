@@ -2,9 +2,8 @@
 Deciding whether a login is good, off the reactor thread, and pacing failures.
 
 Password hashes cost tens of milliseconds of CPU each, so verification runs on a dedicated
-thread pool: one slow login never stalls the relays. Failure replies are held back until a
-fixed time after the login command, so that an unknown user, a wrong password and a backend
-refusal cannot be told apart by their timing.
+thread pool: one slow login never stalls the relays. (Failure replies are paced by the front end
+with L{gateway.penalties}, the same for an unknown user, a wrong password and a backend refusal.)
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
@@ -29,8 +27,6 @@ class IAuthenticator(Interface):
     def verify(user: str, password: bytes) -> Deferred[bool]:
         """Check credentials; fires True when they are good (always True when the backend decides)."""
 
-    def failure_pause(started: float) -> Deferred[None]:
-        """Fire when the failure reply to a login command made at C{started} may be sent."""
 
 
 class HashingPool(Service):
@@ -56,7 +52,6 @@ class Authenticator:
     :param reactor: for the failure delay, and to return results from the pool's threads.
     :param pool: where hashes are verified; unused when C{users} is None.
     :param users: the local database, or None when the backend decides.
-    :param failure_delay: seconds from a login command to its failure reply.
     """
 
     def __init__(
@@ -64,12 +59,10 @@ class Authenticator:
         reactor: IReactorTime,
         pool: ThreadPool,
         users: UserDatabase | None,
-        failure_delay: float,
     ) -> None:
         self._reactor = reactor
         self._pool = pool
         self._users = users
-        self._failure_delay = failure_delay
         self.backend_decides = users is None
 
     def verify(self, user: str, password: bytes) -> Deferred[bool]:
@@ -77,7 +70,3 @@ class Authenticator:
             return succeed(True)
         assert IReactorFromThreads.providedBy(self._reactor)
         return deferToThreadPool(self._reactor, self._pool, self._users.verify, user, password)  # type: ignore[arg-type]
-
-    def failure_pause(self, started: float) -> Deferred[None]:
-        wait = max(0.0, started + self._failure_delay - self._reactor.seconds())
-        return deferLater(self._reactor, wait)

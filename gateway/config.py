@@ -8,6 +8,7 @@ gateway parses configuration.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -16,6 +17,8 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from gateway.addresses import Network
 
 BackendTLS = Literal["none", "starttls", "implicit"]
 BackendLogin = Literal["replay", "master", "xclient"]
@@ -119,14 +122,26 @@ class AuthSettings:
     Who decides whether a login is good.
 
     :ivar mode: C{local} checks the users file; C{backend} lets the backend's answer decide.
-    :ivar failure_delay: seconds from a login command to its failure reply, for every cause alike.
+    :ivar failure_delay: seconds from a first failed login command to its reply, for every cause
+        alike; it doubles with each earlier failure of the user, the client or the pair, up to
+        C{failure_delay_max}.
     :ivar hash_threads: size of the thread pool that verifies password hashes.
+    :ivar ip_failure_budget: failures from one client address in C{failure_window} after which
+        its logins are refused before any password is checked.
+    :ivar user_failures_free: failures of one user, from any address, before they slow that user.
+    :ivar failure_window: seconds over which failures are counted.
+    :ivar ipv6_prefix: IPv6 clients are counted per network of this prefix length.
     """
 
     mode: AuthMode
     users_file: str | None
     failure_delay: float
     hash_threads: int
+    failure_delay_max: float = 15.0
+    ip_failure_budget: int = 20
+    user_failures_free: int = 5
+    failure_window: float = 600.0
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,12 @@ class Limits:
     :ivar login_timeout: seconds from connect by which the client must have logged in.
     :ivar login_attempts: failed logins allowed on one connection.
     :ivar errors: consecutive protocol errors before the connection is closed.
+    :ivar max_connections: connections the whole gateway holds at once.
+    :ivar max_connections_per_ip: connections one client address holds at once.
+    :ivar max_sessions_per_user: logged-in sessions one user holds at once.
+    :ivar relay_idle_timeout: seconds without a byte either way after which a relayed IMAP or
+        POP3 session is closed (IMAP IDLE clients renew within 29 minutes).
+    :ivar trusted_networks: client networks exempt from the per-address limits and penalties.
     """
 
     line_length: int = 8192
@@ -148,6 +169,11 @@ class Limits:
     login_timeout: float = 120.0
     login_attempts: int = 3
     errors: int = 5
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 50
+    max_sessions_per_user: int = 50
+    relay_idle_timeout: float = 1860.0
+    trusted_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,6 +266,17 @@ class _Table:
             if not isinstance(item, str) or item.split(":", 1)[0] not in _ENDPOINT_TYPES:
                 raise self.error(key, expected, item)
         return tuple(value)
+
+    def networks(self, key: str) -> tuple[Network, ...]:
+        expected = 'a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]'
+        value = self._get(key, [], list, expected)
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except (TypeError, ValueError):
+                raise self.error(key, expected, item) from None
+        return tuple(networks)
 
     def table(self, key: str) -> _Table:
         self._read.add(key)
@@ -346,12 +383,20 @@ def _auth_settings(table: _Table) -> AuthSettings:
     users_file = table.readable_file("users_file")
     failure_delay = table.seconds("failure_delay", 2.0, 0.0, 60.0)
     hash_threads = table.integer("hash_threads", 2, 1, 64)
+    failure_delay_max = table.seconds("failure_delay_max", max(15.0, failure_delay), 0.0, 300.0)
+    ip_failure_budget = table.integer("ip_failure_budget", 20, 1, 100_000)
+    user_failures_free = table.integer("user_failures_free", 5, 0, 100_000)
+    failure_window = table.seconds("failure_window", 600.0, 1, 86400)
+    ipv6_prefix = table.integer("ipv6_prefix", 64, 32, 128)
     table.finish()
+    if failure_delay_max < failure_delay:
+        raise table.error("failure_delay_max", f"at least failure_delay ({failure_delay:g})", failure_delay_max)
     if mode == "local" and users_file is None:
         raise table.error("users_file", 'the path of a users file when mode is "local"')
     if mode == "backend" and users_file is not None:
         raise table.error("users_file", 'nothing when mode is "backend" (the backend decides)')
-    return AuthSettings(mode, users_file, failure_delay, hash_threads)  # type: ignore[arg-type]
+    return AuthSettings(mode, users_file, failure_delay, hash_threads,  # type: ignore[arg-type]
+                        failure_delay_max, ip_failure_budget, user_failures_free, failure_window, ipv6_prefix)
 
 
 def _limits(table: _Table) -> Limits:
@@ -363,6 +408,11 @@ def _limits(table: _Table) -> Limits:
         login_timeout=table.seconds("login_timeout", d.login_timeout, 1, 3600),
         login_attempts=table.integer("login_attempts", d.login_attempts, 1, 100),
         errors=table.integer("errors", d.errors, 1, 100),
+        max_connections=table.integer("max_connections", d.max_connections, 1, 1_000_000),
+        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip, 1, 1_000_000),
+        max_sessions_per_user=table.integer("max_sessions_per_user", d.max_sessions_per_user, 1, 1_000_000),
+        relay_idle_timeout=table.seconds("relay_idle_timeout", d.relay_idle_timeout, 10, 86400),
+        trusted_networks=table.networks("trusted_networks"),
     )
     table.finish()
     return limits
@@ -404,7 +454,8 @@ def _backend_settings(table: _Table, default_port: int, logins: tuple[str, ...])
     tls = table.choice("tls", "none", ("none", "starttls", "implicit"))
     ca_file = table.readable_file("ca_file")
     server_name = table.string("server_name", host, expected="a host name") or host
-    timeout = table.seconds("timeout", 10.0, 0.1, 300)
+    # 30 s: a black-holed backend is rare, while Dovecot's POP3 lock wait alone takes 10 s.
+    timeout = table.seconds("timeout", 30.0, 0.1, 300)
     login = table.choice("login", "replay", logins)
     master_user = table.string("master_user", expected="a user name")
     password_file = table.readable_file("master_password_file")

@@ -17,11 +17,13 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -30,6 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.addresses import plain_address
 from gateway.auth import IAuthenticator
 from gateway.backend import (
     BackendConnector,
@@ -42,6 +45,8 @@ from gateway.backend import (
     set_nodelay,
 )
 from gateway.config import Limits
+from gateway.connection_limits import ConnectionLimits
+from gateway.penalties import LoginPenalties
 from gateway.relay import Splice, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.tls import ServerTLS, describe_tls
@@ -72,6 +77,8 @@ class FrontEndContext:
     authenticator: IAuthenticator
     backend: BackendConnector
     hostname: str
+    penalties: LoginPenalties
+    connections: ConnectionLimits
 
 
 class LoginOutcome(enum.Enum):
@@ -80,6 +87,8 @@ class LoginOutcome(enum.Enum):
     REJECTED = "rejected"        # bad credentials, whatever the cause; reply after the failure pause
     UNAVAILABLE = "unavailable"  # the backend failed; a temporary error, never an auth failure
     REFUSED = "refused"          # the backend refused the session with a reason for the client (POP3 [IN-USE])
+    THROTTLED = "throttled"      # the client's address used up its failed logins; the connection closes
+    OVERLOADED = "overloaded"    # the user has too many sessions; the connection closes
     LOGGED_IN = "logged-in"      # the backend session is ready; after the reply the connection relays
 
 
@@ -99,16 +108,7 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
-def plain_address(host: str) -> str:
-    """
-    An IPv4 client on an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, so logs,
-    fail2ban and the backend see one form per client.
-    """
-    try:
-        mapped = ipaddress.IPv6Address(host).ipv4_mapped
-    except ValueError:
-        return host
-    return str(mapped) if mapped is not None else host
+_HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) |[Hh][Oo][Ss][Tt]:)")
 
 
 def loggable_user(user: str) -> str:
@@ -143,6 +143,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
         self._closing: IDelayedCall | None = None
+        self._admitted = False
+        self._session_user: str | None = None  # counted against the user's session limit
         self._sasl: SaslExchange | None = None
         self.backend_refusal = b""
         self._splice: Splice | None = None
@@ -160,6 +162,14 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                                     plain_address(getattr(host, "host", str(host))), getattr(host, "port", 0))
         self._started = time.monotonic()
         set_nodelay(self.transport)
+        refused = self.context.connections.admit(self.client.host)
+        if refused is not None:
+            log.warn("connection_refused protocol={protocol} client={client} limit={limit}",
+                     protocol=self.context.protocol, client=self.client.host, limit=refused)
+            self.reply_overloaded()
+            self.close()
+            return
+        self._admitted = True
         self.setTimeout(self.context.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
         log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
@@ -182,6 +192,12 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self._closing.cancel()
         if self._pending is not None:
             self._pending.cancel()  # a no-op once the login has finished
+        if self._session_user is not None:
+            self.context.connections.close_session(self._session_user)
+            self._session_user = None
+        if not self._admitted:
+            return  # refused at connect: counted nowhere, logged already
+        self.context.connections.release(self.client.host)
         bytes_in, bytes_out = self._bytes_in, self._bytes_out
         if self._splice is not None:
             self._splice.client_lost()
@@ -216,6 +232,12 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if len(line) > self.context.limits.line_length:
             self.lineLengthExceeded(line)
             return
+        if self._phase is _Phase.COMMANDS and _HTTP_REQUEST.match(line):
+            # ALPACA: a browser tricked into talking HTTP to a mail port gets nothing back.
+            log.warn("http_on_mail_port protocol={protocol} client={client}",
+                     protocol=self.context.protocol, client=self.client.host)
+            self.close()
+            return
         if self._sasl is not None:
             exchange, self._sasl = self._sasl, None
             self._sasl_step(exchange, lambda: exchange.respond(line))
@@ -240,8 +262,14 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.close()
 
     def timeoutConnection(self) -> None:
-        log.info("timeout protocol={protocol} client={client} reason=idle",
-                 protocol=self.context.protocol, client=self.client.host)
+        relaying = self._phase is _Phase.RELAYING
+        log.info("timeout protocol={protocol} client={client} reason={reason}", protocol=self.context.protocol,
+                 client=self.client.host, reason="relay-idle" if relaying else "idle")
+        if relaying:
+            # Nothing may be injected into a relayed stream: just close both sides.
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
         self.reply_timeout()
         self.close()
 
@@ -368,10 +396,14 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
         self.pauseProducing()
+        if self.context.penalties.refused(self.client.host):
+            self._login_finished(LoginOutcome.THROTTLED)
+            return
         started = self.clock.seconds()
         checking = self.context.authenticator.verify(user, password)
         checking.addCallback(self._verified, user, password, authzid)
-        checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,), errbackArgs=(user, started))
+        checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,),
+                              errbackArgs=(user, password, started))
         checking.addCallback(self._login_finished)
         checking.addErrback(self._login_broken)
         self._pending = checking
@@ -381,7 +413,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if outcome is LoginOutcome.LOGGED_IN:
             assert self._session is not None
             self.logged_in(self._session)
-        elif self.attempts_exhausted:
+        elif outcome in (LoginOutcome.THROTTLED, LoginOutcome.OVERLOADED) or self.attempts_exhausted:
             self.close()
         else:
             self._phase = _Phase.COMMANDS
@@ -397,6 +429,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def _verified(self, good: bool, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if not good or (authzid and authzid != user):
             raise _BadCredentials("credentials")
+        if not self.context.connections.open_session(user):
+            raise _TooManySessions()
+        self._session_user = user
         backend = self.context.backend.settings
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
@@ -410,13 +445,23 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def _logged_in(self, session: BackendLogin, user: str) -> LoginOutcome:
         self.user = user
         self._session = session
+        if not self.context.authenticator.backend_decides:
+            self.context.penalties.succeeded(user, self.client.host)
         log.info("login protocol={protocol} client={client} user={user}",
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
         return LoginOutcome.LOGGED_IN
 
-    def _not_logged_in(self, failure: Failure, user: str, started: float) -> Deferred[LoginOutcome] | Failure:
-        failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused)
+    def _not_logged_in(self, failure: Failure, user: str, password: bytes,
+                       started: float) -> Deferred[LoginOutcome] | Failure | LoginOutcome:
+        failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions)
+        if self._session_user is not None:
+            self.context.connections.close_session(self._session_user)
+            self._session_user = None
         auth = self.context.authenticator
+        if failure.check(_TooManySessions):
+            log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+            return LoginOutcome.OVERLOADED
         if failure.check(BackendRefused):
             self.backend_refusal = failure.value.reply  # type: ignore[union-attr]
             log.info("backend_refused protocol={protocol} client={client} user={user} reply={reply}",
@@ -433,7 +478,10 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
                  reason="backend-refused" if failure.check(BackendRejected) else "credentials")
-        pause = auth.failure_pause(started)
+        penalties = self.context.penalties
+        delay = penalties.failure_delay(user, self.client.host)
+        penalties.failed(user, self.client.host, password)
+        pause = deferLater(self.clock, max(0.0, started + delay - self.clock.seconds()))
         pause.addCallback(lambda _: LoginOutcome.REJECTED)
         return pause
 
@@ -454,10 +502,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         calls L{begin_session}.
         """
         self._phase = _Phase.RELAYING
-        self.setTimeout(None)
         self._cancel_deadline()
+        # The relay has its own, longer idle timeout; bytes either way keep the session alive.
+        self.setTimeout(self.context.limits.relay_idle_timeout)
         assert self.transport is not None and session.transport is not None
-        self._splice = Splice(self.transport, session.transport)
+        self._splice = Splice(self.transport, session.transport, self.resetTimeout)
         session.attach(self._splice)
         # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)
@@ -487,6 +536,10 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """Tell the client it took too long; the connection closes after."""
         raise NotImplementedError
 
+    def reply_overloaded(self) -> None:
+        """Tell a connecting client that a limit refuses it (instead of the greeting); it closes after."""
+        raise NotImplementedError
+
     def reply_too_many_errors(self) -> None:
         """Tell the client it made too many errors; the connection closes after."""
         raise NotImplementedError
@@ -509,6 +562,10 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
 
 class _BadCredentials(Exception):
     """The local check found the credentials wrong."""
+
+
+class _TooManySessions(Exception):
+    """The user holds as many sessions as allowed."""
 
 
 class FrontEndFactory(ServerFactory):

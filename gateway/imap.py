@@ -64,6 +64,9 @@ class ImapFrontEnd(LoginFrontEnd):
     def reply_too_many_errors(self) -> None:
         self.send(b"* BYE Too many invalid IMAP commands.\r\n")
 
+    def reply_overloaded(self) -> None:
+        self.send(b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n")
+
     def command_line(self, line: bytes) -> None:
         if not self._command:
             self._tag = split_tag(line)
@@ -198,6 +201,10 @@ class ImapFrontEnd(LoginFrontEnd):
             self.send(self._tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
             if self.attempts_exhausted:
                 self.send(b"* BYE Too many failed login attempts.\r\n")
+        elif outcome is LoginOutcome.THROTTLED:
+            self.send(self._tag + b" NO [UNAVAILABLE] Too many failed logins from your address, try again later.\r\n")
+        elif outcome is LoginOutcome.OVERLOADED:
+            self.send(b"* BYE [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
         else:
             # IMAP has no way to relay a backend's reason; both are temporary for the client.
             self.send(self._tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")

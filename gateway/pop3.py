@@ -28,6 +28,8 @@ _LOGIN_REPLIES = {
     LoginOutcome.REJECTED: b"-ERR [AUTH] Authentication failed.\r\n",
     # Never [AUTH] for a backend failure: clients throw saved passwords away on [AUTH].
     LoginOutcome.UNAVAILABLE: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
+    LoginOutcome.THROTTLED: b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later.\r\n",
+    LoginOutcome.OVERLOADED: b"-ERR [SYS/TEMP] Too many sessions for this user, try again later.\r\n",
 }
 
 
@@ -71,6 +73,9 @@ class Pop3FrontEnd(LoginFrontEnd):
 
     def reply_too_many_errors(self) -> None:
         self.send(b"-ERR Too many invalid commands.\r\n")
+
+    def reply_overloaded(self) -> None:
+        self.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
 
     def reply_challenge(self, challenge: bytes) -> None:
         self.send(b"+ " + challenge + b"\r\n")

@@ -27,9 +27,12 @@ class Splice:
     :ivar from_backend_bytes: bytes relayed from the backend to the client.
     """
 
-    def __init__(self, client: ITransport, backend: ITransport) -> None:
+    def __init__(self, client: ITransport, backend: ITransport,
+                 activity: Callable[[], None] = lambda: None) -> None:
+        """:param activity: called whenever bytes pass either way (to keep an idle timer from firing)."""
         self._client = client
         self._backend = backend
+        self._activity = activity
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
         self._closing = False
@@ -40,11 +43,13 @@ class Splice:
     def from_client(self, data: bytes) -> None:
         """Relay bytes the client sent."""
         self.from_client_bytes += len(data)
+        self._activity()
         self._backend.write(data)
 
     def from_backend(self, data: bytes) -> None:
         """Relay bytes the backend sent."""
         self.from_backend_bytes += len(data)
+        self._activity()
         self._client.write(data)
 
     def client_lost(self) -> None:

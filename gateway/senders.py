@@ -28,8 +28,9 @@ class SendersFileError(Exception):
 def parse_senders(data: bytes, path: str) -> dict[str, frozenset[str]]:
     """Parse a senders file into user -> allowed addresses and C{@domain} patterns (lower-case)."""
     senders: dict[str, frozenset[str]] = {}
-    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        line = raw.strip()
+    # Split on LF only: str.splitlines() also breaks at form feeds and U+2028, shifting line numbers.
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.decode("utf-8", "replace").strip()
         if not line or line.startswith("#"):
             continue
         user, colon, addresses = line.partition(":")
@@ -60,7 +61,7 @@ class SenderPolicy:
     def allowed(self, user: str, sender: str) -> bool:
         """True when C{user} may send as C{sender}; never for the null sender."""
         address = sender.lower()
-        if "@" not in address:
+        if address.count("@") != 1:
             return False
         if user.lower() == address:
             return True

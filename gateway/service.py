@@ -24,9 +24,11 @@ from twisted.python.failure import Failure
 from gateway.auth import Authenticator, HashingPool
 from gateway.backend import BackendConnector, LoginFactory
 from gateway.config import ConfigError, Limits, ProtocolSettings, Settings, SubmissionSettings
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
 from gateway.imap_backend import ImapBackendLogin
+from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
 from gateway.senders import SenderPolicy, SendersFileError
@@ -124,7 +126,15 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         except UserFileError as e:
             raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
         self_test()
-    authenticator = Authenticator(reactor, hashing.pool, users, settings.auth.failure_delay)  # type: ignore[arg-type]
+    authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
+    auth, limits = settings.auth, settings.limits
+    penalties = LoginPenalties(reactor, PenaltyRules(  # type: ignore[arg-type]
+        base_delay=auth.failure_delay, max_delay=auth.failure_delay_max, ip_budget=auth.ip_failure_budget,
+        user_free=auth.user_failures_free, window=auth.failure_window, ipv6_prefix=auth.ipv6_prefix,
+        trusted=limits.trusted_networks))
+    connections = ConnectionLimits(ConnectionRules(
+        max_connections=limits.max_connections, max_per_address=limits.max_connections_per_ip,
+        max_sessions_per_user=limits.max_sessions_per_user, trusted=limits.trusted_networks))
 
     if settings.tls.self_signed:
         try:
@@ -155,7 +165,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             partial(SmtpBackend, ehlo_name=settings.hostname),
             replace(settings.limits, line_length=AUTH_LINE_LIMIT), True,
         ))
-    for name, alpn, protocol, front_end, backend_login, limits, probe in protocols:
+    for name, alpn, protocol, front_end, backend_login, protocol_limits, probe in protocols:
         if protocol is None:
             continue
         try:
@@ -166,8 +176,8 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         if probe:
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
-            context = FrontEndContext(name, reactor, limits, server_tls, implicit,  # type: ignore[arg-type]
-                                      authenticator, backend, settings.hostname)
+            context = FrontEndContext(name, reactor, protocol_limits, server_tls, implicit,  # type: ignore[arg-type]
+                                      authenticator, backend, settings.hostname, penalties, connections)
             factory: Factory = FrontEndFactory(front_end, context)
             if implicit:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)

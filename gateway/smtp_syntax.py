@@ -31,7 +31,8 @@ class Reply:
         return b"".join(code + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n" for i, line in enumerate(lines))
 
 
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
+# RFC 5321 4.2: the last line may be the bare code, without a space or text.
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 
 
 class ReplyReader:
@@ -52,7 +53,7 @@ class ReplyReader:
         if match is None or (self._code is not None and match.group(1) != self._code):
             raise SmtpSyntaxError("malformed reply")
         self._code = match.group(1)
-        self._lines.append(match.group(3))
+        self._lines.append(match.group(3) or b"")
         if match.group(2) == b"-":
             if len(self._lines) > 100:
                 raise SmtpSyntaxError("reply too long")
@@ -123,7 +124,8 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
         raise SmtpSyntaxError("Syntax: " + keyword.decode() + ":<address>")
     end = rest.index(b">")
     address, rest = rest[1:end], rest[end + 1:]
-    if address.startswith(b"@") or any(byte < 0x21 or byte == 0x7F for byte in address) or b"<" in address:
+    if (address.startswith(b"@") or any(byte < 0x21 or byte == 0x7F for byte in address) or b"<" in address
+            or address.count(b"@") > 1):
         raise SmtpSyntaxError("Bad address syntax")
     parameters = []
     if rest:
@@ -131,10 +133,15 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
             raise SmtpSyntaxError("Syntax error in parameters")
         for item in rest[1:].split(b" "):
             key, equals, value = item.partition(b"=")
-            if not _ESMTP_KEYWORD.match(key) or (equals and not value):
+            if not _ESMTP_KEYWORD.match(key) or (equals and not value) or not _valid_value(value):
                 raise SmtpSyntaxError("Syntax error in parameters")
             parameters.append((key.upper(), value if equals else None))
     return PathCommand(address, tuple(parameters))
+
+
+def _valid_value(value: bytes) -> bool:
+    """esmtp-value (RFC 5321 4.1.2): bytes 33-60 and 62-126, plus UTF-8 (RFC 6531)."""
+    return all(0x21 <= byte <= 0x7E and byte != 0x3D or byte >= 0x80 for byte in value)
 
 
 def xtext(value: bytes) -> bytes:

@@ -46,6 +46,8 @@ _LOGIN_REPLIES = {
     # A 4xx: the client keeps the password and the message and tries again later.
     LoginOutcome.UNAVAILABLE: b"454 4.7.0 Temporary authentication failure, try again later\r\n",
     LoginOutcome.REFUSED: b"454 4.7.0 Temporary authentication failure, try again later\r\n",
+    LoginOutcome.THROTTLED: b"421 4.7.0 Too many failed logins from your address, try again later\r\n",
+    LoginOutcome.OVERLOADED: b"421 4.7.0 Too many sessions for this user, try again later\r\n",
 }
 _BACKEND_DOWN = b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n"
 
@@ -90,6 +92,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def reply_too_many_errors(self) -> None:
         self.send(b"421 4.7.0 Too many errors, closing connection\r\n")
+
+    def reply_overloaded(self) -> None:
+        self.send(b"421 4.7.0 Too many connections, try again later\r\n")
 
     def reply_challenge(self, challenge: bytes) -> None:
         self.send(b"334 " + challenge + b"\r\n")

@@ -2,7 +2,8 @@
 # on a fresh Debian machine, then the gateway itself into .venv (a regular, non-editable install).
 set -euo pipefail
 
-packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond curl openssl ca-certificates fetchmail)
+packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond postfix libsasl2-modules curl openssl ca-certificates
+          fetchmail swaks fail2ban)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for package in "${packages[@]}"; do
@@ -11,13 +12,19 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "setup: installing ${missing[*]}" >&2
+  # Postfix without a system configuration: the tests run private instances only.
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Only Dovecot's binaries are needed: the demo and the tests run private instances. Do not
-  # leave the system-wide Dovecot that the package starts listening on 143/993.
-  if [[ " ${missing[*]} " == *" dovecot-imapd "* ]] && [ -d /run/systemd/system ]; then
-    echo "setup: stopping and disabling the system dovecot.service the package started" >&2
-    $sudo systemctl disable --now dovecot.service >/dev/null 2>&1 || true
+  # Only the binaries are needed: the demo and the tests run private instances. Do not leave
+  # system-wide services that the packages start (Dovecot would listen on 143/993).
+  if [ -d /run/systemd/system ]; then
+    for service in dovecot postfix fail2ban; do
+      if [[ " ${missing[*]} " == *" $service "* || " ${missing[*]} " == *" $service-imapd "* ]]; then
+        echo "setup: stopping and disabling the system $service.service the package started" >&2
+        $sudo systemctl disable --now "$service.service" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 fi
 

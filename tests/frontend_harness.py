@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.config import Limits
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
+from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
 PASSWORD = b'p4ss "w rd\\'
@@ -31,18 +34,28 @@ class FrontEndTestBase(SynchronousTestCase):
     protocol = "test"
     implicit_tls = True
     limits = Limits()
+    # A constant failure delay (no escalation) unless a test asks for one: tests/test_penalties.py covers escalation.
+    penalty_rules = PenaltyRules(base_delay=2.0, max_delay=2.0)
     backend_capabilities: tuple[bytes, ...] = ()
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.auth = MemoryAuthenticator(self.clock, {"alice": PASSWORD, "bob": b"secret"})
+        self.auth = MemoryAuthenticator({"alice": PASSWORD, "bob": b"secret"})
         self.backend = MemoryBackend(capabilities=self.backend_capabilities)
-        context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
-                                  self.implicit_tls, self.auth, self.backend, "mail.example.org")  # type: ignore[arg-type]
-        self.front = FrontEndFactory(self.front_end, context).buildProtocol(None)
-        self.transport = TLSStringTransport()
-        self.front.makeConnection(self.transport)
+        self.penalties = LoginPenalties(self.clock, self.penalty_rules)
+        self.connections = ConnectionLimits(ConnectionRules())
+        self.context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
+                                       self.implicit_tls, self.auth, self.backend,  # type: ignore[arg-type]
+                                       "mail.example.org", self.penalties, self.connections)
+        self.front, self.transport = self.connect()
         self.greeting = self.read()
+
+    def connect(self, host: str = "192.168.1.1") -> tuple[LoginFrontEnd, TLSStringTransport]:
+        """Another connection to the same listener, from C{host}."""
+        front = FrontEndFactory(self.front_end, self.context).buildProtocol(None)
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 54321))
+        front.makeConnection(transport)
+        return front, transport
 
     def tearDown(self) -> None:
         if not self.front.closed or self.transport.connected:

@@ -161,7 +161,7 @@ class DefaultTests(ConfigTestCase):
                     starttls=(),
                     backend=BackendSettings(
                         host="127.0.0.1", port=143, tls="none", ca_file=None, server_name="127.0.0.1",
-                        timeout=10.0, login="replay", master_user=None, master_password=None,
+                        timeout=30.0, login="replay", master_user=None, master_password=None,
                         forward_client_ip=False,
                     ),
                 ),

@@ -135,6 +135,8 @@ class ExampleTests(SynchronousTestCase):
             part = settings_section(settings, table)
             if key == "master_password_file":
                 self.assertEqual(getattr(part, "master_password"), MASTER_PASSWORD)
+            elif key == "trusted_networks":
+                self.assertEqual(tuple(str(network) for network in getattr(part, key)), tuple(value))
             else:
                 expected = tuple(value) if isinstance(value, list) else value
                 self.assertEqual(getattr(part, key), expected, f"[{table}] {key}")
@@ -151,7 +153,7 @@ class ExampleTests(SynchronousTestCase):
         for table, key, value in example_lines():
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
-        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "pop3.backend", "submission",
+        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "limits", "pop3.backend", "submission",
                                                  "submission.backend"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.frontend import loggable_user, plain_address
+from gateway.addresses import plain_address
+from gateway.frontend import loggable_user
 
 
 class AddressTests(SynchronousTestCase):

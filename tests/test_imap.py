@@ -359,10 +359,23 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
-    def test_no_timeout_after_login(self) -> None:
-        """After login the pre-login timers are gone."""
+    def test_relay_idle_timeout(self) -> None:
+        """
+        After login the pre-login timers are gone; the relay's own idle timeout is reset by
+        bytes either way and closes both sides when it runs out.
+        """
         self.log_in()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        [timer] = self.clock.getDelayedCalls()
+        self.assertEqual(timer.getTime(), self.limits.relay_idle_timeout)
+        self.clock.advance(1000)
+        self.front.dataReceived(b"a2 NOOP\r\n")
+        self.clock.advance(1000)
+        self.backend.sessions[0].dataReceived(b"a2 OK NOOP\r\n")
+        self.clock.advance(1859)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.read(), b"a2 OK NOOP\r\n")  # nothing injected into the relayed stream
 
 
 class LoggingTests(ImapTestBase):

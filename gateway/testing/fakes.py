@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -26,16 +24,13 @@ BACKEND_SETTINGS = BackendSettings(
 @implementer(IAuthenticator)
 class MemoryAuthenticator:
     """
-    Good passwords in a dict, answered at once; the failure pause runs on the given clock.
+    Good passwords in a dict, answered at once.
 
     :ivar checked: the user names verified so far, in order.
     """
 
-    def __init__(self, clock: IReactorTime, passwords: dict[str, bytes], failure_delay: float = 2.0,
-                 backend_decides: bool = False) -> None:
-        self._clock = clock
+    def __init__(self, passwords: dict[str, bytes], backend_decides: bool = False) -> None:
         self.passwords = passwords
-        self.failure_delay = failure_delay
         self.backend_decides = backend_decides
         self.checked: list[str] = []
 
@@ -43,8 +38,6 @@ class MemoryAuthenticator:
         self.checked.append(user)
         return succeed(self.backend_decides or self.passwords.get(user) == password)
 
-    def failure_pause(self, started: float) -> Deferred[None]:
-        return deferLater(self._clock, max(0.0, started + self.failure_delay - self._clock.seconds()))
 
 
 class MemoryBackend:

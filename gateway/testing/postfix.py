@@ -283,8 +283,8 @@ class PostfixSandbox:
     def maildir(self) -> str:
         """Path of the one Maildir that receives all mail when the sandbox does not use LMTP.
 
-        Every recipient's copy is a file of its own there, named by
-        ``Delivered-To:``; the directory exists once the first message is delivered.
+        Each recipient's copy is a file of its own, whose ``Delivered-To:`` header
+        names the recipient; the directory exists once a message has been delivered.
         """
         return os.path.join(self._mail_directory, "Maildir")
 
@@ -319,7 +319,7 @@ class PostfixSandbox:
         return messages
 
     def wait_for_delivered(self, localpart: str, count: int, timeout: float = 30) -> list[bytes]:
-        """Wait until at least ``count`` messages have been delivered to ``localpart`` and return them.
+        """Wait until ``count`` or more messages have been delivered to ``localpart``; return them.
 
         :returns: what :meth:`delivered` returns once it holds ``count`` messages or more.
         :raises ValueError: if the sandbox delivers over LMTP.
@@ -339,10 +339,11 @@ class PostfixSandbox:
             time.sleep(_POLL_INTERVAL)
 
     def queue_is_empty(self) -> bool:
-        """Return whether no message waits in the queue (maildrop, incoming, active, deferred, hold).
+        """Return whether no message waits in the queue.
 
-        A message leaves the queue only after its delivery has been recorded, which
-        is a moment after it appears in the Maildir.
+        The queue is the maildrop, incoming, active, deferred and hold directories.
+        A message leaves it only once its delivery has been recorded, a moment
+        after it appears in the Maildir.
         """
         for queue in _QUEUES:
             for _, _, files in os.walk(os.path.join(self._queue_directory, queue)):

@@ -1,0 +1,28 @@
+"""Client addresses: one form per client, and membership of configured networks."""
+
+from __future__ import annotations
+
+import ipaddress
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def plain_address(host: str) -> str:
+    """
+    An IPv4 client on an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, so logs,
+    fail2ban, limits and the backend see one form per client.
+    """
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host
+
+
+def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
+    """True when C{host} is an IP address inside one of C{networks}."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

@@ -1,0 +1,78 @@
+"""
+Counting connections and sessions against their limits, for every protocol of one process.
+
+A client address may hold only so many connections at once (trusted networks are exempt), the
+whole gateway only so many, and a user only so many logged-in sessions. A refused connection
+gets the protocol's temporary refusal and is closed; everyone else goes on being served.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from gateway.addresses import Network, in_networks
+
+
+@dataclass(frozen=True)
+class ConnectionRules:
+    """
+    :ivar max_connections: connections the whole gateway holds at once.
+    :ivar max_per_address: connections one client address holds at once.
+    :ivar max_sessions_per_user: logged-in sessions one user holds at once.
+    :ivar trusted: networks exempt from the per-address limit.
+    """
+
+    max_connections: int = 10_000
+    max_per_address: int = 50
+    max_sessions_per_user: int = 50
+    trusted: tuple[Network, ...] = ()
+
+
+class ConnectionLimits:
+    """The connection and session counts of one gateway process."""
+
+    def __init__(self, rules: ConnectionRules) -> None:
+        self.rules = rules
+        self.connections = 0
+        self._by_address: Counter[str] = Counter()
+        self._by_user: Counter[str] = Counter()
+
+    def admit(self, host: str) -> str | None:
+        """
+        Count a new connection.
+
+        :returns: None when admitted (call L{release} when it ends), else which limit refused it.
+        """
+        if self.connections >= self.rules.max_connections:
+            return "max_connections"
+        if not self._trusted(host):
+            if self._by_address[host] >= self.rules.max_per_address:
+                return "max_connections_per_ip"
+            self._by_address[host] += 1
+        self.connections += 1
+        return None
+
+    def release(self, host: str) -> None:
+        """An admitted connection has ended."""
+        self.connections -= 1
+        if not self._trusted(host):
+            self._by_address[host] -= 1
+            if self._by_address[host] <= 0:
+                del self._by_address[host]
+
+    def open_session(self, user: str) -> bool:
+        """Count a logged-in session; False (and nothing counted) when the user has too many."""
+        if self._by_user[user] >= self.rules.max_sessions_per_user:
+            return False
+        self._by_user[user] += 1
+        return True
+
+    def close_session(self, user: str) -> None:
+        """A session counted by L{open_session} has ended."""
+        self._by_user[user] -= 1
+        if self._by_user[user] <= 0:
+            del self._by_user[user]
+
+    def _trusted(self, host: str) -> bool:
+        return in_networks(host, self.rules.trusted)
