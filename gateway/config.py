@@ -37,6 +37,19 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class NamedCertificate:
+    """
+    A certificate for the clients that ask for one of C{names} by SNI.
+
+    :ivar names: host names, lower-case; C{*.example.org} matches one label below example.org.
+    """
+
+    names: tuple[str, ...]
+    certificate: str
+    private_key: str
+
+
+@dataclass(frozen=True)
 class TLSSettings:
     """
     The certificate the listeners present.
@@ -44,11 +57,13 @@ class TLSSettings:
     :ivar certificate: PEM file with the leaf certificate followed by its intermediates.
     :ivar private_key: PEM file with the private key.
     :ivar self_signed: generate (once) and use a self-signed certificate instead; for trials and tests.
+    :ivar sni: further certificates, each for the clients that ask for one of its names.
     """
 
     certificate: str | None
     private_key: str | None
     self_signed: bool
+    sni: tuple[NamedCertificate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,6 +293,11 @@ class _Table:
                 raise self.error(key, expected, item) from None
         return tuple(networks)
 
+    def tables(self, key: str) -> list[_Table]:
+        """An array of tables (C{[[name.key]]}), each read like a table."""
+        items = self._get(key, [], list, f"[[{self.name}.{key}]] tables")
+        return [_Table(self._path, f"{self.name}.{key}#{number}", item) for number, item in enumerate(items, 1)]
+
     def table(self, key: str) -> _Table:
         self._read.add(key)
         return _Table(self._path, f"{self.name}.{key}" if self.name else key, self._data.get(key, {}))
@@ -369,13 +389,27 @@ def _tls_settings(table: _Table) -> TLSSettings:
     self_signed = table.boolean("self_signed", False)
     certificate = table.readable_file("certificate")
     private_key = table.readable_file("private_key")
+    sni = tuple(_named_certificate(entry) for entry in table.tables("sni"))
     table.finish()
     if self_signed and (certificate or private_key):
         raise table.error("self_signed", "either self_signed = true or certificate and private_key, not both")
     if not self_signed and not (certificate and private_key):
         missing = "private_key" if certificate else "certificate"
         raise table.error(missing, "the path of a PEM file (or self_signed = true for a trial)")
-    return TLSSettings(certificate, private_key, self_signed)
+    return TLSSettings(certificate, private_key, self_signed, sni)
+
+
+def _named_certificate(table: _Table) -> NamedCertificate:
+    expected = 'a list of host names such as ["mail.example.org", "*.example.net"]'
+    names = table._get("names", [], list, expected)
+    if not names or not all(isinstance(n, str) and _HOSTNAME.fullmatch(n.removeprefix("*.")) for n in names):
+        raise table.error("names", expected, names)
+    certificate = table.readable_file("certificate")
+    private_key = table.readable_file("private_key")
+    table.finish()
+    if certificate is None or private_key is None:
+        raise table.error("certificate" if certificate is None else "private_key", "the path of a PEM file")
+    return NamedCertificate(tuple(n.lower().rstrip(".") for n in names), certificate, private_key)
 
 
 def _auth_settings(table: _Table) -> AuthSettings:

@@ -8,6 +8,8 @@ endpoint.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -15,7 +17,7 @@ from functools import partial
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -23,7 +25,7 @@ from twisted.python.failure import Failure
 
 from gateway.auth import Authenticator, HashingPool
 from gateway.backend import BackendConnector, LoginFactory
-from gateway.config import ConfigError, Limits, ProtocolSettings, Settings, SubmissionSettings
+from gateway.config import ConfigError, Limits, ProtocolSettings, Settings, SubmissionSettings, load_settings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
@@ -108,6 +110,93 @@ class CapabilityProbe(Service):
                      protocol=self._protocol, backend=self._backend.address, reason=failure.getErrorMessage())
 
 
+def penalty_rules(settings: Settings) -> PenaltyRules:
+    """The login penalty rules a configuration asks for."""
+    auth, limits = settings.auth, settings.limits
+    return PenaltyRules(base_delay=auth.failure_delay, max_delay=auth.failure_delay_max,
+                        ip_budget=auth.ip_failure_budget, user_free=auth.user_failures_free,
+                        window=auth.failure_window, ipv6_prefix=auth.ipv6_prefix, trusted=limits.trusted_networks)
+
+
+def connection_rules(settings: Settings) -> ConnectionRules:
+    """The connection limits a configuration asks for."""
+    limits = settings.limits
+    return ConnectionRules(max_connections=limits.max_connections, max_per_address=limits.max_connections_per_ip,
+                           max_sessions_per_user=limits.max_sessions_per_user, trusted=limits.trusted_networks)
+
+
+def protocol_limits(settings: Settings, protocol: str) -> Limits:
+    """The pre-login limits of one protocol: submission's AUTH lines may be longer (RFC 4954)."""
+    if protocol == "submission":
+        return replace(settings.limits, line_length=AUTH_LINE_LIMIT)
+    return settings.limits
+
+
+def certificate_files(settings: Settings) -> tuple[str, str]:
+    """The default certificate chain and key: the configured ones, or the self-signed ones."""
+    if not settings.tls.self_signed:
+        assert settings.tls.certificate is not None and settings.tls.private_key is not None
+        return settings.tls.certificate, settings.tls.private_key
+    try:
+        return ensure_self_signed(settings.state_dir, settings.hostname)
+    except (TLSError, OSError) as e:
+        raise ConfigError(f"{settings.path}: [tls] self_signed: cannot create a certificate in "
+                          f"[gateway] state_dir: {e}") from None
+
+
+class Reloader(Service):
+    """
+    On SIGHUP (systemctl reload) re-reads the configuration: certificates (default and SNI),
+    limits and login penalty rules. New connections get them; established sessions go on
+    undisturbed. A broken file or configuration changes nothing and is logged as an error.
+    (The users and senders files are re-read by themselves whenever they change.)
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, path: str, penalties: LoginPenalties,
+                 connections: ConnectionLimits) -> None:
+        self._reactor = reactor
+        self._path = path
+        self._penalties = penalties
+        self._connections = connections
+        self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
+        self._previous_handler: object = None
+
+    def serve(self, server_tls: ServerTLS, factory: FrontEndFactory) -> None:
+        """Keep a listener's TLS and factory up to date on reload."""
+        self._served.append((server_tls, factory))
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)  # type: ignore[arg-type]
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        # A signal handler may not touch the reactor's state; this hands the work to it.
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply what can change without a restart."""
+        try:
+            settings = load_settings(self._path)
+            certificate, key = certificate_files(settings)
+            for server_tls, _ in self._served:
+                server_tls.reload(certificate, key, settings.tls.sni)
+        except (ConfigError, TLSError) as e:
+            log.error("reload_failed reason={reason}: keeping the running configuration", reason=str(e))
+            return
+        self._penalties.rules = penalty_rules(settings)
+        self._connections.rules = connection_rules(settings)
+        for _, factory in self._served:
+            factory.context = replace(factory.context, limits=protocol_limits(settings, factory.context.protocol))
+        log.info("reloaded path={path} certificates={count}", path=self._path,
+                 count=1 + sum(len(entry.names) for entry in settings.tls.sni))
+
+
 def build_service(settings: Settings, reactor: object) -> MultiService:
     """
     Build everything the configuration asks for.
@@ -127,31 +216,18 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
         self_test()
     authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
-    auth, limits = settings.auth, settings.limits
-    penalties = LoginPenalties(reactor, PenaltyRules(  # type: ignore[arg-type]
-        base_delay=auth.failure_delay, max_delay=auth.failure_delay_max, ip_budget=auth.ip_failure_budget,
-        user_free=auth.user_failures_free, window=auth.failure_window, ipv6_prefix=auth.ipv6_prefix,
-        trusted=limits.trusted_networks))
-    connections = ConnectionLimits(ConnectionRules(
-        max_connections=limits.max_connections, max_per_address=limits.max_connections_per_ip,
-        max_sessions_per_user=limits.max_sessions_per_user, trusted=limits.trusted_networks))
+    penalties = LoginPenalties(reactor, penalty_rules(settings))  # type: ignore[arg-type]
+    connections = ConnectionLimits(connection_rules(settings))
+    certificate, key = certificate_files(settings)
+    reloader = Reloader(reactor, settings.path, penalties, connections)  # type: ignore[arg-type]
+    reloader.setServiceParent(top)
 
-    if settings.tls.self_signed:
-        try:
-            certificate, key = ensure_self_signed(settings.state_dir, settings.hostname)
-        except (TLSError, OSError) as e:
-            raise ConfigError(f"{settings.path}: [tls] self_signed: cannot create a certificate in "
-                              f"[gateway] state_dir: {e}") from None
-    else:
-        assert settings.tls.certificate is not None and settings.tls.private_key is not None
-        certificate, key = settings.tls.certificate, settings.tls.private_key
-
-    # name, ALPN, settings, front end, backend dialogue, limits, whether to learn the backend's
+    # name, ALPN, settings, front end, backend dialogue, whether to learn the backend's
     # pre-login capabilities at start (POP3 CAPA and SMTP EHLO promise them before login).
     protocols: list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
-                          Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, Limits, bool]] = [
-        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin, settings.limits, False),
-        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin, settings.limits, True),
+                          Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, bool]] = [
+        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin, False),
+        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin, True),
     ]
     if settings.submission is not None:
         rules = settings.submission
@@ -162,23 +238,24 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         protocols.append((
             "submission", b"smtp", rules,
             lambda context: SubmissionFrontEnd(context, rules, senders),
-            partial(SmtpBackend, ehlo_name=settings.hostname),
-            replace(settings.limits, line_length=AUTH_LINE_LIMIT), True,
+            partial(SmtpBackend, ehlo_name=settings.hostname), True,
         ))
-    for name, alpn, protocol, front_end, backend_login, protocol_limits, probe in protocols:
+    for name, alpn, protocol, front_end, backend_login, probe in protocols:
         if protocol is None:
             continue
         try:
-            server_tls = ServerTLS(certificate, key, alpn)
+            server_tls = ServerTLS(certificate, key, alpn, settings.tls.sni)
             backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
         if probe:
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
-            context = FrontEndContext(name, reactor, protocol_limits, server_tls, implicit,  # type: ignore[arg-type]
-                                      authenticator, backend, settings.hostname, penalties, connections)
-            factory: Factory = FrontEndFactory(front_end, context)
+            context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
+                                      implicit, authenticator, backend, settings.hostname, penalties, connections)
+            front_factory = FrontEndFactory(front_end, context)
+            reloader.serve(server_tls, front_factory)
+            factory: Factory = front_factory
             if implicit:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
                 factory.noisy = False

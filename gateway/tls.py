@@ -43,6 +43,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from gateway.config import NamedCertificate
+
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls"]
 
 log = Logger()
@@ -103,10 +105,13 @@ class _ALPNRefused(SSL.Error):
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """Server-side TLS for one certificate chain, usable for implicit TLS and STARTTLS.
+    """Server-side TLS, usable for implicit TLS and STARTTLS, with certificates chosen by SNI.
 
-    The context is built once, at construction, so that a bad file is reported
-    at startup rather than at the first connection.
+    The contexts are built at construction, so that a bad file is reported at
+    startup rather than at the first connection. A client that names a host
+    (SNI) matching a L{NamedCertificate} gets that certificate; any other gets
+    the default one. L{reload} re-reads every file: connections made since use
+    the new certificates, established ones keep theirs.
 
     Clients that offer no ALPN, or whose ALPN list contains ``alpn``, are
     accepted (``alpn`` is then selected). Any other ALPN list is refused with
@@ -114,24 +119,59 @@ class ServerTLS:
     protocol cannot be tricked into talking to this one.
     """
 
-    def __init__(self, certificate_path: str, key_path: str, alpn: bytes) -> None:
+    def __init__(self, certificate_path: str, key_path: str, alpn: bytes,
+                 named: tuple[NamedCertificate, ...] = ()) -> None:
         """
-        :param certificate_path: PEM file holding the leaf certificate followed
-            by its intermediates, all of which are sent to clients.
+        :param certificate_path: PEM file holding the default leaf certificate
+            followed by its intermediates, all of which are sent to clients.
         :param key_path: PEM file with the unencrypted RSA or ECDSA private key
             of the leaf certificate.
         :param alpn: the ALPN protocol identifier this listener speaks, for
             example ``b"imap"``.
+        :param named: further certificates, chosen by the client's SNI name.
         :raises TLSError: if a file is unreadable, is not PEM, holds no
             certificate, or the key does not match the leaf certificate.
         """
-        self._context = _make_server_context(certificate_path, key_path, alpn)
+        self._alpn = alpn
+        self._context, self._by_name = self._build(certificate_path, key_path, named)
+
+    def _build(self, certificate_path: str, key_path: str,
+               named: tuple[NamedCertificate, ...]) -> tuple[SSL.Context, dict[str, SSL.Context]]:
+        default = _make_server_context(certificate_path, key_path, self._alpn)
+        by_name = {}
+        for entry in named:
+            context = _make_server_context(entry.certificate, entry.private_key, self._alpn)
+            for name in entry.names:
+                by_name[name.lower().rstrip(".")] = context
+        if by_name:
+            default.set_tlsext_servername_callback(self._choose)
+        self._sources = (certificate_path, key_path, named)
+        return default, by_name
+
+    def reload(self, certificate_path: str | None = None, key_path: str | None = None,
+               named: tuple[NamedCertificate, ...] | None = None) -> None:
+        """
+        Re-read every certificate and key, from the given files or else the ones in use. On any
+        error nothing changes and TLSError says why: the certificates in use stay in use.
+        """
+        old_certificate, old_key, old_named = self._sources
+        self._context, self._by_name = self._build(certificate_path or old_certificate, key_path or old_key,
+                                                   old_named if named is None else named)
+
+    def _choose(self, connection: SSL.Connection) -> None:
+        requested = connection.get_servername()
+        if not requested:
+            return
+        name = requested.decode("ascii", "replace").lower().rstrip(".")
+        context = self._by_name.get(name) or self._by_name.get("*." + name.partition(".")[2])
+        if context is not None:
+            connection.set_context(context)
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Create the OpenSSL connection for one accepted client.
 
         :param tlsProtocol: the Twisted TLS protocol that drives the connection.
-        :returns: a new server connection sharing this object's context.
+        :returns: a new server connection on the current default context.
         """
         return SSL.Connection(self._context, None)
 

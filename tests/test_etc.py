@@ -106,6 +106,8 @@ class ExampleTests(SynchronousTestCase):
             for key, value in table.items():
                 if isinstance(value, dict):
                     tables.append((f"{name}.{key}".lstrip("."), value))
+                elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
+                    tables.extend((f"{name}.{key}{number}".lstrip("."), item) for number, item in enumerate(value))
                 elif key in FILE_KEYS:
                     path = self.directory / f"{name}.{key}"
                     path.write_bytes(MASTER_PASSWORD + b"\n" if key == "master_password_file" else b"")
@@ -135,6 +137,10 @@ class ExampleTests(SynchronousTestCase):
             part = settings_section(settings, table)
             if key == "master_password_file":
                 self.assertEqual(getattr(part, "master_password"), MASTER_PASSWORD)
+            elif key == "sni":
+                named = [{"names": list(n.names), "certificate": n.certificate, "private_key": n.private_key}
+                         for n in getattr(part, key)]
+                self.assertEqual(named, value)
             elif key == "trusted_networks":
                 self.assertEqual(tuple(str(network) for network in getattr(part, key)), tuple(value))
             else:
@@ -154,7 +160,7 @@ class ExampleTests(SynchronousTestCase):
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
         self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "limits", "pop3.backend", "submission",
-                                                 "submission.backend"])
+                                                 "submission.backend", "tls"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)
             for key, value in lines:
@@ -262,8 +268,8 @@ class UnitTests(SynchronousTestCase):
         ):
             self.assertEqual(directives.get(key), [value], key)
 
-    def test_no_reload_no_write_execute_ban(self) -> None:
-        """The unit has no ExecReload (SIGHUP does nothing yet) nor MemoryDenyWriteExecute (cffi needs W+X memory)."""
+    def test_reload_and_no_write_execute_ban(self) -> None:
+        """The unit reloads with SIGHUP and has no MemoryDenyWriteExecute (cffi needs W+X memory)."""
         directives = self.directives()
-        self.assertNotIn("ExecReload", directives)
+        self.assertEqual(directives.get("ExecReload"), ["/bin/kill -HUP $MAINPID"])
         self.assertNotIn("MemoryDenyWriteExecute", directives)
