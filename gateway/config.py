@@ -26,6 +26,8 @@ AuthMode = Literal["local", "backend"]
 
 # Listeners carry plain streams: the gateway adds TLS itself, so "ssl:" endpoints are refused.
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+PROXY_PREFIX = "haproxy:"
+"""A listener description starting with this takes a PROXY header from [limits] proxy_sources."""
 
 T = TypeVar("T")
 
@@ -176,6 +178,7 @@ class Limits:
     :ivar relay_idle_timeout: seconds without a byte either way after which a relayed IMAP or
         POP3 session is closed (IMAP IDLE clients renew within 29 minutes).
     :ivar trusted_networks: client networks exempt from the per-address limits and penalties.
+    :ivar proxy_sources: load balancers allowed to connect to C{haproxy:} listeners.
     """
 
     line_length: int = 8192
@@ -189,6 +192,7 @@ class Limits:
     max_sessions_per_user: int = 50
     relay_idle_timeout: float = 1860.0
     trusted_networks: tuple[Network, ...] = ()
+    proxy_sources: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -275,10 +279,11 @@ class _Table:
         return path
 
     def endpoints(self, key: str) -> tuple[str, ...]:
-        expected = 'a list of endpoint descriptions such as ["tcp:993"] (' + "/".join(_ENDPOINT_TYPES) + ")"
+        expected = ('a list of endpoint descriptions such as ["tcp:993"] (' + "/".join(_ENDPOINT_TYPES) +
+                    ', optionally behind "haproxy:")')
         value = self._get(key, [], list, expected)
         for item in value:
-            if not isinstance(item, str) or item.split(":", 1)[0] not in _ENDPOINT_TYPES:
+            if not isinstance(item, str) or item.removeprefix(PROXY_PREFIX).split(":", 1)[0] not in _ENDPOINT_TYPES:
                 raise self.error(key, expected, item)
         return tuple(value)
 
@@ -377,6 +382,10 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
         raise ConfigError(f"{path}: [imap], [pop3] or [submission]: expected at least one protocol section "
                           "with a listener")
     for name, protocol in protocols.items():
+        proxied = [d for d in protocol.implicit_tls + protocol.starttls if d.startswith(PROXY_PREFIX)]
+        if proxied and not limits.proxy_sources:
+            raise ConfigError(f"{path}: [limits] proxy_sources: expected the load balancers' networks, "
+                              f"since [{name}] listens on {proxied[0]!r}")
         if auth.mode == "backend" and protocol.backend.login != "replay":
             raise ConfigError(
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
@@ -447,6 +456,7 @@ def _limits(table: _Table) -> Limits:
         max_sessions_per_user=table.integer("max_sessions_per_user", d.max_sessions_per_user, 1, 1_000_000),
         relay_idle_timeout=table.seconds("relay_idle_timeout", d.relay_idle_timeout, 10, 86400),
         trusted_networks=table.networks("trusted_networks"),
+        proxy_sources=table.networks("proxy_sources"),
     )
     table.finish()
     return limits

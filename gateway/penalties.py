@@ -82,6 +82,7 @@ class _Table(Generic[K]):
         return count
 
     def touch(self, key: K, now: float) -> _Count:
+        self._purge(now)
         count = self.get(key, now)
         if count is None:
             count = self._entries[key] = _Count(now)
@@ -90,6 +91,14 @@ class _Table(Generic[K]):
         else:
             self._entries.move_to_end(key)
         return count
+
+    def _purge(self, now: float) -> None:
+        """Drop expired entries from the least recently used end (the rest expire when next looked up)."""
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest.started < self._window:
+                return
+            self._entries.popitem(last=False)
 
     def forget(self, key: K) -> None:
         self._entries.pop(key, None)

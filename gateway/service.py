@@ -25,7 +25,15 @@ from twisted.python.failure import Failure
 
 from gateway.auth import Authenticator, HashingPool
 from gateway.backend import BackendConnector, LoginFactory
-from gateway.config import ConfigError, Limits, ProtocolSettings, Settings, SubmissionSettings, load_settings
+from gateway.config import (
+    PROXY_PREFIX,
+    ConfigError,
+    Limits,
+    ProtocolSettings,
+    Settings,
+    SubmissionSettings,
+    load_settings,
+)
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
@@ -33,6 +41,7 @@ from gateway.imap_backend import ImapBackendLogin
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
+from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
@@ -261,10 +270,14 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                 factory.noisy = False
             kind = "implicit_tls" if implicit else "starttls"
             for description in descriptions:
+                listener_factory = factory
+                if description.startswith(PROXY_PREFIX):
+                    listener_factory = TrustedProxyFactory(factory, settings.limits.proxy_sources, reactor)  # type: ignore[arg-type]
                 try:
-                    endpoint = serverFromString(reactor, description)
+                    endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
                 except (ValueError, TypeError, KeyError, IndexError) as e:
                     raise ConfigError(f"{settings.path}: [{name}] {kind}: {description!r} is not a usable endpoint "
                                       f"description ({type(e).__name__}: {e})") from None
-                Listener(endpoint, factory, f"protocol={name} tls={kind} endpoint={description}").setServiceParent(top)
+                Listener(endpoint, listener_factory, f"protocol={name} tls={kind} endpoint={description}"
+                         ).setServiceParent(top)
     return top

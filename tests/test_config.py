@@ -476,7 +476,7 @@ class ListenerTests(ConfigTestCase):
             tables["imap"] = {key: '["tcp:143", "ssl:993"]'}
             self.assert_tables_error(tables, f"[imap] {key}",
                                      "expected a list of endpoint descriptions such as [\"tcp:993\"] "
-                                     "(tcp/tcp6/unix/systemd), got 'ssl:993'")
+                                     "(tcp/tcp6/unix/systemd, optionally behind \"haproxy:\"), got 'ssl:993'")
 
     def test_no_listener(self) -> None:
         """An [imap] section without any listener is refused."""

@@ -48,6 +48,7 @@ class GatewayProcess:
         submission_backend_port: int | None = None,
         submission_backend: str = "",
         submission: str = "",
+        proxy: bool = False,
     ) -> None:
         """
         :param imap_backend_port: the plaintext IMAP store; None serves no IMAP.
@@ -60,6 +61,7 @@ class GatewayProcess:
         :param submission_backend_port: the MTA's plaintext submission port; None serves no submission.
         :param submission_backend: extra keys for the C{[submission.backend]} table.
         :param submission: extra keys for the C{[submission]} table (senders_file, max_message_size, ...).
+        :param proxy: listeners expect a PROXY header (C{haproxy:}); give C{[limits] proxy_sources} in C{settings}.
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -75,6 +77,7 @@ class GatewayProcess:
         self._submission_backend_port = submission_backend_port
         self._submission_backend = submission_backend
         self._submission = submission
+        self._proxy = proxy
         self.config_path = os.path.join(self.directory, "mailgateway.toml")
         self.log_path = os.path.join(self.directory, "mailgateway.log")
         self.users_path = os.path.join(self.directory, "users")
@@ -107,7 +110,7 @@ class GatewayProcess:
         else:
             tls = f'certificate = "{self._certificate}"\nprivate_key = "{self._private_key}"'
         auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
-        listen = f"tcp:0:interface={self._host}"
+        listen = ("haproxy:" if self._proxy else "") + f"tcp:0:interface={self._host}"
         protocols = ""
         for name, port, table, backend in self._protocols():
             if port is not None:

@@ -20,9 +20,12 @@ class Wire:
         self.sock.sendall(data)
 
     def line(self) -> bytes:
-        """The next line, with its CRLF; b"" when the server has closed."""
+        """The next line, with its CRLF; b"" when the server has closed (or reset) the connection."""
         while b"\n" not in self._buffer:
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 rest, self._buffer = self._buffer, b""
                 return rest

@@ -1,0 +1,139 @@
+"""
+The PROXY protocol (v1 and v2, HAProxy) in front of a mail listener.
+
+A load balancer in front of the gateway prepends a PROXY header naming the real client. Only
+configured source addresses may do so; connections from anywhere else are closed at once. Unlike
+Twisted's own wrapper, which starts the wrapped protocol at connect (fine for HTTP, where the
+client speaks first), the mail front end starts only once the header has been read: a mail
+server speaks first, and its greeting, logs, limits and penalties must all see the real client.
+The header is parsed by Twisted's v1 and v2 parsers.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+from gateway.addresses import Network, in_networks, plain_address
+
+log = Logger()
+
+HEADER_TIMEOUT = 10.0
+"""Seconds a trusted proxy has to send the header before the connection is dropped."""
+
+
+class ProxiedConnection(ProtocolWrapper):
+    """One connection from a trusted proxy: reads the header, then starts the wrapped protocol."""
+
+    def __init__(self, factory: TrustedProxyFactory, wrapped: IProtocol) -> None:
+        super().__init__(factory, wrapped)
+        self._clock = factory.clock
+        self._parser: V1Parser | V2Parser | None = None
+        self._start = b""
+        self._info: ProxyInfo | None = None
+        self._timer: IDelayedCall | None = None
+
+    def makeConnection(self, transport: object) -> None:
+        # Like ProtocolWrapper.makeConnection, except that the wrapped protocol waits for the header.
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)  # type: ignore[arg-type]
+        self.factory.registerProtocol(self)
+        self._timer = self._clock.callLater(HEADER_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        log.warn("proxy_header_timeout source={source}", source=self.transport.getPeer().host)  # type: ignore[union-attr]
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._info is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._parser is None:
+            # Enough bytes to tell v2 (a 12-byte signature) from v1 ("PROXY") from anything else.
+            self._start += data
+            start = self._start
+            if start[:12] == V2Parser.PREFIX:
+                self._parser = V2Parser()
+            elif start[:5] == V1Parser.PROXYSTR:
+                self._parser = V1Parser()
+            elif V2Parser.PREFIX.startswith(start) or V1Parser.PROXYSTR.startswith(start):
+                return
+            else:
+                self._refuse("no PROXY header")
+                return
+            data, self._start = start, b""
+        try:
+            info, remaining = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self._refuse("malformed PROXY header")
+            return
+        if info is None:
+            return
+        self._info = info
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.wrappedProtocol.makeConnection(self)
+        if remaining:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def _refuse(self, reason: str) -> None:
+        log.warn("proxy_refused source={source} reason={reason}", source=self.transport.getPeer().host,  # type: ignore[union-attr]
+                 reason=reason)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._info is not None:
+            super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
+
+    def getPeer(self) -> IAddress:
+        if self._info is not None and self._info.source is not None:
+            return self._info.source
+        return self.transport.getPeer()  # type: ignore[union-attr,no-any-return]
+
+    def getHost(self) -> IAddress:
+        if self._info is not None and self._info.destination is not None:
+            return self._info.destination
+        return self.transport.getHost()  # type: ignore[union-attr,no-any-return]
+
+
+class TrustedProxyFactory(WrappingFactory):
+    """
+    Accepts connections only from C{sources}, each starting with a PROXY header.
+
+    :param wrapped: the listener's factory (the front end, or TLS around it).
+    :param sources: the load balancers' networks.
+    :param clock: for the header timeout.
+    """
+
+    protocol = ProxiedConnection  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, sources: tuple[Network, ...], clock: IReactorTime) -> None:
+        super().__init__(wrapped)
+        self.sources = sources
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> ProxiedConnection | None:  # type: ignore[override]
+        host = plain_address(getattr(addr, "host", ""))
+        if not in_networks(host, self.sources):
+            log.warn("proxy_refused source={source} reason=untrusted", source=host)
+            return None
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
