@@ -17,6 +17,7 @@ from functools import partial
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -153,12 +154,20 @@ def certificate_files(settings: Settings) -> tuple[str, str]:
                           f"[gateway] state_dir: {e}") from None
 
 
+TICKET_KEY_LIFETIME = 12 * 3600.0
+"""Seconds between rebuilds of the TLS contexts, which gives them new session ticket keys."""
+
+
 class Reloader(Service):
     """
     On SIGHUP (systemctl reload) re-reads the configuration: certificates (default and SNI),
     limits and login penalty rules. New connections get them; established sessions go on
     undisturbed. A broken file or configuration changes nothing and is logged as an error.
     (The users and senders files are re-read by themselves whenever they change.)
+
+    Every L{TICKET_KEY_LIFETIME} it also rebuilds the TLS contexts from the files in use: OpenSSL
+    makes new session ticket keys with each context, so a stolen ticket key opens only a few
+    hours of recorded sessions, while clients still resume within that time.
     """
 
     def __init__(self, reactor: IReactorFromThreads, path: str, penalties: LoginPenalties,
@@ -169,6 +178,8 @@ class Reloader(Service):
         self._connections = connections
         self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
         self._previous_handler: object = None
+        self._rotation = LoopingCall(self.rotate_ticket_keys)
+        self._rotation.clock = reactor  # type: ignore[assignment]
 
     def serve(self, server_tls: ServerTLS, factory: FrontEndFactory) -> None:
         """Keep a listener's TLS and factory up to date on reload."""
@@ -178,15 +189,28 @@ class Reloader(Service):
         super().startService()
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
+        self._rotation.start(TICKET_KEY_LIFETIME, now=False)
 
     def stopService(self) -> None:
         super().stopService()
+        if self._rotation.running:
+            self._rotation.stop()
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)  # type: ignore[arg-type]
 
     def _hangup(self, signum: int, frame: object) -> None:
         # A signal handler may not touch the reactor's state; this hands the work to it.
         self._reactor.callFromThread(self.reload)
+
+    def rotate_ticket_keys(self) -> None:
+        """Rebuild every TLS context from the files in use (new ticket keys)."""
+        for server_tls, _ in self._served:
+            try:
+                server_tls.reload()
+            except TLSError as e:
+                log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
+                return
+        log.info("ticket_keys_rotated contexts={count}", count=len(self._served))
 
     def reload(self) -> None:
         """Re-read the configuration and apply what can change without a restart."""
