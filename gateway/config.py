@@ -134,6 +134,38 @@ class SubmissionSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """
+    HTTPS: client autoconfiguration, an optional webmail reverse proxy, and an HTTP redirector.
+
+    :ivar https: endpoint descriptions of the HTTPS listeners.
+    :ivar http: endpoint descriptions of plain HTTP listeners: they redirect to HTTPS (301),
+        except the autoconfig paths, which Thunderbird also asks over HTTP.
+    :ivar public_host: the host name clients are told to use (default: [gateway] hostname).
+    :ivar hsts_max_age: seconds for the Strict-Transport-Security header.
+    :ivar upstream: C{http://host:port} of a plaintext webmail that every other path goes to.
+    :ivar autoconfig_username: C{%EMAILADDRESS%} or C{%EMAILLOCALPART%}: what users log in with.
+    """
+
+    https: tuple[str, ...]
+    http: tuple[str, ...]
+    public_host: str
+    hsts_max_age: int
+    upstream: str | None
+    autoconfig_username: str
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """
+    :ivar listen: endpoint descriptions of the plain HTTP listeners serving C{/metrics}
+        (loopback by default: the metrics tell who logs in how often).
+    """
+
+    listen: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     """
     Who decides whether a login is good.
@@ -208,6 +240,8 @@ class Settings:
     imap: ProtocolSettings | None
     pop3: ProtocolSettings | None
     submission: SubmissionSettings | None
+    web: WebSettings | None = None
+    metrics: MetricsSettings | None = None
 
 
 class _Table:
@@ -374,6 +408,8 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     imap = _protocol_settings(root, "imap", default_backend_port=143) if root.has("imap") else None
     pop3 = _protocol_settings(root, "pop3", default_backend_port=110) if root.has("pop3") else None
     submission = _submission_settings(root.table("submission")) if root.has("submission") else None
+    web = _web_settings(root.table("web"), hostname) if root.has("web") else None
+    metrics = _metrics_settings(root.table("metrics")) if root.has("metrics") else None
     root.finish()
 
     protocols = {name: protocol for name, protocol in (("imap", imap), ("pop3", pop3), ("submission", submission))
@@ -391,7 +427,7 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
                 " (the backend must see the client's password to decide)"
             )
-    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission)
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics)
 
 
 def _tls_settings(table: _Table) -> TLSSettings:
@@ -489,6 +525,31 @@ def _submission_settings(table: _Table) -> SubmissionSettings:
     table.finish()
     return SubmissionSettings(implicit_tls, starttls, backend, senders_file, max_message_size, max_recipients,
                               idle_timeout, transaction_timeout)
+
+
+def _web_settings(table: _Table, hostname: str) -> WebSettings:
+    https = table.endpoints("https")
+    http = table.endpoints("http")
+    public_host = table.string("public_host", hostname, expected="a host name such as mail.example.org")
+    assert public_host is not None
+    if not _HOSTNAME.fullmatch(public_host):
+        raise table.error("public_host", "a host name such as mail.example.org", public_host)
+    hsts_max_age = table.integer("hsts_max_age", 31536000, 0, 10 * 31536000)
+    upstream = table.string("upstream", expected='an address such as "http://127.0.0.1:8080"')
+    if upstream is not None and not re.fullmatch(r"http://[A-Za-z0-9.\-]+(:\d{1,5})?/?|http://\[[0-9A-Fa-f:]+\](:\d{1,5})?/?",
+                                                  upstream):
+        raise table.error("upstream", 'an address such as "http://127.0.0.1:8080"', upstream)
+    username = table.choice("autoconfig_username", "%EMAILADDRESS%", ("%EMAILADDRESS%", "%EMAILLOCALPART%"))
+    table.finish()
+    if not https:
+        raise table.error("https", "at least one HTTPS listener")
+    return WebSettings(https, http, public_host, hsts_max_age, upstream, username)
+
+
+def _metrics_settings(table: _Table) -> MetricsSettings:
+    listen = table.endpoints("listen") or ("tcp:9101:interface=127.0.0.1",)
+    table.finish()
+    return MetricsSettings(listen)
 
 
 def _backend_settings(table: _Table, default_port: int, logins: tuple[str, ...]) -> BackendSettings:

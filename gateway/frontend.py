@@ -144,6 +144,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._session: BackendLogin | None = None
         self._closing: IDelayedCall | None = None
         self._admitted = False
+        self._backend_started = 0.0
         self._session_user: str | None = None  # counted against the user's session limit
         self._sasl: SaslExchange | None = None
         self.backend_refusal = b""
@@ -440,6 +441,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             request = LoginRequest(user, b"", self.client)  # the MTA trusts the gateway's word: no password kept
         else:
             request = LoginRequest(user, password, self.client)
+        self._backend_started = self.clock.seconds()
         return self.context.backend.login(request)
 
     def _logged_in(self, session: BackendLogin, user: str) -> LoginOutcome:
@@ -447,8 +449,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._session = session
         if not self.context.authenticator.backend_decides:
             self.context.penalties.succeeded(user, self.client.host)
-        log.info("login protocol={protocol} client={client} user={user}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+        log.info("login protocol={protocol} client={client} user={user} backend_ms={backend_ms:.1f}",
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                 backend_ms=1000 * (self.clock.seconds() - self._backend_started))
         return LoginOutcome.LOGGED_IN
 
     def _not_logged_in(self, failure: Failure, user: str, password: bytes,

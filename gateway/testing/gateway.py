@@ -128,6 +128,8 @@ state_dir = "{self.directory}/state"
 [auth]
 {auth}
 failure_delay = 0.2
+# Flat: tests make many failures from 127.0.0.1; escalation is covered by unit tests.
+failure_delay_max = 0.2
 
 {protocols}
 {self._settings}
