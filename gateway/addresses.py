@@ -26,3 +26,17 @@ def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
+
+
+def client_key(host: str, ipv6_prefix: int) -> str:
+    """
+    What one client is counted as: its IPv4 address, or its IPv6 network of C{ipv6_prefix} bits
+    (a single IPv6 host usually owns a whole /64, so counting addresses would be no limit at all).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
+    return str(address)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from gateway.addresses import Network, in_networks
+from gateway.addresses import Network, client_key, in_networks
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,14 @@ class ConnectionRules:
     :ivar max_per_address: connections one client address holds at once.
     :ivar max_sessions_per_user: logged-in sessions one user holds at once.
     :ivar trusted: networks exempt from the per-address limit.
+    :ivar ipv6_prefix: IPv6 clients are counted per network of this prefix length.
     """
 
     max_connections: int = 10_000
     max_per_address: int = 50
     max_sessions_per_user: int = 50
     trusted: tuple[Network, ...] = ()
+    ipv6_prefix: int = 64
 
 
 class ConnectionLimits:
@@ -47,9 +49,10 @@ class ConnectionLimits:
         if self.connections >= self.rules.max_connections:
             return "max_connections"
         if not self._trusted(host):
-            if self._by_address[host] >= self.rules.max_per_address:
+            key = client_key(host, self.rules.ipv6_prefix)
+            if self._by_address[key] >= self.rules.max_per_address:
                 return "max_connections_per_ip"
-            self._by_address[host] += 1
+            self._by_address[key] += 1
         self.connections += 1
         return None
 
@@ -57,9 +60,10 @@ class ConnectionLimits:
         """An admitted connection has ended."""
         self.connections -= 1
         if not self._trusted(host):
-            self._by_address[host] -= 1
-            if self._by_address[host] <= 0:
-                del self._by_address[host]
+            key = client_key(host, self.rules.ipv6_prefix)
+            self._by_address[key] -= 1
+            if self._by_address[key] <= 0:
+                del self._by_address[key]
 
     def open_session(self, user: str) -> bool:
         """Count a logged-in session; False (and nothing counted) when the user has too many."""

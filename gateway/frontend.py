@@ -144,6 +144,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._session: BackendLogin | None = None
         self._closing: IDelayedCall | None = None
         self._admitted = False
+        self._lost = False
         self._backend_started = 0.0
         self._session_user: str | None = None  # counted against the user's session limit
         self._sasl: SaslExchange | None = None
@@ -186,6 +187,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                      version=described[0], cipher=described[1])
 
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:
+        if self._lost:
+            return  # counted and logged once, however often a transport reports it
+        self._lost = True
         phase, self._phase = self._phase, _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.addresses import Network, in_networks
+from gateway.addresses import Network, client_key, in_networks
 
 log = Logger()
 
@@ -128,12 +128,10 @@ class LoginPenalties:
         if in_networks(host, self.rules.trusted):
             return None
         try:
-            address = ipaddress.ip_address(host)
+            ipaddress.ip_address(host)
         except ValueError:
             return None
-        if address.version == 6:
-            return str(ipaddress.ip_network(f"{address}/{self.rules.ipv6_prefix}", strict=False))
-        return str(address)
+        return client_key(host, self.rules.ipv6_prefix)
 
     def refused(self, host: str) -> bool:
         """

@@ -97,7 +97,8 @@ def connection_rules(settings: Settings) -> ConnectionRules:
     """The connection limits a configuration asks for."""
     limits = settings.limits
     return ConnectionRules(max_connections=limits.max_connections, max_per_address=limits.max_connections_per_ip,
-                           max_sessions_per_user=limits.max_sessions_per_user, trusted=limits.trusted_networks)
+                           max_sessions_per_user=limits.max_sessions_per_user, trusted=limits.trusted_networks,
+                           ipv6_prefix=settings.auth.ipv6_prefix)
 
 
 def protocol_limits(settings: Settings, protocol: str) -> Limits:
