@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Generator
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 
@@ -41,6 +41,7 @@ class SmtpBackend(BackendLogin):
         self._reader = ReplyReader()
         self._waiting: deque[Deferred[Reply]] = deque()
         self.keywords: dict[bytes, bytes] = {}
+        self.lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -67,7 +68,12 @@ class SmtpBackend(BackendLogin):
         self._waiting.popleft().callback(reply)
 
     def expect_reply(self) -> Deferred[Reply]:
-        """Wait for the next reply (after the greeting, or after the end of message data)."""
+        """
+        Wait for the next reply (after the greeting, or after the end of message data). Fails at
+        once with BackendUnavailable when the connection is already gone.
+        """
+        if self.lost:
+            return fail(BackendUnavailable("the MTA connection was lost"))
         waiting: Deferred[Reply] = Deferred()
         self._waiting.append(waiting)
         return waiting
@@ -75,8 +81,9 @@ class SmtpBackend(BackendLogin):
     def command(self, line: bytes) -> Deferred[Reply]:
         """Send one command line; fires with its reply, in order with every other command."""
         waiting = self.expect_reply()
-        assert self.transport is not None
-        self.transport.write(line + b"\r\n")
+        if not self.lost:
+            assert self.transport is not None
+            self.transport.write(line + b"\r\n")
         return waiting
 
     def write_data(self, data: bytes) -> None:
@@ -93,6 +100,7 @@ class SmtpBackend(BackendLogin):
             self._waiting.popleft().errback(reason)
 
     def connectionLost(self, reason: Failure = Failure(BackendUnavailable("closed"))) -> None:
+        self.lost = True
         self.fail(BackendUnavailable(f"connection lost: {reason.getErrorMessage()}"))
         self._fail_waiting(BackendUnavailable("the MTA connection was lost"))
 

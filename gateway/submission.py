@@ -344,6 +344,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         connecting.addCallbacks(answered, self._backend_failed)
 
     def _connected_backend(self) -> Deferred[SmtpBackend]:
+        if self._backend is not None and self._backend.lost:
+            # The MTA closed it meanwhile (its idle timeout, a restart): connect again.
+            self._drop_backend()
         if self._backend is not None:
             return succeed(self._backend)
         assert self._session is not None
@@ -366,7 +369,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _drop_backend(self) -> None:
         backend, self._backend = self._backend, None
-        if backend is not None and backend.transport is not None:
+        if backend is not None and backend.transport is not None and not backend.lost:
             backend.transport.unregisterProducer()  # type: ignore[attr-defined]
             backend.transport.abortConnection()  # type: ignore[attr-defined]
 
