@@ -9,14 +9,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def plain_address(host: str) -> str:
     """
-    An IPv4 client on an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, so logs,
-    fail2ban, limits and the backend see one form per client.
+    One spelling per client, so logs, fail2ban, limits and the backend agree: an IPv4 client on
+    an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, and IPv6 addresses in their
+    compressed form (a PROXY v2 header gives them uncompressed).
     """
     try:
-        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        address = ipaddress.ip_address(host)
     except ValueError:
         return host
-    return str(mapped) if mapped is not None else host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:

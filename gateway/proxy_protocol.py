@@ -26,6 +26,8 @@ from gateway.addresses import Network, in_networks, plain_address
 
 log = Logger()
 
+_V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
+
 HEADER_TIMEOUT = 10.0
 """Seconds a trusted proxy has to send the header before the connection is dropped."""
 
@@ -62,8 +64,17 @@ class ProxiedConnection(ProtocolWrapper):
             self._start += data
             start = self._start
             if start[:12] == V2Parser.PREFIX:
+                if len(start) < 16:
+                    return  # Twisted's v2 parser needs the fixed 16-byte part in one piece
                 self._parser = V2Parser()
             elif start[:5] == V1Parser.PROXYSTR:
+                if start.startswith(_V1_UNKNOWN):
+                    # The minimal v1 form, which Twisted's parser refuses: use the real addresses.
+                    self._start = b""
+                    self._started(ProxyInfo(_V1_UNKNOWN.strip(), None, None), start[len(_V1_UNKNOWN):])
+                    return
+                if _V1_UNKNOWN.startswith(start):
+                    return
                 self._parser = V1Parser()
             elif V2Parser.PREFIX.startswith(start) or V1Parser.PROXYSTR.startswith(start):
                 return
@@ -73,11 +84,13 @@ class ProxiedConnection(ProtocolWrapper):
             data, self._start = start, b""
         try:
             info, remaining = self._parser.feed(data)
-        except InvalidProxyHeader:
+        except (InvalidProxyHeader, ValueError):  # ValueError: Twisted's v1 parser on a bad port
             self._refuse("malformed PROXY header")
             return
-        if info is None:
-            return
+        if info is not None:
+            self._started(info, remaining)
+
+    def _started(self, info: ProxyInfo, remaining: bytes) -> None:
         self._info = info
         if self._timer is not None:
             self._timer.cancel()

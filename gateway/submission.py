@@ -302,6 +302,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
                 # Nothing of it may reach a mailbox: the MTA loses the connection before the final dot.
                 self._data_too_big = True
                 self._drop_backend()
+                # The MTA's backpressure may have paused the client; the rest must still be read (and dropped).
+                assert self.transport is not None
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
             return
         if self._backend is not None:
             self._backend.write_data(chunk)

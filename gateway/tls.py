@@ -248,8 +248,9 @@ def _load_key(context: SSL.Context, key_path: str, certificate_path: str) -> Non
         raise TLSError(f"{key_path}: not a PEM private key") from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise TLSError(f"{key_path}: unsupported key type; RSA or ECDSA is required")
-    context.use_privatekey(key)
     try:
+        # OpenSSL may already refuse a mismatched key of the same type in use_privatekey.
+        context.use_privatekey(key)
         context.check_privatekey()
     except SSL.Error:
         raise TLSError(

@@ -12,16 +12,15 @@ mail processes as uid 0.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import secrets
 import shutil
 import socket
-import stat
 import subprocess
 import time
 from types import TracebackType
+
+from gateway.testing.host import accepts, check_searchable, free_ports, gid, greets, uid
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -121,14 +120,14 @@ class DovecotSandbox:
                     "that a Dovecot passwd-file cannot hold"
                 )
         self._users = dict(users)
-        self._mail_uid = _uid("mail")
-        self._mail_gid = _gid("mail")
-        self._dovecot_gid = _gid("dovecot")
+        self._mail_uid = uid("mail", "dovecot-core")
+        self._mail_gid = gid("mail", "dovecot-core")
+        self._dovecot_gid = gid("dovecot", "dovecot-core")
         self._host = host
         self._trusted_networks = trusted_networks
         self._extra_config = extra_config
         self._instance_name = f"mailgateway-{secrets.token_hex(4)}"
-        free = iter(_free_ports(host, [imap_port, pop3_port].count(0)))
+        free = iter(free_ports(host, [imap_port, pop3_port].count(0)))
         self.imap_port: int = imap_port or next(free)
         self.pop3_port: int = pop3_port or next(free)
         self.config_path: str = os.path.join(self._directory, "dovecot.conf")
@@ -185,7 +184,7 @@ class DovecotSandbox:
                 )
             # A greeting, not just an accepted connection, shows that the login
             # processes are fully up; stopping one mid-start-up takes seconds.
-            if _greets(self._host, self.imap_port, b"* OK") and _greets(
+            if greets(self._host, self.imap_port, b"* OK") and greets(
                 self._host, self.pop3_port, b"+OK"
             ):
                 return
@@ -218,7 +217,7 @@ class DovecotSandbox:
                 process.kill()
                 process.wait()
         deadline = time.monotonic() + _STOP_TIMEOUT
-        while _accepts(self._host, self.imap_port) or _accepts(self._host, self.pop3_port):
+        while accepts(self._host, self.imap_port) or accepts(self._host, self.pop3_port):
             if time.monotonic() >= deadline:
                 raise RuntimeError(
                     f"dovecot ports {self.imap_port}/{self.pop3_port} on {self._host} "
@@ -303,7 +302,7 @@ class DovecotSandbox:
         """Create the directory tree, the password file and the configuration."""
         os.makedirs(self._directory, exist_ok=True)
         os.chmod(self._directory, 0o755)
-        _check_searchable(os.path.dirname(self._directory))
+        check_searchable(os.path.dirname(self._directory), "Dovecot's mail and auth processes")
         for sub in ("run", "state", "home"):
             path = os.path.join(self._directory, sub)
             os.makedirs(path, exist_ok=True)
@@ -421,72 +420,3 @@ protocol pop3 {{
                 return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return "(no log written)"
-
-
-def _uid(account: str) -> int:
-    """Return the uid of a system account."""
-    try:
-        return pwd.getpwnam(account).pw_uid
-    except KeyError:
-        raise _missing_account(account) from None
-
-
-def _gid(group: str) -> int:
-    """Return the gid of a system group."""
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise _missing_account(group) from None
-
-
-def _missing_account(name: str) -> RuntimeError:
-    """Return the error for a system account or group that does not exist."""
-    return RuntimeError(
-        f"system account {name!r} is missing; Debian's dovecot-core package creates it"
-    )
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    """Return ``count`` distinct ports that were free on ``host`` a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        # Hold every socket until all are bound so the ports differ.
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _accepts(host: str, port: int) -> bool:
-    """Return whether a TCP connection to ``host``:``port`` succeeds."""
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-def _greets(host: str, port: int, prefix: bytes) -> bool:
-    """Return whether the server on ``host``:``port`` sends a greeting starting with ``prefix``."""
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            return s.recv(64).startswith(prefix)
-    except OSError:
-        return False
-
-
-def _check_searchable(path: str) -> None:
-    """Raise RuntimeError unless ``path`` and all its ancestors are searchable by other users."""
-    while True:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            raise RuntimeError(
-                f"{path} is not searchable by other users (chmod o+x it): Dovecot's mail and "
-                "auth processes run as unprivileged accounts and must reach the sandbox"
-            )
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent

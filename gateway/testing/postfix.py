@@ -17,18 +17,16 @@ the queue by listing its directories.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import time
 from types import TracebackType
+
+from gateway.testing.host import accepts, check_searchable, free_ports, gid, greets, uid
 
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 15.0
@@ -149,18 +147,18 @@ class PostfixSandbox:
         self._binary = binary
         self._postmap = os.path.join(os.path.dirname(binary), "postmap")
         self._directory = os.path.abspath(directory)
-        self._postfix_uid = _uid("postfix")
-        self._postfix_gid = _gid("postfix")
-        self._mail_uid = _uid("mail")
-        self._mail_gid = _gid("mail")
-        _gid("postdrop")
+        self._postfix_uid = uid("postfix", "postfix")
+        self._postfix_gid = gid("postfix", "postfix")
+        self._mail_uid = uid("mail", "postfix")
+        self._mail_gid = gid("mail", "postfix")
+        gid("postdrop", "postfix")
         self._host = host
         self._lmtp = lmtp
         self._xclient_hosts = xclient_hosts
         self._message_size_limit = message_size_limit
         self._extra_main_cf = extra_main_cf
         self._syslog_name = f"mailgateway-postfix-{secrets.token_hex(4)}"
-        self.smtp_port: int = smtp_port or _free_port(host)
+        self.smtp_port: int = smtp_port or free_ports(host, 1)[0]
         self.config_directory: str = os.path.join(self._directory, "etc")
         self._queue_directory = os.path.join(self._directory, "queue")
         self._mail_directory = os.path.join(self._directory, "mail")
@@ -230,7 +228,7 @@ class PostfixSandbox:
                     f"postfix exited with status {status} while starting; "
                     f"end of {self.log_path}:\n{self._log_tail()}"
                 )
-            if _greets(self._host, self.smtp_port, b"220 "):
+            if greets(self._host, self.smtp_port, b"220 "):
                 return
             if time.monotonic() >= deadline:
                 self.stop()
@@ -271,7 +269,7 @@ class PostfixSandbox:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         deadline = time.monotonic() + _STOP_TIMEOUT
-        while _accepts(self._host, self.smtp_port):
+        while accepts(self._host, self.smtp_port):
             if time.monotonic() >= deadline:
                 raise RuntimeError(
                     f"postfix port {self.smtp_port} on {self._host} still accepts "
@@ -369,7 +367,7 @@ class PostfixSandbox:
         """Create the directory tree and write the configuration."""
         os.makedirs(self._directory, exist_ok=True)
         os.chmod(self._directory, 0o755)
-        _check_searchable(os.path.dirname(self._directory))
+        check_searchable(os.path.dirname(self._directory), "Postfix's delivery and queue processes")
         # Postfix wants its configuration and queue directories owned by root
         # and not writable by others; the postfix-script start-up check
         # creates the queue's subdirectories with their owners and modes.
@@ -574,67 +572,3 @@ def _delivery_time(name: str, path: str) -> tuple[int, int, int]:
         return (int(match.group(1)), int(match.group(2)), 0)
     mtime = os.stat(path).st_mtime_ns
     return (mtime // 1_000_000_000, mtime // 1000 % 1_000_000, 1)
-
-
-def _uid(account: str) -> int:
-    """Return the uid of a system account."""
-    try:
-        return pwd.getpwnam(account).pw_uid
-    except KeyError:
-        raise _missing_account(account) from None
-
-
-def _gid(group: str) -> int:
-    """Return the gid of a system group."""
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise _missing_account(group) from None
-
-
-def _missing_account(name: str) -> RuntimeError:
-    """Return the error for a system account or group that does not exist."""
-    return RuntimeError(
-        f"system account {name!r} is missing; Debian's postfix package creates it"
-    )
-
-
-def _free_port(host: str) -> int:
-    """Return a port that was free on ``host`` a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _accepts(host: str, port: int) -> bool:
-    """Return whether a TCP connection to ``host``:``port`` succeeds."""
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-def _greets(host: str, port: int, prefix: bytes) -> bool:
-    """Return whether the server on ``host``:``port`` sends a greeting starting with ``prefix``."""
-    try:
-        with socket.create_connection((host, port), timeout=1) as s:
-            return s.recv(64).startswith(prefix)
-    except OSError:
-        return False
-
-
-def _check_searchable(path: str) -> None:
-    """Raise RuntimeError unless ``path`` and all its ancestors are searchable by other users."""
-    while True:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            raise RuntimeError(
-                f"{path} is not searchable by other users (chmod o+x it): Postfix's delivery "
-                "and queue processes run as unprivileged accounts and must reach the sandbox"
-            )
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent

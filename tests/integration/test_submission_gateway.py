@@ -151,7 +151,14 @@ class SubmissionFixture(SynchronousTestCase):
 
     backend_config = 'login = "xclient"\ntimeout = 5'
     gateway_users: dict[str, str] | None = USERS
+    gateway_settings = ""
     postfix_main_cf = ""
+
+    tmp: str
+    ca: TestCA
+    ca_path: str
+    postfix: PostfixSandbox
+    gateway: GatewayProcess
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -169,7 +176,7 @@ class SubmissionFixture(SynchronousTestCase):
             cls.postfix.start()
             cls.gateway = GatewayProcess(
                 os.path.join(cls.tmp, "gateway"), imap_backend_port=None, users=cls.gateway_users,
-                certificate=issued.chain_path, private_key=issued.key_path,
+                certificate=issued.chain_path, private_key=issued.key_path, settings=cls.gateway_settings,
                 submission_backend_port=cls.postfix.smtp_port, submission_backend=cls.backend_config,
                 submission=f'senders_file = "{senders_path}"\nmax_message_size = {MAX_MESSAGE_SIZE}\n'
                            f"max_recipients = {MAX_RECIPIENTS}",
@@ -207,10 +214,10 @@ class SubmissionFixture(SynchronousTestCase):
         """A client context that trusts only the test CA."""
         return ssl.create_default_context(cafile=self.ca_path)
 
-    def smtps(self, source: str | None = None) -> smtplib.SMTP_SSL:
+    def smtps(self, source: str | None = None, timeout: float = REPLY_TIMEOUT) -> smtplib.SMTP_SSL:
         """An smtplib client on the implicit TLS listener, greeted with EHLO, not logged in."""
         client = smtplib.SMTP_SSL("127.0.0.1", self.gateway.port("submission", "implicit_tls"),
-                                  context=self.tls(), timeout=REPLY_TIMEOUT,
+                                  context=self.tls(), timeout=timeout,
                                   source_address=(source, 0) if source else None)
         client.ehlo("client.example.net")
         return client
@@ -223,9 +230,10 @@ class SubmissionFixture(SynchronousTestCase):
         client.ehlo("client.example.net")
         return client
 
-    def logged_in(self, user: str = USER, password: str = PASSWORD) -> smtplib.SMTP_SSL:
+    def logged_in(self, user: str = USER, password: str = PASSWORD,
+                  timeout: float = REPLY_TIMEOUT) -> smtplib.SMTP_SSL:
         """An smtplib client on the implicit TLS listener, logged in."""
-        client = self.smtps()
+        client = self.smtps(timeout=timeout)
         client.login(user, password)
         return client
 
@@ -244,6 +252,16 @@ class SubmissionFixture(SynchronousTestCase):
         self.assertEqual(len(delivered), 1)
         self.assertEqual(sha256(body_as_sent(delivered[0])), sha256(sent))
         return delivered[0]
+
+    def reply_within(self, what: str, action: Callable[[], tuple[int, bytes]]) -> tuple[int, bytes]:
+        """
+        Run an smtplib call that reads a reply; a reply that does not come within REPLY_TIMEOUT
+        fails the test naming C{what}, rather than erroring out of smtplib.
+        """
+        try:
+            return action()
+        except smtplib.SMTPServerDisconnected as e:
+            raise self.failureException(f"no reply to {what} within {REPLY_TIMEOUT:g} s: {e}") from None
 
     def wait_for_empty_queue(self) -> None:
         """Wait until Postfix has delivered or dropped everything it accepted."""
@@ -346,6 +364,9 @@ class SubmissionTests(SubmissionFixture):
     def test_swaks_starttls_and_implicit_tls(self) -> None:
         """swaks sends over STARTTLS and, pipelining, over implicit TLS; both messages arrive byte for byte."""
         swaks = require_tool("swaks", "swaks")
+        support = subprocess.run([swaks, "--support"], capture_output=True, timeout=30)
+        if b"=== TLS supported" not in support.stdout + support.stderr:
+            raise AssertionError("swaks cannot do TLS without Net::SSLeay: apt-get install libnet-ssleay-perl")
         runs = (("swaks-starttls", ["--tls", "--port", str(self.gateway.port("submission", "starttls"))]),
                 ("swaks-implicit", ["--tls-on-connect", "--pipeline",
                                     "--port", str(self.gateway.port("submission", "implicit_tls"))]))
@@ -409,7 +430,7 @@ class SubmissionTests(SubmissionFixture):
         message = text_message("xclient@example.org", "xclient")
         client = self.smtps(source="127.0.0.7")
         client.login(USER, PASSWORD)
-        client.sendmail(USER, ["xclient@example.org"], message)
+        self.assertEqual(client.sendmail(USER, ["xclient@example.org"], message), {})
         client.quit()
         delivered = self.assert_arrives_intact("xclient", message)
         self.assertIn(b"[127.0.0.7]", delivered)
@@ -461,8 +482,9 @@ class SubmissionTests(SubmissionFixture):
         for attempt in range(3):
             self.assertEqual(client.mail(USER)[0], 250)
             self.assertEqual(client.rcpt("oversize@example.org")[0], 250)
-            code, text = client.data(attachment_message("oversize@example.org", MAX_MESSAGE_SIZE * 3 // 4 + 4096,
-                                                        seed=attempt))
+            oversized = attachment_message("oversize@example.org", MAX_MESSAGE_SIZE * 3 // 4 + 4096, seed=attempt)
+            code, text = self.reply_within(f"the end of an oversized message (attempt {attempt})",
+                                           lambda: client.data(oversized))
             self.assertEqual(code, 552, f"attempt {attempt}: {text!r}")
             self.assertTrue(text.startswith(b"5.3.4 "), text)
         time.sleep(1.5)
@@ -533,6 +555,10 @@ class SubmissionTests(SubmissionFixture):
 class ConcurrentSendersTests(SubmissionFixture):
     """Many clients at once, with a Postfix of their own so that its Maildir holds only their mail."""
 
+    # All senders share one address and one user; the default limits (50 each) would count
+    # sessions that have ended but whose close the gateway has not yet seen.
+    gateway_settings = "[limits]\nmax_connections_per_ip = 200\nmax_sessions_per_user = 200\n"
+
     def test_concurrent_senders(self) -> None:
         """50 clients send 20 messages each on one connection apiece; every message arrives exactly once."""
         sent: list[str] = []
@@ -540,9 +566,13 @@ class ConcurrentSendersTests(SubmissionFixture):
         lock = threading.Lock()
 
         def sender(number: int) -> None:
+            step = "login"
             try:
-                client = self.logged_in(*OTHER)
+                # 50 logins at once queue for the gateway's two hash threads (argon2id, about
+                # 0.2 s of CPU each): the last may wait far longer than a single reply should.
+                client = self.logged_in(*OTHER, timeout=60)
                 for index in range(LOAD_MESSAGES):
+                    step = f"message {index}"
                     message = (b"From: bob@example.org\r\nTo: load@example.org\r\nSubject: load %d.%d\r\n\r\n"
                                % (number, index)
                                + base64.encodebytes(os.urandom(random.randint(10, 3000))).replace(b"\n", b"\r\n"))
@@ -555,7 +585,7 @@ class ConcurrentSendersTests(SubmissionFixture):
                 client.quit()
             except (smtplib.SMTPException, OSError) as e:
                 with lock:
-                    errors.append(f"sender {number}: {e!r}")
+                    errors.append(f"sender {number}, {step}: {e!r}")
 
         threads = [threading.Thread(target=sender, args=(number,)) for number in range(LOAD_SENDERS)]
         for thread in threads:
@@ -611,7 +641,7 @@ class BackendOutageTests(SubmissionFixture):
         """
         client = self.logged_in()
         self.stop_postfix()
-        code, text = client.mail(USER)
+        code, text = self.reply_within("MAIL after the MTA connection was lost", lambda: client.mail(USER))
         self.assertEqual(code // 100, 4, text)
         self.start_postfix()
         message = text_message("samesession@example.org", "same session")
@@ -629,7 +659,7 @@ class BackendOutageTests(SubmissionFixture):
         time.sleep(0.2)  # the first half reaches Postfix
         self.stop_postfix()
         client.send(b"second half\r\n.\r\n")
-        code, text = client.getreply()
+        code, text = self.reply_within("the end of data after the MTA connection was lost", client.getreply)
         self.assertEqual(code // 100, 4, text)
         client.close()
         self.start_postfix()
@@ -644,8 +674,11 @@ class ReplayLoginTests(SubmissionFixture):
     own credentials, which Postfix checks against Dovecot's auth service.
     """
 
-    backend_config = 'login = "replay"\ntimeout = 5'
+    backend_config = 'login = "replay"\nforward_client_ip = true\ntimeout = 5'
     gateway_users = None
+
+    auth_port: int
+    dovecot: DovecotSandbox
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -682,11 +715,16 @@ class ReplayLoginTests(SubmissionFixture):
         wait_for_file(self.postfix.log_path, r"SASL PLAIN authentication failed: .*sasl_username=alice@example\.org")
 
     def test_replayed_login_sends(self) -> None:
-        """The client's credentials log in to Postfix (sasl_method=PLAIN) and the message arrives byte for byte."""
+        """
+        The client's credentials log in to Postfix (sasl_method=PLAIN) after XCLIENT has named the
+        client's address, and the message arrives byte for byte.
+        """
         message = text_message("replay@example.org", "replayed login")
-        client = self.logged_in()
+        client = self.smtps(source="127.0.0.8")
+        client.login(USER, PASSWORD)
         self.assertEqual(client.sendmail(USER, ["replay@example.org"], message), {})
         client.quit()
         self.assert_arrives_intact("replay", message)
-        wait_for_file(self.postfix.log_path, r"sasl_method=PLAIN, sasl_username=alice@example\.org")
+        wait_for_file(self.postfix.log_path,
+                      r"client=unknown\[127\.0\.0\.8\], sasl_method=PLAIN, sasl_username=alice@example\.org")
         self.assertNotIn(PASSWORD, self.gateway.log())

@@ -1,0 +1,76 @@
+"""Facts about this host that the server sandboxes need: accounts, free ports, reachable paths."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import stat
+
+
+def uid(account: str, package: str) -> int:
+    """The uid of a system account that the Debian C{package} creates."""
+    try:
+        return pwd.getpwnam(account).pw_uid
+    except KeyError:
+        raise _missing(account, package) from None
+
+
+def gid(group: str, package: str) -> int:
+    """The gid of a system group that the Debian C{package} creates."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise _missing(group, package) from None
+
+
+def _missing(name: str, package: str) -> RuntimeError:
+    return RuntimeError(f"system account {name!r} is missing; Debian's {package} package creates it")
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """C{count} distinct ports that were free on C{host} a moment ago (another process may take one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        # Hold every socket until all are bound so the ports differ.
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether a TCP connection to C{host}:C{port} succeeds."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def greets(host: str, port: int, prefix: bytes) -> bool:
+    """Whether the server on C{host}:C{port} sends a greeting starting with C{prefix}."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            return s.recv(64).startswith(prefix)
+    except OSError:
+        return False
+
+
+def check_searchable(path: str, who: str) -> None:
+    """
+    Raise RuntimeError unless C{path} and all its ancestors are searchable by other users:
+    C{who} (a server's unprivileged processes) must reach it.
+    """
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            raise RuntimeError(f"{path} is not searchable by other users (chmod o+x it): {who} run as "
+                               "unprivileged accounts and must reach the sandbox")
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent

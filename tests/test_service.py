@@ -1,0 +1,657 @@
+"""
+Tests for gateway.service in memory: the service tree build_service makes from a configuration,
+listeners, backend probes, and the reloader (SIGHUP and ticket-key rotation).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, cast
+
+from cryptography import x509
+from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from gateway.auth import HashingPool
+from gateway.backend import BackendConnector, BackendUnavailable
+from gateway.config import ConfigError, load_settings
+from gateway.frontend import FrontEndFactory
+from gateway.proxy_protocol import TrustedProxyFactory
+from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Listener, Reloader, build_service
+from gateway.testing.pki import IssuedCertificate, TestCA
+from gateway.tls import ServerTLS
+from gateway.userdb import hash_password
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+PROTOCOLS = ("imap", "pop3", "submission")
+BACKEND_PORTS = {"imap": 1143, "pop3": 1110, "submission": 1587}
+SUBMISSION_LINE_LENGTH = 12288
+
+
+@functools.cache
+def users_line() -> str:
+    """One users file line for alice with an argon2id hash (hashed once: it is slow on purpose)."""
+    return f"alice:{hash_password(b'correct horse battery staple')}\n"
+
+
+@implementer(IReactorFromThreads)
+class ThreadCallReactor(MemoryReactorClock):
+    """
+    A memory reactor and clock that records C{callFromThread} calls instead of running them.
+
+    :ivar from_threads: the calls handed over, in order, as (function, args, kwargs).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[tuple[Callable[..., object], tuple[object, ...], dict[str, object]]] = []
+
+    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        self.from_threads.append((f, args, kwargs))
+
+
+def messages(logged: EventLoggingObserver) -> list[str]:
+    """The log lines an observer has seen so far."""
+    return [formatEvent(event) for event in logged]
+
+
+def serial_served(server_tls: ServerTLS) -> int:
+    """The serial number of the default certificate a new connection would present."""
+    certificate = server_tls.serverConnectionForTLS(None).get_certificate()  # type: ignore[arg-type]
+    assert certificate is not None
+    return int(certificate.to_cryptography().serial_number)
+
+
+def serial_of(path: str) -> int:
+    """The serial number of the first certificate in a PEM file."""
+    with open(path, "rb") as f:
+        return int(x509.load_pem_x509_certificate(f.read()).serial_number)
+
+
+def front_end_factory(factory: IProtocolFactory) -> FrontEndFactory:
+    """The front-end factory inside the TLS and PROXY wrappers of a listener's factory."""
+    while not isinstance(factory, FrontEndFactory):
+        factory = factory.wrappedFactory  # type: ignore[attr-defined]
+    return factory
+
+
+class GatewayFiles:
+    """
+    A temporary directory with a CA, a default certificate at fixed paths, a users file and a
+    configuration that names them.
+
+    :ivar chain: the certificate chain path the configuration names; renewals replace its contents.
+    :ivar key: the private key path the configuration names.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.directory = tempfile.mkdtemp(prefix="mailgateway-service-")
+        case.addCleanup(shutil.rmtree, self.directory, True)
+        self.ca = TestCA(os.path.join(self.directory, "ca"))
+        self.chain = os.path.join(self.directory, "fullchain.pem")
+        self.key = os.path.join(self.directory, "privkey.pem")
+        self.install(self.ca.issue("mail.example.org"))
+        self.users = os.path.join(self.directory, "users")
+        with open(self.users, "w", encoding="utf-8") as f:
+            f.write(users_line())
+        self.state_dir = os.path.join(self.directory, "state")
+        self.path = os.path.join(self.directory, "mailgateway.toml")
+
+    def install(self, issued: IssuedCertificate) -> None:
+        """Put a certificate chain and key at the configured paths, as a renewal does."""
+        shutil.copyfile(issued.chain_path, self.chain)
+        shutil.copyfile(issued.key_path, self.key)
+
+    def renew_certificate_only(self) -> None:
+        """
+        Replace the certificate chain but not the key (a half-done renewal): both are ECDSA
+        P-256, so the new certificate and the old key are of one type and do not match.
+        """
+        shutil.copyfile(self.ca.issue("mail.example.org").chain_path, self.chain)
+
+    def write(self, *, limits: str = "", failure_delay: float = 2.0, self_signed: bool = False,
+              imap_implicit: str = LOCAL, extra: str = "") -> str:
+        """
+        Write the configuration: imap, pop3 and submission, each with one implicit-TLS and one
+        STARTTLS listener.
+
+        :param limits: lines for the C{[limits]} table.
+        :param imap_implicit: the endpoint description of IMAP's implicit-TLS listener.
+        :param extra: text appended verbatim (to break the file).
+        :returns: the configuration's path.
+        """
+        tls = "self_signed = true" if self_signed else f'certificate = "{self.chain}"\nprivate_key = "{self.key}"'
+        protocols = ""
+        for name in PROTOCOLS:
+            implicit = imap_implicit if name == "imap" else LOCAL
+            protocols += (f'[{name}]\nimplicit_tls = ["{implicit}"]\nstarttls = ["{LOCAL}"]\n'
+                          f'[{name}.backend]\nhost = "127.0.0.1"\nport = {BACKEND_PORTS[name]}\n\n')
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write(f"""\
+[gateway]
+hostname = "mail.example.org"
+state_dir = "{self.state_dir}"
+
+[tls]
+{tls}
+
+[auth]
+users_file = "{self.users}"
+failure_delay = {failure_delay}
+
+[limits]
+{limits}
+
+{protocols}
+{extra}
+""")
+        return self.path
+
+
+def children(top: MultiService, kind: type) -> list[Any]:
+    """The direct children of C{top} that are instances of C{kind}."""
+    return [service for service in top if isinstance(service, kind)]
+
+
+class BuildServiceTests(SynchronousTestCase):
+    """build_service turns a configuration into listeners, probes, a hashing pool and a reloader."""
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        self.reactor = ThreadCallReactor()
+
+    def build(self, **config: Any) -> MultiService:
+        """Build the service tree for a configuration written with C{config}."""
+        return build_service(load_settings(self.files.write(**config)), self.reactor)
+
+    def test_tree(self) -> None:
+        """The tree holds one listener per endpoint, probes for pop3 and submission, a pool and a reloader."""
+        top = self.build(self_signed=True)
+        self.assertIsInstance(top, MultiService)
+        labels = sorted(listener.label for listener in children(top, Listener))
+        self.assertEqual(labels, sorted(f"protocol={name} tls={kind} endpoint={LOCAL}"
+                                        for name in PROTOCOLS for kind in ("implicit_tls", "starttls")))
+        self.assertEqual(len(children(top, CapabilityProbe)), 2)
+        self.assertEqual(len(children(top, HashingPool)), 1)
+        self.assertEqual(len(children(top, Reloader)), 1)
+        self.assertEqual(len(list(top)), 6 + 2 + 1 + 1)
+
+    def test_self_signed_certificate_in_state_dir(self) -> None:
+        """With self_signed, the certificate and key are created in the state directory."""
+        self.build(self_signed=True)
+        self.assertEqual(sorted(os.listdir(self.files.state_dir)),
+                         ["selfsigned-mail.example.org.crt", "selfsigned-mail.example.org.key"])
+
+    def test_probes_pop3_and_submission(self) -> None:
+        """The probes, once started, connect to the pop3 and submission backends, and stop cleanly."""
+        probes = children(self.build(self_signed=True), CapabilityProbe)
+        for probe in probes:
+            probe.startService()
+        self.assertEqual(sorted((host, port) for host, port, *_ in self.reactor.tcpClients),
+                         [("127.0.0.1", BACKEND_PORTS["pop3"]), ("127.0.0.1", BACKEND_PORTS["submission"])])
+        for probe in probes:
+            probe.stopService()
+
+    def test_listener_factories(self) -> None:
+        """Implicit-TLS listeners bind TLS around the front end, STARTTLS listeners the front end itself."""
+        top = self.build(self_signed=True)
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+            port, factory, _, interface = self.reactor.tcpServers[-1]
+            self.assertEqual((port, interface), (0, "127.0.0.1"))
+            front = front_end_factory(factory)
+            self.assertIn(f"protocol={front.context.protocol} ", listener.label)
+            implicit = "tls=implicit_tls" in listener.label
+            self.assertEqual(front.context.implicit_tls, implicit)
+            self.assertEqual(isinstance(factory, TLSMemoryBIOFactory), implicit)
+            self.assertEqual(factory is front, not implicit)
+
+    def test_submission_line_length(self) -> None:
+        """Submission listeners allow AUTH lines of 12288 bytes; the others the configured line length."""
+        top = self.build(self_signed=True, limits="line_length = 4096")
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+        lengths = {(front.context.protocol, front.context.limits.line_length)
+                   for front in (front_end_factory(factory) for _, factory, _, _ in self.reactor.tcpServers)}
+        self.assertEqual(lengths, {("imap", 4096), ("pop3", 4096), ("submission", SUBMISSION_LINE_LENGTH)})
+
+    def test_mismatched_key(self) -> None:
+        """A certificate and key of one type that do not match are a ConfigError naming the key."""
+        self.files.renew_certificate_only()
+        with self.assertRaises(ConfigError) as raised:
+            self.build()
+        self.assertIn(self.files.key, str(raised.exception))
+
+    def test_unusable_endpoint(self) -> None:
+        """An endpoint description Twisted cannot use is a ConfigError naming the section, key and value."""
+        with self.assertRaises(ConfigError) as raised:
+            self.build(self_signed=True, imap_implicit="tcp:abc")
+        message = str(raised.exception)
+        self.assertIn("[imap] implicit_tls", message)
+        self.assertIn("'tcp:abc'", message)
+        self.assertNotIn("\n", message)
+
+    def test_haproxy_listener(self) -> None:
+        """A haproxy: listener binds the endpoint behind the prefix and wraps its factory for the PROXY header."""
+        top = self.build(self_signed=True, imap_implicit=f"haproxy:{LOCAL}", limits='proxy_sources = ["127.0.0.2/32"]')
+        proxied = 0
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+            port, factory, _, interface = self.reactor.tcpServers[-1]
+            self.assertEqual((port, interface), (0, "127.0.0.1"))
+            if listener.label == f"protocol=imap tls=implicit_tls endpoint=haproxy:{LOCAL}":
+                proxied += 1
+                self.assertIsInstance(factory, TrustedProxyFactory)
+                self.assertIsInstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+                self.assertEqual(factory.sources, (ipaddress.ip_network("127.0.0.2/32"),))
+                self.assertIs(factory.clock, self.reactor)
+            else:
+                self.assertNotIsInstance(factory, TrustedProxyFactory)
+        self.assertEqual(proxied, 1)
+
+
+class ReloaderTestCase(SynchronousTestCase):
+    """A built gateway with bound (in-memory) listeners, its reloader and its front-end factories."""
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        self.reactor = ThreadCallReactor()
+        self.top = build_service(load_settings(self.files.write(limits="max_connections_per_ip = 50")), self.reactor)
+        [self.reloader] = children(self.top, Reloader)
+        for listener in children(self.top, Listener):
+            listener.privilegedStartService()
+        self.fronts = [front_end_factory(factory) for _, factory, _, _ in self.reactor.tcpServers]
+        self.tls = list({id(front.context.tls): front.context.tls for front in self.fronts}.values())
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        # The reloader may install a SIGHUP handler; whatever happens, the test's own comes back.
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+
+    def snapshot(self) -> tuple[object, ...]:
+        """Everything a reload may change: rules, every factory's limits, every served certificate."""
+        context = self.fronts[0].context
+        return (context.penalties.rules, context.connections.rules,
+                tuple(front.context.limits for front in self.fronts),
+                tuple(serial_served(server_tls) for server_tls in self.tls))
+
+    def contexts(self) -> list[object]:
+        """The default OpenSSL context each ServerTLS gives new connections."""
+        return [server_tls.serverConnectionForTLS(None).get_context()  # type: ignore[arg-type]
+                for server_tls in self.tls]
+
+
+class ReloadTests(ReloaderTestCase):
+    """Reloader.reload applies a new configuration, or nothing of a broken one."""
+
+    def test_fixture(self) -> None:
+        """Three protocols with two listeners each share one ServerTLS per protocol."""
+        self.assertEqual(sorted((f.context.protocol, f.context.implicit_tls) for f in self.fronts),
+                         sorted((name, implicit) for name in PROTOCOLS for implicit in (False, True)))
+        self.assertEqual(len(self.tls), 3)
+
+    def test_new_limits_and_rules(self) -> None:
+        """After a reload the penalty rules, connection rules and every listener's limits are the new ones."""
+        self.files.write(limits="max_connections_per_ip = 7\nline_length = 4096", failure_delay=0.5)
+        self.reloader.reload()
+        for front in self.fronts:
+            context = front.context
+            self.assertEqual(context.limits.max_connections_per_ip, 7)
+            expected = SUBMISSION_LINE_LENGTH if context.protocol == "submission" else 4096
+            self.assertEqual(context.limits.line_length, expected, context.protocol)
+            self.assertEqual(context.penalties.rules.base_delay, 0.5)
+            self.assertEqual(context.connections.rules.max_per_address, 7)
+        self.assertEqual(len({id(front.context.penalties) for front in self.fronts}), 1)
+        self.assertEqual(len({id(front.context.connections) for front in self.fronts}), 1)
+        self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
+
+    def test_renewed_certificate(self) -> None:
+        """A renewed certificate at the configured paths is served after a reload, not before."""
+        before = serial_of(self.files.chain)
+        renewed = self.files.ca.issue("mail.example.org")
+        self.files.install(renewed)
+        self.assertEqual({serial_served(server_tls) for server_tls in self.tls}, {before})
+        self.reloader.reload()
+        self.assertEqual({serial_served(server_tls) for server_tls in self.tls}, {serial_of(renewed.cert_path)})
+
+    def assert_unchanged(self, before: tuple[object, ...], reason: str) -> None:
+        """Nothing changed since C{before}, and a reload_failed line mentioning C{reason} was logged."""
+        self.assertEqual(self.snapshot(), before)
+        failures = [line for line in messages(self.logged) if line.startswith("reload_failed ")]
+        self.assertEqual(len(failures), 1, messages(self.logged))
+        self.assertIn(reason, failures[0])
+        self.assertFalse([line for line in messages(self.logged) if line.startswith("reloaded ")])
+
+    def test_invalid_value(self) -> None:
+        """A configuration with an invalid value changes nothing, not even the certificate, and is logged."""
+        before = self.snapshot()
+        self.files.install(self.files.ca.issue("mail.example.org"))
+        self.files.write(limits="max_connections_per_ip = 0", failure_delay=0.5)
+        self.reloader.reload()
+        self.assert_unchanged(before, "max_connections_per_ip")
+
+    def test_invalid_toml(self) -> None:
+        """A configuration that is not TOML changes nothing and is logged."""
+        before = self.snapshot()
+        self.files.write(limits="max_connections_per_ip = 7", extra="[limits\n")
+        self.reloader.reload()
+        self.assert_unchanged(before, "not valid TOML")
+
+    def test_broken_certificate(self) -> None:
+        """A key that does not match the new certificate keeps the old certificate and the old limits."""
+        before = self.snapshot()
+        self.files.renew_certificate_only()
+        self.files.write(limits="max_connections_per_ip = 7", failure_delay=0.5)
+        self.reloader.reload()
+        self.assert_unchanged(before, self.files.key)
+
+    def test_unreadable_key(self) -> None:
+        """A key file that is not PEM keeps the old certificate and the old limits."""
+        before = self.snapshot()
+        with open(self.files.key, "w", encoding="ascii") as f:
+            f.write("not a key\n")
+        self.files.write(limits="max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.assert_unchanged(before, "not a PEM private key")
+
+
+class RotationTests(ReloaderTestCase):
+    """Every TICKET_KEY_LIFETIME the TLS contexts are rebuilt, giving new session ticket keys."""
+
+    def test_rotation(self) -> None:
+        """After TICKET_KEY_LIFETIME every default context is a new one, and the rotation is logged."""
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        before = self.contexts()
+        self.reactor.advance(TICKET_KEY_LIFETIME - 1)
+        self.assertEqual(self.contexts(), before)
+        self.reactor.advance(1)
+        after = self.contexts()
+        for old, new in zip(before, after):
+            self.assertIsNot(old, new)
+        self.assertIn(f"ticket_keys_rotated contexts={len(self.fronts)}", messages(self.logged))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+
+    def test_rotation_keeps_certificate(self) -> None:
+        """Rotation rebuilds from the files in use: the served certificate is the same."""
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        served = [serial_served(server_tls) for server_tls in self.tls]
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        self.assertEqual([serial_served(server_tls) for server_tls in self.tls], served)
+
+    def test_stop_ends_rotation(self) -> None:
+        """stopService leaves no delayed call, and no rotation happens afterwards."""
+        self.reloader.startService()
+        self.reloader.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        before = self.contexts()
+        self.reactor.advance(TICKET_KEY_LIFETIME * 2)
+        self.assertEqual(self.contexts(), before)
+
+    def test_broken_files_keep_contexts(self) -> None:
+        """A rotation that cannot read the files keeps the running contexts, logs it, and the next one works."""
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        with open(self.files.key, "rb") as f:
+            good_key = f.read()
+        with open(self.files.key, "w", encoding="ascii") as f:
+            f.write("not a key\n")
+        before = self.contexts()
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        self.assertEqual(self.contexts(), before)
+        self.assertTrue([line for line in messages(self.logged) if line.startswith("ticket_key_rotation_failed ")])
+        with open(self.files.key, "wb") as f:
+            f.write(good_key)
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        for old, new in zip(before, self.contexts()):
+            self.assertIsNot(old, new)
+
+
+    def test_mismatched_key_keeps_rotating(self) -> None:
+        """A rotation that finds a certificate and key that do not match is logged and the rotation goes on."""
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        with open(self.files.chain, "rb") as f:
+            good_chain = f.read()
+        self.files.renew_certificate_only()
+        before = self.contexts()
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        self.assertEqual(self.contexts(), before)
+        self.assertTrue([line for line in messages(self.logged) if line.startswith("ticket_key_rotation_failed ")])
+        with open(self.files.chain, "wb") as f:
+            f.write(good_chain)
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        for old, new in zip(before, self.contexts()):
+            self.assertIsNot(old, new)
+
+
+class HangupTests(ReloaderTestCase):
+    """SIGHUP hands a reload to the reactor."""
+
+    def install_sentinel(self) -> list[int]:
+        """
+        Install a Python SIGHUP handler that records signals, so that a missing handler cannot
+        end the test process.
+
+        :returns: the signals the sentinel received.
+        """
+        received: list[int] = []
+
+        def sentinel(signum: int, frame: FrameType | None) -> None:
+            received.append(signum)
+
+        signal.signal(signal.SIGHUP, sentinel)
+        self.sentinel = sentinel
+        return received
+
+    def test_handler_installed_and_restored(self) -> None:
+        """startService on the main thread installs a SIGHUP handler; stopService restores the previous one."""
+        received = self.install_sentinel()
+        self.reloader.startService()
+        self.assertIsNot(signal.getsignal(signal.SIGHUP), self.sentinel)
+        self.reloader.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), self.sentinel)
+        self.assertEqual(received, [])
+
+    def test_sighup_schedules_reload(self) -> None:
+        """A SIGHUP calls reload through callFromThread, not inside the signal handler."""
+        received = self.install_sentinel()
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        self.files.write(limits="max_connections_per_ip = 7")
+        signal.raise_signal(signal.SIGHUP)
+        self.assertEqual(received, [])
+        self.assertEqual(len(self.reactor.from_threads), 1)
+        self.assertFalse([line for line in messages(self.logged) if line.startswith("reloaded ")])
+        function, args, kwargs = self.reactor.from_threads[0]
+        function(*args, **kwargs)
+        self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
+        self.assertEqual({front.context.limits.max_connections_per_ip for front in self.fronts}, {7})
+
+    def test_no_handler_off_main_thread(self) -> None:
+        """Started from another thread, the reloader leaves the SIGHUP handler alone."""
+        self.install_sentinel()
+        starter = threading.Thread(target=self.reloader.startService)
+        starter.start()
+        starter.join()
+        self.assertIs(signal.getsignal(signal.SIGHUP), self.sentinel)
+        self.reloader.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), self.sentinel)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+@implementer(IListeningPort)
+class FakePort:
+    """
+    A listening port at a fixed address.
+
+    :ivar stopped: True once stopListening was called.
+    """
+
+    def __init__(self, address: IAddress) -> None:
+        self.address = address
+        self.stopped = False
+
+    def startListening(self) -> None:
+        """Nothing to start."""
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+    def getHost(self) -> IAddress:
+        return self.address
+
+
+@implementer(IStreamServerEndpoint)
+class FakeEndpoint:
+    """
+    An endpoint whose listen returns a given Deferred.
+
+    :ivar factories: the factories it was asked to listen with, in order.
+    """
+
+    def __init__(self, result: Deferred[IListeningPort]) -> None:
+        self.result = result
+        self.factories: list[IProtocolFactory] = []
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        self.factories.append(factory)
+        return self.result
+
+
+LABEL = "protocol=imap tls=implicit_tls endpoint=tcp:993:interface=127.0.0.1"
+
+
+class ListenerTests(SynchronousTestCase):
+    """A Listener binds before privileges are dropped and stops start-up with one line on failure."""
+
+    def setUp(self) -> None:
+        self.factory = Factory()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_bind_failure(self) -> None:
+        """A failure to listen is a SystemExit with one line naming the endpoint and the reason."""
+        error = CannotListenError("127.0.0.1", 993, OSError(98, "Address already in use"))
+        listener = Listener(FakeEndpoint(fail(error)), self.factory, LABEL)
+        with self.assertRaises(SystemExit) as raised:
+            listener.privilegedStartService()
+        message = str(raised.exception.code)
+        self.assertTrue(message.startswith(f"mailgateway: {LABEL}: cannot listen: "), message)
+        self.assertIn("Address already in use", message)
+        self.assertNotIn("\n", message)
+        self.assertIsNone(listener.port)
+
+    def test_listen_not_at_once(self) -> None:
+        """An endpoint that does not listen at once is a SystemExit naming it."""
+        listener = Listener(FakeEndpoint(Deferred()), self.factory, LABEL)
+        with self.assertRaises(SystemExit) as raised:
+            listener.privilegedStartService()
+        message = str(raised.exception.code)
+        self.assertTrue(message.startswith(f"mailgateway: {LABEL}: "), message)
+        self.assertNotIn("\n", message)
+
+    def test_listening(self) -> None:
+        """Listening logs the label and the bound address; start does not bind twice; stop stops the port."""
+        port = FakePort(IPv4Address("TCP", "127.0.0.1", 10993))
+        endpoint = FakeEndpoint(succeed(port))
+        listener = Listener(endpoint, self.factory, LABEL)
+        listener.privilegedStartService()
+        self.assertIn(f"listening {LABEL} address=127.0.0.1:10993", messages(self.logged))
+        listener.startService()
+        self.assertEqual(endpoint.factories, [self.factory])
+        self.assertIs(listener.port, port)
+        listener.stopService()
+        self.assertTrue(port.stopped)
+        self.assertIsNone(listener.port)
+
+    def test_start_without_privileged_start(self) -> None:
+        """startService alone binds once (a listener added to a running service)."""
+        port = FakePort(IPv4Address("TCP", "127.0.0.1", 10143))
+        endpoint = FakeEndpoint(succeed(port))
+        listener = Listener(endpoint, self.factory, LABEL)
+        listener.startService()
+        self.assertEqual(endpoint.factories, [self.factory])
+        self.assertTrue(listener.running)
+        listener.stopService()
+        self.assertTrue(port.stopped)
+
+
+class FakeProbedBackend:
+    """
+    A backend whose probe waits for the test.
+
+    :ivar probing: the Deferred the last probe returned.
+    :ivar cancelled: how many probes were cancelled.
+    """
+
+    address = "127.0.0.1:110"
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.probing: Deferred[tuple[bytes, ...]] = Deferred(self._cancel)
+
+    def _cancel(self, probing: Deferred[tuple[bytes, ...]]) -> None:
+        self.cancelled += 1
+
+    def probe(self) -> Deferred[tuple[bytes, ...]]:
+        return self.probing
+
+
+class CapabilityProbeTests(SynchronousTestCase):
+    """The probe logs what the backend offers, or that it is unavailable, and is quiet when cancelled."""
+
+    def setUp(self) -> None:
+        self.backend = FakeProbedBackend()
+        self.probe = CapabilityProbe(cast(BackendConnector, self.backend), "pop3")
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def backend_lines(self) -> list[str]:
+        """The probe's log lines."""
+        return [line for line in messages(self.logged) if line.startswith("backend_")]
+
+    def test_capabilities(self) -> None:
+        """A successful probe logs the backend's capabilities."""
+        self.probe.startService()
+        self.backend.probing.callback((b"TOP", b"UIDL", b"SASL PLAIN"))
+        self.assertEqual(self.backend_lines(),
+                         ["backend_capabilities protocol=pop3 backend=127.0.0.1:110 capabilities=TOP UIDL SASL PLAIN"])
+        self.probe.stopService()
+        self.assertEqual(self.backend.cancelled, 0)
+
+    def test_unavailable(self) -> None:
+        """A failed probe logs the backend as unavailable, with the reason."""
+        self.probe.startService()
+        self.backend.probing.errback(BackendUnavailable("cannot connect: Connection refused"))
+        self.assertEqual(self.backend_lines(),
+                         ["backend_unavailable protocol=pop3 backend=127.0.0.1:110 "
+                          "reason=cannot connect: Connection refused"])
+        self.probe.stopService()
+
+    def test_cancelled_at_stop(self) -> None:
+        """Stopping during the probe cancels it and logs nothing."""
+        self.probe.startService()
+        self.probe.stopService()
+        self.assertEqual(self.backend.cancelled, 1)
+        self.assertEqual(self.backend_lines(), [])
