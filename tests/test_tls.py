@@ -545,6 +545,23 @@ class ServerHandshakeTests(_LoopbackTestCase):
         )
 
     @inlineCallbacks
+    def test_tls12_server_cipher_order(self) -> Any:
+        """
+        The server's order decides between AES suites (a client listing AES-256 first still gets
+        AES-128), but a client that lists ChaCha20 first gets ChaCha20.
+        """
+        port, factory = yield self.serve_tls()
+        aes = _client_context(self.files.root, maximum=ssl.TLSVersion.TLSv1_2,
+                              ciphers="ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256")
+        result = yield deferToThread(_tls_client, port, aes)
+        self.assertEqual(result.cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
+        chacha = _client_context(self.files.root, maximum=ssl.TLSVersion.TLSv1_2,
+                                 ciphers="ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256")
+        result = yield deferToThread(_tls_client, port, chacha)
+        yield self.all_closed(factory)
+        self.assertEqual(result.cipher, "ECDHE-ECDSA-CHACHA20-POLY1305")
+
+    @inlineCallbacks
     def test_tls12_cbc_suites_are_refused(self) -> Any:
         """A TLS 1.2 client offering only CBC suites finds no shared cipher."""
         port, factory = yield self.serve_tls()
