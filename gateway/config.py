@@ -312,12 +312,15 @@ class _Table:
             _check_readable(path, lambda: self.error(key, "the path of a readable file", path))
         return path
 
-    def endpoints(self, key: str) -> tuple[str, ...]:
+    def endpoints(self, key: str, proxy: bool = True) -> tuple[str, ...]:
+        """Listener descriptions; C{proxy} allows the C{haproxy:} prefix (the mail listeners take it)."""
         expected = ('a list of endpoint descriptions such as ["tcp:993"] (' + "/".join(_ENDPOINT_TYPES) +
-                    ', optionally behind "haproxy:")')
+                    (', optionally behind "haproxy:")' if proxy else ")"))
         value = self._get(key, [], list, expected)
         for item in value:
-            if not isinstance(item, str) or item.removeprefix(PROXY_PREFIX).split(":", 1)[0] not in _ENDPOINT_TYPES:
+            if not isinstance(item, str) or (not proxy and item.startswith(PROXY_PREFIX)):
+                raise self.error(key, expected, item)
+            if item.removeprefix(PROXY_PREFIX).split(":", 1)[0] not in _ENDPOINT_TYPES:
                 raise self.error(key, expected, item)
         return tuple(value)
 
@@ -528,8 +531,8 @@ def _submission_settings(table: _Table) -> SubmissionSettings:
 
 
 def _web_settings(table: _Table, hostname: str) -> WebSettings:
-    https = table.endpoints("https")
-    http = table.endpoints("http")
+    https = table.endpoints("https", proxy=False)
+    http = table.endpoints("http", proxy=False)
     public_host = table.string("public_host", hostname, expected="a host name such as mail.example.org")
     assert public_host is not None
     if not _HOSTNAME.fullmatch(public_host):
@@ -547,7 +550,7 @@ def _web_settings(table: _Table, hostname: str) -> WebSettings:
 
 
 def _metrics_settings(table: _Table) -> MetricsSettings:
-    listen = table.endpoints("listen") or ("tcp:9101:interface=127.0.0.1",)
+    listen = table.endpoints("listen", proxy=False) or ("tcp:9101:interface=127.0.0.1",)
     table.finish()
     return MetricsSettings(listen)
 

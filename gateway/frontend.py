@@ -402,6 +402,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._phase = _Phase.LOGGING_IN
         self.pauseProducing()
         if self.context.penalties.refused(self.client.host):
+            log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
             self._login_finished(LoginOutcome.THROTTLED)
             return
         started = self.clock.seconds()

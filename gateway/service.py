@@ -39,6 +39,7 @@ from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
 from gateway.listener import Listener
+from gateway.metrics import GatewayMetrics, build_metrics_service, certificates_to_watch
 from gateway.imap_backend import ImapBackendLogin
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
@@ -137,8 +138,9 @@ class Reloader(Service):
     """
 
     def __init__(self, reactor: IReactorFromThreads, path: str, penalties: LoginPenalties,
-                 connections: ConnectionLimits) -> None:
+                 connections: ConnectionLimits, metrics: GatewayMetrics | None = None) -> None:
         self._reactor = reactor
+        self._metrics = metrics
         self._path = path
         self._penalties = penalties
         self._connections = connections
@@ -190,6 +192,8 @@ class Reloader(Service):
             return
         self._penalties.rules = penalty_rules(settings)
         self._connections.rules = connection_rules(settings)
+        if self._metrics is not None:
+            self._metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
         for _, factory in self._served:
             factory.context = replace(factory.context, limits=protocol_limits(settings, factory.context.protocol))
         log.info("reloaded path={path} certificates={count}", path=self._path,
@@ -218,7 +222,12 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     penalties = LoginPenalties(reactor, penalty_rules(settings))  # type: ignore[arg-type]
     connections = ConnectionLimits(connection_rules(settings))
     certificate, key = certificate_files(settings)
-    reloader = Reloader(reactor, settings.path, penalties, connections)  # type: ignore[arg-type]
+    metrics = None
+    if settings.metrics is not None:
+        metrics = GatewayMetrics()
+        metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
+        build_metrics_service(settings.metrics, reactor, metrics, config_path=settings.path).setServiceParent(top)
+    reloader = Reloader(reactor, settings.path, penalties, connections, metrics)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
 
     # name, ALPN, settings, front end, backend dialogue, whether to learn the backend's

@@ -141,7 +141,7 @@ class ExampleTests(SynchronousTestCase):
                 named = [{"names": list(n.names), "certificate": n.certificate, "private_key": n.private_key}
                          for n in getattr(part, key)]
                 self.assertEqual(named, value)
-            elif key == "trusted_networks":
+            elif key in ("trusted_networks", "proxy_sources"):
                 self.assertEqual(tuple(str(network) for network in getattr(part, key)), tuple(value))
             else:
                 expected = tuple(value) if isinstance(value, list) else value
