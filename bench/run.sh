@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The gateway's benchmark, side by side with the anchors (Dovecot terminating TLS, Dovecot's login
+# proxy, nginx's mail proxy, stunnel) in one run on this machine. It drives the workplace's anchor
+# harness (../shared/anchor-bench, or $ANCHOR_BENCH) with the gateway as one more column:
+#
+#   bench/run.sh                     # full run, about 25 minutes
+#   BENCH_QUICK=1 bench/run.sh       # smoke run, a few minutes
+#
+# The table goes to stdout and bench/results/; copy the one worth keeping to bench/RESULTS.md.
+# Not part of the test command. Needs root (Dovecot drops to its own users).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+harness=${ANCHOR_BENCH:-$(cd .. && pwd)/shared/anchor-bench}
+[ -x "$harness/run-anchors.sh" ] || { echo "bench: no anchor harness at $harness (set ANCHOR_BENCH)" >&2; exit 2; }
+missing=()
+for package in nginx libnginx-mod-mail stunnel4; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # The harness runs private instances; do not leave the packages' system services running.
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx.service stunnel4.service >/dev/null 2>&1 || true
+  fi
+fi
+export GATEWAY_IMAPS=127.0.0.1:26993 GATEWAY_IMAP_STARTTLS=127.0.0.1:26143
+export GATEWAY_POP3S=127.0.0.1:26995 GATEWAY_POP3_STLS=127.0.0.1:26110
+export GATEWAY_SMTPS=127.0.0.1:26465 GATEWAY_SUBMISSION=127.0.0.1:26587
+export GATEWAY_NAME=mailgateway
+export GATEWAY_CMD="$PWD/.venv/bin/python $PWD/bench/gateway_for_bench.py"
+export BENCH_RESULTS_DIR="$PWD/bench/results"
+mkdir -p "$BENCH_RESULTS_DIR"
+exec bash "$harness/run-anchors.sh"
