@@ -18,9 +18,8 @@ import shutil
 import socket
 import subprocess
 import time
-from types import TracebackType
 
-from gateway.testing.host import accepts, check_searchable, free_ports, gid, greets, uid
+from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, greets, uid
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
@@ -46,7 +45,7 @@ class DovecotNotInstalled(RuntimeError):
         )
 
 
-class DovecotSandbox:
+class DovecotSandbox(ServerSandbox):
     """A Dovecot instance serving plaintext IMAP and POP3 for a fixed set of users.
 
     Layout under ``directory``: ``dovecot.conf``, ``users.passwd`` (PLAIN
@@ -283,20 +282,6 @@ class DovecotSandbox:
             f.write(message)
         os.rename(tmp_path, new_path)
         return new_path
-
-    def __enter__(self) -> DovecotSandbox:
-        """Start the sandbox and return it."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the sandbox."""
-        self.stop()
 
     def _prepare(self) -> None:
         """Create the directory tree, the password file and the configuration."""

@@ -7,6 +7,8 @@ import os
 import pwd
 import socket
 import stat
+from types import TracebackType
+from typing import Self
 
 
 def uid(account: str, package: str) -> int:
@@ -74,3 +76,23 @@ def check_searchable(path: str, who: str) -> None:
         if parent == path:
             return
         path = parent
+
+
+class ServerSandbox:
+    """A private server that tests start and stop; also a context manager that does both."""
+
+    def start(self) -> None:
+        """Start the server and wait until it serves."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop exactly the server this sandbox started."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()

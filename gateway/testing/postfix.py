@@ -24,9 +24,8 @@ import shutil
 import signal
 import subprocess
 import time
-from types import TracebackType
 
-from gateway.testing.host import accepts, check_searchable, free_ports, gid, greets, uid
+from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, greets, uid
 
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 15.0
@@ -66,7 +65,7 @@ class PostfixNotInstalled(RuntimeError):
         super().__init__("postfix is not installed: apt-get install postfix")
 
 
-class PostfixSandbox:
+class PostfixSandbox(ServerSandbox):
     """A Postfix instance that accepts plaintext SMTP for ``@example.org`` and delivers it.
 
     Layout under ``directory``: ``etc/`` (``main.cf`` and ``master.cf``,
@@ -348,20 +347,6 @@ class PostfixSandbox:
                 if files:
                     return False
         return True
-
-    def __enter__(self) -> PostfixSandbox:
-        """Start the sandbox and return it."""
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the sandbox."""
-        self.stop()
 
     def _prepare(self) -> None:
         """Create the directory tree and write the configuration."""
