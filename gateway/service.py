@@ -50,6 +50,7 @@ from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
 from gateway.tls import ServerTLS, TLSError, ensure_self_signed
 from gateway.userdb import UserDatabase, UserFileError, self_test
+from gateway.web import WebState, build_web_service
 
 log = Logger()
 
@@ -145,6 +146,7 @@ class Reloader(Service):
         self._penalties = penalties
         self._connections = connections
         self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
+        self._web: list[tuple[ServerTLS, WebState]] = []
         self._previous_handler: object = None
         self._rotation = LoopingCall(self.rotate_ticket_keys)
         self._rotation.clock = reactor  # type: ignore[assignment]
@@ -152,6 +154,13 @@ class Reloader(Service):
     def serve(self, server_tls: ServerTLS, factory: FrontEndFactory) -> None:
         """Keep a listener's TLS and factory up to date on reload."""
         self._served.append((server_tls, factory))
+
+    def serve_web(self, server_tls: ServerTLS, state: WebState) -> None:
+        """Keep the web listeners' TLS and documents up to date on reload."""
+        self._web.append((server_tls, state))
+
+    def _contexts(self) -> list[ServerTLS]:
+        return [tls for tls, _ in self._served] + [tls for tls, _ in self._web]
 
     def startService(self) -> None:
         super().startService()
@@ -172,26 +181,31 @@ class Reloader(Service):
 
     def rotate_ticket_keys(self) -> None:
         """Rebuild every TLS context from the files in use (new ticket keys)."""
-        for server_tls, _ in self._served:
+        for server_tls in self._contexts():
             try:
                 server_tls.reload()
             except TLSError as e:
                 log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
                 return
-        log.info("ticket_keys_rotated contexts={count}", count=len(self._served))
+        log.info("ticket_keys_rotated contexts={count}", count=len(self._contexts()))
 
     def reload(self) -> None:
         """Re-read the configuration and apply what can change without a restart."""
         try:
             settings = load_settings(self._path)
+            if self._web and settings.web is None:
+                raise ConfigError(f"{self._path}: [web]: expected the section while the web listeners run "
+                                  "(restart to remove them)")
             certificate, key = certificate_files(settings)
-            for server_tls, _ in self._served:
+            for server_tls in self._contexts():
                 server_tls.reload(certificate, key, settings.tls.sni)
         except (ConfigError, TLSError) as e:
             log.error("reload_failed reason={reason}: keeping the running configuration", reason=str(e))
             return
         self._penalties.rules = penalty_rules(settings)
         self._connections.rules = connection_rules(settings)
+        for _, state in self._web:
+            state.update(settings)
         if self._metrics is not None:
             self._metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
         for _, factory in self._served:
@@ -279,4 +293,12 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                                       f"description ({type(e).__name__}: {e})") from None
                 Listener(endpoint, listener_factory, f"protocol={name} tls={kind} endpoint={description}"
                          ).setServiceParent(top)
+    if settings.web is not None:
+        try:
+            web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)
+        except TLSError as e:
+            raise ConfigError(f"{settings.path}: [tls]: {e}") from None
+        web_state = WebState(settings)
+        build_web_service(settings.web, reactor, web_tls, web_state).setServiceParent(top)
+        reloader.serve_web(web_tls, web_state)
     return top

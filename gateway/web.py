@@ -1,0 +1,608 @@
+"""
+The gateway's web side: client autoconfiguration over HTTPS, a reverse proxy to a plaintext
+webmail, and a plain HTTP listener that sends browsers to HTTPS.
+
+The HTTPS site serves the documents of L{gateway.autoconfig} at the paths mail clients ask
+(Thunderbird's autoconfig, Outlook's Autodiscover, Apple's configuration profile) and passes
+every other path to C{[web] upstream}. The plain HTTP site serves Thunderbird's autoconfig paths
+too (Thunderbird asks over HTTP as well) and answers everything else with a 301 to
+C{https://<public_host>}: the configured name, never the request's Host header, so the
+redirect cannot be pointed elsewhere.
+
+Both sites read the configuration through a L{WebState}, so a reload changes the documents,
+the upstream and the headers of the next request.
+
+Every response carries C{X-Content-Type-Options: nosniff}, and on HTTPS
+C{Strict-Transport-Security} (RFC 6797 forbids sending it over plain HTTP). The gateway's own
+responses also carry a C{Content-Security-Policy} that allows nothing; proxied webmail
+responses do not, since it would break the webmail. Error pages are short fixed texts.
+
+Request bodies are bounded while they arrive: L{DOCUMENT_BODY_LIMIT} on every path the gateway
+answers itself, L{PROXIED_BODY_LIMIT} on proxied paths. A body over its bound is discarded as
+it arrives and the request is answered with a 400 (a document path) or a 413.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from io import BytesIO
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from gateway.addresses import plain_address
+from gateway.autoconfig import (
+    AUTODISCOVER_MAX_BODY,
+    MOBILECONFIG_CONTENT_TYPE,
+    AutodiscoverError,
+    autodiscover_response,
+    mobileconfig,
+    parse_autodiscover_request,
+    plausible_email,
+    thunderbird_config,
+)
+from gateway.config import PROXY_PREFIX, ConfigError, Settings, WebSettings
+from gateway.listener import Listener
+from gateway.proxy_protocol import TrustedProxyFactory
+from gateway.tls import ServerTLS
+
+__all__ = [
+    "DOCUMENT_BODY_LIMIT",
+    "PROXIED_BODY_LIMIT",
+    "REQUEST_TIMEOUT",
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "WebState",
+    "build_web_service",
+    "http_site",
+    "https_site",
+]
+
+log = Logger()
+
+DOCUMENT_BODY_LIMIT = AUTODISCOVER_MAX_BODY
+"""Largest request body, in bytes, on the paths the gateway answers itself (64 KiB)."""
+
+PROXIED_BODY_LIMIT = 128 * 1024 * 1024
+"""Largest request body, in bytes, passed to the webmail (uploads wait in a temporary file)."""
+
+REQUEST_TIMEOUT = 60.0
+"""Seconds a client may stay silent while sending a request or between requests (twisted.web's own)."""
+
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+"""Seconds allowed to connect to the webmail before the client gets a 502."""
+
+CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
+"""The policy of the gateway's own responses: they need no script, style, image or frame."""
+
+_THUNDERBIRD_PATHS = frozenset({b"/.well-known/autoconfig/mail/config-v1.1.xml", b"/mail/config-v1.1.xml"})
+_AUTODISCOVER_PATH = b"/autodiscover/autodiscover.xml"  # compared in lower case: Outlook's case varies
+_MOBILECONFIG_PATH = b"/apple/mail.mobileconfig"
+
+# Bodies up to this size stay in memory; larger proxied uploads go to a temporary file.
+_IN_MEMORY_BODY = DOCUMENT_BODY_LIMIT
+
+# RFC 9110 section 7.6.1, plus the pre-standard Proxy-Connection some clients still send.
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+# The gateway is the edge: whatever a client claims about forwarding is dropped, and the
+# gateway's own X-Forwarded-* replace it. Content-Length comes from the body producer, and
+# Expect was answered by twisted.web before the body arrived.
+_CLIENT_ONLY_HEADERS = frozenset({
+    b"content-length", b"expect", b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
+    b"x-forwarded-proto", b"x-forwarded-port", b"x-real-ip",
+})
+# The gateway's values of these replace the webmail's.
+_GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content-type-options"})
+
+_PAGES = {
+    400: b"Bad request.\n",
+    404: b"Not found.\n",
+    405: b"Method not allowed.\n",
+    413: b"Request body too large.\n",
+    502: b"The webmail is not available at the moment. Please try again later.\n",
+}
+
+
+class WebState:
+    """
+    What the web sites serve: the configuration in force, replaced on reload.
+
+    The listeners themselves (C{[web] https} and C{http}) change only with a restart; everything
+    else (the documents, the public host, the upstream, the HSTS max-age) applies from the next
+    request on.
+
+    :ivar settings: the configuration in force; its C{web} is never None.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        """
+        :param settings: a configuration with a C{[web]} section.
+        :raises ValueError: if it has none.
+        """
+        self.settings = self._checked(settings)
+
+    @property
+    def web(self) -> WebSettings:
+        """The C{[web]} section in force."""
+        assert self.settings.web is not None
+        return self.settings.web
+
+    def update(self, settings: Settings) -> None:
+        """
+        Serve from a new configuration from the next request on.
+
+        :param settings: the reloaded configuration.
+        :raises ValueError: if it has no C{[web]} section (removing the listeners takes a
+            restart); nothing changes then.
+        """
+        self.settings = self._checked(settings)
+
+    @staticmethod
+    def _checked(settings: Settings) -> Settings:
+        if settings.web is None:
+            raise ValueError(f"{settings.path}: [web] is missing; the web listeners need it until a restart")
+        return settings
+
+
+def _route(path: bytes, https: bool) -> str | None:
+    """
+    Name the document a path asks for, or None for a path the gateway does not answer itself.
+
+    :param path: the request path, without the query.
+    :param https: whether the request came over HTTPS (only Thunderbird's paths exist on HTTP).
+    """
+    if path in _THUNDERBIRD_PATHS:
+        return "thunderbird"
+    if not https:
+        return None
+    if path.lower() == _AUTODISCOVER_PATH:
+        return "autodiscover"
+    if path == _MOBILECONFIG_PATH:
+        return "mobileconfig"
+    return None
+
+
+class _WebRequest(Request):
+    """
+    A request whose body is bounded as it arrives, and whose every response carries the
+    security headers.
+
+    :ivar target: the request target from the request line, set by L{_WebChannel} before the
+        headers are read.
+    :ivar body_too_large: the body was over its limit; what arrived of it has been discarded.
+    """
+
+    target = b""
+    body_too_large = False
+    _body_limit = DOCUMENT_BODY_LIMIT
+    _body_received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        """Choose the body's limit from the path, and where the body is kept (twisted.web hook)."""
+        site: _WebSite = self.channel.site
+        self._body_limit = site.body_limit(self.target.split(b"?", 1)[0])
+        self.body_too_large = length is not None and length > self._body_limit
+        in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
+        self.content = BytesIO() if self.body_too_large or in_memory else tempfile.TemporaryFile()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Keep a piece of the body, or drop it once the body is over its limit (twisted.web hook)."""
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self._body_limit:
+            self.body_too_large = True
+            self.content.close()
+            self.content = BytesIO()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        """Set the security headers, then let twisted.web find and render the resource."""
+        site: _WebSite = self.channel.site
+        for name, value in site.security_headers():
+            self.responseHeaders.setRawHeaders(name, [value])
+        super().process()
+
+
+class _WebChannel(HTTPChannel):
+    """An HTTP/1.1 connection that tells each request its target before the request's headers."""
+
+    def lineReceived(self, line: bytes) -> None:
+        """Parse a line as twisted.web does, and hand a request line's target to its new request."""
+        before = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > before:
+            parts = line.split(b" ")
+            if len(parts) == 3:
+                self.requests[-1].target = parts[1]
+
+
+class _WebSite(Site):
+    """A twisted.web site bound to the live configuration."""
+
+    # HTTP/1.1 only: the listeners offer no other ALPN protocol, so no HTTP/2 negotiation.
+    protocol = _WebChannel  # type: ignore[assignment]
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, root: Resource, state: WebState, reactor: IReactorTime, https: bool) -> None:
+        super().__init__(root, requestFactory=_WebRequest, parsePOSTFormSubmission=False,
+                         timeout=REQUEST_TIMEOUT, reactor=reactor)
+        self.state = state
+        self.https = https
+
+    def body_limit(self, path: bytes) -> int:
+        """The largest body accepted for a path: uploads to the webmail may be large, nothing else."""
+        if self.https and _route(path, True) is None and self.state.web.upstream is not None:
+            return PROXIED_BODY_LIMIT
+        return DOCUMENT_BODY_LIMIT
+
+    def security_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers every response starts with (the proxy drops the CSP for the webmail's)."""
+        headers = [(b"X-Content-Type-Options", b"nosniff"), (b"Content-Security-Policy", CONTENT_SECURITY_POLICY)]
+        max_age = self.state.web.hsts_max_age
+        if self.https and max_age > 0:
+            headers.append((b"Strict-Transport-Security", b"max-age=%d" % max_age))
+        return headers
+
+
+def _page(request: Request, code: int) -> bytes:
+    """Make a request's response one of the fixed plain-text pages; the body is the result."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return _PAGES[code]
+
+
+def _document(request: Request, content_type: bytes, body: bytes) -> bytes:
+    """Make a request's response a generated document; the body is the result."""
+    request.setHeader(b"Content-Type", content_type)
+    # Documents follow the configuration, and a profile names the user: never from a cache.
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+def _not_allowed(request: Request, allowed: bytes) -> bytes:
+    request.setHeader(b"Allow", allowed)
+    return _page(request, 405)
+
+
+def _query_text(request: Request, name: bytes) -> str | None:
+    """The first value of a query parameter as text, or None if absent or not UTF-8."""
+    values = (request.args or {}).get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")  # type: ignore[no-any-return]
+    except UnicodeDecodeError:
+        return None
+
+
+class _WebRoot(Resource):
+    """Answers every path of one site: a document, a redirect, or the webmail through the proxy."""
+
+    isLeaf = True
+
+    def __init__(self, state: WebState, https: bool, proxy: _ReverseProxy | None) -> None:
+        super().__init__()
+        self._state = state
+        self._https = https
+        self._proxy = proxy
+
+    def render(self, request: _WebRequest) -> bytes | int:  # type: ignore[override]
+        """Route a request by its path (twisted.web hook)."""
+        request.responseHeaders.removeHeader(b"server")  # no software version for scanners
+        route = _route(request.path, self._https)
+        if request.body_too_large:
+            return _page(request, 400 if route is not None else 413)
+        if route == "thunderbird":
+            return self._thunderbird(request)
+        if route == "autodiscover":
+            return self._autodiscover(request)
+        if route == "mobileconfig":
+            return self._mobileconfig(request)
+        if not self._https:
+            return self._redirect(request)
+        upstream = self._state.web.upstream
+        if upstream is None or self._proxy is None:
+            return _page(request, 404)
+        return self._proxy.forward(request, upstream)
+
+    def _thunderbird(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _not_allowed(request, b"GET, HEAD")
+        try:
+            body = thunderbird_config(self._state.settings, _query_text(request, b"emailaddress"))
+        except ValueError:  # no IMAP or POP3 listener to offer
+            return _page(request, 404)
+        return _document(request, b"text/xml; charset=utf-8", body)
+
+    def _autodiscover(self, request: Request) -> bytes:
+        if request.method != b"POST":
+            return _not_allowed(request, b"POST")
+        try:
+            email = parse_autodiscover_request(request.content.read(DOCUMENT_BODY_LIMIT + 1))
+        except AutodiscoverError as e:
+            log.info("autodiscover_refused peer={peer} reason={reason}", peer=_peer(request), reason=str(e))
+            return _page(request, 400)
+        try:
+            body = autodiscover_response(self._state.settings, email)
+        except ValueError:
+            return _page(request, 404)
+        return _document(request, b"application/xml; charset=utf-8", body)
+
+    def _mobileconfig(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _not_allowed(request, b"GET, HEAD")
+        email = plausible_email(_query_text(request, b"emailaddress"))
+        if email is None:
+            return _page(request, 400)
+        try:
+            body = mobileconfig(self._state.settings, email)
+        except ValueError:  # no implicit-TLS listener to put in a profile
+            return _page(request, 404)
+        request.setHeader(b"Content-Disposition", b'attachment; filename="mail.mobileconfig"')
+        return _document(request, MOBILECONFIG_CONTENT_TYPE.encode("ascii"), body)
+
+    def _redirect(self, request: Request) -> bytes:
+        # Only an origin-form target ("/path?query") is kept; anything else goes to the root.
+        target = request.uri if request.uri.startswith(b"/") else b"/"
+        request.setResponseCode(301)
+        request.setHeader(b"Location", b"https://" + self._state.web.public_host.encode("ascii") + target)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Moved to HTTPS.\n"
+
+
+def _peer(request: Request) -> str:
+    """The client's address as the rest of the gateway spells it, or C{-} if it has none (a UNIX socket)."""
+    host = getattr(request.getClientAddress(), "host", None)
+    return plain_address(host) if isinstance(host, str) else "-"
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """The header names a Connection header lists, in lower case: they are hop-by-hop too."""
+    values = headers.getRawHeaders(b"connection") or []
+    return frozenset(token.strip().lower() for value in values for token in value.split(b",") if token.strip())
+
+
+def _upstream_request_headers(request: Request) -> Headers:
+    """
+    The headers a proxied request goes to the webmail with.
+
+    Hop-by-hop headers (and those the client's Connection names) and every forwarding header
+    the client sent are dropped; C{X-Forwarded-For} is the client's address,
+    C{X-Forwarded-Proto} is C{https}, and C{X-Forwarded-Host} and C{Host} are the client's Host.
+
+    :param request: the client's request.
+    :returns: new headers; the request's own are unchanged.
+    """
+    dropped = _HOP_BY_HOP | _CLIENT_ONLY_HEADERS | _connection_tokens(request.requestHeaders)
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() not in dropped:
+            headers.setRawHeaders(name, list(values))
+    peer = _peer(request)
+    if peer != "-":
+        headers.setRawHeaders(b"X-Forwarded-For", [peer.encode("ascii")])
+    headers.setRawHeaders(b"X-Forwarded-Proto", [b"https"])
+    host = request.getHeader(b"host")
+    if host:
+        # One Host, the one twisted.web saw: never two different ones for the webmail to choose from.
+        headers.setRawHeaders(b"Host", [host])
+        headers.setRawHeaders(b"X-Forwarded-Host", [host])
+    return headers
+
+
+def _copy_response_headers(source: Headers, target: Headers) -> None:
+    """Copy the webmail's response headers, less hop-by-hop ones and those the gateway sets itself."""
+    dropped = _HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | _connection_tokens(source)
+    for name, values in source.getAllRawHeaders():
+        if name.lower() not in dropped:
+            target.setRawHeaders(name, list(values))
+
+
+class _ReverseProxy:
+    """Passes requests to the webmail and streams the answers back, with backpressure both ways."""
+
+    def __init__(self, agent: IAgent, cooperator: Cooperator) -> None:
+        """
+        :param agent: makes the requests to the webmail.
+        :param cooperator: paces the reading of request bodies into the upstream connection.
+        """
+        self._agent = agent
+        self._cooperator = cooperator
+
+    def forward(self, request: _WebRequest, upstream: str) -> bytes | int:
+        """Start passing a request on; the result is for twisted.web's C{render}."""
+        if not request.uri.startswith(b"/"):
+            return _page(request, 400)  # an absolute or authority form must not pick the upstream's target
+        body: IBodyProducer | None = None
+        content = request.content
+        content.seek(0, os.SEEK_END)
+        if content.tell() > 0:
+            content.seek(0)
+            body = FileBodyProducer(content, self._cooperator)
+        request.responseHeaders.removeHeader(b"content-security-policy")
+        url = upstream.rstrip("/").encode("ascii") + request.uri
+        pending = self._agent.request(request.method, url, _upstream_request_headers(request), body)
+        _Exchange(request, pending, upstream)
+        return NOT_DONE_YET
+
+
+class _Exchange:
+    """
+    One proxied request, from sending it on to the last byte of the answer.
+
+    :ivar upstream: the webmail's address, for the log.
+    :ivar client_gone: the client disconnected; nothing more is written to it.
+    """
+
+    def __init__(self, request: Request, pending: Deferred[IResponse], upstream: str) -> None:
+        self._request = request
+        self.upstream = upstream
+        self._pending: Deferred[IResponse] | None = pending
+        self._relay: _ResponseRelay | None = None
+        self.client_gone = False
+        request.notifyFinish().addErrback(self._lost_client)
+        pending.addCallbacks(self._respond, self._failed)
+
+    def _lost_client(self, reason: Failure) -> None:
+        # The client left: stop sending its request, or stop reading the answer.
+        self.client_gone = True
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        elif self._relay is not None:
+            self._relay.stop()
+
+    def _respond(self, response: IResponse) -> None:
+        self._pending = None
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        _copy_response_headers(response.headers, request.responseHeaders)
+        # The agent keeps Content-Length to itself (but for HEAD) and gives the length instead.
+        if isinstance(response.length, int) and response.code not in NO_BODY_CODES and request.method != b"HEAD":
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        request.defaultContentType = None  # the webmail's Content-Type, or none, never twisted.web's
+        self._relay = _ResponseRelay(request, self)
+        response.deliverBody(self._relay)
+
+    def _failed(self, reason: Failure) -> None:
+        self._pending = None
+        if self.client_gone:
+            return
+        log.warn("web_upstream_unavailable upstream={upstream} reason={reason}", upstream=self.upstream,
+                 reason=reason.getErrorMessage())
+        body = _page(self._request, 502)
+        self._request.setHeader(b"Content-Length", b"%d" % len(body))
+        self._request.write(body)
+        self._request.finish()
+
+
+class _ResponseRelay(Protocol):
+    """
+    Writes the webmail's response body to the client as it arrives.
+
+    The upstream connection is registered as the producer of the client's response, so a client
+    that reads slowly pauses the reading from the webmail: nothing piles up in the gateway.
+    """
+
+    def __init__(self, request: Request, exchange: _Exchange) -> None:
+        self._request = request
+        self._exchange = exchange
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._exchange.client_gone:
+            return
+        self._request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._request.finish()
+            return
+        # Headers are out: closing without the end of the body is how the client learns it is cut.
+        log.warn("web_upstream_response_broken upstream={upstream} reason={reason}",
+                 upstream=self._exchange.upstream, reason=reason.getErrorMessage())
+        self._request.loseConnection()
+
+    def stop(self) -> None:
+        """Stop reading the webmail's answer: the client is gone."""
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def https_site(state: WebState, reactor: IReactorTime, agent: IAgent, cooperator: Cooperator) -> Site:
+    """
+    The HTTPS site: the autoconfig documents, and the webmail through the reverse proxy.
+
+    :param state: the configuration in force.
+    :param reactor: for twisted.web's timeouts and log timestamps.
+    :param agent: makes the requests to C{[web] upstream}.
+    :param cooperator: paces request bodies into the upstream connection.
+    :returns: the factory to put behind TLS.
+    """
+    return _WebSite(_WebRoot(state, True, _ReverseProxy(agent, cooperator)), state, reactor, https=True)
+
+
+def http_site(state: WebState, reactor: IReactorTime) -> Site:
+    """
+    The plain HTTP site: Thunderbird's autoconfig paths, and a 301 to HTTPS for every other one.
+
+    :param state: the configuration in force.
+    :param reactor: for twisted.web's timeouts and log timestamps.
+    :returns: the factory to listen with.
+    """
+    return _WebSite(_WebRoot(state, False, None), state, reactor, https=False)
+
+
+class _UpstreamConnections(Service):
+    """Closes the idle connections to the webmail when the gateway stops."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+
+def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, state: WebState) -> MultiService:
+    """
+    Build the HTTPS and HTTP listeners of C{[web]}.
+
+    :param web: the C{[web]} section whose listeners to open (C{https} behind TLS, C{http} plain);
+        a C{haproxy:} listener takes a PROXY header from C{[limits] proxy_sources} only.
+    :param reactor: the running reactor (TCP, time).
+    :param server_tls: the TLS of the HTTPS listeners, with ALPN C{http/1.1}.
+    :param state: what the sites serve; the caller updates it on reload.
+    :returns: a service whose children are one L{Listener} per endpoint (labelled
+        C{protocol=https tls=implicit_tls endpoint=...} and C{protocol=http tls=none endpoint=...}),
+        and one that closes the idle upstream connections when stopped.
+    :raises ConfigError: if an endpoint description is not usable.
+    """
+    top = MultiService()
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    _UpstreamConnections(pool).setServiceParent(top)
+    agent = Agent(reactor, connectTimeout=UPSTREAM_CONNECT_TIMEOUT, pool=pool)
+    cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
+    secure_factory = TLSMemoryBIOFactory(server_tls, False, https_site(state, reactor, agent, cooperator))
+    secure_factory.noisy = False
+    listeners: tuple[tuple[str, str, tuple[str, ...], Factory], ...] = (
+        ("https", "implicit_tls", web.https, secure_factory),
+        ("http", "none", web.http, http_site(state, reactor)),
+    )
+    for name, tls, descriptions, factory in listeners:
+        for description in descriptions:
+            listener_factory = factory
+            if description.startswith(PROXY_PREFIX):
+                listener_factory = TrustedProxyFactory(factory, state.settings.limits.proxy_sources, reactor)
+            try:
+                endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise ConfigError(f"{state.settings.path}: [web] {name}: {description!r} is not a usable endpoint "
+                                  f"description ({type(e).__name__}: {e})") from None
+            Listener(endpoint, listener_factory, f"protocol={name} tls={tls} endpoint={description}").setServiceParent(top)
+    return top

@@ -1,0 +1,689 @@
+"""
+Tests for gateway.web in memory: the HTTPS and HTTP sites driven over in-memory connections, with
+a fake agent standing in for the webmail.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import shutil
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from gateway import web
+from gateway.autoconfig import (
+    AUTODISCOVER_OUTLOOK_NS,
+    AUTODISCOVER_REQUEST_NS,
+    AUTODISCOVER_RESPONSE_NS,
+    MOBILECONFIG_CONTENT_TYPE,
+    autodiscover_response,
+    mobileconfig,
+    thunderbird_config,
+)
+from gateway.config import ConfigError, Settings, parse_settings
+from gateway.listener import Listener
+from gateway.testing.pki import TestCA
+from gateway.tls import ServerTLS
+from gateway.web import (
+    CONTENT_SECURITY_POLICY,
+    DOCUMENT_BODY_LIMIT,
+    WebState,
+    build_web_service,
+    http_site,
+    https_site,
+)
+
+PUBLIC_HOST = "mail.example.org"
+UPSTREAM = "http://127.0.0.1:8080"
+CLIENT = IPv4Address("TCP", "192.0.2.7", 50123)
+TB_PATH = b"/.well-known/autoconfig/mail/config-v1.1.xml"
+
+LISTENERS: dict[str, Any] = {
+    "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"]},
+    "pop3": {"implicit_tls": ["tcp:995"]},
+    "submission": {"implicit_tls": ["tcp:465"], "starttls": ["tcp:587"]},
+}
+
+
+def autodiscover_body(email: str) -> bytes:
+    """An Outlook POX Autodiscover request for an address."""
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<Autodiscover xmlns="{AUTODISCOVER_REQUEST_NS}"><Request>'
+            f"<EMailAddress>{email}</EMailAddress>"
+            f"<AcceptableResponseSchema>{AUTODISCOVER_OUTLOOK_NS}</AcceptableResponseSchema>"
+            "</Request></Autodiscover>").encode()
+
+
+@dataclass
+class Reply:
+    """One HTTP response as a client read it."""
+
+    code: int
+    headers: Headers
+    body: bytes
+    complete: bool
+    chunked: bool
+
+    def header(self, name: str) -> bytes | None:
+        values = self.headers.getRawHeaders(name.encode())
+        return values[-1] if values else None
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Parse the first response in what a server wrote (Content-Length, chunked, or up to the end)."""
+    head, separator, rest = data.partition(b"\r\n\r\n")
+    assert separator, f"no complete response head in {data[:200]!r}"
+    status, *lines = head.split(b"\r\n")
+    headers = Headers()
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.addRawHeader(name.strip(), value.strip())
+    chunked = headers.getRawHeaders(b"transfer-encoding") == [b"chunked"]
+    length = headers.getRawHeaders(b"content-length")
+    if chunked:
+        body, complete = b"", False
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                complete = True
+                break
+            body, rest = body + rest[:size], rest[size + 2:]
+    elif length is not None:
+        body = rest[:int(length[0])]
+        complete = len(rest) >= int(length[0])
+    else:
+        body, complete = rest, True
+    return Reply(int(status.split(b" ")[1]), headers, body, complete, chunked)
+
+
+@dataclass
+class SentRequest:
+    """What the fake agent was asked to send to the webmail."""
+
+    method: bytes
+    uri: bytes
+    headers: Headers
+    body: IBodyProducer | None
+    answer: Deferred[IResponse]
+    cancelled: list[bool] = field(default_factory=list)
+
+    def header(self, name: str) -> list[bytes] | None:
+        return self.headers.getRawHeaders(name.encode())
+
+
+@implementer(IAgent)
+class FakeAgent:
+    """An agent that records each request and lets the test answer it."""
+
+    def __init__(self) -> None:
+        self.sent: list[SentRequest] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        cancelled: list[bool] = []
+        answer: Deferred[IResponse] = Deferred(lambda d: cancelled.append(True))
+        self.sent.append(SentRequest(method, uri, headers or Headers(), bodyProducer, answer, cancelled))
+        return answer
+
+
+@implementer(IResponse)
+class FakeResponse:
+    """A webmail response whose body the test delivers piece by piece through C{protocol}."""
+
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(self, code: int, headers: dict[str, list[str]], length: int | None = None) -> None:
+        self.code = code
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self.phrase = b"OK" if code == 200 else b"Whatever"
+        self.headers = Headers(headers)
+        self.transport = StringTransport()  # the upstream connection, as a producer
+        self.protocol: Protocol | None = None
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        raise NotImplementedError
+
+
+class Connection:
+    """One client connection to a site, in memory."""
+
+    def __init__(self, site: Site, peer: IPv4Address | IPv6Address = CLIENT) -> None:
+        self.transport = StringTransport(peerAddress=peer)
+        channel = site.buildProtocol(peer)
+        assert isinstance(channel, HTTPChannel)
+        self.channel = channel
+        channel.makeConnection(self.transport)
+
+    def send(self, method: bytes, target: bytes, headers: dict[bytes, bytes] | None = None,
+             body: bytes = b"") -> None:
+        """Send one request; a body gets a Content-Length unless the headers give one or say chunked."""
+        fields = {b"Host": PUBLIC_HOST.encode(), **(headers or {})}
+        if body and b"Transfer-Encoding" not in fields:
+            fields.setdefault(b"Content-Length", b"%d" % len(body))
+        head = b"".join(b"%s: %s\r\n" % item for item in fields.items())
+        self.channel.dataReceived(b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, head) + body)
+
+    def reply(self) -> Reply:
+        return parse_reply(self.transport.value())
+
+    def close(self) -> None:
+        if self.transport.connected:
+            self.transport.connected = False
+            self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+class SiteTestCase(SynchronousTestCase):
+    """Builds settings, a web state and the two sites on a fake clock."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="mailgateway-web-")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.clock = Clock()
+        self.agent = FakeAgent()
+        self.state = WebState(self.settings())
+        self.cooperator = Cooperator(scheduler=lambda step: self.clock.callLater(0, step))
+        self.https = self.site(https_site(self.state, self.clock, self.agent, self.cooperator))
+        self.http = self.site(http_site(self.state, self.clock))
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def settings(self, *, listeners: dict[str, Any] | None = None, **web: Any) -> Settings:
+        """A configuration with the given listeners and [web] keys (defaults: all protocols, an upstream)."""
+        web_table = {"https": ["tcp:443"], "http": ["tcp:80"], "public_host": PUBLIC_HOST, "upstream": UPSTREAM}
+        web_table.update(web)
+        data: dict[str, Any] = {
+            "gateway": {"hostname": "gateway.internal", "state_dir": self.directory},
+            "tls": {"self_signed": True},
+            "auth": {"mode": "backend"},
+            "web": {key: value for key, value in web_table.items() if value is not None},
+        }
+        data.update(LISTENERS if listeners is None else listeners)
+        return parse_settings(f"{self.directory}/mailgateway.toml", data)
+
+    def site(self, site: Site) -> Site:
+        site.doStart()
+        self.addCleanup(site.doStop)
+        return site
+
+    def connect(self, site: Site, peer: IPv4Address | IPv6Address = CLIENT) -> Connection:
+        connection = Connection(site, peer)
+        self.addCleanup(connection.close)
+        return connection
+
+    def get(self, target: bytes, *, site: Site | None = None, method: bytes = b"GET",
+            headers: dict[bytes, bytes] | None = None, body: bytes = b"") -> Reply:
+        """Send one request on a new connection and return the complete reply."""
+        connection = self.connect(site or self.https)
+        connection.send(method, target, headers, body)
+        reply = connection.reply()
+        self.assertTrue(reply.complete, "the response is not complete")
+        return reply
+
+    def assert_own_page(self, reply: Reply, code: int) -> None:
+        """A fixed plain-text page of the gateway's, with its security headers."""
+        self.assertEqual(reply.code, code)
+        self.assertEqual(reply.body, web._PAGES[code])
+        self.assertEqual(reply.header("content-type"), b"text/plain; charset=utf-8")
+        self.assertEqual(reply.header("content-security-policy"), CONTENT_SECURITY_POLICY)
+        self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
+
+
+class DocumentTests(SiteTestCase):
+    """The autoconfig documents at their paths."""
+
+    def test_thunderbird_paths(self) -> None:
+        """Both Thunderbird paths, with or without an address, serve the autoconfig document as text/xml."""
+        for path in (TB_PATH, b"/mail/config-v1.1.xml"):
+            for query, email in ((b"", None), (b"?emailaddress=alice%40example.com", "alice@example.com")):
+                reply = self.get(path + query)
+                self.assertEqual(reply.code, 200)
+                self.assertEqual(reply.header("content-type"), b"text/xml; charset=utf-8")
+                self.assertEqual(reply.body, thunderbird_config(self.state.settings, email))
+                hosts = {e.text for e in ElementTree.fromstring(reply.body).iter("hostname")}
+                self.assertEqual(hosts, {PUBLIC_HOST})
+
+    def test_thunderbird_over_http(self) -> None:
+        """The plain HTTP site serves the Thunderbird document too, without HSTS."""
+        reply = self.get(TB_PATH + b"?emailaddress=bob%40example.com", site=self.http)
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.body, thunderbird_config(self.state.settings, "bob@example.com"))
+        self.assertIsNone(reply.header("strict-transport-security"))
+        self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
+
+    def test_thunderbird_head(self) -> None:
+        """HEAD on a document path gives its headers and no body."""
+        connection = self.connect(self.https)
+        connection.send(b"HEAD", TB_PATH)
+        head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"200", head.split(b"\r\n")[0])
+        self.assertEqual(body, b"")
+
+    def test_thunderbird_without_incoming_listener(self) -> None:
+        """With no IMAP or POP3 listener the autoconfig path is a 404."""
+        self.state.update(self.settings(listeners={"submission": {"implicit_tls": ["tcp:465"]}}))
+        self.assert_own_page(self.get(TB_PATH), 404)
+
+    def test_document_wrong_method(self) -> None:
+        """POST to the Thunderbird path is a 405 naming GET and HEAD."""
+        reply = self.get(TB_PATH, method=b"POST", body=b"x")
+        self.assert_own_page(reply, 405)
+        self.assertEqual(reply.header("allow"), b"GET, HEAD")
+
+    def test_autodiscover(self) -> None:
+        """An Autodiscover POST gets the response for its address as application/xml."""
+        reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST",
+                         headers={b"Content-Type": b"text/xml"}, body=autodiscover_body("carol@example.com"))
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.header("content-type"), b"application/xml; charset=utf-8")
+        self.assertEqual(reply.body, autodiscover_response(self.state.settings, "carol@example.com"))
+        root = ElementTree.fromstring(reply.body)
+        self.assertEqual(root.tag, f"{{{AUTODISCOVER_RESPONSE_NS}}}Autodiscover")
+
+    def test_autodiscover_path_case(self) -> None:
+        """The Autodiscover path matches whatever its case."""
+        for path in (b"/Autodiscover/Autodiscover.xml", b"/AUTODISCOVER/AUTODISCOVER.XML", b"/autodiscover/AutoDiscover.xml"):
+            reply = self.get(path, method=b"POST", body=autodiscover_body("carol@example.com"))
+            self.assertEqual(reply.code, 200, path)
+            self.assertEqual(self.agent.sent, [])
+
+    def test_autodiscover_malformed(self) -> None:
+        """A malformed Autodiscover body gets a fixed 400 page, never a traceback."""
+        for body in (b"<Autodiscover><Request>", b"not xml at all", b"\xff\xfe", b"",
+                     b'<!DOCTYPE x [<!ENTITY a "b">]><Autodiscover/>'):
+            reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=body)
+            self.assert_own_page(reply, 400)
+
+    def test_autodiscover_get(self) -> None:
+        """GET on the Autodiscover path is a 405 naming POST."""
+        reply = self.get(b"/autodiscover/autodiscover.xml")
+        self.assert_own_page(reply, 405)
+        self.assertEqual(reply.header("allow"), b"POST")
+
+    def test_autodiscover_oversized(self) -> None:
+        """An Autodiscover body over 64 KiB is a 400."""
+        body = autodiscover_body("carol@example.com")
+        body += b" " * (DOCUMENT_BODY_LIMIT + 1 - len(body))
+        reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=body)
+        self.assert_own_page(reply, 400)
+
+    def test_autodiscover_at_limit(self) -> None:
+        """An Autodiscover body of exactly 64 KiB is answered."""
+        body = autodiscover_body("carol@example.com")
+        body += b" " * (DOCUMENT_BODY_LIMIT - len(body))
+        reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=body)
+        self.assertEqual(reply.code, 200)
+
+    def test_oversized_chunked_body_is_not_kept(self) -> None:
+        """A chunked body to a document path stops being kept past 64 KiB, and the request gets a 400."""
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/autodiscover/autodiscover.xml", {b"Transfer-Encoding": b"chunked"})
+        chunk = b"x" * 16384
+        for _ in range(64):  # 1 MiB
+            connection.channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        (request,) = connection.channel.requests
+        self.assertTrue(request.body_too_large)
+        self.assertLessEqual(len(request.content.getvalue()), DOCUMENT_BODY_LIMIT)
+        connection.channel.dataReceived(b"0\r\n\r\n")
+        self.assert_own_page(connection.reply(), 400)
+
+    def test_declared_oversized_body_is_not_kept(self) -> None:
+        """A body declared over 64 KiB on a document path is discarded from its first byte."""
+        connection = self.connect(self.https)
+        connection.send(b"GET", TB_PATH, {b"Content-Length": b"%d" % (DOCUMENT_BODY_LIMIT + 1)}, b"y" * 1000)
+        (request,) = connection.channel.requests
+        self.assertTrue(request.body_too_large)
+        self.assertEqual(request.content.getvalue(), b"")
+        connection.channel.dataReceived(b"y" * (DOCUMENT_BODY_LIMIT + 1 - 1000))
+        self.assert_own_page(connection.reply(), 400)
+
+    def test_mobileconfig(self) -> None:
+        """The profile is served as an attachment of Apple's profile type and parses as a plist."""
+        reply = self.get(b"/apple/mail.mobileconfig?emailaddress=dave%40example.com")
+        self.assertEqual(reply.code, 200)
+        self.assertEqual(reply.header("content-type"), MOBILECONFIG_CONTENT_TYPE.encode())
+        self.assertEqual(reply.header("content-disposition"), b'attachment; filename="mail.mobileconfig"')
+        self.assertEqual(reply.body, mobileconfig(self.state.settings, "dave@example.com"))
+        profile = plistlib.loads(reply.body)
+        self.assertEqual(profile["PayloadContent"][0]["PayloadType"], "com.apple.mail.managed")
+
+    def test_mobileconfig_needs_an_address(self) -> None:
+        """A profile request without a plausible address is a 400."""
+        for query in (b"", b"?emailaddress=", b"?emailaddress=%25EMAILADDRESS%25", b"?emailaddress=nobody",
+                      b"?emailaddress=%ff%40example.com", b"?other=dave%40example.com"):
+            self.assert_own_page(self.get(b"/apple/mail.mobileconfig" + query), 400)
+
+    def test_mobileconfig_without_implicit_tls(self) -> None:
+        """Without implicit-TLS listeners there is no profile: a 404."""
+        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"]},
+                                                   "submission": {"starttls": ["tcp:587"]}}))
+        self.assert_own_page(self.get(b"/apple/mail.mobileconfig?emailaddress=dave%40example.com"), 404)
+
+    def test_mobileconfig_only_over_https(self) -> None:
+        """The plain HTTP site redirects the profile path instead of serving a profile in clear."""
+        reply = self.get(b"/apple/mail.mobileconfig?emailaddress=dave%40example.com", site=self.http)
+        self.assertEqual(reply.code, 301)
+
+
+class SecurityHeaderTests(SiteTestCase):
+    """Headers on every response."""
+
+    def test_document_headers(self) -> None:
+        """A document carries HSTS with the configured max-age, nosniff, the CSP and no-store."""
+        self.state.update(self.settings(hsts_max_age=86400))
+        reply = self.get(TB_PATH)
+        self.assertEqual(reply.header("strict-transport-security"), b"max-age=86400")
+        self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
+        self.assertEqual(reply.header("content-security-policy"), b"default-src 'none'; frame-ancestors 'none'")
+        self.assertEqual(reply.header("cache-control"), b"no-store")
+        self.assertIsNone(reply.header("server"))
+
+    def test_error_headers(self) -> None:
+        """An error page carries the security headers too."""
+        reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=b"junk")
+        self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
+
+    def test_hsts_off(self) -> None:
+        """With hsts_max_age = 0 there is no HSTS header."""
+        self.state.update(self.settings(hsts_max_age=0))
+        self.assertIsNone(self.get(TB_PATH).header("strict-transport-security"))
+
+    def test_no_upstream(self) -> None:
+        """Without an upstream every other path is a plain 404 page."""
+        self.state.update(self.settings(upstream=None))
+        reply = self.get(b"/roundcube/")
+        self.assert_own_page(reply, 404)
+        self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
+        self.assertEqual(self.agent.sent, [])
+
+
+class RedirectTests(SiteTestCase):
+    """The plain HTTP site sends everything but Thunderbird's paths to HTTPS."""
+
+    def test_redirect_uses_public_host(self) -> None:
+        """A 301 goes to the configured public host with the same path and query, whatever the Host header says."""
+        reply = self.get(b"/roundcube/?_task=mail&x=%2F", site=self.http, headers={b"Host": b"evil.example"})
+        self.assertEqual(reply.code, 301)
+        self.assertEqual(reply.header("location"), b"https://mail.example.org/roundcube/?_task=mail&x=%2F")
+        self.assertIsNone(reply.header("strict-transport-security"))
+        self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
+
+    def test_absolute_target(self) -> None:
+        """An absolute-form request target is redirected to the public host's root, not to its own host."""
+        reply = self.get(b"http://evil.example/path", site=self.http)
+        self.assertEqual(reply.header("location"), b"https://mail.example.org/")
+
+    def test_autodiscover_redirected(self) -> None:
+        """Autodiscover over HTTP is redirected to HTTPS (where Outlook then posts)."""
+        reply = self.get(b"/autodiscover/autodiscover.xml", site=self.http, method=b"POST", body=b"<x/>")
+        self.assertEqual(reply.code, 301)
+        self.assertEqual(reply.header("location"), b"https://mail.example.org/autodiscover/autodiscover.xml")
+
+    def test_reload_changes_redirect(self) -> None:
+        """After WebState.update the redirect names the new public host."""
+        self.state.update(self.settings(public_host="webmail.example.net"))
+        self.assertEqual(self.get(b"/", site=self.http).header("location"), b"https://webmail.example.net/")
+
+
+class WebStateTests(SiteTestCase):
+    """Reloads."""
+
+    def test_update_changes_documents(self) -> None:
+        """After WebState.update the documents name the new public host."""
+        before = self.get(TB_PATH).body
+        self.state.update(self.settings(public_host="imap.example.net"))
+        after = self.get(TB_PATH).body
+        self.assertNotEqual(before, after)
+        self.assertEqual({e.text for e in ElementTree.fromstring(after).iter("hostname")}, {"imap.example.net"})
+
+    def test_update_without_web(self) -> None:
+        """A configuration without [web] is refused and the one in force stays."""
+        data: dict[str, Any] = {"gateway": {"hostname": "gw.example.org", "state_dir": self.directory},
+                                "tls": {"self_signed": True}, "auth": {"mode": "backend"}, **LISTENERS}
+        settings = self.state.settings
+        self.assertRaises(ValueError, self.state.update, parse_settings(f"{self.directory}/x.toml", data))
+        self.assertIs(self.state.settings, settings)
+        self.assertRaises(ValueError, WebState, parse_settings(f"{self.directory}/x.toml", data))
+
+
+class ProxyTests(SiteTestCase):
+    """Every other HTTPS path goes to the webmail."""
+
+    def forward(self, target: bytes = b"/roundcube/?_task=mail", *, method: bytes = b"GET",
+                headers: dict[bytes, bytes] | None = None, body: bytes = b"",
+                peer: IPv4Address | IPv6Address = CLIENT) -> tuple[Connection, SentRequest]:
+        connection = self.connect(self.https, peer)
+        connection.send(method, target, headers, body)
+        self.assertEqual(len(self.agent.sent), 1)
+        return connection, self.agent.sent[0]
+
+    def answer(self, sent: SentRequest, code: int = 200, headers: dict[str, list[str]] | None = None,
+               length: int | None = None) -> FakeResponse:
+        response = FakeResponse(code, headers if headers is not None else {"Content-Type": ["text/html"]}, length)
+        sent.answer.callback(response)
+        return response
+
+    def test_request_target_and_headers(self) -> None:
+        """The webmail gets the path and query, the client's headers less hop-by-hop ones, and the forwarding headers."""
+        _, sent = self.forward(headers={
+            b"Host": b"Mail.Example.org", b"Cookie": b"roundcube_sessid=abc", b"User-Agent": b"Firefox",
+            b"X-Forwarded-For": b"10.6.6.6", b"X-Forwarded-Proto": b"http", b"X-Forwarded-Host": b"evil.example",
+            b"Forwarded": b"for=10.6.6.6", b"X-Real-IP": b"10.6.6.6",
+            b"Connection": b"keep-alive, X-Secret-Hop", b"X-Secret-Hop": b"1", b"Keep-Alive": b"timeout=5",
+            b"TE": b"trailers", b"Upgrade": b"websocket", b"Proxy-Authorization": b"Basic Zm9vOmJhcg==",
+            b"Trailer": b"X-Checksum",
+        })
+        self.assertEqual((sent.method, sent.uri), (b"GET", b"http://127.0.0.1:8080/roundcube/?_task=mail"))
+        self.assertEqual(sent.header("x-forwarded-for"), [b"192.0.2.7"])
+        self.assertEqual(sent.header("x-forwarded-proto"), [b"https"])
+        self.assertEqual(sent.header("x-forwarded-host"), [b"Mail.Example.org"])
+        self.assertEqual(sent.header("host"), [b"Mail.Example.org"])
+        self.assertEqual(sent.header("cookie"), [b"roundcube_sessid=abc"])
+        self.assertEqual(sent.header("user-agent"), [b"Firefox"])
+        for name in ("forwarded", "x-real-ip", "connection", "x-secret-hop", "keep-alive", "te", "upgrade",
+                     "proxy-authorization", "trailer", "content-length", "transfer-encoding"):
+            self.assertIsNone(sent.header(name), name)
+        self.assertIsNone(sent.body)
+
+    def test_ipv6_client(self) -> None:
+        """An IPv6 client's address is forwarded in its compressed form."""
+        _, sent = self.forward(peer=IPv6Address("TCP", "2001:db8:0:0::7", 4000))
+        self.assertEqual(sent.header("x-forwarded-for"), [b"2001:db8::7"])
+
+    def test_upstream_with_slash(self) -> None:
+        """An upstream written with a trailing slash gives no double slash."""
+        self.state.update(self.settings(upstream="http://127.0.0.1:8080/"))
+        _, sent = self.forward(b"/x")
+        self.assertEqual(sent.uri, b"http://127.0.0.1:8080/x")
+
+    def test_request_body_streamed(self) -> None:
+        """A request body reaches the webmail through a body producer of the body's length."""
+        body = bytes(range(256)) * 1000
+        _, sent = self.forward(b"/upload", method=b"POST", body=body,
+                               headers={b"Content-Type": b"application/x-www-form-urlencoded", b"Expect": b"100-continue"})
+        self.assertIsNone(sent.header("expect"))
+        assert sent.body is not None
+        self.assertEqual(sent.body.length, len(body))
+        consumer = StringTransport()
+        done = sent.body.startProducing(consumer)
+        for _ in range(100):
+            self.clock.advance(0)
+        self.successResultOf(done)
+        self.assertEqual(consumer.value(), body)
+
+    def test_response_streamed(self) -> None:
+        """The webmail's status, headers and body reach the client as they arrive, without the CSP."""
+        connection, sent = self.forward()
+        response = self.answer(sent, 201, {
+            "Content-Type": ["text/html; charset=utf-8"], "Set-Cookie": ["a=1; Secure", "b=2; HttpOnly"],
+            "Connection": ["X-Upstream-Hop"], "X-Upstream-Hop": ["1"], "Keep-Alive": ["timeout=3"],
+            "Strict-Transport-Security": ["max-age=1"], "X-Content-Type-Options": ["whatever"],
+        })
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"<html>first")
+        partial = connection.reply()
+        self.assertEqual(partial.code, 201)
+        self.assertEqual(partial.body, b"<html>first")
+        self.assertFalse(partial.complete)
+        response.protocol.dataReceived(b" second</html>")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        reply = connection.reply()
+        self.assertTrue(reply.complete)
+        self.assertEqual(reply.body, b"<html>first second</html>")
+        self.assertEqual(reply.header("content-type"), b"text/html; charset=utf-8")
+        self.assertEqual(reply.headers.getRawHeaders(b"set-cookie"), [b"a=1; Secure", b"b=2; HttpOnly"])
+        self.assertEqual(reply.headers.getRawHeaders(b"strict-transport-security"), [b"max-age=31536000"])
+        self.assertEqual(reply.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+        for name in ("content-security-policy", "x-upstream-hop", "keep-alive"):
+            self.assertIsNone(reply.header(name), name)
+        self.assertEqual(reply.headers.getRawHeaders(b"connection"), None)
+
+    def test_response_length_kept(self) -> None:
+        """A webmail response of known length is passed on with its Content-Length, unchunked."""
+        connection, sent = self.forward()
+        response = self.answer(sent, 200, {}, length=5)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"hello")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        reply = connection.reply()
+        self.assertEqual((reply.body, reply.chunked, reply.complete), (b"hello", False, True))
+        self.assertIsNone(reply.header("content-type"))
+
+    def test_not_modified(self) -> None:
+        """A 304 from the webmail goes on without a body or a Content-Length."""
+        connection, sent = self.forward(headers={b"If-None-Match": b'"v1"'})
+        self.assertEqual(sent.header("if-none-match"), [b'"v1"'])
+        response = self.answer(sent, 304, {"ETag": ['"v1"']}, length=0)
+        assert response.protocol is not None
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        reply = connection.reply()
+        self.assertEqual((reply.code, reply.body), (304, b""))
+        self.assertIsNone(reply.header("content-length"))
+        self.assertEqual(reply.header("etag"), b'"v1"')
+
+    def test_backpressure(self) -> None:
+        """A client that stops reading pauses the webmail connection, and resumes it when it reads again."""
+        connection, sent = self.forward()
+        response = self.answer(sent)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"x" * 65536)
+        client_side = connection.transport.producer  # what the client's socket pauses when its buffer is full
+        client_side.pauseProducing()
+        self.assertEqual(response.transport.producerState, "paused")
+        client_side.resumeProducing()
+        self.assertEqual(response.transport.producerState, "producing")
+
+    def test_upstream_down(self) -> None:
+        """An unreachable webmail gives a fixed 502 page with the gateway's headers."""
+        connection, sent = self.forward()
+        sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
+        reply = connection.reply()
+        self.assert_own_page(reply, 502)
+        self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
+        self.assertNotIn(b"8080", connection.transport.value())
+
+    def test_client_leaves_before_answer(self) -> None:
+        """A client that leaves while the webmail has not answered cancels the webmail request."""
+        connection, sent = self.forward()
+        connection.close()
+        self.assertEqual(sent.cancelled, [True])
+
+    def test_client_leaves_during_body(self) -> None:
+        """A client that leaves while the body streams stops the webmail connection."""
+        connection, sent = self.forward()
+        response = self.answer(sent)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"part")
+        connection.close()
+        self.assertEqual(response.transport.producerState, "stopped")
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+
+    def test_upstream_breaks_during_body(self) -> None:
+        """A webmail that breaks off mid-body makes the client connection close without the body's end."""
+        connection, sent = self.forward()
+        response = self.answer(sent)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"part")
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertFalse(connection.reply().complete)
+
+    def test_non_origin_target(self) -> None:
+        """An absolute-form target is a 400 and never reaches the webmail."""
+        connection = self.connect(self.https)
+        connection.send(b"GET", b"http://169.254.169.254/latest/meta-data/")
+        self.assert_own_page(connection.reply(), 400)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_oversized_upload(self) -> None:
+        """An upload over the proxied body limit is a 413 and never reaches the webmail."""
+        self.patch(web, "PROXIED_BODY_LIMIT", 100_000)
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", body=b"z" * 100_001)
+        self.assert_own_page(connection.reply(), 413)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_large_upload_forwarded(self) -> None:
+        """An upload under the proxied body limit but over 64 KiB is forwarded whole."""
+        body = b"u" * 300_000
+        _, sent = self.forward(b"/upload", method=b"PUT", body=body)
+        assert sent.body is not None
+        self.assertEqual(sent.body.length, len(body))
+
+
+class BuildServiceTests(SynchronousTestCase):
+    """The listeners of [web]."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="mailgateway-web-")
+        self.addCleanup(shutil.rmtree, self.directory)
+        issued = TestCA(f"{self.directory}/ca").issue()
+        self.server_tls = ServerTLS(issued.chain_path, issued.key_path, b"http/1.1")
+
+    def settings(self, **web: Any) -> Settings:
+        data: dict[str, Any] = {
+            "gateway": {"hostname": "gw.example.org", "state_dir": self.directory},
+            "tls": {"self_signed": True}, "auth": {"mode": "backend"}, **LISTENERS,
+            "web": {"https": ["tcp:0:interface=127.0.0.1"], "http": ["tcp:0:interface=127.0.0.1"], **web},
+        }
+        return parse_settings(f"{self.directory}/mailgateway.toml", data)
+
+    def test_listener_labels(self) -> None:
+        """One listener per endpoint, labelled with protocol, TLS mode and endpoint as the log lines need."""
+        settings = self.settings()
+        assert settings.web is not None
+        service = build_web_service(settings.web, MemoryReactorClock(), self.server_tls, WebState(settings))
+        labels = sorted(child.label for child in service if isinstance(child, Listener))
+        self.assertEqual(labels, ["protocol=http tls=none endpoint=tcp:0:interface=127.0.0.1",
+                                  "protocol=https tls=implicit_tls endpoint=tcp:0:interface=127.0.0.1"])
+
+    def test_bad_endpoint(self) -> None:
+        """An endpoint description Twisted cannot use is a ConfigError naming [web]."""
+        settings = self.settings(https=["tcp:notaport"])
+        assert settings.web is not None
+        error = self.assertRaises(ConfigError, build_web_service, settings.web, MemoryReactorClock(),
+                                  self.server_tls, WebState(settings))
+        self.assertIn("[web] https", str(error))
