@@ -80,7 +80,8 @@ def settings_section(settings: Settings, table: str) -> object:
     return {"gateway": settings, "tls": settings.tls, "auth": settings.auth, "limits": settings.limits,
             "imap": settings.imap, "imap.backend": settings.imap.backend,
             "pop3": settings.pop3, "pop3.backend": settings.pop3.backend,
-            "submission": settings.submission, "submission.backend": settings.submission.backend}[table]
+            "submission": settings.submission, "submission.backend": settings.submission.backend,
+            "web": settings.web, "metrics": settings.metrics}[table]
 
 
 class ExampleTests(SynchronousTestCase):
@@ -160,7 +161,7 @@ class ExampleTests(SynchronousTestCase):
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
         self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "limits", "pop3.backend", "submission",
-                                                 "submission.backend", "tls"])
+                                                 "submission.backend", "tls", "web"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)
             for key, value in lines:
@@ -192,7 +193,7 @@ class ExampleTests(SynchronousTestCase):
             if table:
                 documented.setdefault(parent, set()).add(child)
         self.assertEqual(set(known), {"", "gateway", "tls", "auth", "limits", "imap", "imap.backend", "pop3", "pop3.backend",
-                                           "submission", "submission.backend"})
+                                           "submission", "submission.backend", "web", "metrics"})
         self.assertEqual(documented, known)
 
     def test_listeners_take_every_address(self) -> None:

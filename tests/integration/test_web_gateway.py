@@ -12,6 +12,7 @@ import os
 import plistlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -416,4 +417,17 @@ class RealProcessTests(SynchronousTestCase):
                                    f"http://127.0.0.1:{http}/roundcube/"], capture_output=True, text=True,
                                   timeout=60, check=True).stdout
         self.assertEqual(redirect, "301 https://localhost/roundcube/")
+
+        # A reload (SIGHUP) regenerates the documents from the changed configuration.
+        with open(gateway.config_path) as f:
+            config = f.read()
+        with open(gateway.config_path, "w") as f:
+            f.write(config.replace('public_host = "localhost"', 'public_host = "imap.example.org"'))
+        assert gateway.pid is not None
+        os.kill(gateway.pid, signal.SIGHUP)
+        gateway.wait_for_log(r"reloaded path=")
+        body = subprocess.run(["curl", "-sS", "--cacert", leaf_ca.ca_path, f"https://localhost:{https}/mail/config-v1.1.xml"],
+                              capture_output=True, timeout=60, check=True).stdout
+        self.assertEqual(ElementTree.fromstring(body).findtext("./emailProvider/incomingServer/hostname"),
+                         "imap.example.org")
         self.assertFalse(re.search(r"Traceback", gateway.log()))
