@@ -203,6 +203,7 @@ class ImapFrontEnd(LoginFrontEnd):
                 self.send(b"* BYE Too many failed login attempts.\r\n")
         elif outcome is LoginOutcome.THROTTLED:
             self.send(self._tag + b" NO [UNAVAILABLE] Too many failed logins from your address, try again later.\r\n")
+            self.send(b"* BYE [UNAVAILABLE] Closing.\r\n")  # the connection closes after this reply
         elif outcome is LoginOutcome.OVERLOADED:
             self.send(b"* BYE [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
         else:
