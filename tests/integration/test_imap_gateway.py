@@ -10,10 +10,8 @@ import imaplib
 import os
 import random
 import re
-import shutil
 import ssl
 import subprocess
-import tempfile
 import threading
 import zlib
 
@@ -21,8 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
-from gateway.testing.pki import TestCA
 
+from .stack import Stack, require_tool
 from .wire import Wire
 
 USER = "alice"
@@ -48,13 +46,6 @@ def big_message(size: int) -> bytes:
     return header + b"\r\n".join(lines) + b"\r\n"
 
 
-def require_curl() -> str:
-    curl = shutil.which("curl")
-    if curl is None:
-        raise AssertionError("curl is not installed: apt-get install curl")
-    return curl
-
-
 class GatewayFixture(SynchronousTestCase):
     """One Dovecot and one gateway for a test class; torn down after its last test."""
 
@@ -62,34 +53,23 @@ class GatewayFixture(SynchronousTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.tmp = tempfile.mkdtemp(prefix="gw-it-")
-        os.chmod(cls.tmp, 0o755)
-        ca = TestCA(os.path.join(cls.tmp, "ca"))
-        cls.ca_path = ca.ca_path
-        issued = ca.issue()
-        cls.dovecot = DovecotSandbox(os.path.join(cls.tmp, "dovecot"), {USER: PASSWORD, OTHER[0]: OTHER[1]},
-                                     extra_config="mail_save_crlf = yes\n")
-        cls.dovecot.start()
-        cls.gateway = GatewayProcess(
-            os.path.join(cls.tmp, "gateway"), imap_backend_port=cls.dovecot.imap_port,
+        cls.stack = stack = Stack("gw-it-")
+        cls.ca_path = stack.ca.ca_path
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD, OTHER[0]: OTHER[1]},
+                                                 extra_config="mail_save_crlf = yes\n"))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port,
             users={USER: PASSWORD, OTHER[0]: OTHER[1]},
-            certificate=issued.chain_path, private_key=issued.key_path,
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
             imap_backend=f"forward_client_ip = {'true' if cls.forward_client_ip else 'false'}\ntimeout = 3",
-        )
-        try:
-            cls.gateway.start()
-        except Exception:
-            cls.dovecot.stop()
-            raise
+        ))
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls.gateway.stop()
-        cls.dovecot.stop()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.stack.stop()
 
     def tls(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_path)
+        return self.stack.tls()
 
     def imaps(self) -> imaplib.IMAP4_SSL:
         return imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"), ssl_context=self.tls(),
@@ -272,7 +252,7 @@ class GatewayBehaviourTests(GatewayFixture):
 
     def test_curl_imaps_and_starttls(self) -> None:
         """curl fetches a message over imaps:// and over imap:// with --ssl-reqd, byte for byte."""
-        curl = require_curl()
+        curl = require_tool("curl", "curl")
         self.dovecot.deliver(USER, MESSAGE)
         client = self.imaps()
         client.login(USER, PASSWORD)

@@ -14,7 +14,6 @@ import os
 import poplib
 import random
 import re
-import shutil
 import ssl
 import subprocess
 import tempfile
@@ -26,8 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
-from gateway.testing.pki import TestCA
 
+from .stack import Stack, require_tool
 from .wire import Wire
 
 USER = "alice"
@@ -95,14 +94,6 @@ def joined(lines: list[bytes]) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
-def require_tool(name: str, package: str) -> str:
-    """The path of the program C{name}; fails the test naming the Debian package when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(f"{name} is not installed: apt-get install {package}")
-    return path
-
-
 def sha256(data: bytes) -> str:
     """The SHA-256 of C{data}, in hex."""
     return hashlib.sha256(data).hexdigest()
@@ -117,37 +108,29 @@ class GatewayFixture(SynchronousTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.tmp = tempfile.mkdtemp(prefix="gw-pop3-")
-        os.chmod(cls.tmp, 0o755)
-        ca = TestCA(os.path.join(cls.tmp, "ca"))
-        cls.ca_path = ca.ca_path
-        issued = ca.issue()
-        cls.dovecot = DovecotSandbox(os.path.join(cls.tmp, "dovecot"), cls.users,
-                                     extra_config="pop3_uidl_format = %f\n" + cls.dovecot_config)
-        cls.dovecot.start()
-        cls.gateway = GatewayProcess(
-            os.path.join(cls.tmp, "gateway"), imap_backend_port=None, pop3_backend_port=cls.dovecot.pop3_port,
-            users=cls.users, certificate=issued.chain_path, private_key=issued.key_path,
+        cls.stack = stack = Stack("gw-pop3-")
+        cls.ca_path = stack.ca.ca_path
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), cls.users,
+                                                 extra_config="pop3_uidl_format = %f\n" + cls.dovecot_config))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=None, pop3_backend_port=cls.dovecot.pop3_port,
+            users=cls.users, certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
             pop3_backend=cls.backend_config,
-        )
+        ))
         try:
-            cls.gateway.start()
             # The gateway offers TOP and UIDL once its start-up probe has seen the backend offer them.
             cls.gateway.wait_for_log(r"backend_capabilities protocol=pop3 .*\bTOP\b")
-        except Exception:
-            cls.gateway.stop()
-            cls.dovecot.stop()
+        except BaseException:
+            stack.stop()
             raise
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls.gateway.stop()
-        cls.dovecot.stop()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.stack.stop()
 
     def tls(self) -> ssl.SSLContext:
         """A client context that trusts only the test CA."""
-        return ssl.create_default_context(cafile=self.ca_path)
+        return self.stack.tls()
 
     def pop3s(self) -> poplib.POP3_SSL:
         """A poplib client on the POP3S (implicit TLS) listener."""
@@ -413,7 +396,7 @@ class GatewayBehaviourTests(GatewayFixture):
         self.dovecot.deliver(user, big_message(TEN_MB, 2))
         stored = self.stored(user)
         self.assertEqual(len(stored), 200)
-        home = tempfile.mkdtemp(prefix="fetchmail-", dir=self.tmp)
+        home = tempfile.mkdtemp(prefix="fetchmail-", dir=self.stack.directory)
         delivered = os.path.join(home, "delivered")
         os.mkdir(delivered)
         rcfile = os.path.join(home, "fetchmailrc")

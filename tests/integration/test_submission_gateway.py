@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -33,6 +32,7 @@ from gateway.testing.gateway import GatewayProcess
 from gateway.testing.pki import TestCA
 from gateway.testing.postfix import PostfixSandbox, body_as_sent
 
+from .stack import Stack, require_tool
 from .wire import Wire
 
 USER = "alice@example.org"
@@ -53,14 +53,6 @@ LOAD_MESSAGES = 20
 def sha256(data: bytes) -> str:
     """The SHA-256 of C{data}, in hex."""
     return hashlib.sha256(data).hexdigest()
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of the program C{name}; fails the test naming the Debian package when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(f"{name} is not installed: apt-get install {package}")
-    return path
 
 
 def crlf(data: bytes) -> bytes:
@@ -154,7 +146,7 @@ class SubmissionFixture(SynchronousTestCase):
     gateway_settings = ""
     postfix_main_cf = ""
 
-    tmp: str
+    stack: Stack
     ca: TestCA
     ca_path: str
     postfix: PostfixSandbox
@@ -162,57 +154,39 @@ class SubmissionFixture(SynchronousTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.tmp = tempfile.mkdtemp(prefix="gw-smtp-")
-        os.chmod(cls.tmp, 0o755)
-        cls.ca = TestCA(os.path.join(cls.tmp, "ca"))
-        cls.ca_path = cls.ca.ca_path
-        issued = cls.ca.issue()
-        senders_path = os.path.join(cls.tmp, "senders")
+        cls.stack = stack = Stack("gw-smtp-")
+        cls.ca, cls.ca_path = stack.ca, stack.ca.ca_path
+        senders_path = stack.path("senders")
         with open(senders_path, "w", encoding="utf-8") as f:
             f.write(f"# who may send as whom, besides the login address\n{USER}: {ALIAS}\n")
+        cls.start_backends()
+        cls.postfix = stack.start(PostfixSandbox(stack.path("postfix"), extra_main_cf=cls.postfix_main_cf))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=None, users=cls.gateway_users,
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
+            settings=cls.gateway_settings,
+            submission_backend_port=cls.postfix.smtp_port, submission_backend=cls.backend_config,
+            submission=f'senders_file = "{senders_path}"\nmax_message_size = {MAX_MESSAGE_SIZE}\n'
+                       f"max_recipients = {MAX_RECIPIENTS}",
+        ))
         try:
-            cls.start_backends()
-            cls.postfix = PostfixSandbox(os.path.join(cls.tmp, "postfix"), extra_main_cf=cls.postfix_main_cf)
-            cls.postfix.start()
-            cls.gateway = GatewayProcess(
-                os.path.join(cls.tmp, "gateway"), imap_backend_port=None, users=cls.gateway_users,
-                certificate=issued.chain_path, private_key=issued.key_path, settings=cls.gateway_settings,
-                submission_backend_port=cls.postfix.smtp_port, submission_backend=cls.backend_config,
-                submission=f'senders_file = "{senders_path}"\nmax_message_size = {MAX_MESSAGE_SIZE}\n'
-                           f"max_recipients = {MAX_RECIPIENTS}",
-            )
-            cls.gateway.start()
             # The gateway offers 8BITMIME once its start-up probe has seen Postfix offer it.
             cls.gateway.wait_for_log(r"backend_capabilities protocol=submission .*\b8BITMIME\b")
         except BaseException:
-            cls.tear_down_processes()
+            stack.stop()
             raise
 
     @classmethod
     def start_backends(cls) -> None:
-        """Start whatever Postfix needs besides itself (nothing here)."""
-
-    @classmethod
-    def stop_backends(cls) -> None:
-        """Stop what L{start_backends} started."""
+        """Start whatever Postfix needs besides itself, with C{cls.stack.start} (nothing here)."""
 
     @classmethod
     def tearDownClass(cls) -> None:
-        cls.tear_down_processes()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-
-    @classmethod
-    def tear_down_processes(cls) -> None:
-        """Stop the gateway, Postfix and the other backends, whichever have started."""
-        for name in ("gateway", "postfix"):
-            process = cls.__dict__.get(name)
-            if process is not None:
-                process.stop()
-        cls.stop_backends()
+        cls.stack.stop()
 
     def tls(self) -> ssl.SSLContext:
         """A client context that trusts only the test CA."""
-        return ssl.create_default_context(cafile=self.ca_path)
+        return self.stack.tls()
 
     def smtps(self, source: str | None = None, timeout: float = REPLY_TIMEOUT) -> smtplib.SMTP_SSL:
         """An smtplib client on the implicit TLS listener, greeted with EHLO, not logged in."""
@@ -372,7 +346,7 @@ class SubmissionTests(SubmissionFixture):
                                     "--port", str(self.gateway.port("submission", "implicit_tls"))]))
         for localpart, transport in runs:
             message = text_message(f"{localpart}@example.org", localpart)
-            path = os.path.join(self.tmp, f"{localpart}.eml")
+            path = self.stack.path(f"{localpart}.eml")
             with open(path, "wb") as f:
                 # swaks joins the lines of --data with CRLF and adds CRLF . CRLF itself: a final
                 # CRLF in the file would become an empty last line.
@@ -392,7 +366,7 @@ class SubmissionTests(SubmissionFixture):
                 ("curl-starttls", f"smtp://127.0.0.1:{self.gateway.port('submission', 'starttls')}"))
         for localpart, url in runs:
             message = text_message(f"{localpart}@example.org", localpart)
-            path = os.path.join(self.tmp, f"{localpart}.eml")
+            path = self.stack.path(f"{localpart}.eml")
             with open(path, "wb") as f:
                 f.write(message)
             result = subprocess.run(
@@ -519,7 +493,7 @@ class SubmissionTests(SubmissionFixture):
     def smime_message(self, recipient: str) -> bytes:
         """A multipart/signed message with CRLF line ends, signed with C{openssl cms -sign} by a test-CA key."""
         openssl = require_tool("openssl", "openssl")
-        directory = tempfile.mkdtemp(dir=self.tmp)
+        directory = tempfile.mkdtemp(dir=self.stack.directory)
         signer = self.ca.issue("alice@example.org")
         with open(signer.chain_path, "rb") as f:
             chain = f.read()
@@ -543,7 +517,7 @@ class SubmissionTests(SubmissionFixture):
 
     def assert_signature_verifies(self, message: bytes) -> None:
         """C{openssl cms -verify} accepts the signature of C{message} against the test CA."""
-        path = os.path.join(tempfile.mkdtemp(dir=self.tmp), "received.eml")
+        path = os.path.join(tempfile.mkdtemp(dir=self.stack.directory), "received.eml")
         with open(path, "wb") as f:
             f.write(message)
         result = subprocess.run(
@@ -692,18 +666,10 @@ class ReplayLoginTests(SubmissionFixture):
     @classmethod
     def start_backends(cls) -> None:
         """Start a Dovecot whose auth service listens on TCP for Postfix."""
-        cls.dovecot = DovecotSandbox(
-            os.path.join(cls.tmp, "dovecot"), USERS,
+        cls.dovecot = cls.stack.start(DovecotSandbox(
+            cls.stack.path("dovecot"), USERS,
             extra_config=f"service auth {{\n  inet_listener auth-inet {{\n    address = 127.0.0.1\n"
-                         f"    port = {cls.auth_port}\n  }}\n}}\n")
-        cls.dovecot.start()
-
-    @classmethod
-    def stop_backends(cls) -> None:
-        """Stop Dovecot, if it was built."""
-        dovecot = cls.__dict__.get("dovecot")
-        if dovecot is not None:
-            dovecot.stop()
+                         f"    port = {cls.auth_port}\n  }}\n}}\n"))
 
     def test_wrong_password_is_535(self) -> None:
         """A wrong password, as Postfix (through Dovecot) judges it, is 535 5.7.8; so is an unknown user."""
