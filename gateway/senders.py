@@ -8,7 +8,7 @@ adds more, one user per line::
     alice@example.org: a.smith@example.org, postmaster@example.org
     bob: bob@example.net, @lists.example.net
 
-Addresses compare case-insensitively. The file is small and re-read when it changes (a stat per
+Addresses and user names compare ignoring ASCII case only. The file is small and re-read when it changes (a stat per
 check); a broken rewrite keeps the previous contents and logs a warning.
 """
 
@@ -19,6 +19,17 @@ import os
 from twisted.logger import Logger
 
 log = Logger()
+
+
+def ascii_lower(text: str) -> str:
+    """
+    Lower-case A-Z only: Unicode case folding would make U+212A KELVIN SIGN equal "k", letting a
+    look-alike address pass as the user's own.
+    """
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class SendersFileError(Exception):
@@ -34,12 +45,12 @@ def parse_senders(data: bytes, path: str) -> dict[str, frozenset[str]]:
         if not line or line.startswith("#"):
             continue
         user, colon, addresses = line.partition(":")
-        allowed = [a.strip().lower() for a in addresses.replace(",", " ").split()]
+        allowed = [ascii_lower(a.strip()) for a in addresses.replace(",", " ").split()]
         if not colon or not user.strip() or not allowed or any("@" not in a for a in allowed):
             raise SendersFileError(f"{path}:{number}: expected 'user: address, @domain, ...'")
-        if user.strip() in senders:
+        if ascii_lower(user.strip()) in senders:
             raise SendersFileError(f"{path}:{number}: user listed twice")
-        senders[user.strip()] = frozenset(allowed)
+        senders[ascii_lower(user.strip())] = frozenset(allowed)
     return senders
 
 
@@ -60,13 +71,13 @@ class SenderPolicy:
 
     def allowed(self, user: str, sender: str) -> bool:
         """True when C{user} may send as C{sender}; never for the null sender."""
-        address = sender.lower()
+        address = ascii_lower(sender)
         if address.count("@") != 1:
             return False
-        if user.lower() == address:
+        if ascii_lower(user) == address:
             return True
         self._refresh()
-        allowed = self._senders.get(user, frozenset())
+        allowed = self._senders.get(ascii_lower(user), frozenset())
         return address in allowed or "@" + address.rpartition("@")[2] in allowed
 
     def _refresh(self) -> None:

@@ -12,6 +12,7 @@ reply to DATA is the MTA's own, so a 250 means the MTA has the message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
@@ -20,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.backend import BackendLogin
+from gateway.backend import BackendLogin, BackendUnavailable
 from gateway.config import SubmissionSettings
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure, loggable_user
 from gateway.senders import SenderPolicy
@@ -33,6 +34,11 @@ COMMAND_LINE_LIMIT = 512   # RFC 5321 4.5.3.1.4, CRLF excluded
 AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 
 _END_OF_DATA = b"\r\n.\r\n"
+_BARE_LINE_ENDING = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+_ANY_END_OF_DATA = re.compile(rb"\r?\n\.\r?\n")
+COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
+FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 _NOT_IMPLEMENTED = (b"VRFY", b"EXPN", b"HELP", b"TURN", b"ETRN", b"BDAT", b"ATRN")
 
 _SASL_FAILURES = {
@@ -72,7 +78,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes so far, too big?
         self._data_tail = b""
         self._data_size = 0
-        self._data_too_big = False
+        self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
+        self._smtputf8 = False
         self._handlers: dict[bytes, Callable[[bytes], None]] = {
             b"EHLO": self.do_EHLO, b"HELO": self.do_HELO, b"STARTTLS": self.do_STARTTLS,
             b"AUTH": self.do_AUTH, b"MAIL": self.do_MAIL, b"RCPT": self.do_RCPT, b"DATA": self.do_DATA,
@@ -114,7 +121,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def command_line(self, line: bytes) -> None:
         verb, argument = split_command(line)
-        if len(line) > COMMAND_LINE_LIMIT and verb != b"AUTH":
+        limit = COMMAND_LINE_LIMIT + (500 if verb == b"MAIL" and b" AUTH=" in line.upper() else 0)
+        if len(line) > limit and verb != b"AUTH":
             self._error(b"500 5.5.2 Line too long")
             return
         handler = self._handlers.get(verb)
@@ -128,9 +136,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
     # -- commands before and after login
 
     def do_EHLO(self, argument: bytes) -> None:
-        if not self._hello(argument):
+        if not self._hello(argument, extended=True):
             return
-        extensions = [b"PIPELINING", b"SIZE %d" % self._rules.max_message_size, b"ENHANCEDSTATUSCODES"]
+        extensions = [b"PIPELINING", b"SIZE %d" % self._size_limit(), b"ENHANCEDSTATUSCODES"]
         if not self.secure:
             extensions.append(b"STARTTLS")
         else:
@@ -140,22 +148,38 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._reply(Reply(250, (self.context.hostname.encode("ascii"), *extensions)).encode())
 
     def do_HELO(self, argument: bytes) -> None:
-        if self._hello(argument):
+        if self._hello(argument, extended=False):
             self._reply(b"250 %s\r\n" % self.context.hostname.encode("ascii"))
 
-    def _hello(self, argument: bytes) -> bool:
+    def _hello(self, argument: bytes, extended: bool) -> bool:
         if not argument or b" " in argument.strip():
             self._error(b"501 5.5.4 Syntax: EHLO hostname")
             return False
-        self._greeted = True
+        self._greeted = extended  # AUTH is an extension: after HELO there is none (RFC 4954 3)
         self._end_transaction(reset_backend=True)
         return True
 
+    def _mta_keywords(self) -> dict[bytes, bytes]:
+        """The MTA's EHLO extensions: from this session's MTA connection, else from the start-up probe."""
+        if self._backend is not None:
+            return self._backend.keywords
+        keywords = {}
+        for line in self.context.backend.announced or ():
+            keyword, _, parameters = line.partition(b" ")
+            keywords[keyword.upper()] = parameters
+        return keywords
+
     def _backend_extensions(self) -> list[bytes]:
         """8BITMIME and SMTPUTF8 only when the MTA offers them: they are relayed, never downgraded."""
-        offered = self._backend.keywords if self._backend is not None else {
-            line.split(b" ", 1)[0].upper(): b"" for line in self.context.backend.announced or ()}
+        offered = self._mta_keywords()
         return [keyword for keyword in (b"8BITMIME", b"SMTPUTF8") if keyword in offered]
+
+    def _size_limit(self) -> int:
+        """The smaller of the configured limit and the MTA's own SIZE (RFC 1870), when it gives one."""
+        mta = self._mta_keywords().get(b"SIZE", b"")
+        if mta.isdigit() and int(mta) > 0:
+            return min(self._rules.max_message_size, int(mta))
+        return self._rules.max_message_size
 
     def do_STARTTLS(self, argument: bytes) -> None:
         if self.secure:
@@ -210,7 +234,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._error(b"503 5.5.1 Nested MAIL command")
             return
         path = self._path(argument, b"FROM")
-        if path is None:
+        if path is None or not self._ascii_or_smtputf8(path, path.parameter(b"SMTPUTF8") is not None):
             return
         assert self.user is not None
         sender = path.address.decode("utf-8", "replace")
@@ -223,31 +247,37 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if size is not None and (not size.isdigit() or len(size) > 20):
             self._error(b"501 5.5.4 Bad SIZE parameter")
             return
-        if size is not None and int(size) > self._rules.max_message_size:
+        if size is not None and int(size) > self._size_limit():
             self._reply(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
             return
         if not self._parameters_supported(path, mail=True):
             return
+        # The client's AUTH= assertion (RFC 4954 5) is its own business: the MTA learns the user from the gateway.
+        relayed = PathCommand(path.address, tuple(p for p in path.parameters if p[0] != b"AUTH"))
+        smtputf8 = path.parameter(b"SMTPUTF8") is not None
 
         def accepted(reply: Reply) -> None:
             if reply.code // 100 == 2:
                 self._sender = path.address
+                self._smtputf8 = smtputf8
                 self._recipients = 0
                 self._transaction_timer = self.clock.callLater(self._rules.transaction_timeout, self._too_slow)
 
-        self._relay(path.encode(b"MAIL FROM"), accepted)
+        self._relay(relayed.encode(b"MAIL FROM"), accepted)
 
     def do_RCPT(self, argument: bytes) -> None:
         if not self._must_be_logged_in():
             return
         if self._sender is None:
-            self._error(b"503 5.5.1 Need MAIL command")
+            # Expected after a refused MAIL in a pipelined group (RFC 2920): not counted as an error.
+            self._reply(b"503 5.5.1 Need MAIL command\r\n")
             return
         if self._recipients >= self._rules.max_recipients:
             self._reply(b"452 4.5.3 Too many recipients\r\n")
             return
         path = self._path(argument, b"TO")
-        if path is None or not self._parameters_supported(path, mail=False):
+        if (path is None or not self._ascii_or_smtputf8(path, self._smtputf8)
+                or not self._parameters_supported(path, mail=False)):
             return
 
         def accepted(reply: Reply) -> None:
@@ -263,51 +293,74 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._error(b"501 5.5.4 Syntax: DATA")
             return
         if self._sender is None or not self._recipients:
-            self._error(b"503 5.5.1 Need RCPT command")
+            self._reply(b"503 5.5.1 Need RCPT command\r\n")
             return
 
         def answered(reply: Reply) -> None:
             if reply.code == 354:
-                self._data_tail, self._data_size, self._data_too_big = b"\r\n", 0, False
+                self._data_tail, self._data_size, self._data_refusal = b"\r\n", 0, None
+                # From here the idle timer (reset by every read) catches a stalled upload; a slow
+                # but steady one may take as long as it needs.
+                self._cancel_transaction_timer()
                 self.setRawMode()
 
         self._relay(b"DATA", answered)
 
     def rawDataReceived(self, data: bytes) -> None:
-        """Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing travels untouched."""
+        """
+        Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing travels untouched. A bare
+        CR or LF refuses the message: an MTA may end the data at LF.LF where the gateway does not,
+        and run what follows as commands nobody checked (SMTP smuggling).
+        """
         window = self._data_tail + data
         end = window.find(_END_OF_DATA)
-        if end < 0:
+        if self._data_refusal is None:
+            checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
+            # The tail was checked last time, all but a final CR whose LF had not come yet.
+            if _BARE_LINE_ENDING.search(checked, len(self._data_tail) - 1):
+                self._refuse_message(b"554 5.6.0 Message refused: lines must end in CRLF\r\n", "bare-line-ending")
+        if self._data_refusal is None:
+            stop = end + len(_END_OF_DATA) if end >= 0 else -1
+        else:
+            # A refused message's end, however the client wrote it; nothing more goes to the MTA.
+            found = _ANY_END_OF_DATA.search(window)
+            stop = found.end() if found else -1
+        if stop < 0:
             self._message_bytes(data)
             self._data_tail = window[-4:]
             return
-        cut = end + len(_END_OF_DATA) - len(self._data_tail)
+        cut = stop - len(self._data_tail)
         self._message_bytes(data[:cut])
-        self.pauseProducing()  # what follows waits for the MTA's verdict
+        self.pauseProducing()  # what follows waits for the verdict
         self.back_to_lines(data[cut:])
-        if self._data_too_big:
-            self._drop_backend()
+        if self._data_refusal is not None:
+            refusal, self._data_refusal = self._data_refusal, None
             self._end_transaction(reset_backend=False)
-            self._reply(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+            self._reply(refusal)
             return
         assert self._backend is not None
         waiting = self._backend.expect_reply()
+        waiting.addTimeout(FINAL_REPLY_TIMEOUT, self.clock)
         waiting.addCallbacks(self._message_done, self._backend_failed)
+        self._pending = waiting  # cancelled if the client goes away meanwhile
 
     def _message_bytes(self, chunk: bytes) -> None:
         self._data_size += len(chunk)
         # The terminator's 5 bytes are not part of the message.
-        if self._data_size > self._rules.max_message_size + len(_END_OF_DATA):
-            if not self._data_too_big:
-                # Nothing of it may reach a mailbox: the MTA loses the connection before the final dot.
-                self._data_too_big = True
-                self._drop_backend()
-                # The MTA's backpressure may have paused the client; the rest must still be read (and dropped).
-                assert self.transport is not None
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
-            return
-        if self._backend is not None:
+        if self._data_refusal is None and self._data_size > self._size_limit() + len(_END_OF_DATA):
+            self._refuse_message(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n", "size")
+        if self._data_refusal is None and self._backend is not None:
             self._backend.write_data(chunk)
+
+    def _refuse_message(self, reply: bytes, reason: str) -> None:
+        """Nothing of this message may reach a mailbox: the MTA loses the connection before the final dot."""
+        log.warn("message_refused protocol=submission client={client} user={user} reason={reason}",
+                 client=self.client.host, user=loggable_user(self.user or ""), reason=reason)
+        self._data_refusal = reply
+        self._drop_backend()
+        # The MTA's backpressure may have paused the client; the rest must still be read (and dropped).
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _message_done(self, reply: Reply) -> None:
         assert self.user is not None
@@ -323,10 +376,14 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.send(b"421 4.4.2 Transaction timeout, closing connection\r\n")
         self.close()
 
-    def _end_transaction(self, reset_backend: bool) -> None:
+    def _cancel_transaction_timer(self) -> None:
         if self._transaction_timer is not None:
             self._transaction_timer.cancel()
             self._transaction_timer = None
+
+    def _end_transaction(self, reset_backend: bool) -> None:
+        self._cancel_transaction_timer()
+        self._smtputf8 = False
         if reset_backend and self._sender is not None and self._backend is not None:
             self._backend.command(b"RSET").addErrback(lambda failure: None)
         self._sender = None
@@ -335,16 +392,36 @@ class SubmissionFrontEnd(LoginFrontEnd):
     # -- talking to the MTA, one command at a time
 
     def _relay(self, line: bytes, then: Callable[[Reply], None]) -> None:
-        """Send a command to the MTA (connecting again if needed); its reply goes to the client."""
+        """
+        Send a command to the MTA (connecting again at MAIL if needed); its reply goes to the
+        client. While the MTA works the client's idle timer stops, and the MTA has its own deadline.
+        """
+        if self._sender is not None and (self._backend is None or self._backend.lost):
+            # A new MTA session knows nothing of this transaction: a temporary failure, not its 503.
+            self._backend_failed(Failure(BackendUnavailable("the MTA connection was lost during a transaction")))
+            return
         self.pauseProducing()
+        self.setTimeout(None)
         connecting = self._connected_backend()
 
         def answered(reply: Reply) -> None:
             then(reply)
+            if reply.code == 421:
+                # The MTA is closing this session: so does the client's, as RFC 5321 3.8 has it.
+                self._drop_backend()
+                self.send(reply.encode())
+                self.close()
+                return
             self._reply(reply.encode())
 
-        connecting.addCallback(lambda backend: backend.command(line))
+        def send(backend: SmtpBackend) -> Deferred[Reply]:
+            reply = backend.command(line)
+            reply.addTimeout(COMMAND_REPLY_TIMEOUT, self.clock)
+            return reply
+
+        connecting.addCallback(send)
         connecting.addCallbacks(answered, self._backend_failed)
+        self._pending = connecting  # cancelled if the client goes away meanwhile
 
     def _connected_backend(self) -> Deferred[SmtpBackend]:
         if self._backend is not None and self._backend.lost:
@@ -406,6 +483,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
                 supported = False
             elif keyword == b"SIZE":
                 supported = True
+            elif keyword == b"AUTH":
+                supported = value is not None and (value == b"<>" or _XTEXT.fullmatch(value) is not None)
             elif keyword == b"BODY":
                 body = (value or b"").upper()
                 supported = body == b"7BIT" or (body == b"8BITMIME" and b"8BITMIME" in offered)
@@ -416,11 +495,20 @@ class SubmissionFrontEnd(LoginFrontEnd):
                 return False
         return True
 
+    def _ascii_or_smtputf8(self, path: PathCommand, smtputf8: bool) -> bool:
+        """An address with non-ASCII bytes is an SMTPUTF8 address (RFC 6531 3.4), or refused."""
+        if smtputf8 or path.address.isascii():
+            return True
+        self._error(b"553 5.6.7 Non-ASCII address without SMTPUTF8")
+        return False
+
     def _reply(self, reply: bytes) -> None:
         """Send a reply and read the next command."""
         self.send(reply)
         self.command_succeeded()
         if not self.closed:
+            if self.user is not None:
+                self.setTimeout(self._rules.idle_timeout)  # the MTA's turn is over
             self.resumeProducing()
 
     def _error(self, reply: bytes) -> None:

@@ -329,3 +329,134 @@ class SenderPolicyTests(SubmissionTestBase):
         self.assertTrue(policy.allowed("bob@example.org", "any@lists.example.net"))
         self.assertFalse(policy.allowed("bob@example.org", "alice@example.org"))
         self.assertFalse(policy.allowed("alice@example.org", "bob.smith@example.org"))
+
+
+class ReviewFixTests(SubmissionTestBase):
+    """Behaviour pinned after an RFC review of the submission relay."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log_in()
+
+    def start_data(self) -> None:
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.say(b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.say(b"DATA\r\n")
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        self.mta_got()
+        self.read()
+
+    def test_bare_lf_smuggling_refused(self) -> None:
+        """
+        A bare LF.LF (which some MTAs take for the end of data) refuses the message: the MTA
+        connection is dropped before any terminator, and what follows is checked like any command.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: hi\r\n\r\nbody\n.\nMAIL FROM:<ceo@example.org>\r\n")
+        mta = self.mta(0)
+        self.assertTrue(mta.transport.disconnecting)
+        self.assertNotIn(b"MAIL FROM:<ceo", mta.transport.value())
+        self.assertNotIn(b"\n.\n", mta.transport.value())
+        self.assertEqual(self.read(), b"554 5.6.0 Message refused: lines must end in CRLF\r\n"
+                                      b"553 5.7.1 Sender address rejected: not owned by the authenticated user\r\n")
+
+    def test_lone_cr_refused(self) -> None:
+        """A lone CR in the data refuses the message too; the CRLF terminator still ends it."""
+        self.start_data()
+        self.front.dataReceived(b"a\rb\r\n.\r\n")
+        self.assertEqual(self.read(), b"554 5.6.0 Message refused: lines must end in CRLF\r\n")
+
+    def test_crlf_split_across_reads_is_not_bare(self) -> None:
+        """A CR at the end of one read and its LF at the start of the next are a proper line end."""
+        self.start_data()
+        for piece in (b"line one\r", b"\nline two\r", b"\n.\r", b"\n"):
+            self.front.dataReceived(piece)
+        self.assertEqual(self.mta_got(), b"line one\r\nline two\r\n.\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
+
+    def test_auth_parameter_accepted_not_relayed(self) -> None:
+        """MAIL's AUTH= parameter (sendmail, Exim) is accepted and not passed on to the MTA."""
+        self.say(b"MAIL FROM:<bob@example.org> AUTH=<> SIZE=10\r\n")
+        self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org> SIZE=10\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n")
+        self.say(b"RSET\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+        self.read()
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> AUTH=bad\x01\r\n"),
+                         b"501 5.5.4 Syntax error in parameters\r\n")
+
+    def test_slow_steady_upload_not_cut(self) -> None:
+        """A message that streams for longer than the transaction timeout is not cut while data flows."""
+        self.start_data()
+        for _ in range(12):
+            self.clock.advance(100)
+            self.front.dataReceived(b"x" * 10 + b"\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_slow_mta_is_not_client_idleness(self) -> None:
+        """While the MTA works on a reply the client's idle timer stops; the MTA's own deadline gives 451."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.read(), b"")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n")
+        self.say(b"RCPT TO:<a@example.org>\r\n")
+        self.clock.advance(300)
+        self.assertEqual(self.read(), b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_lost_mta_mid_transaction_is_temporary(self) -> None:
+        """After MAIL, a lost MTA makes RCPT a 451, not a 503 from a fresh MTA session."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.read()
+        self.mta().connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.say(b"RCPT TO:<a@example.org>\r\n"),
+                         b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertEqual(len(self.backend.requests), 1)
+
+    def test_mta_421_closes_client(self) -> None:
+        """An MTA 421 reaches the client, and the client's session closes too."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"421 4.3.0 shutting down\r\n")
+        self.assertEqual(self.read(), b"421 4.3.0 shutting down\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_non_ascii_needs_smtputf8(self) -> None:
+        """A look-alike address (U+212A KELVIN SIGN for K) needs SMTPUTF8 and never passes as the user's own."""
+        kelvin = "\u212a".encode()
+        self.assertEqual(self.say(b"MAIL FROM:<" + kelvin + b"ob@example.org>\r\n"),
+                         b"553 5.6.7 Non-ASCII address without SMTPUTF8\r\n")
+        self.assertFalse(SenderPolicy(None).allowed("kob@example.org", "\u212aob@example.org"))
+        self.assertTrue(SenderPolicy(None).allowed("Bob@Example.org", "bob@example.ORG"))
+
+    def test_pipelined_fallout_not_counted(self) -> None:
+        """RCPTs behind a refused MAIL get 503 without using up the error limit (RFC 2920)."""
+        reply = self.say(b"MAIL FROM:<alice@example.org>\r\n" + b"RCPT TO:<a@example.org>\r\n" * 6)
+        self.assertEqual(reply.count(b"503 5.5.1 Need MAIL command"), 6)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class HeloTests(SubmissionTestBase):
+    """AUTH is an extension: not after HELO."""
+
+    def test_auth_after_helo(self) -> None:
+        """AUTH after HELO (not EHLO) gets 503."""
+        self.say(b"HELO client\r\n")
+        self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Send EHLO first\r\n")
+
+
+class MtaSizeTests(SubmissionTestBase):
+    """The MTA's own SIZE lowers the announced and enforced limit."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.backend.announced = (b"SIZE 500", b"8BITMIME")
+
+    def test_smaller_mta_size(self) -> None:
+        """EHLO announces the smaller of the configured and the MTA's SIZE, and MAIL enforces it."""
+        self.assertIn(b"250-SIZE 500\r\n", self.say(b"EHLO client\r\n"))
