@@ -72,6 +72,10 @@ class ConnectionLimits:
         self._by_user[user] += 1
         return True
 
+    def sessions(self, user: str) -> int:
+        """How many sessions the user holds now."""
+        return self._by_user[user]
+
     def close_session(self, user: str) -> None:
         """A session counted by L{open_session} has ended."""
         self._by_user[user] -= 1

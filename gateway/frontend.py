@@ -111,6 +111,14 @@ class _Phase(enum.Enum):
 _HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) |[Hh][Oo][Ss][Tt]:)")
 
 
+def user_key(user: str) -> str:
+    """
+    What a user is counted as (penalties, sessions): case-insensitive, since stores such as
+    Dovecot (%Lu) take every spelling of a name for the same account.
+    """
+    return user.casefold()
+
+
 def loggable_user(user: str) -> str:
     """A user name made safe for one log line: quoted, escaped, bounded (fail2ban parses it)."""
     return json.dumps(user[:64])
@@ -309,6 +317,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._phase = _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()
+        if self._pending is not None:
+            self._pending.cancel()  # a login still running must not answer on a closed connection
         self.paused = True  # LineReceiver: deliver no more lines, but keep the transport reading
         self.clearLineBuffer()
         assert self.transport is not None
@@ -401,6 +411,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
         self.pauseProducing()
+        # The server is the slow one now (hashing, the backend): no idle timeout; the deadline stays.
+        self.setTimeout(None)
         if self.context.penalties.refused(self.client.host):
             log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
                      protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
@@ -416,6 +428,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._pending = checking
 
     def _login_finished(self, outcome: LoginOutcome) -> None:
+        if self.closed:
+            return
+        self.setTimeout(self.context.limits.idle_timeout)
         self.reply_login(outcome)
         if outcome is LoginOutcome.LOGGED_IN:
             assert self._session is not None
@@ -436,9 +451,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def _verified(self, good: bool, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if not good or (authzid and authzid != user):
             raise _BadCredentials("credentials")
-        if not self.context.connections.open_session(user):
+        if not self.context.authenticator.backend_decides:
+            self._open_session(user)
+        elif self.context.connections.sessions(user_key(user)) >= self.context.connections.rules.max_sessions_per_user:
+            # Counted only once the backend has accepted: guesses must not take the user's slots.
             raise _TooManySessions()
-        self._session_user = user
         backend = self.context.backend.settings
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
@@ -450,11 +467,24 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._backend_started = self.clock.seconds()
         return self.context.backend.login(request)
 
+    def _open_session(self, user: str) -> None:
+        if not self.context.connections.open_session(user_key(user)):
+            raise _TooManySessions()
+        self._session_user = user_key(user)
+
     def _logged_in(self, session: BackendLogin, user: str) -> LoginOutcome:
+        if self.context.authenticator.backend_decides:
+            try:
+                self._open_session(user)
+            except _TooManySessions:
+                assert session.transport is not None
+                session.transport.abortConnection()  # type: ignore[attr-defined]
+                log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
+                         protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+                return LoginOutcome.OVERLOADED
         self.user = user
         self._session = session
-        if not self.context.authenticator.backend_decides:
-            self.context.penalties.succeeded(user, self.client.host)
+        self.context.penalties.succeeded(user_key(user), self.client.host)
         log.info("login protocol={protocol} client={client} user={user} backend_ms={backend_ms:.1f}",
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
                  backend_ms=1000 * (self.clock.seconds() - self._backend_started))
@@ -488,8 +518,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
                  reason="backend-refused" if failure.check(BackendRejected) else "credentials")
         penalties = self.context.penalties
-        delay = penalties.failure_delay(user, self.client.host)
-        penalties.failed(user, self.client.host, password)
+        delay = penalties.failure_delay(user_key(user), self.client.host)
+        penalties.failed(user_key(user), self.client.host, password)
         pause = deferLater(self.clock, max(0.0, started + delay - self.clock.seconds()))
         pause.addCallback(lambda _: LoginOutcome.REJECTED)
         return pause

@@ -74,6 +74,12 @@ class ImapFrontEnd(LoginFrontEnd):
         try:
             literal = literal_at_end(line)
         except ParseError as e:
+            if line.endswith(b"+}"):
+                # A non-synchronizing literal of unknown size: its bytes are on their way and must
+                # never be read as commands (RFC 7888 4).
+                self.send(b"* BYE [TOOBIG] Invalid literal.\r\n")
+                self.close()
+                return
             self._bad(str(e).encode("ascii"))
             return
         if literal is None:
@@ -205,7 +211,8 @@ class ImapFrontEnd(LoginFrontEnd):
             self.send(self._tag + b" NO [UNAVAILABLE] Too many failed logins from your address, try again later.\r\n")
             self.send(b"* BYE [UNAVAILABLE] Closing.\r\n")  # the connection closes after this reply
         elif outcome is LoginOutcome.OVERLOADED:
-            self.send(b"* BYE [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
+            self.send(self._tag + b" NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
+            self.send(b"* BYE [UNAVAILABLE] Closing.\r\n")
         else:
             # IMAP has no way to relay a backend's reason; both are temporary for the client.
             self.send(self._tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")

@@ -34,7 +34,8 @@ IMAP_THROTTLED = (b" NO [UNAVAILABLE] Too many failed logins from your address, 
 IMAP_REJECTED = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
 IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] Mail gateway ready.\r\n"
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
-IMAP_TOO_MANY_SESSIONS = b"* BYE [UNAVAILABLE] Too many sessions for this user, try again later.\r\n"
+IMAP_TOO_MANY_SESSIONS = (b"a1 NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n"
+                          b"* BYE [UNAVAILABLE] Closing.\r\n")
 HTTP_LINES = (b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"Host: example.org")
 
 SUBMISSION_RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
 from twisted.internet.error import ConnectionDone
+
+from gateway.connection_limits import ConnectionRules
+from gateway.penalties import PenaltyRules
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -423,3 +426,61 @@ class StringTransportAddressTests(SynchronousTestCase):
         """StringTransport's default peer and host are the ones the relay test checks."""
         transport = StringTransport()
         self.assertEqual((transport.getPeer().host, transport.getHost().host), ("192.168.1.1", "10.0.0.1"))
+
+
+class ReviewFixTests(ImapTestBase):
+    """Behaviour pinned after an RFC review of the IMAP front end and the shared core."""
+
+    def test_login_finishing_after_deadline_stays_closed(self) -> None:
+        """A login still running when the login deadline closes the connection answers nothing afterwards."""
+        self.clock.advance(119)
+        self.front.dataReceived(b"a1 LOGIN bob wrong\r\n")
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
+        self.clock.advance(5)
+        self.assertEqual(self.read(), b"")
+        self.front.dataReceived(b"b NOOP\r\n")
+        self.assertEqual(self.read(), b"")
+
+    def test_no_idle_timeout_while_logging_in(self) -> None:
+        """While the gateway works on a login, the client is not idle: a slow backend does not time it out."""
+        self.backend.hold = True
+        self.front.dataReceived(b"a1 LOGIN bob secret\r\n")
+        self.clock.advance(90)
+        self.assertFalse(self.transport.disconnecting)
+        self.backend.hold = False
+        self.backend.held[0].callback(self.backend.session(self.backend.requests[0]))
+        self.assertTrue(self.read().startswith(b"a1 OK "))
+
+    def test_malformed_nonsynchronizing_literal_closes(self) -> None:
+        """A {n+} marker that cannot be read closes the connection: its bytes are never run as commands."""
+        self.assertEqual(self.say(b"a LOGIN bob {99999999999+}\r\nb LOGOUT\r\n"), b"* BYE [TOOBIG] Invalid literal.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_user_case_variants_share_penalties(self) -> None:
+        """Bob and BOB, guessed from two addresses, count as the same user for the per-user delay."""
+        self.penalties.rules = PenaltyRules(base_delay=2.0, max_delay=15.0, user_free=0)
+        for number, user in enumerate((b"Bob", b"BOB"), 1):
+            other, _ = self.connect(host=f"10.1.0.{number}")
+            other.dataReceived(b"a LOGIN " + user + b" wrong\r\n")
+            self.clock.advance(15)
+            other.connectionLost(Failure(ConnectionDone()))
+        # Two earlier failures of this user from elsewhere: the delay has escalated to the cap.
+        self.assertEqual(self.penalties.failure_delay("bob", "10.2.0.1"), 15.0)
+
+
+class BackendDecidesSessionTests(ImapTestBase):
+    """In auth mode "backend", guesses must not use up the user's session slots."""
+
+    def test_guesses_do_not_take_session_slots(self) -> None:
+        """Wrong passwords in flight at the backend leave the user's sessions free for the real one."""
+        self.auth.backend_decides = True
+        self.backend.hold = True
+        self.connections.rules = ConnectionRules(max_sessions_per_user=1)
+        guesser, _ = self.connect(host="203.0.113.9")
+        guesser.dataReceived(b"g LOGIN bob wrong\r\n")
+        self.assertEqual(self.connections.sessions("bob"), 0)
+        self.backend.hold = False
+        self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 OK "))
+        self.assertEqual(self.connections.sessions("bob"), 1)
+        guesser.connectionLost(Failure(ConnectionDone()))
