@@ -56,6 +56,17 @@ class SubmissionTestBase(FrontEndTestBase):
         transport.clear()
         return data
 
+    def start_data(self) -> None:
+        """Log in is done: MAIL, RCPT and DATA accepted by the MTA, everything read."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.say(b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.say(b"DATA\r\n")
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        self.mta_got()
+        self.read()
+
     def log_in(self) -> None:
         self.say(b"EHLO client.example.org\r\n")
         self.assertEqual(self.say(AUTH_BOB), b"235 2.7.0 Authentication successful\r\n")
@@ -183,16 +194,6 @@ class TransactionTests(SubmissionTestBase):
         self.mta().dataReceived(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
                                       b"354 End data with <CR><LF>.<CR><LF>\r\n")
-
-    def start_data(self) -> None:
-        self.say(b"MAIL FROM:<bob@example.org>\r\n")
-        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
-        self.say(b"RCPT TO:<a@example.org>\r\n")
-        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
-        self.say(b"DATA\r\n")
-        self.mta().dataReceived(b"354 go ahead\r\n")
-        self.mta_got()
-        self.read()
 
     def test_data_streamed_unchanged(self) -> None:
         """Message data reaches the MTA as sent, dot-stuffing included; the MTA's reply is the client's."""
@@ -337,16 +338,6 @@ class ReviewFixTests(SubmissionTestBase):
     def setUp(self) -> None:
         super().setUp()
         self.log_in()
-
-    def start_data(self) -> None:
-        self.say(b"MAIL FROM:<bob@example.org>\r\n")
-        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
-        self.say(b"RCPT TO:<a@example.org>\r\n")
-        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
-        self.say(b"DATA\r\n")
-        self.mta().dataReceived(b"354 go ahead\r\n")
-        self.mta_got()
-        self.read()
 
     def test_bare_lf_smuggling_refused(self) -> None:
         """

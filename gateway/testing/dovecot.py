@@ -73,6 +73,8 @@ class DovecotSandbox(ServerSandbox):
     :ivar config_path: the Dovecot configuration file, e.g. for ``doveadm -c``.
     """
 
+    _name = "dovecot"
+
     def __init__(
         self,
         directory: str,
@@ -172,29 +174,7 @@ class DovecotSandbox(ServerSandbox):
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            status = self._process.poll()
-            if status is not None:
-                self._process = None
-                raise RuntimeError(
-                    f"dovecot exited with status {status} while starting; "
-                    f"end of {self.log_path}:\n{self._log_tail()}"
-                )
-            # A greeting, not just an accepted connection, shows that the login
-            # processes are fully up; stopping one mid-start-up takes seconds.
-            if greets(self._host, self.imap_port, b"* OK") and greets(
-                self._host, self.pop3_port, b"+OK"
-            ):
-                return
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"dovecot did not greet on {self._host} ports {self.imap_port} and "
-                    f"{self.pop3_port} within {_START_TIMEOUT:g} s; "
-                    f"end of {self.log_path}:\n{self._log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
+        self._await_greetings({self.imap_port: b"* OK", self.pop3_port: b"+OK"}, _START_TIMEOUT, _POLL_INTERVAL)
 
     def stop(self) -> None:
         """Stop the Dovecot master this sandbox started and wait until both ports are closed.

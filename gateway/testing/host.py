@@ -7,6 +7,8 @@ import os
 import pwd
 import socket
 import stat
+import subprocess
+import time
 from types import TracebackType
 from typing import Self
 
@@ -79,7 +81,43 @@ def check_searchable(path: str, who: str) -> None:
 
 
 class ServerSandbox:
-    """A private server that tests start and stop; also a context manager that does both."""
+    """
+    A private server that tests start and stop; also a context manager that does both.
+
+    Subclasses set C{_name}, C{_host}, C{_process} (the server's master as our child) and
+    C{log_path}, and implement C{_log_tail}.
+    """
+
+    _name: str
+    _host: str
+    _process: subprocess.Popen[bytes] | None
+    log_path: str
+
+    def _log_tail(self) -> str:
+        raise NotImplementedError
+
+    def _await_greetings(self, greetings: dict[int, bytes], timeout: float, interval: float) -> None:
+        """
+        Wait until every port in C{greetings} greets with its prefix: a greeting, not just an
+        accepted connection, shows the server is fully up. Raises RuntimeError with the end of
+        the log if the server exits or is not up in time (after stopping it).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self._process is not None
+            status = self._process.poll()
+            if status is not None:
+                self._process = None
+                raise RuntimeError(f"{self._name} exited with status {status} while starting; "
+                                   f"end of {self.log_path}:\n{self._log_tail()}")
+            if all(greets(self._host, port, prefix) for port, prefix in greetings.items()):
+                return
+            if time.monotonic() >= deadline:
+                self.stop()
+                ports = " and ".join(str(port) for port in greetings)
+                raise RuntimeError(f"{self._name} did not greet on {self._host} port(s) {ports} within "
+                                   f"{timeout:g} s; end of {self.log_path}:\n{self._log_tail()}")
+            time.sleep(interval)
 
     def start(self) -> None:
         """Start the server and wait until it serves."""

@@ -111,6 +111,8 @@ class PostfixSandbox(ServerSandbox):
     :ivar config_directory: the Postfix configuration directory, e.g. for ``postconf -c``.
     """
 
+    _name = "postfix"
+
     def __init__(
         self,
         directory: str,
@@ -218,24 +220,7 @@ class PostfixSandbox(ServerSandbox):
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            status = self._process.poll()
-            if status is not None:
-                self._process = None
-                raise RuntimeError(
-                    f"postfix exited with status {status} while starting; "
-                    f"end of {self.log_path}:\n{self._log_tail()}"
-                )
-            if greets(self._host, self.smtp_port, b"220 "):
-                return
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"postfix did not greet on {self._host} port {self.smtp_port} within "
-                    f"{_START_TIMEOUT:g} s; end of {self.log_path}:\n{self._log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL)
+        self._await_greetings({self.smtp_port: b"220 "}, _START_TIMEOUT, _POLL_INTERVAL)
 
     def stop(self) -> None:
         """Stop this sandbox's Postfix and wait until its master has exited and the port is closed.
