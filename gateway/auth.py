@@ -2,11 +2,18 @@
 Deciding whether a login is good, off the reactor thread, and pacing failures.
 
 Password hashes cost tens of milliseconds of CPU each, so verification runs on a dedicated
-thread pool: one slow login never stalls the relays. (Failure replies are paced by the front end
+thread pool: one slow login never stalls the relays. Clients that reconnect often (phones,
+folder watchers) would pay that at every connection, so a good pair of user and password is
+remembered for a short while, as a keyed hash, until the users file changes. (Failure replies are paced by the front end
 with L{gateway.penalties}, the same for an unknown user, a wrong password and a backend refusal.)
 """
 
 from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -44,6 +51,44 @@ class HashingPool(Service):
         self.pool.stop()
 
 
+class VerifiedCredentials:
+    """
+    Recently verified (user, password) pairs, each for C{ttl} seconds and only while the users
+    file keeps the version it had. Only keyed hashes are kept (the key never leaves the process),
+    in a table of bounded size. Failures are never remembered, so guessing always pays the hash.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float = 120.0, max_entries: int = 10_000) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._max = max_entries
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, tuple[float, object]] = OrderedDict()
+
+    def _fingerprint(self, user: str, password: bytes) -> bytes:
+        return hmac.new(self._key, user.encode("utf-8", "surrogateescape") + b"\0" + password, hashlib.sha256).digest()
+
+    def fresh(self, user: str, password: bytes, version: object) -> bool:
+        """True when this exact pair was verified within the TTL under this users-file version."""
+        fingerprint = self._fingerprint(user, password)
+        entry = self._entries.get(fingerprint)
+        if entry is None:
+            return False
+        expires, remembered_version = entry
+        if expires <= self._clock.seconds() or remembered_version != version:
+            del self._entries[fingerprint]
+            return False
+        return True
+
+    def remember(self, user: str, password: bytes, version: object) -> None:
+        """Note a pair the users file (at C{version}) has just accepted."""
+        fingerprint = self._fingerprint(user, password)
+        self._entries[fingerprint] = (self._clock.seconds() + self._ttl, version)
+        self._entries.move_to_end(fingerprint)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+
 @implementer(IAuthenticator)
 class Authenticator:
     """
@@ -64,9 +109,20 @@ class Authenticator:
         self._pool = pool
         self._users = users
         self.backend_decides = users is None
+        self._verified = VerifiedCredentials(reactor)
 
     def verify(self, user: str, password: bytes) -> Deferred[bool]:
         if self._users is None:
             return succeed(True)
+        version = self._users.version()  # one stat: no read on the reactor thread
+        if version is not None and self._verified.fresh(user, password, version):
+            return succeed(True)
         assert IReactorFromThreads.providedBy(self._reactor)
-        return deferToThreadPool(self._reactor, self._pool, self._users.verify, user, password)  # type: ignore[arg-type]
+        checking = deferToThreadPool(self._reactor, self._pool, self._users.verify, user, password)  # type: ignore[arg-type]
+
+        def checked(good: bool) -> bool:
+            if good and version is not None:
+                self._verified.remember(user, password, version)
+            return good
+
+        return checking.addCallback(checked)

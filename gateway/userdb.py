@@ -328,6 +328,16 @@ class UserDatabase:
                 count=len(self._users),
             )
 
+    def version(self) -> tuple[int, ...] | None:
+        """
+        What identifies the file's current contents (a stat, no read), or None if it cannot be
+        had: anything remembered about the users is valid only while this stays the same.
+        """
+        try:
+            return _signature(os.stat(self._path))
+        except OSError:
+            return None
+
     def verify(self, user: str, password: bytes) -> bool:
         """Check a user's password, re-reading the file first if it changed.
 

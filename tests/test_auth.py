@@ -1,0 +1,115 @@
+"""The authenticator: verification off the reactor thread, and the verified-credentials cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from gateway.auth import Authenticator, VerifiedCredentials
+from gateway.userdb import UserDatabase, hash_password
+
+
+@implementer(IReactorFromThreads)
+class InlineReactor(Clock):
+    """A Clock whose callFromThread runs at once (the fake pool runs everything inline)."""
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class InlinePool:
+    """A thread pool stand-in that runs work at once and counts it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], f: Callable[..., Any],
+                                 *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class AuthenticatorCacheTests(SynchronousTestCase):
+    """Clients that reconnect often do not pay the password hash every time."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="gw-auth-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "users")
+        self.write("alice", b"right")
+        self.clock = InlineReactor()
+        self.pool = InlinePool()
+        self.auth = Authenticator(self.clock, self.pool, UserDatabase(self.path))  # type: ignore[arg-type]
+
+    def write(self, user: str, password: bytes) -> None:
+        with open(self.path, "w") as f:
+            f.write(f"{user}:{hash_password(password, 'bcrypt')}\n")
+
+    def verify(self, user: str, password: bytes) -> bool:
+        return bool(self.successResultOf(self.auth.verify(user, password)))
+
+    def test_good_pair_remembered(self) -> None:
+        """A second good login within the TTL is accepted without a hash on the pool."""
+        self.assertTrue(self.verify("alice", b"right"))
+        self.assertTrue(self.verify("alice", b"right"))
+        self.assertEqual(self.pool.calls, 1)
+
+    def test_failures_never_remembered(self) -> None:
+        """Wrong passwords always go to the hash, however often they come."""
+        for _ in range(3):
+            self.assertFalse(self.verify("alice", b"wrong"))
+        self.assertEqual(self.pool.calls, 3)
+
+    def test_other_password_not_served_from_cache(self) -> None:
+        """Only the exact pair is remembered: another password for the user is checked (and fails)."""
+        self.verify("alice", b"right")
+        self.assertFalse(self.verify("alice", b"righ"))
+        self.assertEqual(self.pool.calls, 2)
+
+    def test_ttl(self) -> None:
+        """After the TTL the pair is checked again."""
+        self.verify("alice", b"right")
+        self.clock.advance(121)
+        self.assertTrue(self.verify("alice", b"right"))
+        self.assertEqual(self.pool.calls, 2)
+
+    def test_users_file_change_invalidates(self) -> None:
+        """A changed users file (a new password) is obeyed at once: the remembered pair no longer counts."""
+        self.verify("alice", b"right")
+        self.write("alice", b"new password")
+        self.assertFalse(self.verify("alice", b"right"))
+        self.assertTrue(self.verify("alice", b"new password"))
+
+
+class VerifiedCredentialsTests(SynchronousTestCase):
+    """The cache itself."""
+
+    def test_bounded(self) -> None:
+        """The table keeps at most its bound of entries, dropping the oldest."""
+        cache = VerifiedCredentials(Clock(), max_entries=3)
+        for n in range(5):
+            cache.remember(f"user{n}", b"pw", 1)
+        self.assertFalse(cache.fresh("user0", b"pw", 1))
+        self.assertTrue(cache.fresh("user4", b"pw", 1))
+        self.assertEqual(len(cache._entries), 3)
+
+    def test_keyed_hashes_only(self) -> None:
+        """Neither user names nor passwords are kept in the clear."""
+        cache = VerifiedCredentials(Clock())
+        cache.remember("alice", b"secret-password", 1)
+        self.assertNotIn(b"secret-password", repr(cache._entries).encode())
+        self.assertNotIn(b"alice", repr(cache._entries).encode())
