@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
-from gateway.imap_syntax import Arg, Command, ParseError, format_capabilities, literal_at_end, parse_command, split_tag
+from gateway.imap_syntax import Arg, Command, Nil, ParseError, format_capabilities, literal_at_end, parse_command, split_tag
 
 # Capabilities that describe the pre-login state of the backend and mean nothing to the client.
 _PRE_LOGIN_ONLY = (b"STARTTLS", b"LOGINDISABLED")
@@ -238,11 +238,11 @@ class ImapFrontEnd(LoginFrontEnd):
 
 def _valid_id(args: tuple[Arg, ...]) -> bool:
     """ID takes NIL or a list of at most 30 field/value pairs of strings (RFC 2971)."""
-    if args == (None,):
+    if len(args) == 1 and isinstance(args[0], Nil):
         return True
     if len(args) != 1 or not isinstance(args[0], tuple):
         return False
     fields = args[0]
     return (len(fields) % 2 == 0 and len(fields) <= 60
-            and all(isinstance(f, bytes) and len(f) <= 30 for f in fields[0::2])
-            and all(v is None or (isinstance(v, bytes) and len(v) <= 1024) for v in fields[1::2]))
+            and all(isinstance(f, bytes) and not isinstance(f, Nil) and len(f) <= 30 for f in fields[0::2])
+            and all(isinstance(v, bytes) and len(v) <= 1024 for v in fields[1::2]))

@@ -66,10 +66,18 @@ class Literal:
     synchronizing: bool
 
 
-Arg: TypeAlias = "bytes | None | tuple[Arg, ...]"
+class Nil(bytes):
+    """
+    The atom NIL, as the client spelled it. Where the grammar takes an nstring (ID's values)
+    it means nil; where it takes an astring (LOGIN's user name) it is simply that string: a
+    user called "nil" logs in with ``LOGIN nil secret``.
+    """
+
+
+Arg: TypeAlias = "bytes | tuple[Arg, ...]"
 """
-A command argument: an atom, quoted string or literal is its value as bytes,
-the atom NIL is ``None``, and a parenthesized list is a tuple of arguments.
+A command argument: an atom, quoted string or literal is its value as bytes (the atom NIL is a
+L{Nil}), and a parenthesized list is a tuple of arguments.
 """
 
 
@@ -287,7 +295,7 @@ class _CommandParser:
         if not atom:
             raise ParseError("Invalid argument")
         if atom.upper() == b"NIL":
-            return None
+            return Nil(atom)
         return atom
 
     def _list(self, depth: int) -> tuple[Arg, ...]:
@@ -375,7 +383,7 @@ def parse_command(data: bytes) -> Command:
     :param data: the command in wire form without the final CRLF, with every
         literal embedded as ``{n}`` (or ``{n+}``), CRLF and exactly n bytes.
     :returns: the command; atoms, quoted strings and literals become bytes,
-        the atom NIL (in any case) becomes ``None`` and lists become tuples.
+        the atom NIL (in any case) a L{Nil}, and lists become tuples.
     :raises ParseError: if the command does not follow the grammar: a bad tag
         or name, anything but one space between tokens, a bad quoted string
         or literal, lists nested more than ``MAX_LIST_DEPTH`` deep, or a NUL

@@ -484,3 +484,18 @@ class BackendDecidesSessionTests(ImapTestBase):
         self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 OK "))
         self.assertEqual(self.connections.sessions("bob"), 1)
         guesser.connectionLost(Failure(ConnectionDone()))
+
+
+class NilUserTests(ImapTestBase):
+    """NIL is an astring in LOGIN: a user called "nil" can log in unquoted (imaplib does not quote user names)."""
+
+    def test_nil_user(self) -> None:
+        """LOGIN nil ... logs in the user "nil"; ID NIL still means no parameters."""
+        self.auth.passwords["nil"] = b"pw"
+        self.assertTrue(self.say(b"a1 LOGIN nil pw\r\n").startswith(b"a1 OK "))
+        self.assertEqual(self.backend.requests[0].user, "nil")
+
+    def test_id_nil(self) -> None:
+        """ID NIL is valid, and a NIL field name is not."""
+        self.assertTrue(self.say(b"a ID NIL\r\n").endswith(b"a OK ID completed.\r\n"))
+        self.assertEqual(self.say(b'b ID (NIL "x")\r\n'), b"b BAD Invalid ID parameters.\r\n")

@@ -10,6 +10,7 @@ from gateway.imap_syntax import (
     MAX_LIST_DEPTH,
     Arg,
     Command,
+    Nil,
     Literal,
     ParseError,
     Response,
@@ -194,16 +195,13 @@ class ParseCommandTests(SynchronousTestCase):
         )
 
     def test_nil(self) -> None:
-        """The atom NIL, in any case, is None; a quoted or literal "NIL" is not."""
-        self.assert_parses(
-            [
-                (b"a1 ID NIL", b"ID", (None,)),
-                (b"a1 ID nil", b"ID", (None,)),
-                (b"a1 ID Nil", b"ID", (None,)),
-                (b"a1 X NILS NI", b"X", (b"NILS", b"NI")),
-                (b'a1 X "NIL" {3}\r\nnil', b"X", (b"NIL", b"nil")),
-            ]
-        )
+        """The atom NIL, in any case, is a Nil keeping its spelling; a quoted or literal "NIL" is not."""
+        for spelling in (b"NIL", b"nil", b"Nil"):
+            [arg] = parse_command(b"a1 ID " + spelling).args
+            self.assertIsInstance(arg, Nil)
+            self.assertEqual(arg, spelling)
+        for command in (b"a1 X NILS NI", b'a1 X "NIL" {3}\r\nnil'):
+            self.assertFalse(any(isinstance(arg, Nil) for arg in parse_command(command).args))
 
     def test_lists(self) -> None:
         """Parenthesized lists become tuples, and may be empty, nested or hold literals."""
@@ -214,7 +212,7 @@ class ParseCommandTests(SynchronousTestCase):
                     b"ID",
                     ((b"name", b"Thunderbird", b"version", b"115"),),
                 ),
-                (b'a1 ID ("name" NIL)', b"ID", ((b"name", None),)),
+                (b'a1 ID ("name" NIL)', b"ID", ((b"name", b"NIL"),)),
                 (b"a1 ID ()", b"ID", ((),)),
                 (b"a1 X (()) ((a) b)", b"X", (((),), ((b"a",), b"b"))),
                 (b"a1 X ({3}\r\na b {2+}\r\n)( c)", b"X", ((b"a b", b")(", b"c"),)),
