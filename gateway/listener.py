@@ -1,12 +1,17 @@
-"""One listening endpoint as a service, for every listener the gateway has (mail, web, metrics)."""
+"""Listening endpoints as services, for every listener the gateway has (mail, web, metrics)."""
 
 from __future__ import annotations
 
 from twisted.application.service import Service
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from gateway.addresses import Network
+from gateway.config import PROXY_PREFIX, ConfigError
+from gateway.proxy_protocol import TrustedProxyFactory
 
 log = Logger()
 
@@ -45,3 +50,28 @@ class Listener(Service):
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
+
+
+def listener(reactor: object, description: str, factory: Factory, *, label: str, key: str, config_path: str,
+             proxy_sources: tuple[Network, ...] | None) -> Listener:
+    """
+    The listener for one endpoint description of the configuration.
+
+    :param label: how the listener is logged, e.g. C{protocol=imap tls=implicit_tls}.
+    :param key: the configuration key it comes from, e.g. C{[imap] implicit_tls}, named in errors.
+    :param proxy_sources: who may send a PROXY header to a C{haproxy:} listener; None when this
+        kind of listener takes none.
+    :raises ConfigError: for a description that is not a usable endpoint, or a C{haproxy:} one
+        where no PROXY header is taken.
+    """
+    if description.startswith(PROXY_PREFIX):
+        if proxy_sources is None:
+            raise ConfigError(f"{config_path}: {key}: {description!r}: this listener takes no PROXY header; "
+                              'expected an endpoint such as "tcp:9101:interface=127.0.0.1"')
+        factory = TrustedProxyFactory(factory, proxy_sources, reactor)  # type: ignore[arg-type]
+    try:
+        endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ConfigError(f"{config_path}: {key}: {description!r} is not a usable endpoint description "
+                          f"({type(e).__name__}: {e})") from None
+    return Listener(endpoint, factory, f"{label} endpoint={description}")

@@ -23,14 +23,13 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, LogEvent, LogPublisher, globalLogPublisher
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from gateway.config import PROXY_PREFIX, ConfigError, MetricsSettings, TLSSettings
-from gateway.listener import Listener
+from gateway.config import MetricsSettings, TLSSettings
+from gateway.listener import listener
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The content type of a scrape: the Prometheus text exposition format 0.0.4."""
@@ -377,13 +376,6 @@ def build_metrics_service(settings: MetricsSettings, reactor: object, metrics: G
     LogObservation(publisher, metrics.observe).setServiceParent(top)
     site = metrics_site(metrics.registry, reactor)
     for description in settings.listen:
-        if description.startswith(PROXY_PREFIX):
-            raise ConfigError(f"{config_path}: [metrics] listen: {description!r}: a metrics listener takes no "
-                              f'PROXY header; expected an endpoint such as "tcp:9101:interface=127.0.0.1"')
-        try:
-            endpoint = serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise ConfigError(f"{config_path}: [metrics] listen: {description!r} is not a usable endpoint "
-                              f"description ({type(e).__name__}: {e})") from None
-        Listener(endpoint, site, f"protocol=metrics tls=none endpoint={description}").setServiceParent(top)
+        listener(reactor, description, site, label="protocol=metrics tls=none", key="[metrics] listen",
+                 config_path=config_path, proxy_sources=None).setServiceParent(top)
     return top

@@ -16,7 +16,6 @@ from functools import partial
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import Factory
@@ -27,7 +26,6 @@ from twisted.python.failure import Failure
 from gateway.auth import Authenticator, HashingPool
 from gateway.backend import BackendConnector, LoginFactory
 from gateway.config import (
-    PROXY_PREFIX,
     ConfigError,
     Limits,
     ProtocolSettings,
@@ -38,13 +36,12 @@ from gateway.config import (
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
-from gateway.listener import Listener
+from gateway.listener import listener
 from gateway.metrics import GatewayMetrics, build_metrics_service, certificates_to_watch
 from gateway.imap_backend import ImapBackendLogin
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
-from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
@@ -283,16 +280,8 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                 factory.noisy = False
             kind = "implicit_tls" if implicit else "starttls"
             for description in descriptions:
-                listener_factory = factory
-                if description.startswith(PROXY_PREFIX):
-                    listener_factory = TrustedProxyFactory(factory, settings.limits.proxy_sources, reactor)  # type: ignore[arg-type]
-                try:
-                    endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
-                except (ValueError, TypeError, KeyError, IndexError) as e:
-                    raise ConfigError(f"{settings.path}: [{name}] {kind}: {description!r} is not a usable endpoint "
-                                      f"description ({type(e).__name__}: {e})") from None
-                Listener(endpoint, listener_factory, f"protocol={name} tls={kind} endpoint={description}"
-                         ).setServiceParent(top)
+                listener(reactor, description, factory, label=f"protocol={name} tls={kind}", key=f"[{name}] {kind}",
+                         config_path=settings.path, proxy_sources=settings.limits.proxy_sources).setServiceParent(top)
     if settings.web is not None:
         try:
             web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)

@@ -31,7 +31,6 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Cooperator
@@ -56,9 +55,8 @@ from gateway.autoconfig import (
     plausible_email,
     thunderbird_config,
 )
-from gateway.config import PROXY_PREFIX, ConfigError, Settings, WebSettings
-from gateway.listener import Listener
-from gateway.proxy_protocol import TrustedProxyFactory
+from gateway.config import Settings, WebSettings
+from gateway.listener import listener
 from gateway.tls import ServerTLS
 
 __all__ = [
@@ -596,13 +594,7 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, sta
     )
     for name, tls, descriptions, factory in listeners:
         for description in descriptions:
-            listener_factory = factory
-            if description.startswith(PROXY_PREFIX):
-                listener_factory = TrustedProxyFactory(factory, state.settings.limits.proxy_sources, reactor)
-            try:
-                endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
-            except (ValueError, TypeError, KeyError, IndexError) as e:
-                raise ConfigError(f"{state.settings.path}: [web] {name}: {description!r} is not a usable endpoint "
-                                  f"description ({type(e).__name__}: {e})") from None
-            Listener(endpoint, listener_factory, f"protocol={name} tls={tls} endpoint={description}").setServiceParent(top)
+            listener(reactor, description, factory, label=f"protocol={name} tls={tls}", key=f"[web] {name}",
+                     config_path=state.settings.path,
+                     proxy_sources=state.settings.limits.proxy_sources).setServiceParent(top)
     return top

@@ -40,7 +40,8 @@ from gateway.backend import BackendConnector, BackendUnavailable
 from gateway.config import ConfigError, load_settings
 from gateway.frontend import FrontEndFactory
 from gateway.proxy_protocol import TrustedProxyFactory
-from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Listener, Reloader, build_service
+from gateway.listener import Listener
+from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, build_service
 from gateway.testing.pki import IssuedCertificate, TestCA
 from gateway.tls import ServerTLS
 from gateway.userdb import hash_password
