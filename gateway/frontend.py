@@ -15,7 +15,6 @@ for fail2ban, and tests pin its shape.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import json
 import re
 import time

@@ -14,6 +14,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing import postfix as postfix_module
+from gateway.testing.host import free_ports
 from gateway.testing.postfix import PostfixNotInstalled, PostfixSandbox, body_as_sent
 
 SENDER = "sender@example.net"
@@ -94,14 +95,6 @@ def _wait_for_empty_queue(sandbox: PostfixSandbox, timeout: float = 10.0) -> boo
             return False
         time.sleep(0.05)
     return True
-
-
-def _free_port() -> int:
-    """Return a port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _split_first_header(data: bytes) -> tuple[bytes, bytes]:
@@ -386,7 +379,7 @@ class PostfixLMTPTests(SynchronousTestCase):
     """With ``lmtp`` set, the sandbox hands every message to that LMTP server."""
 
     def setUp(self) -> None:
-        self.lmtp_port = _free_port()
+        self.lmtp_port = free_ports("127.0.0.1", 1)[0]
         self.sandbox = _started(
             self, PostfixSandbox(_temporary_directory(self), lmtp=("127.0.0.1", self.lmtp_port))
         )

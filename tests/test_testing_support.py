@@ -8,6 +8,7 @@ import ipaddress
 import os
 import poplib
 import pwd
+import random
 import shutil
 import socket
 import ssl
@@ -25,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing import dovecot as dovecot_module
 from gateway.testing.dovecot import DovecotNotInstalled, DovecotSandbox
+from gateway.testing.host import free_ports
 from gateway.testing.pki import IssuedCertificate, TestCA
 
 USER = "alice"
@@ -441,3 +443,33 @@ class DovecotSandboxSetupTests(SynchronousTestCase):
         self.addCleanup(sandbox.stop)
         error = self.assertRaises(RuntimeError, sandbox.start)
         self.assertIn("bogus_setting", str(error))
+
+
+class FreePortsTests(SynchronousTestCase):
+    """free_ports picks ports that outgoing connections cannot take from under a sandbox."""
+
+    def test_below_ephemeral_range(self) -> None:
+        """Every port lies below the kernel's ephemeral range, and no port repeats."""
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+        ports = free_ports("127.0.0.1", 50)
+        self.assertEqual(len(set(ports)), 50)
+        for port in ports:
+            self.assertLess(port, ephemeral_low)
+            self.assertGreaterEqual(port, 1024)
+
+    def test_skips_a_port_in_use(self) -> None:
+        """A port something listens on is passed over for the next candidate."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            candidates = iter([busy, busy, 20000])
+
+            class Scripted(random.Random):
+                def randrange(self, *args: object) -> int:  # type: ignore[override]
+                    return next(candidates)
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 20000))  # free iff this succeeds; closed before use
+            self.assertEqual(free_ports("127.0.0.1", 1, Scripted()), [20000])

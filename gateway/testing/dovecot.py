@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 
-from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, greets, uid
+from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, uid
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import random
 import socket
 import stat
 import subprocess
@@ -33,18 +34,41 @@ def _missing(name: str, package: str) -> RuntimeError:
     return RuntimeError(f"system account {name!r} is missing; Debian's {package} package creates it")
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """C{count} distinct ports that were free on C{host} a moment ago (another process may take one)."""
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_PORT = 10000
+
+
+def free_ports(host: str, count: int, rng: random.Random | None = None) -> list[int]:
+    """
+    C{count} distinct ports that were free on C{host} a moment ago, chosen at random below the
+    kernel's ephemeral range: a port from C{bind(0)} can be taken at once by the local end of
+    any outgoing connection (CI saw Postfix fail with "Address already in use" that way).
+    """
+    rng = rng or random.SystemRandom()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(_LOWEST_PORT, _ephemeral_low())
+        if port not in ports and _bindable(family, host, port):
+            ports.append(port)
+    return ports
+
+
+def _ephemeral_low() -> int:
     try:
-        # Hold every socket until all are bound so the ports differ.
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        with open(_EPHEMERAL_RANGE) as f:
+            return max(int(f.read().split()[0]), _LOWEST_PORT + 1000)
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(family: int, host: str, port: int) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def accepts(host: str, port: int) -> bool:

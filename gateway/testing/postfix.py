@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 
-from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, greets, uid
+from gateway.testing.host import ServerSandbox, accepts, check_searchable, free_ports, gid, uid
 
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 15.0

@@ -5,7 +5,6 @@ reads nothing and a backend that tries to send it 200 MB.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import smtplib
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
+from gateway.testing.host import free_ports
 from gateway.testing.pki import TestCA
 from gateway.testing.postfix import PostfixSandbox, body_as_sent
 
@@ -123,14 +123,6 @@ def wait_for_file(path: str, pattern: str, timeout: float = 10.0) -> re.Match[st
 def plain_token(user: str, password: str) -> str:
     """The AUTH PLAIN initial response for C{user} and C{password}."""
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class SubmissionFixture(SynchronousTestCase):
@@ -656,7 +648,7 @@ class ReplayLoginTests(SubmissionFixture):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.auth_port = free_port()
+        cls.auth_port = free_ports("127.0.0.1", 1)[0]
         # The sandbox hides AUTH by default (smtpd_discard_ehlo_keywords); here Postfix offers it.
         cls.postfix_main_cf = ("smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\n"
                                f"smtpd_sasl_path = inet:127.0.0.1:{cls.auth_port}\n"

@@ -13,7 +13,6 @@ import plistlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ElementTree
@@ -35,6 +34,7 @@ from gateway.autoconfig import AUTODISCOVER_OUTLOOK_NS, AUTODISCOVER_REQUEST_NS,
 from gateway.config import Settings, parse_settings
 from gateway.listener import Listener
 from gateway.testing.gateway import GatewayProcess
+from gateway.testing.host import free_ports
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS
 from gateway.web import WebState, build_web_service
@@ -134,13 +134,6 @@ class Fetched:
     def header(self, name: str) -> str | None:
         values = self.headers.get(name)
         return values[-1] if values else None
-
-
-def _free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class WebGatewayTests(TestCase):
@@ -378,7 +371,7 @@ class WebGatewayTests(TestCase):
     @inlineCallbacks
     def test_upstream_down(self) -> Any:
         """With the upstream down the client gets a plain 502 page, with HSTS and the CSP."""
-        self.state.update(self.settings(upstream=f"http://127.0.0.1:{_free_port()}"))
+        self.state.update(self.settings(upstream=f"http://127.0.0.1:{free_ports('127.0.0.1', 1)[0]}"))
         fetched = yield self.curl("/roundcube/")
         self.assertEqual(fetched.status, 502)
         self.assertEqual(fetched.header("content-type"), "text/plain; charset=utf-8")
