@@ -13,6 +13,7 @@ import sys
 STATE = os.environ["BENCH_STATE"]
 CERTS = os.environ["BENCH_CERT_DIR"]
 USERS = int(os.environ.get("BENCH_USERS", "5000"))
+WORKERS = os.environ.get("GATEWAY_WORKERS", "auto")  # a count, or "auto" (one per CPU)
 PORTS = {name: os.environ[f"GATEWAY_{name}"].rsplit(":", 1)[1]
          for name in ("IMAPS", "IMAP_STARTTLS", "POP3S", "POP3_STLS", "SMTPS", "SUBMISSION")}
 
@@ -27,6 +28,7 @@ def main() -> None:
 [gateway]
 hostname = "localhost"
 state_dir = "{STATE}/gateway-state"
+workers = {WORKERS if WORKERS.isdigit() else '"auto"'}
 
 [tls]
 certificate = "{CERTS}/ecdsa.crt"

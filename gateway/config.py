@@ -27,6 +27,7 @@ AuthMode = Literal["local", "backend"]
 # Listeners carry plain streams: the gateway adds TLS itself, so "ssl:" endpoints are refused.
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
 PROXY_PREFIX = "haproxy:"
+MAX_WORKERS = 64
 """A listener description starting with this takes a PROXY header from [limits] proxy_sources."""
 
 T = TypeVar("T")
@@ -229,7 +230,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Settings:
-    """The whole validated configuration."""
+    """
+    The whole validated configuration.
+
+    :ivar workers: processes that serve the mail listeners; above 1 a supervisor process holds
+        the listening sockets, the web and metrics listeners, and the shared limits and penalties.
+    """
 
     path: str
     hostname: str
@@ -242,6 +248,7 @@ class Settings:
     submission: SubmissionSettings | None
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
+    workers: int = 1
 
 
 class _Table:
@@ -403,6 +410,7 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
         raise gateway.error("hostname", "a host name such as mail.example.org", hostname)
     state_dir = gateway.string("state_dir", "/var/lib/mailgateway")
     assert state_dir is not None
+    workers = _workers(gateway)
     gateway.finish()
 
     tls = _tls_settings(root.table("tls"))
@@ -430,7 +438,7 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
                 " (the backend must see the client's password to decide)"
             )
-    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics)
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers)
 
 
 def _tls_settings(table: _Table) -> TLSSettings:
@@ -479,6 +487,17 @@ def _auth_settings(table: _Table) -> AuthSettings:
         raise table.error("users_file", 'nothing when mode is "backend" (the backend decides)')
     return AuthSettings(mode, users_file, failure_delay, hash_threads,  # type: ignore[arg-type]
                         failure_delay_max, ip_failure_budget, user_failures_free, failure_window, ipv6_prefix)
+
+
+def _workers(table: _Table) -> int:
+    """C{workers}: a count, or "auto" for one per CPU (as nginx's worker_processes auto)."""
+    expected = f'an integer from 1 to {MAX_WORKERS} or "auto"'
+    value = table._get("workers", 1, (int, str), expected)
+    if value == "auto":
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    if isinstance(value, str) or not 1 <= value <= MAX_WORKERS:
+        raise table.error("workers", expected, value)
+    return value
 
 
 def _limits(table: _Table) -> Limits:

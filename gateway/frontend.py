@@ -44,8 +44,7 @@ from gateway.backend import (
     set_nodelay,
 )
 from gateway.config import Limits
-from gateway.connection_limits import ConnectionLimits
-from gateway.penalties import LoginPenalties
+from gateway.gatekeeper import Gatekeeper, LoginCheck
 from gateway.relay import Splice, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.tls import ServerTLS, describe_tls
@@ -76,8 +75,7 @@ class FrontEndContext:
     authenticator: IAuthenticator
     backend: BackendConnector
     hostname: str
-    penalties: LoginPenalties
-    connections: ConnectionLimits
+    gatekeeper: Gatekeeper
 
 
 class LoginOutcome(enum.Enum):
@@ -171,7 +169,17 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                                     plain_address(getattr(host, "host", str(host))), getattr(host, "port", 0))
         self._started = time.monotonic()
         set_nodelay(self.transport)
-        refused = self.context.connections.admit(self.client.host)
+        # Nothing is read until the gatekeeper has answered (at once in a single process).
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        admitting = self.context.gatekeeper.admit(self.client.host)
+        admitting.addCallback(self._admission)
+        admitting.addErrback(self._gatekeeper_failed)
+
+    def _admission(self, refused: str | None) -> None:
+        if self._lost:
+            if refused is None:  # the client left while the answer was on its way
+                self.context.gatekeeper.release(self.client.host)
+            return
         if refused is not None:
             log.warn("connection_refused protocol={protocol} client={client} limit={limit}",
                      protocol=self.context.protocol, client=self.client.host, limit=refused)
@@ -179,12 +187,21 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self.close()
             return
         self._admitted = True
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.setTimeout(self.context.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
         log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
                  protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
                  listener=self.client.local_port, tls="implicit" if self.secure else "none")
         self.greet()
+
+    def _gatekeeper_failed(self, failure: Failure) -> None:
+        # Only a worker whose supervisor is gone gets here; it is about to stop.
+        log.failure("gatekeeper_failed protocol={protocol} client={client}", failure,
+                    protocol=self.context.protocol, client=self.client.host)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def handshakeCompleted(self) -> None:
         described = describe_tls(self.transport)
@@ -205,11 +222,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if self._pending is not None:
             self._pending.cancel()  # a no-op once the login has finished
         if self._session_user is not None:
-            self.context.connections.close_session(self._session_user)
+            self.context.gatekeeper.close_session(self._session_user)
             self._session_user = None
         if not self._admitted:
-            return  # refused at connect: counted nowhere, logged already
-        self.context.connections.release(self.client.host)
+            return  # refused at connect, or not yet answered: counted nowhere, logged already
+        self.context.gatekeeper.release(self.client.host)
         bytes_in, bytes_out = self._bytes_in, self._bytes_out
         if self._splice is not None:
             self._splice.client_lost()
@@ -412,14 +429,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.pauseProducing()
         # The server is the slow one now (hashing, the backend): no idle timeout; the deadline stays.
         self.setTimeout(None)
-        if self.context.penalties.refused(self.client.host):
-            log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
-            self._login_finished(LoginOutcome.THROTTLED)
-            return
         started = self.clock.seconds()
-        checking = self.context.authenticator.verify(user, password)
-        checking.addCallback(self._verified, user, password, authzid)
+        checking = self.context.gatekeeper.check_login(user_key(user), self.client.host)
+        checking.addCallback(self._verify, user, password, authzid)
         checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,),
                               errbackArgs=(user, password, started))
         checking.addCallback(self._login_finished)
@@ -447,14 +459,28 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                     protocol=self.context.protocol, client=self.client.host)
         self.close()
 
-    def _verified(self, good: bool, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
+    def _verify(self, check: LoginCheck, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
+        if check.throttled:
+            raise _Throttled()
+        verifying = self.context.authenticator.verify(user, password)
+        verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
+        return verifying
+
+    def _verified(self, good: bool, user: str, password: bytes, authzid: str,
+                  sessions_full: bool) -> Deferred[BackendLogin]:
         if not good or (authzid and authzid != user):
             raise _BadCredentials("credentials")
-        if not self.context.authenticator.backend_decides:
-            self._open_session(user)
-        elif self.context.connections.sessions(user_key(user)) >= self.context.connections.rules.max_sessions_per_user:
-            # Counted only once the backend has accepted: guesses must not take the user's slots.
+        if sessions_full:
             raise _TooManySessions()
+        if self.context.authenticator.backend_decides:
+            # Counted only once the backend has accepted: guesses must not take the user's slots.
+            return self._backend_login(user, password)
+        opening = self.context.gatekeeper.open_session(user_key(user))
+        opening.addCallback(self._session_opened, user)
+        opening.addCallback(lambda _: self._backend_login(user, password))
+        return opening
+
+    def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
@@ -466,24 +492,32 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._backend_started = self.clock.seconds()
         return self.context.backend.login(request)
 
-    def _open_session(self, user: str) -> None:
-        if not self.context.connections.open_session(user_key(user)):
+    def _session_opened(self, opened: bool, user: str) -> None:
+        if not opened:
             raise _TooManySessions()
         self._session_user = user_key(user)
 
-    def _logged_in(self, session: BackendLogin, user: str) -> LoginOutcome:
-        if self.context.authenticator.backend_decides:
-            try:
-                self._open_session(user)
-            except _TooManySessions:
-                assert session.transport is not None
-                session.transport.abortConnection()  # type: ignore[attr-defined]
-                log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
-                         protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
-                return LoginOutcome.OVERLOADED
+    def _logged_in(self, session: BackendLogin, user: str) -> Deferred[LoginOutcome] | LoginOutcome:
+        if not self.context.authenticator.backend_decides:
+            return self._accepted(session, user)
+        opening = self.context.gatekeeper.open_session(user_key(user))
+        opening.addCallback(self._session_opened, user)
+        opening.addCallbacks(lambda _: self._accepted(session, user), self._session_refused,
+                             errbackArgs=(session, user))
+        return opening
+
+    def _session_refused(self, failure: Failure, session: BackendLogin, user: str) -> LoginOutcome:
+        assert session.transport is not None
+        session.transport.abortConnection()  # type: ignore[attr-defined]
+        failure.trap(_TooManySessions)
+        log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+        return LoginOutcome.OVERLOADED
+
+    def _accepted(self, session: BackendLogin, user: str) -> LoginOutcome:
         self.user = user
         self._session = session
-        self.context.penalties.succeeded(user_key(user), self.client.host)
+        self.context.gatekeeper.succeeded(user_key(user), self.client.host)
         log.info("login protocol={protocol} client={client} user={user} backend_ms={backend_ms:.1f}",
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
                  backend_ms=1000 * (self.clock.seconds() - self._backend_started))
@@ -491,11 +525,16 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
 
     def _not_logged_in(self, failure: Failure, user: str, password: bytes,
                        started: float) -> Deferred[LoginOutcome] | Failure | LoginOutcome:
-        failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions)
+        failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions,
+                     _Throttled)
         if self._session_user is not None:
-            self.context.connections.close_session(self._session_user)
+            self.context.gatekeeper.close_session(self._session_user)
             self._session_user = None
         auth = self.context.authenticator
+        if failure.check(_Throttled):
+            log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+            return LoginOutcome.THROTTLED
         if failure.check(_TooManySessions):
             log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
                      protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
@@ -516,12 +555,10 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
                  protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
                  reason="backend-refused" if failure.check(BackendRejected) else "credentials")
-        penalties = self.context.penalties
-        delay = penalties.failure_delay(user_key(user), self.client.host)
-        penalties.failed(user_key(user), self.client.host, password)
-        pause = deferLater(self.clock, max(0.0, started + delay - self.clock.seconds()))
-        pause.addCallback(lambda _: LoginOutcome.REJECTED)
-        return pause
+        counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
+        counting.addCallback(lambda delay: deferLater(self.clock, max(0.0, started + delay - self.clock.seconds())))
+        counting.addCallback(lambda _: LoginOutcome.REJECTED)
+        return counting
 
     def backend_capabilities(self) -> tuple[bytes, ...]:
         """What the backend announced after the login; valid from L{LoginOutcome.LOGGED_IN} on."""
@@ -604,6 +641,10 @@ class _BadCredentials(Exception):
 
 class _TooManySessions(Exception):
     """The user holds as many sessions as allowed."""
+
+
+class _Throttled(Exception):
+    """The client address has used up its failed logins for now."""
 
 
 class FrontEndFactory(ServerFactory):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorSocket, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from zope.interface import implementer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -20,12 +24,15 @@ class Listener(Service):
     """
     Listens on one endpoint. Binding happens in C{privilegedStartService}, before twistd drops
     privileges, and a failure to bind stops the start-up with one line naming the endpoint.
+
+    :param accepting: False for a socket held only for worker processes, which accept on it.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str, accepting: bool = True) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self.label = label
+        self._accepting = accepting
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -37,6 +44,8 @@ class Listener(Service):
         if isinstance(outcome[0], Failure):
             raise SystemExit(f"mailgateway: {self.label}: cannot listen: {outcome[0].getErrorMessage()}")
         self.port = outcome[0]
+        if not self._accepting:
+            self.port.stopReading()  # type: ignore[attr-defined]
         address = self.port.getHost()
         log.info("listening {label} address={host}:{port}", label=self.label,
                  host=getattr(address, "host", address), port=getattr(address, "port", 0))
@@ -52,8 +61,22 @@ class Listener(Service):
         return port.stopListening() if port is not None else None
 
 
+@implementer(IStreamServerEndpoint)
+class InheritedEndpoint:
+    """A listening socket this process was given (by the supervisor), as an endpoint."""
+
+    def __init__(self, reactor: IReactorSocket, fileno: int) -> None:
+        self._reactor = reactor
+        self._fileno = fileno
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        with socket.socket(fileno=self._fileno) as inherited:  # closed here: the reactor keeps a copy
+            return succeed(self._reactor.adoptStreamPort(inherited.fileno(), inherited.family, factory))
+
+
 def listener(reactor: object, description: str, factory: Factory, *, label: str, key: str, config_path: str,
-             proxy_sources: tuple[Network, ...] | None) -> Listener:
+             proxy_sources: tuple[Network, ...] | None, inherited: int | None = None,
+             accepting: bool = True) -> Listener:
     """
     The listener for one endpoint description of the configuration.
 
@@ -61,6 +84,9 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
     :param key: the configuration key it comes from, e.g. C{[imap] implicit_tls}, named in errors.
     :param proxy_sources: who may send a PROXY header to a C{haproxy:} listener; None when this
         kind of listener takes none.
+    :param inherited: the descriptor of the socket already listening on this endpoint (in a
+        worker process), instead of listening anew.
+    :param accepting: see L{Listener}.
     :raises ConfigError: for a description that is not a usable endpoint, or a C{haproxy:} one
         where no PROXY header is taken.
     """
@@ -69,9 +95,12 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
             raise ConfigError(f"{config_path}: {key}: {description!r}: this listener takes no PROXY header; "
                               'expected an endpoint such as "tcp:9101:interface=127.0.0.1"')
         factory = TrustedProxyFactory(factory, proxy_sources, reactor)  # type: ignore[arg-type]
+    if inherited is not None:
+        return Listener(InheritedEndpoint(reactor, inherited), factory,  # type: ignore[arg-type]
+                        f"{label} endpoint={description} inherited={inherited}")
     try:
         endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise ConfigError(f"{config_path}: {key}: {description!r} is not a usable endpoint description "
                           f"({type(e).__name__}: {e})") from None
-    return Listener(endpoint, factory, f"{label} endpoint={description}")
+    return Listener(endpoint, factory, f"{label} endpoint={description}", accepting)

@@ -107,12 +107,18 @@ class _Table(Generic[K]):
         return len(self._entries)
 
 
+def password_fingerprint(key: bytes, password: bytes) -> bytes:
+    """What a wrong password is remembered as: a keyed hash, useless without the gateway's key."""
+    return hmac.new(key, password, hashlib.sha256).digest()[:16]
+
+
 class LoginPenalties:
     """
-    The shared penalty state of one gateway process.
+    The shared penalty state of one gateway.
 
     :param clock: the time source.
     :param rules: the limits.
+    :ivar fingerprint_key: the key of L{password_fingerprint}; made at start, never stored.
     """
 
     def __init__(self, clock: IReactorTime, rules: PenaltyRules) -> None:
@@ -121,7 +127,7 @@ class LoginPenalties:
         self._pairs: _Table[tuple[str, str]] = _Table(rules.max_entries, rules.window)
         self._sources: _Table[str] = _Table(rules.max_entries, rules.window)
         self._users: _Table[str] = _Table(rules.max_entries, rules.window)
-        self._key = secrets.token_bytes(32)  # fingerprints are useless outside this process
+        self.fingerprint_key = secrets.token_bytes(32)
 
     def source(self, host: str) -> str | None:
         """The key a client address is counted under, or None for a trusted (or non-IP) client."""
@@ -164,12 +170,15 @@ class LoginPenalties:
             earlier = max(earlier, by_user.failures - self.rules.user_free + 1)
         return float(min(self.rules.max_delay, self.rules.base_delay * 2 ** min(earlier, 32)))
 
-    def failed(self, user: str, host: str, password: bytes) -> None:
-        """Count a failed login; the same wrong password again from the same pair is not counted."""
+    def failed(self, user: str, host: str, fingerprint: bytes) -> None:
+        """
+        Count a failed login; the same wrong password again from the same pair is not counted.
+
+        :param fingerprint: the wrong password's L{password_fingerprint} under L{fingerprint_key}.
+        """
         now = self._clock.seconds()
         source = self.source(host)
         pair = self._pairs.touch((user, source or host), now)
-        fingerprint = hmac.new(self._key, password, hashlib.sha256).digest()[:16]
         if fingerprint in pair.recent:
             return
         pair.recent = (pair.recent + [fingerprint])[-3:]

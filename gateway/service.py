@@ -3,14 +3,16 @@ Wiring: builds the gateway's service tree from validated settings.
 
 This is the only module that knows how the pieces fit together: the hashing thread pool, the
 authenticator, the TLS contexts, the backend connectors and one listener per configured
-endpoint.
+endpoint. With several workers it builds two trees: the supervisor's (the listening sockets,
+the shared gatekeeper, the worker processes, web and metrics) and each worker's (the mail
+front ends, accepting on the sockets the supervisor holds).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 
@@ -35,6 +37,7 @@ from gateway.config import (
 )
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
+from gateway.gatekeeper import Gatekeeper, LocalGatekeeper
 from gateway.imap import ImapFrontEnd
 from gateway.listener import listener
 from gateway.metrics import GatewayMetrics, build_metrics_service, certificates_to_watch
@@ -48,6 +51,7 @@ from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
 from gateway.tls import ServerTLS, TLSError, ensure_self_signed
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
+from gateway.workers import WorkerPool
 
 log = Logger()
 
@@ -135,15 +139,13 @@ class Reloader(Service):
     hours of recorded sessions, while clients still resume within that time.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, path: str, penalties: LoginPenalties,
-                 connections: ConnectionLimits, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, reactor: IReactorFromThreads, path: str, metrics: GatewayMetrics | None = None) -> None:
         self._reactor = reactor
         self._metrics = metrics
         self._path = path
-        self._penalties = penalties
-        self._connections = connections
         self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
         self._web: list[tuple[ServerTLS, WebState]] = []
+        self._followers: list[Callable[[Settings], object]] = []
         self._previous_handler: object = None
         self._rotation = LoopingCall(self.rotate_ticket_keys)
         self._rotation.clock = reactor  # type: ignore[assignment]
@@ -155,6 +157,10 @@ class Reloader(Service):
     def serve_web(self, server_tls: ServerTLS, state: WebState) -> None:
         """Keep the web listeners' TLS and documents up to date on reload."""
         self._web.append((server_tls, state))
+
+    def follow(self, apply: Callable[[Settings], object]) -> None:
+        """Call C{apply} with every configuration that reloads well (the gatekeeper's rules, the workers)."""
+        self._followers.append(apply)
 
     def _contexts(self) -> list[ServerTLS]:
         return [tls for tls, _ in self._served] + [tls for tls, _ in self._web]
@@ -199,8 +205,8 @@ class Reloader(Service):
         except (ConfigError, TLSError) as e:
             log.error("reload_failed reason={reason}: keeping the running configuration", reason=str(e))
             return
-        self._penalties.rules = penalty_rules(settings)
-        self._connections.rules = connection_rules(settings)
+        for apply in self._followers:
+            apply(settings)
         for _, state in self._web:
             state.update(settings)
         if self._metrics is not None:
@@ -213,36 +219,75 @@ class Reloader(Service):
 
 def build_service(settings: Settings, reactor: object) -> MultiService:
     """
-    Build everything the configuration asks for.
+    Build everything the configuration asks for: one process, or the supervisor of
+    C{settings.workers} worker processes.
 
     :param reactor: the running reactor (twistd's); every part gets it injected.
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
     top = MultiService()
-    hashing = HashingPool(settings.auth.hash_threads)
-    hashing.setServiceParent(top)
-    users = None
-    if settings.auth.mode == "local":
-        assert settings.auth.users_file is not None
-        try:
-            users = UserDatabase(settings.auth.users_file)
-        except UserFileError as e:
-            raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
-        self_test()
-    authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
-    penalties = LoginPenalties(reactor, penalty_rules(settings))  # type: ignore[arg-type]
-    connections = ConnectionLimits(connection_rules(settings))
+    gatekeeper = LocalGatekeeper(ConnectionLimits(connection_rules(settings)),
+                                 LoginPenalties(reactor, penalty_rules(settings)))  # type: ignore[arg-type]
     certificate, key = certificate_files(settings)
     metrics = None
     if settings.metrics is not None:
         metrics = GatewayMetrics()
         metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
         build_metrics_service(settings.metrics, reactor, metrics, config_path=settings.path).setServiceParent(top)
-    reloader = Reloader(reactor, settings.path, penalties, connections, metrics)  # type: ignore[arg-type]
+    reloader = Reloader(reactor, settings.path, metrics)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
+    reloader.follow(partial(_new_rules, gatekeeper))
+    if settings.workers == 1:
+        _build_mail(settings, reactor, gatekeeper, reloader, top)
+    else:
+        idle = Factory()
+        idle.noisy = False
+        held = [listener(reactor, description, idle, label=f"protocol={name} tls={kind} held_for=workers",
+                         key=f"[{name}] {kind}", config_path=settings.path, proxy_sources=settings.limits.proxy_sources,
+                         accepting=False)
+                for name, kind, description in mail_endpoints(settings)]
+        for each in held:
+            each.setServiceParent(top)
+        pool = WorkerPool(reactor, settings.path, settings.workers, gatekeeper, held)  # type: ignore[arg-type]
+        pool.setServiceParent(top)
+        reloader.follow(lambda _: pool.reload())
+    if settings.web is not None:
+        try:
+            web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)
+        except TLSError as e:
+            raise ConfigError(f"{settings.path}: [tls]: {e}") from None
+        web_state = WebState(settings)
+        build_web_service(settings.web, reactor, web_tls, web_state).setServiceParent(top)
+        reloader.serve_web(web_tls, web_state)
+    return top
 
-    # name, ALPN, settings, front end, backend dialogue, whether to learn the backend's
-    # pre-login capabilities at start (POP3 CAPA and SMTP EHLO promise them before login).
+
+def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gatekeeper,
+                         inherited: list[int]) -> MultiService:
+    """
+    Build one worker process: the mail front ends, accepting on the listening sockets the
+    supervisor passed down (in the order of L{mail_endpoints}).
+
+    :raises ConfigError: when a file named by the configuration cannot be used.
+    """
+    top = MultiService()
+    reloader = Reloader(reactor, settings.path)  # type: ignore[arg-type]
+    reloader.setServiceParent(top)
+    _build_mail(settings, reactor, gatekeeper, reloader, top, iter(inherited))
+    return top
+
+
+def _new_rules(gatekeeper: LocalGatekeeper, settings: Settings) -> None:
+    gatekeeper.penalties.rules = penalty_rules(settings)
+    gatekeeper.connections.rules = connection_rules(settings)
+
+
+def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
+                                                      Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, bool]]:
+    """
+    Per protocol: name, ALPN, settings, front end, backend dialogue, and whether to learn the
+    backend's pre-login capabilities at start (POP3 CAPA and SMTP EHLO promise them before login).
+    """
     protocols: list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
                           Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, bool]] = [
         ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin, False),
@@ -259,7 +304,34 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             lambda context: SubmissionFrontEnd(context, rules, senders),
             partial(SmtpBackend, ehlo_name=settings.hostname), True,
         ))
-    for name, alpn, protocol, front_end, backend_login, probe in protocols:
+    return protocols
+
+
+def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
+    """Every mail listener as (protocol, C{implicit_tls} or C{starttls}, description), in a fixed order."""
+    return [(name, kind, description)
+            for name, protocol in (("imap", settings.imap), ("pop3", settings.pop3), ("submission", settings.submission))
+            if protocol is not None
+            for kind, descriptions in (("implicit_tls", protocol.implicit_tls), ("starttls", protocol.starttls))
+            for description in descriptions]
+
+
+def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
+                top: MultiService, inherited: Iterator[int] | None = None) -> None:
+    """The mail front ends and their listeners, listening anew or on C{inherited} sockets."""
+    hashing = HashingPool(settings.auth.hash_threads)
+    hashing.setServiceParent(top)
+    users = None
+    if settings.auth.mode == "local":
+        assert settings.auth.users_file is not None
+        try:
+            users = UserDatabase(settings.auth.users_file)
+        except UserFileError as e:
+            raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
+        self_test()
+    authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
+    certificate, key = certificate_files(settings)
+    for name, alpn, protocol, front_end, backend_login, probe in _mail_protocols(settings):
         if protocol is None:
             continue
         try:
@@ -271,7 +343,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
             context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
-                                      implicit, authenticator, backend, settings.hostname, penalties, connections)
+                                      implicit, authenticator, backend, settings.hostname, gatekeeper)
             front_factory = FrontEndFactory(front_end, context)
             reloader.serve(server_tls, front_factory)
             factory: Factory = front_factory
@@ -281,13 +353,5 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
             kind = "implicit_tls" if implicit else "starttls"
             for description in descriptions:
                 listener(reactor, description, factory, label=f"protocol={name} tls={kind}", key=f"[{name}] {kind}",
-                         config_path=settings.path, proxy_sources=settings.limits.proxy_sources).setServiceParent(top)
-    if settings.web is not None:
-        try:
-            web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)
-        except TLSError as e:
-            raise ConfigError(f"{settings.path}: [tls]: {e}") from None
-        web_state = WebState(settings)
-        build_web_service(settings.web, reactor, web_tls, web_state).setServiceParent(top)
-        reloader.serve_web(web_tls, web_state)
-    return top
+                         config_path=settings.path, proxy_sources=settings.limits.proxy_sources,
+                         inherited=None if inherited is None else next(inherited)).setServiceParent(top)

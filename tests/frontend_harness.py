@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
+from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
@@ -46,7 +47,7 @@ class FrontEndTestBase(SynchronousTestCase):
         self.connections = ConnectionLimits(ConnectionRules())
         self.context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
                                        self.implicit_tls, self.auth, self.backend,  # type: ignore[arg-type]
-                                       "mail.example.org", self.penalties, self.connections)
+                                       "mail.example.org", LocalGatekeeper(self.connections, self.penalties))
         self.front, self.transport = self.connect()
         self.greeting = self.read()
 

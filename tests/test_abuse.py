@@ -15,6 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from gateway.config import SubmissionSettings
+from gateway.gatekeeper import LocalGatekeeper
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, LoginFrontEnd
 from gateway.imap import ImapFrontEnd
@@ -89,7 +90,7 @@ class AbuseTestBase(FrontEndTestBase):
         # The harness counted its first connection under the default rules: start again under ours.
         self.front.connectionLost(Failure(ConnectionDone()))
         self.connections = ConnectionLimits(self.connection_rules)
-        self.context = replace(self.context, connections=self.connections)
+        self.context = replace(self.context, gatekeeper=LocalGatekeeper(self.connections, self.penalties))
         self.clients: list[Client] = []
         self.home = self.open(HOME)
         self.front, self.transport = self.home.front, self.home.transport

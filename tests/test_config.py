@@ -176,6 +176,15 @@ class DefaultTests(ConfigTestCase):
         tables["imap.backend"] = {"host": '"store.example.org"'}
         self.assertEqual(self.load(tables).imap.backend.server_name, "store.example.org")  # type: ignore[union-attr]
 
+    def test_workers(self) -> None:
+        """workers is one by default, a count as given, and "auto" is one per CPU."""
+        tables = self.minimal()
+        self.assertEqual(self.load(tables).workers, 1)
+        tables["gateway"] = {"workers": "3"}
+        self.assertEqual(self.load(tables).workers, 3)
+        tables["gateway"] = {"workers": '"auto"'}
+        self.assertEqual(self.load(tables).workers, os.cpu_count())
+
     def test_integers_are_seconds(self) -> None:
         """A whole number of seconds is accepted and kept as a float."""
         tables = self.minimal()
@@ -232,6 +241,10 @@ class TypeTests(ConfigTestCase):
         ("gateway", "hostname", "1", "a host name such as mail.example.org"),
         ("gateway", "hostname", '"  "', "a host name such as mail.example.org"),
         ("gateway", "state_dir", "true", "a string"),
+        ("gateway", "workers", '"all"', 'an integer from 1 to 64 or "auto"'),
+        ("gateway", "workers", "0", 'an integer from 1 to 64 or "auto"'),
+        ("gateway", "workers", "65", 'an integer from 1 to 64 or "auto"'),
+        ("gateway", "workers", "true", 'an integer from 1 to 64 or "auto"'),
         ("tls", "self_signed", '"yes"', "true or false"),
         ("tls", "certificate", "1", "the path of a readable file"),
         ("tls", "private_key", '""', "the path of a readable file"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import config
-from gateway.config import Settings, parse_settings
+from gateway.config import MAX_WORKERS, Settings, parse_settings
 from gateway.tap import DEFAULT_CONFIG
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,8 @@ class ExampleTests(SynchronousTestCase):
                 self.assertEqual(named, value)
             elif key in ("trusted_networks", "proxy_sources"):
                 self.assertEqual(tuple(str(network) for network in getattr(part, key)), tuple(value))
+            elif key == "workers" and value == "auto":
+                self.assertEqual(getattr(part, key), min(os.cpu_count() or 1, MAX_WORKERS))
             else:
                 expected = tuple(value) if isinstance(value, list) else value
                 self.assertEqual(getattr(part, key), expected, f"[{table}] {key}")

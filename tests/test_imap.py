@@ -5,7 +5,12 @@ from __future__ import annotations
 from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
 from twisted.internet.error import ConnectionDone
 
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred
+
 from gateway.connection_limits import ConnectionRules
+from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import PenaltyRules
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
@@ -499,3 +504,47 @@ class NilUserTests(ImapTestBase):
         """ID NIL is valid, and a NIL field name is not."""
         self.assertTrue(self.say(b"a ID NIL\r\n").endswith(b"a OK ID completed.\r\n"))
         self.assertEqual(self.say(b'b ID (NIL "x")\r\n'), b"b BAD Invalid ID parameters.\r\n")
+
+
+class _HeldGatekeeper(LocalGatekeeper):
+    """A gatekeeper whose admissions wait until the test answers them, as a worker's do."""
+
+    def __init__(self, gatekeeper: LocalGatekeeper) -> None:
+        super().__init__(gatekeeper.connections, gatekeeper.penalties)
+        self.held: list[tuple[Deferred[str | None], str]] = []
+
+    def admit(self, host: str) -> Deferred[str | None]:
+        answer: Deferred[str | None] = Deferred()
+        self.held.append((answer, host))
+        return answer
+
+    def answer(self) -> None:
+        held, self.held = self.held, []
+        for answer, host in held:
+            answer.callback(self.connections.admit(host))
+
+
+class PendingAdmissionTests(ImapTestBase):
+    """Until the gatekeeper has admitted a connection, nothing is read and nothing is said."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.gatekeeper = _HeldGatekeeper(self.context.gatekeeper)  # type: ignore[arg-type]
+        self.context = replace(self.context, gatekeeper=self.gatekeeper)
+
+    def test_greeting_waits_for_admission(self) -> None:
+        """The client is paused and not greeted until admitted; then it is greeted and read."""
+        front, transport = self.connect("192.0.2.30")
+        self.assertEqual((transport.value(), transport.producerState), (b"", "paused"))
+        self.gatekeeper.answer()
+        self.assertTrue(transport.value().startswith(b"* OK "))
+        self.assertEqual(transport.producerState, "producing")
+        front.connectionLost(Failure(ConnectionDone()))
+
+    def test_client_gone_before_admission(self) -> None:
+        """A client that leaves before its admission is answered is not counted once it is."""
+        before = self.connections.connections
+        front, transport = self.connect("192.0.2.31")
+        front.connectionLost(Failure(ConnectionDone()))
+        self.gatekeeper.answer()
+        self.assertEqual((self.connections.connections, transport.value()), (before, b""))

@@ -32,7 +32,6 @@ from twisted.web.server import Site
 
 from gateway.backend import BackendRefused, BackendUnavailable, LoginRequest
 from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
-from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.metrics import (
     CONTENT_TYPE,
@@ -319,8 +318,7 @@ class OtherEventTests(SynchronousTestCase):
         path = os.path.join(directory, "gateway.toml")
         with open(path, "w", encoding="utf-8") as f:
             f.write(CONFIG.format(state=os.path.join(directory, "state")))
-        reloader = Reloader(Clock(), path, LoginPenalties(Clock(), PenaltyRules()),  # type: ignore[arg-type]
-                            ConnectionLimits(ConnectionRules()))
+        reloader = Reloader(Clock(), path)  # type: ignore[arg-type]
         reloader.reload()
         with open(path, "a", encoding="utf-8") as f:
             f.write("unknown_key = 1\n")

@@ -13,7 +13,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.penalties import LoginPenalties, PenaltyRules
+from gateway.penalties import LoginPenalties, PenaltyRules, password_fingerprint
 
 ATTACKER = "192.0.2.66"
 OTHER = "192.0.2.67"
@@ -50,7 +50,8 @@ class PenaltyTestBase(SynchronousTestCase):
         """
         self._guesses += 1
         delay = self.penalties.failure_delay(user, host)
-        self.penalties.failed(user, host, b"guess %d" % self._guesses if password is None else password)
+        password = b"guess %d" % self._guesses if password is None else password
+        self.penalties.failed(user, host, password_fingerprint(self.penalties.fingerprint_key, password))
         return delay
 
 

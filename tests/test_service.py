@@ -293,7 +293,7 @@ class ReloaderTestCase(SynchronousTestCase):
     def snapshot(self) -> tuple[object, ...]:
         """Everything a reload may change: rules, every factory's limits, every served certificate."""
         context = self.fronts[0].context
-        return (context.penalties.rules, context.connections.rules,
+        return (context.gatekeeper.penalties.rules, context.gatekeeper.connections.rules,
                 tuple(front.context.limits for front in self.fronts),
                 tuple(serial_served(server_tls) for server_tls in self.tls))
 
@@ -321,10 +321,9 @@ class ReloadTests(ReloaderTestCase):
             self.assertEqual(context.limits.max_connections_per_ip, 7)
             expected = SUBMISSION_LINE_LENGTH if context.protocol == "submission" else 4096
             self.assertEqual(context.limits.line_length, expected, context.protocol)
-            self.assertEqual(context.penalties.rules.base_delay, 0.5)
-            self.assertEqual(context.connections.rules.max_per_address, 7)
-        self.assertEqual(len({id(front.context.penalties) for front in self.fronts}), 1)
-        self.assertEqual(len({id(front.context.connections) for front in self.fronts}), 1)
+            self.assertEqual(context.gatekeeper.penalties.rules.base_delay, 0.5)
+            self.assertEqual(context.gatekeeper.connections.rules.max_per_address, 7)
+        self.assertEqual(len({id(front.context.gatekeeper) for front in self.fronts}), 1)
         self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
 
     def test_renewed_certificate(self) -> None:

@@ -20,7 +20,8 @@ from gateway.userdb import hash_password
 
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_LISTENING = re.compile(r"listening protocol=(\w+) tls=(\w+) endpoint=\S+ address=(\S+):(\d+)")
+# The supervisor's line when there are workers (which log their own, inherited, ones too).
+_LISTENING = re.compile(r"listening protocol=(\w+) tls=(\w+) (?:held_for=workers )?endpoint=\S+ address=(\S+):(\d+)")
 
 
 class GatewayProcess:
@@ -49,6 +50,8 @@ class GatewayProcess:
         submission_backend: str = "",
         submission: str = "",
         proxy: bool = False,
+        workers: int = 1,
+        auth: str = "",
     ) -> None:
         """
         :param imap_backend_port: the plaintext IMAP store; None serves no IMAP.
@@ -62,6 +65,8 @@ class GatewayProcess:
         :param submission_backend: extra keys for the C{[submission.backend]} table.
         :param submission: extra keys for the C{[submission]} table (senders_file, max_message_size, ...).
         :param proxy: listeners expect a PROXY header (C{haproxy:}); give C{[limits] proxy_sources} in C{settings}.
+        :param workers: C{[gateway] workers}.
+        :param auth: extra keys for the C{[auth]} table.
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -78,6 +83,8 @@ class GatewayProcess:
         self._submission_backend = submission_backend
         self._submission = submission
         self._proxy = proxy
+        self._workers = workers
+        self._auth = auth
         self.config_path = os.path.join(self.directory, "mailgateway.toml")
         self.log_path = os.path.join(self.directory, "mailgateway.log")
         self.users_path = os.path.join(self.directory, "users")
@@ -121,6 +128,7 @@ class GatewayProcess:
 [gateway]
 hostname = "localhost"
 state_dir = "{self.directory}/state"
+workers = {self._workers}
 
 [tls]
 {tls}
@@ -130,6 +138,7 @@ state_dir = "{self.directory}/state"
 failure_delay = 0.2
 # Flat: tests make many failures from 127.0.0.1; escalation is covered by unit tests.
 failure_delay_max = 0.2
+{self._auth}
 
 {protocols}
 {self._settings}
@@ -155,9 +164,11 @@ failure_delay_max = 0.2
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(self.log())}
+            log_text = self.log()
+            self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(log_text)}
             expected = 2 * sum(port is not None for _, port, _, _ in self._protocols())
-            if len(self.ports) >= expected and "Starting reactor" in self.log():
+            ready = "Starting reactor" in log_text and (self._workers == 1 or log_text.count("worker_ready") >= self._workers)
+            if len(self.ports) >= expected and ready:
                 return
             if self._process.poll() is not None:
                 break

@@ -1,7 +1,8 @@
 """
 The metrics endpoint of the real gateway process, scraped over HTTP after real sessions: IMAP
 and POP3 logins through the gateway to a private Dovecot, and a submission through it to a
-private Postfix. The counters must match the sessions that ran.
+private Postfix. The counters must match the sessions that ran. The gateway runs two worker
+processes, so the counters also show that every worker's events reach the supervisor's metrics.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class MetricsScrapeTests(SynchronousTestCase):
             pop3_backend_port=cls.dovecot.pop3_port, users=USERS,
             certificate=cls.issued.chain_path, private_key=cls.issued.key_path,
             submission_backend_port=cls.postfix.smtp_port, submission_backend='login = "xclient"\ntimeout = 5',
-            settings='[metrics]\nlisten = ["tcp:0:interface=127.0.0.1"]\n',
+            settings='[metrics]\nlisten = ["tcp:0:interface=127.0.0.1"]\n', workers=2,
         )
         try:
             cls.dovecot.start()

@@ -1,0 +1,70 @@
+"""
+A worker process: C{python -m gateway.worker}, started by the supervisor (L{gateway.workers}).
+
+It inherits its channel to the supervisor and the listening sockets as descriptors, reads the
+same configuration, and serves the mail listeners. It logs through the channel and stops when
+the channel closes, so no worker outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import socket
+import sys
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger, globalLogBeginner
+from twisted.python.failure import Failure
+
+from gateway.config import ConfigError, load_settings
+from gateway.service import build_worker_service
+from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
+from gateway.workers import CONTROL_FD, SingleProtocolFactory
+
+log = Logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker until the supervisor ends it; the exit status is 0 after a clean stop."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--listeners", type=int, required=True)
+    options = parser.parse_args(argv)
+    from twisted.internet import reactor
+
+    channel = WorkerChannel(lost=lambda: reactor.running and reactor.stop())  # type: ignore[attr-defined]
+    with socket.socket(fileno=CONTROL_FD) as control:  # the reactor keeps its own copy
+        reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
+    globalLogBeginner.beginLoggingTo([channel.emit], redirectStandardIO=False)
+    status: list[int] = [0]
+    hello: Deferred[str] = channel.call("hello")
+    hello.addCallback(_serve, options, reactor, channel)
+    hello.addErrback(_failed, reactor, status)
+    reactor.run()  # type: ignore[attr-defined]
+    return status[0]
+
+
+def _serve(key: str, options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
+    settings = load_settings(options.config)
+    first = CONTROL_FD + 1
+    service = build_worker_service(settings, reactor, RemoteGatekeeper(channel, base64.b64decode(key)),
+                                   list(range(first, first + options.listeners)))
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    log.info("worker_ready worker={worker} listeners={listeners}", worker=options.number, listeners=options.listeners)
+
+
+def _failed(failure: Failure, reactor: IReactorCore, status: list[int]) -> None:
+    # A ConfigError means the file changed since the supervisor read it.
+    message = failure.getErrorMessage() if failure.check(ConfigError, SystemExit) else failure.getTraceback()
+    print(f"mailgateway worker: cannot start: {message}", file=sys.stderr, flush=True)
+    status[0] = 1
+    reactor.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

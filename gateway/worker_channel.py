@@ -1,0 +1,267 @@
+"""
+The channel between the supervisor and one worker process, over a socket pair.
+
+Over it a worker asks the supervisor's gatekeeper what its own front ends would otherwise ask
+locally (L{RemoteGatekeeper}), so that connection limits and login penalties count every
+worker's clients together, and sends its log events, which the supervisor publishes as its
+own: one log and one set of metrics for the whole gateway. Passwords never cross the channel,
+only their keyed fingerprints.
+
+Every message is one line of JSON: C{[serial, name, argument, ...]} from the worker (serial 0
+when no answer is wanted) and C{[serial, answer]} back. A login costs a handful of messages, so
+they are kept this plain (AMP cost the supervisor several times as much CPU per login).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, LogEvent, LogLevel, Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from gateway.gatekeeper import LocalGatekeeper, LoginCheck
+from gateway.penalties import password_fingerprint
+
+log = Logger()
+
+T = TypeVar("T")
+
+MAX_MESSAGE = 256 * 1024
+"""Longest line either end accepts; a log event is cut to fit well within it."""
+
+_MAX_FIELD = 16 * 1024
+_PLAIN = (str, int, float, bool, type(None))
+_DROPPED = frozenset({"log_logger", "log_source", "log_observer", "log_trace", "log_failure", "log_level"})
+
+
+class _Channel(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_MESSAGE
+
+    def send(self, *message: object) -> None:
+        """Write one message (nothing once the channel has gone)."""
+        if self.transport is not None:
+            self.transport.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.error("worker_channel_message_too_long length={length}", length=len(line))
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class SupervisorChannel(_Channel):
+    """
+    The supervisor's end of one worker's channel. It answers from the shared gatekeeper and
+    remembers what this worker holds, so that a worker that dies takes its counts with it.
+
+    :param publisher: where the worker's log events go (the supervisor's log).
+    """
+
+    def __init__(self, gatekeeper: LocalGatekeeper, publisher: ILogObserver) -> None:
+        self._gatekeeper = gatekeeper
+        self._publisher = publisher
+        self._connections: Counter[str] = Counter()
+        self._sessions: Counter[str] = Counter()
+        self._handlers: dict[str, Callable[..., object]] = {
+            "hello": self._hello, "admit": self._admit, "release": self._release,
+            "check_login": self._check_login, "open_session": self._open_session,
+            "close_session": self._close_session, "failed": self._failed,
+            "succeeded": self._gatekeeper.succeeded, "log": self._log,
+        }
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            serial, name, *arguments = json.loads(line)
+            answer = self._handlers[name](*arguments)
+        except Exception:
+            log.failure("worker_channel_bad_message")
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        if serial:
+            self.send(serial, answer)
+
+    def _hello(self) -> str:
+        return base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii")
+
+    def _admit(self, host: str) -> str | None:
+        refused = self._gatekeeper.connections.admit(host)
+        if refused is None:
+            self._connections[host] += 1
+        return refused
+
+    def _release(self, host: str) -> None:
+        if _take(self._connections, host):
+            self._gatekeeper.release(host)
+
+    def _check_login(self, user: str, host: str) -> list[bool]:
+        check = self._gatekeeper.login_check(user, host)
+        return [check.throttled, check.sessions_full]
+
+    def _open_session(self, user: str) -> bool:
+        opened = self._gatekeeper.connections.open_session(user)
+        if opened:
+            self._sessions[user] += 1
+        return opened
+
+    def _close_session(self, user: str) -> None:
+        if _take(self._sessions, user):
+            self._gatekeeper.close_session(user)
+
+    def _failed(self, user: str, host: str, fingerprint: str) -> float:
+        return self._gatekeeper.count_failure(user, host, base64.b64decode(fingerprint))
+
+    def _log(self, fields: dict[str, Any]) -> None:
+        # Published as it was logged: the log reads the same with one process or many (fail2ban).
+        fields["log_level"] = LogLevel.levelWithName(fields.pop("log_level_name", "info"))
+        self._publisher(fields)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        for host, count in self._connections.items():
+            for _ in range(count):
+                self._gatekeeper.release(host)
+        for user, count in self._sessions.items():
+            for _ in range(count):
+                self._gatekeeper.close_session(user)
+        self._connections.clear()
+        self._sessions.clear()
+
+
+def _take(counts: Counter[str], key: str) -> bool:
+    """Take one from C{counts[key]}; False when there was none (nothing to release)."""
+    if counts[key] <= 0:
+        counts.pop(key, None)
+        return False
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
+    return True
+
+
+def loggable(event: LogEvent) -> dict[str, Any]:
+    """
+    The fields of a log event that can cross the channel: plain values as they are, others as
+    text, a failure as its traceback (appended to the message), long values cut.
+    """
+    fields: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in _DROPPED:
+            continue
+        if not isinstance(value, _PLAIN):
+            value = str(value)
+        if isinstance(value, str) and len(value) > _MAX_FIELD:
+            value = value[:_MAX_FIELD] + "[...]"
+        fields[key] = value
+    level = event.get("log_level")
+    fields["log_level_name"] = level.name if isinstance(level, type(LogLevel.info)) else "info"
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        fields["log_format"] = (fields.get("log_format") or "") + "\n{log_traceback}"
+        fields["log_traceback"] = failure.getTraceback()[-_MAX_FIELD:]
+    return fields
+
+
+class WorkerChannel(_Channel):
+    """
+    The worker's end of its channel.
+
+    :param lost: called when the supervisor is gone (the worker then stops).
+    """
+
+    def __init__(self, lost: Callable[[], None]) -> None:
+        self._lost = lost
+        self._serial = 0
+        self._waiting: dict[int, Deferred[Any]] = {}
+
+    def call(self, name: str, *arguments: object) -> Deferred[Any]:
+        """Ask the supervisor; the Deferred fires with its answer (or fails once the channel has gone)."""
+        self._serial += 1
+        answer: Deferred[Any] = Deferred()
+        if self.transport is None:
+            answer.errback(ConnectionError("the supervisor has gone"))
+            return answer
+        self._waiting[self._serial] = answer
+        self.send(self._serial, name, *arguments)
+        return answer
+
+    def tell(self, name: str, *arguments: object) -> None:
+        """Tell the supervisor something that needs no answer."""
+        self.send(0, name, *arguments)
+
+    def emit(self, event: LogEvent) -> None:
+        """Send one log event to the supervisor; an C{ILogObserver}."""
+        self.tell("log", loggable(event))
+
+    def lineReceived(self, line: bytes) -> None:
+        serial, answer = json.loads(line)
+        self._waiting.pop(serial).callback(answer)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.transport = None
+        waiting, self._waiting = self._waiting, {}
+        for answer in waiting.values():
+            answer.errback(ConnectionError("the supervisor has gone"))
+        self._lost()
+
+
+class RemoteGatekeeper:
+    """
+    The gatekeeper of a worker: every question goes to the supervisor.
+
+    A question whose asker has gone (its Deferred cancelled) still gets its answer, and what
+    the answer counted is undone, so nothing stays counted for a client that left.
+    """
+
+    def __init__(self, channel: WorkerChannel, fingerprint_key: bytes) -> None:
+        self._channel = channel
+        self._key = fingerprint_key
+
+    def admit(self, host: str) -> Deferred[str | None]:
+        return _settle(self._channel.call("admit", host), lambda refused: refused is None and self.release(host))
+
+    def release(self, host: str) -> None:
+        self._channel.tell("release", host)
+
+    def check_login(self, user: str, host: str) -> Deferred[LoginCheck]:
+        asking = self._channel.call("check_login", user, host)
+        return _settle(asking.addCallback(lambda answer: LoginCheck(*answer)))
+
+    def open_session(self, user: str) -> Deferred[bool]:
+        return _settle(self._channel.call("open_session", user), lambda opened: opened and self.close_session(user))
+
+    def close_session(self, user: str) -> None:
+        self._channel.tell("close_session", user)
+
+    def failed(self, user: str, host: str, password: bytes) -> Deferred[float]:
+        fingerprint = base64.b64encode(password_fingerprint(self._key, password)).decode("ascii")
+        return _settle(self._channel.call("failed", user, host, fingerprint))
+
+    def succeeded(self, user: str, host: str) -> None:
+        self._channel.tell("succeeded", user, host)
+
+
+def _settle(asking: Deferred[T], undo: Callable[[T], object] | None = None) -> Deferred[T]:
+    """
+    A Deferred for C{asking}'s answer that its asker may cancel at any time; an answer that
+    arrives after that is handed to C{undo}.
+    """
+    result: Deferred[T] = Deferred()
+
+    def answered(value: T) -> None:
+        if not result.called:
+            result.callback(value)
+        elif undo is not None:
+            undo(value)
+
+    def failed(failure: Failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    asking.addCallbacks(answered, failed)
+    return result

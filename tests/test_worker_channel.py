@@ -1,0 +1,179 @@
+"""Tests for gateway.worker_channel: the supervisor's gatekeeper and log, as workers reach them."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
+from gateway.gatekeeper import LocalGatekeeper, LoginCheck
+from gateway.penalties import LoginPenalties, PenaltyRules
+from gateway.worker_channel import RemoteGatekeeper, SupervisorChannel, WorkerChannel, loggable
+
+CLIENT = "198.51.100.7"
+
+
+class Worker:
+    """One worker's channel to the shared supervisor, pumped by hand."""
+
+    def __init__(self, case: ChannelTests) -> None:
+        self.lost = 0
+        self.supervisor = SupervisorChannel(case.shared, case.published.append)
+        self.channel = WorkerChannel(self._lost)
+        self.pump = iosim.connect(self.supervisor, iosim.FakeTransport(self.supervisor, True),
+                                  self.channel, iosim.FakeTransport(self.channel, False))
+        key = self.answer(self.channel.call("hello"))
+        self.gatekeeper = RemoteGatekeeper(self.channel, base64.b64decode(key))
+
+    def _lost(self) -> None:
+        self.lost += 1
+
+    def answer(self, asking: Deferred[object]) -> object:
+        """Pump until C{asking} has fired; its result."""
+        self.pump.flush()
+        return self.result(asking)
+
+    @staticmethod
+    def result(asking: Deferred[object]) -> object:
+        results: list[object] = []
+        asking.addBoth(results.append)
+        assert results, "no answer"
+        return results[0]
+
+
+class ChannelTests(SynchronousTestCase):
+    """Workers asking one supervisor see one set of counts."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.connections = ConnectionLimits(ConnectionRules(max_per_address=2, max_sessions_per_user=1))
+        self.penalties = LoginPenalties(self.clock, PenaltyRules(base_delay=2.0, max_delay=60.0, ip_budget=3))
+        self.shared = LocalGatekeeper(self.connections, self.penalties)
+        self.published: list[LogEvent] = []
+
+    def test_limits_count_every_worker(self) -> None:
+        """A per-address limit of 2 refuses the third connection, whichever worker each came to."""
+        first, second = Worker(self), Worker(self)
+        self.assertIsNone(first.answer(first.gatekeeper.admit(CLIENT)))
+        self.assertIsNone(second.answer(second.gatekeeper.admit(CLIENT)))
+        self.assertEqual(first.answer(first.gatekeeper.admit(CLIENT)), "max_connections_per_ip")
+        second.gatekeeper.release(CLIENT)
+        second.pump.flush()
+        self.assertIsNone(first.answer(first.gatekeeper.admit(CLIENT)))
+        self.assertEqual(self.connections.connections, 2)
+
+    def test_sessions_count_every_worker(self) -> None:
+        """A user with one session allowed gets no second one on another worker, and one after closing."""
+        first, second = Worker(self), Worker(self)
+        self.assertIs(first.answer(first.gatekeeper.open_session("alice")), True)
+        self.assertIs(second.answer(second.gatekeeper.open_session("alice")), False)
+        self.assertEqual(second.answer(second.gatekeeper.check_login("alice", CLIENT)), LoginCheck(False, True))
+        first.gatekeeper.close_session("alice")
+        first.pump.flush()
+        self.assertEqual(self.connections.sessions("alice"), 0)
+
+    def test_failures_count_every_worker(self) -> None:
+        """Failures from one address escalate across workers; the same wrong password counts once."""
+        first, second = Worker(self), Worker(self)
+        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-1")), 2.0)
+        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-2")), 4.0)
+        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-2")), 8.0)
+        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-3")), 8.0)
+        self.assertEqual(first.answer(first.gatekeeper.check_login("alice", CLIENT)), LoginCheck(True, False))
+        second.gatekeeper.succeeded("alice", CLIENT)
+        second.pump.flush()
+        self.assertEqual(self.penalties.sizes()[0], 0)
+
+    def test_fingerprints_not_passwords(self) -> None:
+        """What crosses the channel for a failed login holds no password."""
+        worker = Worker(self)
+        sent: list[bytes] = []
+        write = worker.channel.transport.write  # type: ignore[union-attr]
+        worker.channel.transport.write = lambda data: (sent.append(data), write(data))  # type: ignore[union-attr]
+        worker.answer(worker.gatekeeper.failed("alice", CLIENT, b"hunter2-secret"))
+        self.assertTrue(sent)
+        self.assertFalse(any(b"hunter2" in data or base64.b64encode(b"hunter2-secret")[:8] in data for data in sent))
+
+    def test_cancelled_question_is_undone(self) -> None:
+        """A session or connection counted for a client that left meanwhile is given back."""
+        worker = Worker(self)
+        opening = worker.gatekeeper.open_session("alice")
+        admitting = worker.gatekeeper.admit(CLIENT)
+        opening.cancel()
+        admitting.cancel()
+        self.assertIsInstance(worker.result(opening).value, CancelledError)  # type: ignore[attr-defined]
+        worker.result(admitting)
+        worker.pump.flush()
+        self.assertEqual(self.connections.sessions("alice"), 0)
+        self.assertEqual(self.connections.connections, 0)
+
+    def test_lost_worker_releases_its_counts(self) -> None:
+        """When a worker's channel closes, its connections and sessions no longer count; the other's do."""
+        first, second = Worker(self), Worker(self)
+        first.answer(first.gatekeeper.admit(CLIENT))
+        first.answer(first.gatekeeper.open_session("alice"))
+        second.answer(second.gatekeeper.admit(CLIENT))
+        first.supervisor.transport.loseConnection()  # type: ignore[union-attr]
+        first.pump.flush()
+        self.assertEqual(self.connections.connections, 1)
+        self.assertEqual(self.connections.sessions("alice"), 0)
+        self.assertEqual(first.lost, 1)
+        failed = first.channel.call("admit", CLIENT)
+        self.assertIsInstance(first.result(failed).value, ConnectionError)  # type: ignore[attr-defined]
+
+    def test_unknown_release_is_ignored(self) -> None:
+        """A worker cannot release what it never held (another worker's count stays)."""
+        first, second = Worker(self), Worker(self)
+        first.answer(first.gatekeeper.admit(CLIENT))
+        second.gatekeeper.release(CLIENT)
+        second.gatekeeper.close_session("alice")
+        second.pump.flush()
+        self.assertEqual(self.connections.connections, 1)
+
+    def test_bad_message_closes_channel(self) -> None:
+        """A message the supervisor cannot read closes that worker's channel and is logged."""
+        worker = Worker(self)
+        worker.channel.send(1, "no-such-question")
+        worker.pump.flush()
+        self.assertEqual(worker.lost, 1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_log_events_are_published(self) -> None:
+        """A worker's event reaches the supervisor's log with its level, namespace, time and text."""
+        worker = Worker(self)
+        logger = Logger(namespace="gateway.frontend", observer=worker.channel.emit)
+        logger.warn("login_failed protocol={protocol} client={client} n={n}", protocol="imap", client=CLIENT, n=3)
+        worker.pump.flush()
+        [event] = self.published
+        self.assertEqual(formatEvent(event), f"login_failed protocol=imap client={CLIENT} n=3")
+        self.assertEqual((event["log_level"], event["log_namespace"], event["n"]), (LogLevel.warn, "gateway.frontend", 3))
+        self.assertIsInstance(event["log_time"], float)
+
+    def test_failure_event_keeps_traceback(self) -> None:
+        """A logged failure arrives as its message followed by its traceback."""
+        worker = Worker(self)
+        logger = Logger(namespace="gateway.frontend", observer=worker.channel.emit)
+        try:
+            raise ValueError("broken {braces}")
+        except ValueError:
+            logger.failure("login handling failed client={client}", client=CLIENT)
+        worker.pump.flush()
+        [event] = self.published
+        text = formatEvent(event)
+        self.assertTrue(text.startswith(f"login handling failed client={CLIENT}\n"), text)
+        self.assertIn("ValueError: broken {braces}", text)
+        self.assertEqual(event["log_level"], LogLevel.critical)
+
+    def test_loggable_cuts_and_stringifies(self) -> None:
+        """Objects become text, long values are cut, the logger itself is left behind."""
+        fields = loggable({"log_format": "{thing} {long}", "thing": object(), "long": "x" * 100_000,
+                           "log_logger": Logger(), "log_level": LogLevel.info})
+        self.assertIsInstance(fields["thing"], str)
+        self.assertLess(len(fields["long"]), 20_000)
+        self.assertNotIn("log_logger", fields)
+        self.assertEqual(fields["log_level_name"], "info")
