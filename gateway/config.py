@@ -15,7 +15,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from gateway.addresses import Network
@@ -235,6 +235,7 @@ class Settings:
 
     :ivar workers: processes that serve the mail listeners; above 1 a supervisor process holds
         the listening sockets, the web and metrics listeners, and the shared limits and penalties.
+    :ivar text: the TOML text the settings were read from.
     """
 
     path: str
@@ -249,6 +250,7 @@ class Settings:
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
     workers: int = 1
+    text: str = field(default="", compare=False, repr=False)
 
 
 class _Table:
@@ -379,22 +381,28 @@ def _check_readable(path: str, error: Callable[[], ConfigError]) -> None:
         raise error() from None
 
 
-def load_settings(path: str) -> Settings:
+def load_settings(path: str, text: str | None = None) -> Settings:
     """
     Read and validate the configuration file.
 
     :param path: the TOML file.
-    :returns: the frozen settings.
+    :param text: the file's contents as read before (a worker gets the text its supervisor
+        runs with), instead of reading the file now.
+    :returns: the frozen settings, with the text they came from.
     :raises ConfigError: for anything wrong, with a one-line message.
     """
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        if text is None:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        data = tomllib.loads(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return parse_settings(path, data)
+    return replace(parse_settings(path, data), text=text)
 
 
 def parse_settings(path: str, data: dict[str, Any]) -> Settings:
@@ -429,6 +437,11 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
         raise ConfigError(f"{path}: [imap], [pop3] or [submission]: expected at least one protocol section "
                           "with a listener")
     for name, protocol in protocols.items():
+        if workers > 1:
+            unix = [d for d in protocol.implicit_tls + protocol.starttls if _is_unix(d)]
+            if unix:
+                raise ConfigError(f"{path}: [gateway] workers: expected 1 while [{name}] listens on the UNIX socket "
+                                  f"{unix[0]!r} (workers share TCP listeners only)")
         proxied = [d for d in protocol.implicit_tls + protocol.starttls if d.startswith(PROXY_PREFIX)]
         if proxied and not limits.proxy_sources:
             raise ConfigError(f"{path}: [limits] proxy_sources: expected the load balancers' networks, "
@@ -439,6 +452,12 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
                 " (the backend must see the client's password to decide)"
             )
     return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers)
+
+
+def _is_unix(description: str) -> bool:
+    """Whether a listener description is a UNIX socket (its own, or one systemd passes)."""
+    endpoint = description.removeprefix(PROXY_PREFIX)
+    return endpoint.startswith("unix:") or (endpoint.startswith("systemd:") and "domain=UNIX" in endpoint)
 
 
 def _tls_settings(table: _Table) -> TLSSettings:

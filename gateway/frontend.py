@@ -15,6 +15,7 @@ for fail2ban, and tests pin its shape.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import re
 import time
@@ -108,12 +109,19 @@ class _Phase(enum.Enum):
 _HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) |[Hh][Oo][Ss][Tt]:)")
 
 
+USER_KEY_LENGTH = 256
+"""Longer user names are counted by a digest: no client grows the tables or messages with its names."""
+
+
 def user_key(user: str) -> str:
     """
     What a user is counted as (penalties, sessions): case-insensitive, since stores such as
     Dovecot (%Lu) take every spelling of a name for the same account.
     """
-    return user.casefold()
+    key = user.casefold()
+    if len(key) > USER_KEY_LENGTH:
+        return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
 
 
 def loggable_user(user: str) -> str:

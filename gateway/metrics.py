@@ -15,6 +15,7 @@ on loopback by default: the numbers tell who logs in how often. Every other path
 from __future__ import annotations
 
 import re
+import collections
 from collections.abc import Callable, Iterable, Iterator
 
 from cryptography import x509
@@ -138,7 +139,11 @@ class GatewayMetrics:
             ("gateway.service", "reloaded"): self._reload("ok"),
             ("gateway.service", "reload_failed"): self._reload("failed"),
             ("gateway.proxy_protocol", "proxy_refused"): self._proxy_refused,
+            ("gateway.worker_channel", "worker_channel_closed"): self._worker_gone,
         }
+        # Connections open per (worker process, protocol): what a worker that dies had open is
+        # dropped, since it never logs those disconnects. None is the process itself.
+        self._open: collections.Counter[tuple[int | None, str]] = collections.Counter()
 
     def observe(self, event: LogEvent) -> None:
         """
@@ -173,11 +178,15 @@ class GatewayMetrics:
         protocol = event_value(event, "protocol")
         self._connections.labels(protocol, event_value(event, "listener")).inc()
         self._connections_open.labels(protocol).inc()
+        self._open[(event.get("log_worker"), protocol)] += 1
 
     def _disconnect(self, event: LogEvent) -> None:
         protocol = event_value(event, "protocol")
         bytes_in, bytes_out = int(event["bytes_in"]), int(event["bytes_out"])
-        self._connections_open.labels(protocol).dec()
+        key = (event.get("log_worker"), protocol)
+        if self._open[key] > 0:
+            self._open[key] -= 1
+            self._connections_open.labels(protocol).dec()
         self._bytes.labels(protocol, "in").inc(bytes_in)
         self._bytes.labels(protocol, "out").inc(bytes_out)
 
@@ -229,8 +238,14 @@ class GatewayMetrics:
 
     def _reload(self, result: str) -> _Handler:
         def count(event: LogEvent) -> None:
-            self._reloads.labels(result).inc()
+            if "log_worker" not in event:  # one reload of the gateway, however many workers follow it
+                self._reloads.labels(result).inc()
         return count
+
+    def _worker_gone(self, event: LogEvent) -> None:
+        worker = int(event["worker"])
+        for key in [key for key in self._open if key[0] == worker]:
+            self._connections_open.labels(key[1]).dec(self._open.pop(key))
 
 
 _LITERAL = re.compile(r"(?:^| )(\w+)=([^{\s][^\s]*)")

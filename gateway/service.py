@@ -139,10 +139,12 @@ class Reloader(Service):
     hours of recorded sessions, while clients still resume within that time.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, path: str, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, reactor: IReactorFromThreads, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
+        """:param settings: the running configuration: its file is re-read, and its listeners must stay."""
         self._reactor = reactor
         self._metrics = metrics
-        self._path = path
+        self._path = settings.path
+        self._listeners = mail_endpoints(settings)
         self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
         self._web: list[tuple[ServerTLS, WebState]] = []
         self._followers: list[Callable[[Settings], object]] = []
@@ -196,6 +198,9 @@ class Reloader(Service):
         """Re-read the configuration and apply what can change without a restart."""
         try:
             settings = load_settings(self._path)
+            if mail_endpoints(settings) != self._listeners:
+                raise ConfigError(f"{self._path}: [imap], [pop3] and [submission] listeners: expected the running "
+                                  "ones (restart to change listeners)")
             if self._web and settings.web is None:
                 raise ConfigError(f"{self._path}: [web]: expected the section while the web listeners run "
                                   "(restart to remove them)")
@@ -234,7 +239,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         metrics = GatewayMetrics()
         metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
         build_metrics_service(settings.metrics, reactor, metrics, config_path=settings.path).setServiceParent(top)
-    reloader = Reloader(reactor, settings.path, metrics)  # type: ignore[arg-type]
+    reloader = Reloader(reactor, settings, metrics)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
     reloader.follow(partial(_new_rules, gatekeeper))
     if settings.workers == 1:
@@ -248,9 +253,9 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                 for name, kind, description in mail_endpoints(settings)]
         for each in held:
             each.setServiceParent(top)
-        pool = WorkerPool(reactor, settings.path, settings.workers, gatekeeper, held)  # type: ignore[arg-type]
+        pool = WorkerPool(reactor, settings, gatekeeper, held)  # type: ignore[arg-type]
         pool.setServiceParent(top)
-        reloader.follow(lambda _: pool.reload())
+        reloader.follow(pool.reload)
     if settings.web is not None:
         try:
             web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)
@@ -271,7 +276,7 @@ def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gateke
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
     top = MultiService()
-    reloader = Reloader(reactor, settings.path)  # type: ignore[arg-type]
+    reloader = Reloader(reactor, settings)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
     _build_mail(settings, reactor, gatekeeper, reloader, top, iter(inherited))
     return top

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import signal
 import socket
 import sys
 
@@ -28,6 +29,8 @@ log = Logger()
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until the supervisor ends it; the exit status is 0 after a clean stop."""
+    # Ctrl-C on a terminal is for the supervisor, which stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--number", type=int, required=True)
@@ -40,21 +43,23 @@ def main(argv: list[str] | None = None) -> int:
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
     globalLogBeginner.beginLoggingTo([channel.emit], redirectStandardIO=False)
     status: list[int] = [0]
-    hello: Deferred[str] = channel.call("hello")
+    hello: Deferred[list[str]] = channel.call("hello")
     hello.addCallback(_serve, options, reactor, channel)
     hello.addErrback(_failed, reactor, status)
     reactor.run()  # type: ignore[attr-defined]
     return status[0]
 
 
-def _serve(key: str, options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
-    settings = load_settings(options.config)
+def _serve(answer: list[str], options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
+    key, text = answer
+    settings = load_settings(options.config, text)
     first = CONTROL_FD + 1
     service = build_worker_service(settings, reactor, RemoteGatekeeper(channel, base64.b64decode(key)),
                                    list(range(first, first + options.listeners)))
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    channel.tell("ready")  # the Reloader has its SIGHUP handler now
     log.info("worker_ready worker={worker} listeners={listeners}", worker=options.number, listeners=options.listeners)
 
 

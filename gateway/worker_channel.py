@@ -32,7 +32,7 @@ log = Logger()
 
 T = TypeVar("T")
 
-MAX_MESSAGE = 256 * 1024
+MAX_MESSAGE = 1024 * 1024
 """Longest line either end accepts; a log event is cut to fit well within it."""
 
 _MAX_FIELD = 16 * 1024
@@ -60,19 +60,28 @@ class SupervisorChannel(_Channel):
     The supervisor's end of one worker's channel. It answers from the shared gatekeeper and
     remembers what this worker holds, so that a worker that dies takes its counts with it.
 
-    :param publisher: where the worker's log events go (the supervisor's log).
+    :param publisher: where the worker's log events go (the supervisor's log). Each gets the
+        field C{log_worker}, the worker's process id, which no text format shows.
+    :param worker: the worker's process id.
+    :param configuration: the configuration text the supervisor runs with now; a new worker
+        starts from it, whatever the file says meanwhile.
+    :param ready: called when the worker serves (and can take SIGHUP).
     """
 
-    def __init__(self, gatekeeper: LocalGatekeeper, publisher: ILogObserver) -> None:
+    def __init__(self, gatekeeper: LocalGatekeeper, publisher: ILogObserver, worker: int,
+                 configuration: Callable[[], str], ready: Callable[[], object]) -> None:
         self._gatekeeper = gatekeeper
         self._publisher = publisher
+        self._worker = worker
+        self._configuration = configuration
+        self._events = Logger(namespace=__name__, observer=publisher)
         self._connections: Counter[str] = Counter()
         self._sessions: Counter[str] = Counter()
         self._handlers: dict[str, Callable[..., object]] = {
             "hello": self._hello, "admit": self._admit, "release": self._release,
             "check_login": self._check_login, "open_session": self._open_session,
             "close_session": self._close_session, "failed": self._failed,
-            "succeeded": self._gatekeeper.succeeded, "log": self._log,
+            "succeeded": self._gatekeeper.succeeded, "log": self._log, "ready": ready,
         }
 
     def lineReceived(self, line: bytes) -> None:
@@ -87,8 +96,8 @@ class SupervisorChannel(_Channel):
         if serial:
             self.send(serial, answer)
 
-    def _hello(self) -> str:
-        return base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii")
+    def _hello(self) -> list[str]:
+        return [base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii"), self._configuration()]
 
     def _admit(self, host: str) -> str | None:
         refused = self._gatekeeper.connections.admit(host)
@@ -120,9 +129,14 @@ class SupervisorChannel(_Channel):
     def _log(self, fields: dict[str, Any]) -> None:
         # Published as it was logged: the log reads the same with one process or many (fail2ban).
         fields["log_level"] = LogLevel.levelWithName(fields.pop("log_level_name", "info"))
+        fields["log_worker"] = self._worker
         self._publisher(fields)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        # After the worker's last event: the metrics drop what it still had open.
+        self._events.info("worker_channel_closed worker={worker} connections={connections} sessions={sessions}",
+                       worker=self._worker, connections=sum(self._connections.values()),
+                       sessions=sum(self._sessions.values()))
         for host, count in self._connections.items():
             for _ in range(count):
                 self._gatekeeper.release(host)

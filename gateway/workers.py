@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -22,6 +23,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from gateway.config import Settings
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.listener import Listener
 from gateway.worker_channel import SupervisorChannel
@@ -46,17 +48,20 @@ class WorkerPool(Service):
     Runs C{count} workers serving the mail listeners held by C{listeners}.
 
     :param reactor: spawns the processes and adopts their channels.
-    :param config_path: the configuration the workers read (the supervisor validated it).
+    :param settings: the configuration the supervisor started with; workers start from its
+        text, or from that of the latest L{reload}, never from an unchecked file.
     :param gatekeeper: the shared limits and penalties the workers consult.
     :param listeners: the supervisor's non-accepting listeners, in L{gateway.service.mail_endpoints} order.
     :param publisher: where the workers' log events go.
     """
 
-    def __init__(self, reactor: IReactorProcess, config_path: str, count: int, gatekeeper: LocalGatekeeper,
+    def __init__(self, reactor: IReactorProcess, settings: Settings, gatekeeper: LocalGatekeeper,
                  listeners: Sequence[Listener], publisher: ILogObserver = globalLogPublisher) -> None:
         self._reactor = reactor
-        self._config_path = config_path
-        self._count = count
+        self._config_path = settings.path
+        self._text = settings.text
+        self._generation = 0  # of the text; a worker that started from an older one is told to reload
+        self._count = settings.workers
         self._gatekeeper = gatekeeper
         self._listeners = listeners
         self._publisher = publisher
@@ -77,10 +82,25 @@ class WorkerPool(Service):
         stopping = [worker.stop() for worker in self._workers.values()]
         return DeferredList(stopping)  # type: ignore[return-value]
 
-    def reload(self) -> None:
-        """Have every worker re-read the configuration (they take SIGHUP as the supervisor does)."""
+    def reload(self, settings: Settings) -> None:
+        """
+        Have every worker re-read the configuration (they take SIGHUP as the supervisor does);
+        workers started from now on start from C{settings}.
+        """
+        self._text = settings.text
+        self._generation += 1
         for worker in self._workers.values():
+            self._update(worker)
+
+    def _update(self, worker: _Worker) -> None:
+        # Before it is ready a worker cannot take SIGHUP (it would die of it); it is told once ready.
+        if worker.ready and worker.generation != self._generation:
+            worker.generation = self._generation
             worker.signal("HUP")
+
+    def _ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        self._update(worker)
 
     def pids(self) -> list[int]:
         """The process ids of the running workers."""
@@ -88,18 +108,25 @@ class WorkerPool(Service):
 
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
+        try:
+            self._start(number)
+        except OSError as e:  # fork or socketpair refused (EAGAIN, EMFILE): try again later
+            self._schedule(number, f"cannot start: {e}")
+
+    def _start(self, number: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
             descriptors: dict[int, int | str] = {0: "w", 1: "r", 2: "r", CONTROL_FD: theirs.fileno()}
             for offset, held in enumerate(self._listeners):
                 assert held.port is not None, "the listeners start before the pool"
                 descriptors[CONTROL_FD + 1 + offset] = held.port.fileno()  # type: ignore[attr-defined]
-            worker = _Worker(number, self._reactor, self._ended)  # type: ignore[arg-type]
+            worker = _Worker(number, self._reactor, self._ended, self._generation)  # type: ignore[arg-type]
             arguments = [sys.executable, "-m", "gateway.worker", "--config", self._config_path,
                          "--number", str(number), "--listeners", str(len(self._listeners))]
-            self._reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ),
-                                       childFDs=descriptors)  # type: ignore[arg-type]
-            channel = SupervisorChannel(self._gatekeeper, self._publisher)
+            process = self._reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ),
+                                                 childFDs=descriptors)  # type: ignore[arg-type]
+            channel = SupervisorChannel(self._gatekeeper, self._publisher, process.pid, lambda: self._text,
+                                        partial(self._ready, worker))
             self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,  # type: ignore[attr-defined]
                                                 SingleProtocolFactory(channel))
         self._workers[number] = worker
@@ -110,13 +137,19 @@ class WorkerPool(Service):
             del self._workers[worker.number]
         if not self.running:
             return
-        failures = 0 if ran >= STABLE_AFTER else self._failures.get(worker.number, 0) + 1
-        self._failures[worker.number] = failures
+        if ran >= STABLE_AFTER:
+            self._failures[worker.number] = 0
+        self._schedule(worker.number, f"pid {worker.pid} exited: {reason.getErrorMessage()}")
+
+    def _schedule(self, number: int, reason: str) -> None:
+        """Start worker C{number} again later: the sooner the longer it had been running well."""
+        failures = self._failures.get(number, 0)
+        self._failures[number] = failures + 1
         delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
-        log.error("worker_exited worker={worker} pid={pid} reason={reason} restart_in={delay:g}",
-                  worker=worker.number, pid=worker.pid, reason=reason.getErrorMessage(), delay=delay)
+        log.error("worker_exited worker={worker} reason={reason} restart_in={delay:g}",
+                  worker=number, reason=reason, delay=delay)
         clock: IReactorTime = self._reactor  # type: ignore[assignment]
-        self._restarts[worker.number] = clock.callLater(delay, self._spawn, worker.number)
+        self._restarts[number] = clock.callLater(delay, self._spawn, number)
 
 
 class SingleProtocolFactory(Factory):
@@ -134,10 +167,15 @@ class _Worker(ProcessProtocol):
     One worker process as the supervisor sees it: its output is logged, its end reported.
 
     :param exited: called with the worker, why it ended and how long it ran, unless it was stopped.
+    :param generation: that of the configuration text it starts from.
+    :ivar ready: whether it serves (and can take SIGHUP).
     """
 
-    def __init__(self, number: int, clock: IReactorTime, exited: Callable[[_Worker, Failure, float], None]) -> None:
+    def __init__(self, number: int, clock: IReactorTime, exited: Callable[[_Worker, Failure, float], None],
+                 generation: int) -> None:
         self.number = number
+        self.generation = generation
+        self.ready = False
         self.pid: int | None = None
         self._exited = exited
         self._clock = clock

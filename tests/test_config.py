@@ -185,6 +185,16 @@ class DefaultTests(ConfigTestCase):
         tables["gateway"] = {"workers": '"auto"'}
         self.assertEqual(self.load(tables).workers, os.cpu_count())
 
+    def test_workers_need_tcp_listeners(self) -> None:
+        """Workers share TCP listeners only: a UNIX socket listener with workers is refused, named."""
+        for description in ("unix:/run/gw/imap.sock", "systemd:domain=UNIX:index=0", "haproxy:unix:/run/gw.sock"):
+            tables = self.minimal()
+            tables["gateway"] = {"workers": "2"}
+            tables["imap"] = {"implicit_tls": f'["tcp:993", "{description}"]'}
+            self.assert_tables_error(tables, "[gateway] workers", f"expected 1 while [imap] listens on the UNIX socket '{description}'")
+        tables["imap"] = {"implicit_tls": '["tcp:993", "systemd:domain=INET:index=0"]'}
+        self.assertEqual(self.load(tables).workers, 2)
+
     def test_integers_are_seconds(self) -> None:
         """A whole number of seconds is accepted and kept as a float."""
         tables = self.minimal()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.addresses import plain_address
-from gateway.frontend import loggable_user
+from gateway.frontend import USER_KEY_LENGTH, loggable_user, user_key
 
 
 class AddressTests(SynchronousTestCase):
@@ -28,3 +28,12 @@ class UserTests(SynchronousTestCase):
         """A user name is one quoted JSON string, control characters escaped, at most 64 characters kept."""
         self.assertEqual(loggable_user('a"b\nc'), '"a\\"b\\nc"')
         self.assertEqual(loggable_user("x" * 100), '"' + "x" * 64 + '"')
+
+    def test_key_case_insensitive_and_bounded(self) -> None:
+        """Spellings of a name count as one user; a name past the bound counts by a fixed-size digest."""
+        self.assertEqual(user_key("Alice@Example.ORG"), user_key("alice@example.org"))
+        long_name = "\u0390" * 20_000  # case folding triples it
+        self.assertEqual(len(user_key(long_name)), len("sha256:") + 64)
+        self.assertEqual(user_key(long_name), user_key(long_name.upper()))
+        self.assertNotEqual(user_key(long_name), user_key(long_name + "x"))
+        self.assertEqual(len(user_key("x" * USER_KEY_LENGTH)), USER_KEY_LENGTH)

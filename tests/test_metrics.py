@@ -33,6 +33,7 @@ from twisted.web.server import Site
 from gateway.backend import BackendRefused, BackendUnavailable, LoginRequest
 from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
 from gateway.listener import Listener
+from gateway.config import load_settings
 from gateway.metrics import (
     CONTENT_TYPE,
     GatewayMetrics,
@@ -95,6 +96,22 @@ class FrontEndEventTests(FrontEndTestBase):
         self.assertEqual(self.count("mailgateway_relayed_bytes_total", protocol="pop3", direction="in"), len(sent))
         self.assertEqual(self.count("mailgateway_relayed_bytes_total", protocol="pop3", direction="out"),
                          len(received))
+
+    def test_worker_gone(self) -> None:
+        """
+        Connections a worker process had open stop counting when its channel closes (it never
+        logs those disconnects); connections of the process itself and of other workers stay.
+        """
+        for worker in (11, 11, 12):
+            self.metrics.observe({"log_namespace": "gateway.frontend", "log_worker": worker, "log_format":
+                                  "connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                                  "protocol": "pop3", "client": "192.0.2.1", "client_port": 1, "listener": 995, "tls": "none"})
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 4)
+        self.metrics.observe({"log_namespace": "gateway.worker_channel", "worker": 11,
+                              "log_format": "worker_channel_closed worker={worker} connections={connections} sessions={sessions}"})
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 2)
+        self.front.connectionLost()
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 1)
 
     def test_good_login_and_backend_time(self) -> None:
         """A good login counts as ok, and the backend's login time lands in its histogram bucket, in seconds."""
@@ -318,12 +335,15 @@ class OtherEventTests(SynchronousTestCase):
         path = os.path.join(directory, "gateway.toml")
         with open(path, "w", encoding="utf-8") as f:
             f.write(CONFIG.format(state=os.path.join(directory, "state")))
-        reloader = Reloader(Clock(), path)  # type: ignore[arg-type]
+        reloader = Reloader(Clock(), load_settings(path))  # type: ignore[arg-type]
         reloader.reload()
         with open(path, "a", encoding="utf-8") as f:
             f.write("unknown_key = 1\n")
         reloader.reload()
         reloader.reload()
+        # A worker's own reload of the same configuration is not another reload of the gateway.
+        self.metrics.observe({"log_namespace": "gateway.service", "log_worker": 11,
+                              "log_format": "reloaded path={path} certificates={count}"})
         self.assertEqual(sample(self.metrics, "mailgateway_reloads_total", result="ok"), 1)
         self.assertEqual(sample(self.metrics, "mailgateway_reloads_total", result="failed"), 2)
 

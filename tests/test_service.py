@@ -351,6 +351,13 @@ class ReloadTests(ReloaderTestCase):
         self.reloader.reload()
         self.assert_unchanged(before, "max_connections_per_ip")
 
+    def test_changed_listeners(self) -> None:
+        """A configuration with other mail listeners changes nothing: listeners change only with a restart."""
+        before = self.snapshot()
+        self.files.write(limits="max_connections_per_ip = 7", imap_implicit="tcp:0:interface=127.0.0.2")
+        self.reloader.reload()
+        self.assert_unchanged(before, "restart to change listeners")
+
     def test_invalid_toml(self) -> None:
         """A configuration that is not TOML changes nothing and is logged."""
         before = self.snapshot()

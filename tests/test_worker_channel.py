@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
+from frontend_harness import FrontEndTestBase
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper, LoginCheck
+from gateway.imap import ImapFrontEnd
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.worker_channel import RemoteGatekeeper, SupervisorChannel, WorkerChannel, loggable
 
@@ -23,15 +29,20 @@ class Worker:
 
     def __init__(self, case: ChannelTests) -> None:
         self.lost = 0
-        self.supervisor = SupervisorChannel(case.shared, case.published.append)
+        self.ready = 0
+        self.supervisor = SupervisorChannel(case.shared, case.published.append, 4321, lambda: "[gateway]\n",
+                                            self._ready)
         self.channel = WorkerChannel(self._lost)
         self.pump = iosim.connect(self.supervisor, iosim.FakeTransport(self.supervisor, True),
                                   self.channel, iosim.FakeTransport(self.channel, False))
-        key = self.answer(self.channel.call("hello"))
+        key, self.configuration = self.answer(self.channel.call("hello"))  # type: ignore[misc]
         self.gatekeeper = RemoteGatekeeper(self.channel, base64.b64decode(key))
 
     def _lost(self) -> None:
         self.lost += 1
+
+    def _ready(self) -> None:
+        self.ready += 1
 
     def answer(self, asking: Deferred[object]) -> object:
         """Pump until C{asking} has fired; its result."""
@@ -126,6 +137,14 @@ class ChannelTests(SynchronousTestCase):
         failed = first.channel.call("admit", CLIENT)
         self.assertIsInstance(first.result(failed).value, ConnectionError)  # type: ignore[attr-defined]
 
+    def test_hello_and_ready(self) -> None:
+        """A new worker learns the supervisor's configuration text; its ready notice reaches the supervisor."""
+        worker = Worker(self)
+        self.assertEqual((worker.configuration, worker.ready), ("[gateway]\n", 0))
+        worker.channel.tell("ready")
+        worker.pump.flush()
+        self.assertEqual(worker.ready, 1)
+
     def test_unknown_release_is_ignored(self) -> None:
         """A worker cannot release what it never held (another worker's count stays)."""
         first, second = Worker(self), Worker(self)
@@ -177,3 +196,45 @@ class ChannelTests(SynchronousTestCase):
         self.assertLess(len(fields["long"]), 20_000)
         self.assertNotIn("log_logger", fields)
         self.assertEqual(fields["log_level_name"], "info")
+
+
+class WorkerFrontEndTests(FrontEndTestBase):
+    """An IMAP front end in a worker: its gatekeeper is the supervisor's, over an in-memory channel."""
+
+    front_end = ImapFrontEnd
+    protocol = "imap"
+    # Allowed by the configuration ([limits] line_length goes up to 65536).
+    limits = replace(Limits(), line_length=40000)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.channel_lost = 0
+        supervisor = SupervisorChannel(self.context.gatekeeper, lambda event: None, 1, str, int)  # type: ignore[arg-type]
+        channel = WorkerChannel(self._lost)
+        self.pump = iosim.connect(supervisor, iosim.FakeTransport(supervisor, True),
+                                  channel, iosim.FakeTransport(channel, False))
+        answers: list[list[str]] = []
+        channel.call("hello").addCallback(answers.append)
+        self.pump.flush()
+        self.context = replace(self.context, gatekeeper=RemoteGatekeeper(channel, base64.b64decode(answers[0][0])))
+        self.front, self.transport = self.connect("192.0.2.9")
+        self.pump.flush()
+        self.read()
+
+    def _lost(self) -> None:
+        self.channel_lost += 1
+
+    def test_long_user_name_keeps_channel(self) -> None:
+        """
+        A LOGIN whose user name fits the configured line length is answered NO, and the worker
+        keeps its channel to the supervisor (losing it stops the worker and drops all its clients).
+        """
+        user = "\u0390" * 19000  # 38000 bytes of UTF-8; its case-folded key is 57000 characters
+        self.front.dataReceived(b'a LOGIN "' + user.encode("utf-8") + b'" wrong\r\n')
+        self.pump.flush()
+        self.clock.advance(5)
+        self.pump.flush()
+        self.flushLoggedErrors(ConnectionError)
+        self.assertEqual(self.channel_lost, 0)
+        self.assertTrue(self.read().startswith(b"a NO "))

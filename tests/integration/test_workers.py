@@ -14,7 +14,9 @@ import signal
 import socket
 import ssl
 import time
+import urllib.request
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
@@ -23,6 +25,7 @@ from gateway.testing.gateway import GatewayProcess
 from .stack import Stack
 
 USERS = {"alice": "alice-password", "bob": "bob-password"}
+METRICS = '[metrics]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
 PER_ADDRESS = 3
 
 
@@ -60,6 +63,32 @@ def listening_inode(port: int) -> str:
 def holds(pid: int, inode: str) -> bool:
     fd_dir = f"/proc/{pid}/fd"
     return any(os.readlink(os.path.join(fd_dir, fd)) == f"socket:[{inode}]" for fd in os.listdir(fd_dir))
+
+
+def wait_for_count(gateway: GatewayProcess, text: str, count: int, timeout: float) -> None:
+    """Wait until C{text} occurs C{count} times in the log; fail with the log's end otherwise."""
+    deadline = time.monotonic() + timeout
+    while gateway.log().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} did not occur {count} times in {timeout:g} s; the log ends with:\n"
+                                 f"{gateway.log()[-2500:]}")
+        time.sleep(0.05)
+
+
+def scrape(gateway: GatewayProcess, name: str, **labels: str) -> list[float]:
+    """The values of the samples C{name} with C{labels} on the gateway's metrics listener."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port('metrics', 'none')}/metrics", timeout=10) as response:
+        text = response.read().decode("utf-8")
+    return [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()]
+
+
+def settled(gateway: GatewayProcess, name: str, expected: float, timeout: float = 5.0, **labels: str) -> list[float]:
+    """Scrape until the samples of C{name} are [C{expected}] or C{timeout} passes; the last scrape's values."""
+    deadline = time.monotonic() + timeout
+    while (values := scrape(gateway, name, **labels)) != [expected] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return values
 
 
 class WorkersTests(SynchronousTestCase):
@@ -189,3 +218,87 @@ class SupervisorEndTests(SynchronousTestCase):
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGKILL)
         wait_until(lambda: not any(alive(pid) for pid in pids))
+
+
+class WorkerLifecycleTests(SynchronousTestCase):
+    """One Dovecot for the class; each test starts its own two-worker gateway."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = Stack("gw-workers-life-")
+        cls.dovecot = cls.stack.start(DovecotSandbox(cls.stack.path("dovecot"), USERS))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.stack.stop()
+
+    def start_gateway(self, name: str, settings: str = "") -> GatewayProcess:
+        gateway = GatewayProcess(self.stack.path(name), imap_backend_port=self.dovecot.imap_port, users=USERS,
+                                 workers=2, settings=settings)
+        gateway.start()
+        self.addCleanup(gateway.stop)
+        return gateway
+
+    def test_reload_while_worker_starts(self) -> None:
+        """A reload (SIGHUP) that arrives while a restarted worker is still starting does not kill it."""
+        gateway = self.start_gateway("hup-race")
+        old = worker_pids(gateway)[0]
+        os.kill(old, signal.SIGKILL)
+        gateway.wait_for_log(rf"worker_started worker=0 pid=(?!{old}\b)\d+")
+        assert gateway.pid is not None
+        os.kill(gateway.pid, signal.SIGHUP)
+        wait_for_count(gateway, "reloaded path=", 2, 10)
+        time.sleep(3)  # the restarted worker reads its configuration and becomes ready
+        exits = re.findall(r"worker_exited worker=0 .*", gateway.log())
+        self.assertEqual(len(exits), 1, "\n".join(exits))
+
+    def test_open_connections_after_worker_death(self) -> None:
+        """Connections held by workers that were killed no longer count in mailgateway_connections_open."""
+        gateway = self.start_gateway("gauge", METRICS)
+        held = [socket.create_connection(("127.0.0.1", gateway.port("imap", "starttls")), timeout=10) for _ in range(2)]
+        try:
+            for client in held:
+                self.assertTrue(client.recv(200).startswith(b"* OK "))
+            self.assertEqual(settled(gateway, "mailgateway_connections_open", 2.0, protocol="imap"), [2.0])
+            ready = gateway.log().count("worker_ready")
+            for pid in worker_pids(gateway).values():
+                os.kill(pid, signal.SIGKILL)
+            wait_for_count(gateway, "worker_ready", ready + 2, 15)
+        finally:
+            for client in held:
+                client.close()
+        self.assertEqual(settled(gateway, "mailgateway_connections_open", 0.0, protocol="imap"), [0.0])
+
+    def test_reload_counts_once(self) -> None:
+        """One SIGHUP is one reload in mailgateway_reloads_total, however many workers re-read the file."""
+        gateway = self.start_gateway("metrics", METRICS)
+        assert gateway.pid is not None
+        os.kill(gateway.pid, signal.SIGHUP)
+        wait_for_count(gateway, "reloaded path=", 3, 10)  # the supervisor and both workers
+        time.sleep(0.5)  # every reloaded event has crossed its channel
+        self.assertEqual(scrape(gateway, "mailgateway_reloads_total", result="ok"), [1.0])
+
+    def test_restart_after_configuration_edit(self) -> None:
+        """
+        Workers restarted after the configuration file was edited (a listener added, neither
+        reloaded nor restarted yet) start, and serve each inherited socket with the protocol the
+        supervisor bound it for: the STARTTLS port still greets in clear.
+        """
+        gateway = self.start_gateway("edited")
+        starttls = gateway.port("imap", "starttls")
+        with open(gateway.config_path, encoding="utf-8") as f:
+            text = f.read()
+        one = 'implicit_tls = ["tcp:0:interface=127.0.0.1"]'
+        self.assertIn(one, text)
+        with open(gateway.config_path, "w", encoding="utf-8") as f:
+            f.write(text.replace(one, 'implicit_tls = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]', 1))
+        ready = gateway.log().count("worker_ready")
+        for pid in worker_pids(gateway).values():
+            os.kill(pid, signal.SIGKILL)
+        wait_for_count(gateway, "worker_ready", ready + 2, 12)
+        with socket.create_connection(("127.0.0.1", starttls), timeout=5) as client:
+            self.assertTrue(client.recv(200).startswith(b"* OK "))
+        # A reload does not apply the edit either: listeners change only with a restart, and the log says so.
+        assert gateway.pid is not None
+        os.kill(gateway.pid, signal.SIGHUP)
+        gateway.wait_for_log(r"reload_failed reason=.*restart to change listeners")
