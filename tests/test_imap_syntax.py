@@ -733,3 +733,13 @@ class CapabilityTests(SynchronousTestCase):
         """Formatting no capabilities or a non-atom is a ValueError."""
         for caps in [[], [b""], [b"IMAP4rev1", b"A B"], [b"X]"], [b"\xff"]]:
             self.assertRaises(ValueError, format_capabilities, caps)
+
+
+class CapabilitySharingTests(SynchronousTestCase):
+    """Sessions with one backend share one capability tuple."""
+
+    def test_same_text_same_tuple(self) -> None:
+        """Parsing the same capability text twice gives the very same tuple; other text another."""
+        text = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+"
+        self.assertIs(parse_capabilities(bytes(text)), parse_capabilities(bytes(text)))
+        self.assertIsNot(parse_capabilities(text), parse_capabilities(text + b" MOVE"))
