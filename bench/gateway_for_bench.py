@@ -13,7 +13,7 @@ import sys
 STATE = os.environ["BENCH_STATE"]
 CERTS = os.environ["BENCH_CERT_DIR"]
 USERS = int(os.environ.get("BENCH_USERS", "5000"))
-WORKERS = os.environ.get("GATEWAY_WORKERS", "auto")  # a count, or "auto" (one per CPU)
+WORKERS = os.environ.get("GATEWAY_WORKERS", "1")  # a count, or "auto" (one per CPU); 1 as the configuration
 PORTS = {name: os.environ[f"GATEWAY_{name}"].rsplit(":", 1)[1]
          for name in ("IMAPS", "IMAP_STARTTLS", "POP3S", "POP3_STLS", "SMTPS", "SUBMISSION")}
 

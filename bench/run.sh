@@ -5,6 +5,9 @@
 #
 #   bench/run.sh                     # full run, about 25 minutes
 #   BENCH_QUICK=1 bench/run.sh       # smoke run, a few minutes
+#   GATEWAY_WORKERS=2 bench/run.sh   # the gateway with [gateway] workers = 2 (default 1)
+#
+# bench/idle_capacity.py measures 10,000 IDLE sessions, which the harness's backend cannot hold.
 #
 # The table goes to stdout and bench/results/; copy the one worth keeping to bench/RESULTS.md.
 # Not part of the test command. Needs root (Dovecot drops to its own users).
