@@ -5,14 +5,23 @@ Once a login has gone through, the gateway stops reading the protocol and only m
 Each transport is registered as the other's streaming producer, so a slow reader stalls its
 writer instead of growing a buffer in the gateway (the transports keep at most one socket
 read in flight each).
+
+What one read brings in goes out in the same reactor turn: encrypted at once (one read makes
+one batch of TLS records, full-sized when the read is large) and handed to the socket at once,
+instead of waiting a turn for Twisted's TLS aggregation and the reactor's write notification.
+A small command and its reply then cross the gateway in one turn each way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import ProtocolWrapper
+
+from gateway.tls import flush_tls_writes, tls_layer
 
 
 class Splice:
@@ -32,6 +41,8 @@ class Splice:
         """:param activity: called whenever bytes pass either way (to keep an idle timer from firing)."""
         self._client = client
         self._backend = backend
+        self._to_client = _Outlet(client)
+        self._to_backend = _Outlet(backend)
         self._activity = activity
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
@@ -44,13 +55,13 @@ class Splice:
         """Relay bytes the client sent."""
         self.from_client_bytes += len(data)
         self._activity()
-        self._backend.write(data)
+        self._to_backend.send(data)
 
     def from_backend(self, data: bytes) -> None:
         """Relay bytes the backend sent."""
         self.from_backend_bytes += len(data)
         self._activity()
-        self._client.write(data)
+        self._to_client.send(data)
 
     def client_lost(self) -> None:
         """The client's connection is gone: close the backend once its buffer is written."""
@@ -68,6 +79,42 @@ class Splice:
         # buffer would "resume" it instead of completing the close.
         survivor.unregisterProducer()  # type: ignore[attr-defined]
         survivor.loseConnection()
+
+
+class _Outlet:
+    """
+    One side's transport, written to and sent on before the reactor turn ends.
+
+    A plain write would wait for the next reactor turn: for Twisted's TLS layer to encrypt it
+    (it aggregates small writes) and for the reactor to find the socket writable. The socket
+    is written from here only while the connection is up and not closing; whatever the socket
+    does not take at once is left to the reactor, as before.
+    """
+
+    def __init__(self, transport: ITransport) -> None:
+        self._transport = transport
+        self._tls = tls_layer(transport)
+        self._descriptor = _descriptor_of(transport)
+
+    def send(self, data: bytes) -> None:
+        """Write C{data} and pass it on to the socket now, as far as the socket takes it."""
+        self._transport.write(data)
+        if self._tls is not None:
+            flush_tls_writes(self._tls)
+        descriptor = self._descriptor
+        if descriptor is not None and descriptor.connected and not descriptor.disconnecting:
+            if descriptor.doWrite() is not None:
+                # A dead socket: the reactor must see the failure to close the connection, and
+                # does so at its own doWrite, which fails the same way.
+                descriptor.startWriting()
+
+
+def _descriptor_of(transport: ITransport) -> FileDescriptor | None:
+    """The reactor's descriptor under a transport and its wrappers, or None (in-memory transports)."""
+    layer: object = transport
+    while isinstance(layer, ProtocolWrapper):
+        layer = layer.transport
+    return layer if isinstance(layer, FileDescriptor) else None
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

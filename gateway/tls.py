@@ -8,8 +8,10 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 (:meth:`~twisted.internet.interfaces.ITLSTransport.startTLS`).
 
 :func:`client_tls` builds the verifying client side for the backend,
-:func:`ensure_self_signed` provides a certificate when none is configured, and
-:func:`describe_tls` reports what an established connection negotiated.
+:func:`ensure_self_signed` provides a certificate when none is configured,
+:func:`describe_tls` reports what an established connection negotiated, and
+:func:`tls_layer` with :func:`flush_tls_writes` lets the relay encrypt what it
+has written without waiting for the next reactor turn.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.config import NamedCertificate
 
-__all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls"]
+__all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
+           "flush_tls_writes"]
 
 log = Logger()
 
@@ -408,3 +412,46 @@ def describe_tls(transport: object) -> tuple[str, str] | None:
     if cipher is None:
         return None
     return handle.get_protocol_version_name(), cipher
+
+
+def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
+    """Find the Twisted TLS protocol that encrypts what is written to a transport.
+
+    Implicit TLS puts it between the protocol and the TCP transport (possibly
+    under further wrappers, such as the PROXY protocol's); ``startTLS`` puts it
+    behind the TCP transport itself, as that transport's protocol.
+
+    :param transport: a protocol's transport.
+    :returns: the TLS protocol, or None if what is written goes out in clear.
+    """
+    layer = transport
+    while isinstance(layer, ProtocolWrapper):
+        if isinstance(layer, TLSMemoryBIOProtocol):
+            return layer
+        layer = layer.transport
+    behind = getattr(layer, "protocol", None)
+    if ISSLTransport.providedBy(layer) and isinstance(behind, TLSMemoryBIOProtocol):
+        return behind
+    return None
+
+
+def flush_tls_writes(tls: TLSMemoryBIOProtocol) -> None:
+    """Encrypt at once what a Twisted TLS protocol is holding back, and write it to the transport below.
+
+    Twisted's TLS protocol (``BufferingTLSTransport``, used by every
+    ``TLSMemoryBIOFactory`` and by ``startTLS``) collects small writes and
+    encrypts them together one reactor turn later, through ``callLater(0)``.
+    A writer that knows it has written all it has for now, such as the relay
+    after one read, ends the batch itself and saves that turn. The batch stays
+    what the writer wrote since the last flush, so records stay full-sized.
+
+    Twisted has no public way to end the batch: this is the one place that
+    reaches its private aggregator. Without one (a TLS protocol that encrypts
+    every write at once) there is nothing to do. ``tests/test_tls.py`` fails if
+    Twisted's TLS layer stops working this way.
+
+    :param tls: the TLS protocol, as :func:`tls_layer` found it.
+    """
+    aggregator = getattr(tls, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()

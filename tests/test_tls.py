@@ -37,16 +37,26 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from gateway.tls import ServerTLS, TLSError, client_tls, describe_tls, ensure_self_signed
+from gateway.tls import (
+    ServerTLS,
+    TLSError,
+    client_tls,
+    describe_tls,
+    ensure_self_signed,
+    flush_tls_writes,
+    tls_layer,
+)
 
 _binding = Binding()
 
@@ -217,6 +227,7 @@ class _Greeter(Protocol):
         self.before_handshake: tuple[str, str] | None = ("not", "recorded")
         self.alpn: bytes | None = None
         self.group: str | None = None
+        self.layer: TLSMemoryBIOProtocol | None = None
 
     def connectionMade(self) -> None:
         self.before_handshake = describe_tls(self.transport)
@@ -224,6 +235,7 @@ class _Greeter(Protocol):
     def handshakeCompleted(self) -> None:
         assert self.transport is not None
         self.description = describe_tls(self.transport)
+        self.layer = tls_layer(self.transport)
         handle = self.transport.getHandle()  # type: ignore[attr-defined]
         self.alpn = handle.get_alpn_proto_negotiated() or None
         # Neither pyOpenSSL nor Python 3.11's ssl reports the key exchange
@@ -250,10 +262,12 @@ class _StartTLSServer(LineReceiver, _Greeter):
         _Greeter.__init__(self)
         self.server_tls = server_tls
         self.plain_description: tuple[str, str] | None = ("not", "recorded")
+        self.plain_layer: TLSMemoryBIOProtocol | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.plain_description = describe_tls(self.transport)
+        self.plain_layer = tls_layer(self.transport)
         self.sendLine(b"OK")
 
     def lineReceived(self, line: bytes) -> None:
@@ -668,6 +682,100 @@ class ServerHandshakeTests(_LoopbackTestCase):
         self.assertIsNone(protocol.plain_description)
         self.assertEqual(protocol.description, (result.version, result.cipher))
         self.assertIn(_NO_APPLICATION_PROTOCOL, refused)
+
+
+class TLSLayerTests(_LoopbackTestCase):
+    """tls_layer finds Twisted's TLS protocol under real implicit-TLS and STARTTLS connections."""
+
+    @inlineCallbacks
+    def test_implicit_tls(self) -> Any:
+        """Under implicit TLS the TLS layer is the protocol's transport itself."""
+        port, factory = yield self.serve_tls()
+        yield deferToThread(_tls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        protocol = factory.protocols[0]
+        self.assertIsInstance(protocol.layer, TLSMemoryBIOProtocol)
+        self.assertIs(protocol.layer, protocol.transport)
+
+    @inlineCallbacks
+    def test_starttls(self) -> Any:
+        """A plain connection has no TLS layer; after STARTTLS it is the TCP transport's protocol."""
+        server_tls = ServerTLS(self.files.chain, self.files.key, b"imap")
+        factory = _RecordingFactory(lambda: _StartTLSServer(server_tls))
+        port = yield self.listen(factory)
+        yield deferToThread(_starttls_client, port, _client_context(self.files.root))
+        yield self.all_closed(factory)
+        protocol = factory.protocols[0]
+        assert isinstance(protocol, _StartTLSServer)
+        self.assertIsNone(protocol.plain_layer)
+        self.assertIsInstance(protocol.layer, TLSMemoryBIOProtocol)
+        self.assertIsNot(protocol.layer, protocol.transport)
+
+    def test_clear_transport(self) -> None:
+        """A transport without TLS has no TLS layer."""
+        self.assertIsNone(tls_layer(StringTransport()))
+
+
+class _Collector(Protocol):
+    """Keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class FlushTLSWritesTests(SynchronousTestCase):
+    """
+    flush_tls_writes against Twisted's own TLS protocol, connected in memory to a TLS client.
+
+    These tests pin the Twisted behaviour that flush_tls_writes relies on: if one fails after a
+    Twisted upgrade, gateway.tls.flush_tls_writes must follow Twisted's TLS layer again.
+    """
+
+    def setUp(self) -> None:
+        files = _files(_temporary_directory(self))
+        self.clock = Clock()
+        server_factory = TLSMemoryBIOFactory(ServerTLS(files.chain, files.key, b"imap"), False,
+                                             Factory.forProtocol(Protocol), clock=self.clock)
+        client_factory = TLSMemoryBIOFactory(client_tls("localhost", files.root), True,
+                                             Factory.forProtocol(_Collector), clock=self.clock)
+        self.server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        self.pump = connect(self.server, FakeTransport(self.server, isServer=True),
+                            client, FakeTransport(client, isServer=False), clock=self.clock)
+        self.collector = client.wrappedProtocol
+        self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
+
+    def test_twisted_holds_small_writes(self) -> None:
+        """Without a flush, Twisted's TLS layer holds a small write until the next reactor turn."""
+        self.server.write(b"* OK\r\n")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"",
+                         "Twisted's TLS layer no longer delays small writes: flush_tls_writes may be "
+                         "obsolete")
+        self.pump.flush()
+        self.assertEqual(self.collector.received, b"* OK\r\n")
+
+    def test_flush_sends_at_once(self) -> None:
+        """After flush_tls_writes, what was written is encrypted and on the wire in the same reactor turn."""
+        self.server.write(b"* OK ")
+        self.server.write(b"still here\r\n")
+        flush_tls_writes(self.server)
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"* OK still here\r\n",
+                         "flush_tls_writes no longer reaches Twisted's write aggregation: follow "
+                         "twisted.protocols.tls")
+
+    def test_flush_without_writes(self) -> None:
+        """A flush with nothing written sends nothing and leaves later writes to work as before."""
+        flush_tls_writes(self.server)
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"")
+        self.server.write(b"later\r\n")
+        self.pump.flush()
+        self.assertEqual(self.collector.received, b"later\r\n")
 
 
 # --------------------------------------------------------------------------
