@@ -11,16 +11,14 @@ import tempfile
 from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.relay import Splice
 from gateway.testing.pki import TestCA
-from gateway.tls import ServerTLS, client_tls, describe_tls
+from gateway.testing.tls_pair import tls_pair
+from gateway.tls import describe_tls
 
 _APPLICATION_DATA = 23
 _MAX_RECORD_PAYLOAD = 2**14
@@ -48,16 +46,6 @@ class _Socket(FileDescriptor):
         taken = bytes(data[: self.room])
         self.sent.append(taken)
         return len(taken)
-
-
-class _Collector(Protocol):
-    """Keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
 
 
 def _records(wire: bytes) -> list[tuple[int, int]]:
@@ -149,18 +137,9 @@ class TLSTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory)
         ca = TestCA(directory)
         issued = ca.issue()
-        self.clock = Clock()
-        server_factory = TLSMemoryBIOFactory(ServerTLS(issued.chain_path, issued.key_path, b"imap"), False,
-                                             Factory.forProtocol(Protocol), clock=self.clock)
-        client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca.ca_path), True,
-                                             Factory.forProtocol(_Collector), clock=self.clock)
-        self.tls = server_factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        self.wire = FakeTransport(self.tls, isServer=True)
-        self.pump = connect(self.tls, self.wire, client, FakeTransport(client, isServer=False),
-                            clock=self.clock)
+        pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path)
+        self.tls, self.wire, self.collector, self.pump = pair.server, pair.wire, pair.collector, pair.pump
         self.assertIsNotNone(describe_tls(self.tls), "the in-memory TLS handshake did not complete")
-        self.collector = client.wrappedProtocol
         self.backend = StringTransport()
         self.splice = Splice(self.tls, self.backend)
 

@@ -37,17 +37,16 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from gateway.testing.tls_pair import tls_pair
 from gateway.tls import (
     ServerTLS,
     TLSError,
@@ -716,16 +715,6 @@ class TLSLayerTests(_LoopbackTestCase):
         self.assertIsNone(tls_layer(StringTransport()))
 
 
-class _Collector(Protocol):
-    """Keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
 class FlushTLSWritesTests(SynchronousTestCase):
     """
     flush_tls_writes against Twisted's own TLS protocol, connected in memory to a TLS client.
@@ -736,16 +725,8 @@ class FlushTLSWritesTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         files = _files(_temporary_directory(self))
-        self.clock = Clock()
-        server_factory = TLSMemoryBIOFactory(ServerTLS(files.chain, files.key, b"imap"), False,
-                                             Factory.forProtocol(Protocol), clock=self.clock)
-        client_factory = TLSMemoryBIOFactory(client_tls("localhost", files.root), True,
-                                             Factory.forProtocol(_Collector), clock=self.clock)
-        self.server = server_factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        self.pump = connect(self.server, FakeTransport(self.server, isServer=True),
-                            client, FakeTransport(client, isServer=False), clock=self.clock)
-        self.collector = client.wrappedProtocol
+        pair = tls_pair(files.chain, files.key, files.root)
+        self.server, self.collector, self.pump, self.clock = pair.server, pair.collector, pair.pump, pair.clock
         self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
 
     def test_twisted_holds_small_writes(self) -> None:

@@ -1,0 +1,52 @@
+"""A server and a client of Twisted's TLS layer connected in memory, for tests of what crosses it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.test.iosim import FakeTransport, IOPump, connect
+
+from gateway.tls import ServerTLS, client_tls
+
+
+class Collector(Protocol):
+    """Keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+@dataclass
+class TLSPair:
+    """
+    :ivar server: the server's TLS protocol (what a front end writes to under implicit TLS).
+    :ivar wire: the server's transport below TLS (what reached the socket).
+    :ivar collector: what the client decrypted.
+    :ivar pump: moves bytes between the two; it advances C{clock}.
+    """
+
+    server: TLSMemoryBIOProtocol
+    wire: FakeTransport
+    collector: Collector
+    pump: IOPump
+    clock: Clock
+
+
+def tls_pair(chain: str, key: str, ca: str) -> TLSPair:
+    """Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done."""
+    clock = Clock()
+    server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, Factory.forProtocol(Protocol),
+                                         clock=clock)
+    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca), True, Factory.forProtocol(Collector),
+                                         clock=clock)
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    wire = FakeTransport(server, isServer=True)
+    pump = connect(server, wire, client, FakeTransport(client, isServer=False), clock=clock)
+    return TLSPair(server, wire, client.wrappedProtocol, pump, clock)  # type: ignore[arg-type]
