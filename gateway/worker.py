@@ -64,7 +64,7 @@ def _serve(answer: list[str], options: argparse.Namespace, reactor: IReactorCore
 
 
 def _failed(failure: Failure, reactor: IReactorCore, status: list[int]) -> None:
-    # A ConfigError means the file changed since the supervisor read it.
+    # A ConfigError: a file the configuration names (users, certificate) cannot be used by this process.
     message = failure.getErrorMessage() if failure.check(ConfigError, SystemExit) else failure.getTraceback()
     print(f"mailgateway worker: cannot start: {message}", file=sys.stderr, flush=True)
     status[0] = 1
