@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -64,15 +63,10 @@ def pss_kib(pids: list[int]) -> int:
     return total
 
 
-def gateway_pids(gateway: GatewayProcess) -> list[int]:
-    assert gateway.pid is not None
-    workers = {int(n): int(pid) for n, pid in re.findall(r"worker_started worker=(\d+) pid=(\d+)", gateway.log())}
-    return [gateway.pid, *workers.values()]
-
-
 def measure(gateway: GatewayProcess, sessions: int, hold: float) -> dict[str, object]:
     """Open C{sessions} IDLE sessions, measure, release them; the row's figures."""
-    pids = gateway_pids(gateway)
+    assert gateway.pid is not None
+    pids = [gateway.pid, *gateway.worker_pids().values()]
     baseline = pss_kib(pids)
     generator = subprocess.Popen(
         [sys.executable, LOADGEN, "imap-idle", "--port", str(gateway.port("imap", "implicit_tls")), "--tls", "implicit",

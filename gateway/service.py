@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -39,7 +39,7 @@ from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.gatekeeper import Gatekeeper, LocalGatekeeper
 from gateway.imap import ImapFrontEnd
-from gateway.listener import listener
+from gateway.listener import Listener, listener
 from gateway.metrics import GatewayMetrics, build_metrics_service, certificates_to_watch
 from gateway.imap_backend import ImapBackendLogin
 from gateway.penalties import LoginPenalties, PenaltyRules
@@ -247,10 +247,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     else:
         idle = Factory()
         idle.noisy = False
-        held = [listener(reactor, description, idle, label=f"protocol={name} tls={kind} held_for=workers",
-                         key=f"[{name}] {kind}", config_path=settings.path, proxy_sources=settings.limits.proxy_sources,
-                         accepting=False)
-                for name, kind, description in mail_endpoints(settings)]
+        held = _mail_listeners(settings, reactor, lambda name, kind: idle, held=True)
         for each in held:
             each.setServiceParent(top)
         pool = WorkerPool(reactor, settings, gatekeeper, held)  # type: ignore[arg-type]
@@ -278,7 +275,7 @@ def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gateke
     top = MultiService()
     reloader = Reloader(reactor, settings)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
-    _build_mail(settings, reactor, gatekeeper, reloader, top, iter(inherited))
+    _build_mail(settings, reactor, gatekeeper, reloader, top, inherited)
     return top
 
 
@@ -322,8 +319,9 @@ def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
 
 
 def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
-                top: MultiService, inherited: Iterator[int] | None = None) -> None:
+                top: MultiService, inherited: Sequence[int] | None = None) -> None:
     """The mail front ends and their listeners, listening anew or on C{inherited} sockets."""
+    factories: dict[tuple[str, str], Factory] = {}
     hashing = HashingPool(settings.auth.hash_threads)
     hashing.setServiceParent(top)
     users = None
@@ -346,7 +344,7 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
             raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
         if probe:
             CapabilityProbe(backend, name).setServiceParent(top)
-        for implicit, descriptions in ((True, protocol.implicit_tls), (False, protocol.starttls)):
+        for implicit in (True, False):
             context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
                                       implicit, authenticator, backend, settings.hostname, gatekeeper)
             front_factory = FrontEndFactory(front_end, context)
@@ -355,8 +353,22 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
             if implicit:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
                 factory.noisy = False
-            kind = "implicit_tls" if implicit else "starttls"
-            for description in descriptions:
-                listener(reactor, description, factory, label=f"protocol={name} tls={kind}", key=f"[{name}] {kind}",
-                         config_path=settings.path, proxy_sources=settings.limits.proxy_sources,
-                         inherited=None if inherited is None else next(inherited)).setServiceParent(top)
+            factories[(name, "implicit_tls" if implicit else "starttls")] = factory
+    for each in _mail_listeners(settings, reactor, lambda name, kind: factories[(name, kind)], inherited=inherited):
+        each.setServiceParent(top)
+
+
+def _mail_listeners(settings: Settings, reactor: object, factory: Callable[[str, str], Factory], *,
+                    inherited: Sequence[int] | None = None, held: bool = False) -> list[Listener]:
+    """
+    One listener per L{mail_endpoints} entry, in that order.
+
+    :param factory: the factory for a protocol and C{implicit_tls} or C{starttls}.
+    :param inherited: the descriptors a worker was given, one per entry.
+    :param held: bound for workers by the supervisor, which does not accept on them.
+    """
+    return [listener(reactor, description, factory(name, kind),
+                     label=f"protocol={name} tls={kind}" + (" held_for=workers" if held else ""),
+                     key=f"[{name}] {kind}", config_path=settings.path, proxy_sources=settings.limits.proxy_sources,
+                     inherited=None if inherited is None else inherited[index], accepting=not held)
+            for index, (name, kind, description) in enumerate(mail_endpoints(settings))]

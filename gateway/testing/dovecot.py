@@ -64,8 +64,9 @@ class DovecotSandbox(ServerSandbox):
     per-address penalty) and each user may hold up to 1000 concurrent
     sessions per client address.
 
-    Ports given as 0 are chosen when the sandbox is built by binding port 0 on
-    ``host`` and closing the socket again; another process may take such a port
+    Ports given as 0 are chosen when the sandbox is built, by
+    :func:`~gateway.testing.host.free_ports` (below the ephemeral range, so no
+    outgoing connection takes them); another process may still take one
     before :meth:`start` binds it, in which case :meth:`start` fails.
 
     :ivar imap_port: the IMAP port, never 0.

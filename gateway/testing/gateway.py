@@ -21,6 +21,7 @@ from gateway.userdb import hash_password
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The supervisor's line when there are workers (which log their own, inherited, ones too).
+_WORKER_STARTED = re.compile(r"worker_started worker=(\d+) pid=(\d+)")
 _LISTENING = re.compile(r"listening protocol=(\w+) tls=(\w+) (?:held_for=workers )?endpoint=\S+ address=(\S+):(\d+)")
 
 
@@ -100,6 +101,10 @@ class GatewayProcess:
     def running(self) -> bool:
         """True while the child process is alive."""
         return self._process is not None and self._process.poll() is None
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker number -> process id of its latest start, from the supervisor's log (empty with one process)."""
+        return {int(n): int(pid) for n, pid in _WORKER_STARTED.findall(self.log())}
 
     def port(self, protocol: str, tls: str) -> int:
         """The port of one listener, e.g. C{port("imap", "implicit_tls")}."""

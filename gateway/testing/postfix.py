@@ -103,8 +103,9 @@ class PostfixSandbox(ServerSandbox):
     restarts the LMTP backend sees the queue drain promptly. Clients are not
     slowed down after errors.
 
-    A port given as 0 is chosen when the sandbox is built by binding port 0 on
-    ``host`` and closing the socket again; another process may take it before
+    A port given as 0 is chosen when the sandbox is built, by
+    :func:`~gateway.testing.host.free_ports` (below the ephemeral range, so no
+    outgoing connection takes it); another process may still take it before
     :meth:`start` binds it, in which case :meth:`start` fails.
 
     :ivar smtp_port: the SMTP port, never 0.

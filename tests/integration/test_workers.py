@@ -29,11 +29,6 @@ METRICS = '[metrics]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
 PER_ADDRESS = 3
 
 
-def worker_pids(gateway: GatewayProcess) -> dict[int, int]:
-    """Worker number -> pid of the latest start of each worker, from the supervisor's log."""
-    return {int(n): int(pid) for n, pid in re.findall(r"worker_started worker=(\d+) pid=(\d+)", gateway.log())}
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -43,6 +38,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_until(condition: object, timeout: float = 15.0) -> None:
+    """Poll C{condition} until it holds; fail after C{timeout} seconds."""
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
@@ -120,7 +116,7 @@ class WorkersTests(SynchronousTestCase):
 
     def test_workers_share_the_listeners(self) -> None:
         """Two workers run, and each holds the supervisor's listening socket, which it accepts on."""
-        pids = worker_pids(self.gateway)
+        pids = self.gateway.worker_pids()
         self.assertEqual(sorted(pids), [0, 1])
         inode = listening_inode(self.gateway.port("imap", "implicit_tls"))
         for pid in pids.values():
@@ -164,20 +160,20 @@ class WorkersTests(SynchronousTestCase):
         before = self.gateway.log().count("reloaded path=")
         assert self.gateway.pid is not None
         os.kill(self.gateway.pid, signal.SIGHUP)
-        wait_until(lambda: self.gateway.log().count("reloaded path=") >= before + 3)
+        wait_for_count(self.gateway, "reloaded path=", before + 3, 15)
 
     def test_dead_workers_are_replaced_and_release(self) -> None:
         """Workers killed while holding every allowed connection are restarted; the limit counts afresh."""
         held = [self.connect("127.0.0.23") for _ in range(PER_ADDRESS)]
         for connection in held:
             connection.recv(200)
-        old = worker_pids(self.gateway)
+        old = self.gateway.worker_pids()
         ready = self.gateway.log().count("worker_ready")
         for pid in old.values():
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: self.gateway.log().count("worker_ready") >= ready + 2)
+        wait_for_count(self.gateway, "worker_ready", ready + 2, 15)
         self.assertEqual(len(re.findall(r"worker_exited worker=\d+", self.gateway.log())), 2)
-        new = worker_pids(self.gateway)
+        new = self.gateway.worker_pids()
         self.assertEqual(sorted(new), [0, 1])
         self.assertFalse(set(new.values()) & set(old.values()))
         fresh = [self.connect("127.0.0.23") for _ in range(PER_ADDRESS)]
@@ -200,7 +196,7 @@ class SupervisorEndTests(SynchronousTestCase):
     def start_gateway(self) -> tuple[GatewayProcess, list[int]]:
         gateway = self.stack.start(GatewayProcess(self.stack.path("gateway"), imap_backend_port=self.dovecot.imap_port,
                                                   users=USERS, workers=2))
-        pids = list(worker_pids(gateway).values())
+        pids = list(gateway.worker_pids().values())
         self.assertEqual(len(pids), 2)
         return gateway, pids
 
@@ -242,7 +238,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
     def test_reload_while_worker_starts(self) -> None:
         """A reload (SIGHUP) that arrives while a restarted worker is still starting does not kill it."""
         gateway = self.start_gateway("hup-race")
-        old = worker_pids(gateway)[0]
+        old = gateway.worker_pids()[0]
         os.kill(old, signal.SIGKILL)
         gateway.wait_for_log(rf"worker_started worker=0 pid=(?!{old}\b)\d+")
         assert gateway.pid is not None
@@ -261,7 +257,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
                 self.assertTrue(client.recv(200).startswith(b"* OK "))
             self.assertEqual(settled(gateway, "mailgateway_connections_open", 2.0, protocol="imap"), [2.0])
             ready = gateway.log().count("worker_ready")
-            for pid in worker_pids(gateway).values():
+            for pid in gateway.worker_pids().values():
                 os.kill(pid, signal.SIGKILL)
             wait_for_count(gateway, "worker_ready", ready + 2, 15)
         finally:
@@ -293,7 +289,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         with open(gateway.config_path, "w", encoding="utf-8") as f:
             f.write(text.replace(one, 'implicit_tls = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]', 1))
         ready = gateway.log().count("worker_ready")
-        for pid in worker_pids(gateway).values():
+        for pid in gateway.worker_pids().values():
             os.kill(pid, signal.SIGKILL)
         wait_for_count(gateway, "worker_ready", ready + 2, 12)
         with socket.create_connection(("127.0.0.1", starttls), timeout=5) as client:
