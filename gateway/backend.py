@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from gateway.config import BackendSettings
 from gateway.relay import Splice, hand_over
+from gateway.sockets import tune
 from gateway.tls import client_tls
 
 
@@ -99,7 +100,7 @@ class BackendLogin(LineReceiver):
         self._splice: Splice | None = None
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        tune(self.transport)
 
     def start_tls(self) -> None:
         """
@@ -239,13 +240,3 @@ class BackendConnector:
         if failure.check(TimeoutError):
             raise BackendUnavailable(f"no answer within {self.settings.timeout:g} s")
         return failure
-
-
-def set_nodelay(transport: object) -> None:
-    """
-    Turn off Nagle's algorithm where the transport is TCP: login dialogues are small
-    request-reply exchanges, and delayed ACKs would add 40 ms to each.
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        setter(True)

@@ -42,12 +42,12 @@ from gateway.backend import (
     BackendUnavailable,
     ClientAddress,
     LoginRequest,
-    set_nodelay,
 )
 from gateway.config import Limits
 from gateway.gatekeeper import Gatekeeper, LoginCheck
 from gateway.relay import Splice, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
+from gateway.sockets import tune
 from gateway.tls import ServerTLS, describe_tls
 
 log = Logger()
@@ -176,10 +176,12 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.client = ClientAddress(plain_address(getattr(peer, "host", str(peer))), getattr(peer, "port", 0),
                                     plain_address(getattr(host, "host", str(host))), getattr(host, "port", 0))
         self._started = time.monotonic()
-        set_nodelay(self.transport)
-        # Nothing is read until the gatekeeper has answered (at once in a single process).
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        tune(self.transport)
         admitting = self.context.gatekeeper.admit(self.client.host)
+        if not admitting.called:
+            # Nothing is read until the gatekeeper has answered: a worker asks its supervisor.
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            admitting.addCallback(self._resume_admitted)
         admitting.addCallback(self._admission)
         admitting.addErrback(self._gatekeeper_failed)
 
@@ -195,14 +197,18 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self.close()
             return
         self._admitted = True
-        assert self.transport is not None
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.setTimeout(self.context.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
         log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
                  protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
                  listener=self.client.local_port, tls="implicit" if self.secure else "none")
         self.greet()
+
+    def _resume_admitted(self, refused: str | None) -> str | None:
+        if refused is None and not self._lost:
+            assert self.transport is not None
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        return refused
 
     def _gatekeeper_failed(self, failure: Failure) -> None:
         # Only a worker whose supervisor is gone gets here; it is about to stop.

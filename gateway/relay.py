@@ -7,21 +7,21 @@ writer instead of growing a buffer in the gateway (the transports keep at most o
 read in flight each).
 
 What one read brings in goes out in the same reactor turn: encrypted at once (one read makes
-one batch of TLS records, full-sized when the read is large) and handed to the socket at once,
-instead of waiting a turn for Twisted's TLS aggregation and the reactor's write notification.
-A small command and its reply then cross the gateway in one turn each way.
+one batch of TLS records, full-sized when the read is large) and handed to the socket at once
+(the connections are tuned by L{gateway.sockets}), instead of waiting a turn for Twisted's TLS
+aggregation and another for the reactor's write notification. A small command and its reply
+then cross the gateway in one turn each way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import ProtocolWrapper
 
-from gateway.tls import flush_tls_writes, tls_layer
+from gateway.sockets import gather_writes, send_gathered, tcp_connection
+from gateway.tls import tls_layer, write_tls_now
 
 
 class Splice:
@@ -83,38 +83,29 @@ class Splice:
 
 class _Outlet:
     """
-    One side's transport, written to and sent on before the reactor turn ends.
+    One side's transport, written to and encrypted before the reactor turn ends.
 
-    A plain write would wait for the next reactor turn: for Twisted's TLS layer to encrypt it
-    (it aggregates small writes) and for the reactor to find the socket writable. The socket
-    is written from here only while the connection is up and not closing; whatever the socket
-    does not take at once is left to the reactor, as before.
+    Twisted's TLS layer holds small writes back until the next reactor turn, to make fewer
+    records of them; the relay writes what one read brought, so it writes past that hold. The
+    records one write makes leave the socket in one send (see L{gateway.sockets}).
     """
 
     def __init__(self, transport: ITransport) -> None:
         self._transport = transport
         self._tls = tls_layer(transport)
-        self._descriptor = _descriptor_of(transport)
+        self._connection = tcp_connection(transport)
 
     def send(self, data: bytes) -> None:
-        """Write C{data} and pass it on to the socket now, as far as the socket takes it."""
-        self._transport.write(data)
-        if self._tls is not None:
-            flush_tls_writes(self._tls)
-        descriptor = self._descriptor
-        if descriptor is not None and descriptor.connected and not descriptor.disconnecting:
-            if descriptor.doWrite() is not None:
-                # A dead socket: the reactor must see the failure to close the connection, and
-                # does so at its own doWrite, which fails the same way.
-                descriptor.startWriting()
-
-
-def _descriptor_of(transport: ITransport) -> FileDescriptor | None:
-    """The reactor's descriptor under a transport and its wrappers, or None (in-memory transports)."""
-    layer: object = transport
-    while isinstance(layer, ProtocolWrapper):
-        layer = layer.transport
-    return layer if isinstance(layer, FileDescriptor) else None
+        """Write C{data}, encrypt it now, and send its records to the socket in one write."""
+        tls, connection = self._tls, self._connection
+        if tls is None:
+            self._transport.write(data)
+            return
+        gather_writes(connection)
+        try:
+            write_tls_now(tls, data)
+        finally:
+            send_gathered(connection)
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

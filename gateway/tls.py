@@ -10,8 +10,8 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 :func:`client_tls` builds the verifying client side for the backend,
 :func:`ensure_self_signed` provides a certificate when none is configured,
 :func:`describe_tls` reports what an established connection negotiated, and
-:func:`tls_layer` with :func:`flush_tls_writes` lets the relay encrypt what it
-has written without waiting for the next reactor turn.
+:func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
+writes without waiting for the next reactor turn.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from zope.interface import implementer
 from gateway.config import NamedCertificate
 
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
-           "flush_tls_writes"]
+           "write_tls_now"]
 
 log = Logger()
 
@@ -435,23 +435,23 @@ def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
     return None
 
 
-def flush_tls_writes(tls: TLSMemoryBIOProtocol) -> None:
-    """Encrypt at once what a Twisted TLS protocol is holding back, and write it to the transport below.
+def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
+    """Encrypt C{data} at once, after anything the TLS protocol holds back, and write it to the transport below.
 
     Twisted's TLS protocol (``BufferingTLSTransport``, used by every
     ``TLSMemoryBIOFactory`` and by ``startTLS``) collects small writes and
     encrypts them together one reactor turn later, through ``callLater(0)``.
     A writer that knows it has written all it has for now, such as the relay
-    after one read, ends the batch itself and saves that turn. The batch stays
-    what the writer wrote since the last flush, so records stay full-sized.
+    after one read, writes past the aggregation instead: no reactor turn is
+    waited for or scheduled, and the records are as full as the data allows.
 
-    Twisted has no public way to end the batch: this is the one place that
-    reaches its private aggregator. Without one (a TLS protocol that encrypts
-    every write at once) there is nothing to do. ``tests/test_tls.py`` fails if
-    Twisted's TLS layer stops working this way.
+    Twisted has no public way to do this: this is the one place that reaches
+    its private aggregator and the unaggregated ``write`` beneath it.
+    ``tests/test_tls.py`` fails if Twisted's TLS layer stops working this way.
 
     :param tls: the TLS protocol, as :func:`tls_layer` found it.
     """
     aggregator = getattr(tls, "_aggregator", None)
     if aggregator is not None:
-        aggregator.flush()
+        aggregator.flush()  # what was held goes first
+    TLSMemoryBIOProtocol.write(tls, data)

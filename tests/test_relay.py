@@ -1,6 +1,6 @@
 """
-The byte relay: what one read brings in leaves in the same reactor turn, through TLS and to the
-socket, and bulk data still leaves in full-sized TLS records.
+The byte relay: what one read brings in is encrypted in the same reactor turn, and bulk data
+still leaves in full-sized TLS records.
 """
 
 from __future__ import annotations
@@ -8,11 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
-from twisted.internet import main
-from twisted.internet.abstract import FileDescriptor
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.relay import Splice
@@ -22,30 +18,6 @@ from gateway.tls import describe_tls
 
 _APPLICATION_DATA = 23
 _MAX_RECORD_PAYLOAD = 2**14
-
-
-class _Socket(FileDescriptor):
-    """
-    A connected descriptor whose socket takes at most C{room} bytes per send, or fails.
-
-    :ivar sent: what each send took, in order.
-    :ivar failure: when set, what every send returns instead (as a dead socket's does).
-    """
-
-    connected = 1
-
-    def __init__(self, reactor: MemoryReactor, room: int = 2**20) -> None:
-        super().__init__(reactor)
-        self.room = room
-        self.sent: list[bytes] = []
-        self.failure: Exception | None = None
-
-    def writeSomeData(self, data: bytes) -> int | Exception:
-        if self.failure is not None:
-            return self.failure
-        taken = bytes(data[: self.room])
-        self.sent.append(taken)
-        return len(taken)
 
 
 def _records(wire: bytes) -> list[tuple[int, int]]:
@@ -58,64 +30,8 @@ def _records(wire: bytes) -> list[tuple[int, int]]:
     return records
 
 
-class SocketTests(SynchronousTestCase):
-    """A relayed read reaches a socket transport's socket before the reactor turn ends."""
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactor()
-        self.socket = _Socket(self.reactor)
-        self.client = StringTransport()
-        self.splice = Splice(self.client, self.socket)
-
-    def test_sent_at_once(self) -> None:
-        """A command from the client is on the backend's socket with no write left for the reactor."""
-        self.splice.from_client(b"a1 NOOP\r\n")
-        self.assertEqual(self.socket.sent, [b"a1 NOOP\r\n"])
-        self.assertNotIn(self.socket, self.reactor.getWriters())
-        self.assertEqual(self.splice.from_client_bytes, 9)
-
-    def test_rest_left_to_reactor(self) -> None:
-        """What the socket does not take at once stays registered for the reactor to send."""
-        self.socket.room = 3
-        self.splice.from_client(b"a1 NOOP\r\n")
-        self.assertEqual(self.socket.sent, [b"a1 "])
-        self.assertIn(self.socket, self.reactor.getWriters())
-        self.socket.room = 100
-        self.socket.doWrite()  # as the reactor does once the socket can take more
-        self.assertEqual(b"".join(self.socket.sent), b"a1 NOOP\r\n")
-        self.assertNotIn(self.socket, self.reactor.getWriters())
-
-    def test_dead_socket_left_to_reactor(self) -> None:
-        """A socket whose send fails stays registered, so that the reactor sees the failure and closes it."""
-        self.socket.failure = main.CONNECTION_LOST
-        self.splice.from_client(b"a1 NOOP\r\n")
-        self.assertIn(self.socket, self.reactor.getWriters())
-        self.assertEqual(self.socket.doWrite(), main.CONNECTION_LOST)
-
-    def test_closing_socket_left_to_reactor(self) -> None:
-        """Once the transport is closing, the relay leaves the sending, and the close, to the reactor."""
-        self.socket.loseConnection()
-        self.splice.from_client(b"a1 LOGOUT\r\n")
-        self.assertEqual(self.socket.sent, [])
-        self.assertEqual(self.socket.doWrite(), main.CONNECTION_DONE)
-        self.assertEqual(self.socket.sent, [b"a1 LOGOUT\r\n"])
-
-    def test_under_wrappers(self) -> None:
-        """The socket is found under protocol wrappers (such as the PROXY protocol's)."""
-        socket = _Socket(self.reactor)
-        wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
-        wrapper.makeConnection(socket)
-        splice = Splice(StringTransport(), wrapper)
-        splice.from_client(b"a2 NOOP\r\n")
-        self.assertEqual(socket.sent, [b"a2 NOOP\r\n"])
-
-    def test_backend_to_client(self) -> None:
-        """The other direction works the same way: the backend's reply is on the client's socket at once."""
-        client = _Socket(self.reactor)
-        splice = Splice(client, StringTransport())
-        splice.from_backend(b"a1 OK NOOP completed\r\n")
-        self.assertEqual(client.sent, [b"a1 OK NOOP completed\r\n"])
-        self.assertEqual(splice.from_backend_bytes, 22)
+class InMemoryTests(SynchronousTestCase):
+    """Both ways through the splice, over in-memory transports."""
 
     def test_in_memory_transports(self) -> None:
         """Transports without a socket (in-memory ones) just get the bytes written."""

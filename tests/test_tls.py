@@ -53,8 +53,8 @@ from gateway.tls import (
     client_tls,
     describe_tls,
     ensure_self_signed,
-    flush_tls_writes,
     tls_layer,
+    write_tls_now,
 )
 
 _binding = Binding()
@@ -715,12 +715,12 @@ class TLSLayerTests(_LoopbackTestCase):
         self.assertIsNone(tls_layer(StringTransport()))
 
 
-class FlushTLSWritesTests(SynchronousTestCase):
+class WriteTLSNowTests(SynchronousTestCase):
     """
-    flush_tls_writes against Twisted's own TLS protocol, connected in memory to a TLS client.
+    write_tls_now against Twisted's own TLS protocol, connected in memory to a TLS client.
 
-    These tests pin the Twisted behaviour that flush_tls_writes relies on: if one fails after a
-    Twisted upgrade, gateway.tls.flush_tls_writes must follow Twisted's TLS layer again.
+    These tests pin the Twisted behaviour that write_tls_now relies on: if one fails after a
+    Twisted upgrade, gateway.tls.write_tls_now must follow Twisted's TLS layer again.
     """
 
     def setUp(self) -> None:
@@ -730,33 +730,39 @@ class FlushTLSWritesTests(SynchronousTestCase):
         self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
 
     def test_twisted_holds_small_writes(self) -> None:
-        """Without a flush, Twisted's TLS layer holds a small write until the next reactor turn."""
+        """A plain write to Twisted's TLS layer is held until the next reactor turn."""
         self.server.write(b"* OK\r\n")
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.collector.received, b"",
-                         "Twisted's TLS layer no longer delays small writes: flush_tls_writes may be "
+                         "Twisted's TLS layer no longer delays small writes: write_tls_now may be "
                          "obsolete")
         self.pump.flush()
         self.assertEqual(self.collector.received, b"* OK\r\n")
 
-    def test_flush_sends_at_once(self) -> None:
-        """After flush_tls_writes, what was written is encrypted and on the wire in the same reactor turn."""
-        self.server.write(b"* OK ")
-        self.server.write(b"still here\r\n")
-        flush_tls_writes(self.server)
-        self.pump.pump(advanceClock=False)
-        self.assertEqual(self.collector.received, b"* OK still here\r\n",
-                         "flush_tls_writes no longer reaches Twisted's write aggregation: follow "
+    def test_sent_at_once(self) -> None:
+        """What write_tls_now writes is encrypted and on the wire in the same reactor turn, with no turn scheduled."""
+        write_tls_now(self.server, b"* OK ready\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [],
+                         "write_tls_now no longer writes past Twisted's write aggregation: follow "
                          "twisted.protocols.tls")
-
-    def test_flush_without_writes(self) -> None:
-        """A flush with nothing written sends nothing and leaves later writes to work as before."""
-        flush_tls_writes(self.server)
         self.pump.pump(advanceClock=False)
-        self.assertEqual(self.collector.received, b"")
-        self.server.write(b"later\r\n")
+        self.assertEqual(self.collector.received, b"* OK ready\r\n")
+
+    def test_after_held_writes(self) -> None:
+        """What Twisted's TLS layer was holding goes out first, in order."""
+        self.server.write(b"* OK ")
+        write_tls_now(self.server, b"still here\r\n")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"* OK still here\r\n")
         self.pump.flush()
-        self.assertEqual(self.collector.received, b"later\r\n")
+        self.assertEqual(self.collector.received, b"* OK still here\r\n", "a held write was sent twice")
+
+    def test_after_close(self) -> None:
+        """Once the TLS connection is closing, like a plain write, it is dropped."""
+        self.server.loseConnection()
+        write_tls_now(self.server, b"late\r\n")
+        self.pump.flush()
+        self.assertNotIn(b"late", self.collector.received)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""
+The TCP connections under both legs of a session, tuned for small request-reply exchanges.
+
+:func:`tune` is applied to each connection once it is made:
+
+- Nagle's algorithm is turned off, because login dialogues and relayed commands are small
+  requests each waiting for a reply, and delayed ACKs would add 40 ms to each.
+- A write goes to the socket at once when nothing is waiting in the transport's buffer.
+  Twisted's TCP transport would instead register for writability and send on the reactor's
+  next turn (Twisted ticket #5303): two C{epoll_ctl} calls and one reactor turn more for every
+  reply, and for every flight of the TLS handshake. What the socket does not take is buffered
+  and sent by the reactor, with Twisted's flow control, exactly as before; a socket error is
+  left for the reactor to meet at its own next write, so that a connection is never lost from
+  inside a C{write} call.
+
+Connections over UNIX sockets and in-memory test transports are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet import _newtls, tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.protocols.policies import ProtocolWrapper
+
+__all__ = ["gather_writes", "send_gathered", "tcp_connection", "tune"]
+
+
+def tune(transport: object) -> None:
+    """Turn off Nagle's algorithm and send writes at once on the TCP connection under C{transport}."""
+    connection = tcp_connection(transport)
+    if connection is None:
+        return
+    connection.setTcpNoDelay(True)
+    writing_through = _WRITING_THROUGH.get(type(connection))
+    if writing_through is not None:
+        # The subclasses add behaviour and no state, so the running connection can take it on.
+        connection.__class__ = writing_through
+
+
+def tcp_connection(transport: object) -> tcp.Connection | None:
+    """The TCP connection under a transport and its wrappers (TLS, PROXY), or None if there is none."""
+    layer = transport
+    while isinstance(layer, ProtocolWrapper):
+        layer = layer.transport
+    return layer if isinstance(layer, tcp.Connection) else None
+
+
+def gather_writes(connection: tcp.Connection | None) -> None:
+    """
+    Hold what is written to C{connection} until L{send_gathered}: the TLS records one relayed
+    read makes then leave in one system call instead of one each. Connections that L{tune} did
+    not change (or None) are written to as usual.
+    """
+    if isinstance(connection, _WritingThrough) and connection._gathered is None:
+        connection._gathered = []
+
+
+def send_gathered(connection: tcp.Connection | None) -> None:
+    """Write what was held since L{gather_writes}, as one write."""
+    if not isinstance(connection, _WritingThrough):
+        return
+    gathered, connection._gathered = connection._gathered, None
+    if gathered:
+        _SocketWrites.write(connection, gathered[0] if len(gathered) == 1 else b"".join(gathered))  # type: ignore[arg-type]
+
+
+class _SocketWrites(FileDescriptor):
+    """
+    Writes that reach the socket at once. Never instantiated: its methods serve the connections
+    below, and the STARTTLS layer's bypass, which sends the records TLS makes.
+    """
+
+    def write(self, data: bytes) -> None:
+        gathered = self._gathered  # type: ignore[attr-defined]
+        if gathered is not None:
+            gathered.append(data)
+            return
+        if (type(data) is bytes and data and self.connected and not self.disconnecting
+                and not self._writeDisconnected and not self._tempDataLen
+                and self.offset == len(self.dataBuffer)):
+            sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+            if isinstance(sent, int):  # anything else is the connection's loss, for the reactor to find
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        FileDescriptor.write(self, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        _SocketWrites.write(self, b"".join(iovec))
+
+
+class _WritingThrough:
+    """Mixed into Twisted's TCP server and client: plain writes and STARTTLS's records go out at once."""
+
+    TLS: bool
+    _gathered: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.TLS:
+            super().write(data)  # type: ignore[misc]  # into the TLS layer, whose records come back below
+        else:
+            _SocketWrites.write(self, data)  # type: ignore[arg-type]
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def startTLS(self, ctx: object, normal: bool = True) -> None:
+        _newtls.startTLS(self, ctx, normal, _SocketWrites)
+
+
+class _Server(_WritingThrough, tcp.Server):
+    """An accepted connection whose writes go out at once."""
+
+
+class _Client(_WritingThrough, tcp.Client):
+    """An outgoing connection whose writes go out at once."""
+
+
+_WRITING_THROUGH: dict[type, type] = {tcp.Server: _Server, tcp.Client: _Client}

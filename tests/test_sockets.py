@@ -1,0 +1,264 @@
+"""
+Tuned TCP connections (gateway.sockets), on real loopback sockets: no Nagle, writes sent at once
+when nothing is queued, and Twisted's buffering, ordering, closing and STARTTLS kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+
+from twisted.internet import reactor, tcp
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from gateway.sockets import gather_writes, send_gathered, tcp_connection, tune
+from gateway.testing.pki import TestCA
+from gateway.tls import ServerTLS
+
+
+@implementer(IHandshakeListener)
+class _Accepted(Protocol):
+    """The server's side: tuned when made, tells the test, records what it reads and its loss."""
+
+    def __init__(self, made: Deferred[_Accepted]) -> None:
+        self.made = made
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+        self.handshake: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake.callback(None)
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.callback(None)
+
+
+def _read(peer: socket.socket, size: int) -> bytes:
+    """Read up to C{size} bytes, or until the other side closes (run in a thread)."""
+    data = b""
+    while len(data) < size:
+        chunk = peer.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class _Connected(TestCase):
+    """A tuned accepted connection, with a plain blocking socket as its peer."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        made: Deferred[_Accepted] = Deferred()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Accepted(made)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+        self.addCleanup(self.peer.close)
+        self.accepted = yield made
+        self.transport = self.accepted.transport
+        self.addCleanup(self._close)
+
+    def _close(self) -> Deferred[None] | None:
+        if self.accepted.lost.called:
+            return None
+        self.transport.abortConnection()
+        return self.accepted.lost
+
+
+class WriteThroughTests(_Connected):
+    """Writes on a tuned connection reach its socket at once, with Twisted's buffering kept."""
+
+    def test_no_delay(self) -> None:
+        """Nagle's algorithm is off on the tuned connection."""
+        option = self.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertTrue(option)
+
+    @inlineCallbacks
+    def test_sent_at_once(self):  # type: ignore[no-untyped-def]
+        """A write is on the socket before write returns: nothing is left for the reactor to send."""
+        self.transport.write(b"* OK ready\r\n")
+        self.assertNotIn(self.transport, reactor.getWriters())
+        self.assertEqual(self.transport.dataBuffer + b"".join(self.transport._tempDataBuffer), b"")
+        received = yield deferToThread(_read, self.peer, 12)
+        self.assertEqual(received, b"* OK ready\r\n")
+
+    @inlineCallbacks
+    def test_write_sequence(self):  # type: ignore[no-untyped-def]
+        """writeSequence goes out at once too, in order."""
+        self.transport.writeSequence([b"* OK ", b"ready", b"\r\n"])
+        self.assertNotIn(self.transport, reactor.getWriters())
+        received = yield deferToThread(_read, self.peer, 12)
+        self.assertEqual(received, b"* OK ready\r\n")
+
+    @inlineCallbacks
+    def test_rest_left_to_reactor(self):  # type: ignore[no-untyped-def]
+        """
+        What the socket cannot take stays buffered for the reactor, and a later write queues
+        behind it instead of overtaking it.
+        """
+        bulk = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than loopback socket buffers hold
+        self.transport.write(bulk)
+        self.assertIn(self.transport, reactor.getWriters())
+        self.transport.write(b"END")
+        received = yield deferToThread(_read, self.peer, len(bulk) + 3)
+        self.assertEqual(len(received), len(bulk) + 3)
+        self.assertTrue(received == bulk + b"END", "bytes were reordered or lost")
+
+    @inlineCallbacks
+    def test_producer_paused_while_buffered(self):  # type: ignore[no-untyped-def]
+        """A streaming producer is still paused when the buffer grows, and resumed when it drains."""
+        events = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                events.append("pause")
+
+            def resumeProducing(self) -> None:
+                events.append("resume")
+
+            def stopProducing(self) -> None:
+                events.append("stop")
+
+        self.transport.registerProducer(Producer(), True)
+        bulk = b"x" * (4 * 1024 * 1024)
+        self.transport.write(bulk)
+        self.assertEqual(events, ["pause"])
+        yield deferToThread(_read, self.peer, len(bulk))
+        while self.transport in reactor.getWriters():
+            yield _turn()
+        self.assertEqual(events, ["pause", "resume"])
+
+    @inlineCallbacks
+    def test_write_after_close_requested(self):  # type: ignore[no-untyped-def]
+        """Once the close is asked for, later writes still go out before it, through the reactor."""
+        self.transport.write(b"a1 OK\r\n")
+        self.transport.loseConnection()
+        self.transport.write(b"* BYE\r\n")
+        received = yield deferToThread(_read, self.peer, 100)
+        self.assertEqual(received, b"a1 OK\r\n* BYE\r\n")
+        yield self.accepted.lost
+
+    @inlineCallbacks
+    def test_dead_socket_left_to_reactor(self):  # type: ignore[no-untyped-def]
+        """
+        A write to a connection the peer has reset does not raise and does not lose the
+        connection inside write; the reactor reports the loss afterwards.
+        """
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.peer.close()  # on loopback the reset has arrived when close returns
+        self.transport.write(b"* 1 EXISTS\r\n")
+        self.assertFalse(self.accepted.lost.called, "the connection was lost inside write")
+        self.assertIn(self.transport, reactor.getWriters())
+        yield self.accepted.lost
+
+
+class GatherTests(_Connected):
+    """Writes gathered on a tuned connection leave together, in order, when sent."""
+
+    @inlineCallbacks
+    def test_held_then_sent_together(self):  # type: ignore[no-untyped-def]
+        """Nothing reaches the socket while writes are gathered; all of it does, in order, at send_gathered."""
+        connection = tcp_connection(self.transport)
+        gather_writes(connection)
+        self.transport.write(b"* 1 FETCH ")
+        self.transport.writeSequence([b"(FLAGS ", b"())\r\n"])
+        self.peer.setblocking(False)
+        self.assertRaises(BlockingIOError, self.peer.recv, 100)
+        self.peer.settimeout(10)
+        send_gathered(connection)
+        self.assertNotIn(self.transport, reactor.getWriters())
+        received = yield deferToThread(_read, self.peer, 22)
+        self.assertEqual(received, b"* 1 FETCH (FLAGS ())\r\n")
+
+    def test_nothing_gathered(self) -> None:
+        """Sending when nothing was written writes nothing."""
+        connection = tcp_connection(self.transport)
+        gather_writes(connection)
+        send_gathered(connection)
+        self.assertEqual(self.transport.dataBuffer, b"")
+        self.assertNotIn(self.transport, reactor.getWriters())
+
+
+def _turn() -> Deferred[None]:
+    """One reactor turn."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
+
+
+class StartTLSTests(TestCase):
+    """After STARTTLS on a tuned connection, TLS records go out at once as well."""
+
+    @inlineCallbacks
+    def test_records_sent_at_once(self):  # type: ignore[no-untyped-def]
+        directory = tempfile.mkdtemp(prefix="test_sockets-")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = TestCA(directory)
+        issued = ca.issue()
+        made: Deferred[_Accepted] = Deferred()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Accepted(made)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+        self.addCleanup(peer.close)
+        accepted = yield made
+        transport = accepted.transport
+
+        def close() -> Deferred[None] | None:
+            if accepted.lost.called:
+                return None
+            transport.abortConnection()
+            return accepted.lost
+
+        self.addCleanup(close)
+        transport.startTLS(ServerTLS(issued.chain_path, issued.key_path, b"imap"))
+
+        client = ssl.create_default_context(cafile=ca.ca_path)
+
+        def handshake() -> ssl.SSLSocket:
+            wrapped = client.wrap_socket(peer, server_hostname="localhost", do_handshake_on_connect=False)
+            wrapped.do_handshake()
+            return wrapped
+
+        wrapped = yield deferToThread(handshake)
+        self.addCleanup(wrapped.close)
+        yield accepted.handshake
+        transport.write(b"* OK over TLS\r\n")
+        self.assertNotIn(transport, reactor.getWriters())
+        received = yield deferToThread(_read, wrapped, 15)
+        self.assertEqual(received, b"* OK over TLS\r\n")
+
+
+class FindingTests(TestCase):
+    """tune and tcp_connection find the TCP connection under wrappers, and leave others alone."""
+
+    def test_under_wrappers(self) -> None:
+        """The TCP connection is found under protocol wrappers (TLS, PROXY)."""
+        connection = tcp.Server.__new__(tcp.Server)
+        wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+        wrapper.transport = connection
+        self.assertIs(tcp_connection(wrapper), connection)
+
+    def test_in_memory_left_alone(self) -> None:
+        """An in-memory transport is not a TCP connection: tune does nothing to it."""
+        transport = StringTransport()
+        self.assertIsNone(tcp_connection(transport))
+        tune(transport)
+        self.assertIs(type(transport), StringTransport)
