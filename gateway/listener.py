@@ -19,6 +19,13 @@ from gateway.proxy_protocol import TrustedProxyFactory
 
 log = Logger()
 
+# Twisted listens with a backlog of 50 connections. A reconnect storm (every client of an office at
+# 9 a.m., or all of them after a restart) overflows that while the gateway is busy with handshakes,
+# and a client whose SYN is dropped tries again only a second later. nginx asks for 511; the kernel
+# caps it at net.core.somaxconn. A description that names its own backlog keeps it.
+_BACKLOG = 511
+_BACKLOG_KINDS = ("tcp", "tcp6", "unix")
+
 
 class Listener(Service):
     """
@@ -99,8 +106,15 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
         return Listener(InheritedEndpoint(reactor, inherited), factory,  # type: ignore[arg-type]
                         f"{label} endpoint={description} inherited={inherited}")
     try:
-        endpoint = serverFromString(reactor, description.removeprefix(PROXY_PREFIX))
+        endpoint = serverFromString(reactor, _with_backlog(description.removeprefix(PROXY_PREFIX)))
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise ConfigError(f"{config_path}: {key}: {description!r} is not a usable endpoint description "
                           f"({type(e).__name__}: {e})") from None
     return Listener(endpoint, factory, f"{label} endpoint={description}", accepting)
+
+
+def _with_backlog(description: str) -> str:
+    """The description, asking for a backlog of L{_BACKLOG} where its kind of endpoint takes one and it names none."""
+    if description.partition(":")[0] in _BACKLOG_KINDS and "backlog=" not in description:
+        return f"{description}:backlog={_BACKLOG}"
+    return description

@@ -41,6 +41,7 @@ from gateway.config import ConfigError, load_settings
 from gateway.frontend import FrontEndFactory
 from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.listener import Listener
+from gateway.listener import listener as make_listener
 from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, build_service
 from gateway.testing.pki import IssuedCertificate, TestCA
 from gateway.tls import ServerTLS
@@ -603,6 +604,35 @@ class ListenerTests(SynchronousTestCase):
         self.assertTrue(listener.running)
         listener.stopService()
         self.assertTrue(port.stopped)
+
+
+class BacklogTests(SynchronousTestCase):
+    """Mail, web and metrics listeners ask for a long accept queue unless their description names one."""
+
+    def _listen(self, description: str) -> MemoryReactorClock:
+        reactor = MemoryReactorClock()
+        made = make_listener(reactor, description, Factory(), label="test", key="[imap] implicit_tls",
+                        config_path="gateway.toml", proxy_sources=())
+        made.privilegedStartService()
+        return reactor
+
+    def test_tcp(self) -> None:
+        """A TCP listener gets a backlog of 511, as nginx's, in place of Twisted's 50."""
+        self.assertEqual(self._listen("tcp:993:interface=127.0.0.1").tcpServers[0][2], 511)
+
+    def test_named_backlog_kept(self) -> None:
+        """A backlog the description names is the one used."""
+        self.assertEqual(self._listen("tcp:993:backlog=20:interface=127.0.0.1").tcpServers[0][2], 20)
+
+    def test_haproxy(self) -> None:
+        """A listener behind a PROXY-protocol balancer gets it too."""
+        self.assertEqual(self._listen("haproxy:tcp:993:interface=127.0.0.1").tcpServers[0][2], 511)
+
+    def test_unix(self) -> None:
+        """A UNIX-socket listener gets it too."""
+        path = os.path.join(tempfile.mkdtemp(prefix="test_service-"), "imap.sock")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        self.assertEqual(self._listen(f"unix:{path}").unixServers[0][2], 511)
 
 
 class FakeProbedBackend:
