@@ -114,7 +114,7 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
 
 
 def _with_backlog(description: str) -> str:
-    """The description, asking for a backlog of L{_BACKLOG} where its kind of endpoint takes one and it names none."""
+    """The description, asking for a backlog of ``_BACKLOG`` where its kind of endpoint takes one and it names none."""
     if description.partition(":")[0] in _BACKLOG_KINDS and "backlog=" not in description:
         return f"{description}:backlog={_BACKLOG}"
     return description

@@ -8,7 +8,7 @@ read in flight each).
 
 What one read brings in goes out in the same reactor turn: encrypted at once (one read makes
 one batch of TLS records, full-sized when the read is large) and handed to the socket at once
-(the connections are tuned by L{gateway.sockets}), instead of waiting a turn for Twisted's TLS
+(the connections are tuned by :mod:`gateway.sockets`), instead of waiting a turn for Twisted's TLS
 aggregation and another for the reactor's write notification. A small command and its reply
 then cross the gateway in one turn each way.
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import LineReceiver
 
-from gateway.sockets import gather_writes, send_gathered, tcp_connection
+from gateway.sockets import gathered_writes, stream_connection
 from gateway.tls import tls_layer, write_tls_now
 
 
@@ -35,6 +35,10 @@ class Splice:
     :ivar from_client_bytes: bytes relayed from the client to the backend.
     :ivar from_backend_bytes: bytes relayed from the backend to the client.
     """
+
+    # One splice and two outlets live as long as each session: slots keep them small.
+    __slots__ = ("_client", "_backend", "_to_client", "_to_backend", "_activity", "from_client_bytes",
+                 "from_backend_bytes", "_closing")
 
     def __init__(self, client: ITransport, backend: ITransport,
                  activity: Callable[[], None] = lambda: None) -> None:
@@ -87,25 +91,24 @@ class _Outlet:
 
     Twisted's TLS layer holds small writes back until the next reactor turn, to make fewer
     records of them; the relay writes what one read brought, so it writes past that hold. The
-    records one write makes leave the socket in one send (see L{gateway.sockets}).
+    records one write makes are handed to the socket in one write (see :mod:`gateway.sockets`).
     """
+
+    __slots__ = ("_transport", "_tls", "_connection")
 
     def __init__(self, transport: ITransport) -> None:
         self._transport = transport
         self._tls = tls_layer(transport)
-        self._connection = tcp_connection(transport)
+        self._connection = stream_connection(transport)
 
     def send(self, data: bytes) -> None:
-        """Write C{data}, encrypt it now, and send its records to the socket in one write."""
-        tls, connection = self._tls, self._connection
+        """Write ``data`` and encrypt it now."""
+        tls = self._tls
         if tls is None:
             self._transport.write(data)
             return
-        gather_writes(connection)
-        try:
+        with gathered_writes(self._connection):
             write_tls_now(tls, data)
-        finally:
-            send_gathered(connection)
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

@@ -7,12 +7,18 @@ The TCP connections under both legs of a session, tuned for small request-reply 
   requests each waiting for a reply, and delayed ACKs would add 40 ms to each.
 - A write goes to the socket at once when nothing is waiting in the transport's buffer.
   Twisted's TCP transport would instead register for writability and send on the reactor's
-  next turn (Twisted ticket #5303): two C{epoll_ctl} calls and one reactor turn more for every
+  next turn (Twisted ticket #5303): two ``epoll_ctl`` calls and one reactor turn more for every
   reply, and for every flight of the TLS handshake. What the socket does not take is buffered
   and sent by the reactor, with Twisted's flow control, exactly as before; a socket error is
   left for the reactor to meet at its own next write, so that a connection is never lost from
-  inside a C{write} call.
+  inside a ``write`` call.
 
+:class:`gathered_writes` holds what is written during a block and sends it in one write, so
+that the several TLS records one relayed read makes cost one system call.
+
+This works with the internals of Twisted's ``FileDescriptor`` (its buffer, ``_aborting``,
+``_writeDisconnected``) and of its STARTTLS (``twisted.internet._newtls``), as of Twisted 26.10;
+``tests/test_sockets.py`` exercises each of them on real sockets and fails if they change.
 Connections over UNIX sockets and in-memory test transports are left as they are.
 """
 
@@ -24,12 +30,12 @@ from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
-__all__ = ["gather_writes", "send_gathered", "tcp_connection", "tune"]
+__all__ = ["gathered_writes", "stream_connection", "tune"]
 
 
 def tune(transport: object) -> None:
-    """Turn off Nagle's algorithm and send writes at once on the TCP connection under C{transport}."""
-    connection = tcp_connection(transport)
+    """Turn off Nagle's algorithm and send writes at once on the TCP connection under ``transport``."""
+    connection = stream_connection(transport)
     if connection is None:
         return
     connection.setTcpNoDelay(True)
@@ -39,31 +45,42 @@ def tune(transport: object) -> None:
         connection.__class__ = writing_through
 
 
-def tcp_connection(transport: object) -> tcp.Connection | None:
-    """The TCP connection under a transport and its wrappers (TLS, PROXY), or None if there is none."""
+def stream_connection(transport: object) -> tcp.Connection | None:
+    """The TCP or UNIX connection under a transport and its wrappers (TLS, PROXY), or None."""
     layer = transport
     while isinstance(layer, ProtocolWrapper):
         layer = layer.transport
     return layer if isinstance(layer, tcp.Connection) else None
 
 
-def gather_writes(connection: tcp.Connection | None) -> None:
+class gathered_writes:
     """
-    Hold what is written to C{connection} until L{send_gathered}: the TLS records one relayed
-    read makes then leave in one system call instead of one each. Connections that L{tune} did
-    not change (or None) are written to as usual.
+    A block during which what is written to ``connection`` is held, then sent as one write.
+
+    A block inside another joins it: the outer one sends. Connections that :func:`tune` did not
+    change (and None) are written to as usual.
     """
-    if isinstance(connection, _WritingThrough) and connection._gathered is None:
-        connection._gathered = []
 
+    __slots__ = ("_connection", "_outer")
 
-def send_gathered(connection: tcp.Connection | None) -> None:
-    """Write what was held since L{gather_writes}, as one write."""
-    if not isinstance(connection, _WritingThrough):
-        return
-    gathered, connection._gathered = connection._gathered, None
-    if gathered:
-        _SocketWrites.write(connection, gathered[0] if len(gathered) == 1 else b"".join(gathered))  # type: ignore[arg-type]
+    def __init__(self, connection: tcp.Connection | None) -> None:
+        self._connection = connection if isinstance(connection, _WritingThrough) else None
+        self._outer = False
+
+    def __enter__(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            self._outer = connection._gathered is not None
+            if not self._outer:
+                connection._gathered = []
+
+    def __exit__(self, *exc_info: object) -> None:
+        connection = self._connection
+        if connection is None or self._outer:
+            return
+        gathered, connection._gathered = connection._gathered, None
+        if gathered:
+            _SocketWrites.write(connection, gathered[0] if len(gathered) == 1 else b"".join(gathered))  # type: ignore[arg-type]
 
 
 class _SocketWrites(FileDescriptor):
@@ -74,12 +91,12 @@ class _SocketWrites(FileDescriptor):
 
     def write(self, data: bytes) -> None:
         gathered = self._gathered  # type: ignore[attr-defined]
-        if gathered is not None:
+        if gathered is not None and type(data) is bytes:
             gathered.append(data)
             return
         if (type(data) is bytes and data and self.connected and not self.disconnecting
-                and not self._writeDisconnected and not self._tempDataLen
-                and self.offset == len(self.dataBuffer)):
+                and not self._aborting and not self._writeDisconnected  # type: ignore[attr-defined]
+                and not self._tempDataLen and self.offset == len(self.dataBuffer)):
             sent = self.writeSomeData(data)  # type: ignore[attr-defined]
             if isinstance(sent, int):  # anything else is the connection's loss, for the reactor to find
                 if sent == len(data):

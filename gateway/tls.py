@@ -436,7 +436,7 @@ def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
 
 
 def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
-    """Encrypt C{data} at once, after anything the TLS protocol holds back, and write it to the transport below.
+    """Encrypt ``data`` at once, after anything the TLS protocol holds back, and write it to the transport below.
 
     Twisted's TLS protocol (``BufferingTLSTransport``, used by every
     ``TLSMemoryBIOFactory`` and by ``startTLS``) collects small writes and

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from gateway.sockets import gather_writes, send_gathered, tcp_connection, tune
+from gateway.sockets import gathered_writes, stream_connection, tune
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS
 
@@ -157,6 +157,19 @@ class WriteThroughTests(_Connected):
         yield self.accepted.lost
 
     @inlineCallbacks
+    def test_nothing_after_abort(self):  # type: ignore[no-untyped-def]
+        """What is written after abortConnection never reaches the peer, as with Twisted's own transport."""
+        self.transport.abortConnection()
+        self.transport.write(b"a2 LOGOUT\r\n")
+        self.peer.setblocking(False)
+        try:
+            leaked = self.peer.recv(100)
+        except (BlockingIOError, ConnectionResetError):
+            leaked = b""
+        yield self.accepted.lost
+        self.assertEqual(leaked, b"", "a write after abortConnection went out")
+
+    @inlineCallbacks
     def test_dead_socket_left_to_reactor(self):  # type: ignore[no-untyped-def]
         """
         A write to a connection the peer has reset does not raise and does not lose the
@@ -171,30 +184,58 @@ class WriteThroughTests(_Connected):
 
 
 class GatherTests(_Connected):
-    """Writes gathered on a tuned connection leave together, in order, when sent."""
+    """Writes gathered on a tuned connection leave together, in order, when the block ends."""
 
     @inlineCallbacks
     def test_held_then_sent_together(self):  # type: ignore[no-untyped-def]
-        """Nothing reaches the socket while writes are gathered; all of it does, in order, at send_gathered."""
-        connection = tcp_connection(self.transport)
-        gather_writes(connection)
-        self.transport.write(b"* 1 FETCH ")
-        self.transport.writeSequence([b"(FLAGS ", b"())\r\n"])
-        self.peer.setblocking(False)
-        self.assertRaises(BlockingIOError, self.peer.recv, 100)
-        self.peer.settimeout(10)
-        send_gathered(connection)
+        """Nothing reaches the socket inside the block; all of it does, in order, at its end."""
+        with gathered_writes(stream_connection(self.transport)):
+            self.transport.write(b"* 1 FETCH ")
+            self.transport.writeSequence([b"(FLAGS ", b"())\r\n"])
+            self.peer.setblocking(False)
+            self.assertRaises(BlockingIOError, self.peer.recv, 100)
+            self.peer.settimeout(10)
         self.assertNotIn(self.transport, reactor.getWriters())
         received = yield deferToThread(_read, self.peer, 22)
         self.assertEqual(received, b"* 1 FETCH (FLAGS ())\r\n")
 
+    @inlineCallbacks
+    def test_nested(self):  # type: ignore[no-untyped-def]
+        """A block inside another joins it: nothing leaves until the outer block ends."""
+        connection = stream_connection(self.transport)
+        with gathered_writes(connection):
+            self.transport.write(b"a")
+            with gathered_writes(connection):
+                self.transport.write(b"b")
+            self.peer.setblocking(False)
+            self.assertRaises(BlockingIOError, self.peer.recv, 100)
+            self.peer.settimeout(10)
+            self.transport.write(b"c")
+        received = yield deferToThread(_read, self.peer, 3)
+        self.assertEqual(received, b"abc")
+
+    @inlineCallbacks
+    def test_not_bytes(self):  # type: ignore[no-untyped-def]
+        """Text written inside the block is refused at once, as Twisted refuses it; what was held still leaves."""
+        with gathered_writes(stream_connection(self.transport)):
+            self.transport.write(b"held\r\n")
+            self.assertRaises(TypeError, self.transport.write, "text")
+        received = yield deferToThread(_read, self.peer, 6)
+        self.assertEqual(received, b"held\r\n")
+
     def test_nothing_gathered(self) -> None:
-        """Sending when nothing was written writes nothing."""
-        connection = tcp_connection(self.transport)
-        gather_writes(connection)
-        send_gathered(connection)
+        """A block with no writes writes nothing."""
+        with gathered_writes(stream_connection(self.transport)):
+            pass
         self.assertEqual(self.transport.dataBuffer, b"")
         self.assertNotIn(self.transport, reactor.getWriters())
+
+    def test_untuned_connection(self) -> None:
+        """On a transport tune did not change, the block changes nothing: writes happen as usual."""
+        transport = StringTransport()
+        with gathered_writes(stream_connection(transport)):
+            transport.write(b"at once")
+            self.assertEqual(transport.value(), b"at once")
 
 
 def _turn() -> Deferred[None]:
@@ -254,11 +295,11 @@ class FindingTests(TestCase):
         connection = tcp.Server.__new__(tcp.Server)
         wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
         wrapper.transport = connection
-        self.assertIs(tcp_connection(wrapper), connection)
+        self.assertIs(stream_connection(wrapper), connection)
 
     def test_in_memory_left_alone(self) -> None:
         """An in-memory transport is not a TCP connection: tune does nothing to it."""
         transport = StringTransport()
-        self.assertIsNone(tcp_connection(transport))
+        self.assertIsNone(stream_connection(transport))
         tune(transport)
         self.assertIs(type(transport), StringTransport)
