@@ -45,6 +45,7 @@ from gateway.backend import (
 )
 from gateway.config import Limits
 from gateway.gatekeeper import Gatekeeper, LoginCheck
+from gateway.idle import IdleSessions
 from gateway.relay import Splice, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune
@@ -66,6 +67,7 @@ class FrontEndContext:
         already secure and this is not used.
     :ivar implicit_tls: True on a listener that speaks TLS from the first byte.
     :ivar backend: logs in to the store behind this protocol.
+    :ivar idle: the relayed sessions' idle timeouts, shared by every listener.
     """
 
     protocol: str
@@ -77,6 +79,7 @@ class FrontEndContext:
     backend: BackendConnector
     hostname: str
     gatekeeper: Gatekeeper
+    idle: IdleSessions
 
 
 class LoginOutcome(enum.Enum):
@@ -163,6 +166,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._sasl: SaslExchange | None = None
         self.backend_refusal = b""
         self._splice: Splice | None = None
+        self.idle_deadline = 0.0  # while relaying: closed if silent until then (see gateway.idle)
+        self.idle_slot: int | None = None
         self._started = 0.0
         self._bytes_in = 0
         self._bytes_out = 0
@@ -235,6 +240,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self._closing.cancel()
         if self._pending is not None:
             self._pending.cancel()  # a no-op once the login has finished
+        self.context.idle.forget(self)
         if self._session_user is not None:
             self.context.gatekeeper.close_session(self._session_user)
             self._session_user = None
@@ -305,16 +311,21 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.close()
 
     def timeoutConnection(self) -> None:
-        relaying = self._phase is _Phase.RELAYING
-        log.info("timeout protocol={protocol} client={client} reason={reason}", protocol=self.context.protocol,
-                 client=self.client.host, reason="relay-idle" if relaying else "idle")
-        if relaying:
-            # Nothing may be injected into a relayed stream: just close both sides.
-            assert self.transport is not None
-            self.transport.loseConnection()
-            return
+        log.info("timeout protocol={protocol} client={client} reason=idle", protocol=self.context.protocol,
+                 client=self.client.host)
         self.reply_timeout()
         self.close()
+
+    def idle_expired(self) -> None:
+        """The relay has been silent both ways for its idle timeout (called by L{IdleSessions})."""
+        log.info("timeout protocol={protocol} client={client} reason=relay-idle", protocol=self.context.protocol,
+                 client=self.client.host)
+        # Nothing may be injected into a relayed stream: just close both sides.
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def _relay_active(self) -> None:
+        self.idle_deadline = self.clock.seconds() + self.context.limits.relay_idle_timeout
 
     def _deadline_passed(self) -> None:
         self._deadline = None
@@ -541,6 +552,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                        started: float) -> Deferred[LoginOutcome] | Failure | LoginOutcome:
         failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions,
                      _Throttled)
+        self.context.idle.forget(self)
         if self._session_user is not None:
             self.context.gatekeeper.close_session(self._session_user)
             self._session_user = None
@@ -592,10 +604,13 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         """
         self._phase = _Phase.RELAYING
         self._cancel_deadline()
-        # The relay has its own, longer idle timeout; bytes either way keep the session alive.
-        self.setTimeout(self.context.limits.relay_idle_timeout)
+        # The relay has its own, longer idle timeout, kept by one timer for all sessions; bytes
+        # either way keep the session alive.
+        self.setTimeout(None)
+        self._relay_active()
+        self.context.idle.watch(self)
         assert self.transport is not None and session.transport is not None
-        self._splice = Splice(self.transport, session.transport, self.resetTimeout)
+        self._splice = Splice(self.transport, session.transport, self._relay_active)
         session.attach(self._splice)
         # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)

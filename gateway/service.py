@@ -38,6 +38,7 @@ from gateway.config import (
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.gatekeeper import Gatekeeper, LocalGatekeeper
+from gateway.idle import IdleSessions
 from gateway.imap import ImapFrontEnd
 from gateway.listener import Listener, listener
 from gateway.metrics import GatewayMetrics, build_metrics_service, certificates_to_watch
@@ -334,6 +335,7 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
         self_test()
     authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
     certificate, key = certificate_files(settings)
+    idle = IdleSessions(reactor)  # type: ignore[arg-type]
     for name, alpn, protocol, front_end, backend_login, probe in _mail_protocols(settings):
         if protocol is None:
             continue
@@ -346,7 +348,7 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit in (True, False):
             context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
-                                      implicit, authenticator, backend, settings.hostname, gatekeeper)
+                                      implicit, authenticator, backend, settings.hostname, gatekeeper, idle)
             front_factory = FrontEndFactory(front_end, context)
             reloader.serve(server_tls, front_factory)
             factory: Factory = front_factory

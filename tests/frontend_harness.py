@@ -14,6 +14,7 @@ from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.gatekeeper import LocalGatekeeper
+from gateway.idle import IdleSessions
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
@@ -47,7 +48,8 @@ class FrontEndTestBase(SynchronousTestCase):
         self.connections = ConnectionLimits(ConnectionRules())
         self.context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
                                        self.implicit_tls, self.auth, self.backend,  # type: ignore[arg-type]
-                                       "mail.example.org", LocalGatekeeper(self.connections, self.penalties))
+                                       "mail.example.org", LocalGatekeeper(self.connections, self.penalties),
+                                       IdleSessions(self.clock))
         self.front, self.transport = self.connect()
         self.greeting = self.read()
 
