@@ -552,7 +552,6 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
                        started: float) -> Deferred[LoginOutcome] | Failure | LoginOutcome:
         failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions,
                      _Throttled)
-        self.context.idle.forget(self)
         if self._session_user is not None:
             self.context.gatekeeper.close_session(self._session_user)
             self._session_user = None

@@ -367,6 +367,14 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_closed_session_leaves_idle_watch(self) -> None:
+        """A relayed session that closes is no longer watched for its idle timeout: nothing keeps it."""
+        self.log_in()
+        self.assertEqual(len(self.context.idle), 1)
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.context.idle), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_relay_idle_timeout(self) -> None:
         """
         After login the pre-login timers are gone; the relay's own idle timeout is reset by
