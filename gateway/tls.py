@@ -72,6 +72,9 @@ _GROUPS = b"X25519:P-256"
 # constant shared by every context keeps resumption working across contexts.
 _SESSION_ID_CONTEXT = b"mailgateway"
 
+# The largest TLS record payload.
+_RECORD = 2**14
+
 # SSL_OP_PRIORITIZE_CHACHA (ssl.h: SSL_OP_BIT(21) since OpenSSL 1.1.1); pyOpenSSL does not export it.
 _OP_PRIORITIZE_CHACHA = 1 << 21
 
@@ -197,6 +200,9 @@ def _make_server_context(certificate_path: str, key_path: str, alpn: bytes) -> S
     # Idle connections then hold no read/write buffers, which is what makes
     # many thousands of idle IMAP sessions affordable.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # pyOpenSSL turns partial writes on: one SSL_write would then make one record. Off, a bulk
+    # relayed read is encrypted whole in one call (see write_tls_now).
+    _lib.SSL_CTX_clear_mode(context._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     context.set_cipher_list(_TLS12_CIPHERS)
     if _lib.SSL_CTX_set1_curves_list(context._context, _GROUPS) != 1:
         raise TLSError(f"OpenSSL rejects the key exchange group list {_GROUPS.decode()}")
@@ -445,13 +451,37 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
     after one read, writes past the aggregation instead: no reactor turn is
     waited for or scheduled, and the records are as full as the data allows.
 
+    More than one record's worth (a bulk read from the backend) is handed to
+    OpenSSL in one call and its records to the transport in one write, where
+    Twisted would make a call, a copy and a write for each 16 KiB record. Any
+    state but a plain open connection (handshake under way, writes waiting,
+    closing, an OpenSSL error) is left to Twisted's own write, which knows it.
+
     Twisted has no public way to do this: this is the one place that reaches
-    its private aggregator and the unaggregated ``write`` beneath it.
-    ``tests/test_tls.py`` fails if Twisted's TLS layer stops working this way.
+    its private aggregator and TLS state, and the unaggregated ``write``
+    beneath them. ``tests/test_tls.py`` fails if Twisted's TLS layer stops
+    working this way.
 
     :param tls: the TLS protocol, as :func:`tls_layer` found it.
     """
     aggregator = getattr(tls, "_aggregator", None)
     if aggregator is not None:
         aggregator.flush()  # what was held goes first
-    TLSMemoryBIOProtocol.write(tls, data)
+    if len(data) <= _RECORD or not (tls._handshakeDone and not tls._lostTLSConnection
+                                    and not tls._appSendBuffer and not tls.disconnecting):
+        TLSMemoryBIOProtocol.write(tls, data)
+        return
+    connection = tls._tlsConnection
+    try:
+        sent = connection.send(data)
+    except SSL.Error:
+        TLSMemoryBIOProtocol.write(tls, data)  # meets the same condition, and handles it
+        return
+    while True:
+        try:
+            records = connection.bio_read(len(data) + _RECORD)
+        except SSL.WantReadError:
+            break
+        tls.transport.write(records)
+    if sent < len(data):  # a context that allows partial writes (not the gateway's server contexts)
+        TLSMemoryBIOProtocol.write(tls, data[sent:])

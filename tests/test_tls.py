@@ -727,6 +727,7 @@ class WriteTLSNowTests(SynchronousTestCase):
         files = _files(_temporary_directory(self))
         pair = tls_pair(files.chain, files.key, files.root)
         self.server, self.collector, self.pump, self.clock = pair.server, pair.collector, pair.pump, pair.clock
+        self.wire = pair.wire
         self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
 
     def test_twisted_holds_small_writes(self) -> None:
@@ -756,6 +757,36 @@ class WriteTLSNowTests(SynchronousTestCase):
         self.assertEqual(self.collector.received, b"* OK still here\r\n")
         self.pump.flush()
         self.assertEqual(self.collector.received, b"* OK still here\r\n", "a held write was sent twice")
+
+    def test_bulk_in_one_write(self) -> None:
+        """A bulk write is encrypted whole: full 16 KiB records, handed to the transport in one write, intact."""
+        data = bytes(range(256)) * 256  # 64 KiB
+        self.wire.stream.clear()
+        write_tls_now(self.server, data)
+        self.assertEqual(len(self.wire.stream), 1, "the records of one bulk write took several transport writes")
+        wire = self.wire.stream[0]
+        lengths = []
+        while wire:
+            lengths.append(int.from_bytes(wire[3:5], "big"))
+            wire = wire[5 + lengths[-1]:]
+        self.assertEqual(len(lengths), 4, lengths)
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, data)
+
+    def test_bulk_after_held_writes(self) -> None:
+        """A bulk write also goes after what Twisted's TLS layer was holding."""
+        self.server.write(b"* 1 FETCH (BODY[] {65536}\r\n")
+        data = b"y" * 65536
+        write_tls_now(self.server, data)
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"* 1 FETCH (BODY[] {65536}\r\n" + data)
+
+    def test_bulk_after_close(self) -> None:
+        """A bulk write after the TLS connection started closing is dropped, as a plain write is."""
+        self.server.loseConnection()
+        write_tls_now(self.server, b"z" * 65536)
+        self.pump.flush()
+        self.assertNotIn(b"zzzz", self.collector.received)
 
     def test_after_close(self) -> None:
         """Once the TLS connection is closing, like a plain write, it is dropped."""
