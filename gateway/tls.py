@@ -452,10 +452,14 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
     waited for or scheduled, and the records are as full as the data allows.
 
     More than one record's worth (a bulk read from the backend) is handed to
-    OpenSSL in one call and its records to the transport in one write, where
-    Twisted would make a call, a copy and a write for each 16 KiB record. Any
-    state but a plain open connection (handshake under way, writes waiting,
-    closing, an OpenSSL error) is left to Twisted's own write, which knows it.
+    OpenSSL in one call, and its records to the transport in one write for a
+    relayed read, where Twisted would make a call, a copy and a write for each
+    16 KiB record. That takes a context without partial writes, as the
+    gateway's server contexts are; on others (the backend's client TLS) one
+    record goes this way and the rest Twisted's. Any state but a plain open
+    connection (handshake under way, writes waiting, closing, an OpenSSL
+    error) is left to Twisted's own write, which knows it; after a fatal error
+    it then reports OpenSSL's "shutdown" rather than the first cause.
 
     Twisted has no public way to do this: this is the one place that reaches
     its private aggregator and TLS state, and the unaggregated ``write``
