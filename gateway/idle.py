@@ -45,7 +45,8 @@ class IdleSessions:
         return sum(len(slot) for slot in self._slots.values())
 
     def watch(self, session: Watched) -> None:
-        """Start watching ``session``, whose ``idle_deadline`` is set."""
+        """Start watching ``session``, whose ``idle_deadline`` is set (again: filed once)."""
+        self.forget(session)
         self._file(session)
 
     def forget(self, session: Watched) -> None:

@@ -108,6 +108,18 @@ class IdleSessionsTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.assertEqual([closing.expired_at for _, closing in pairs], [[]] * 10)
 
+    def test_watched_twice(self) -> None:
+        """Watching a session again files it once, under its current deadline."""
+        session = self.session()
+        self.clock.advance(30)
+        session.active()
+        self.sessions.watch(session)
+        self.assertEqual(len(self.sessions), 1)
+        self.clock.advance(99)
+        self.assertEqual(session.expired_at, [])
+        self.clock.advance(1)
+        self.assertEqual(session.expired_at, [130])
+
     def test_earlier_session_later(self) -> None:
         """A session watched after others but due before them brings the timer forward."""
         late = self.session(timeout=500)
