@@ -34,13 +34,17 @@ class IdleSessionsTests(SynchronousTestCase):
         self.sessions.watch(session)
         return session
 
+    def assert_expires_at(self, session: _Session, when: float) -> None:
+        """Advance to a second before ``when``: not told yet; to ``when``: told then."""
+        self.clock.advance(when - 1 - self.clock.seconds())
+        self.assertEqual(session.expired_at, [])
+        self.clock.advance(1)
+        self.assertEqual(session.expired_at, [when])
+
     def test_silent_session_expires_at_its_deadline(self) -> None:
         """A session silent since it was watched is told at its deadline, once, and no longer watched."""
         session = self.session()
-        self.clock.advance(99)
-        self.assertEqual(session.expired_at, [])
-        self.clock.advance(1)
-        self.assertEqual(session.expired_at, [100])
+        self.assert_expires_at(session, 100)
         self.assertEqual(len(self.sessions), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(1000)
@@ -54,10 +58,7 @@ class IdleSessionsTests(SynchronousTestCase):
         self.clock.advance(60)  # its first deadline has passed: it is filed again, not told
         self.assertEqual(session.expired_at, [])
         self.assertEqual(len(self.sessions), 1)
-        self.clock.advance(39)
-        self.assertEqual(session.expired_at, [])
-        self.clock.advance(1)
-        self.assertEqual(session.expired_at, [160])
+        self.assert_expires_at(session, 160)
 
     def test_within_a_second(self) -> None:
         """A deadline inside a second is met at the end of that second."""
@@ -115,10 +116,7 @@ class IdleSessionsTests(SynchronousTestCase):
         session.active()
         self.sessions.watch(session)
         self.assertEqual(len(self.sessions), 1)
-        self.clock.advance(99)
-        self.assertEqual(session.expired_at, [])
-        self.clock.advance(1)
-        self.assertEqual(session.expired_at, [130])
+        self.assert_expires_at(session, 130)
 
     def test_earlier_session_later(self) -> None:
         """A session watched after others but due before them brings the timer forward."""

@@ -245,7 +245,7 @@ def _turn() -> Deferred[None]:
     return d
 
 
-class StartTLSTests(TestCase):
+class StartTLSTests(_Connected):
     """After STARTTLS on a tuned connection, TLS records go out at once as well."""
 
     @inlineCallbacks
@@ -254,21 +254,7 @@ class StartTLSTests(TestCase):
         self.addCleanup(shutil.rmtree, directory)
         ca = TestCA(directory)
         issued = ca.issue()
-        made: Deferred[_Accepted] = Deferred()
-        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Accepted(made)), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-        self.addCleanup(peer.close)
-        accepted = yield made
-        transport = accepted.transport
-
-        def close() -> Deferred[None] | None:
-            if accepted.lost.called:
-                return None
-            transport.abortConnection()
-            return accepted.lost
-
-        self.addCleanup(close)
+        peer, accepted, transport = self.peer, self.accepted, self.transport
         transport.startTLS(ServerTLS(issued.chain_path, issued.key_path, b"imap"))
 
         client = ssl.create_default_context(cafile=ca.ca_path)
@@ -288,7 +274,7 @@ class StartTLSTests(TestCase):
 
 
 class FindingTests(TestCase):
-    """tune and tcp_connection find the TCP connection under wrappers, and leave others alone."""
+    """tune and stream_connection find the TCP connection under wrappers, and leave others alone."""
 
     def test_under_wrappers(self) -> None:
         """The TCP connection is found under protocol wrappers (TLS, PROXY)."""
