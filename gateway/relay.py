@@ -11,6 +11,10 @@ one batch of TLS records, full-sized when the read is large) and handed to the s
 (the connections are tuned by :mod:`gateway.sockets`), instead of waiting a turn for Twisted's TLS
 aggregation and another for the reactor's write notification. A small command and its reply
 then cross the gateway in one turn each way.
+
+A burst (a large FETCH, an APPEND, a message submitted) grows the memory buffers of the TLS
+layer, which would keep that size for the rest of the session. The first small exchange after a
+burst gives it back; the handshake and the login count as a burst.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from twisted.internet.interfaces import ITransport
 from twisted.protocols.basic import LineReceiver
 
 from gateway.sockets import gathered_writes, stream_connection
-from gateway.tls import tls_layer, write_tls_now
+from gateway.tls import release_tls_buffers, tls_layer, write_tls_now
+
+# Reads larger than this leave TLS buffers worth giving back; one no larger ends the burst.
+_BURST = 4096
 
 
 class Splice:
@@ -38,7 +45,7 @@ class Splice:
 
     # One splice and two outlets live as long as each session: slots keep them small.
     __slots__ = ("_client", "_backend", "_to_client", "_to_backend", "_activity", "from_client_bytes",
-                 "from_backend_bytes", "_closing")
+                 "from_backend_bytes", "_closing", "_burst")
 
     def __init__(self, client: ITransport, backend: ITransport,
                  activity: Callable[[], None] = lambda: None) -> None:
@@ -51,6 +58,7 @@ class Splice:
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
         self._closing = False
+        self._burst = True  # the handshake and the login count as one: the first small read ends it
         # A transport takes one producer: the relay owns both registrations from here on.
         client.registerProducer(backend, True)  # type: ignore[attr-defined]
         backend.registerProducer(client, True)  # type: ignore[attr-defined]
@@ -60,12 +68,23 @@ class Splice:
         self.from_client_bytes += len(data)
         self._activity()
         self._to_backend.send(data)
+        self._after(len(data))
 
     def from_backend(self, data: bytes) -> None:
         """Relay bytes the backend sent."""
         self.from_backend_bytes += len(data)
         self._activity()
         self._to_client.send(data)
+        self._after(len(data))
+
+    def _after(self, size: int) -> None:
+        """Note a relayed read of ``size`` bytes: a large one is a burst, the next small one ends it."""
+        if size > _BURST:
+            self._burst = True
+        elif self._burst:
+            self._burst = False
+            self._to_client.release_buffers()
+            self._to_backend.release_buffers()
 
     def client_lost(self) -> None:
         """The client's connection is gone: close the backend once its buffer is written."""
@@ -109,6 +128,11 @@ class _Outlet:
             return
         with gathered_writes(self._connection):
             write_tls_now(tls, data)
+
+    def release_buffers(self) -> None:
+        """Give back the memory the TLS layer's buffers grew to, if there is one and it is idle."""
+        if self._tls is not None:
+            release_tls_buffers(self._tls)
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

@@ -83,3 +83,24 @@ class TLSTests(SynchronousTestCase):
         # Each record carries a full 16 KiB payload plus the cipher's overhead (at most 256 bytes).
         self.assertEqual(len({length for _, length in records}), 1)
         self.assertTrue(_MAX_RECORD_PAYLOAD < records[0][1] <= _MAX_RECORD_PAYLOAD + 256, records)
+
+    def test_buffers_given_back_after_burst(self) -> None:
+        """The first small read after a burst (the login counts as one) gives back the TLS layer's buffers."""
+        connection = self.tls._tlsConnection
+
+        def bios() -> tuple[object, object]:
+            return connection._into_ssl, connection._from_ssl
+
+        after_login = bios()
+        self.splice.from_client(b"a2 IDLE\r\n")
+        idle = bios()
+        self.assertNotEqual(idle, after_login, "the relay kept what the handshake and the login grew")
+        self.splice.from_backend(b"+ idling\r\n")
+        self.assertEqual(bios(), idle, "buffers given back with no burst since")
+        self.splice.from_backend(b"x" * 4 * _MAX_RECORD_PAYLOAD)
+        self.assertEqual(bios(), idle, "buffers given back in the middle of a burst")
+        self.splice.from_backend(b"a3 OK\r\n")
+        self.assertNotEqual(bios(), idle, "the relay kept what the burst grew")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"+ idling\r\n" + b"x" * 4 * _MAX_RECORD_PAYLOAD + b"a3 OK\r\n")
+        self.assertEqual(self.backend.value(), b"a2 IDLE\r\n")

@@ -53,6 +53,7 @@ from gateway.tls import (
     client_tls,
     describe_tls,
     ensure_self_signed,
+    release_tls_buffers,
     tls_layer,
     write_tls_now,
 )
@@ -794,6 +795,66 @@ class WriteTLSNowTests(SynchronousTestCase):
         write_tls_now(self.server, b"late\r\n")
         self.pump.flush()
         self.assertNotIn(b"late", self.collector.received)
+
+
+def _bios(tls: TLSMemoryBIOProtocol) -> tuple[Any, Any]:
+    """The memory BIOs through which a TLS protocol's connection reads and writes records."""
+    connection = tls._tlsConnection
+    return connection._into_ssl, connection._from_ssl
+
+
+class ReleaseTLSBuffersTests(SynchronousTestCase):
+    """
+    release_tls_buffers against Twisted's own TLS protocol, connected in memory to a TLS client.
+
+    If these fail after a pyOpenSSL upgrade, gateway.tls.release_tls_buffers must follow how
+    pyOpenSSL's Connection holds its memory BIOs again.
+    """
+
+    def setUp(self) -> None:
+        files = _files(_temporary_directory(self))
+        pair = tls_pair(files.chain, files.key, files.root)
+        self.server, self.collector, self.pump = pair.server, pair.collector, pair.pump
+        self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
+
+    def client_sends(self, data: bytes) -> None:
+        """The client writes ``data``; its TLS layer encrypts it, not yet delivered to the server."""
+        self.collector.transport.write(data)
+        self.pump.clock.advance(0)  # the client's TLS layer holds small writes for a turn
+
+    def test_fresh_buffers(self) -> None:
+        """After a burst, both BIOs are replaced, and traffic carries on both ways, intact."""
+        write_tls_now(self.server, b"b" * 65536)
+        self.pump.pump(advanceClock=False)
+        before = _bios(self.server)
+        release_tls_buffers(self.server)
+        after = _bios(self.server)
+        self.assertNotEqual(before[0], after[0], "the incoming BIO was not replaced")
+        self.assertNotEqual(before[1], after[1], "the outgoing BIO was not replaced")
+        write_tls_now(self.server, b"* OK still here\r\n")
+        self.client_sends(b"a1 NOOP\r\n")
+        self.pump.flush()
+        self.assertEqual(self.collector.received, b"b" * 65536 + b"* OK still here\r\n")
+        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
+
+    def test_kept_while_holding_records(self) -> None:
+        """A BIO still holding part of a record is kept, and the record is read whole afterwards."""
+        self.client_sends(b"a1 NOOP\r\n")
+        record = b"".join(self.pump.clientIO.stream)
+        del self.pump.clientIO.stream[:]
+        self.server._tlsConnection.bio_write(record[:10])  # arrived, not yet read
+        before = _bios(self.server)
+        release_tls_buffers(self.server)
+        self.assertEqual(_bios(self.server), before)
+        self.server.dataReceived(record[10:])
+        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
+
+    def test_not_while_closing(self) -> None:
+        """A TLS connection that is closing keeps its BIOs (the incoming one may already carry the end)."""
+        self.server.loseConnection()
+        before = _bios(self.server)
+        release_tls_buffers(self.server)
+        self.assertEqual(_bios(self.server), before)
 
 
 # --------------------------------------------------------------------------

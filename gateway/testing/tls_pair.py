@@ -25,7 +25,8 @@ class Collector(Protocol):
 @dataclass
 class TLSPair:
     """
-    :ivar server: the server's TLS protocol (what a front end writes to under implicit TLS).
+    :ivar server: the server's TLS protocol (what a front end writes to under implicit TLS);
+        its C{wrappedProtocol} is a L{Collector} of what the server decrypted.
     :ivar wire: the server's transport below TLS (what reached the socket).
     :ivar collector: what the client decrypted.
     :ivar pump: moves bytes between the two; it advances C{clock}.
@@ -41,7 +42,7 @@ class TLSPair:
 def tls_pair(chain: str, key: str, ca: str) -> TLSPair:
     """Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done."""
     clock = Clock()
-    server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, Factory.forProtocol(Protocol),
+    server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, Factory.forProtocol(Collector),
                                          clock=clock)
     client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca), True, Factory.forProtocol(Collector),
                                          clock=clock)
