@@ -11,8 +11,9 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 :func:`ensure_self_signed` provides a certificate when none is configured,
 :func:`describe_tls` reports what an established connection negotiated, and
 :func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
-writes without waiting for the next reactor turn, and :func:`release_tls_buffers`
-gives back the memory a burst of traffic left in a connection's TLS layer.
+writes without waiting for the next reactor turn, :func:`release_tls_buffers`
+gives back the memory a burst of traffic left in a connection's TLS layer, and
+:func:`tls_ended` tells when a peer has ended TLS under a registered producer.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from zope.interface import implementer
 from gateway.config import NamedCertificate
 
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
-           "write_tls_now", "release_tls_buffers"]
+           "write_tls_now", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
 
@@ -441,6 +442,22 @@ def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
     if ISSLTransport.providedBy(layer) and isinstance(behind, TLSMemoryBIOProtocol):
         return behind
     return None
+
+
+def tls_ended(transport: object) -> bool:
+    """Whether the TLS connection under a transport has ended: the peer sent close_notify, or it failed.
+
+    Twisted's TLS layer then drops whatever is written and closes its TCP
+    transport, but that transport stays open while a producer is registered
+    on it: a producer resumed by the draining buffer would be read to its end
+    for nothing, and the connection would linger. A consumer that registered
+    a producer checks this and unregisters it (which lets the connection close).
+
+    :param transport: a protocol's transport.
+    :returns: False as well for a transport without TLS.
+    """
+    tls = tls_layer(transport)
+    return tls is not None and tls._lostTLSConnection
 
 
 def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:

@@ -57,7 +57,7 @@ from gateway.autoconfig import (
 )
 from gateway.config import Settings, WebSettings
 from gateway.listener import listener
-from gateway.tls import ServerTLS
+from gateway.tls import ServerTLS, tls_ended
 
 __all__ = [
     "DOCUMENT_BODY_LIMIT",
@@ -221,7 +221,10 @@ class _WebRequest(Request):
 
 
 class _WebChannel(HTTPChannel):
-    """An HTTP/1.1 connection that tells each request its target before the request's headers."""
+    """
+    An HTTP/1.1 connection that tells each request its target before the request's headers, and
+    that lets a client go once it has ended TLS.
+    """
 
     def lineReceived(self, line: bytes) -> None:
         """Parse a line as twisted.web does, and hand a request line's target to its new request."""
@@ -231,6 +234,16 @@ class _WebChannel(HTTPChannel):
             parts = line.split(b" ")
             if len(parts) == 3:
                 self.requests[-1].target = parts[1]
+
+    def resumeProducing(self) -> None:
+        """Resume the response being written, unless the client has ended TLS meanwhile."""
+        if tls_ended(self.transport):
+            # The response would be read from the webmail to its end and dropped, and the
+            # connection stay open: unregistered, the channel lets it close, and the request
+            # learns that its client is gone.
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            return
+        super().resumeProducing()
 
 
 class _WebSite(Site):

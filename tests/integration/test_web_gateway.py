@@ -20,8 +20,10 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.tcp import Connection
 from twisted.internet.utils import getProcessOutputAndValue
@@ -134,6 +136,31 @@ class Fetched:
     def header(self, name: str) -> str | None:
         values = self.headers.get(name)
         return values[-1] if values else None
+
+
+class _StalledReader(Protocol):
+    """
+    An HTTPS client that asks for C{/big}, stops reading after the first bytes of the answer, and
+    fires C{stalled} then; it keeps what it reads in a count.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.stalled: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"GET /big HTTP/1.1\r\nHost: %s\r\n\r\n" % PUBLIC_HOST.encode())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if not self.stalled.called:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.stalled.callback(None)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
 
 
 class WebGatewayTests(TestCase):
@@ -367,6 +394,30 @@ class WebGatewayTests(TestCase):
         self.assertLess(written, 30 * 1024 * 1024, f"the upstream wrote {written} bytes in 3 s")
         yield flood.ended
         self.assertLess(flood.written, FLOOD)
+
+    @inlineCallbacks
+    def test_client_ending_tls_stops_upstream(self) -> Any:
+        """
+        A client that ends TLS (close_notify) while the gateway holds the upstream back is gone:
+        the upstream request ends before the upstream has written everything, and the connection
+        closes. (Twisted's TLS layer drops what is written after a close_notify, and its TCP
+        transport stays open while a producer is registered.)
+        """
+        with open(self.ca_path, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        endpoint = wrapClientTLS(optionsForClientTLS(PUBLIC_HOST, trust),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.https_port))
+        client = yield connectProtocol(endpoint, _StalledReader())
+        yield client.stalled
+        yield deferLater(reactor, 0.5, lambda: None)  # the gateway's buffers fill; it pauses the upstream
+        (flood,) = self.upstream.floods
+        self.assertLess(flood.written, FLOOD, "the upstream was not held back")
+        client.transport.loseConnection()  # close_notify
+        yield deferLater(reactor, 0.2, lambda: None)
+        client.transport.resumeProducing()  # the gateway's buffer drains
+        yield flood.ended
+        self.assertLess(flood.written, FLOOD, "the upstream answer was read to its end after the client left")
+        yield client.lost
 
     @inlineCallbacks
     def test_upstream_down(self) -> Any:
