@@ -2,9 +2,9 @@
 The byte relay between a logged-in client and its backend session.
 
 Once a login has gone through, the gateway stops reading the protocol and only moves bytes.
-Each transport is registered as the other's streaming producer, so a slow reader stalls its
-writer instead of growing a buffer in the gateway (the transports keep at most one socket
-read in flight each).
+Each side's reading is registered as the streaming producer of the other side's transport, so a
+slow reader stalls its writer instead of growing a buffer in the gateway (the transports keep at
+most one socket read in flight each), and a client that ends TLS is let go (see :class:`_Reading`).
 
 What one read brings in goes out in the same reactor turn: encrypted at once (one read makes
 one batch of TLS records, full-sized when the read is large) and handed to the socket at once
@@ -12,7 +12,7 @@ one batch of TLS records, full-sized when the read is large) and handed to the s
 aggregation and another for the reactor's write notification. A small command and its reply
 then cross the gateway in one turn each way.
 
-A burst (a large FETCH, an APPEND, a message submitted) grows the memory buffers of the TLS
+A burst (a large FETCH, APPEND or RETR) grows the memory buffers of the TLS
 layer, which would keep that size for the rest of the session. The first small exchange after a
 burst gives it back; the handshake and the login count as a burst.
 """
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from gateway.sockets import gathered_writes, stream_connection
-from gateway.tls import release_tls_buffers, tls_layer, write_tls_now
+from gateway.tls import release_tls_buffers, tls_ended, tls_layer, write_tls_now
 
 # Reads larger than this leave TLS buffers worth giving back; one no larger ends the burst.
 _BURST = 4096
@@ -60,8 +61,8 @@ class Splice:
         self._closing = False
         self._burst = True  # the handshake and the login count as one: the first small read ends it
         # A transport takes one producer: the relay owns both registrations from here on.
-        client.registerProducer(backend, True)  # type: ignore[attr-defined]
-        backend.registerProducer(client, True)  # type: ignore[attr-defined]
+        client.registerProducer(_Reading(backend, client), True)  # type: ignore[attr-defined]
+        backend.registerProducer(_Reading(client, backend), True)  # type: ignore[attr-defined]
 
     def from_client(self, data: bytes) -> None:
         """Relay bytes the client sent."""
@@ -102,6 +103,37 @@ class Splice:
         # buffer would "resume" it instead of completing the close.
         survivor.unregisterProducer()  # type: ignore[attr-defined]
         survivor.loseConnection()
+
+
+@implementer(IPushProducer)
+class _Reading:
+    """
+    The reading of one side, registered as the producer of the other side's transport, which
+    pauses it while its buffer is full and resumes it when the buffer has drained.
+
+    Once the other side's peer has ended TLS (close_notify), Twisted drops what is written to it
+    and closes its connection only when no producer is registered: resumed then, the reading
+    would relay into nothing and the connection stay open. It unregisters instead, and the
+    connection closes as a lost one does (the splice then closes this side).
+    """
+
+    __slots__ = ("_source", "_consumer")
+
+    def __init__(self, source: ITransport, consumer: ITransport) -> None:
+        self._source = source
+        self._consumer = consumer
+
+    def pauseProducing(self) -> None:
+        self._source.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if tls_ended(self._consumer):
+            self._consumer.unregisterProducer()  # type: ignore[attr-defined]
+            return
+        self._source.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self._source.stopProducing()  # type: ignore[attr-defined]
 
 
 class _Outlet:

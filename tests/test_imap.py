@@ -158,14 +158,17 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.read(), message)
 
     def test_relay_backpressure(self) -> None:
-        """After login each transport is the other's streaming producer."""
+        """After login each transport pauses and resumes the other's reading, as a streaming producer."""
         self.log_in()
         backend_transport = self.backend.sessions[0].transport
-        self.assertIs(self.transport.producer, backend_transport)
-        self.assertIs(backend_transport.producer, self.transport)
         self.assertTrue(self.transport.streaming)
+        self.assertTrue(backend_transport.streaming)
         backend_transport.producer.pauseProducing()
         self.assertEqual(self.transport.producerState, "paused")
+        self.transport.producer.pauseProducing()
+        self.assertEqual(backend_transport.producerState, "paused")
+        backend_transport.producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
 
     def test_backend_close_closes_client(self) -> None:
         """When the backend closes, the client connection is closed after its buffer is flushed."""

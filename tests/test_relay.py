@@ -104,3 +104,23 @@ class TLSTests(SynchronousTestCase):
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.collector.received, b"+ idling\r\n" + b"x" * 4 * _MAX_RECORD_PAYLOAD + b"a3 OK\r\n")
         self.assertEqual(self.backend.value(), b"a2 IDLE\r\n")
+
+    def test_client_ending_tls_lets_go(self) -> None:
+        """
+        Once the client has ended TLS, its connection resuming the relay's reading (its buffer
+        drained) unregisters it instead, which lets the connection close; the backend stays paused.
+        """
+        self.wire.producer.pauseProducing()  # the client's socket buffer is full
+        self.assertEqual(self.backend.producerState, "paused")
+        self.collector.transport.loseConnection()  # close_notify
+        self.pump.flush()
+        self.assertTrue(self.wire.disconnecting, "Twisted's TLS layer no longer closes on close_notify")
+        self.wire.producer.resumeProducing()  # the buffer drained
+        self.assertIsNone(self.wire.producer)
+        self.assertEqual(self.backend.producerState, "paused")
+
+    def test_resumed_while_tls_lasts(self) -> None:
+        """Without a close_notify, a drained buffer resumes the backend's reading."""
+        self.wire.producer.pauseProducing()
+        self.wire.producer.resumeProducing()
+        self.assertEqual(self.backend.producerState, "producing")
