@@ -321,8 +321,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         log.info("timeout protocol={protocol} client={client} reason=relay-idle", protocol=self.context.protocol,
                  client=self.client.host)
         # Nothing may be injected into a relayed stream: just close both sides.
-        assert self.transport is not None
-        self.transport.loseConnection()
+        assert self._splice is not None
+        self._splice.close()
 
     def _relay_active(self) -> None:
         self.idle_deadline = self.clock.seconds() + self.context.limits.relay_idle_timeout
@@ -609,7 +609,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._relay_active()
         self.context.idle.watch(self)
         assert self.transport is not None and session.transport is not None
-        self._splice = Splice(self.transport, session.transport, self._relay_active)
+        self._splice = Splice(self.transport, session.transport, self._relay_active, self.close)
         session.attach(self._splice)
         # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)

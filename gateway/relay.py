@@ -12,9 +12,9 @@ one batch of TLS records, full-sized when the read is large) and handed to the s
 aggregation and another for the reactor's write notification. A small command and its reply
 then cross the gateway in one turn each way.
 
-A burst (a large FETCH, APPEND or RETR) grows the memory buffers of the TLS
-layer, which would keep that size for the rest of the session. The first small exchange after a
-burst gives it back; the handshake and the login count as a burst.
+A burst (a large FETCH, APPEND or RETR) grows the memory buffers of the TLS layer, which would
+keep that size for the rest of the session. Once more than a few KiB have passed, the next small
+read gives them back (as soon as they hold nothing); the handshake and the login count too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from zope.interface import implementer
 from gateway.sockets import gathered_writes, stream_connection
 from gateway.tls import release_tls_buffers, tls_ended, tls_layer, write_tls_now
 
-# Reads larger than this leave TLS buffers worth giving back; one no larger ends the burst.
+# After more than this has passed, TLS buffers are worth giving back; a read no larger is a pause.
 _BURST = 4096
 
 
@@ -38,7 +38,7 @@ class Splice:
 
     The protocols on either side feed it what they read and tell it when they are lost; it
     writes to the other side, and closes the other side (after its buffered data is flushed)
-    when one side goes away.
+    when one side goes away, or both when the relay ends.
 
     :ivar from_client_bytes: bytes relayed from the client to the backend.
     :ivar from_backend_bytes: bytes relayed from the backend to the client.
@@ -46,11 +46,16 @@ class Splice:
 
     # One splice and two outlets live as long as each session: slots keep them small.
     __slots__ = ("_client", "_backend", "_to_client", "_to_backend", "_activity", "from_client_bytes",
-                 "from_backend_bytes", "_closing", "_burst")
+                 "from_backend_bytes", "_closing", "_grown", "_close_client")
 
-    def __init__(self, client: ITransport, backend: ITransport,
-                 activity: Callable[[], None] = lambda: None) -> None:
-        """:param activity: called whenever bytes pass either way (to keep an idle timer from firing)."""
+    def __init__(self, client: ITransport, backend: ITransport, activity: Callable[[], None] = lambda: None,
+                 close_client: Callable[[], None] | None = None) -> None:
+        """
+        :param activity: called whenever bytes pass either way (to keep an idle timer from firing).
+        :param close_client: closes the client's connection once its buffer is written (the front
+            end's, which also cuts off a client that never finishes a TLS close); by default the
+            transport's C{loseConnection}.
+        """
         self._client = client
         self._backend = backend
         self._to_client = _Outlet(client)
@@ -59,7 +64,8 @@ class Splice:
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
         self._closing = False
-        self._burst = True  # the handshake and the login count as one: the first small read ends it
+        self._close_client = client.loseConnection if close_client is None else close_client
+        self._grown = _BURST + 1  # the handshake and the login
         # A transport takes one producer: the relay owns both registrations from here on.
         client.registerProducer(_Reading(backend, client), True)  # type: ignore[attr-defined]
         backend.registerProducer(_Reading(client, backend), True)  # type: ignore[attr-defined]
@@ -79,30 +85,47 @@ class Splice:
         self._after(len(data))
 
     def _after(self, size: int) -> None:
-        """Note a relayed read of ``size`` bytes: a large one is a burst, the next small one ends it."""
-        if size > _BURST:
-            self._burst = True
-        elif self._burst:
-            self._burst = False
-            self._to_client.release_buffers()
-            self._to_backend.release_buffers()
+        """Note a relayed read of ``size`` bytes; a small one after a burst gives back the TLS buffers."""
+        self._grown += size
+        if size <= _BURST and self._grown > _BURST and \
+                self._to_client.release_buffers() and self._to_backend.release_buffers():
+            self._grown = 0
 
     def client_lost(self) -> None:
         """The client's connection is gone: close the backend once its buffer is written."""
-        self._close(self._backend)
+        self._end(client=False)
 
     def backend_lost(self) -> None:
         """The backend's connection is gone: close the client once its buffer is written."""
-        self._close(self._client)
+        self._end(backend=False)
 
-    def _close(self, survivor: ITransport) -> None:
+    def close(self) -> None:
+        """End the relay (its idle timeout): close both sides once their buffers are written."""
+        self._end()
+
+    def _end(self, client: bool = True, backend: bool = True) -> None:
+        """Close the sides named, which are still connected."""
         if self._closing:
-            return  # the survivor's own loss comes back here
+            return  # a side's own loss comes back here
         self._closing = True
-        # The lost side is the survivor's producer: if it stayed registered, a flushed
-        # buffer would "resume" it instead of completing the close.
-        survivor.unregisterProducer()  # type: ignore[attr-defined]
-        survivor.loseConnection()
+        if backend:
+            _let_go(self._backend, self._backend.loseConnection)
+        if client:
+            _let_go(self._client, self._close_client)
+
+
+def _let_go(transport: ITransport, close: Callable[[], None]) -> None:
+    """
+    Close one side of the relay with C{close}, once its buffer is written.
+
+    The other side is its producer: Twisted closes a TLS transport only once none is registered
+    (and a TCP transport whose paused producer is left resumes it when its buffer drains, instead
+    of closing). A TLS close then waits for the peer's close_notify, which a side whose reading
+    the other side had paused would never read.
+    """
+    transport.unregisterProducer()  # type: ignore[attr-defined]
+    transport.resumeProducing()  # type: ignore[attr-defined]
+    close()
 
 
 @implementer(IPushProducer)
@@ -124,15 +147,18 @@ class _Reading:
         self._consumer = consumer
 
     def pauseProducing(self) -> None:
+        """The consumer's buffer is full: stop reading the source."""
         self._source.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
+        """The consumer's buffer has drained: read the source again, unless the consumer's TLS has ended."""
         if tls_ended(self._consumer):
             self._consumer.unregisterProducer()  # type: ignore[attr-defined]
             return
         self._source.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
+        """The consumer is gone: so is the source (Twisted's transports close on this)."""
         self._source.stopProducing()  # type: ignore[attr-defined]
 
 
@@ -161,10 +187,9 @@ class _Outlet:
         with gathered_writes(self._connection):
             write_tls_now(tls, data)
 
-    def release_buffers(self) -> None:
-        """Give back the memory the TLS layer's buffers grew to, if there is one and it is idle."""
-        if self._tls is not None:
-            release_tls_buffers(self._tls)
+    def release_buffers(self) -> bool:
+        """Give back the memory the TLS layer's buffers grew to; False if they still hold records."""
+        return self._tls is None or release_tls_buffers(self._tls)
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

@@ -448,10 +448,10 @@ def tls_ended(transport: object) -> bool:
     """Whether the TLS connection under a transport has ended: the peer sent close_notify, or it failed.
 
     Twisted's TLS layer then drops whatever is written and closes its TCP
-    transport, but that transport stays open while a producer is registered
-    on it: a producer resumed by the draining buffer would be read to its end
-    for nothing, and the connection would linger. A consumer that registered
-    a producer checks this and unregisters it (which lets the connection close).
+    transport, but a TCP transport whose producer is paused resumes it when
+    its buffer drains instead of closing: the producer would be read to its
+    end for nothing, and the connection would linger. A producer checks this
+    when it is resumed and unregisters instead, which lets the connection close.
 
     :param transport: a protocol's transport.
     :returns: False as well for a transport without TLS.
@@ -510,7 +510,7 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
         TLSMemoryBIOProtocol.write(tls, data[sent:])
 
 
-def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> None:
+def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> bool:
     """Give back the memory that the TLS protocol's two memory BIOs have grown to.
 
     Twisted's TLS protocol passes records to and from OpenSSL through memory
@@ -527,20 +527,26 @@ def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> None:
     BIO handles, and ``tests/test_tls.py`` fails if they change.
 
     :param tls: the TLS protocol, as :func:`tls_layer` found it.
+    :returns: False when the BIOs still hold records (or none could be
+        allocated): the caller tries again later. True when they were replaced,
+        and for a connection that is closing, whose BIOs go with it.
     """
     if not tls._handshakeDone or tls._lostTLSConnection or tls.disconnecting:
-        return
+        return True
     connection = tls._tlsConnection
     into, out = connection._into_ssl, connection._from_ssl
-    if into is None or _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
-        return
+    if into is None:
+        return True
+    if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+        return False
     fresh_into = _lib.BIO_new(_lib.BIO_s_mem())
     fresh_out = _lib.BIO_new(_lib.BIO_s_mem())
     if fresh_into == _ffi.NULL or fresh_out == _ffi.NULL:  # out of memory: keep the old ones
         for bio in (fresh_into, fresh_out):
             if bio != _ffi.NULL:
                 _lib.BIO_free(bio)
-        return
+        return False
     # The connection takes over both and frees the two it had.
     _lib.SSL_set_bio(connection._ssl, fresh_into, fresh_out)
     connection._into_ssl, connection._from_ssl = fresh_into, fresh_out
+    return True

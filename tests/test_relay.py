@@ -15,6 +15,7 @@ from gateway.relay import Splice
 from gateway.testing.pki import TestCA
 from gateway.testing.tls_pair import tls_pair
 from gateway.tls import describe_tls
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _APPLICATION_DATA = 23
 _MAX_RECORD_PAYLOAD = 2**14
@@ -84,13 +85,20 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(len({length for _, length in records}), 1)
         self.assertTrue(_MAX_RECORD_PAYLOAD < records[0][1] <= _MAX_RECORD_PAYLOAD + 256, records)
 
+    def bios(self) -> tuple[object, object]:
+        """The memory BIOs of the client's TLS connection (fresh ones after each release)."""
+        connection = self.tls._tlsConnection
+        return connection._into_ssl, connection._from_ssl
+
+    def client_records(self, *chunks: bytes) -> None:
+        """The client sends each chunk as its own TLS record, relayed by the splice once pumped."""
+        self.tls.wrappedProtocol.dataReceived = self.splice.from_client  # type: ignore[method-assign]
+        for chunk in chunks:
+            TLSMemoryBIOProtocol.write(self.collector.transport, chunk)  # past the client's aggregation
+
     def test_buffers_given_back_after_burst(self) -> None:
         """The first small read after a burst (the login counts as one) gives back the TLS layer's buffers."""
-        connection = self.tls._tlsConnection
-
-        def bios() -> tuple[object, object]:
-            return connection._into_ssl, connection._from_ssl
-
+        bios = self.bios
         after_login = bios()
         self.splice.from_client(b"a2 IDLE\r\n")
         idle = bios()
@@ -124,3 +132,41 @@ class TLSTests(SynchronousTestCase):
         self.wire.producer.pauseProducing()
         self.wire.producer.resumeProducing()
         self.assertEqual(self.backend.producerState, "producing")
+
+    def test_buffers_given_back_after_pipelined_commands(self) -> None:
+        """Commands pipelined after a burst, several records in one read: given back once all are read."""
+        self.splice.from_client(b"a2 SELECT INBOX\r\n")
+        self.splice.from_backend(b"x" * 4 * _MAX_RECORD_PAYLOAD)
+        grown = self.bios()
+        self.client_records(b"a3 NOOP\r\n", b"a4 IDLE\r\n")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.backend.value(), b"a2 SELECT INBOX\r\na3 NOOP\r\na4 IDLE\r\n")
+        self.assertNotEqual(self.bios(), grown, "the buffers a burst grew were kept")
+
+    def test_buffers_given_back_after_upload_in_small_records(self) -> None:
+        """An upload in small records (64 KiB in one read, no read over 4 KiB) is a burst too."""
+        self.splice.from_client(b"a2 APPEND INBOX {65536+}\r\n")
+        before = self.bios()
+        self.client_records(*[b"y" * 4096] * 16)
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(len(self.backend.value()), len(b"a2 APPEND INBOX {65536+}\r\n") + 65536)
+        self.assertNotEqual(self.bios(), before, "the buffers the upload grew were kept")
+
+    def test_close_ends_tls(self) -> None:
+        """Ending the relay (its idle timeout) closes TLS and then the connection, and the backend."""
+        self.wire.producer.pauseProducing()  # the client's socket buffer is full
+        self.splice.close()
+        self.pump.flush()
+        self.assertTrue(self.collector.transport.disconnecting or self.collector.transport.disconnected,
+                        "the client got no close_notify")
+        self.assertTrue(self.wire.disconnecting, "the client's TCP connection was not closed")
+        self.assertTrue(self.backend.disconnecting)
+
+    def test_backend_lost_reads_client(self) -> None:
+        """The backend gone, the client's reading (paused by the backend) resumes to finish the TLS close."""
+        resumed: list[bool] = []
+        self.wire.resumeProducing = lambda: resumed.append(True)  # type: ignore[method-assign]
+        self.splice.backend_lost()
+        self.assertEqual(resumed, [True])
+        self.assertIsNone(self.wire.producer)
+        self.assertTrue(self.tls.disconnecting)
