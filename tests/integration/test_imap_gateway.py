@@ -306,3 +306,32 @@ class BackendOutageTests(GatewayFixture):
         client = self.imaps()
         self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
         client.logout()
+
+
+class RelayIdleTimeoutTests(SynchronousTestCase):
+    """The relay idle timeout over real TLS, where Twisted closes a connection only once no producer is registered."""
+
+    def test_silent_sessions_closed(self) -> None:
+        """Relayed sessions silent for the relay idle timeout are closed, over IMAPS and over STARTTLS."""
+        stack = Stack("gw-relay-idle-")
+        self.addCleanup(stack.stop)
+        dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
+        gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=dovecot.imap_port, users={OTHER[0]: OTHER[1]},
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
+            settings="[limits]\nrelay_idle_timeout = 10\n"))
+        implicit = Wire(gateway.port("imap", "implicit_tls"), tls=stack.tls(), timeout=30)
+        implicit.line()
+        starttls = Wire(gateway.port("imap", "starttls"), timeout=30)
+        starttls.line()
+        starttls.send(b"s STARTTLS\r\n")
+        starttls.until(b"s ")
+        starttls.upgrade(stack.tls())
+        for wire in (implicit, starttls):
+            self.addCleanup(wire.close)
+            wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
+            self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK "))
+        # Silent from here on: each read ends at the gateway's close, or raises at the Wire's timeout.
+        self.assertEqual((implicit.line(), starttls.line()), (b"", b""))
+        with open(gateway.log_path) as f:
+            self.assertEqual(f.read().count("reason=relay-idle"), 2)
