@@ -10,11 +10,15 @@ import imaplib
 import os
 import random
 import re
+import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 import zlib
 
+from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
@@ -308,30 +312,96 @@ class BackendOutageTests(GatewayFixture):
         client.logout()
 
 
-class RelayIdleTimeoutTests(SynchronousTestCase):
-    """The relay idle timeout over real TLS, where Twisted closes a connection only once no producer is registered."""
+class ClosingOverTLSTests(SynchronousTestCase):
+    """
+    Relayed sessions ending over real TLS, implicit and STARTTLS. Twisted closes a TLS connection
+    only once no producer is registered on it, and the relay registers one on each side.
+    """
 
-    def test_silent_sessions_closed(self) -> None:
-        """Relayed sessions silent for the relay idle timeout are closed, over IMAPS and over STARTTLS."""
-        stack = Stack("gw-relay-idle-")
-        self.addCleanup(stack.stop)
-        dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
-        gateway = stack.start(GatewayProcess(
-            stack.path("gateway"), imap_backend_port=dovecot.imap_port, users={OTHER[0]: OTHER[1]},
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-closing-")
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
+        cls.message = big_message(20 * 1024 * 1024)
+        cls.dovecot.deliver(OTHER[0], cls.message)
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={OTHER[0]: OTHER[1]},
             certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
             settings="[limits]\nrelay_idle_timeout = 10\n"))
-        implicit = Wire(gateway.port("imap", "implicit_tls"), tls=stack.tls(), timeout=30)
-        implicit.line()
-        starttls = Wire(gateway.port("imap", "starttls"), timeout=30)
-        starttls.line()
-        starttls.send(b"s STARTTLS\r\n")
-        starttls.until(b"s ")
-        starttls.upgrade(stack.tls())
-        for wire in (implicit, starttls):
-            self.addCleanup(wire.close)
-            wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
-            self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK "))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.stack.stop()
+
+    def logged_in(self, starttls: bool) -> Wire:
+        """A session logged in over IMAPS or STARTTLS (Python's ssl)."""
+        if starttls:
+            wire = Wire(self.gateway.port("imap", "starttls"), timeout=30)
+            wire.line()
+            wire.send(b"s STARTTLS\r\n")
+            wire.until(b"s ")
+            wire.upgrade(self.stack.tls())
+        else:
+            wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30)
+            wire.line()
+        self.addCleanup(wire.close)
+        wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
+        self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK "))
+        return wire
+
+    def test_relay_idle_timeout(self) -> None:
+        """Relayed sessions silent for the relay idle timeout are closed, over IMAPS and over STARTTLS."""
+        before = self.gateway.log().count("reason=relay-idle")
+        implicit, starttls = self.logged_in(starttls=False), self.logged_in(starttls=True)
         # Silent from here on: each read ends at the gateway's close, or raises at the Wire's timeout.
         self.assertEqual((implicit.line(), starttls.line()), (b"", b""))
-        with open(gateway.log_path) as f:
-            self.assertEqual(f.read().count("reason=relay-idle"), 2)
+        self.assertEqual(self.gateway.log().count("reason=relay-idle") - before, 2)
+
+    def test_client_ending_tls_mid_fetch(self) -> None:
+        """
+        A client that stops reading a 20 MB FETCH and ends TLS (close_notify, as pyOpenSSL's
+        shutdown sends it) is let go: the gateway closes once its buffer has drained.
+        """
+        for starttls in (False, True):
+            self.client_ends_tls(starttls)
+
+    def relayed_disconnects(self) -> list[int]:
+        """The bytes sent to the client, from each relayed session's disconnect line so far."""
+        return [int(out) for out in re.findall(r"disconnect protocol=imap .* state=relaying in=\d+ out=(\d+)",
+                                                self.gateway.log())]
+
+    def client_ends_tls(self, starttls: bool) -> None:
+        ended = len(self.relayed_disconnects())
+        raw = socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls" if starttls else
+                                                                         "implicit_tls")), timeout=15)
+        self.addCleanup(raw.close)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        # pyOpenSSL wants a blocking socket; a receive timeout keeps a silent gateway from hanging the test.
+        raw.settimeout(None)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 15, 0))
+        if starttls:
+            raw.recv(4096)
+            raw.sendall(b"s STARTTLS\r\n")
+            self.assertTrue(raw.recv(4096).startswith(b"s OK "))
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.load_verify_locations(self.stack.ca.ca_path)
+        context.set_verify(SSL.VERIFY_PEER)
+        client = SSL.Connection(context, raw)
+        client.set_connect_state()
+        client.do_handshake()
+        client.sendall(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\nb SELECT INBOX\r\nc FETCH 1 BODY.PEEK[]\r\n".encode())
+        received = 0
+        while received < 200_000:
+            received += len(client.recv(65536))
+        time.sleep(1)  # the gateway's socket buffer fills; it stops reading the backend
+        client.shutdown()  # close_notify, without waiting for the gateway's
+        while chunk := raw.recv(65536):  # raises at the receive timeout if the gateway never closes
+            received += len(chunk)
+        self.assertLess(received, len(self.message), "the whole message was sent: nothing was held back")
+        deadline = time.monotonic() + 10
+        while len(self.relayed_disconnects()) == ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [sent] = self.relayed_disconnects()[ended:]
+        self.assertLess(sent, len(self.message))
+
+
