@@ -255,7 +255,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
                  "in={bytes_in} out={bytes_out} duration={duration:.3f}",
                  protocol=self.context.protocol, client=self.client.host,
-                 user=loggable_user(self.user or ""), state=phase.value,
+                 user=loggable_user(self.user or ""),
+                 # A relayed session is logged as one, however the relay ended (close() marks it CLOSED).
+                 state=_Phase.RELAYING.value if self._splice is not None else phase.value,
                  bytes_in=bytes_in, bytes_out=bytes_out, duration=time.monotonic() - self._started)
 
     # -- reading
@@ -318,6 +320,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
 
     def idle_expired(self) -> None:
         """The relay has been silent both ways for its idle timeout (called by L{IdleSessions})."""
+        if self._phase is _Phase.CLOSED:
+            return  # already closing (the backend left), within the close grace
         log.info("timeout protocol={protocol} client={client} reason=relay-idle", protocol=self.context.protocol,
                  client=self.client.host)
         # Nothing may be injected into a relayed stream: just close both sides.

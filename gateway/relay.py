@@ -28,7 +28,8 @@ from zope.interface import implementer
 from gateway.sockets import gathered_writes, stream_connection
 from gateway.tls import release_tls_buffers, tls_ended, tls_layer, write_tls_now
 
-# After more than this has passed, TLS buffers are worth giving back; a read no larger is a pause.
+# Once more than this has passed since the TLS buffers were last given back, each read no larger
+# tries to give them back again (which works once they hold nothing).
 _BURST = 4096
 
 
@@ -85,7 +86,7 @@ class Splice:
         self._after(len(data))
 
     def _after(self, size: int) -> None:
-        """Note a relayed read of ``size`` bytes; a small one after a burst gives back the TLS buffers."""
+        """Note a relayed read of ``size`` bytes, and give back the TLS buffers as ``_BURST`` says."""
         self._grown += size
         if size <= _BURST and self._grown > _BURST and \
                 self._to_client.release_buffers() and self._to_backend.release_buffers():
@@ -158,7 +159,7 @@ class _Reading:
         self._source.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
-        """The consumer is gone: so is the source (Twisted's transports close on this)."""
+        """The consumer's connection is gone: stop the source's (the splice then closes it too)."""
         self._source.stopProducing()  # type: ignore[attr-defined]
 
 

@@ -529,7 +529,8 @@ def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> bool:
     :param tls: the TLS protocol, as :func:`tls_layer` found it.
     :returns: False when the BIOs still hold records (or none could be
         allocated): the caller tries again later. True when they were replaced,
-        and for a connection that is closing, whose BIOs go with it.
+        and when there is nothing to give back: a handshake not yet done, a
+        connection closing (its BIOs go with it), a connection without memory BIOs.
     """
     if not tls._handshakeDone or tls._lostTLSConnection or tls.disconnecting:
         return True

@@ -394,6 +394,7 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.backend.sessions[0].transport.disconnecting)
         self.assertEqual(self.read(), b"a2 OK NOOP\r\n")  # nothing injected into the relayed stream
 
 
@@ -403,6 +404,38 @@ class LoggingTests(ImapTestBase):
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         super().setUp()
+
+    def disconnect_state(self) -> str:
+        """The state in the session's disconnect line."""
+        [event] = [e for e in self.events if e["log_format"].startswith("disconnect ")]
+        return event["state"]
+
+    def test_relayed_session_ended_by_client(self) -> None:
+        """A relayed session the client ended is logged as relaying."""
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.disconnect_state(), "relaying")
+
+    def test_relayed_session_ended_by_backend(self) -> None:
+        """A relayed session the backend ended is logged as relaying, though the gateway closed the client."""
+        self.log_in()
+        self.backend.sessions[0].connectionLost(Failure(ConnectionDone()))
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.disconnect_state(), "relaying")
+
+    def test_no_idle_timeout_while_closing(self) -> None:
+        """A relayed session closing after its backend left (the close grace) is not also timed out."""
+        self.log_in()
+        self.backend.sessions[0].connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(self.limits.relay_idle_timeout)
+        self.assertEqual([e for e in self.events if e["log_format"].startswith("timeout ")], [])
+
+    def test_relayed_session_ended_by_idle_timeout(self) -> None:
+        """A relayed session ended by the relay idle timeout is logged as relaying."""
+        self.log_in()
+        self.clock.advance(self.limits.relay_idle_timeout)
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.disconnect_state(), "relaying")
 
     def test_login_failed_event(self) -> None:
         """A failed login logs login_failed with protocol, client, quoted user and reason."""
