@@ -68,8 +68,8 @@ class Splice:
         self._close_client = client.loseConnection if close_client is None else close_client
         self._grown = _BURST + 1  # the handshake and the login
         # A transport takes one producer: the relay owns both registrations from here on.
-        client.registerProducer(_Reading(backend, client), True)  # type: ignore[attr-defined]
-        backend.registerProducer(_Reading(client, backend), True)  # type: ignore[attr-defined]
+        client.registerProducer(_Reading(backend, self._to_client), True)  # type: ignore[attr-defined]
+        backend.registerProducer(_Reading(client, self._to_backend), True)  # type: ignore[attr-defined]
 
     def from_client(self, data: bytes) -> None:
         """Relay bytes the client sent."""
@@ -143,7 +143,7 @@ class _Reading:
 
     __slots__ = ("_source", "_consumer")
 
-    def __init__(self, source: ITransport, consumer: ITransport) -> None:
+    def __init__(self, source: ITransport, consumer: _Outlet) -> None:
         self._source = source
         self._consumer = consumer
 
@@ -153,8 +153,8 @@ class _Reading:
 
     def resumeProducing(self) -> None:
         """The consumer's buffer has drained: read the source again, unless the consumer's TLS has ended."""
-        if tls_ended(self._consumer):
-            self._consumer.unregisterProducer()  # type: ignore[attr-defined]
+        if self._consumer.tls_ended():
+            self._consumer.transport.unregisterProducer()  # type: ignore[attr-defined]
             return
         self._source.resumeProducing()  # type: ignore[attr-defined]
 
@@ -172,10 +172,10 @@ class _Outlet:
     records one write makes are handed to the socket in one write (see :mod:`gateway.sockets`).
     """
 
-    __slots__ = ("_transport", "_tls", "_connection")
+    __slots__ = ("transport", "_tls", "_connection")
 
     def __init__(self, transport: ITransport) -> None:
-        self._transport = transport
+        self.transport = transport
         self._tls = tls_layer(transport)
         self._connection = stream_connection(transport)
 
@@ -183,10 +183,14 @@ class _Outlet:
         """Write ``data`` and encrypt it now."""
         tls = self._tls
         if tls is None:
-            self._transport.write(data)
+            self.transport.write(data)
             return
         with gathered_writes(self._connection):
             write_tls_now(tls, data)
+
+    def tls_ended(self) -> bool:
+        """Whether the peer has ended TLS (there is TLS, and it has ended): nothing written reaches it."""
+        return self._tls is not None and tls_ended(self._tls)
 
     def release_buffers(self) -> bool:
         """Give back the memory the TLS layer's buffers grew to; False if they still hold records."""

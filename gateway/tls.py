@@ -444,8 +444,8 @@ def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
     return None
 
 
-def tls_ended(transport: object) -> bool:
-    """Whether the TLS connection under a transport has ended: the peer sent close_notify, or it failed.
+def tls_ended(tls: TLSMemoryBIOProtocol) -> bool:
+    """Whether a TLS connection has ended: the peer sent close_notify, or it failed.
 
     Twisted's TLS layer then drops whatever is written and closes its TCP
     transport, but a TCP transport whose producer is paused resumes it when
@@ -453,11 +453,9 @@ def tls_ended(transport: object) -> bool:
     end for nothing, and the connection would linger. A producer checks this
     when it is resumed and unregisters instead, which lets the connection close.
 
-    :param transport: a protocol's transport.
-    :returns: False as well for a transport without TLS.
+    :param tls: the TLS protocol, as :func:`tls_layer` found it.
     """
-    tls = tls_layer(transport)
-    return tls is not None and tls._lostTLSConnection
+    return tls._lostTLSConnection
 
 
 def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:

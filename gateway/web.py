@@ -57,7 +57,7 @@ from gateway.autoconfig import (
 )
 from gateway.config import Settings, WebSettings
 from gateway.listener import listener
-from gateway.tls import ServerTLS, tls_ended
+from gateway.tls import ServerTLS, tls_ended, tls_layer
 
 __all__ = [
     "DOCUMENT_BODY_LIMIT",
@@ -237,7 +237,8 @@ class _WebChannel(HTTPChannel):
 
     def resumeProducing(self) -> None:
         """Resume the response being written, unless the client has ended TLS meanwhile."""
-        if tls_ended(self.transport):
+        tls = tls_layer(self.transport)
+        if tls is not None and tls_ended(tls):
             # The response would be read from the webmail to its end and dropped, and the
             # connection stay open: unregistered, the channel lets it close, and the request
             # learns that its client is gone.
