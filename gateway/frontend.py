@@ -320,8 +320,6 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
 
     def idle_expired(self) -> None:
         """The relay has been silent both ways for its idle timeout (called by L{IdleSessions})."""
-        if self._phase is _Phase.CLOSED:
-            return  # already closing (the backend left), within the close grace
         log.info("timeout protocol={protocol} client={client} reason=relay-idle", protocol=self.context.protocol,
                  client=self.client.host)
         # Nothing may be injected into a relayed stream: just close both sides.
@@ -362,6 +360,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self._phase = _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()
+        self.context.idle.forget(self)  # a relay closing (its backend gone) is not timed out as well
         if self._pending is not None:
             self._pending.cancel()  # a login still running must not answer on a closed connection
         self.paused = True  # LineReceiver: deliver no more lines, but keep the transport reading
