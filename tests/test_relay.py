@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.relay import Splice
 from gateway.testing.pki import TestCA
-from gateway.testing.tls_pair import tls_pair
+from gateway.testing.tls_pair import memory_bios, tls_pair
 from gateway.tls import describe_tls
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -85,11 +85,6 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(len({length for _, length in records}), 1)
         self.assertTrue(_MAX_RECORD_PAYLOAD < records[0][1] <= _MAX_RECORD_PAYLOAD + 256, records)
 
-    def bios(self) -> tuple[object, object]:
-        """The memory BIOs of the client's TLS connection (fresh ones after each release)."""
-        connection = self.tls._tlsConnection
-        return connection._into_ssl, connection._from_ssl
-
     def client_records(self, *chunks: bytes) -> None:
         """The client sends each chunk as its own TLS record, relayed by the splice once pumped."""
         self.tls.wrappedProtocol.dataReceived = self.splice.from_client  # type: ignore[method-assign]
@@ -98,17 +93,16 @@ class TLSTests(SynchronousTestCase):
 
     def test_buffers_given_back_after_burst(self) -> None:
         """The first small read after a burst (the login counts as one) gives back the TLS layer's buffers."""
-        bios = self.bios
-        after_login = bios()
+        after_login = memory_bios(self.tls)
         self.splice.from_client(b"a2 IDLE\r\n")
-        idle = bios()
+        idle = memory_bios(self.tls)
         self.assertNotEqual(idle, after_login, "the relay kept what the handshake and the login grew")
         self.splice.from_backend(b"+ idling\r\n")
-        self.assertEqual(bios(), idle, "buffers given back with no burst since")
+        self.assertEqual(memory_bios(self.tls), idle, "buffers given back with no burst since")
         self.splice.from_backend(b"x" * 4 * _MAX_RECORD_PAYLOAD)
-        self.assertEqual(bios(), idle, "buffers given back in the middle of a burst")
+        self.assertEqual(memory_bios(self.tls), idle, "buffers given back in the middle of a burst")
         self.splice.from_backend(b"a3 OK\r\n")
-        self.assertNotEqual(bios(), idle, "the relay kept what the burst grew")
+        self.assertNotEqual(memory_bios(self.tls), idle, "the relay kept what the burst grew")
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.collector.received, b"+ idling\r\n" + b"x" * 4 * _MAX_RECORD_PAYLOAD + b"a3 OK\r\n")
         self.assertEqual(self.backend.value(), b"a2 IDLE\r\n")
@@ -137,20 +131,20 @@ class TLSTests(SynchronousTestCase):
         """Commands pipelined after a burst, several records in one read: given back once all are read."""
         self.splice.from_client(b"a2 SELECT INBOX\r\n")
         self.splice.from_backend(b"x" * 4 * _MAX_RECORD_PAYLOAD)
-        grown = self.bios()
+        grown = memory_bios(self.tls)
         self.client_records(b"a3 NOOP\r\n", b"a4 IDLE\r\n")
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.backend.value(), b"a2 SELECT INBOX\r\na3 NOOP\r\na4 IDLE\r\n")
-        self.assertNotEqual(self.bios(), grown, "the buffers a burst grew were kept")
+        self.assertNotEqual(memory_bios(self.tls), grown, "the buffers a burst grew were kept")
 
     def test_buffers_given_back_after_upload_in_small_records(self) -> None:
         """An upload in small records (64 KiB in one read, no read over 4 KiB) is a burst too."""
         self.splice.from_client(b"a2 APPEND INBOX {65536+}\r\n")
-        before = self.bios()
+        before = memory_bios(self.tls)
         self.client_records(*[b"y" * 4096] * 16)
         self.pump.pump(advanceClock=False)
         self.assertEqual(len(self.backend.value()), len(b"a2 APPEND INBOX {65536+}\r\n") + 65536)
-        self.assertNotEqual(self.bios(), before, "the buffers the upload grew were kept")
+        self.assertNotEqual(memory_bios(self.tls), before, "the buffers the upload grew were kept")
 
     def test_close_ends_tls(self) -> None:
         """Ending the relay (its idle timeout) closes TLS and then the connection, and the backend."""

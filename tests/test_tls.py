@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from gateway.testing.tls_pair import tls_pair
+from gateway.testing.tls_pair import memory_bios, tls_pair
 from gateway.tls import (
     ServerTLS,
     TLSError,
@@ -797,12 +797,6 @@ class WriteTLSNowTests(SynchronousTestCase):
         self.assertNotIn(b"late", self.collector.received)
 
 
-def _bios(tls: TLSMemoryBIOProtocol) -> tuple[Any, Any]:
-    """The memory BIOs through which a TLS protocol's connection reads and writes records."""
-    connection = tls._tlsConnection
-    return connection._into_ssl, connection._from_ssl
-
-
 class ReleaseTLSBuffersTests(SynchronousTestCase):
     """
     release_tls_buffers against Twisted's own TLS protocol, connected in memory to a TLS client.
@@ -826,9 +820,9 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         """After a burst, both BIOs are replaced, and traffic carries on both ways, intact."""
         write_tls_now(self.server, b"b" * 65536)
         self.pump.pump(advanceClock=False)
-        before = _bios(self.server)
+        before = memory_bios(self.server)
         release_tls_buffers(self.server)
-        after = _bios(self.server)
+        after = memory_bios(self.server)
         self.assertNotEqual(before[0], after[0], "the incoming BIO was not replaced")
         self.assertNotEqual(before[1], after[1], "the outgoing BIO was not replaced")
         write_tls_now(self.server, b"* OK still here\r\n")
@@ -843,18 +837,18 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         record = b"".join(self.pump.clientIO.stream)
         del self.pump.clientIO.stream[:]
         self.server._tlsConnection.bio_write(record[:10])  # arrived, not yet read
-        before = _bios(self.server)
+        before = memory_bios(self.server)
         release_tls_buffers(self.server)
-        self.assertEqual(_bios(self.server), before)
+        self.assertEqual(memory_bios(self.server), before)
         self.server.dataReceived(record[10:])
         self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
 
     def test_not_while_closing(self) -> None:
         """A TLS connection that is closing keeps its BIOs (the incoming one may already carry the end)."""
         self.server.loseConnection()
-        before = _bios(self.server)
+        before = memory_bios(self.server)
         release_tls_buffers(self.server)
-        self.assertEqual(_bios(self.server), before)
+        self.assertEqual(memory_bios(self.server), before)
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,13 @@ class TLSPair:
     clock: Clock
 
 
+def memory_bios(tls: TLSMemoryBIOProtocol) -> tuple[object, object]:
+    """The memory BIOs through which a TLS protocol's connection reads and writes records (new ones
+    after each :func:`gateway.tls.release_tls_buffers`)."""
+    connection = tls._tlsConnection
+    return connection._into_ssl, connection._from_ssl
+
+
 def tls_pair(chain: str, key: str, ca: str) -> TLSPair:
     """Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done."""
     clock = Clock()
