@@ -85,6 +85,7 @@ class BackendLogin(LineReceiver):
         or L{BackendRejected}.
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
+    :ivar lost: True once the connection is gone.
     """
 
     MAX_LENGTH = 65536
@@ -98,6 +99,7 @@ class BackendLogin(LineReceiver):
         self.announced: tuple[bytes, ...] | None = None
         self.result: Deferred[BackendLogin] = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
+        self.lost = False
 
     def connectionMade(self) -> None:
         tune(self.transport)
@@ -136,6 +138,7 @@ class BackendLogin(LineReceiver):
         self.fail(BackendUnavailable("backend sent an over-long line"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:
+        self.lost = True
         if self._splice is not None:
             self._splice.backend_lost()
         else:

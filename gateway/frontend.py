@@ -460,8 +460,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         started = self.clock.seconds()
         checking = self.context.gatekeeper.check_login(user_key(user), self.client.host)
         checking.addCallback(self._verify, user, password, authzid)
-        checking.addCallbacks(self._logged_in, self._not_logged_in, callbackArgs=(user,),
-                              errbackArgs=(user, password, started))
+        checking.addCallback(self._logged_in, user)
+        checking.addErrback(self._not_logged_in, user, password, started)
         checking.addCallback(self._login_finished)
         checking.addErrback(self._login_broken)
         self._pending = checking
@@ -543,6 +543,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         return LoginOutcome.OVERLOADED
 
     def _accepted(self, session: BackendLogin, user: str) -> LoginOutcome:
+        if session.lost:
+            # Gone while the session was counted: telling the client OK would relay to nothing.
+            raise BackendUnavailable("connection lost before the relay began")
         self.user = user
         self._session = session
         self.context.gatekeeper.succeeded(user_key(user), self.client.host)

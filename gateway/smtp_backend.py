@@ -41,7 +41,6 @@ class SmtpBackend(BackendLogin):
         self._reader = ReplyReader()
         self._waiting: deque[Deferred[Reply]] = deque()
         self.keywords: dict[bytes, bytes] = {}
-        self.lost = False
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -551,21 +551,32 @@ class NilUserTests(ImapTestBase):
 
 
 class _HeldGatekeeper(LocalGatekeeper):
-    """A gatekeeper whose admissions wait until the test answers them, as a worker's do."""
+    """A gatekeeper whose admissions and session counts wait until the test answers them, as a worker's do."""
 
     def __init__(self, gatekeeper: LocalGatekeeper) -> None:
         super().__init__(gatekeeper.connections, gatekeeper.penalties)
         self.held: list[tuple[Deferred[str | None], str]] = []
+        self.held_sessions: list[tuple[Deferred[bool], str]] = []
 
     def admit(self, host: str) -> Deferred[str | None]:
         answer: Deferred[str | None] = Deferred()
         self.held.append((answer, host))
         return answer
 
+    def open_session(self, user: str) -> Deferred[bool]:
+        answer: Deferred[bool] = Deferred()
+        self.held_sessions.append((answer, user))
+        return answer
+
     def answer(self) -> None:
         held, self.held = self.held, []
         for answer, host in held:
             answer.callback(self.connections.admit(host))
+
+    def answer_sessions(self) -> None:
+        held, self.held_sessions = self.held_sessions, []
+        for answer, user in held:
+            answer.callback(self.connections.open_session(user))
 
 
 class PendingAdmissionTests(ImapTestBase):
@@ -592,3 +603,40 @@ class PendingAdmissionTests(ImapTestBase):
         front.connectionLost(Failure(ConnectionDone()))
         self.gatekeeper.answer()
         self.assertEqual((self.connections.connections, transport.value()), (before, b""))
+
+
+class PendingSessionTests(ImapTestBase):
+    """With the backend deciding logins, the session is counted after the backend's OK, in a round trip."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.gatekeeper = _HeldGatekeeper(self.context.gatekeeper)  # type: ignore[arg-type]
+        self.context = replace(self.context, gatekeeper=self.gatekeeper)
+        self.auth.backend_decides = True
+        self.front, self.transport = self.connect("192.0.2.40")
+        self.gatekeeper.answer()
+        self.read()
+
+    def test_backend_lost_while_counting(self) -> None:
+        """
+        A backend connection lost while the session is being counted is not relayed: the client
+        is told the backend is unavailable, no slot stays taken, and it may log in again.
+        """
+        self.assertEqual(self.log_in(), b"")
+        self.backend.sessions[0].connectionLost(Failure(ConnectionDone()))
+        self.gatekeeper.answer_sessions()
+        self.assertTrue(self.read().startswith(b"a1 NO [UNAVAILABLE] "))
+        self.assertEqual(self.connections.sessions("bob"), 0)
+        self.assertFalse(self.transport.disconnecting)
+        self.front.dataReceived(b"a2 LOGIN bob secret\r\n")
+        self.gatekeeper.answer_sessions()
+        self.assertTrue(self.read().startswith(b"a2 OK "))
+        self.assertEqual(self.connections.sessions("bob"), 1)
+
+    def test_session_counted(self) -> None:
+        """Once counted, the session is relayed."""
+        self.assertEqual(self.log_in(), b"")
+        self.gatekeeper.answer_sessions()
+        self.assertTrue(self.read().startswith(b"a1 OK "))
+        self.assertEqual(self.connections.sessions("bob"), 1)
