@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorSocket, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorSocket, IStreamServerEndpoint, ITransport
 from twisted.internet.protocol import Factory
-from zope.interface import implementer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from gateway.addresses import Network
+from gateway.addresses import Network, plain_address
 from gateway.config import PROXY_PREFIX, ConfigError
+from gateway.connection_limits import ConnectionLimits
 from gateway.proxy_protocol import TrustedProxyFactory
 
 log = Logger()
@@ -79,6 +81,55 @@ class InheritedEndpoint:
     def listen(self, factory: Factory) -> Deferred[IListeningPort]:
         with socket.socket(fileno=self._fileno) as inherited:  # closed here: the reactor keeps a copy
             return succeed(self._reactor.adoptStreamPort(inherited.fileno(), inherited.family, factory))
+
+
+class _Admitted(ProtocolWrapper):
+    """One connection of an L{AdmittingFactory}: its protocol starts only once admitted."""
+
+    factory: AdmittingFactory
+    _host: str | None = None  # set once admitted: what to release
+
+    def makeConnection(self, transport: ITransport) -> None:
+        # Here, not in buildProtocol: behind a PROXY header, only the transport knows the client.
+        peer = transport.getPeer()
+        host = plain_address(getattr(peer, "host", str(peer)))
+        refused = self.factory.limits.admit(host)
+        if refused is None:
+            self._host = host
+            super().makeConnection(transport)
+            return
+        log.warn("connection_refused protocol={protocol} client={client} limit={limit}",
+                 protocol=self.factory.protocol_name, client=host, limit=refused)
+        self.transport = transport
+        transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._host is None:
+            return  # refused: the protocol never started
+        self.factory.limits.release(self._host)
+        self._host = None
+        super().connectionLost(reason)
+
+
+class AdmittingFactory(WrappingFactory):
+    """
+    Counts each connection against the gateway's connection limits while it lasts, for listeners
+    whose protocol has no refusal of its own (the web's). A connection over a limit is closed at
+    once, before any TLS handshake, and logged as the mail front ends log theirs.
+    """
+
+    protocol = _Admitted  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrapped: Factory, limits: ConnectionLimits, protocol: str) -> None:
+        """
+        :param limits: the counts the mail listeners use too, so that the gateway as a whole holds
+            at most C{max_connections}.
+        :param protocol: the C{protocol=} of the log lines.
+        """
+        super().__init__(wrapped)
+        self.limits = limits
+        self.protocol_name = protocol
 
 
 def listener(reactor: object, description: str, factory: Factory, *, label: str, key: str, config_path: str,

@@ -127,6 +127,7 @@ class GatewayMetrics:
             ("gateway.frontend", "backend_refused"): self._result("refused"),
             ("gateway.frontend", "backend_unavailable"): self._login_unavailable,
             ("gateway.frontend", "connection_refused"): self._connection_refused,
+            ("gateway.listener", "connection_refused"): self._connection_refused,
             ("gateway.frontend", "too_many_sessions"): self._too_many_sessions,
             ("gateway.frontend", "timeout"): self._timeout,
             ("gateway.frontend", "http_on_mail_port"): self._http_probe,

@@ -260,7 +260,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls]: {e}") from None
         web_state = WebState(settings)
-        build_web_service(settings.web, reactor, web_tls, web_state).setServiceParent(top)
+        build_web_service(settings.web, reactor, web_tls, web_state, gatekeeper.connections).setServiceParent(top)
         reloader.serve_web(web_tls, web_state)
     return top
 

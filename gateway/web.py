@@ -56,7 +56,8 @@ from gateway.autoconfig import (
     thunderbird_config,
 )
 from gateway.config import Settings, WebSettings
-from gateway.listener import listener
+from gateway.connection_limits import ConnectionLimits
+from gateway.listener import AdmittingFactory, listener
 from gateway.tls import ServerTLS, tls_ended, tls_layer
 
 __all__ = [
@@ -581,7 +582,8 @@ class _UpstreamConnections(Service):
         return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
 
 
-def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, state: WebState) -> MultiService:
+def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, state: WebState,
+                      limits: ConnectionLimits) -> MultiService:
     """
     Build the HTTPS and HTTP listeners of C{[web]}.
 
@@ -590,6 +592,7 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, sta
     :param reactor: the running reactor (TCP, time).
     :param server_tls: the TLS of the HTTPS listeners, with ALPN C{http/1.1}.
     :param state: what the sites serve; the caller updates it on reload.
+    :param limits: the gateway's connection counts, which every web connection joins while it lasts.
     :returns: a service whose children are one L{Listener} per endpoint (labelled
         C{protocol=https tls=implicit_tls endpoint=...} and C{protocol=http tls=none endpoint=...}),
         and one that closes the idle upstream connections when stopped.
@@ -607,8 +610,9 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, sta
         ("http", "none", web.http, http_site(state, reactor)),
     )
     for name, tls, descriptions, factory in listeners:
+        admitting = AdmittingFactory(factory, limits, name)
         for description in descriptions:
-            listener(reactor, description, factory, label=f"protocol={name} tls={tls}", key=f"[web] {name}",
+            listener(reactor, description, admitting, label=f"protocol={name} tls={tls}", key=f"[web] {name}",
                      config_path=state.settings.path,
                      proxy_sources=state.settings.limits.proxy_sources).setServiceParent(top)
     return top

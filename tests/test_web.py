@@ -38,6 +38,7 @@ from gateway.autoconfig import (
     thunderbird_config,
 )
 from gateway.config import ConfigError, Settings, parse_settings
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS
@@ -675,7 +676,8 @@ class BuildServiceTests(SynchronousTestCase):
         """One listener per endpoint, labelled with protocol, TLS mode and endpoint as the log lines need."""
         settings = self.settings()
         assert settings.web is not None
-        service = build_web_service(settings.web, MemoryReactorClock(), self.server_tls, WebState(settings))
+        service = build_web_service(settings.web, MemoryReactorClock(), self.server_tls, WebState(settings),
+                                    ConnectionLimits(ConnectionRules()))
         labels = sorted(child.label for child in service if isinstance(child, Listener))
         self.assertEqual(labels, ["protocol=http tls=none endpoint=tcp:0:interface=127.0.0.1",
                                   "protocol=https tls=implicit_tls endpoint=tcp:0:interface=127.0.0.1"])
@@ -685,5 +687,5 @@ class BuildServiceTests(SynchronousTestCase):
         settings = self.settings(https=["tcp:notaport"])
         assert settings.web is not None
         error = self.assertRaises(ConfigError, build_web_service, settings.web, MemoryReactorClock(),
-                                  self.server_tls, WebState(settings))
+                                  self.server_tls, WebState(settings), ConnectionLimits(ConnectionRules()))
         self.assertIn("[web] https", str(error))

@@ -1,0 +1,85 @@
+"""
+Tests for gateway.listener's admission of connections that have no protocol refusal of their own
+(the web listeners), in memory: counted while they last, closed at once over a limit.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from test_proxy_protocol import BALANCER, LISTENER, PROXY_SOURCES, RecorderFactory, v2_tcp4
+
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
+from gateway.listener import AdmittingFactory
+from gateway.metrics import GatewayMetrics
+from gateway.proxy_protocol import TrustedProxyFactory
+
+CLIENT = IPv4Address("TCP", "192.0.2.7", 50000)
+
+
+class AdmissionTests(SynchronousTestCase):
+    """An admitting factory around a recorder, with room for two connections per address."""
+
+    def setUp(self) -> None:
+        self.limits = ConnectionLimits(ConnectionRules(max_per_address=2))
+        self.wrapped = RecorderFactory()
+        self.factory = AdmittingFactory(self.wrapped, self.limits, "https")
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self, peer: IPv4Address = CLIENT) -> tuple[object, StringTransport]:
+        protocol = self.factory.buildProtocol(peer)
+        transport = StringTransport(hostAddress=LISTENER, peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_admitted_while_connected(self) -> None:
+        """An admitted connection starts its protocol, counts while it lasts, and is released once."""
+        protocol, transport = self.connect()
+        self.assertEqual(self.wrapped.built[0].events[0], ("made", CLIENT, LISTENER))
+        self.assertEqual(self.limits.connections, 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.connections, 0)
+        self.assertEqual(self.wrapped.built[0].events[-1][0], "lost")
+
+    def test_over_the_limit(self) -> None:
+        """
+        A connection over the per-address limit is aborted before its protocol starts, logged with
+        the limit and counted in the metrics; its end releases nothing. Other addresses go on.
+        """
+        held = [self.connect()[0] for _ in range(2)]
+        protocol, transport = self.connect()
+        self.assertTrue(transport.disconnected, "the connection is not aborted")
+        self.assertEqual((self.wrapped.built[-1].events, transport.value()), ([], b""))
+        refusals = [event for event in self.logged if event["log_format"].startswith("connection_refused")]
+        self.assertEqual([formatEvent(event) for event in refusals],
+                         ["connection_refused protocol=https client=192.0.2.7 limit=max_connections_per_ip"])
+        metrics = GatewayMetrics()
+        metrics.observe(refusals[0])
+        self.assertEqual(metrics.registry.get_sample_value(
+            "mailgateway_limit_refusals_total", {"protocol": "https", "limit": "max_connections_per_ip"}), 1)
+
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.connections, 2)
+        other, _ = self.connect(IPv4Address("TCP", "192.0.2.8", 50000))
+        self.assertEqual(self.limits.connections, 3)
+        for each in (*held, other):
+            each.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.connections, 0)
+
+    def test_behind_proxy_header(self) -> None:
+        """Behind a load balancer, the client the PROXY header names is counted, not the balancer."""
+        factory = TrustedProxyFactory(self.factory, PROXY_SOURCES, Clock())
+        protocol = factory.buildProtocol(BALANCER)
+        assert protocol is not None
+        protocol.makeConnection(StringTransport(hostAddress=LISTENER, peerAddress=BALANCER))
+        self.assertEqual(self.limits.connections, 0)
+        protocol.dataReceived(v2_tcp4("192.0.2.9", 40000, "127.0.0.1", 443))
+        self.limits.rules = ConnectionRules(max_per_address=1)
+        self.assertEqual(self.limits.admit("192.0.2.9"), "max_connections_per_ip")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.connections, 0)
