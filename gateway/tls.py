@@ -498,12 +498,11 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
     except SSL.Error:
         TLSMemoryBIOProtocol.write(tls, data)  # meets the same condition, and handles it
         return
-    while True:
-        try:
-            records = connection.bio_read(len(data) + _RECORD)
-        except SSL.WantReadError:
-            break
-        tls.transport.write(records)
+    # All the records are in the memory BIO now: one read of exactly that, rather than reading
+    # until pyOpenSSL raises WantReadError (about 12% of this call for a 48 KB read).
+    pending = _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL)
+    if pending:
+        tls.transport.write(connection.bio_read(pending))
     if sent < len(data):  # a context that allows partial writes (not the gateway's server contexts)
         TLSMemoryBIOProtocol.write(tls, data[sent:])
 
