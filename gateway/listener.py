@@ -103,6 +103,11 @@ class _Admitted(ProtocolWrapper):
         self.transport = transport
         transport.abortConnection()  # type: ignore[attr-defined]
 
+    def dataReceived(self, data: bytes) -> None:
+        # A refused connection still gets what came with a PROXY header: dropped.
+        if self._host is not None:
+            super().dataReceived(data)
+
     def connectionLost(self, reason: Failure) -> None:
         if self._host is None:
             return  # refused: the protocol never started
@@ -123,6 +128,7 @@ class AdmittingFactory(WrappingFactory):
 
     def __init__(self, wrapped: Factory, limits: ConnectionLimits, protocol: str) -> None:
         """
+        :param wrapped: the listener's own factory.
         :param limits: the counts the mail listeners use too, so that the gateway as a whole holds
             at most C{max_connections}.
         :param protocol: the C{protocol=} of the log lines.

@@ -83,3 +83,20 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(self.limits.admit("192.0.2.9"), "max_connections_per_ip")
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.limits.connections, 0)
+
+    def test_refused_behind_proxy_header(self) -> None:
+        """
+        Behind a load balancer, a refused connection's protocol gets none of the bytes that came
+        with the PROXY header: it never started.
+        """
+        self.limits.rules = ConnectionRules(max_per_address=0)
+        factory = TrustedProxyFactory(self.factory, PROXY_SOURCES, Clock())
+        protocol = factory.buildProtocol(BALANCER)
+        assert protocol is not None
+        transport = StringTransport(hostAddress=LISTENER, peerAddress=BALANCER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(v2_tcp4("192.0.2.9", 40000, "127.0.0.1", 443) + b"\x16\x03\x01\x00\x05hello")
+        self.assertTrue(transport.disconnected, "the connection is not aborted")
+        self.assertEqual(self.wrapped.built[0].events, [])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.connections, 0)
