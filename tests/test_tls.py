@@ -17,7 +17,7 @@ import ssl
 import stat
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,6 @@ from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -46,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from gateway.testing.pki import TestCA
 from gateway.testing.tls_pair import memory_bios, tls_pair
 from gateway.tls import (
     ServerTLS,
@@ -67,103 +67,10 @@ _NO_APPLICATION_PROTOCOL = "tlsv1 alert no application protocol"
 # Throwaway PKI
 
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-@dataclass(frozen=True)
-class _Issued:
-    """A certificate and its private key."""
-
-    certificate: x509.Certificate
-    key: PrivateKey
-
-    def cert_pem(self) -> bytes:
-        """The certificate in PEM form."""
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
-
-    def key_pem(self) -> bytes:
-        """The private key in unencrypted PKCS#8 PEM form."""
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-
-def _issue(
-    common_name: str,
-    issuer: _Issued | None,
-    *,
-    ca: bool,
-    names: Iterable[x509.GeneralName] = (),
-    key: PrivateKey | None = None,
-) -> _Issued:
-    """Issue a certificate signed by ``issuer``, or self-signed if it is None."""
-    key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.certificate.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False,
-        )
-    signer = issuer.key if issuer is not None else key
-    return _Issued(builder.sign(signer, hashes.SHA256()), key)
-
-
-@dataclass(frozen=True)
-class _PKI:
-    """root -> intermediate -> leaf for localhost/127.0.0.1, plus an unrelated CA."""
-
-    root: _Issued
-    intermediate: _Issued
-    leaf: _Issued
-    rsa_leaf: _Issued
-    other_root: _Issued
-
-
 @functools.cache
-def _pki() -> _PKI:
-    """Build the test PKI once per test run; key generation is the slow part."""
-    root = _issue("Test Root CA", None, ca=True)
-    intermediate = _issue("Test Intermediate CA", root, ca=True)
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    leaf = _issue("localhost", intermediate, ca=False, names=names)
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    rsa_leaf = _issue("localhost", intermediate, ca=False, names=names, key=rsa_key)
-    other_root = _issue("Unrelated Root CA", None, ca=True)
-    return _PKI(root, intermediate, leaf, rsa_leaf, other_root)
+def _rsa_key() -> rsa.RSAPrivateKey:
+    """One RSA key for the whole run: generating it is the slow part."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _temporary_directory(test: SynchronousTestCase) -> str:
@@ -187,10 +94,11 @@ def _write(directory: str, name: str, *parts: bytes) -> str:
 
 @dataclass(frozen=True)
 class _Files:
-    """Paths of the test PKI's PEM files."""
+    """Paths of a test PKI's PEM files: a root, an intermediate and leaves for localhost, and an unrelated root."""
 
     chain: str
     key: str
+    leaf: str
     root: str
     other_root: str
     rsa_chain: str
@@ -198,18 +106,18 @@ class _Files:
 
 
 def _files(directory: str) -> _Files:
-    """Write the test PKI as PEM files into ``directory``."""
-    pki = _pki()
-    return _Files(
-        chain=_write(directory, "chain.pem", pki.leaf.cert_pem(), pki.intermediate.cert_pem()),
-        key=_write(directory, "leaf.key", pki.leaf.key_pem()),
-        root=_write(directory, "root.pem", pki.root.cert_pem()),
-        other_root=_write(directory, "other-root.pem", pki.other_root.cert_pem()),
-        rsa_chain=_write(
-            directory, "rsa-chain.pem", pki.rsa_leaf.cert_pem(), pki.intermediate.cert_pem()
-        ),
-        rsa_key=_write(directory, "rsa-leaf.key", pki.rsa_leaf.key_pem()),
-    )
+    """Issue the test PKI into ``directory``."""
+    ca = TestCA(os.path.join(directory, "ca"))
+    leaf = ca.issue("localhost", "127.0.0.1")
+    rsa_leaf = ca.issue("localhost", "127.0.0.1", key=_rsa_key())
+    other = TestCA(os.path.join(directory, "other"), name="Unrelated Root CA")
+    return _Files(chain=leaf.chain_path, key=leaf.key_path, leaf=leaf.cert_path, root=ca.ca_path,
+                  other_root=other.ca_path, rsa_chain=rsa_leaf.chain_path, rsa_key=rsa_leaf.key_path)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # --------------------------------------------------------------------------
@@ -606,9 +514,7 @@ class ServerHandshakeTests(_LoopbackTestCase):
         yield self.all_closed(factory)
         self.assertEqual(result.greeting, b"hello\r\n")
         # Without the intermediate in the chain file, the same client fails.
-        directory = os.path.dirname(self.files.chain)
-        leaf_only = _write(directory, "leaf-only.pem", _pki().leaf.cert_pem())
-        port, factory = yield self.serve_tls(chain=leaf_only)
+        port, factory = yield self.serve_tls(chain=self.files.leaf)
         error = yield self.client_error(port, _client_context(self.files.root))
         yield self.all_closed(factory)
         self.assertEqual(error.reason, "CERTIFICATE_VERIFY_FAILED")
@@ -908,7 +814,7 @@ class ServerTLSConfigurationTests(SynchronousTestCase):
         encrypted = _write(
             self.directory,
             "encrypted.key",
-            _pki().leaf.key.private_bytes(
+            serialization.load_pem_private_key(_read(self.files.key), None).private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.BestAvailableEncryption(b"secret"),
@@ -1062,7 +968,7 @@ class ClientTLSTests(_LoopbackTestCase):
     @inlineCallbacks
     def test_bundle_with_several_cas(self) -> Any:
         """A CA file holding several certificates trusts each of them."""
-        roots = (_pki().other_root.cert_pem(), _pki().root.cert_pem())
+        roots = (_read(self.files.other_root), _read(self.files.root))
         bundle = _write(os.path.dirname(self.files.root), "bundle.pem", *roots)
         port, factory = yield self.serve_tls()
         protocol, _ = yield self.connect(port, "localhost", bundle)

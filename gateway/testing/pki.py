@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -79,7 +79,7 @@ class TestCA:
         self.ca_path: str = os.path.join(directory, "ca.pem")
         _write(self.ca_path, _pem(self._root_cert), 0o644)
 
-    def issue(self, *names: str) -> IssuedCertificate:
+    def issue(self, *names: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None) -> IssuedCertificate:
         """Issue a server certificate for ``names``, signed by the intermediate CA.
 
         Each name that parses as an IPv4 or IPv6 address becomes an IP address
@@ -89,11 +89,12 @@ class TestCA:
         counting the certificates this CA has issued.
 
         :param names: DNS names and IP addresses; :data:`DEFAULT_NAMES` when none are given.
+        :param key: the leaf's private key (an RSA one, say); a new P-256 key when None.
         :returns: the paths of the written certificate, key and chain.
         """
         names = names or DEFAULT_NAMES
         now = datetime.datetime.now(datetime.timezone.utc)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
         not_after = min(now + _LIFETIME, self._intermediate_cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()
