@@ -119,8 +119,8 @@ class _Admitted(ProtocolWrapper):
 class AdmittingFactory(WrappingFactory):
     """
     Counts each connection against the gateway's connection limits while it lasts, for listeners
-    whose protocol has no refusal of its own (the web's). A connection over a limit is closed at
-    once, before any TLS handshake, and logged as the mail front ends log theirs.
+    whose protocol has no refusal of its own (the web's and the metrics'). A connection over a
+    limit is closed at once, before any TLS handshake, and logged as the mail front ends log theirs.
     """
 
     protocol = _Admitted  # type: ignore[assignment]

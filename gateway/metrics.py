@@ -30,7 +30,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from gateway.config import MetricsSettings, TLSSettings
-from gateway.listener import listener
+from gateway.connection_limits import ConnectionLimits
+from gateway.listener import AdmittingFactory, listener
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The content type of a scrape: the Prometheus text exposition format 0.0.4."""
@@ -377,20 +378,22 @@ class LogObservation(Service):
         self._publisher.removeObserver(self._observer)
 
 
-def build_metrics_service(settings: MetricsSettings, reactor: object, metrics: GatewayMetrics, *,
-                          config_path: str, publisher: LogPublisher = globalLogPublisher) -> MultiService:
+def build_metrics_service(settings: MetricsSettings, reactor: object, metrics: GatewayMetrics,
+                          limits: ConnectionLimits, *, config_path: str,
+                          publisher: LogPublisher = globalLogPublisher) -> MultiService:
     """
     The metrics listeners, and the observation of the log events that feed C{metrics}, as
     one service. Each listener's label starts with C{protocol=metrics tls=none endpoint=}.
 
     :param reactor: the running reactor.
+    :param limits: the gateway's connection counts, which every scrape's connection joins while it lasts.
     :param config_path: the configuration file, named in errors.
     :param publisher: where the gateway's log events are published.
     :raises ConfigError: when a listener is behind C{haproxy:} or not a usable endpoint description.
     """
     top = MultiService()
     LogObservation(publisher, metrics.observe).setServiceParent(top)
-    site = metrics_site(metrics.registry, reactor)
+    site = AdmittingFactory(metrics_site(metrics.registry, reactor), limits, "metrics")
     for description in settings.listen:
         listener(reactor, description, site, label="protocol=metrics tls=none", key="[metrics] listen",
                  config_path=config_path, proxy_sources=None).setServiceParent(top)

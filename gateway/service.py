@@ -239,7 +239,8 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     if settings.metrics is not None:
         metrics = GatewayMetrics()
         metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
-        build_metrics_service(settings.metrics, reactor, metrics, config_path=settings.path).setServiceParent(top)
+        build_metrics_service(settings.metrics, reactor, metrics, gatekeeper.connections,
+                              config_path=settings.path).setServiceParent(top)
     reloader = Reloader(reactor, settings, metrics)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
     reloader.follow(partial(_new_rules, gatekeeper))

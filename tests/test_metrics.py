@@ -32,6 +32,7 @@ from twisted.web.server import Site
 
 from gateway.backend import BackendRefused, BackendUnavailable, LoginRequest
 from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.config import load_settings
 from gateway.metrics import (
@@ -560,9 +561,10 @@ class ServiceTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.publisher = LogPublisher()
         self.metrics = GatewayMetrics()
+        self.limits = ConnectionLimits(ConnectionRules(max_per_address=1))
 
     def build(self, *listen: str) -> MultiService:
-        return build_metrics_service(MetricsSettings(listen), self.reactor, self.metrics,
+        return build_metrics_service(MetricsSettings(listen), self.reactor, self.metrics, self.limits,
                                      config_path="/etc/mailgateway/mailgateway.toml", publisher=self.publisher)
 
     def test_listens_and_serves(self) -> None:
@@ -580,8 +582,25 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(labels, ["protocol=metrics tls=none endpoint=tcp:9101:interface=127.0.0.1",
                                   "protocol=metrics tls=none endpoint=tcp6:9101:interface=\\:\\:1"])
         factory = self.reactor.tcpServers[0][1]
-        self.assertIsInstance(factory, Site)
         self.assertEqual(http_get(factory, b"GET /metrics HTTP/1.0\r\n\r\n")[0], b"HTTP/1.0 200 OK")
+
+    def test_connections_limited(self) -> None:
+        """
+        A scrape's connection counts toward the gateway's connection limits while it lasts; one
+        over them is closed unanswered.
+        """
+        service = self.build("tcp:9101:interface=127.0.0.1")
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        factory = self.reactor.tcpServers[0][1]
+        held = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        held.makeConnection(StringTransport())
+        self.assertEqual(self.limits.connections, 1)
+        self.assertEqual(http_get(factory, b"GET /metrics HTTP/1.0\r\n\r\n")[0], b"")
+        held.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(http_get(factory, b"GET /metrics HTTP/1.0\r\n\r\n")[0], b"HTTP/1.0 200 OK")
+        self.assertEqual(self.limits.connections, 0)
 
     def test_observes_while_running(self) -> None:
         """Events published while the service runs are counted; before it starts and after it stops they are not."""
