@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Generic, TypeVar
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gateway.addresses import Network, client_key, in_networks
+from gateway.addresses import Network, client_key, in_networks, parse_ip
 
 log = Logger()
 
@@ -131,11 +130,7 @@ class LoginPenalties:
 
     def source(self, host: str) -> str | None:
         """The key a client address is counted under, or None for a trusted (or non-IP) client."""
-        if in_networks(host, self.rules.trusted):
-            return None
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
+        if parse_ip(host) is None or in_networks(host, self.rules.trusted):
             return None
         return client_key(host, self.rules.ipv6_prefix)
 
