@@ -35,6 +35,14 @@ def plain_address(host: str) -> str:
     return str(address)
 
 
+def address_host(address: object) -> str:
+    """
+    The host of a Twisted address as L{plain_address} spells it; an address without one (a UNIX
+    socket's) as its text.
+    """
+    return plain_address(getattr(address, "host", str(address)))
+
+
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     """True when C{host} is an IP address inside one of C{networks}."""
     if not networks:

@@ -32,7 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.addresses import plain_address
+from gateway.addresses import address_host
 from gateway.auth import IAuthenticator
 from gateway.backend import (
     BackendConnector,
@@ -178,8 +178,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         assert self.transport is not None
         peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.client = ClientAddress(plain_address(getattr(peer, "host", str(peer))), getattr(peer, "port", 0),
-                                    plain_address(getattr(host, "host", str(host))), getattr(host, "port", 0))
+        self.client = ClientAddress(address_host(peer), getattr(peer, "port", 0),
+                                    address_host(host), getattr(host, "port", 0))
         self._started = time.monotonic()
         tune(self.transport)
         admitting = self.context.gatekeeper.admit(self.client.host)

@@ -14,7 +14,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.addresses import Network, plain_address
+from gateway.addresses import Network, address_host
 from gateway.config import PROXY_PREFIX, ConfigError
 from gateway.connection_limits import ConnectionLimits
 from gateway.proxy_protocol import TrustedProxyFactory
@@ -91,8 +91,7 @@ class _Admitted(ProtocolWrapper):
 
     def makeConnection(self, transport: ITransport) -> None:
         # Here, not in buildProtocol: behind a PROXY header, only the transport knows the client.
-        peer = transport.getPeer()
-        host = plain_address(getattr(peer, "host", str(peer)))
+        host = address_host(transport.getPeer())
         refused = self.factory.limits.admit(host)
         if refused is None:
             self._host = host
