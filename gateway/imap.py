@@ -34,15 +34,6 @@ class ImapFrontEnd(LoginFrontEnd):
         self._command = bytearray()
         self._tag: bytes | None = None
         self._literal_left = 0
-        self._handlers: dict[bytes, Callable[[Command], None]] = {
-            b"CAPABILITY": self.do_CAPABILITY,
-            b"NOOP": self.do_NOOP,
-            b"LOGOUT": self.do_LOGOUT,
-            b"STARTTLS": self.do_STARTTLS,
-            b"ID": self.do_ID,
-            b"LOGIN": self.do_LOGIN,
-            b"AUTHENTICATE": self.do_AUTHENTICATE,
-        }
 
     def capabilities(self) -> bytes:
         """What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after."""
@@ -121,11 +112,11 @@ class ImapFrontEnd(LoginFrontEnd):
         except ParseError as e:
             self._bad(str(e).encode("ascii"))
             return
-        handler = self._handlers.get(command.name)
+        handler = _COMMANDS.get(command.name)
         if handler is None:
             self._bad(b"Unknown command or not allowed before login.")
             return
-        handler(command)
+        handler(self, command)
 
     def do_CAPABILITY(self, command: Command) -> None:
         if self._no_args(command):
@@ -234,6 +225,19 @@ class ImapFrontEnd(LoginFrontEnd):
         self._command.clear()
         self.send((self._tag or b"*") + b" BAD " + text + b"\r\n")
         self.command_failed()
+
+
+# One table for every connection: a table of bound methods in each would cost about 2 KiB of
+# every idle session and tie each connection into a reference cycle.
+_COMMANDS: dict[bytes, Callable[[ImapFrontEnd, Command], None]] = {
+    b"CAPABILITY": ImapFrontEnd.do_CAPABILITY,
+    b"NOOP": ImapFrontEnd.do_NOOP,
+    b"LOGOUT": ImapFrontEnd.do_LOGOUT,
+    b"STARTTLS": ImapFrontEnd.do_STARTTLS,
+    b"ID": ImapFrontEnd.do_ID,
+    b"LOGIN": ImapFrontEnd.do_LOGIN,
+    b"AUTHENTICATE": ImapFrontEnd.do_AUTHENTICATE,
+}
 
 
 def _valid_id(args: tuple[Arg, ...]) -> bool:

@@ -39,15 +39,6 @@ class Pop3FrontEnd(LoginFrontEnd):
     def __init__(self, context: FrontEndContext) -> None:
         super().__init__(context)
         self._given_user: str | None = None
-        self._handlers: dict[bytes, Callable[[bytes], None]] = {
-            b"CAPA": self.do_CAPA,
-            b"STLS": self.do_STLS,
-            b"USER": self.do_USER,
-            b"PASS": self.do_PASS,
-            b"AUTH": self.do_AUTH,
-            b"NOOP": self.do_NOOP,
-            b"QUIT": self.do_QUIT,
-        }
 
     def capabilities(self) -> list[bytes]:
         """
@@ -92,11 +83,11 @@ class Pop3FrontEnd(LoginFrontEnd):
 
     def command_line(self, line: bytes) -> None:
         verb, _, argument = line.partition(b" ")
-        handler = self._handlers.get(verb.upper())
+        handler = _COMMANDS.get(verb.upper())
         if handler is None or b"\0" in line:
             self._error(b"Unknown command.")
             return
-        handler(argument)
+        handler(self, argument)
 
     # -- commands
 
@@ -171,3 +162,15 @@ class Pop3FrontEnd(LoginFrontEnd):
     def _error(self, text: bytes) -> None:
         self.send(b"-ERR " + text + b"\r\n")
         self.command_failed()
+
+
+# One table for every connection, as in gateway.imap.
+_COMMANDS: dict[bytes, Callable[[Pop3FrontEnd, bytes], None]] = {
+    b"CAPA": Pop3FrontEnd.do_CAPA,
+    b"STLS": Pop3FrontEnd.do_STLS,
+    b"USER": Pop3FrontEnd.do_USER,
+    b"PASS": Pop3FrontEnd.do_PASS,
+    b"AUTH": Pop3FrontEnd.do_AUTH,
+    b"NOOP": Pop3FrontEnd.do_NOOP,
+    b"QUIT": Pop3FrontEnd.do_QUIT,
+}

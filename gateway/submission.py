@@ -80,11 +80,6 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._data_size = 0
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
         self._smtputf8 = False
-        self._handlers: dict[bytes, Callable[[bytes], None]] = {
-            b"EHLO": self.do_EHLO, b"HELO": self.do_HELO, b"STARTTLS": self.do_STARTTLS,
-            b"AUTH": self.do_AUTH, b"MAIL": self.do_MAIL, b"RCPT": self.do_RCPT, b"DATA": self.do_DATA,
-            b"RSET": self.do_RSET, b"NOOP": self.do_NOOP, b"QUIT": self.do_QUIT,
-        }
 
     # -- hooks of LoginFrontEnd
 
@@ -125,9 +120,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if len(line) > limit and verb != b"AUTH":
             self._error(b"500 5.5.2 Line too long")
             return
-        handler = self._handlers.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is not None and b"\0" not in line:
-            handler(argument)
+            handler(self, argument)
         elif verb in _NOT_IMPLEMENTED:
             self._error(b"502 5.5.1 Command not implemented")
         else:
@@ -526,6 +521,15 @@ class SubmissionFrontEnd(LoginFrontEnd):
             backend.transport.loseConnection()
         super().connectionLost(reason)
 
+
+# One table for every connection, as in gateway.imap.
+_COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
+    b"EHLO": SubmissionFrontEnd.do_EHLO, b"HELO": SubmissionFrontEnd.do_HELO,
+    b"STARTTLS": SubmissionFrontEnd.do_STARTTLS, b"AUTH": SubmissionFrontEnd.do_AUTH,
+    b"MAIL": SubmissionFrontEnd.do_MAIL, b"RCPT": SubmissionFrontEnd.do_RCPT,
+    b"DATA": SubmissionFrontEnd.do_DATA, b"RSET": SubmissionFrontEnd.do_RSET,
+    b"NOOP": SubmissionFrontEnd.do_NOOP, b"QUIT": SubmissionFrontEnd.do_QUIT,
+}
 
 
 @implementer(IPushProducer)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gc
+import weakref
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -73,3 +75,19 @@ class FrontEndTestBase(SynchronousTestCase):
     def say(self, data: bytes) -> bytes:
         self.front.dataReceived(data)
         return self.read()
+
+    def assert_freed_without_collector(self, command: bytes) -> None:
+        """
+        A connection that sent C{command} and closed is freed by reference counting alone: a
+        front end in a reference cycle would hold its memory until the cycle collector ran.
+        """
+        front, transport = self.connect("192.168.1.2")
+        front.dataReceived(command)
+        front.connectionLost(Failure(ConnectionDone()))
+        gone = weakref.ref(front)
+        gc.disable()
+        try:
+            del front, transport
+            self.assertIsNone(gone(), "the closed front end is still alive without the cycle collector")
+        finally:
+            gc.enable()

@@ -92,6 +92,10 @@ class PlainListenerTests(ImapTestBase):
 class ImplicitTLSTests(ImapTestBase):
     """The IMAPS listener: the connection is secure from the start."""
 
+    def test_freed_without_collector(self) -> None:
+        """A closed connection is freed at once, not at the cycle collector's next run."""
+        self.assert_freed_without_collector(b"a1 CAPABILITY\r\n")
+
     def test_greeting_offers_auth(self) -> None:
         """The greeting offers AUTH=PLAIN and AUTH=LOGIN and neither STARTTLS nor LOGINDISABLED."""
         self.assertEqual(self.greeting, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] "

@@ -63,6 +63,10 @@ class PlainListenerTests(Pop3TestBase):
 class ImplicitTLSTests(Pop3TestBase):
     """The POP3S listener."""
 
+    def test_freed_without_collector(self) -> None:
+        """A closed connection is freed at once, not at the cycle collector's next run."""
+        self.assert_freed_without_collector(b"CAPA\r\n")
+
     def test_capa(self) -> None:
         """CAPA offers the backend's TOP and UIDL, USER and SASL PLAIN LOGIN."""
         self.assertEqual(self.say(b"capa\r\n"), CAPA_AFTER_TLS)

@@ -109,6 +109,10 @@ class PlainListenerTests(SubmissionTestBase):
 class AuthTests(SubmissionTestBase):
     """AUTH on the implicit-TLS listener (465)."""
 
+    def test_freed_without_collector(self) -> None:
+        """A closed connection is freed at once, not at the cycle collector's next run."""
+        self.assert_freed_without_collector(b"EHLO client\r\n")
+
     def test_mail_before_auth(self) -> None:
         """MAIL before AUTH gets 530 5.7.0 Authentication required."""
         self.say(b"EHLO client\r\n")
