@@ -9,6 +9,7 @@ connection becomes a byte relay (see L{gateway.frontend}).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
@@ -190,10 +191,7 @@ class ImapFrontEnd(LoginFrontEnd):
     def reply_login(self, outcome: LoginOutcome) -> None:
         assert self._tag is not None
         if outcome is LoginOutcome.LOGGED_IN:
-            caps = [c for c in self.backend_capabilities()
-                    if c.upper() not in _PRE_LOGIN_ONLY and not c.upper().startswith(b"AUTH=")]
-            code = b"[CAPABILITY " + format_capabilities(caps) + b"] " if caps else b""
-            self.send(self._tag + b" OK " + code + b"Logged in.\r\n")
+            self.send(self._tag + b" OK " + _logged_in_code(self.backend_capabilities()) + b"Logged in.\r\n")
         elif outcome is LoginOutcome.REJECTED:
             self.send(self._tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
             if self.attempts_exhausted:
@@ -238,6 +236,16 @@ _COMMANDS: dict[bytes, Callable[[ImapFrontEnd, Command], None]] = {
     b"LOGIN": ImapFrontEnd.do_LOGIN,
     b"AUTHENTICATE": ImapFrontEnd.do_AUTHENTICATE,
 }
+
+
+@functools.lru_cache(maxsize=64)
+def _logged_in_code(backend_capabilities: tuple[bytes, ...]) -> bytes:
+    """
+    The C{[CAPABILITY ...]} code of the tagged OK to a login: what the backend offers after login,
+    less what only meant something before it. Worked out once per backend's list, not per login.
+    """
+    caps = [c for c in backend_capabilities if c.upper() not in _PRE_LOGIN_ONLY and not c.upper().startswith(b"AUTH=")]
+    return b"[CAPABILITY " + format_capabilities(caps) + b"] " if caps else b""
 
 
 def _valid_id(args: tuple[Arg, ...]) -> bool:
