@@ -21,6 +21,12 @@ class Options(usage.Options):
                 "and relays them to a plaintext mail store. Everything else is in the configuration file.")
     optParameters = [["config", "c", DEFAULT_CONFIG, "The configuration file (TOML)."]]
 
+    def postOptions(self) -> None:
+        """Have the runner (twistd or twist) write its text log lines the gateway's faster way."""
+        from gateway.text_log import use_for
+
+        use_for(self.parent)
+
 
 def makeService(options: Options) -> IService:
     """Load the configuration and build the service tree; exit with one line if it is wrong."""
