@@ -17,14 +17,17 @@ its text lines this way wherever the runner would write text lines to a stream:
 
 - twistd in the foreground without ``--logfile``, as under systemd, through twistd's own
   ``--logger`` option;
-- twist with ``--log-format=text``.
+- twist wherever it writes text: with ``--log-format=text``, or on a terminal by default.
 
-Log files, syslog, JSON and an explicit ``--logger`` are left to the runner.
+twistd's log files (and their rotation), syslog, JSON and an explicit ``--logger`` are left to
+the runner.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from typing import IO, Any
 
 from twisted.logger import FileLogObserver, LogEvent, formatEventAsClassicLogText, formatTime, textFileLogObserver
@@ -39,19 +42,24 @@ STDOUT_OBSERVER = "gateway.text_log.stdout_observer"
 class _Timestamps:
     """Twisted's timestamps (RFC 3339, to the second, local offset), each second's worked out once."""
 
-    __slots__ = ("_second", "_text")
+    __slots__ = ("_key", "_text")
 
     def __init__(self) -> None:
-        self._second: int | None = None
+        self._key: tuple[int, int, int] | None = None
         self._text = ""
 
     def __call__(self, when: float | None) -> str:
         if when is None:
             return formatTime(None)
-        # A second has one offset (offsets change on whole seconds), so its text is that of its start.
-        second = int(when)
-        if second != self._second:
-            self._second, self._text = second, formatTime(second)
+        # The second Twisted prints: datetime rounds to the microsecond (half to even) first, so
+        # the last half-microsecond of a second is the next one.
+        fraction, whole = math.modf(when)
+        microseconds = round(fraction * 1e6)
+        second = int(whole) + (1 if microseconds >= 1_000_000 else -1 if microseconds < 0 else 0)
+        # A second has one offset (offsets change on whole seconds), unless the zone itself changes.
+        key = (second, time.timezone, time.altzone)
+        if key != self._key:
+            self._key, self._text = key, formatTime(second)
         return self._text
 
 
@@ -82,11 +90,13 @@ def _plain_text(event: LogEvent) -> str | None:
     if "log_failure" in event or "log_flattened" in event:
         return None
     format = event.get("log_format")
-    if type(format) is not str:
+    # Twisted calls fields written "name()", and reads fields through a wrapper whose own private
+    # and special attributes ("._wrapped", ".__class__") would read differently.
+    if type(format) is not str or "()" in format or "._" in format:
         return None
     try:
         return format.format_map(event)
-    except Exception:  # a callable field, a missing key, a value that cannot be formatted
+    except BaseException:  # a missing key, a value that cannot be formatted: Twisted says so its way
         return None
 
 
@@ -115,5 +125,5 @@ def use_for(runner: usage.Options | None) -> None:
         if (runner["logger"] is None and runner.get("nodaemon") and not runner.get("syslog")
                 and runner.get("logfile") in (None, "", "-")):
             runner["logger"] = STDOUT_OBSERVER
-    elif runner.get("fileLogObserverFactory") is textFileLogObserver:  # twist --log-format=text
+    elif runner.get("fileLogObserverFactory") is textFileLogObserver:  # twist, writing text
         runner["fileLogObserverFactory"] = text_file_observer
