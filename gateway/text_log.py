@@ -4,7 +4,7 @@ own text observer.
 
 Twisted's ``textFileLogObserver`` fills in each event's format through ``string.Formatter`` in
 Python and works out the time zone again for every timestamp. With four lines to an IMAP login
-that was about a tenth of the login's CPU, and most of the supervisor's work when workers log
+that was about a tenth of the login's CPU, and nearly half of the supervisor's when workers log
 through it. :func:`format_event` makes the same line, character for character:
 
 - a plain event (a ``str`` format whose fields are keys of the event) is filled in by
