@@ -27,6 +27,7 @@ from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslF
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.smtp_syntax import PathCommand, Reply, SmtpSyntaxError, parse_path, split_command
+from gateway.tls import release_tls_buffers, tls_layer
 
 log = Logger()
 
@@ -383,6 +384,17 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._backend.command(b"RSET").addErrback(lambda failure: None)
         self._sender = None
         self._recipients = 0
+        if self._data_size:
+            # A message's records grew the TLS layers' buffers, which an idle session would keep.
+            self._data_size = 0
+            self._release_tls_buffers()
+
+    def _release_tls_buffers(self) -> None:
+        """Give back what the client's and the MTA's TLS layers grew to (best effort: not while records wait)."""
+        for transport in (self.transport, None if self._backend is None else self._backend.transport):
+            tls = tls_layer(transport)
+            if tls is not None:
+                release_tls_buffers(tls)
 
     # -- talking to the MTA, one command at a time
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import replace
 
 from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from gateway.backend import BackendUnavailable, LoginRequest
 from gateway.config import Limits, SubmissionSettings
+from gateway.frontend import FrontEndFactory
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import SubmissionFrontEnd
 from gateway.testing.fakes import BACKEND_SETTINGS
+from gateway.testing.pki import TestCA
+from gateway.testing.tls_pair import memory_bios, tls_pair
 
 RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
                            max_message_size=1000, max_recipients=3, idle_timeout=300.0, transaction_timeout=600.0)
@@ -455,3 +461,43 @@ class MtaSizeTests(SubmissionTestBase):
     def test_smaller_mta_size(self) -> None:
         """EHLO announces the smaller of the configured and the MTA's SIZE, and MAIL enforces it."""
         self.assertIn(b"250-SIZE 500\r\n", self.say(b"EHLO client\r\n"))
+
+
+class TLSBufferTests(SubmissionTestBase):
+    """A message through a real TLS layer (in memory) leaves no grown buffers in the idle session."""
+
+    def front_end(self, context):  # type: ignore[no-untyped-def,override]
+        return SubmissionFrontEnd(context, replace(RULES, max_message_size=1_000_000), SenderPolicy(None))
+
+    def test_buffers_given_back_after_message(self) -> None:
+        """Once the MTA has taken a 64 KiB message, the client's TLS layer has fresh buffers."""
+        directory = tempfile.mkdtemp(prefix="test_submission-")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = TestCA(directory)
+        issued = ca.issue()
+        front = FrontEndFactory(self.front_end, self.context).buildProtocol(None)
+        pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path, server_protocol=front)
+        self.addCleanup(front.connectionLost, Failure(ConnectionLost()))
+
+        def client_says(data: bytes) -> bytes:
+            TLSMemoryBIOProtocol.write(pair.collector.transport, data)  # type: ignore[arg-type]
+            pair.pump.flush()
+            received, pair.collector.received = pair.collector.received, b""
+            return received
+
+        pair.pump.flush()  # the greeting
+        pair.collector.received = b""
+        client_says(b"EHLO client.example.org\r\n")
+        self.assertEqual(client_says(AUTH_BOB), b"235 2.7.0 Authentication successful\r\n")
+        client_says(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        client_says(b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        client_says(b"DATA\r\n")
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        client_says(b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * 64 + b".\r\n")
+        grown = memory_bios(pair.server)
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued\r\n")
+        self.assertNotEqual(memory_bios(pair.server), grown, "the buffers the message grew were kept")
+        self.assertEqual(client_says(b""), b"250 2.0.0 Ok: queued\r\n")
+        self.assertEqual(client_says(b"NOOP\r\n"), b"250 2.0.0 OK\r\n", "the session goes on over the fresh buffers")

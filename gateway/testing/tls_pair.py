@@ -26,7 +26,7 @@ class Collector(Protocol):
 class TLSPair:
     """
     :ivar server: the server's TLS protocol (what a front end writes to under implicit TLS);
-        its C{wrappedProtocol} is a L{Collector} of what the server decrypted.
+        its C{wrappedProtocol} is the server protocol, by default a L{Collector} of what the server decrypted.
     :ivar wire: the server's transport below TLS (what reached the socket).
     :ivar collector: what the client decrypted.
     :ivar pump: moves bytes between the two; it advances C{clock}.
@@ -46,11 +46,15 @@ def memory_bios(tls: TLSMemoryBIOProtocol) -> tuple[object, object]:
     return connection._into_ssl, connection._from_ssl
 
 
-def tls_pair(chain: str, key: str, ca: str) -> TLSPair:
-    """Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done."""
+def tls_pair(chain: str, key: str, ca: str, server_protocol: Protocol | None = None) -> TLSPair:
+    """
+    Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done.
+
+    :param server_protocol: what runs over the server's TLS (by default a L{Collector}).
+    """
     clock = Clock()
-    server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, Factory.forProtocol(Collector),
-                                         clock=clock)
+    inner = Factory.forProtocol(Collector) if server_protocol is None else Factory.forProtocol(lambda: server_protocol)
+    server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, inner, clock=clock)
     client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca), True, Factory.forProtocol(Collector),
                                          clock=clock)
     server = server_factory.buildProtocol(None)
