@@ -14,7 +14,9 @@ The TCP connections under both legs of a session, tuned for small request-reply 
   inside a ``write`` call.
 
 :class:`gathered_writes` holds what is written during a block and sends it in one write, so
-that the several TLS records one relayed read makes cost one system call.
+that the several TLS records one relayed read makes cost one system call, and
+:func:`write_transient` sends a buffer that its writer reuses, copying only what the socket
+does not take at once (the records of a bulk relayed read, see :func:`gateway.tls.write_tls_now`).
 
 This works with the internals of Twisted's ``FileDescriptor`` (its buffer, ``_aborting``,
 ``_writeDisconnected``) and of its STARTTLS (``twisted.internet._newtls``), as of Twisted 26.10;
@@ -30,7 +32,7 @@ from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
-__all__ = ["gathered_writes", "stream_connection", "tune"]
+__all__ = ["gathered_writes", "stream_connection", "tune", "write_transient"]
 
 
 def tune(transport: object) -> None:
@@ -83,18 +85,41 @@ class gathered_writes:
             _SocketWrites.write(connection, gathered[0] if len(gathered) == 1 else b"".join(gathered))  # type: ignore[arg-type]
 
 
+def write_transient(transport: object, data: memoryview) -> None:
+    """
+    Write ``data``, a view of a buffer that the caller reuses once this returns.
+
+    On a connection :func:`tune` changed, written to directly (as Twisted's TLS layer writes its
+    records, whether under implicit TLS or after STARTTLS), the view goes to the socket as it is,
+    and only what the socket does not take at once, or what must wait behind earlier writes, is
+    copied. Any other transport is given a copy.
+    """
+    if isinstance(transport, _newtls._BypassTLS):
+        connection = transport._connection if transport._base is _SocketWrites else None
+    else:
+        connection = transport if isinstance(transport, _WritingThrough) and not transport.TLS else None
+    if connection is None:
+        transport.write(bytes(data))  # type: ignore[attr-defined]
+    else:
+        _SocketWrites.write(connection, data)  # type: ignore[arg-type]
+
+
 class _SocketWrites(FileDescriptor):
     """
     Writes that reach the socket at once. Never instantiated: its methods serve the connections
     below, and the STARTTLS layer's bypass, which sends the records TLS makes.
     """
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        kind = type(data)
         gathered = self._gathered  # type: ignore[attr-defined]
-        if gathered is not None and type(data) is bytes:
+        if gathered is not None and kind is bytes:
             gathered.append(data)
             return
-        if (type(data) is bytes and data and self.connected and not self.disconnecting
+        if gathered and kind is memoryview:
+            gathered.append(bytes(data))  # behind what is held; sent from nothing gathered, it needs no copy
+            return
+        if ((kind is bytes or kind is memoryview) and data and self.connected and not self.disconnecting
                 and not self._aborting and not self._writeDisconnected  # type: ignore[attr-defined]
                 and not self._tempDataLen and self.offset == len(self.dataBuffer)):
             sent = self.writeSomeData(data)  # type: ignore[attr-defined]
@@ -102,7 +127,7 @@ class _SocketWrites(FileDescriptor):
                 if sent == len(data):
                     return
                 data = data[sent:]
-        FileDescriptor.write(self, data)
+        FileDescriptor.write(self, bytes(data) if kind is memoryview else data)
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         _SocketWrites.write(self, b"".join(iovec))

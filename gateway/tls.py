@@ -49,6 +49,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.config import NamedCertificate
+from gateway.sockets import write_transient
 
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
            "write_tls_now", "release_tls_buffers", "tls_ended"]
@@ -499,12 +500,37 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
         TLSMemoryBIOProtocol.write(tls, data)  # meets the same condition, and handles it
         return
     # All the records are in the memory BIO now: one read of exactly that, rather than reading
-    # until pyOpenSSL raises WantReadError (about 12% of this call for a 48 KB read).
+    # until pyOpenSSL raises WantReadError (about 12% of this call for a 48 KB read), into a
+    # buffer kept for it rather than through pyOpenSSL's bio_read, which copies twice.
     pending = _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL)
     if pending:
-        tls.transport.write(connection.bio_read(pending))
+        records = _records.view(pending)
+        read = _lib.BIO_read(connection._from_ssl, _records.pointer, pending)
+        if read > 0:
+            write_transient(tls.transport, records[:read])
     if sent < len(data):  # a context that allows partial writes (not the gateway's server contexts)
         TLSMemoryBIOProtocol.write(tls, data[sent:])
+
+
+class _RecordBuffer:
+    """The one buffer into which :func:`write_tls_now` reads the records of a bulk write, grown as needed."""
+
+    __slots__ = ("_buffer", "pointer")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+        self.pointer = _ffi.from_buffer(self._buffer)
+
+    def view(self, size: int) -> memoryview:
+        """A view of the buffer, at least ``size`` bytes long."""
+        if len(self._buffer) < size:
+            # A new one rather than a resize: a view still held elsewhere keeps the old one valid.
+            self._buffer = bytearray(max(size, 2 * len(self._buffer)))
+            self.pointer = _ffi.from_buffer(self._buffer)
+        return memoryview(self._buffer)
+
+
+_records = _RecordBuffer()
 
 
 def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> bool:

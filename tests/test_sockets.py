@@ -22,9 +22,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from gateway.sockets import gathered_writes, stream_connection, tune
+from gateway.sockets import gathered_writes, stream_connection, tune, write_transient
 from gateway.testing.pki import TestCA
-from gateway.tls import ServerTLS
+from gateway.tls import ServerTLS, tls_layer, write_tls_now
 
 
 @implementer(IHandshakeListener)
@@ -238,6 +238,64 @@ class GatherTests(_Connected):
             self.assertEqual(transport.value(), b"at once")
 
 
+class TransientWriteTests(_Connected):
+    """A buffer its writer reuses goes to the socket as it is; whatever has to wait is copied first."""
+
+    @inlineCallbacks
+    def test_sent_at_once(self):  # type: ignore[no-untyped-def]
+        """A view is on the socket before the write returns."""
+        buffer = bytearray(b"* OK ready\r\n")
+        write_transient(self.transport, memoryview(buffer))
+        buffer[:] = bytes(len(buffer))
+        self.assertNotIn(self.transport, reactor.getWriters())
+        received = yield deferToThread(_read, self.peer, 12)
+        self.assertEqual(received, b"* OK ready\r\n")
+
+    @inlineCallbacks
+    def test_rest_copied(self):  # type: ignore[no-untyped-def]
+        """What the socket does not take is copied before the write returns, and sent in order."""
+        bulk = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than loopback socket buffers hold
+        buffer = bytearray(bulk)
+        write_transient(self.transport, memoryview(buffer))
+        self.assertIn(self.transport, reactor.getWriters())
+        buffer[:] = bytes(len(buffer))  # the writer reuses its buffer
+        self.transport.write(b"END")
+        received = yield deferToThread(_read, self.peer, len(bulk) + 3)
+        self.assertEqual(len(received), len(bulk) + 3)
+        self.assertTrue(received == bulk + b"END", "bytes were changed, reordered or lost")
+
+    @inlineCallbacks
+    def test_behind_gathered(self):  # type: ignore[no-untyped-def]
+        """Inside a gathering block, a view written after held writes is copied and leaves after them."""
+        buffer = bytearray(b"second ")
+        with gathered_writes(stream_connection(self.transport)):
+            self.transport.write(b"first ")
+            write_transient(self.transport, memoryview(buffer))
+            buffer[:] = b"XXXXXXX"
+            self.transport.write(b"third")
+        received = yield deferToThread(_read, self.peer, 18)
+        self.assertEqual(received, b"first second third")
+
+    @inlineCallbacks
+    def test_nothing_gathered_yet(self):  # type: ignore[no-untyped-def]
+        """Inside a gathering block with nothing held, a view leaves at once, before later writes."""
+        buffer = bytearray(b"first ")
+        with gathered_writes(stream_connection(self.transport)):
+            write_transient(self.transport, memoryview(buffer))
+            buffer[:] = b"XXXXXX"
+            self.transport.write(b"second")
+        received = yield deferToThread(_read, self.peer, 12)
+        self.assertEqual(received, b"first second")
+
+    def test_other_transport_copied(self) -> None:
+        """A transport tune did not change is given a copy."""
+        transport = StringTransport()
+        buffer = bytearray(b"records")
+        write_transient(transport, memoryview(buffer))
+        buffer[:] = b"XXXXXXX"
+        self.assertEqual(transport.value(), b"records")
+
+
 def _turn() -> Deferred[None]:
     """One reactor turn."""
     d: Deferred[None] = Deferred()
@@ -271,6 +329,10 @@ class StartTLSTests(_Connected):
         self.assertNotIn(transport, reactor.getWriters())
         received = yield deferToThread(_read, wrapped, 15)
         self.assertEqual(received, b"* OK over TLS\r\n")
+        bulk = bytes(range(256)) * 1024  # four full records, written past Twisted's TLS layer
+        write_tls_now(tls_layer(transport), bulk)
+        received = yield deferToThread(_read, wrapped, len(bulk))
+        self.assertTrue(received == bulk, "a bulk write after STARTTLS arrived changed")
 
 
 class FindingTests(TestCase):
