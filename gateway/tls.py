@@ -494,9 +494,12 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
         TLSMemoryBIOProtocol.write(tls, data)
         return
     connection = tls._tlsConnection
-    try:
-        sent = connection.send(data)
-    except SSL.Error:
+    # SSL_write itself, as pyOpenSSL's send calls it, without the checks that send makes of a
+    # buffer of any type and of a result that is not an error (together a tenth of this call).
+    with _ffi.from_buffer(data) as buffer:
+        sent = _lib.SSL_write(connection._ssl, buffer, len(data))
+    if sent <= 0:
+        _lib.ERR_clear_error()
         TLSMemoryBIOProtocol.write(tls, data)  # meets the same condition, and handles it
         return
     # All the records are in the memory BIO now: one read of exactly that, rather than reading

@@ -695,6 +695,20 @@ class WriteTLSNowTests(SynchronousTestCase):
         self.pump.flush()
         self.assertNotIn(b"zzzz", self.collector.received)
 
+    def test_bulk_refused_by_openssl(self) -> None:
+        """
+        A bulk write that OpenSSL refuses is left to Twisted's TLS layer, which ends the
+        connection; nothing of it is sent, nothing is raised, and OpenSSL's error queue is left empty.
+        """
+        self.server._tlsConnection.shutdown()  # behind Twisted's back: SSL_write now fails
+        lost: list[Failure] = []
+        self.server.wrappedProtocol.connectionLost = lost.append
+        write_tls_now(self.server, b"z" * 65536)
+        self.assertEqual(Binding.lib.ERR_peek_error(), 0, "OpenSSL's error queue was left holding the failure")
+        self.pump.flush()
+        self.assertNotIn(b"zzzz", self.collector.received)
+        self.assertEqual(len(lost), 1, "the connection was not ended")
+
     def test_after_close(self) -> None:
         """Once the TLS connection is closing, like a plain write, it is dropped."""
         self.server.loseConnection()
