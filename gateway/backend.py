@@ -88,6 +88,9 @@ class BackendLogin(LineReceiver):
     :ivar lost: True once the connection is gone.
     """
 
+    # One per session, for as long as it lasts: its own attributes in slots (see LoginFrontEnd).
+    __slots__ = ("request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost")
+
     MAX_LENGTH = 65536
 
     def __init__(self, request: LoginRequest, settings: BackendSettings,

@@ -30,6 +30,9 @@ _SASL_FAILURES = {
 class ImapFrontEnd(LoginFrontEnd):
     """One IMAP client connection."""
 
+    # See LoginFrontEnd.
+    __slots__ = ("_command", "_tag", "_literal_left")
+
     def __init__(self, context: FrontEndContext) -> None:
         super().__init__(context)
         self._command = bytearray()

@@ -25,6 +25,9 @@ _Handler = Callable[[Response], None]
 class ImapBackendLogin(BackendLogin):
     """Logs in to an IMAP backend for one client."""
 
+    # See BackendLogin.
+    __slots__ = ("_known_capabilities", "_tag_number", "_greeted_yet", "_waiting", "_login_chunks")
+
     def __init__(self, request: LoginRequest, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
         super().__init__(request, settings, tls)

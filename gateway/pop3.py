@@ -36,6 +36,9 @@ _LOGIN_REPLIES = {
 class Pop3FrontEnd(LoginFrontEnd):
     """One POP3 client connection."""
 
+    # See LoginFrontEnd.
+    __slots__ = ("_given_user",)
+
     def __init__(self, context: FrontEndContext) -> None:
         super().__init__(context)
         self._given_user: str | None = None

@@ -26,6 +26,9 @@ _Handler = Callable[[bool, bytes], None]
 class Pop3BackendLogin(BackendLogin):
     """Logs in to a POP3 backend for one client; with no request it only learns the capabilities."""
 
+    # See BackendLogin.
+    __slots__ = ("_greeting_text", "_handler", "_capa")
+
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
         super().__init__(request, settings, tls)  # type: ignore[arg-type]

@@ -32,6 +32,9 @@ class SmtpBackend(BackendLogin):
     :ivar keywords: the MTA's EHLO extensions after login (upper-case keyword -> parameters).
     """
 
+    # See BackendLogin.
+    __slots__ = ("_ehlo_name", "_reader", "_waiting", "keywords")
+
     MAX_LENGTH = 4096
 
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,

@@ -67,6 +67,12 @@ class SubmissionFrontEnd(LoginFrontEnd):
     :param senders: who may send as whom.
     """
 
+    # See LoginFrontEnd.
+    __slots__ = (
+        "_rules", "_senders", "_greeted", "_backend", "_sender", "_recipients", "_transaction_timer",
+        "_data_tail", "_data_size", "_data_refusal", "_smtputf8"
+    )
+
     def __init__(self, context: FrontEndContext, rules: SubmissionSettings, senders: SenderPolicy) -> None:
         super().__init__(context)
         self._rules = rules

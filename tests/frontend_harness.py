@@ -24,6 +24,19 @@ PASSWORD = b'p4ss "w rd\\'
 TLS_OPTIONS = object()
 
 
+# What Twisted's LineReceiver, TimeoutMixin and Protocol keep in an instance's dict.
+_TWISTED_ATTRIBUTES = frozenset({"connected", "transport", "factory", "line_mode", "_buffer", "_busyReceiving",
+                                 "paused", "timeOut", "_TimeoutMixin__timeoutCall"})
+
+
+def unslotted(protocol: object) -> set[str]:
+    """
+    The attributes of a protocol that live in its dict but are not Twisted's: the gateway's
+    per-session protocols keep theirs in slots (a dict of them costs about 1 KiB per session).
+    """
+    return set(vars(protocol)) - _TWISTED_ATTRIBUTES
+
+
 def b64(data: bytes) -> bytes:
     return base64.b64encode(data)
 

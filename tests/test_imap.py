@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
+from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64, unslotted
 from twisted.internet.error import ConnectionDone
 
 from dataclasses import replace
@@ -133,6 +133,12 @@ class ImplicitTLSTests(ImapTestBase):
     def test_bad_id(self) -> None:
         """ID with an odd number of fields is a BAD."""
         self.assertEqual(self.say(b'a ID ("name")\r\n'), b"a BAD Invalid ID parameters.\r\n")
+
+    def test_attributes_in_slots(self) -> None:
+        """A relaying session's front end keeps its own attributes in slots: its dict holds only Twisted's."""
+        self.log_in()
+        self.front.dataReceived(b"a2 SELECT INBOX\r\n")
+        self.assertEqual(unslotted(self.front), set())
 
     def test_login_relays(self) -> None:
         """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from frontend_harness import unslotted
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -428,6 +429,13 @@ class RelayTests(ImapLoginTestBase):
         self.assertEqual(client.value(), b"* 3 EXISTS\r\n* 4 EXISTS\r\n* 5 EXPUNGE\r\n+ idling\r\npartial")
         self.assertEqual(splice.from_backend_bytes, len(client.value()))
         self.assertEqual(self.transport.value(), b"")
+
+    def test_attributes_in_slots(self) -> None:
+        """A relaying backend session keeps its own attributes in slots: its dict holds only Twisted's."""
+        self.say(b"gw1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.protocol.dataReceived(b"* 4 EXISTS\r\n")
+        self.assertEqual(unslotted(self.protocol), set())
 
     def test_backend_lost_closes_client(self) -> None:
         """The backend going away after attach closes the client connection."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
+from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64, unslotted
 
 from gateway.backend import BackendRefused, BackendUnavailable
 from gateway.pop3 import Pop3FrontEnd
@@ -90,6 +90,12 @@ class ImplicitTLSTests(Pop3TestBase):
         self.assertEqual(session.transport.value(), b"STAT\r\nLIST\r\n")
         session.dataReceived(b"+OK 2 320\r\n")
         self.assertEqual(self.read(), b"+OK 2 320\r\n")
+
+    def test_attributes_in_slots(self) -> None:
+        """A relaying session's front end keeps its own attributes in slots: its dict holds only Twisted's."""
+        self.say(b"USER alice\r\nPASS " + PASSWORD + b"\r\nSTAT\r\n")
+        self.backend.sessions[0].dataReceived(b"+OK 2 320\r\n")
+        self.assertEqual(unslotted(self.front), set())
 
     def test_pass_without_user(self) -> None:
         """PASS without USER is an error."""

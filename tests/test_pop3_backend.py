@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from frontend_harness import unslotted
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -375,6 +376,13 @@ class RelayTests(Pop3LoginTestBase):
         self.protocol.dataReceived(b"2 300\r\n.\r\n-ERR partial")
         self.assertEqual(client.value(), b"+OK 2 messages\r\n1 120\r\n2 300\r\n.\r\n-ERR partial")
         self.assertEqual(self.transport.value(), b"")
+
+    def test_attributes_in_slots(self) -> None:
+        """A relaying backend session keeps its own attributes in slots: its dict holds only Twisted's."""
+        self.say(b"+OK Logged in.\r\n")
+        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.protocol.dataReceived(b"+OK 2 messages\r\n")
+        self.assertEqual(unslotted(self.protocol), set())
 
     def test_backend_lost_closes_client(self) -> None:
         """The backend going away after attach closes the client connection."""

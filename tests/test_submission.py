@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 
-from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64
+from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64, unslotted
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -217,6 +217,18 @@ class TransactionTests(SubmissionTestBase):
         self.assertEqual(self.read(), b"")  # QUIT waits for the MTA's verdict
         self.mta().dataReceived(b"250 2.0.0 Ok: queued as ABC\r\n")
         self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as ABC\r\n221 2.0.0 Bye\r\n")
+
+    def test_attributes_in_slots(self) -> None:
+        """
+        After a message, the front end and its MTA session keep their own attributes in slots:
+        their dicts hold only Twisted's.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued as ABC\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as ABC\r\n")
+        self.assertEqual(unslotted(self.front), set())
+        self.assertEqual(unslotted(self.mta()), set())
 
     def test_empty_message(self) -> None:
         """A message that is only the terminator ends at once."""
