@@ -35,10 +35,29 @@ class ConnectionLimits:
     """The connection and session counts of one gateway process."""
 
     def __init__(self, rules: ConnectionRules) -> None:
-        self.rules = rules
         self.connections = 0
-        self._by_address: Counter[str] = Counter()
+        self._by_host: Counter[str] = Counter()
         self._by_user: Counter[str] = Counter()
+        self.rules = rules
+
+    @property
+    def rules(self) -> ConnectionRules:
+        """
+        The limits. New ones (a reload) count the connections already open as the new ones
+        would: an address trusted since is no longer counted, one no longer trusted is.
+        """
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: ConnectionRules) -> None:
+        self._rules = rules
+        # By the key the rules give each address (trusted, or its IPv6 network): rebuilt from
+        # the hosts, so that a connection ends under the same rules it is counted by.
+        self._by_address: Counter[str] = Counter()
+        for host, count in self._by_host.items():
+            key = self._key(host)
+            if key is not None:
+                self._by_address[key] += count
 
     def admit(self, host: str) -> str | None:
         """
@@ -46,24 +65,24 @@ class ConnectionLimits:
 
         :returns: None when admitted (call L{release} when it ends), else which limit refused it.
         """
-        if self.connections >= self.rules.max_connections:
+        if self.connections >= self._rules.max_connections:
             return "max_connections"
-        if not self._trusted(host):
-            key = client_key(host, self.rules.ipv6_prefix)
-            if self._by_address[key] >= self.rules.max_per_address:
+        key = self._key(host)
+        if key is not None:
+            if self._by_address[key] >= self._rules.max_per_address:
                 return "max_connections_per_ip"
             self._by_address[key] += 1
+        self._by_host[host] += 1
         self.connections += 1
         return None
 
     def release(self, host: str) -> None:
         """An admitted connection has ended."""
         self.connections -= 1
-        if not self._trusted(host):
-            key = client_key(host, self.rules.ipv6_prefix)
-            self._by_address[key] -= 1
-            if self._by_address[key] <= 0:
-                del self._by_address[key]
+        _take(self._by_host, host)
+        key = self._key(host)
+        if key is not None:
+            _take(self._by_address, key)
 
     def open_session(self, user: str) -> bool:
         """Count a logged-in session; False (and nothing counted) when the user has too many."""
@@ -78,9 +97,17 @@ class ConnectionLimits:
 
     def close_session(self, user: str) -> None:
         """A session counted by L{open_session} has ended."""
-        self._by_user[user] -= 1
-        if self._by_user[user] <= 0:
-            del self._by_user[user]
+        _take(self._by_user, user)
 
-    def _trusted(self, host: str) -> bool:
-        return in_networks(host, self.rules.trusted)
+    def _key(self, host: str) -> str | None:
+        """What the per-address limit counts a host under; None for a trusted one."""
+        if in_networks(host, self._rules.trusted):
+            return None
+        return client_key(host, self._rules.ipv6_prefix)
+
+
+def _take(counts: Counter[str], key: str) -> None:
+    """One fewer under C{key}; keys at zero are dropped."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

@@ -70,8 +70,14 @@ class _Table(Generic[K]):
 
     def __init__(self, max_entries: int, window: float) -> None:
         self._entries: OrderedDict[K, _Count] = OrderedDict()
+        self.limit(max_entries, window)
+
+    def limit(self, max_entries: int, window: float) -> None:
+        """Hold at most ``max_entries``, each for ``window`` seconds from its first failure."""
         self._max = max_entries
         self._window = window
+        while len(self._entries) > max_entries:
+            self._entries.popitem(last=False)
 
     def get(self, key: K, now: float) -> _Count | None:
         count = self._entries.get(key)
@@ -122,11 +128,22 @@ class LoginPenalties:
 
     def __init__(self, clock: IReactorTime, rules: PenaltyRules) -> None:
         self._clock = clock
-        self.rules = rules
         self._pairs: _Table[tuple[str, str]] = _Table(rules.max_entries, rules.window)
         self._sources: _Table[str] = _Table(rules.max_entries, rules.window)
         self._users: _Table[str] = _Table(rules.max_entries, rules.window)
+        self.rules = rules
         self.fingerprint_key = secrets.token_bytes(32)
+
+    @property
+    def rules(self) -> PenaltyRules:
+        """The limits. New ones (a reload) keep the counts, which follow the new window and size from then on."""
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: PenaltyRules) -> None:
+        self._rules = rules
+        for table in (self._pairs, self._sources, self._users):
+            table.limit(rules.max_entries, rules.window)
 
     def source(self, host: str) -> str | None:
         """The key a client address is counted under, or None for a trusted (or non-IP) client."""

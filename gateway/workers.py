@@ -133,8 +133,9 @@ class WorkerPool(Service):
         log.info("worker_started worker={worker} pid={pid}", worker=number, pid=worker.pid)
 
     def _ended(self, worker: _Worker, reason: Failure, ran: float) -> None:
-        if self._workers.get(worker.number) is worker:
-            del self._workers[worker.number]
+        if self._workers.get(worker.number) is not worker:
+            return  # its start failed after the spawn, which has already scheduled the restart
+        del self._workers[worker.number]
         if not self.running:
             return
         if ran >= STABLE_AFTER:

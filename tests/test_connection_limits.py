@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -98,3 +99,53 @@ class Ipv6PrefixTests(SynchronousTestCase):
         self.assertIsNone(limits.admit("2001:db8:1:2::1"))
         limits.release("2001:db8:1:1::1")
         self.assertIsNone(limits.admit("2001:db8:1:1::9"))
+
+
+class ReloadTests(SynchronousTestCase):
+    """New rules (a reload) count the connections already open as the new rules would."""
+
+    def setUp(self) -> None:
+        self.limits = ConnectionLimits(ConnectionRules(max_per_address=1))
+
+    def reload(self, **changes: object) -> None:
+        """What gateway.service does on SIGHUP: the rules are replaced, the counts kept."""
+        self.limits.rules = replace(self.limits.rules, **changes)  # type: ignore[arg-type]
+
+    def test_trusted_while_connected(self) -> None:
+        """
+        A connection counted against its address that ends after a reload trusted the address
+        leaves no count behind: once the trust is withdrawn, the address is admitted again.
+        """
+        self.assertIsNone(self.limits.admit(CLIENT))
+        self.reload(trusted=(ipaddress.ip_network("192.0.2.0/24"),))
+        self.limits.release(CLIENT)
+        self.reload(trusted=())
+        self.assertEqual(self.limits.connections, 0)
+        self.assertIsNone(self.limits.admit(CLIENT), "the address is refused with none of its connections open")
+
+    def test_distrusted_while_connected(self) -> None:
+        """
+        Connections admitted while their address was trusted count against it once a reload
+        withdraws the trust: no more are admitted until they have ended, and then only the limit.
+        """
+        self.reload(trusted=(ipaddress.ip_network("192.0.2.0/24"),))
+        for _ in range(3):
+            self.assertIsNone(self.limits.admit(CLIENT))
+        self.reload(trusted=())
+        self.assertEqual(self.limits.admit(CLIENT), "max_connections_per_ip")
+        for _ in range(3):
+            self.limits.release(CLIENT)
+        self.assertEqual(self.limits.connections, 0)
+        self.assertIsNone(self.limits.admit(CLIENT))
+        self.assertEqual(self.limits.admit(CLIENT), "max_connections_per_ip")
+
+    def test_ipv6_prefix_changed_while_connected(self) -> None:
+        """A connection that ends after a reload changed the IPv6 prefix leaves no count against its network."""
+        client = "2001:db8:0:1::5"
+        self.assertIsNone(self.limits.admit(client))
+        self.reload(ipv6_prefix=48)
+        self.assertEqual(self.limits.admit("2001:db8:0:2::5"), "max_connections_per_ip", "the /48 is not counted")
+        self.limits.release(client)
+        self.reload(ipv6_prefix=64)
+        self.assertEqual(self.limits.connections, 0)
+        self.assertIsNone(self.limits.admit(client), "the network is refused with none of its connections open")

@@ -7,6 +7,7 @@ refusals and the bounded memory.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -339,3 +340,32 @@ class MemoryTests(PenaltyTestBase):
         self.clock.advance(601)
         self.failed_login("alice", ATTACKER)
         self.assertEqual(self.penalties.sizes(), (1, 1, 1))
+
+
+class ReloadTests(SynchronousTestCase):
+    """New rules (a reload) keep the counts, which follow the new window and size."""
+
+    def test_longer_window(self) -> None:
+        """
+        After a reload lengthens the window from 600 s to 3600 s, an address that used up its
+        budget is still refused 601 s after its first failure, and no longer after 3600 s.
+        """
+        clock = Clock()
+        penalties = LoginPenalties(clock, PenaltyRules(ip_budget=3, window=600.0))
+        penalties.rules = replace(penalties.rules, window=3600.0)
+        for n in range(3):
+            penalties.failed("alice", ATTACKER, password_fingerprint(penalties.fingerprint_key, b"guess-%d" % n))
+        self.assertTrue(penalties.refused(ATTACKER))
+        clock.advance(601)
+        self.assertTrue(penalties.refused(ATTACKER), "the address got a new budget after the old window")
+        clock.advance(3000)
+        self.assertFalse(penalties.refused(ATTACKER))
+
+    def test_smaller_tables(self) -> None:
+        """A reload that lowers the table size drops the oldest entries at once."""
+        clock = Clock()
+        penalties = LoginPenalties(clock, PenaltyRules(max_entries=10))
+        for n in range(10):
+            penalties.failed(f"user{n}", f"192.0.2.{n}", b"x" * 16)
+        penalties.rules = replace(penalties.rules, max_entries=4)
+        self.assertEqual(penalties.sizes(), (4, 4, 4))

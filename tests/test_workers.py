@@ -6,7 +6,7 @@ import errno
 import os
 from dataclasses import replace
 
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -105,3 +105,45 @@ class WorkerPoolTests(SynchronousTestCase):
                 pass  # the reactor logs what a timed call raises and goes on
         self.assertEqual(len(pool.pids()), 1)
         pool.stopService()
+
+
+class _AdoptRefusingClock(_SpawningClock):
+    """Spawns as L{_SpawningClock}; C{adopt_refusals} adoptions of a channel fail as dup does at EMFILE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adopt_refusals = 0
+
+    def adoptStreamConnection(self, fileno: int, family: int, factory: Factory) -> None:
+        if self.adopt_refusals:
+            self.adopt_refusals -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        super().adoptStreamConnection(fileno, family, factory)
+
+
+class HalfStartedWorkerTests(SynchronousTestCase):
+    """A worker whose channel could not be adopted is replaced once, not twice."""
+
+    def test_unadopted_worker_replaced_once(self) -> None:
+        """
+        When the channel of a just-spawned worker cannot be adopted, the pool runs its number of
+        workers once that worker has exited (it has no channel) and the restart has run, and
+        every running worker is stopped with the pool.
+        """
+        clock = _AdoptRefusingClock()
+        gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()), LoginPenalties(clock, PenaltyRules()))
+        pool = WorkerPool(clock, SETTINGS, gatekeeper, [], publisher=lambda event: None)  # type: ignore[arg-type]
+        clock.adopt_refusals = 1
+        pool.startService()
+        [unadopted] = clock.spawned
+        unadopted.processEnded(Failure(ProcessDone(0)))  # its end of the channel has no peer
+        for _ in range(5):
+            clock.advance(30)
+        running = [worker for worker in clock.spawned if worker is not unadopted]
+        stopping = pool.stopService()
+        terminated = [worker for worker in running if worker.transport.signals == ["TERM"]]  # type: ignore[union-attr]
+        for worker in running:
+            worker.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopping)
+        self.assertEqual(len(running), 1, f"{len(running)} workers run for workers = 1")
+        self.assertEqual(len(terminated), len(running), "a running worker is not stopped with the pool")
