@@ -205,8 +205,9 @@ def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:
     """
     pending = protocol.clearLineBuffer()
     protocol.setRawMode()
-    if pending:
-        forward(pending)
     protocol.paused = False
     assert protocol.transport is not None
+    # Resumed first: if what was buffered fills the other side, the relay's pause then holds.
     protocol.transport.resumeProducing()  # type: ignore[attr-defined]
+    if pending:
+        forward(pending)

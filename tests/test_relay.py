@@ -9,13 +9,14 @@ import shutil
 import tempfile
 
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.relay import Splice
+from gateway.relay import Splice, hand_over
 from gateway.testing.pki import TestCA
-from gateway.testing.tls_pair import memory_bios, tls_pair
+from gateway.testing.tls_pair import TLSPair, memory_bios, tls_pair
 from gateway.tls import describe_tls
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _APPLICATION_DATA = 23
 _MAX_RECORD_PAYLOAD = 2**14
@@ -164,3 +165,68 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(resumed, [True])
         self.assertIsNone(self.wire.producer)
         self.assertTrue(self.tls.disconnecting)
+
+
+class _LoggedInBackend(LineReceiver):
+    """A backend login dialogue that has succeeded: it stopped reading, and relays once handed over.
+
+    :ivar splice: the relay its raw data goes to, once set.
+    """
+
+    splice: Splice | None = None
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Relay what the backend sent, as the backend leg does after the hand-over."""
+        assert self.splice is not None
+        self.splice.from_backend(data)
+
+
+def _socket_buffer_full(pair: TLSPair) -> None:
+    """
+    Make the client's connection behave as a TCP transport whose send buffer is over its limit:
+    every write asks its streaming producer to pause, as ``FileDescriptor.write`` does.
+    """
+    wire = pair.wire
+    write = wire.write
+
+    def write_into_full_buffer(data: bytes) -> None:
+        write(data)
+        if wire.producer is not None:
+            wire.producer.pauseProducing()
+
+    wire.write = write_into_full_buffer  # type: ignore[method-assign]
+
+
+class HandOverBackpressureTests(SynchronousTestCase):
+    """hand_over keeps the pause that the splice's backpressure puts on the side it hands over."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="test_relay-")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = TestCA(directory)
+        issued = ca.issue()
+        self.pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path)
+        self.assertIsNotNone(describe_tls(self.pair.server), "the in-memory TLS handshake did not complete")
+        self.backend_transport = StringTransport()
+        self.backend = _LoggedInBackend()
+        self.backend.makeConnection(self.backend_transport)
+
+    def test_backend_stays_paused_while_client_buffer_full(self) -> None:
+        """
+        When forwarding what the backend sent before the hand-over fills the client's buffer, the
+        backend's reading stays paused after the hand-over and after the reads that follow.
+        """
+        self.backend.pauseProducing()  # the login succeeded: the backend is not read meanwhile
+        self.backend.dataReceived(b"* 1 EXISTS\r\n")  # arrived in the same read as the login's OK
+        splice = Splice(self.pair.server, self.backend_transport)
+        self.backend.splice = splice
+        _socket_buffer_full(self.pair)  # the client does not read: its buffer stays over the limit
+        hand_over(self.backend, splice.from_backend)
+        self.assertEqual(self.backend_transport.producerState, "paused",
+                         "hand_over resumed the backend's reading that the relay's backpressure had "
+                         "just paused, with the client's buffer still full")
+        splice.from_backend(b"* 2 EXISTS\r\n")  # another read, again into the full buffer
+        self.assertEqual(self.backend_transport.producerState, "paused",
+                         "the backend's reading is no longer paused by the full client buffer")
+        self.pair.pump.flush()
+        self.assertEqual(self.pair.collector.received, b"* 1 EXISTS\r\n* 2 EXISTS\r\n")
