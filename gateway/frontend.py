@@ -48,12 +48,17 @@ from gateway.gatekeeper import Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
 from gateway.relay import Splice, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
-from gateway.sockets import tune
+from gateway.sockets import tune, write_backlog
 from gateway.tls import ServerTLS, describe_tls
 
 log = Logger()
 
 CLOSE_GRACE = 10.0
+
+# Replies waiting to be sent, past which a client that keeps sending commands is cut off: it is
+# not reading them, and answering more would only pile them up here. No mail client's commands
+# before login, or SMTP's, have more than a few KiB of replies in flight.
+MAX_UNREAD_REPLIES = 64 * 1024
 """Seconds a closing connection may take to finish its TLS shutdown before it is aborted."""
 
 
@@ -287,6 +292,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
+        if write_backlog(self.transport) > MAX_UNREAD_REPLIES:
+            log.warn("replies_unread protocol={protocol} client={client}", protocol=self.context.protocol,
+                     client=self.client.host)
+            self.close()
+            return
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > self.context.limits.line_length:

@@ -32,7 +32,7 @@ from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
-__all__ = ["gathered_writes", "stream_connection", "tune", "write_transient"]
+__all__ = ["gathered_writes", "stream_connection", "tune", "write_backlog", "write_transient"]
 
 
 def tune(transport: object) -> None:
@@ -53,6 +53,14 @@ def stream_connection(transport: object) -> tcp.Connection | None:
     while isinstance(layer, ProtocolWrapper):
         layer = layer.transport
     return layer if isinstance(layer, tcp.Connection) else None
+
+
+def write_backlog(transport: object) -> int:
+    """Bytes written to the TCP or UNIX connection under ``transport`` that its socket has not taken yet (0 for others)."""
+    connection = stream_connection(transport)
+    if connection is None:
+        return 0
+    return connection._tempDataLen + len(connection.dataBuffer) - connection.offset
 
 
 class gathered_writes:

@@ -1,29 +1,36 @@
 """
 Transcript tests of the front ends under abuse, on StringTransports with a Clock: password
 guessing (escalating delays, the per-address budget, honest users unaffected), connection and
-session floods, slow clients, HTTP sent to a mail port, and silent relayed sessions.
+session floods, slow clients, HTTP sent to a mail port, and silent relayed sessions. On real
+sockets: a client that sends commands and never reads the replies.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
-from frontend_harness import PASSWORD, FrontEndTestBase, b64
+from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 
-from gateway.config import SubmissionSettings
+from gateway.config import Limits, SubmissionSettings
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
-from gateway.frontend import FrontEndContext, LoginFrontEnd
+from gateway.frontend import MAX_UNREAD_REPLIES, FrontEndContext, FrontEndFactory, LoginFrontEnd
+from gateway.idle import IdleSessions
 from gateway.imap import ImapFrontEnd
-from gateway.penalties import PenaltyRules
+from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.senders import SenderPolicy
 from gateway.submission import SubmissionFrontEnd
-from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
+from gateway.testing.fakes import BACKEND_SETTINGS, MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
 HOME = "192.168.1.1"  # the harness's first client
 ATTACKER = "203.0.113.9"
@@ -459,3 +466,67 @@ class SubmissionAbuseTests(AbuseTestBase):
         """A Host header line closes a submission connection with nothing written."""
         self.assertEqual(self.home.say(b"Host: example.org\r\n"), b"")
         self.assertTrue(self.home.closing)
+
+
+def _flood(port: int, commands: bytes) -> None:
+    """Connect, send C{commands} without reading anything, then close (run in a thread)."""
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connecting: a fixed window
+    client.settimeout(30)
+    try:
+        client.connect(("127.0.0.1", port))
+        client.sendall(commands)
+    except OSError:
+        pass  # reset by the gateway: as good as done
+    finally:
+        client.close()
+
+
+class UnreadRepliesTests(TestCase):
+    """On real sockets: a client that keeps sending commands and reads no reply is cut off."""
+
+    @inlineCallbacks
+    def test_cut_off(self):  # type: ignore[no-untyped-def]
+        """
+        Once more than MAX_UNREAD_REPLIES of replies wait to be sent, the connection is closed
+        and the rest of the commands get no answer: what the gateway writes stays bounded.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        context = FrontEndContext("imap", reactor, Limits(), TLS_OPTIONS, True,  # type: ignore[arg-type]
+                                  MemoryAuthenticator({}), MemoryBackend(),  # type: ignore[arg-type]
+                                  "mail.example.org",
+                                  LocalGatekeeper(ConnectionLimits(ConnectionRules()),
+                                                  LoginPenalties(reactor, PenaltyRules())),
+                                  IdleSessions(reactor))
+        factory = FrontEndFactory(ImapFrontEnd, context)
+        lost: Deferred[None] = Deferred()
+        build = factory.buildProtocol
+
+        def building(addr: object) -> LoginFrontEnd:
+            front = build(addr)
+            connection_lost = front.connectionLost
+
+            def made() -> None:
+                LoginFrontEnd.connectionMade(front)
+                # A fixed send buffer, as the client's receive window is: the kernel holds little.
+                front.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+
+            def gone(reason: Failure) -> None:
+                connection_lost(reason)
+                lost.callback(None)
+
+            front.connectionMade = made  # type: ignore[method-assign]
+            front.connectionLost = gone  # type: ignore[method-assign]
+            return front
+
+        factory.buildProtocol = building  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        commands = b"a NOOP\r\n" * (512 * 1024)  # 4 MiB: 12 MiB of replies if all were answered
+        yield deferToThread(_flood, port.getHost().port, commands)
+        yield lost
+        messages = [formatEvent(event) for event in events]
+        self.assertIn("replies_unread protocol=imap client=127.0.0.1", messages)
+        [disconnect] = [event for event in events if formatEvent(event).startswith("disconnect ")]
+        self.assertLess(disconnect["bytes_out"], 1024 * 1024 + 4 * MAX_UNREAD_REPLIES,
+                        "the replies to a client that reads none were not bounded")

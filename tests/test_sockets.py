@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from gateway.sockets import gathered_writes, stream_connection, tune, write_transient
+from gateway.sockets import gathered_writes, stream_connection, tune, write_backlog, write_transient
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, tls_layer, write_tls_now
 
@@ -236,6 +236,30 @@ class GatherTests(_Connected):
         with gathered_writes(stream_connection(transport)):
             transport.write(b"at once")
             self.assertEqual(transport.value(), b"at once")
+
+
+class BacklogTests(_Connected):
+    """write_backlog tells how much written the socket has not yet taken."""
+
+    @inlineCallbacks
+    def test_backlog(self):  # type: ignore[no-untyped-def]
+        """Nothing after a write the socket took; what it did not take, until the reactor has sent it."""
+        self.transport.write(b"* OK\r\n")
+        self.assertEqual(write_backlog(self.transport), 0)
+        bulk = b"x" * (4 * 1024 * 1024)  # more than loopback socket buffers hold
+        self.transport.write(bulk)
+        self.transport.write(b"END")
+        self.assertGreater(write_backlog(self.transport), 3)
+        received = yield deferToThread(_read, self.peer, 6 + len(bulk) + 3)
+        self.assertEqual(len(received), 6 + len(bulk) + 3)
+        yield _turn()
+        self.assertEqual(write_backlog(self.transport), 0)
+
+    def test_in_memory(self) -> None:
+        """A transport without a socket has no backlog."""
+        transport = StringTransport()
+        transport.write(b"x" * 100_000)
+        self.assertEqual(write_backlog(transport), 0)
 
 
 class TransientWriteTests(_Connected):
