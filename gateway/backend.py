@@ -86,6 +86,8 @@ class BackendLogin(LineReceiver):
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
     :ivar lost: True once the connection is gone.
+    :ivar request: what to log in as; None once relaying, so that the password is not kept for
+        as long as the session lasts.
     """
 
     # One per session, for as long as it lasts: its own attributes in slots (see LoginFrontEnd).
@@ -95,7 +97,7 @@ class BackendLogin(LineReceiver):
 
     def __init__(self, request: LoginRequest, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
-        self.request = request
+        self.request: LoginRequest | None = request
         self.settings = settings
         self.tls = tls
         self.capabilities: tuple[bytes, ...] = ()
@@ -131,6 +133,7 @@ class BackendLogin(LineReceiver):
     def attach(self, splice: Splice) -> None:
         """Relay everything from now on through C{splice}, starting with what is buffered."""
         self._splice = splice
+        self.request = None
         hand_over(self, splice.from_backend)
 
     def rawDataReceived(self, data: bytes) -> None:

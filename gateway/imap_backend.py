@@ -128,6 +128,7 @@ class ImapBackendLogin(BackendLogin):
         if not (self.settings.forward_client_ip and self._has(b"ID")):
             self._login()
             return
+        assert self.request is not None
         client = self.request.client
         fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
                   (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)))
@@ -139,6 +140,7 @@ class ImapBackendLogin(BackendLogin):
         if self._has(b"LOGINDISABLED"):
             self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
             return
+        assert self.request is not None
         user = self.request.user
         if self.request.master_user is not None:
             user = f"{user}*{self.request.master_user}"

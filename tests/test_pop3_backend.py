@@ -384,6 +384,12 @@ class RelayTests(Pop3LoginTestBase):
         self.protocol.dataReceived(b"+OK 2 messages\r\n")
         self.assertEqual(unslotted(self.protocol), set())
 
+    def test_password_not_kept(self) -> None:
+        """Once relaying, the backend session holds the password no longer."""
+        self.say(b"+OK Logged in.\r\n")
+        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.assertIsNone(self.protocol.request)
+
     def test_backend_lost_closes_client(self) -> None:
         """The backend going away after attach closes the client connection."""
         self.say(b"+OK Logged in.\r\n")
