@@ -54,12 +54,14 @@ from gateway.tls import ServerTLS, describe_tls
 log = Logger()
 
 CLOSE_GRACE = 10.0
-
-# Replies waiting to be sent, past which a client that keeps sending commands is cut off: it is
-# not reading them, and answering more would only pile them up here. No mail client's commands
-# before login, or SMTP's, have more than a few KiB of replies in flight.
-MAX_UNREAD_REPLIES = 64 * 1024
 """Seconds a closing connection may take to finish its TLS shutdown before it is aborted."""
+
+MAX_UNREAD_REPLIES = 64 * 1024
+"""
+Bytes of replies waiting to be sent past which a client that keeps sending commands is cut off:
+it is not reading them, and answering more would only pile them up here. No mail client's
+commands before login, or SMTP's, have more than a few KiB of replies in flight.
+"""
 
 
 @dataclass(frozen=True)
