@@ -36,6 +36,7 @@ from gateway.config import (
     load_settings,
 )
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
+from gateway.descriptors import descriptors_needed, raise_descriptor_limit
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.gatekeeper import Gatekeeper, LocalGatekeeper
 from gateway.idle import IdleSessions
@@ -231,6 +232,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     :param reactor: the running reactor (twistd's); every part gets it injected.
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
+    provide_descriptors(settings)  # before the workers start: they inherit the limit
     top = MultiService()
     gatekeeper = LocalGatekeeper(ConnectionLimits(connection_rules(settings)),
                                  LoginPenalties(reactor, penalty_rules(settings)))  # type: ignore[arg-type]
@@ -243,6 +245,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
                               config_path=settings.path).setServiceParent(top)
     reloader = Reloader(reactor, settings, metrics)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
+    reloader.follow(provide_descriptors)
     reloader.follow(partial(_new_rules, gatekeeper))
     if settings.workers == 1:
         _build_mail(settings, reactor, gatekeeper, reloader, top)
@@ -274,11 +277,26 @@ def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gateke
 
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
+    provide_descriptors(settings)
     top = MultiService()
     reloader = Reloader(reactor, settings)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
+    reloader.follow(provide_descriptors)
     _build_mail(settings, reactor, gatekeeper, reloader, top, inherited)
     return top
+
+
+def provide_descriptors(settings: Settings) -> None:
+    """
+    Raise the limit on open descriptors to what C{max_connections} needs; if the hard limit is
+    lower, say so, since connections past it would fail.
+    """
+    needed = descriptors_needed(settings.limits.max_connections)
+    limit = raise_descriptor_limit(needed)
+    if limit < needed:
+        log.warn("descriptor_limit limit={limit} needed={needed} max_connections={max_connections}: "
+                 "raise LimitNOFILE (systemd) or ulimit -n, or lower max_connections",
+                 limit=limit, needed=needed, max_connections=settings.limits.max_connections)
 
 
 def _new_rules(gatekeeper: LocalGatekeeper, settings: Settings) -> None:

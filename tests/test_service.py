@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -200,6 +201,19 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(top, HashingPool)), 1)
         self.assertEqual(len(children(top, Reloader)), 1)
         self.assertEqual(len(list(top)), 6 + 2 + 1 + 1)
+
+    def test_descriptor_limit_short(self) -> None:
+        """
+        Start-up raises the limit on open descriptors, and says so when the hard limit (or the
+        kernel's ceiling) is below what max_connections needs.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, limits)
+        self.build(self_signed=True, limits="max_connections = 1000000")
+        self.assertIn(f"descriptor_limit limit={resource.getrlimit(resource.RLIMIT_NOFILE)[0]} needed=2000128 "
+                      "max_connections=1000000: raise LimitNOFILE (systemd) or ulimit -n, or lower max_connections",
+                      messages(logged))
 
     def test_self_signed_certificate_in_state_dir(self) -> None:
         """With self_signed, the certificate and key are created in the state directory."""
