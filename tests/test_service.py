@@ -341,6 +341,15 @@ class ReloadTests(ReloaderTestCase):
         self.assertEqual(len({id(front.context.gatekeeper) for front in self.fronts}), 1)
         self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
 
+    def test_descriptor_limit_follows(self) -> None:
+        """A reload that raises max_connections raises the limit on open descriptors too, or says it cannot."""
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, limits)
+        self.files.write(limits="max_connections = 1000000")
+        self.reloader.reload()
+        self.assertTrue(any(message.startswith("descriptor_limit ") and "needed=2000128 " in message
+                            for message in messages(self.logged)))
+
     def test_renewed_certificate(self) -> None:
         """A renewed certificate at the configured paths is served after a reload, not before."""
         before = serial_of(self.files.chain)
