@@ -1,7 +1,8 @@
 """
 Every way a relay ends, over real loopback sockets: the backend lost, the client lost, and the
 relay closed (its idle timeout); for a client on implicit TLS or STARTTLS and a backend in clear,
-on implicit TLS or on STARTTLS. Each connection must then close at both ends.
+on implicit TLS or on STARTTLS. The gateway's legs are tuned as the gateway tunes them. Each
+connection must then close at both ends.
 
 Twisted closes a TLS connection only once no producer is registered on it, and a TCP transport
 whose producer is paused resumes it when its buffer drains instead of closing. So the side whose
@@ -26,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from gateway.relay import Splice
+from gateway.sockets import tune
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, client_tls
 
@@ -38,13 +40,20 @@ _CLOSE_WITHIN = 10.0
 class _Side(Protocol):
     """A connection in the test: a gateway leg feeding the splice, or a peer (client, backend)."""
 
-    def __init__(self, start_tls: Any = None) -> None:
-        """:param start_tls: the TLS to start at once on connecting (STARTTLS), if any."""
+    def __init__(self, start_tls: Any = None, leg: bool = False) -> None:
+        """
+        :param start_tls: the TLS to start at once on connecting (STARTTLS), if any.
+        :param leg: a gateway leg, whose connection is tuned as the gateway tunes its own (writes
+            sent at once, the records of a bulk write sent from where they lie).
+        """
         self.start_tls = start_tls
+        self.leg = leg
         self.splice_side: tuple[Any, Any] | None = None  # (what it reads goes to, what its loss calls)
         self.gone: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
+        if self.leg:
+            tune(self.transport)
         if self.start_tls is not None:
             self.transport.startTLS(self.start_tls)  # type: ignore[union-attr]
 
@@ -80,7 +89,8 @@ class _RelayClosingMixin:
 
         def side(sides: dict[str, _Side], name: str, tls: Any, mode: str) -> Any:
             """A factory of the side C{name}, which starts TLS at once under STARTTLS."""
-            return Factory.forProtocol(lambda: sides.setdefault(name, _Side(tls if mode == "starttls" else None)))
+            leg = sides is legs
+            return Factory.forProtocol(lambda: sides.setdefault(name, _Side(tls if mode == "starttls" else None, leg)))
 
         def listen(sides: dict[str, _Side], name: str, mode: str) -> Deferred[Any]:
             factory = side(sides, name, self.server_tls, mode)
