@@ -79,10 +79,10 @@ class ConnectionLimits:
     def release(self, host: str) -> None:
         """An admitted connection has ended."""
         self.connections -= 1
-        _take(self._by_host, host)
+        take_one(self._by_host, host)
         key = self._key(host)
         if key is not None:
-            _take(self._by_address, key)
+            take_one(self._by_address, key)
 
     def open_session(self, user: str) -> bool:
         """Count a logged-in session; False (and nothing counted) when the user has too many."""
@@ -97,7 +97,7 @@ class ConnectionLimits:
 
     def close_session(self, user: str) -> None:
         """A session counted by L{open_session} has ended."""
-        _take(self._by_user, user)
+        take_one(self._by_user, user)
 
     def _key(self, host: str) -> str | None:
         """What the per-address limit counts a host under; None for a trusted one."""
@@ -106,8 +106,12 @@ class ConnectionLimits:
         return client_key(host, self._rules.ipv6_prefix)
 
 
-def _take(counts: Counter[str], key: str) -> None:
-    """One fewer under C{key}; keys at zero are dropped."""
-    counts[key] -= 1
+def take_one(counts: Counter[str], key: str) -> bool:
+    """Take one from C{counts[key]}, dropping keys at zero; False when there was none to take."""
     if counts[key] <= 0:
+        counts.pop(key, None)
+        return False
+    counts[key] -= 1
+    if not counts[key]:
         del counts[key]
+    return True

@@ -25,6 +25,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from gateway.connection_limits import take_one
 from gateway.gatekeeper import LocalGatekeeper, LoginCheck
 from gateway.penalties import password_fingerprint
 
@@ -106,7 +107,7 @@ class SupervisorChannel(_Channel):
         return refused
 
     def _release(self, host: str) -> None:
-        if _take(self._connections, host):
+        if take_one(self._connections, host):
             self._gatekeeper.release(host)
 
     def _check_login(self, user: str, host: str) -> list[bool]:
@@ -120,7 +121,7 @@ class SupervisorChannel(_Channel):
         return opened
 
     def _close_session(self, user: str) -> None:
-        if _take(self._sessions, user):
+        if take_one(self._sessions, user):
             self._gatekeeper.close_session(user)
 
     def _failed(self, user: str, host: str, fingerprint: str) -> float:
@@ -145,17 +146,6 @@ class SupervisorChannel(_Channel):
                 self._gatekeeper.close_session(user)
         self._connections.clear()
         self._sessions.clear()
-
-
-def _take(counts: Counter[str], key: str) -> bool:
-    """Take one from C{counts[key]}; False when there was none (nothing to release)."""
-    if counts[key] <= 0:
-        counts.pop(key, None)
-        return False
-    counts[key] -= 1
-    if not counts[key]:
-        del counts[key]
-    return True
 
 
 def loggable(event: LogEvent) -> dict[str, Any]:
