@@ -1,9 +1,11 @@
-"""The protocol-neutral backend connector: endpoints, timeout, cancellation, failures, probing."""
+"""The protocol-neutral backend connector: addresses, TLS, timeout, cancellation, failures, probing."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 
 from twisted.internet.address import IPv4Address
@@ -13,6 +15,8 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IAddress, IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -30,6 +34,8 @@ from gateway.config import BackendSettings
 from gateway.imap_backend import ImapBackendLogin
 from gateway.pop3_backend import Pop3BackendLogin
 from gateway.testing.fakes import BACKEND_SETTINGS
+from gateway.testing.pki import TestCA
+from gateway.tls import ServerTLS, describe_tls
 
 CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993)
 REQUEST = LoginRequest("alice", b"secret", CLIENT)
@@ -121,6 +127,17 @@ class EndpointTests(ConnectorTestBase):
         self.assertEqual(self.reactor.tcpClients[0][3], 2.5)
         self.assertEqual(self.resolver.names, [])
         self.refuse(attempt)
+
+    def test_address_without_wrappers(self) -> None:
+        """
+        The reactor connects an address with the login dialogue itself as the protocol, with no
+        endpoint's wrapper in between to stay for the whole session.
+        """
+        attempt = self.connector().login(REQUEST)
+        wire, _ = self.accept()
+        self.assertIs(wire, self.dialogues[0])
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 OK [CAPABILITY IMAP4rev1] in\r\n")
+        self.assertIs(self.successResultOf(attempt), wire)
 
     def test_ipv6_literal(self) -> None:
         """An IPv6 address is connected to directly, without the resolver."""
@@ -339,3 +356,54 @@ class RealReactorTests(TestCase):
         with self.assertRaises(BackendUnavailable) as caught:
             await attempt
         self.assertIn("cannot connect", str(caught.exception))
+
+    async def tls_backend(self, server_name: str) -> tuple[Deferred[BackendLogin], Deferred[None]]:
+        """
+        A login through a connector on implicit TLS, to a scripted IMAP server on loopback whose
+        certificate, for C{localhost}, comes from the connector's one trusted CA.
+
+        :returns: the login attempt, and the server connection's loss.
+        """
+        from twisted.internet import reactor
+
+        directory = tempfile.mkdtemp(prefix="test_backend-")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = TestCA(directory)
+        issued = ca.issue()
+        gone: Deferred[None] = Deferred()
+
+        class ScriptedImap(LineReceiver):
+            def connectionMade(self) -> None:
+                self.sendLine(b"* OK [CAPABILITY IMAP4rev1] ready")
+
+            def lineReceived(self, line: bytes) -> None:
+                if line == b"gw1 LOGIN alice secret":
+                    self.sendLine(b"gw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+
+            def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+                gone.callback(None)
+
+        factory = TLSMemoryBIOFactory(ServerTLS(issued.chain_path, issued.key_path, b"imap"), False,
+                                     Factory.forProtocol(ScriptedImap))
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        settings = dataclasses.replace(SETTINGS, port=listening.getHost().port, tls="implicit", ca_file=ca.ca_path,
+                                       server_name=server_name)
+        connector = BackendConnector(reactor, settings, ImapBackendLogin)  # type: ignore[arg-type]
+        return connector.login(REQUEST), gone
+
+    async def test_implicit_tls(self) -> None:
+        """On implicit TLS the login runs over a verified TLS connection."""
+        attempt, gone = await self.tls_backend("localhost")
+        session = await attempt
+        self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
+        self.assertIsNotNone(describe_tls(session.transport))
+        session.transport.abortConnection()  # type: ignore[union-attr]
+        await gone
+
+    async def test_implicit_tls_wrong_name(self) -> None:
+        """A backend certificate that does not name the configured server is BackendUnavailable."""
+        attempt, gone = await self.tls_backend("store.example")
+        with self.assertRaises(BackendUnavailable):
+            await attempt
+        await gone
