@@ -22,6 +22,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from gateway import protocol_slots
 from gateway.config import BackendSettings
 from gateway.relay import Splice, hand_over
 from gateway.sockets import tune
@@ -91,13 +92,15 @@ class BackendLogin(LineReceiver):
         as long as the session lasts.
     """
 
-    # One per session, for as long as it lasts: its own attributes in slots (see LoginFrontEnd).
-    __slots__ = ("request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost")
+    # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
+    __slots__ = (*protocol_slots.LINE_RECEIVER,
+                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost")
 
     MAX_LENGTH = 65536
 
     def __init__(self, request: LoginRequest, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
+        protocol_slots.set_defaults(self, protocol_slots.LINE_RECEIVER)
         self.request: LoginRequest | None = request
         self.settings = settings
         self.tls = tls

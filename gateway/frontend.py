@@ -32,6 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import protocol_slots
 from gateway.addresses import address_host
 from gateway.auth import IAuthenticator
 from gateway.backend import (
@@ -149,9 +150,10 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     and L{log_in}.
     """
 
-    # One per connection, for as long as it lasts: its own attributes in slots, not a dict (about 1 KiB less
-    # per session). The attributes of Twisted's classes, which have no slots, stay in a dict.
+    # One per connection, for as long as it lasts: its attributes in slots, not a dict (about 1 KiB less
+    # per session), and Twisted's too (see gateway.protocol_slots).
     __slots__ = (
+        *protocol_slots.LINE_RECEIVER, *protocol_slots.TIMEOUT_MIXIN,
         "context", "clock", "callLater", "MAX_LENGTH", "secure", "user", "login_failures", "_errors",
         "_phase", "_deadline", "_pending", "_session", "_closing", "_admitted", "_lost",
         "_backend_started", "_session_user", "_sasl", "backend_refusal", "_splice", "idle_deadline",
@@ -162,6 +164,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
 
     def __init__(self, context: FrontEndContext) -> None:
+        protocol_slots.set_defaults(self, protocol_slots.LINE_RECEIVER + protocol_slots.TIMEOUT_MIXIN)
         self.context = context
         self.clock = context.clock
         self.callLater = context.clock.callLater  # TimeoutMixin's timer source
@@ -255,7 +258,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         if self._pending is not None:
-            self._pending.cancel()  # a no-op once the login has finished
+            self._pending.cancel()  # a login still running
         self.context.idle.forget(self)
         if self._session_user is not None:
             self.context.gatekeeper.close_session(self._session_user)
@@ -480,14 +483,15 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         started = self.clock.seconds()
         checking = self.context.gatekeeper.check_login(user_key(user), self.client.host)
+        self._pending = checking  # first: the callbacks below may all run at once, and clear it
         checking.addCallback(self._verify, user, password, authzid)
         checking.addCallback(self._logged_in, user)
         checking.addErrback(self._not_logged_in, user, password, started)
         checking.addCallback(self._login_finished)
         checking.addErrback(self._login_broken)
-        self._pending = checking
 
     def _login_finished(self, outcome: LoginOutcome) -> None:
+        self._pending = None  # nothing left to cancel; not kept for the rest of a session
         if self.closed:
             return
         self.setTimeout(self.context.limits.idle_timeout)
@@ -502,6 +506,7 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self.resumeProducing()
 
     def _login_broken(self, failure: Failure) -> None:
+        self._pending = None
         if failure.check(CancelledError):
             return  # the client went away; connectionLost has cleaned up
         log.failure("login handling failed protocol={protocol} client={client}", failure,

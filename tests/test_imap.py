@@ -5,6 +5,7 @@ from __future__ import annotations
 from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64, unslotted
 from twisted.internet.error import ConnectionDone
 
+import gc
 from dataclasses import replace
 
 from twisted.internet.defer import Deferred
@@ -135,10 +136,14 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.say(b'a ID ("name")\r\n'), b"a BAD Invalid ID parameters.\r\n")
 
     def test_attributes_in_slots(self) -> None:
-        """A relaying session's front end keeps its own attributes in slots: its dict holds only Twisted's."""
+        """
+        A relaying session's front end keeps its attributes and Twisted's in slots: it has no
+        dict. Nor does it keep the login's spent Deferred.
+        """
         self.log_in()
         self.front.dataReceived(b"a2 SELECT INBOX\r\n")
         self.assertEqual(unslotted(self.front), set())
+        self.assertEqual([each for each in gc.get_referents(self.front) if isinstance(each, Deferred)], [])
 
     def test_login_relays(self) -> None:
         """
