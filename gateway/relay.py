@@ -19,6 +19,7 @@ read gives them back (as soon as they hold nothing); the handshake and the login
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -70,6 +71,8 @@ class Splice:
         # A transport takes one producer: the relay owns both registrations from here on.
         client.registerProducer(_Reading(backend, self._to_client), True)  # type: ignore[attr-defined]
         backend.registerProducer(_Reading(client, self._to_backend), True)  # type: ignore[attr-defined]
+        self._to_client.compact()
+        self._to_backend.compact()
 
     def from_client(self, data: bytes) -> None:
         """Relay bytes the client sent."""
@@ -195,6 +198,25 @@ class _Outlet:
     def release_buffers(self) -> bool:
         """Give back the memory the TLS layer's buffers grew to; False if they still hold records."""
         return self._tls is None or release_tls_buffers(self._tls)
+
+    def compact(self) -> None:
+        """
+        Rebuild the attribute dicts of Twisted's TLS protocol and TCP connection under the
+        transport, once relaying has given them their attributes.
+
+        Instances of a class share one table of attribute names only while each adds its
+        attributes in the same order. Twisted's transports do not (a write was buffered once or
+        not, a producer was registered sooner or later), and Python then gives each a dict of
+        its own, sized for three times what it holds: about 0.8 KiB for their 12 to 16
+        attributes. Rebuilt at their present size, they take about half as much, for as long as
+        the session lasts. A dict still shared is smaller than that, and is kept.
+        """
+        for layer in (self._tls, self._connection):
+            if layer is not None:
+                attributes = vars(layer)
+                rebuilt = {name: value for name, value in attributes.items()}
+                if sys.getsizeof(rebuilt) < sys.getsizeof(attributes):
+                    layer.__dict__ = rebuilt
 
 
 def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:

@@ -6,6 +6,7 @@ still leaves in full-sized TLS records.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 
 from twisted.internet.testing import StringTransport
@@ -165,6 +166,43 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(resumed, [True])
         self.assertIsNone(self.wire.producer)
         self.assertTrue(self.tls.disconnecting)
+
+
+class AttributeDictTests(SynchronousTestCase):
+    """
+    The attribute dicts of Twisted's objects under a relayed transport: rebuilt at their present
+    size when Python gave them a larger dict of their own, left as they are when shared.
+    """
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="test_relay-")
+        self.addCleanup(shutil.rmtree, directory)
+        ca = TestCA(directory)
+        issued = ca.issue()
+        self.tls = tls_pair(issued.chain_path, issued.key_path, ca.ca_path).server
+
+    def test_unshared_dict_rebuilt(self) -> None:
+        """A dict of its own, larger than its attributes need, is rebuilt at their size, with the same attributes."""
+        attributes = {f"_grown{number}": None for number in range(40)} | vars(self.tls)
+        for number in range(40):
+            del attributes[f"_grown{number}"]
+        self.tls.__dict__ = attributes  # as a transport's own history of attributes leaves it
+        before = dict(attributes)
+        compact = sys.getsizeof({name: value for name, value in attributes.items()})
+        self.assertGreater(sys.getsizeof(attributes), compact)
+        Splice(self.tls, StringTransport())
+        self.assertLessEqual(sys.getsizeof(vars(self.tls)), compact)
+        self.assertEqual({name: vars(self.tls)[name] for name in before}, before)
+
+    def test_shared_dict_kept(self) -> None:
+        """A dict that still shares its keys with the class is smaller than any rebuilt one: it is kept."""
+        attributes = vars(self.tls)
+        size = sys.getsizeof(attributes)
+        self.assertLess(size, sys.getsizeof({name: value for name, value in attributes.items()}),
+                        "the dict does not share its keys: nothing to test")
+        Splice(self.tls, StringTransport())
+        self.assertIs(vars(self.tls), attributes)
+        self.assertLessEqual(sys.getsizeof(vars(self.tls)), size + 64)  # the relay's own attributes may be added
 
 
 class _LoggedInBackend(LineReceiver):
