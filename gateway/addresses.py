@@ -9,6 +9,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Each connection's address is looked at about ten times (limits, penalties, trusted networks);
 # parsing it each time was about 1.5% of a login. The caches hold the most recent clients only.
+# A cached spelling is also one string for all of a client's sessions, rather than one each.
 _CACHED = 4096
 
 
@@ -21,6 +22,7 @@ def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=_CACHED)
 def plain_address(host: str) -> str:
     """
     One spelling per client, so logs, fail2ban, limits and the backend agree: an IPv4 client on

@@ -20,6 +20,11 @@ class AddressTests(SynchronousTestCase):
         for host in ("192.0.2.7", "2001:db8::1", "::1", "/run/gw.sock"):
             self.assertEqual(plain_address(host), host)
 
+    def test_one_string_per_client(self) -> None:
+        """A client's sessions share one string for its address rather than keeping one each."""
+        first, second = plain_address("::ffff:192.0.2.8"), plain_address("::ffff:192.0.2.8")
+        self.assertIs(first, second)
+
 
 class UserTests(SynchronousTestCase):
     """User names in log lines."""
