@@ -193,11 +193,11 @@ class _Outlet:
 
     def tls_ended(self) -> bool:
         """Whether the peer has ended TLS (there is TLS, and it has ended): nothing written reaches it."""
-        return self._tls is not None and tls_ended(self._tls)
+        return tls_ended(self._tls)
 
     def release_buffers(self) -> bool:
         """Give back the memory the TLS layer's buffers grew to; False if they still hold records."""
-        return self._tls is None or release_tls_buffers(self._tls)
+        return release_tls_buffers(self._tls)
 
     def compact(self) -> None:
         """

@@ -398,9 +398,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _release_tls_buffers(self) -> None:
         """Give back what the client's and the MTA's TLS layers grew to (best effort: not while records wait)."""
         for transport in (self.transport, None if self._backend is None else self._backend.transport):
-            tls = tls_layer(transport)
-            if tls is not None:
-                release_tls_buffers(tls)
+            release_tls_buffers(tls_layer(transport))
 
     # -- talking to the MTA, one command at a time
 

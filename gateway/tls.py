@@ -445,7 +445,7 @@ def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:
     return None
 
 
-def tls_ended(tls: TLSMemoryBIOProtocol) -> bool:
+def tls_ended(tls: TLSMemoryBIOProtocol | None) -> bool:
     """Whether a TLS connection has ended: the peer sent close_notify, or it failed.
 
     Twisted's TLS layer then drops whatever is written and closes its TCP
@@ -454,9 +454,10 @@ def tls_ended(tls: TLSMemoryBIOProtocol) -> bool:
     end for nothing, and the connection would linger. A producer checks this
     when it is resumed and unregisters instead, which lets the connection close.
 
-    :param tls: the TLS protocol, as :func:`tls_layer` found it.
+    :param tls: the TLS protocol, as :func:`tls_layer` found it; None (a
+        connection in clear) has not ended TLS.
     """
-    return tls._lostTLSConnection
+    return tls is not None and tls._lostTLSConnection
 
 
 def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
@@ -536,7 +537,7 @@ class _RecordBuffer:
 _records = _RecordBuffer()
 
 
-def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> bool:
+def release_tls_buffers(tls: TLSMemoryBIOProtocol | None) -> bool:
     """Give back the memory that the TLS protocol's two memory BIOs have grown to.
 
     Twisted's TLS protocol passes records to and from OpenSSL through memory
@@ -552,13 +553,14 @@ def release_tls_buffers(tls: TLSMemoryBIOProtocol) -> bool:
     nothing is lost. pyOpenSSL has no way to do this: this reaches its private
     BIO handles, and ``tests/test_tls.py`` fails if they change.
 
-    :param tls: the TLS protocol, as :func:`tls_layer` found it.
+    :param tls: the TLS protocol, as :func:`tls_layer` found it, or None for a
+        connection in clear.
     :returns: False when the BIOs still hold records (or none could be
         allocated): the caller tries again later. True when they were replaced,
-        and when there is nothing to give back: a handshake not yet done, a
-        connection closing (its BIOs go with it), a connection without memory BIOs.
+        and when there is nothing to give back: no TLS, a handshake not yet done,
+        a connection closing (its BIOs go with it), a connection without memory BIOs.
     """
-    if not tls._handshakeDone or tls._lostTLSConnection or tls.disconnecting:
+    if tls is None or not tls._handshakeDone or tls._lostTLSConnection or tls.disconnecting:
         return True
     connection = tls._tlsConnection
     into, out = connection._into_ssl, connection._from_ssl

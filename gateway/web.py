@@ -238,8 +238,7 @@ class _WebChannel(HTTPChannel):
 
     def resumeProducing(self) -> None:
         """Resume the response being written, unless the client has ended TLS meanwhile."""
-        tls = tls_layer(self.transport)
-        if tls is not None and tls_ended(tls):
+        if tls_ended(tls_layer(self.transport)):
             # The response would be read from the webmail to its end and dropped, and the
             # connection stay open: unregistered, the channel lets it close, and the request
             # learns that its client is gone.

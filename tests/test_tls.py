@@ -54,6 +54,7 @@ from gateway.tls import (
     describe_tls,
     ensure_self_signed,
     release_tls_buffers,
+    tls_ended,
     tls_layer,
     write_tls_now,
 )
@@ -715,6 +716,16 @@ class WriteTLSNowTests(SynchronousTestCase):
         write_tls_now(self.server, b"late\r\n")
         self.pump.flush()
         self.assertNotIn(b"late", self.collector.received)
+
+
+class ClearConnectionTests(SynchronousTestCase):
+    """What tls_layer finds for a connection in clear (None) goes straight to the functions that act on it."""
+
+    def test_none(self) -> None:
+        """A connection in clear has not ended TLS, and has no TLS buffers to give back."""
+        self.assertIsNone(tls_layer(StringTransport()))
+        self.assertFalse(tls_ended(None))
+        self.assertTrue(release_tls_buffers(None))
 
 
 class ReleaseTLSBuffersTests(SynchronousTestCase):
