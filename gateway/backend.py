@@ -84,7 +84,8 @@ class BackendLogin(LineReceiver):
     success the protocol holds still until L{attach} splices it to the client.
 
     :ivar result: fires with this protocol once logged in, or fails with L{BackendUnavailable}
-        or L{BackendRejected}.
+        or L{BackendRejected}; None once relaying, spent (with its canceller, about 0.3 KB that
+        the session would otherwise keep).
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
     :ivar lost: True once the connection is gone.
@@ -106,7 +107,7 @@ class BackendLogin(LineReceiver):
         self.tls = tls
         self.capabilities: tuple[bytes, ...] = ()
         self.announced: tuple[bytes, ...] | None = None
-        self.result: Deferred[BackendLogin] = Deferred(lambda d: self._abort())
+        self.result: Deferred[BackendLogin] | None = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
         self.lost = False
 
@@ -122,15 +123,20 @@ class BackendLogin(LineReceiver):
         self.clearLineBuffer()
         self.transport.startTLS(self.tls)  # type: ignore[union-attr]
 
+    @property
+    def login_over(self) -> bool:
+        """Whether the login has succeeded or failed: what the backend says next is not the dialogue's."""
+        return self.result is None or self.result.called
+
     def succeed(self) -> None:
         """Logged in: stop reading until the client is attached."""
         self.pauseProducing()
-        if not self.result.called:
+        if self.result is not None and not self.result.called:
             self.result.callback(self)
 
     def fail(self, reason: Exception) -> None:
         """The login cannot go on: report why and drop the connection."""
-        if not self.result.called:
+        if self.result is not None and not self.result.called:
             self.result.errback(reason)
         self._abort()
 
@@ -138,6 +144,7 @@ class BackendLogin(LineReceiver):
         """Relay everything from now on through C{splice}, starting with what is buffered."""
         self._splice = splice
         self.request = None
+        self.result = None
         hand_over(self, splice.from_backend)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -220,14 +227,17 @@ class BackendConnector:
             factory = TLSMemoryBIOFactory(self._tls, True, factory)
         stop_connecting = self._connect(factory, protocol)
 
+        result = protocol.result
+        assert result is not None
+
         def cancel(_: Deferred[BackendLogin]) -> None:
             connecting = protocol.transport is None
-            protocol.result.cancel()  # fails it with CancelledError, and aborts a connection made
+            result.cancel()  # fails it with CancelledError, and aborts a connection made
             if connecting:
                 stop_connecting()
 
         done: Deferred[BackendLogin] = Deferred(cancel)
-        protocol.result.chainDeferred(done)
+        result.chainDeferred(done)
         done.addBoth(self._learn, protocol)
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]

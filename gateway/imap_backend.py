@@ -38,7 +38,7 @@ class ImapBackendLogin(BackendLogin):
         self._login_chunks: list[bytes] = []
 
     def lineReceived(self, line: bytes) -> None:
-        if self.result.called:
+        if self.login_over:
             return
         try:
             response = parse_response_line(line.rstrip(b"\r"))
@@ -63,7 +63,7 @@ class ImapBackendLogin(BackendLogin):
             self._capabilities_from(response.code.args)
         elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
             self._capabilities_from(response.text[11:])
-        if not self._greeted_yet and response.status is not None and not self.result.called:
+        if not self._greeted_yet and response.status is not None and not self.login_over:
             self._greeted_yet = True
             self._greeted(response)
 
@@ -77,7 +77,7 @@ class ImapBackendLogin(BackendLogin):
         return capability.upper() in (c.upper() for c in self._known_capabilities or ())
 
     def _send(self, command: bytes, handler: _Handler) -> None:
-        if self.result.called:
+        if self.login_over:
             return  # the login has already failed
         self._tag_number += 1
         tag = b"gw%d" % self._tag_number

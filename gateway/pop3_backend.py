@@ -37,7 +37,7 @@ class Pop3BackendLogin(BackendLogin):
         self._capa: list[bytes] | None = None  # collecting a multi-line CAPA answer
 
     def lineReceived(self, line: bytes) -> None:
-        if self.result.called:
+        if self.login_over:
             return
         line = line.rstrip(b"\r")
         if self._capa is not None:
@@ -108,6 +108,7 @@ class Pop3BackendLogin(BackendLogin):
 
     def _identify(self) -> None:
         if self.request is None:
+            assert self.result is not None  # relaying is not a probe's
             self.result.callback(self)  # a capability probe: nothing more to learn
             assert self.transport is not None
             self.transport.write(b"QUIT\r\n")

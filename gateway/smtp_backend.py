@@ -124,6 +124,7 @@ class SmtpBackend(BackendLogin):
             yield self._ehlo()
         if self.request is None:
             # A capability probe: nothing more to learn.
+            assert self.result is not None  # relaying is not a probe's
             self.result.callback(self)
             self.command(b"QUIT").addErrback(lambda f: None)
             assert self.transport is not None

@@ -92,7 +92,7 @@ class ImplicitTLSTests(Pop3TestBase):
         self.assertEqual(self.read(), b"+OK 2 320\r\n")
 
     def test_attributes_in_slots(self) -> None:
-        """A relaying session's front end keeps its own attributes in slots: its dict holds only Twisted's."""
+        """A relaying session's front end keeps its attributes and Twisted's in slots: it has no dict."""
         self.say(b"USER alice\r\nPASS " + PASSWORD + b"\r\nSTAT\r\n")
         self.backend.sessions[0].dataReceived(b"+OK 2 320\r\n")
         self.assertEqual(unslotted(self.front), set())

@@ -378,7 +378,7 @@ class RelayTests(Pop3LoginTestBase):
         self.assertEqual(self.transport.value(), b"")
 
     def test_attributes_in_slots(self) -> None:
-        """A relaying backend session keeps its own attributes in slots: its dict holds only Twisted's."""
+        """A relaying backend session keeps its attributes and Twisted's in slots: it has no dict."""
         self.say(b"+OK Logged in.\r\n")
         self.logged_in().attach(Splice(StringTransport(), self.transport))
         self.protocol.dataReceived(b"+OK 2 messages\r\n")

@@ -220,8 +220,8 @@ class TransactionTests(SubmissionTestBase):
 
     def test_attributes_in_slots(self) -> None:
         """
-        After a message, the front end and its MTA session keep their own attributes in slots:
-        their dicts hold only Twisted's.
+        After a message, the front end and its MTA session keep their attributes and Twisted's in
+        slots: they have no dict.
         """
         self.start_data()
         self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
