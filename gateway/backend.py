@@ -267,7 +267,12 @@ class BackendConnector:
             attempt = HostnameEndpoint(self._reactor, host, port, timeout=timeout).connect(factory)
             attempt.addErrback(lambda failure: protocol.fail(failure.value))
             return attempt.cancel
-        return self._reactor.connectTCP(host, port, factory, timeout=timeout).stopConnecting
+        try:
+            connector = self._reactor.connectTCP(host, port, factory, timeout=timeout)
+        except Exception as error:  # an IPv6 scope the system cannot resolve fails at once, in connectTCP
+            protocol.fail(error)
+            return lambda: None
+        return connector.stopConnecting
 
     def _unavailable(self, failure: Failure) -> Failure:
         if failure.check(BackendRejected, BackendRefused, BackendUnavailable, CancelledError):

@@ -506,7 +506,6 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
             self.resumeProducing()
 
     def _login_broken(self, failure: Failure) -> None:
-        self._pending = None
         if failure.check(CancelledError):
             return  # the client went away; connectionLost has cleaned up
         log.failure("login handling failed protocol={protocol} client={client}", failure,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import socket
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IAddress, IHostnameResolver, IHostResolution, IResolutionReceiver
+from twisted.internet.interfaces import IAddress, IConnector, IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
@@ -145,6 +146,21 @@ class EndpointTests(ConnectorTestBase):
         self.assertEqual(self.reactor.tcpClients[0][:2], ("::1", 143))
         self.assertEqual(self.resolver.names, [])
         self.refuse(attempt)
+
+    def test_address_refused_at_once(self) -> None:
+        """
+        An address the reactor refuses on the spot (an IPv6 scope naming no interface) is
+        BackendUnavailable from the Deferred, not an exception out of login.
+        """
+
+        class RefusingReactor(MemoryReactorClock):
+            def connectTCP(self, *args: object, **kwargs: object) -> IConnector:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        connector = BackendConnector(RefusingReactor(), dataclasses.replace(SETTINGS, host="fe80::1%nosuchif0"),
+                                     ImapBackendLogin)  # type: ignore[arg-type]
+        failure = self.failureResultOf(connector.login(REQUEST), BackendUnavailable)
+        self.assertIn("Name or service not known", failure.getErrorMessage())
 
     def test_host_name(self) -> None:
         """A host name goes through the reactor's resolver and the resolved address is connected to."""
