@@ -157,10 +157,12 @@ class EndpointTests(ConnectorTestBase):
             def connectTCP(self, *args: object, **kwargs: object) -> IConnector:
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-        connector = BackendConnector(RefusingReactor(), dataclasses.replace(SETTINGS, host="fe80::1%nosuchif0"),
+        reactor = RefusingReactor()
+        connector = BackendConnector(reactor, dataclasses.replace(SETTINGS, host="fe80::1%nosuchif0"),
                                      ImapBackendLogin)  # type: ignore[arg-type]
         failure = self.failureResultOf(connector.login(REQUEST), BackendUnavailable)
         self.assertIn("Name or service not known", failure.getErrorMessage())
+        self.assertEqual(reactor.getDelayedCalls(), [])  # no timeout left behind
 
     def test_host_name(self) -> None:
         """A host name goes through the reactor's resolver and the resolved address is connected to."""
