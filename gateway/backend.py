@@ -169,10 +169,14 @@ class BackendLogin(LineReceiver):
 class _Dialing(ClientFactory):
     """The factory of one backend connection: it builds the login dialogue, and tells it when connecting fails."""
 
+    # The connector keeps it for as long as the session lasts: no dict, Factory's counter included.
+    __slots__ = ("_protocol", "numPorts")
+
     noisy = False  # one per login; the front end logs what matters
 
     def __init__(self, protocol: BackendLogin) -> None:
         self._protocol = protocol
+        self.numPorts = 0  # Factory's class default, which the slot shadows
 
     def buildProtocol(self, addr: object) -> BackendLogin:
         return self._protocol

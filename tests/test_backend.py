@@ -132,9 +132,12 @@ class EndpointTests(ConnectorTestBase):
     def test_address_without_wrappers(self) -> None:
         """
         The reactor connects an address with the login dialogue itself as the protocol, with no
-        endpoint's wrapper in between to stay for the whole session.
+        endpoint's wrapper in between to stay for the whole session, and a factory without a dict.
         """
         attempt = self.connector().login(REQUEST)
+        factory = self.reactor.tcpClients[0][2]
+        factory.doStart()  # as the connector does
+        self.assertEqual(vars(factory), {})  # it stays with the connection: no dict
         wire, _ = self.accept()
         self.assertIs(wire, self.dialogues[0])
         wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 OK [CAPABILITY IMAP4rev1] in\r\n")
