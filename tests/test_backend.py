@@ -378,10 +378,10 @@ class RealReactorTests(TestCase):
             await attempt
         self.assertIn("cannot connect", str(caught.exception))
 
-    async def tls_backend(self, server_name: str) -> tuple[Deferred[BackendLogin], Deferred[None]]:
+    async def tls_backend(self, server_name: str, tls: str = "implicit") -> tuple[Deferred[BackendLogin], Deferred[None]]:
         """
-        A login through a connector on implicit TLS, to a scripted IMAP server on loopback whose
-        certificate, for C{localhost}, comes from the connector's one trusted CA.
+        A login through a connector on C{tls} (implicit or STARTTLS), to a scripted IMAP server
+        on loopback whose certificate, for C{localhost}, comes from the connector's one trusted CA.
 
         :returns: the login attempt, and the server connection's loss.
         """
@@ -391,24 +391,37 @@ class RealReactorTests(TestCase):
         self.addCleanup(shutil.rmtree, directory)
         ca = TestCA(directory)
         issued = ca.issue()
+        server_tls = ServerTLS(issued.chain_path, issued.key_path, b"imap")
         gone: Deferred[None] = Deferred()
 
         class ScriptedImap(LineReceiver):
+            secure = tls == "implicit"
+
             def connectionMade(self) -> None:
-                self.sendLine(b"* OK [CAPABILITY IMAP4rev1] ready")
+                self.sendLine(b"* OK [CAPABILITY IMAP4rev1%s] ready" % (b"" if self.secure else b" STARTTLS"))
 
             def lineReceived(self, line: bytes) -> None:
-                if line == b"gw1 LOGIN alice secret":
-                    self.sendLine(b"gw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+                tag, _, command = line.partition(b" ")
+                if command == b"STARTTLS" and not self.secure:
+                    self.sendLine(tag + b" OK Begin TLS negotiation now")
+                    self.transport.startTLS(server_tls)  # type: ignore[union-attr]
+                    self.secure = True
+                elif command == b"CAPABILITY":
+                    self.sendLine(b"* CAPABILITY IMAP4rev1\r\n" + tag + b" OK done")
+                elif command == b"LOGIN alice secret" and self.secure:
+                    self.sendLine(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in")
+                else:
+                    self.sendLine(tag + b" BAD unexpected")
 
             def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
                 gone.callback(None)
 
-        factory = TLSMemoryBIOFactory(ServerTLS(issued.chain_path, issued.key_path, b"imap"), False,
-                                     Factory.forProtocol(ScriptedImap))
+        factory: Factory = Factory.forProtocol(ScriptedImap)
+        if tls == "implicit":
+            factory = TLSMemoryBIOFactory(server_tls, False, factory)
         listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(listening.stopListening)
-        settings = dataclasses.replace(SETTINGS, port=listening.getHost().port, tls="implicit", ca_file=ca.ca_path,
+        settings = dataclasses.replace(SETTINGS, port=listening.getHost().port, tls=tls, ca_file=ca.ca_path,
                                        server_name=server_name)
         connector = BackendConnector(reactor, settings, ImapBackendLogin)  # type: ignore[arg-type]
         return connector.login(REQUEST), gone
@@ -420,6 +433,22 @@ class RealReactorTests(TestCase):
         self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
         self.assertIsNotNone(describe_tls(session.transport))
         session.transport.abortConnection()  # type: ignore[union-attr]
+        await gone
+
+    async def test_starttls(self) -> None:
+        """On STARTTLS the login runs after the upgrade, over a verified TLS connection."""
+        attempt, gone = await self.tls_backend("localhost", "starttls")
+        session = await attempt
+        self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
+        self.assertIsNotNone(describe_tls(session.transport))
+        session.transport.abortConnection()  # type: ignore[union-attr]
+        await gone
+
+    async def test_starttls_wrong_name(self) -> None:
+        """After STARTTLS, a certificate that does not name the configured server is BackendUnavailable."""
+        attempt, gone = await self.tls_backend("store.example", "starttls")
+        with self.assertRaises(BackendUnavailable):
+            await attempt
         await gone
 
     async def test_implicit_tls_wrong_name(self) -> None:
