@@ -378,7 +378,7 @@ class RealReactorTests(TestCase):
             await attempt
         self.assertIn("cannot connect", str(caught.exception))
 
-    async def tls_backend(self, server_name: str, tls: str = "implicit") -> tuple[Deferred[BackendLogin], Deferred[None]]:
+    async def tls_backend(self, server_name: str, tls: str) -> tuple[Deferred[BackendLogin], Deferred[None]]:
         """
         A login through a connector on C{tls} (implicit or STARTTLS), to a scripted IMAP server
         on loopback whose certificate, for C{localhost}, comes from the connector's one trusted CA.
@@ -426,34 +426,34 @@ class RealReactorTests(TestCase):
         connector = BackendConnector(reactor, settings, ImapBackendLogin)  # type: ignore[arg-type]
         return connector.login(REQUEST), gone
 
-    async def test_implicit_tls(self) -> None:
-        """On implicit TLS the login runs over a verified TLS connection."""
-        attempt, gone = await self.tls_backend("localhost")
+    async def assert_verified_login(self, tls: str) -> None:
+        """A login on C{tls} to a backend whose certificate names the server succeeds, over TLS."""
+        attempt, gone = await self.tls_backend("localhost", tls)
         session = await attempt
         self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
         self.assertIsNotNone(describe_tls(session.transport))
         session.transport.abortConnection()  # type: ignore[union-attr]
         await gone
 
-    async def test_starttls(self) -> None:
-        """On STARTTLS the login runs after the upgrade, over a verified TLS connection."""
-        attempt, gone = await self.tls_backend("localhost", "starttls")
-        session = await attempt
-        self.assertEqual(session.capabilities, (b"IMAP4rev1", b"IDLE"))
-        self.assertIsNotNone(describe_tls(session.transport))
-        session.transport.abortConnection()  # type: ignore[union-attr]
-        await gone
-
-    async def test_starttls_wrong_name(self) -> None:
-        """After STARTTLS, a certificate that does not name the configured server is BackendUnavailable."""
-        attempt, gone = await self.tls_backend("store.example", "starttls")
+    async def assert_wrong_name_refused(self, tls: str) -> None:
+        """A login on C{tls} to a backend whose certificate names another server is BackendUnavailable."""
+        attempt, gone = await self.tls_backend("store.example", tls)
         with self.assertRaises(BackendUnavailable):
             await attempt
         await gone
+
+    async def test_implicit_tls(self) -> None:
+        """On implicit TLS the login runs over a verified TLS connection."""
+        await self.assert_verified_login("implicit")
 
     async def test_implicit_tls_wrong_name(self) -> None:
         """A backend certificate that does not name the configured server is BackendUnavailable."""
-        attempt, gone = await self.tls_backend("store.example")
-        with self.assertRaises(BackendUnavailable):
-            await attempt
-        await gone
+        await self.assert_wrong_name_refused("implicit")
+
+    async def test_starttls(self) -> None:
+        """On STARTTLS the login runs after the upgrade, over a verified TLS connection."""
+        await self.assert_verified_login("starttls")
+
+    async def test_starttls_wrong_name(self) -> None:
+        """After STARTTLS, a certificate that does not name the configured server is BackendUnavailable."""
+        await self.assert_wrong_name_refused("starttls")
