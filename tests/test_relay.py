@@ -33,6 +33,20 @@ def _records(wire: bytes) -> list[tuple[int, int]]:
     return records
 
 
+def _handshaken_pair(test: SynchronousTestCase) -> TLSPair:
+    """
+    A TLS server protocol (Twisted's, as under implicit TLS) and a TLS client connected in memory,
+    handshake done, with certificates from a test CA in a directory removed after C{test}.
+    """
+    directory = tempfile.mkdtemp(prefix="test_relay-")
+    test.addCleanup(shutil.rmtree, directory)
+    ca = TestCA(directory)
+    issued = ca.issue()
+    pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path)
+    test.assertIsNotNone(describe_tls(pair.server), "the in-memory TLS handshake did not complete")
+    return pair
+
+
 class InMemoryTests(SynchronousTestCase):
     """Both ways through the splice, over in-memory transports."""
 
@@ -52,13 +66,8 @@ class TLSTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        directory = tempfile.mkdtemp(prefix="test_relay-")
-        self.addCleanup(shutil.rmtree, directory)
-        ca = TestCA(directory)
-        issued = ca.issue()
-        pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path)
+        pair = _handshaken_pair(self)
         self.tls, self.wire, self.collector, self.pump = pair.server, pair.wire, pair.collector, pair.pump
-        self.assertIsNotNone(describe_tls(self.tls), "the in-memory TLS handshake did not complete")
         self.backend = StringTransport()
         self.splice = Splice(self.tls, self.backend)
 
@@ -175,11 +184,7 @@ class AttributeDictTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        directory = tempfile.mkdtemp(prefix="test_relay-")
-        self.addCleanup(shutil.rmtree, directory)
-        ca = TestCA(directory)
-        issued = ca.issue()
-        self.tls = tls_pair(issued.chain_path, issued.key_path, ca.ca_path).server
+        self.tls = _handshaken_pair(self).server
 
     def test_unshared_dict_rebuilt(self) -> None:
         """A dict of its own, larger than its attributes need, is rebuilt at their size, with the same attributes."""
@@ -237,12 +242,7 @@ class HandOverBackpressureTests(SynchronousTestCase):
     """hand_over keeps the pause that the splice's backpressure puts on the side it hands over."""
 
     def setUp(self) -> None:
-        directory = tempfile.mkdtemp(prefix="test_relay-")
-        self.addCleanup(shutil.rmtree, directory)
-        ca = TestCA(directory)
-        issued = ca.issue()
-        self.pair = tls_pair(issued.chain_path, issued.key_path, ca.ca_path)
-        self.assertIsNotNone(describe_tls(self.pair.server), "the in-memory TLS handshake did not complete")
+        self.pair = _handshaken_pair(self)
         self.backend_transport = StringTransport()
         self.backend = _LoggedInBackend()
         self.backend.makeConnection(self.backend_transport)
