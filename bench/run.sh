@@ -9,7 +9,8 @@
 #
 # bench/idle_capacity.py measures 10,000 IDLE sessions, which the harness's backend cannot hold.
 #
-# The table goes to stdout and bench/results/; copy the one worth keeping to bench/RESULTS.md.
+# The table goes to stdout and bench/results/, with the gateway's own software (bench/stack_versions.py)
+# under the anchors'; copy the one worth keeping to bench/RESULTS.md.
 # Not part of the test command. Needs root (Dovecot drops to its own users).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,13 @@ export GATEWAY_NAME=mailgateway
 export GATEWAY_CMD="$PWD/.venv/bin/python $PWD/bench/gateway_for_bench.py"
 export BENCH_RESULTS_DIR="$PWD/bench/results"
 mkdir -p "$BENCH_RESULTS_DIR"
-exec bash "$harness/run-anchors.sh"
+started=$(mktemp)
+trap 'rm -f "$started"' EXIT
+bash "$harness/run-anchors.sh"
+# The harness names the anchors' software; the gateway's own stack goes on the line after it.
+table=$(find "$BENCH_RESULTS_DIR" -maxdepth 1 -name '*.md' -newer "$started" | sort | tail -n 1)
+if [ -n "$table" ]; then
+  stack=$(.venv/bin/python bench/stack_versions.py)
+  sed -i "/^software: /a\\$stack" "$table"
+  echo "$stack"
+fi
