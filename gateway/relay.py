@@ -214,7 +214,7 @@ class _Outlet:
         for layer in (self._tls, self._connection):
             if layer is not None:
                 attributes = vars(layer)
-                rebuilt = {name: value for name, value in attributes.items()}
+                rebuilt = dict(attributes)  # sized for what it holds (copy() may keep the old size)
                 if sys.getsizeof(rebuilt) < sys.getsizeof(attributes):
                     layer.__dict__ = rebuilt
 
