@@ -131,13 +131,13 @@ class BackendLogin(LineReceiver):
     def succeed(self) -> None:
         """Logged in: stop reading until the client is attached."""
         self.pauseProducing()
-        if self.result is not None and not self.result.called:
-            self.result.callback(self)
+        if not self.login_over:
+            self.result.callback(self)  # type: ignore[union-attr]  # not over: not yet spent
 
     def fail(self, reason: Exception) -> None:
         """The login cannot go on: report why and drop the connection."""
-        if self.result is not None and not self.result.called:
-            self.result.errback(reason)
+        if not self.login_over:
+            self.result.errback(reason)  # type: ignore[union-attr]  # not over: not yet spent
         self._abort()
 
     def attach(self, splice: Splice) -> None:
