@@ -147,6 +147,12 @@ class BackendLogin(LineReceiver):
         self.result = None
         hand_over(self, splice.from_backend)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._splice is not None:
+            self._splice.from_backend(data)  # relaying: nothing is parsed any more
+        else:
+            super().dataReceived(data)
+
     def rawDataReceived(self, data: bytes) -> None:
         assert self._splice is not None
         self._splice.from_backend(data)

@@ -285,8 +285,8 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
         if self._phase is _Phase.CLOSED:
             return  # closing: whatever still arrives is not answered
         if self._phase is _Phase.RELAYING:
-            # Relayed bytes are counted by the splice.
-            super().dataReceived(data)
+            # Straight to the splice, which counts them: nothing is parsed any more.
+            self._splice.from_client(data)  # type: ignore[union-attr]
             return
         self._bytes_in += len(data)
         self.resetTimeout()

@@ -6,9 +6,10 @@ Each side's reading is registered as the streaming producer of the other side's 
 slow reader stalls its writer instead of growing a buffer in the gateway (the transports keep at
 most one socket read in flight each), and a client that ends TLS is let go (see :class:`_Reading`).
 
-What one read brings in goes out in the same reactor turn: encrypted at once (one read makes
-one batch of TLS records, full-sized when the read is large) and handed to the socket at once
-(the connections are tuned by :mod:`gateway.sockets`), instead of waiting a turn for Twisted's TLS
+What one read brings in goes out in the same reactor turn: decrypted in one pass, handed
+straight from the protocol that read it to the splice, encrypted at once (one read makes one
+batch of TLS records, full-sized when the read is large) and handed to the socket at once (the
+connections are tuned by :mod:`gateway.sockets`), instead of waiting a turn for Twisted's TLS
 aggregation and another for the reactor's write notification. A small command and its reply
 then cross the gateway in one turn each way.
 
@@ -26,8 +27,8 @@ from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from gateway.sockets import gathered_writes, stream_connection
-from gateway.tls import release_tls_buffers, tls_ended, tls_layer, write_tls_now
+from gateway.sockets import stream_connection
+from gateway.tls import decrypt_reads_at_once, release_tls_buffers, tls_ended, tls_layer, write_tls_now
 
 # Once more than this has passed since the TLS buffers were last given back, each read no larger
 # tries to give them back again (which works once they hold nothing).
@@ -71,8 +72,9 @@ class Splice:
         # A transport takes one producer: the relay owns both registrations from here on.
         client.registerProducer(_Reading(backend, self._to_client), True)  # type: ignore[attr-defined]
         backend.registerProducer(_Reading(client, self._to_backend), True)  # type: ignore[attr-defined]
-        self._to_client.compact()
-        self._to_backend.compact()
+        for outlet in (self._to_client, self._to_backend):
+            decrypt_reads_at_once(outlet.tls)
+            outlet.compact()
 
     def from_client(self, data: bytes) -> None:
         """Relay bytes the client sent."""
@@ -172,32 +174,33 @@ class _Outlet:
 
     Twisted's TLS layer holds small writes back until the next reactor turn, to make fewer
     records of them; the relay writes what one read brought, so it writes past that hold. The
-    records one write makes are handed to the socket in one write (see :mod:`gateway.sockets`).
+    records one write makes are handed to the socket in one write (see
+    :func:`gateway.tls.write_tls_now`). The splice also switches the side's TLS layer to
+    decrypting each read in one pass (:func:`gateway.tls.decrypt_reads_at_once`).
     """
 
-    __slots__ = ("transport", "_tls", "_connection")
+    __slots__ = ("transport", "tls", "_connection")
 
     def __init__(self, transport: ITransport) -> None:
         self.transport = transport
-        self._tls = tls_layer(transport)
+        self.tls = tls_layer(transport)
         self._connection = stream_connection(transport)
 
     def send(self, data: bytes) -> None:
         """Write ``data`` and encrypt it now."""
-        tls = self._tls
+        tls = self.tls
         if tls is None:
             self.transport.write(data)
-            return
-        with gathered_writes(self._connection):
+        else:
             write_tls_now(tls, data)
 
     def tls_ended(self) -> bool:
         """Whether the peer has ended TLS (there is TLS, and it has ended): nothing written reaches it."""
-        return tls_ended(self._tls)
+        return tls_ended(self.tls)
 
     def release_buffers(self) -> bool:
         """Give back the memory the TLS layer's buffers grew to; False if they still hold records."""
-        return release_tls_buffers(self._tls)
+        return release_tls_buffers(self.tls)
 
     def compact(self) -> None:
         """
@@ -211,7 +214,7 @@ class _Outlet:
         attributes. Rebuilt at their present size, they take about half as much, for as long as
         the session lasts. A dict still shared is smaller than that, and is kept.
         """
-        for layer in (self._tls, self._connection):
+        for layer in (self.tls, self._connection):
             if layer is not None:
                 attributes = vars(layer)
                 rebuilt = dict(attributes)  # sized for what it holds (copy() may keep the old size)

@@ -13,10 +13,8 @@ The TCP connections under both legs of a session, tuned for small request-reply 
   left for the reactor to meet at its own next write, so that a connection is never lost from
   inside a ``write`` call.
 
-:class:`gathered_writes` holds what is written during a block and sends it in one write, so
-that the several TLS records one relayed read makes cost one system call, and
-:func:`write_transient` sends a buffer that its writer reuses, copying only what the socket
-does not take at once (the records of a bulk relayed read, see :func:`gateway.tls.write_tls_now`).
+:func:`write_transient` sends a buffer that its writer reuses, copying only what the socket does
+not take at once (the records of a relayed read, see :func:`gateway.tls.write_tls_now`).
 
 This works with the internals of Twisted's ``FileDescriptor`` (its buffer, ``_aborting``,
 ``_writeDisconnected``) and of its STARTTLS (``twisted.internet._newtls``), as of Twisted 26.10;
@@ -32,7 +30,7 @@ from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
-__all__ = ["gathered_writes", "stream_connection", "tune", "write_backlog", "write_transient"]
+__all__ = ["stream_connection", "tune", "write_backlog", "write_transient"]
 
 
 def tune(transport: object) -> None:
@@ -63,36 +61,6 @@ def write_backlog(transport: object) -> int:
     return connection._tempDataLen + len(connection.dataBuffer) - connection.offset
 
 
-class gathered_writes:
-    """
-    A block during which what is written to ``connection`` is held, then sent as one write.
-
-    A block inside another joins it: the outer one sends. Connections that :func:`tune` did not
-    change (and None) are written to as usual.
-    """
-
-    __slots__ = ("_connection", "_outer")
-
-    def __init__(self, connection: tcp.Connection | None) -> None:
-        self._connection = connection if isinstance(connection, _WritingThrough) else None
-        self._outer = False
-
-    def __enter__(self) -> None:
-        connection = self._connection
-        if connection is not None:
-            self._outer = connection._gathered is not None
-            if not self._outer:
-                connection._gathered = []
-
-    def __exit__(self, *exc_info: object) -> None:
-        connection = self._connection
-        if connection is None or self._outer:
-            return
-        gathered, connection._gathered = connection._gathered, None
-        if gathered:
-            _SocketWrites.write(connection, gathered[0] if len(gathered) == 1 else b"".join(gathered))  # type: ignore[arg-type]
-
-
 def write_transient(transport: object, data: memoryview) -> None:
     """
     Write ``data``, a view of a buffer that the caller reuses once this returns.
@@ -120,13 +88,6 @@ class _SocketWrites(FileDescriptor):
 
     def write(self, data: bytes | memoryview) -> None:
         kind = type(data)
-        gathered = self._gathered  # type: ignore[attr-defined]
-        if gathered is not None and kind is bytes:
-            gathered.append(data)
-            return
-        if gathered and kind is memoryview:
-            gathered.append(bytes(data))  # behind what is held; sent from nothing gathered, it needs no copy
-            return
         if ((kind is bytes or kind is memoryview) and data and self.connected and not self.disconnecting
                 and not self._aborting and not self._writeDisconnected  # type: ignore[attr-defined]
                 and not self._tempDataLen and self.offset == len(self.dataBuffer)):
@@ -145,7 +106,6 @@ class _WritingThrough:
     """Mixed into Twisted's TCP server and client: plain writes and STARTTLS's records go out at once."""
 
     TLS: bool
-    _gathered: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
         if self.TLS:

@@ -33,8 +33,10 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # twistd has installed the reactor by now
 
     from gateway.config import ConfigError, load_settings
+    from gateway.event_loop import streamline
     from gateway.service import build_service
 
+    streamline(reactor)
     try:
         return build_service(load_settings(options["config"]), reactor)
     except ConfigError as e:

@@ -20,6 +20,7 @@ from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, load_settings
+from gateway.event_loop import streamline
 from gateway.service import build_worker_service
 from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
 from gateway.workers import CONTROL_FD, SingleProtocolFactory
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     from twisted.internet import reactor
 
+    streamline(reactor)
     channel = WorkerChannel(lost=lambda: reactor.running and reactor.stop())  # type: ignore[attr-defined]
     with socket.socket(fileno=CONTROL_FD) as control:  # the reactor keeps its own copy
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from gateway.sockets import gathered_writes, stream_connection, tune, write_backlog, write_transient
+from gateway.sockets import stream_connection, tune, write_backlog, write_transient
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, tls_layer, write_tls_now
 
@@ -183,61 +183,6 @@ class WriteThroughTests(_Connected):
         yield self.accepted.lost
 
 
-class GatherTests(_Connected):
-    """Writes gathered on a tuned connection leave together, in order, when the block ends."""
-
-    @inlineCallbacks
-    def test_held_then_sent_together(self):  # type: ignore[no-untyped-def]
-        """Nothing reaches the socket inside the block; all of it does, in order, at its end."""
-        with gathered_writes(stream_connection(self.transport)):
-            self.transport.write(b"* 1 FETCH ")
-            self.transport.writeSequence([b"(FLAGS ", b"())\r\n"])
-            self.peer.setblocking(False)
-            self.assertRaises(BlockingIOError, self.peer.recv, 100)
-            self.peer.settimeout(10)
-        self.assertNotIn(self.transport, reactor.getWriters())
-        received = yield deferToThread(_read, self.peer, 22)
-        self.assertEqual(received, b"* 1 FETCH (FLAGS ())\r\n")
-
-    @inlineCallbacks
-    def test_nested(self):  # type: ignore[no-untyped-def]
-        """A block inside another joins it: nothing leaves until the outer block ends."""
-        connection = stream_connection(self.transport)
-        with gathered_writes(connection):
-            self.transport.write(b"a")
-            with gathered_writes(connection):
-                self.transport.write(b"b")
-            self.peer.setblocking(False)
-            self.assertRaises(BlockingIOError, self.peer.recv, 100)
-            self.peer.settimeout(10)
-            self.transport.write(b"c")
-        received = yield deferToThread(_read, self.peer, 3)
-        self.assertEqual(received, b"abc")
-
-    @inlineCallbacks
-    def test_not_bytes(self):  # type: ignore[no-untyped-def]
-        """Text written inside the block is refused at once, as Twisted refuses it; what was held still leaves."""
-        with gathered_writes(stream_connection(self.transport)):
-            self.transport.write(b"held\r\n")
-            self.assertRaises(TypeError, self.transport.write, "text")
-        received = yield deferToThread(_read, self.peer, 6)
-        self.assertEqual(received, b"held\r\n")
-
-    def test_nothing_gathered(self) -> None:
-        """A block with no writes writes nothing."""
-        with gathered_writes(stream_connection(self.transport)):
-            pass
-        self.assertEqual(self.transport.dataBuffer, b"")
-        self.assertNotIn(self.transport, reactor.getWriters())
-
-    def test_untuned_connection(self) -> None:
-        """On a transport tune did not change, the block changes nothing: writes happen as usual."""
-        transport = StringTransport()
-        with gathered_writes(stream_connection(transport)):
-            transport.write(b"at once")
-            self.assertEqual(transport.value(), b"at once")
-
-
 class BacklogTests(_Connected):
     """write_backlog tells how much written the socket has not yet taken."""
 
@@ -287,29 +232,6 @@ class TransientWriteTests(_Connected):
         received = yield deferToThread(_read, self.peer, len(bulk) + 3)
         self.assertEqual(len(received), len(bulk) + 3)
         self.assertTrue(received == bulk + b"END", "bytes were changed, reordered or lost")
-
-    @inlineCallbacks
-    def test_behind_gathered(self):  # type: ignore[no-untyped-def]
-        """Inside a gathering block, a view written after held writes is copied and leaves after them."""
-        buffer = bytearray(b"second ")
-        with gathered_writes(stream_connection(self.transport)):
-            self.transport.write(b"first ")
-            write_transient(self.transport, memoryview(buffer))
-            buffer[:] = b"XXXXXXX"
-            self.transport.write(b"third")
-        received = yield deferToThread(_read, self.peer, 18)
-        self.assertEqual(received, b"first second third")
-
-    @inlineCallbacks
-    def test_nothing_gathered_yet(self):  # type: ignore[no-untyped-def]
-        """Inside a gathering block with nothing held, a view leaves at once, before later writes."""
-        buffer = bytearray(b"first ")
-        with gathered_writes(stream_connection(self.transport)):
-            write_transient(self.transport, memoryview(buffer))
-            buffer[:] = b"XXXXXX"
-            self.transport.write(b"second")
-        received = yield deferToThread(_read, self.peer, 12)
-        self.assertEqual(received, b"first second")
 
     def test_other_transport_copied(self) -> None:
         """A transport tune did not change is given a copy."""

@@ -36,11 +36,12 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IHandshakeListener, IListeningPort, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -51,6 +52,7 @@ from gateway.tls import (
     ServerTLS,
     TLSError,
     client_tls,
+    decrypt_reads_at_once,
     describe_tls,
     ensure_self_signed,
     release_tls_buffers,
@@ -703,7 +705,7 @@ class WriteTLSNowTests(SynchronousTestCase):
         """
         self.server._tlsConnection.shutdown()  # behind Twisted's back: SSL_write now fails
         lost: list[Failure] = []
-        self.server.wrappedProtocol.connectionLost = lost.append
+        self.inner.connectionLost = lost.append
         write_tls_now(self.server, b"z" * 65536)
         self.assertEqual(Binding.lib.ERR_peek_error(), 0, "OpenSSL's error queue was left holding the failure")
         self.pump.flush()
@@ -716,6 +718,124 @@ class WriteTLSNowTests(SynchronousTestCase):
         write_tls_now(self.server, b"late\r\n")
         self.pump.flush()
         self.assertNotIn(b"late", self.collector.received)
+
+
+class DecryptReadsAtOnceTests(SynchronousTestCase):
+    """
+    decrypt_reads_at_once against Twisted's own TLS protocol, connected in memory to a TLS client.
+
+    If these fail after a Twisted or pyOpenSSL upgrade, gateway.tls._DecryptingAtOnce must follow
+    how Twisted's TLS layer reads again.
+    """
+
+    def setUp(self) -> None:
+        self.files = files = _files(_temporary_directory(self))
+        pair = tls_pair(files.chain, files.key, files.root)
+        self.server, self.collector, self.pump = pair.server, pair.collector, pair.pump
+        self.assertIsNotNone(describe_tls(self.server), "the in-memory TLS handshake did not complete")
+        self.assertIs(type(self.server), BufferingTLSTransport, "Twisted's factory makes another TLS protocol")
+        # Twisted lets go of both once the connection is lost.
+        self.inner, self.connection = self.server.wrappedProtocol, self.server._tlsConnection
+        decrypt_reads_at_once(self.server)
+        self.twisted_reads = 0  # Twisted's own reading, which the switched protocol leaves the rest to
+        flush = self.server._flushReceiveBIO
+
+        def counted() -> None:
+            self.twisted_reads += 1
+            flush()
+
+        self.server._flushReceiveBIO = counted
+
+    def client_sends(self, *writes: bytes) -> None:
+        """The client writes each of ``writes`` (a record or more each), then they cross in one pump."""
+        for data in writes:
+            self.collector.transport.write(data)
+            self.pump.clock.advance(0)  # the client's TLS layer holds small writes for a turn
+        self.pump.pump(advanceClock=False)
+
+    def test_switched(self) -> None:
+        """The protocol keeps its class's behaviour and state; only its reading changes."""
+        self.assertIsInstance(self.server, BufferingTLSTransport)
+        self.assertIsNot(type(self.server), BufferingTLSTransport)
+        unswitched = tls_pair(self.files.chain, self.files.key, self.files.root).server
+        self.assertEqual(self.server.__dict__.keys() - {"_flushReceiveBIO"}, unswitched.__dict__.keys(),
+                         "the switch added or removed state")
+
+    def test_records_in_order(self) -> None:
+        """Several records arriving in one read are decrypted in one pass and delivered in order, intact."""
+        bulk = bytes(range(256)) * 400  # 100 KiB: seven records
+        self.client_sends(b"a1 NOOP\r\n", bulk, b"a2 LOGOUT\r\n")
+        self.assertTrue(self.inner.received == b"a1 NOOP\r\n" + bulk + b"a2 LOGOUT\r\n",
+                        "bytes were changed, reordered or lost")
+        self.assertEqual(self.twisted_reads, 0, "data was left to Twisted's reading")
+
+    def test_replies_still_go_out(self) -> None:
+        """The server's writes are unaffected: the client receives them."""
+        self.client_sends(b"a1 NOOP\r\n")
+        write_tls_now(self.server, b"a1 OK\r\n")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"a1 OK\r\n")
+
+    def test_close_notify(self) -> None:
+        """A client's close_notify is left to Twisted's reading: the server answers it, and the connection ends cleanly."""
+        lost: list[Failure] = []
+        self.inner.connectionLost = lost.append
+        self.client_sends(b"a1 LOGOUT\r\n")
+        self.collector.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.inner.received, b"a1 LOGOUT\r\n")
+        self.assertEqual(self.twisted_reads, 1)
+        self.assertEqual(len(lost), 1, "the connection was not ended")
+        self.assertIsNone(lost[0].check(SSL.Error), lost[0])
+        self.assertTrue(self.connection.get_shutdown() & SSL.SENT_SHUTDOWN, "close_notify was not answered")
+
+    def test_answer_sent_at_once(self) -> None:
+        """
+        What OpenSSL answers to a read goes out in the same read, as after Twisted's reading: here
+        the refusal of a TLS 1.2 client's renegotiation, which the gateway does not allow.
+        """
+        files = self.files
+        with open(files.root, "rb") as root:
+            trust = trustRootFromCertificates([Certificate.loadPEM(root.read())])
+        tls12 = optionsForClientTLS("localhost", trustRoot=trust,
+                                    extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2})
+        pair = tls_pair(files.chain, files.key, files.root, client=tls12)
+        self.assertEqual(describe_tls(pair.server)[0], "TLSv1.2")
+        decrypt_reads_at_once(pair.server)
+        client = pair.collector.transport._tlsConnection
+        client.renegotiate()
+        self.assertRaises(SSL.WantReadError, client.do_handshake)
+        hello = client.bio_read(65536)
+        pair.wire.stream.clear()
+        pair.server.dataReceived(hello)
+        self.assertEqual(len(pair.wire.stream), 1, "the answer was not sent")
+        self.assertEqual(pair.wire.stream[0][:1], b"\x15", "the answer is not an alert record")
+
+    def test_broken_record(self) -> None:
+        """
+        A record that does not decrypt is left to Twisted's reading, which ends the connection
+        with OpenSSL's reason; nothing of it is delivered, and OpenSSL's error queue is left empty.
+        """
+        lost: list[Failure] = []
+        self.inner.connectionLost = lost.append
+        self.server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x55" * 32)  # application data, bad tag
+        self.pump.flush()
+        self.assertEqual(self.inner.received, b"")
+        self.assertEqual(self.twisted_reads, 1)
+        self.assertEqual(len(lost), 1, "the connection was not ended")
+        self.assertIsNotNone(lost[0].check(SSL.Error), lost[0])
+        self.assertEqual(Binding.lib.ERR_peek_error(), 0, "OpenSSL's error queue was left holding the failure")
+
+    def test_clear_and_foreign(self) -> None:
+        """A connection in clear, and a TLS protocol of a class Twisted did not make, are left alone."""
+        decrypt_reads_at_once(None)
+
+        class Own(TLSMemoryBIOProtocol):
+            pass
+
+        own = Own.__new__(Own)
+        decrypt_reads_at_once(own)
+        self.assertIs(type(own), Own)
 
 
 class ClearConnectionTests(SynchronousTestCase):
@@ -760,7 +880,7 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         self.client_sends(b"a1 NOOP\r\n")
         self.pump.flush()
         self.assertEqual(self.collector.received, b"b" * 65536 + b"* OK still here\r\n")
-        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
+        self.assertEqual(self.inner.received, b"a1 NOOP\r\n")
 
     def test_kept_while_holding_records(self) -> None:
         """A BIO still holding part of a record is kept, and the record is read whole afterwards."""
@@ -772,7 +892,7 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         release_tls_buffers(self.server)
         self.assertEqual(memory_bios(self.server), before)
         self.server.dataReceived(record[10:])
-        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
+        self.assertEqual(self.inner.received, b"a1 NOOP\r\n")
 
     def test_not_while_closing(self) -> None:
         """A TLS connection that is closing keeps its BIOs (the incoming one may already carry the end)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -46,16 +47,19 @@ def memory_bios(tls: TLSMemoryBIOProtocol) -> tuple[object, object]:
     return connection._into_ssl, connection._from_ssl
 
 
-def tls_pair(chain: str, key: str, ca: str, server_protocol: Protocol | None = None) -> TLSPair:
+def tls_pair(chain: str, key: str, ca: str, server_protocol: Protocol | None = None,
+             client: IOpenSSLClientConnectionCreator | None = None) -> TLSPair:
     """
     Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done.
 
     :param server_protocol: what runs over the server's TLS (by default a L{Collector}).
+    :param client: the client's TLS, by default the gateway's backend TLS (L{client_tls}) for C{localhost}.
     """
     clock = Clock()
     inner = Factory.forProtocol(Collector) if server_protocol is None else Factory.forProtocol(lambda: server_protocol)
     server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, inner, clock=clock)
-    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca), True, Factory.forProtocol(Collector),
+    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca) if client is None else client, True,
+                                         Factory.forProtocol(Collector),
                                          clock=clock)
     server = server_factory.buildProtocol(None)
     client = client_factory.buildProtocol(None)

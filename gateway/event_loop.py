@@ -1,0 +1,64 @@
+"""
+The reactor's hand-over of ready connections to their handlers, made lighter.
+
+Twisted's epoll reactor hands each ready descriptor over through ``log.callWithLogger``, which
+asks the descriptor for its log prefix and installs it as the legacy log context for the length
+of the call: about a dozen Python-level calls on every event, two events per relayed command and
+reply. The gateway logs through ``twisted.logger``, whose events do not read that context. The
+context named the connection in one report only: the traceback Twisted logs when a handler
+raises. That report now names the system as ``-``; its traceback still names the protocol.
+
+:func:`streamline` switches the installed reactor to this dispatch. Any other reactor is left
+as it is. ``tests/test_event_loop.py`` fails if Twisted's epoll reactor stops working this way.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
+
+__all__ = ["streamline"]
+
+
+class _Streamlined(EPollReactor):
+    """Twisted's epoll reactor, handing ready descriptors over without a log context each time."""
+
+    def doPoll(self, timeout: float | None) -> None:
+        """Wait for events (up to ``timeout`` seconds, or without end), and handle each."""
+        try:
+            ready = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise
+        selectables = self._selectables
+        handle = self._doReadOrWrite
+        for fd, event in ready:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue  # removed by a handler earlier in this batch
+            try:
+                handle(selectable, fd, event)
+            except Exception:
+                # Raised by a handler's disconnection (reading and writing failures are reported
+                # inside): reported with the descriptor's prefix, as callWithLogger would.
+                log.err(system=_prefix(selectable))
+
+    doIteration = doPoll
+
+
+def _prefix(selectable: object) -> str:
+    """The log prefix of a descriptor, or a fixed text if it has none or it fails."""
+    try:
+        return str(selectable.logPrefix())  # type: ignore[attr-defined]
+    except Exception:
+        return "(buggy logPrefix method)"
+
+
+def streamline(reactor: object) -> None:
+    """Switch Twisted's epoll reactor, running or not, to the lighter hand-over; leave any other reactor alone."""
+    if type(reactor) is EPollReactor:
+        # The subclass adds no state, so the reactor can take it on as it is.
+        reactor.__class__ = _Streamlined

@@ -1,0 +1,133 @@
+"""
+Tests for gateway.event_loop: Twisted's epoll reactor, switched to the lighter hand-over of ready descriptors.
+
+Each test runs its own reactor (not the one the test suite runs on) over real socket pairs.
+If these fail after a Twisted upgrade, gateway.event_loop must follow Twisted's epoll reactor again.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.main import CONNECTION_DONE
+from twisted.internet.selectreactor import SelectReactor
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.event_loop import streamline
+
+
+class _Reader:
+    """A descriptor the reactor reads: one end of a socket pair; what it does on reading is set per test."""
+
+    def __init__(self, test: SynchronousTestCase, name: str) -> None:
+        self.socket, self.peer = socket.socketpair()
+        test.addCleanup(self.socket.close)
+        test.addCleanup(self.peer.close)
+        self.socket.setblocking(False)
+        self.name = name
+        self.read: list[bytes] = []
+        self.lost: list[Failure] = []
+        self.on_read = lambda: None
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return self.name
+
+    def doRead(self) -> object:
+        self.read.append(self.socket.recv(100))
+        return self.on_read()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class StreamlineTests(SynchronousTestCase):
+    """The switched reactor hands ready descriptors over as Twisted's does, less the per-event log context."""
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(self._close, self.reactor)
+        streamline(self.reactor)
+
+    @staticmethod
+    def _close(reactor: EPollReactor) -> None:
+        """Close what the reactor opened: its waker and its epoll descriptor (the tests close their sockets)."""
+        for waker in reactor._internalReaders:
+            waker.connectionLost(Failure(CONNECTION_DONE))
+        reactor._poller.close()
+
+    def test_switched(self) -> None:
+        """The reactor is still Twisted's epoll reactor, with the lighter dispatch."""
+        self.assertIsInstance(self.reactor, EPollReactor)
+        self.assertIsNot(type(self.reactor), EPollReactor)
+        self.assertEqual(self.reactor.doIteration, self.reactor.doPoll)
+
+    def test_other_reactor_left_alone(self) -> None:
+        """A reactor that is not Twisted's epoll reactor keeps its class."""
+        other = SelectReactor()
+        self.addCleanup(self._close_select, other)
+        streamline(other)
+        self.assertIs(type(other), SelectReactor)
+
+    @staticmethod
+    def _close_select(reactor: SelectReactor) -> None:
+        for waker in reactor._internalReaders:
+            waker.connectionLost(Failure(CONNECTION_DONE))
+
+    def test_reads(self) -> None:
+        """A ready descriptor is read."""
+        reader = _Reader(self, "reader")
+        self.reactor.addReader(reader)
+        reader.peer.send(b"a1 NOOP\r\n")
+        self.reactor.doIteration(1)
+        self.assertEqual(reader.read, [b"a1 NOOP\r\n"])
+
+    def test_read_failure(self) -> None:
+        """A descriptor whose reading raises is disconnected and the failure logged, as by Twisted's dispatch."""
+        reader = _Reader(self, "reader")
+        reader.on_read = lambda: 1 / 0
+        self.reactor.addReader(reader)
+        reader.peer.send(b"x")
+        with capturedLogs() as events:
+            self.reactor.doIteration(1)
+        self.assertEqual(len(reader.lost), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertTrue(any(event.get("isError") for event in events))
+
+    def test_disconnection_failure(self) -> None:
+        """
+        A failure raised past Twisted's own handling (by a descriptor's connectionLost) is logged
+        under the descriptor's log prefix, and the other ready descriptors are still handled.
+        """
+        failing, other = _Reader(self, "failing,7,127.0.0.1"), _Reader(self, "other")
+        failing.on_read = lambda: CONNECTION_DONE
+
+        def lost(reason: Failure) -> None:
+            raise RuntimeError("connectionLost failed")
+
+        failing.connectionLost = lost  # type: ignore[method-assign]
+        for reader in (failing, other):
+            self.reactor.addReader(reader)
+            reader.peer.send(b"x")
+        with capturedLogs() as events:
+            self.reactor.doIteration(1)
+        self.assertEqual(other.read, [b"x"], "a descriptor ready in the same batch was not handled")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([event.get("log_system") for event in events if event.get("isError")],
+                         ["failing,7,127.0.0.1"])
+
+    def test_removed_in_the_same_batch(self) -> None:
+        """A descriptor removed by a handler earlier in the same batch is not handed over."""
+        first, second = _Reader(self, "first"), _Reader(self, "second")
+        first.on_read = lambda: self.reactor.removeReader(second)
+        second.on_read = lambda: self.reactor.removeReader(first)
+        for reader in (first, second):
+            self.reactor.addReader(reader)
+            reader.peer.send(b"x")
+        self.reactor.doIteration(1)
+        self.assertEqual(len(first.read) + len(second.read), 1)
