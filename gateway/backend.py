@@ -148,10 +148,10 @@ class BackendLogin(LineReceiver):
         hand_over(self, splice.from_backend)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._splice is not None:
-            self._splice.from_backend(data)  # relaying: nothing is parsed any more
-        else:
+        if self._splice is None:
             super().dataReceived(data)
+        elif data:  # relaying: nothing is parsed any more (an empty read has nothing to relay)
+            self._splice.from_backend(data)
 
     def rawDataReceived(self, data: bytes) -> None:
         assert self._splice is not None

@@ -4,12 +4,16 @@ The reactor's hand-over of ready connections to their handlers, made lighter.
 Twisted's epoll reactor hands each ready descriptor over through ``log.callWithLogger``, which
 asks the descriptor for its log prefix and installs it as the legacy log context for the length
 of the call: about a dozen Python-level calls on every event, two events per relayed command and
-reply. The gateway logs through ``twisted.logger``, whose events do not read that context. The
-context named the connection in one report only: the traceback Twisted logs when a handler
-raises. That report now names the system as ``-``; its traceback still names the protocol.
+reply. The gateway logs through ``twisted.logger``, whose events do not read that context. Only
+Twisted's own legacy reports made during a hand-over read it (a handler's exception, a failed
+half-close, an error in a TLS info callback): they now name the system as ``-``, and a
+traceback still names the protocol. What escapes a handler is logged under the descriptor's
+prefix, as ``callWithLogger`` logs it. twistd's start-up line names the reactor class
+``gateway.event_loop._Streamlined``.
 
 :func:`streamline` switches the installed reactor to this dispatch. Any other reactor is left
-as it is. ``tests/test_event_loop.py`` fails if Twisted's epoll reactor stops working this way.
+as it is. ``tests/test_event_loop.py`` checks the dispatch on real sockets, and fails when
+Twisted's ``doPoll`` or ``callWithLogger`` change, so that this is held against them again.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class _Streamlined(EPollReactor):
                 continue  # removed by a handler earlier in this batch
             try:
                 handle(selectable, fd, event)
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
                 # Raised by a handler's disconnection (reading and writing failures are reported
                 # inside): reported with the descriptor's prefix, as callWithLogger would.
                 log.err(system=_prefix(selectable))

@@ -284,9 +284,11 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._phase is _Phase.CLOSED:
             return  # closing: whatever still arrives is not answered
-        if self._phase is _Phase.RELAYING:
-            # Straight to the splice, which counts them: nothing is parsed any more.
-            self._splice.from_client(data)  # type: ignore[union-attr]
+        if self._splice is not None:
+            # Relaying: straight to the splice, which counts them (LineReceiver's resumeProducing
+            # feeds an empty read, which has nothing to relay).
+            if data:
+                self._splice.from_client(data)
             return
         self._bytes_in += len(data)
         self.resetTimeout()

@@ -226,7 +226,8 @@ def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:
     """
     Switch a line-parsing protocol to relaying: what it has buffered and everything it reads
     from now on goes to C{forward}, unparsed. The protocol must be paused (it stopped parsing
-    when the login began) and its C{rawDataReceived} must call C{forward}.
+    when the login began), and from now on its C{dataReceived} (or, through LineReceiver's raw
+    mode, its C{rawDataReceived}) must pass what it reads to C{forward}.
     """
     pending = protocol.clearLineBuffer()
     protocol.setRawMode()

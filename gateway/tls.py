@@ -11,7 +11,8 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 :func:`ensure_self_signed` provides a certificate when none is configured,
 :func:`describe_tls` reports what an established connection negotiated, and
 :func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
-writes without waiting for the next reactor turn, :func:`release_tls_buffers`
+writes without waiting for the next reactor turn, :func:`decrypt_reads_at_once`
+has a relayed connection decrypt what it reads in one pass, :func:`release_tls_buffers`
 gives back the memory a burst of traffic left in a connection's TLS layer, and
 :func:`tls_ended` tells when a peer has ended TLS under a registered producer.
 """
@@ -467,16 +468,14 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
     after one read, writes past the aggregation instead: no reactor turn is
     waited for or scheduled, and the records are as full as the data allows.
 
-    The data is handed to OpenSSL in one call, and its records to the
-    transport in one write, where Twisted would make a call, a copy and a
-    write for each 16 KiB record, and end each write with an exception raised
-    and caught (pyOpenSSL's ``WantReadError``). Whole writes take a context
-    without partial writes, as the gateway's server contexts are; on others
-    (the backend's client TLS) one record goes this way and the rest
-    Twisted's. Any state but a plain open
-    connection (handshake under way, writes waiting, closing, an OpenSSL
-    error) is left to Twisted's own write, which knows it; after a fatal error
-    it then reports OpenSSL's "shutdown" rather than the first cause.
+    The data is handed to OpenSSL at once, and its records to the transport
+    in one write, where Twisted would make a call, a copy and a write for
+    each 16 KiB record. The gateway's server contexts take it in one call; a
+    context with partial writes (the backend's client TLS) takes a record per
+    call. Any state but a plain open connection (handshake under way, writes
+    waiting, closing) is left to Twisted's own write, which knows it, and so
+    is whatever OpenSSL refuses: Twisted's write meets the same condition
+    (OpenSSL keeps it, its first cause included) and handles it.
 
     Twisted has no public way to do this: this reaches its private aggregator
     and TLS state, and the unaggregated ``write`` beneath them, as
@@ -492,25 +491,26 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
         TLSMemoryBIOProtocol.write(tls, data)
         return
     connection = tls._tlsConnection
+    ssl = connection._ssl
     # SSL_write itself, as pyOpenSSL's send calls it, without the checks that send makes of a
-    # buffer of any type and of a result that is not an error (together a tenth of this call).
+    # buffer of any type and of a result that is not an error (pyOpenSSL lets the buffer move).
+    written = 0
     with _ffi.from_buffer(data) as buffer:
-        sent = _lib.SSL_write(connection._ssl, buffer, len(data))
-    if sent <= 0:
-        _lib.ERR_clear_error()
-        TLSMemoryBIOProtocol.write(tls, data)  # meets the same condition, and handles it
-        return
-    # All the records are in the memory BIO now: one read of exactly that, rather than reading
-    # until pyOpenSSL raises WantReadError (about 12% of this call for a 48 KB read), into a
-    # buffer kept for it rather than through pyOpenSSL's bio_read, which copies twice.
+        while written < len(data):
+            sent = _lib.SSL_write(ssl, buffer + written, len(data) - written)
+            if sent <= 0:
+                break
+            written += sent
+    # All the records are in the memory BIO now: one read of exactly that, into a buffer kept
+    # for it rather than through pyOpenSSL's bio_read, which copies twice.
     pending = _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL)
     if pending:
         records = _records.view(pending)
         read = _lib.BIO_read(connection._from_ssl, _records.pointer, pending)
         if read > 0:
             write_transient(tls.transport, records[:read])
-    if sent < len(data):  # a context that allows partial writes (not the gateway's server contexts)
-        TLSMemoryBIOProtocol.write(tls, data[sent:])
+    if written < len(data):
+        TLSMemoryBIOProtocol.write(tls, data[written:])  # what OpenSSL refused: see above
 
 
 class _RecordBuffer:
@@ -548,7 +548,7 @@ def decrypt_reads_at_once(tls: TLSMemoryBIOProtocol | None) -> None:
 
 class _DecryptingAtOnce:
     """
-    Mixed into Twisted's TLS protocols: what a read brings is decrypted and handed on in one pass.
+    Mixed into Twisted's TLS protocol: what a read brings is decrypted and handed on in one pass.
 
     Twisted's own reading goes through pyOpenSSL, which checks each call's result in Python and
     ends every read with an exception raised and caught (``WantReadError``), twice: once for the
@@ -588,20 +588,15 @@ class _DecryptingAtOnce:
                 break
             if not self._aborted:
                 self.wrappedProtocol.dataReceived(_ffi.unpack(_plaintext.pointer, read))  # type: ignore[attr-defined]
-        if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL):  # an answer, such as to a KeyUpdate
+        if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL):  # an answer, such as refusing a renegotiation
             self._flushSendBIO()  # type: ignore[attr-defined]
 
 
 class _BufferingDecryptingAtOnce(_DecryptingAtOnce, BufferingTLSTransport):
-    """Twisted's TLS protocol with write aggregation (every factory's, and STARTTLS's), reading at once."""
+    """The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included, reading at once."""
 
 
-class _PlainDecryptingAtOnce(_DecryptingAtOnce, TLSMemoryBIOProtocol):
-    """Twisted's TLS protocol without write aggregation, reading at once."""
-
-
-_DECRYPTING_AT_ONCE: dict[type, type] = {BufferingTLSTransport: _BufferingDecryptingAtOnce,
-                                         TLSMemoryBIOProtocol: _PlainDecryptingAtOnce}
+_DECRYPTING_AT_ONCE: dict[type, type] = {BufferingTLSTransport: _BufferingDecryptingAtOnce}
 
 # What one SSL_read may return at most (a record holds 16 KiB; Twisted asks for twice as much).
 _PLAINTEXT = 2**15
@@ -645,6 +640,7 @@ def release_tls_buffers(tls: TLSMemoryBIOProtocol | None) -> bool:
         for bio in (fresh_into, fresh_out):
             if bio != _ffi.NULL:
                 _lib.BIO_free(bio)
+        _lib.ERR_clear_error()  # or the next SSL_get_error, on any connection, would report it
         return False
     # The connection takes over both and frees the two it had.
     _lib.SSL_set_bio(connection._ssl, fresh_into, fresh_out)

@@ -7,12 +7,15 @@ If these fail after a Twisted upgrade, gateway.event_loop must follow Twisted's 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import socket
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import capturedLogs
+from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -121,6 +124,35 @@ class StreamlineTests(SynchronousTestCase):
         self.assertEqual([event.get("log_system") for event in events if event.get("isError")],
                          ["failing,7,127.0.0.1"])
 
+    def test_exit_logged(self) -> None:
+        """Even SystemExit from a handler's disconnection is logged, as callWithLogger logs it, and the batch goes on."""
+        failing, other = _Reader(self, "failing"), _Reader(self, "other")
+        failing.on_read = lambda: CONNECTION_DONE
+
+        def lost(reason: Failure) -> None:
+            raise SystemExit(3)
+
+        failing.connectionLost = lost  # type: ignore[method-assign]
+        for reader in (failing, other):
+            self.reactor.addReader(reader)
+            reader.peer.send(b"x")
+        self.reactor.doIteration(1)
+        self.assertEqual(other.read, [b"x"])
+        self.assertEqual(len(self.flushLoggedErrors(SystemExit)), 1)
+
+    def test_interrupt_raised(self) -> None:
+        """KeyboardInterrupt from a handler's disconnection ends the iteration, as with callWithLogger."""
+        reader = _Reader(self, "reader")
+        reader.on_read = lambda: CONNECTION_DONE
+
+        def lost(reason: Failure) -> None:
+            raise KeyboardInterrupt()
+
+        reader.connectionLost = lost  # type: ignore[method-assign]
+        self.reactor.addReader(reader)
+        reader.peer.send(b"x")
+        self.assertRaises(KeyboardInterrupt, self.reactor.doIteration, 1)
+
     def test_removed_in_the_same_batch(self) -> None:
         """A descriptor removed by a handler earlier in the same batch is not handed over."""
         first, second = _Reader(self, "first"), _Reader(self, "second")
@@ -131,3 +163,22 @@ class StreamlineTests(SynchronousTestCase):
             reader.peer.send(b"x")
         self.reactor.doIteration(1)
         self.assertEqual(len(first.read) + len(second.read), 1)
+
+
+class TwistedDispatchTests(SynchronousTestCase):
+    """
+    The Twisted code that gateway.event_loop._Streamlined.doPoll stands in for, as of Twisted 26.10.
+
+    When one fails after a Twisted upgrade, compare the new code with _Streamlined.doPoll, carry
+    over what changed, and put the new digest here.
+    """
+
+    def assert_unchanged(self, function: object, digest: str) -> None:
+        found = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()  # type: ignore[arg-type]
+        self.assertEqual(found, digest, f"Twisted's {function.__qualname__} changed: review gateway.event_loop")  # type: ignore[attr-defined]
+
+    def test_epoll_dispatch(self) -> None:
+        self.assert_unchanged(EPollReactor.doPoll, "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827")
+
+    def test_call_with_logger(self) -> None:
+        self.assert_unchanged(log.callWithLogger, "802f8564bca3531fe46ea2098450b784ad60ff5bf0365c9fb06dda1c7ff668a6")

@@ -683,6 +683,19 @@ class WriteTLSNowTests(SynchronousTestCase):
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.collector.received, data)
 
+    def test_bulk_with_partial_writes(self) -> None:
+        """On a context with partial writes (the backend's client TLS), a bulk write also leaves whole, in one write."""
+        client = self.collector.transport
+        wire = client.transport
+        mode = Binding.lib.SSL_set_mode(client._tlsConnection._ssl, 0)  # adds nothing, tells the mode
+        self.assertTrue(mode & Binding.lib.SSL_MODE_ENABLE_PARTIAL_WRITE, "the client's context no longer allows partial writes")
+        wire.stream.clear()
+        data = bytes(range(256)) * 256
+        write_tls_now(client, data)
+        self.assertEqual(len(wire.stream), 1, "the records of one bulk write took several transport writes")
+        self.pump.pump(advanceClock=False)
+        self.assertTrue(self.server.wrappedProtocol.received == data, "bytes were changed, reordered or lost")
+
     def test_bulk_after_held_writes(self) -> None:
         """A bulk write also goes after what Twisted's TLS layer was holding."""
         self.server.write(b"* 1 FETCH (BODY[] {65536}\r\n")
@@ -705,7 +718,7 @@ class WriteTLSNowTests(SynchronousTestCase):
         """
         self.server._tlsConnection.shutdown()  # behind Twisted's back: SSL_write now fails
         lost: list[Failure] = []
-        self.inner.connectionLost = lost.append
+        self.server.wrappedProtocol.connectionLost = lost.append
         write_tls_now(self.server, b"z" * 65536)
         self.assertEqual(Binding.lib.ERR_peek_error(), 0, "OpenSSL's error queue was left holding the failure")
         self.pump.flush()
@@ -799,7 +812,7 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
             trust = trustRootFromCertificates([Certificate.loadPEM(root.read())])
         tls12 = optionsForClientTLS("localhost", trustRoot=trust,
                                     extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2})
-        pair = tls_pair(files.chain, files.key, files.root, client=tls12)
+        pair = tls_pair(files.chain, files.key, files.root, client_creator=tls12)
         self.assertEqual(describe_tls(pair.server)[0], "TLSv1.2")
         decrypt_reads_at_once(pair.server)
         client = pair.collector.transport._tlsConnection
@@ -810,6 +823,50 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
         pair.server.dataReceived(hello)
         self.assertEqual(len(pair.wire.stream), 1, "the answer was not sent")
         self.assertEqual(pair.wire.stream[0][:1], b"\x15", "the answer is not an alert record")
+
+    def test_data_then_close_notify(self) -> None:
+        """Data and close_notify in one read: the data is delivered once, then the connection ends cleanly."""
+        lost: list[Failure] = []
+        self.inner.connectionLost = lost.append
+        self.collector.transport.write(b"a1 LOGOUT\r\n")
+        self.pump.clock.advance(0)
+        self.collector.transport.loseConnection()
+        self.pump.pump(advanceClock=False)  # both records reach the server in one read
+        self.pump.flush()
+        self.assertEqual(self.inner.received, b"a1 LOGOUT\r\n")
+        self.assertEqual(len(lost), 1, "the connection was not ended")
+        self.assertIsNone(lost[0].check(SSL.Error), lost[0])
+
+    def test_nothing_after_abort(self) -> None:
+        """Once the protocol aborts the connection, the rest of the read is not delivered, as Twisted's reading does."""
+        delivered: list[bytes] = []
+
+        def abort_at_first(data: bytes) -> None:
+            delivered.append(data)
+            self.server.abortConnection()
+
+        self.inner.dataReceived = abort_at_first
+        self.client_sends(b"a1 NOOP\r\n", b"a2 NOOP\r\n", b"a3 NOOP\r\n")  # three records, one read
+        self.assertEqual(delivered, [b"a1 NOOP\r\n"])
+
+    def test_waiting_writes(self) -> None:
+        """While writes wait for OpenSSL (a renegotiation under way), a read goes Twisted's way, which sends them."""
+        self.server._appSendBuffer.append(b"* waiting\r\n")
+        self.client_sends(b"a1 NOOP\r\n")
+        self.assertEqual(self.inner.received, b"a1 NOOP\r\n")
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"* waiting\r\n")
+
+    def test_client_side(self) -> None:
+        """The client side of a connection (the backend's TLS) reads at once too."""
+        client = self.collector.transport
+        decrypt_reads_at_once(client)
+        self.assertIsNot(type(client), BufferingTLSTransport)
+        bulk = bytes(range(256)) * 400
+        write_tls_now(self.server, b"* OK\r\n")
+        write_tls_now(self.server, bulk)
+        self.pump.pump(advanceClock=False)
+        self.assertTrue(self.collector.received == b"* OK\r\n" + bulk, "bytes were changed, reordered or lost")
 
     def test_broken_record(self) -> None:
         """
@@ -880,7 +937,7 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         self.client_sends(b"a1 NOOP\r\n")
         self.pump.flush()
         self.assertEqual(self.collector.received, b"b" * 65536 + b"* OK still here\r\n")
-        self.assertEqual(self.inner.received, b"a1 NOOP\r\n")
+        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
 
     def test_kept_while_holding_records(self) -> None:
         """A BIO still holding part of a record is kept, and the record is read whole afterwards."""
@@ -892,7 +949,7 @@ class ReleaseTLSBuffersTests(SynchronousTestCase):
         release_tls_buffers(self.server)
         self.assertEqual(memory_bios(self.server), before)
         self.server.dataReceived(record[10:])
-        self.assertEqual(self.inner.received, b"a1 NOOP\r\n")
+        self.assertEqual(self.server.wrappedProtocol.received, b"a1 NOOP\r\n")
 
     def test_not_while_closing(self) -> None:
         """A TLS connection that is closing keeps its BIOs (the incoming one may already carry the end)."""

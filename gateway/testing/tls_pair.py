@@ -48,17 +48,17 @@ def memory_bios(tls: TLSMemoryBIOProtocol) -> tuple[object, object]:
 
 
 def tls_pair(chain: str, key: str, ca: str, server_protocol: Protocol | None = None,
-             client: IOpenSSLClientConnectionCreator | None = None) -> TLSPair:
+             client_creator: IOpenSSLClientConnectionCreator | None = None) -> TLSPair:
     """
     Connect a gateway server TLS (for C{localhost}, chain and key) to a client trusting C{ca}; handshake done.
 
     :param server_protocol: what runs over the server's TLS (by default a L{Collector}).
-    :param client: the client's TLS, by default the gateway's backend TLS (L{client_tls}) for C{localhost}.
+    :param client_creator: the client's TLS, by default the gateway's backend TLS (L{client_tls}) for C{localhost}.
     """
     clock = Clock()
     inner = Factory.forProtocol(Collector) if server_protocol is None else Factory.forProtocol(lambda: server_protocol)
     server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, inner, clock=clock)
-    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca) if client is None else client, True,
+    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca) if client_creator is None else client_creator, True,
                                          Factory.forProtocol(Collector),
                                          clock=clock)
     server = server_factory.buildProtocol(None)
