@@ -531,7 +531,7 @@ class _RecordBuffer:
         return memoryview(self._buffer)
 
 
-_records = _RecordBuffer()  # the records of a bulk write (write_tls_now)
+_records = _RecordBuffer()  # the records of a relayed write (write_tls_now)
 
 
 def decrypt_reads_at_once(tls: TLSMemoryBIOProtocol | None) -> None:
@@ -542,7 +542,7 @@ def decrypt_reads_at_once(tls: TLSMemoryBIOProtocol | None) -> None:
     """
     lighter = _DECRYPTING_AT_ONCE.get(type(tls))
     if lighter is not None:
-        # The subclasses add behaviour and no state, so the running protocol can take it on.
+        # The subclass adds behaviour and no state, so the running protocol can take it on.
         tls.__class__ = lighter  # type: ignore[union-attr]
 
 

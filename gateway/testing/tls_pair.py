@@ -58,9 +58,8 @@ def tls_pair(chain: str, key: str, ca: str, server_protocol: Protocol | None = N
     clock = Clock()
     inner = Factory.forProtocol(Collector) if server_protocol is None else Factory.forProtocol(lambda: server_protocol)
     server_factory = TLSMemoryBIOFactory(ServerTLS(chain, key, b"imap"), False, inner, clock=clock)
-    client_factory = TLSMemoryBIOFactory(client_tls("localhost", ca) if client_creator is None else client_creator, True,
-                                         Factory.forProtocol(Collector),
-                                         clock=clock)
+    creator = client_tls("localhost", ca) if client_creator is None else client_creator
+    client_factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Collector), clock=clock)
     server = server_factory.buildProtocol(None)
     client = client_factory.buildProtocol(None)
     wire = FakeTransport(server, isServer=True)
