@@ -540,15 +540,15 @@ def decrypt_reads_at_once(tls: TLSMemoryBIOProtocol | None) -> None:
     :param tls: the TLS protocol, as :func:`tls_layer` found it; None (a connection in clear)
         is left alone, and so is a TLS protocol of a class Twisted did not make.
     """
-    lighter = _DECRYPTING_AT_ONCE.get(type(tls))
-    if lighter is not None:
+    if type(tls) is BufferingTLSTransport:
         # The subclass adds behaviour and no state, so the running protocol can take it on.
-        tls.__class__ = lighter  # type: ignore[union-attr]
+        tls.__class__ = _DecryptingAtOnce
 
 
-class _DecryptingAtOnce:
+class _DecryptingAtOnce(BufferingTLSTransport):
     """
-    Mixed into Twisted's TLS protocol: what a read brings is decrypted and handed on in one pass.
+    The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included: what a read brings is
+    decrypted and handed on in one pass.
 
     Twisted's own reading goes through pyOpenSSL, which checks each call's result in Python and
     ends every read with an exception raised and caught (``WantReadError``), twice: once for the
@@ -560,43 +560,30 @@ class _DecryptingAtOnce:
     keeps it) and handles it.
     """
 
-    _handshakeDone: bool
-    _appSendBuffer: list[bytes]
-    _lostTLSConnection: bool
-    _aborted: bool
-    _tlsConnection: SSL.Connection
-    wrappedProtocol: object
-
     def dataReceived(self, data: bytes) -> None:
         if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
-            super().dataReceived(data)  # type: ignore[misc]
+            super().dataReceived(data)
             return
         connection = self._tlsConnection
         with _ffi.from_buffer(data) as buffer:
             taken = _lib.BIO_write(connection._into_ssl, buffer, len(data))
         if taken != len(data):  # the memory BIO could not grow: Twisted's reading reports it
             _lib.ERR_clear_error()
-            super().dataReceived(data[max(taken, 0):])  # type: ignore[misc]
+            super().dataReceived(data[max(taken, 0):])
             return
         ssl = connection._ssl
         while not self._lostTLSConnection:
             read = _lib.SSL_read(ssl, _plaintext.pointer, _PLAINTEXT)
             if read <= 0:
                 if _lib.SSL_get_error(ssl, read) != _lib.SSL_ERROR_WANT_READ:
-                    self._flushReceiveBIO()  # type: ignore[attr-defined]
+                    self._flushReceiveBIO()
                     return
                 break
             if not self._aborted:
-                self.wrappedProtocol.dataReceived(_ffi.unpack(_plaintext.pointer, read))  # type: ignore[attr-defined]
+                self.wrappedProtocol.dataReceived(_ffi.unpack(_plaintext.pointer, read))
         if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL):  # an answer, such as refusing a renegotiation
-            self._flushSendBIO()  # type: ignore[attr-defined]
+            self._flushSendBIO()
 
-
-class _BufferingDecryptingAtOnce(_DecryptingAtOnce, BufferingTLSTransport):
-    """The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included, reading at once."""
-
-
-_DECRYPTING_AT_ONCE: dict[type, type] = {BufferingTLSTransport: _BufferingDecryptingAtOnce}
 
 # What one SSL_read may return at most (a record holds 16 KiB; Twisted asks for twice as much).
 _PLAINTEXT = 2**15

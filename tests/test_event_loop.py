@@ -49,6 +49,12 @@ class _Reader:
         self.lost.append(reason)
 
 
+def _close_wakers(reactor: EPollReactor | SelectReactor) -> None:
+    """Close the waker a reactor opened for itself."""
+    for waker in reactor._internalReaders:
+        waker.connectionLost(Failure(CONNECTION_DONE))
+
+
 class StreamlineTests(SynchronousTestCase):
     """The switched reactor hands ready descriptors over as Twisted's does, less the per-event log context."""
 
@@ -60,9 +66,28 @@ class StreamlineTests(SynchronousTestCase):
     @staticmethod
     def _close(reactor: EPollReactor) -> None:
         """Close what the reactor opened: its waker and its epoll descriptor (the tests close their sockets)."""
-        for waker in reactor._internalReaders:
-            waker.connectionLost(Failure(CONNECTION_DONE))
+        _close_wakers(reactor)
         reactor._poller.close()
+
+    def _ending_in(self, name: str, failure: BaseException) -> _Reader:
+        """A ready reader whose read ends its connection, and whose connectionLost then raises ``failure``."""
+        reader = _Reader(self, name)
+        reader.on_read = lambda: CONNECTION_DONE
+
+        def lost(reason: Failure) -> None:
+            raise failure
+
+        reader.connectionLost = lost  # type: ignore[method-assign]
+        self.reactor.addReader(reader)
+        reader.peer.send(b"x")
+        return reader
+
+    def _ready(self, name: str) -> _Reader:
+        """A reader with a byte waiting."""
+        reader = _Reader(self, name)
+        self.reactor.addReader(reader)
+        reader.peer.send(b"x")
+        return reader
 
     def test_switched(self) -> None:
         """The reactor is still Twisted's epoll reactor, with the lighter dispatch."""
@@ -73,14 +98,9 @@ class StreamlineTests(SynchronousTestCase):
     def test_other_reactor_left_alone(self) -> None:
         """A reactor that is not Twisted's epoll reactor keeps its class."""
         other = SelectReactor()
-        self.addCleanup(self._close_select, other)
+        self.addCleanup(_close_wakers, other)
         streamline(other)
         self.assertIs(type(other), SelectReactor)
-
-    @staticmethod
-    def _close_select(reactor: SelectReactor) -> None:
-        for waker in reactor._internalReaders:
-            waker.connectionLost(Failure(CONNECTION_DONE))
 
     def test_reads(self) -> None:
         """A ready descriptor is read."""
@@ -92,10 +112,8 @@ class StreamlineTests(SynchronousTestCase):
 
     def test_read_failure(self) -> None:
         """A descriptor whose reading raises is disconnected and the failure logged, as by Twisted's dispatch."""
-        reader = _Reader(self, "reader")
+        reader = self._ready("reader")
         reader.on_read = lambda: 1 / 0
-        self.reactor.addReader(reader)
-        reader.peer.send(b"x")
         with capturedLogs() as events:
             self.reactor.doIteration(1)
         self.assertEqual(len(reader.lost), 1)
@@ -107,16 +125,8 @@ class StreamlineTests(SynchronousTestCase):
         A failure raised past Twisted's own handling (by a descriptor's connectionLost) is logged
         under the descriptor's log prefix, and the other ready descriptors are still handled.
         """
-        failing, other = _Reader(self, "failing,7,127.0.0.1"), _Reader(self, "other")
-        failing.on_read = lambda: CONNECTION_DONE
-
-        def lost(reason: Failure) -> None:
-            raise RuntimeError("connectionLost failed")
-
-        failing.connectionLost = lost  # type: ignore[method-assign]
-        for reader in (failing, other):
-            self.reactor.addReader(reader)
-            reader.peer.send(b"x")
+        self._ending_in("failing,7,127.0.0.1", RuntimeError("connectionLost failed"))
+        other = self._ready("other")
         with capturedLogs() as events:
             self.reactor.doIteration(1)
         self.assertEqual(other.read, [b"x"], "a descriptor ready in the same batch was not handled")
@@ -126,41 +136,22 @@ class StreamlineTests(SynchronousTestCase):
 
     def test_exit_logged(self) -> None:
         """Even SystemExit from a handler's disconnection is logged, as callWithLogger logs it, and the batch goes on."""
-        failing, other = _Reader(self, "failing"), _Reader(self, "other")
-        failing.on_read = lambda: CONNECTION_DONE
-
-        def lost(reason: Failure) -> None:
-            raise SystemExit(3)
-
-        failing.connectionLost = lost  # type: ignore[method-assign]
-        for reader in (failing, other):
-            self.reactor.addReader(reader)
-            reader.peer.send(b"x")
+        self._ending_in("failing", SystemExit(3))
+        other = self._ready("other")
         self.reactor.doIteration(1)
         self.assertEqual(other.read, [b"x"])
         self.assertEqual(len(self.flushLoggedErrors(SystemExit)), 1)
 
     def test_interrupt_raised(self) -> None:
         """KeyboardInterrupt from a handler's disconnection ends the iteration, as with callWithLogger."""
-        reader = _Reader(self, "reader")
-        reader.on_read = lambda: CONNECTION_DONE
-
-        def lost(reason: Failure) -> None:
-            raise KeyboardInterrupt()
-
-        reader.connectionLost = lost  # type: ignore[method-assign]
-        self.reactor.addReader(reader)
-        reader.peer.send(b"x")
+        self._ending_in("reader", KeyboardInterrupt())
         self.assertRaises(KeyboardInterrupt, self.reactor.doIteration, 1)
 
     def test_removed_in_the_same_batch(self) -> None:
         """A descriptor removed by a handler earlier in the same batch is not handed over."""
-        first, second = _Reader(self, "first"), _Reader(self, "second")
+        first, second = self._ready("first"), self._ready("second")
         first.on_read = lambda: self.reactor.removeReader(second)
         second.on_read = lambda: self.reactor.removeReader(first)
-        for reader in (first, second):
-            self.reactor.addReader(reader)
-            reader.peer.send(b"x")
         self.reactor.doIteration(1)
         self.assertEqual(len(first.read) + len(second.read), 1)
 
