@@ -28,7 +28,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from gateway.sockets import stream_connection
-from gateway.tls import decrypt_reads_at_once, release_tls_buffers, tls_ended, tls_layer, write_tls_now
+from gateway.tls import switch_to_relaying, release_tls_buffers, tls_ended, tls_layer, write_tls_now
 
 # Once more than this has passed since the TLS buffers were last given back, each read no larger
 # tries to give them back again (which works once they hold nothing).
@@ -63,6 +63,8 @@ class Splice:
         self._backend = backend
         self._to_client = _Outlet(client)
         self._to_backend = _Outlet(backend)
+        for outlet in (self._to_client, self._to_backend):
+            switch_to_relaying(outlet.tls)  # first: the methods bound below are the switched class's
         self._activity = activity
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
@@ -73,7 +75,6 @@ class Splice:
         client.registerProducer(_Reading(backend, self._to_client), True)  # type: ignore[attr-defined]
         backend.registerProducer(_Reading(client, self._to_backend), True)  # type: ignore[attr-defined]
         for outlet in (self._to_client, self._to_backend):
-            decrypt_reads_at_once(outlet.tls)
             outlet.compact()
 
     def from_client(self, data: bytes) -> None:
@@ -173,10 +174,10 @@ class _Outlet:
     One side's transport, written to and encrypted before the reactor turn ends.
 
     Twisted's TLS layer holds small writes back until the next reactor turn, to make fewer
-    records of them; the relay writes what one read brought, so it writes past that hold. The
-    records one write makes are handed to the socket in one write (see
-    :func:`gateway.tls.write_tls_now`). The splice also switches the side's TLS layer to
-    decrypting each read in one pass (:func:`gateway.tls.decrypt_reads_at_once`).
+    records of them; the relay writes what one read brought, so the splice switches the side's
+    TLS layer to one without that hold, which also decrypts each read in one pass
+    (:func:`gateway.tls.switch_to_relaying`). The records one write makes are handed to the
+    socket in one write (see :func:`gateway.tls.write_tls_now`).
     """
 
     __slots__ = ("transport", "tls", "_connection")

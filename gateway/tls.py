@@ -11,8 +11,9 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 :func:`ensure_self_signed` provides a certificate when none is configured,
 :func:`describe_tls` reports what an established connection negotiated, and
 :func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
-writes without waiting for the next reactor turn, :func:`decrypt_reads_at_once`
-has a relayed connection decrypt what it reads in one pass, :func:`release_tls_buffers`
+writes without waiting for the next reactor turn, :func:`switch_to_relaying`
+has a relayed connection decrypt what it reads in one pass and drop Twisted's
+write aggregation, :func:`release_tls_buffers`
 gives back the memory a burst of traffic left in a connection's TLS layer, and
 :func:`tls_ended` tells when a peer has ended TLS under a registered producer.
 """
@@ -53,7 +54,7 @@ from gateway.config import NamedCertificate
 from gateway.sockets import write_transient
 
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
-           "write_tls_now", "decrypt_reads_at_once", "release_tls_buffers", "tls_ended"]
+           "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
 
@@ -478,9 +479,9 @@ def write_tls_now(tls: TLSMemoryBIOProtocol, data: bytes) -> None:
     (OpenSSL keeps it, its first cause included) and handles it.
 
     Twisted has no public way to do this: this reaches its private aggregator
-    and TLS state, and the unaggregated ``write`` beneath them, as
-    :class:`_DecryptingAtOnce` reaches its reading. ``tests/test_tls.py``
-    fails if Twisted's TLS layer stops working this way.
+    (which :func:`switch_to_relaying` drops) and TLS state, and the unaggregated
+    ``write`` beneath them, as :class:`_Relaying` reaches its reading.
+    ``tests/test_tls.py`` fails if Twisted's TLS layer stops working this way.
 
     :param tls: the TLS protocol, as :func:`tls_layer` found it.
     """
@@ -534,21 +535,25 @@ class _RecordBuffer:
 _records = _RecordBuffer()  # the records of a relayed write (write_tls_now)
 
 
-def decrypt_reads_at_once(tls: TLSMemoryBIOProtocol | None) -> None:
-    """Switch a TLS protocol to decrypting what it reads in the lighter way of :class:`_DecryptingAtOnce`.
+def switch_to_relaying(tls: TLSMemoryBIOProtocol | None) -> None:
+    """Switch a TLS protocol to the relay's lighter reading and writing, :class:`_Relaying`.
+
+    What Twisted's write aggregation holds is written first, and the aggregation is dropped.
 
     :param tls: the TLS protocol, as :func:`tls_layer` found it; None (a connection in clear)
         is left alone, and so is a TLS protocol of a class Twisted did not make.
     """
     if type(tls) is BufferingTLSTransport:
+        tls._aggregator.close()  # writes what it holds, and cancels the turn it waits for
+        del tls._aggregator, tls.write  # the instance's own write: the aggregator's
         # The subclass adds behaviour and no state, so the running protocol can take it on.
-        tls.__class__ = _DecryptingAtOnce
+        tls.__class__ = _Relaying
 
 
-class _DecryptingAtOnce(BufferingTLSTransport):
+class _Relaying(TLSMemoryBIOProtocol):
     """
-    The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included: what a read brings is
-    decrypted and handed on in one pass.
+    The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included, once it is relayed:
+    what a read brings is decrypted and handed on in one pass, and writes are not aggregated.
 
     Twisted's own reading goes through pyOpenSSL, which checks each call's result in Python and
     ends every read with an exception raised and caught (``WantReadError``), twice: once for the
@@ -558,6 +563,10 @@ class _DecryptingAtOnce(BufferingTLSTransport):
     open connection, and any result but data or "read more" (close_notify, an alert, a
     failure), is left to Twisted's own reading, which meets the same condition again (OpenSSL
     keeps it) and handles it.
+
+    It is ``BufferingTLSTransport`` without the aggregation of small writes, which the relay
+    writes past (:func:`write_tls_now`): the aggregator, its buffer and two bound methods would
+    stay with each session for nothing, about half a KiB.
     """
 
     def dataReceived(self, data: bytes) -> None:
@@ -587,7 +596,7 @@ class _DecryptingAtOnce(BufferingTLSTransport):
 
 # What one SSL_read may return at most (a record holds 16 KiB; Twisted asks for twice as much).
 _PLAINTEXT = 2**15
-_plaintext = _RecordBuffer(_PLAINTEXT)  # what one SSL_read decrypts (_DecryptingAtOnce)
+_plaintext = _RecordBuffer(_PLAINTEXT)  # what one SSL_read decrypts (_Relaying)
 
 
 def release_tls_buffers(tls: TLSMemoryBIOProtocol | None) -> bool:

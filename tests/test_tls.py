@@ -43,16 +43,17 @@ from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.test.iosim import IOPump
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from gateway.testing.pki import TestCA
-from gateway.testing.tls_pair import memory_bios, tls_pair
+from gateway.testing.tls_pair import Collector, memory_bios, tls_pair
 from gateway.tls import (
     ServerTLS,
     TLSError,
     client_tls,
-    decrypt_reads_at_once,
+    switch_to_relaying,
     describe_tls,
     ensure_self_signed,
     release_tls_buffers,
@@ -625,6 +626,14 @@ class TLSLayerTests(_LoopbackTestCase):
         self.assertIsNone(tls_layer(StringTransport()))
 
 
+def _assert_sent_once(case: SynchronousTestCase, pump: IOPump, collector: Collector, expected: bytes) -> None:
+    """What the server wrote reaches the client in this reactor turn, and nothing of it again in later ones."""
+    pump.pump(advanceClock=False)
+    case.assertEqual(collector.received, expected)
+    pump.flush()
+    case.assertEqual(collector.received, expected, "a held write was sent twice")
+
+
 class WriteTLSNowTests(SynchronousTestCase):
     """
     write_tls_now against Twisted's own TLS protocol, connected in memory to a TLS client.
@@ -663,10 +672,7 @@ class WriteTLSNowTests(SynchronousTestCase):
         """What Twisted's TLS layer was holding goes out first, in order."""
         self.server.write(b"* OK ")
         write_tls_now(self.server, b"still here\r\n")
-        self.pump.pump(advanceClock=False)
-        self.assertEqual(self.collector.received, b"* OK still here\r\n")
-        self.pump.flush()
-        self.assertEqual(self.collector.received, b"* OK still here\r\n", "a held write was sent twice")
+        _assert_sent_once(self, self.pump, self.collector, b"* OK still here\r\n")
 
     def test_bulk_in_one_write(self) -> None:
         """A bulk write is encrypted whole: full 16 KiB records, handed to the transport in one write, intact."""
@@ -733,12 +739,12 @@ class WriteTLSNowTests(SynchronousTestCase):
         self.assertNotIn(b"late", self.collector.received)
 
 
-class DecryptReadsAtOnceTests(SynchronousTestCase):
+class SwitchToRelayingTests(SynchronousTestCase):
     """
-    decrypt_reads_at_once against Twisted's own TLS protocol, connected in memory to a TLS client.
+    switch_to_relaying against Twisted's own TLS protocol, connected in memory to a TLS client.
 
-    If these fail after a Twisted or pyOpenSSL upgrade, gateway.tls._DecryptingAtOnce must follow
-    how Twisted's TLS layer reads again.
+    If these fail after a Twisted or pyOpenSSL upgrade, gateway.tls._Relaying must follow
+    how Twisted's TLS layer reads and writes again.
     """
 
     def setUp(self) -> None:
@@ -749,7 +755,7 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
         self.assertIs(type(self.server), BufferingTLSTransport, "Twisted's factory makes another TLS protocol")
         # Twisted lets go of both once the connection is lost.
         self.inner, self.connection = self.server.wrappedProtocol, self.server._tlsConnection
-        decrypt_reads_at_once(self.server)
+        switch_to_relaying(self.server)
         self.twisted_reads = 0  # Twisted's own reading, which the switched protocol leaves the rest to
         flush = self.server._flushReceiveBIO
 
@@ -767,12 +773,39 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
         self.pump.pump(advanceClock=False)
 
     def test_switched(self) -> None:
-        """The protocol keeps its class's behaviour and state; only its reading changes."""
-        self.assertIsInstance(self.server, BufferingTLSTransport)
-        self.assertIsNot(type(self.server), BufferingTLSTransport)
+        """The protocol keeps Twisted's TLS behaviour and state, less the write aggregation."""
+        self.assertIsInstance(self.server, TLSMemoryBIOProtocol)
+        self.assertNotIsInstance(self.server, BufferingTLSTransport)
         unswitched = tls_pair(self.files.chain, self.files.key, self.files.root).server
-        self.assertEqual(self.server.__dict__.keys() - {"_flushReceiveBIO"}, unswitched.__dict__.keys(),
-                         "the switch added or removed state")
+        self.assertEqual(self.server.__dict__.keys() - {"_flushReceiveBIO"},
+                         unswitched.__dict__.keys() - {"_aggregator", "write"},
+                         "the switch added or removed other state")
+
+    def test_held_writes_first(self) -> None:
+        """What the aggregation held when the protocol was switched goes out at once, once, and first."""
+        pair = tls_pair(self.files.chain, self.files.key, self.files.root)
+        pair.server.write(b"a1 OK ")
+        switch_to_relaying(pair.server)
+        self.assertEqual(pair.clock.getDelayedCalls(), [], "the aggregation's turn is still pending")
+        write_tls_now(pair.server, b"logged in\r\n")
+        _assert_sent_once(self, pair.pump, pair.collector, b"a1 OK logged in\r\n")
+
+    def test_writes_not_held(self) -> None:
+        """A plain write, such as the front end's own when it ends a relayed session, goes out in the same turn."""
+        self.server.write(b"* BYE\r\n")
+        self.assertEqual(self.pump.clock.getDelayedCalls(), [])
+        self.pump.pump(advanceClock=False)
+        self.assertEqual(self.collector.received, b"* BYE\r\n")
+
+    def test_writes_after_loss_dropped(self) -> None:
+        """Once the connection is lost, writes are dropped without an error, as the aggregation's were."""
+        self.collector.transport.loseConnection()
+        self.pump.flush()
+        self.assertFalse(self.server.connected)
+        self.server.write(b"late\r\n")
+        self.server.writeSequence([b"late", b"\r\n"])
+        self.pump.flush()
+        self.assertNotIn(b"late", self.collector.received)
 
     def test_records_in_order(self) -> None:
         """Several records arriving in one read are decrypted in one pass and delivered in order, intact."""
@@ -814,7 +847,7 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
                                     extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2})
         pair = tls_pair(files.chain, files.key, files.root, client_creator=tls12)
         self.assertEqual(describe_tls(pair.server)[0], "TLSv1.2")
-        decrypt_reads_at_once(pair.server)
+        switch_to_relaying(pair.server)
         client = pair.collector.transport._tlsConnection
         client.renegotiate()
         self.assertRaises(SSL.WantReadError, client.do_handshake)
@@ -860,7 +893,7 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
     def test_client_side(self) -> None:
         """The client side of a connection (the backend's TLS) reads at once too."""
         client = self.collector.transport
-        decrypt_reads_at_once(client)
+        switch_to_relaying(client)
         self.assertIsNot(type(client), BufferingTLSTransport)
         bulk = bytes(range(256)) * 400
         write_tls_now(self.server, b"* OK\r\n")
@@ -885,13 +918,13 @@ class DecryptReadsAtOnceTests(SynchronousTestCase):
 
     def test_clear_and_foreign(self) -> None:
         """A connection in clear, and a TLS protocol of a class Twisted did not make, are left alone."""
-        decrypt_reads_at_once(None)
+        switch_to_relaying(None)
 
         class Own(TLSMemoryBIOProtocol):
             pass
 
         own = Own.__new__(Own)
-        decrypt_reads_at_once(own)
+        switch_to_relaying(own)
         self.assertIs(type(own), Own)
 
 
