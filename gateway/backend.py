@@ -191,6 +191,15 @@ class _Dialing(ClientFactory):
         self._protocol.fail(reason.value)
 
 
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address (connected to as it is) rather than a name to resolve."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
 
 
@@ -211,6 +220,7 @@ class BackendConnector:
         self._login_protocol = login_protocol
         self._tls = client_tls(settings.server_name, settings.ca_file) if settings.tls != "none" else None
         self.address = f"{settings.host}:{settings.port}"
+        self._host_is_address = _is_address(settings.host)
         self.announced: tuple[bytes, ...] | None = None
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
@@ -265,20 +275,19 @@ class BackendConnector:
 
         An address is connected to with the reactor itself: no resolver (whose thread hop would
         cost every login), and none of an endpoint's wrappers, which would stay with the
-        connection for as long as the session lasts (about 0.6 KB). A host name goes through
-        Twisted's C{HostnameEndpoint}, which resolves it and tries each address it finds.
+        connection for as long as the session lasts (about 0.6 KB), and no timer of its own: the
+        login's timeout covers connecting. A host name goes through Twisted's C{HostnameEndpoint},
+        which resolves it and tries each address it finds.
 
         :returns: stops connecting (before the connection is made).
         """
         host, port, timeout = self.settings.host, self.settings.port, self.settings.timeout
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
+        if not self._host_is_address:
             attempt = HostnameEndpoint(self._reactor, host, port, timeout=timeout).connect(factory)
             attempt.addErrback(lambda failure: protocol.fail(failure.value))
             return attempt.cancel
         try:
-            connector = self._reactor.connectTCP(host, port, factory, timeout=timeout)
+            connector = self._reactor.connectTCP(host, port, factory, timeout=None)  # type: ignore[arg-type]
         except Exception as error:  # an IPv6 scope the system cannot resolve fails at once, in connectTCP
             protocol.fail(error)
             return lambda: None

@@ -26,6 +26,11 @@ _SASL_FAILURES = {
     SaslFailure.MALFORMED: b" BAD Invalid SASL response.\r\n",
 }
 
+# What a connection offers before login (worked out once): STARTTLS and LOGINDISABLED until TLS, AUTH= after.
+_COMMON_CAPABILITIES = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
+_SECURE_CAPABILITIES = format_capabilities(_COMMON_CAPABILITIES + [b"AUTH=PLAIN", b"AUTH=LOGIN"])
+_CLEAR_CAPABILITIES = format_capabilities(_COMMON_CAPABILITIES + [b"STARTTLS", b"LOGINDISABLED"])
+
 
 class ImapFrontEnd(LoginFrontEnd):
     """One IMAP client connection."""
@@ -41,9 +46,7 @@ class ImapFrontEnd(LoginFrontEnd):
 
     def capabilities(self) -> bytes:
         """What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after."""
-        caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
-        caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"] if self.secure else [b"STARTTLS", b"LOGINDISABLED"]
-        return format_capabilities(caps)
+        return _SECURE_CAPABILITIES if self.secure else _CLEAR_CAPABILITIES
 
     # -- hooks of LoginFrontEnd
 

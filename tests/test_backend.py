@@ -122,10 +122,14 @@ class EndpointTests(ConnectorTestBase):
     """How the backend's address is reached."""
 
     def test_ipv4_literal(self) -> None:
-        """An IPv4 address is connected to directly, without the resolver, with the configured timeout."""
+        """
+        An IPv4 address is connected to directly, without the resolver, and without a timer of the
+        connection's own: the login's timeout covers connecting (test_timeout_connecting).
+        """
         attempt = self.connector().login(REQUEST)
         self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 143))
-        self.assertEqual(self.reactor.tcpClients[0][3], 2.5)
+        self.assertIsNone(self.reactor.tcpClients[0][3])
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1, "more than the login's own timer")
         self.assertEqual(self.resolver.names, [])
         self.refuse(attempt)
 
