@@ -569,6 +569,10 @@ class _Relaying(TLSMemoryBIOProtocol):
     stay with each session for nothing, about half a KiB.
     """
 
+    # None: write_tls_now reads it here, where an attribute missing would go through
+    # ProtocolWrapper.__getattr__ to the transport below, and fail, on every relayed write.
+    _aggregator = None
+
     def dataReceived(self, data: bytes) -> None:
         if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
             super().dataReceived(data)

@@ -41,6 +41,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump
@@ -796,6 +797,19 @@ class SwitchToRelayingTests(SynchronousTestCase):
         self.assertEqual(self.pump.clock.getDelayedCalls(), [])
         self.pump.pump(advanceClock=False)
         self.assertEqual(self.collector.received, b"* BYE\r\n")
+
+    def test_relayed_write_asks_no_transport(self) -> None:
+        """A relayed write finds all it reads on the protocol: nothing goes through ProtocolWrapper.__getattr__."""
+        asked: list[str] = []
+        forward = ProtocolWrapper.__getattr__
+
+        def recorded(wrapper: ProtocolWrapper, name: str) -> Any:
+            asked.append(name)
+            return forward(wrapper, name)
+
+        self.patch(ProtocolWrapper, "__getattr__", recorded)
+        write_tls_now(self.server, b"* OK\r\n")
+        self.assertEqual(asked, [])
 
     def test_writes_after_loss_dropped(self) -> None:
         """Once the connection is lost, writes are dropped without an error, as the aggregation's were."""
