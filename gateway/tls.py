@@ -546,7 +546,8 @@ def switch_to_relaying(tls: TLSMemoryBIOProtocol | None) -> None:
     if type(tls) is BufferingTLSTransport:
         tls._aggregator.close()  # writes what it holds, and cancels the turn it waits for
         del tls._aggregator, tls.write  # the instance's own write: the aggregator's
-        # The subclass adds behaviour and no state, so the running protocol can take it on.
+        # _Relaying is TLSMemoryBIOProtocol with its own reading: with the state
+        # BufferingTLSTransport adds gone, the running protocol can take it on.
         tls.__class__ = _Relaying
 
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.relay import Splice, _Outlet, hand_over
 from gateway.testing.pki import TestCA
 from gateway.testing.tls_pair import TLSPair, memory_bios, tls_pair
-from gateway.tls import describe_tls, switch_to_relaying
+from gateway.tls import _Relaying, describe_tls, switch_to_relaying
 
 _APPLICATION_DATA = 23
 _MAX_RECORD_PAYLOAD = 2**14
@@ -70,6 +70,11 @@ class TLSTests(SynchronousTestCase):
         self.tls, self.wire, self.collector, self.pump = pair.server, pair.wire, pair.collector, pair.pump
         self.backend = StringTransport()
         self.splice = Splice(self.tls, self.backend)
+
+    def test_switched(self) -> None:
+        """The splice switches a TLS side to relaying: no write aggregation stays with the session."""
+        self.assertIs(type(self.tls), _Relaying)
+        self.assertNotIn("_aggregator", vars(self.tls))
 
     def test_reply_leaves_at_once(self) -> None:
         """A small reply from the backend is encrypted and on the wire without another reactor turn."""

@@ -792,7 +792,7 @@ class SwitchToRelayingTests(SynchronousTestCase):
         _assert_sent_once(self, pair.pump, pair.collector, b"a1 OK logged in\r\n")
 
     def test_writes_not_held(self) -> None:
-        """A plain write, such as the front end's own when it ends a relayed session, goes out in the same turn."""
+        """A plain write to the switched protocol goes out in the same turn."""
         self.server.write(b"* BYE\r\n")
         self.assertEqual(self.pump.clock.getDelayedCalls(), [])
         self.pump.pump(advanceClock=False)
