@@ -38,6 +38,11 @@ MAX_MESSAGE = 1024 * 1024
 
 _MAX_FIELD = 16 * 1024
 _PLAIN = (str, int, float, bool, type(None))
+
+# Made once: json.dumps with any option, and json.loads of bytes (which it sniffs for an
+# encoding), set up anew on every call, about ten times per login on each end.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
 _DROPPED = frozenset({"log_logger", "log_source", "log_observer", "log_trace", "log_failure", "log_level"})
 
 
@@ -48,7 +53,7 @@ class _Channel(LineOnlyReceiver):
     def send(self, *message: object) -> None:
         """Write one message (nothing once the channel has gone)."""
         if self.transport is not None:
-            self.transport.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+            self.transport.write(_encode(message).encode("ascii") + b"\n")  # the encoder escapes all else
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.error("worker_channel_message_too_long length={length}", length=len(line))
@@ -87,7 +92,7 @@ class SupervisorChannel(_Channel):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            serial, name, *arguments = json.loads(line)
+            serial, name, *arguments = _decode(line.decode("ascii"))
             answer = self._handlers[name](*arguments)
         except Exception:
             log.failure("worker_channel_bad_message")
@@ -203,7 +208,7 @@ class WorkerChannel(_Channel):
         self.tell("log", loggable(event))
 
     def lineReceived(self, line: bytes) -> None:
-        serial, answer = json.loads(line)
+        serial, answer = _decode(line.decode("ascii"))
         self._waiting.pop(serial).callback(answer)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:

@@ -88,6 +88,13 @@ class ChannelTests(SynchronousTestCase):
         first.pump.flush()
         self.assertEqual(self.connections.sessions("alice"), 0)
 
+    def test_names_beyond_ascii(self) -> None:
+        """A user name beyond ASCII crosses the channel escaped, and counts as the same user on every worker."""
+        first, second = Worker(self), Worker(self)
+        self.assertIs(first.answer(first.gatekeeper.open_session("jörg@bücher.example")), True)
+        self.assertIs(second.answer(second.gatekeeper.open_session("jörg@bücher.example")), False)
+        self.assertEqual(self.connections.sessions("jörg@bücher.example"), 1)
+
     def test_failures_count_every_worker(self) -> None:
         """Failures from one address escalate across workers; the same wrong password counts once."""
         first, second = Worker(self), Worker(self)
@@ -161,6 +168,15 @@ class ChannelTests(SynchronousTestCase):
         worker.pump.flush()
         self.assertEqual(worker.lost, 1)
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_message_beyond_ascii_closes_channel(self) -> None:
+        """The channel's messages are ASCII (JSON escapes the rest): raw bytes beyond it are a bad message."""
+        worker = Worker(self)
+        assert worker.channel.transport is not None
+        worker.channel.transport.write('[1,"admit","198.51.100.7\u00e9"]\n'.encode("utf-8"))
+        worker.pump.flush()
+        self.assertEqual(worker.lost, 1)
+        self.assertEqual(len(self.flushLoggedErrors(UnicodeDecodeError)), 1)
 
     def test_log_events_are_published(self) -> None:
         """A worker's event reaches the supervisor's log with its level, namespace, time and text."""
