@@ -28,7 +28,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from gateway.sockets import stream_connection
-from gateway.tls import switch_to_relaying, release_tls_buffers, tls_ended, tls_layer, write_tls_now
+from gateway.tls import release_tls_buffers, switch_to_relaying, tls_ended, tls_layer, write_tls_now
 
 # Once more than this has passed since the TLS buffers were last given back, each read no larger
 # tries to give them back again (which works once they hold nothing).

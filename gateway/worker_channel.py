@@ -38,12 +38,12 @@ MAX_MESSAGE = 1024 * 1024
 
 _MAX_FIELD = 16 * 1024
 _PLAIN = (str, int, float, bool, type(None))
+_DROPPED = frozenset({"log_logger", "log_source", "log_observer", "log_trace", "log_failure", "log_level"})
 
 # Made once: json.dumps with any option, and json.loads of bytes (which it sniffs for an
 # encoding), set up anew on every call, about ten times per login on each end.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
-_DROPPED = frozenset({"log_logger", "log_source", "log_observer", "log_trace", "log_failure", "log_level"})
 
 
 class _Channel(LineOnlyReceiver):
