@@ -9,7 +9,6 @@ L{BackendUnavailable}, except a refusal of the credentials, which is L{BackendRe
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from gateway import protocol_slots
+from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
 from gateway.relay import Splice, hand_over
 from gateway.sockets import tune
@@ -191,15 +191,6 @@ class _Dialing(ClientFactory):
         self._protocol.fail(reason.value)
 
 
-def _is_address(host: str) -> bool:
-    """Whether ``host`` is an IP address (connected to as it is) rather than a name to resolve."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
 
 
@@ -220,7 +211,7 @@ class BackendConnector:
         self._login_protocol = login_protocol
         self._tls = client_tls(settings.server_name, settings.ca_file) if settings.tls != "none" else None
         self.address = f"{settings.host}:{settings.port}"
-        self._host_is_address = _is_address(settings.host)
+        self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
