@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from gateway import protocol_slots
+from gateway import slots
 from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
 from gateway.relay import Splice, hand_over
@@ -76,7 +76,7 @@ class LoginRequest:
     master_user: str | None = None
 
 
-class BackendLogin(LineReceiver):
+class BackendLogin(slots.TwistedDefaults, LineReceiver):
     """
     Base of the protocol-specific login dialogues with the backend.
 
@@ -94,14 +94,13 @@ class BackendLogin(LineReceiver):
     """
 
     # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
-    __slots__ = (*protocol_slots.LINE_RECEIVER,
+    __slots__ = (*slots.LINE_RECEIVER,
                  "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost")
 
     MAX_LENGTH = 65536
 
     def __init__(self, request: LoginRequest, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
-        protocol_slots.set_defaults(self, protocol_slots.LINE_RECEIVER)
         self.request: LoginRequest | None = request
         self.settings = settings
         self.tls = tls

@@ -32,7 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway import protocol_slots
+from gateway import slots
 from gateway.addresses import address_host
 from gateway.auth import IAuthenticator
 from gateway.backend import (
@@ -141,7 +141,7 @@ def loggable_user(user: str) -> str:
 
 
 @implementer(IHandshakeListener)
-class LoginFrontEnd(LineReceiver, TimeoutMixin):
+class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     """
     One client connection before and after login; subclassed once per protocol.
 
@@ -151,9 +151,9 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     """
 
     # One per connection, for as long as it lasts: its attributes in slots, not a dict (about 1 KiB less
-    # per session), and Twisted's too (see gateway.protocol_slots).
+    # per session), and Twisted's too (see gateway.slots).
     __slots__ = (
-        *protocol_slots.LINE_RECEIVER, *protocol_slots.TIMEOUT_MIXIN,
+        *slots.LINE_RECEIVER, *slots.TIMEOUT_MIXIN,
         "context", "clock", "callLater", "MAX_LENGTH", "secure", "user", "login_failures", "_errors",
         "_phase", "_deadline", "_pending", "_session", "_closing", "_admitted", "_lost",
         "_backend_started", "_session_user", "_sasl", "backend_refusal", "_splice", "idle_deadline",
@@ -164,7 +164,6 @@ class LoginFrontEnd(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
 
     def __init__(self, context: FrontEndContext) -> None:
-        protocol_slots.set_defaults(self, protocol_slots.LINE_RECEIVER + protocol_slots.TIMEOUT_MIXIN)
         self.context = context
         self.clock = context.clock
         self.callLater = context.clock.callLater  # TimeoutMixin's timer source

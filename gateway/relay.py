@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from gateway.slots import SLOTTED_CONNECTIONS
 from gateway.sockets import stream_connection
 from gateway.tls import release_tls_buffers, switch_to_relaying, tls_ended, tls_layer, write_tls_now
 
@@ -213,10 +214,12 @@ class _Outlet:
         not, a producer was registered sooner or later), and Python then gives each a dict of
         its own, sized for three times what it holds: about 0.8 KiB for their 12 to 16
         attributes. Rebuilt at their present size, they take about half as much, for as long as
-        the session lasts. A dict still shared is smaller than that, and is kept.
+        the session lasts. A dict still shared is smaller than that, and is kept. A connection
+        the gateway's reactor made has its attributes in slots, and no dict to rebuild (asking
+        for it would make one).
         """
         for layer in (self.tls, self._connection):
-            if layer is not None:
+            if layer is not None and not isinstance(layer, SLOTTED_CONNECTIONS):
                 attributes = vars(layer)
                 rebuilt = dict(attributes)  # sized for what it holds (copy() may keep the old size)
                 if sys.getsizeof(rebuilt) < sys.getsizeof(attributes):

@@ -30,6 +30,8 @@ from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
+from gateway.slots import SLOTTED_CONNECTIONS
+
 __all__ = ["stream_connection", "tune", "write_backlog", "write_transient"]
 
 
@@ -120,12 +122,11 @@ class _WritingThrough:
         _newtls.startTLS(self, ctx, normal, _SocketWrites)
 
 
-class _Server(_WritingThrough, tcp.Server):
-    """An accepted connection whose writes go out at once."""
+def _writing_through(connection: type) -> type:
+    """A subclass of a TCP connection class whose writes go out at once."""
+    return type(connection.__name__, (_WritingThrough, connection), {"__slots__": ()})
 
 
-class _Client(_WritingThrough, tcp.Client):
-    """An outgoing connection whose writes go out at once."""
-
-
-_WRITING_THROUGH: dict[type, type] = {tcp.Server: _Server, tcp.Client: _Client}
+# Twisted's own connections, and the slotted ones of the gateway's reactor (gateway.slots).
+_WRITING_THROUGH: dict[type, type] = {
+    connection: _writing_through(connection) for connection in (tcp.Server, tcp.Client, *SLOTTED_CONNECTIONS)}

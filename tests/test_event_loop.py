@@ -1,5 +1,6 @@
 """
-Tests for gateway.event_loop: Twisted's epoll reactor, switched to the lighter hand-over of ready descriptors.
+Tests for gateway.event_loop: Twisted's epoll reactor, switched to the lighter hand-over of ready
+descriptors and to slotted TCP connections.
 
 Each test runs its own reactor (not the one the test suite runs on) over real socket pairs.
 If these fail after a Twisted upgrade, gateway.event_loop must follow Twisted's epoll reactor again.
@@ -9,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+import shutil
 import socket
+import tempfile
 
+from twisted.internet import tcp, unix
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import capturedLogs
 from twisted.python import log
@@ -20,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.event_loop import streamline
+from gateway.slots import SlottedClient, SlottedConnector, SlottedServer
 
 
 class _Reader:
@@ -154,6 +161,52 @@ class StreamlineTests(SynchronousTestCase):
         second.on_read = lambda: self.reactor.removeReader(first)
         self.reactor.doIteration(1)
         self.assertEqual(len(first.read) + len(second.read), 1)
+
+
+class ConnectionClassTests(SynchronousTestCase):
+    """The switched reactor makes its TCP connections slotted (gateway.slots), and leaves UNIX ones alone."""
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(StreamlineTests._close, self.reactor)
+        streamline(self.reactor)
+
+    def _closing(self, port: tcp.Port | unix.Port) -> None:
+        """Close a listening port at the end, without running the reactor."""
+        self.addCleanup(port.connectionLost, Failure(CONNECTION_DONE))
+
+    def test_listen(self) -> None:
+        """A port it listens on accepts slotted connections."""
+        port = self.reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self._closing(port)
+        self.assertIs(port.transport, SlottedServer)
+
+    def test_adopt(self) -> None:
+        """A TCP port it adopts (a worker's share of a listening socket) accepts slotted connections."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            port = self.reactor.adoptStreamPort(listening.fileno(), socket.AF_INET, Factory())
+        self._closing(port)
+        self.assertIs(port.transport, SlottedServer)
+
+    def test_adopt_unix(self) -> None:
+        """A UNIX port it adopts keeps Twisted's connection class."""
+        directory = tempfile.mkdtemp(prefix="test_event_loop-")
+        self.addCleanup(shutil.rmtree, directory)
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(os.path.join(directory, "socket"))
+            listening.listen()
+            port = self.reactor.adoptStreamPort(listening.fileno(), socket.AF_UNIX, Factory())
+        self._closing(port)
+        self.assertIs(port.transport, unix.Server)
+
+    def test_connect(self) -> None:
+        """A connection it makes (as Twisted's client endpoints do, through connectTCP) is slotted."""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            connector = self.reactor.connectTCP("127.0.0.1", listening.getsockname()[1], ClientFactory(), timeout=5)
+            self.addCleanup(connector.stopConnecting)
+            self.assertIsInstance(connector, SlottedConnector)
+            self.assertIs(type(connector.transport), SlottedClient)
+            self.assertEqual((connector.host, connector.timeout), ("127.0.0.1", 5))
 
 
 class TwistedDispatchTests(SynchronousTestCase):

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from gateway.slots import SlottedServer
 from gateway.sockets import stream_connection, tune, write_backlog, write_transient
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, tls_layer, write_tls_now
@@ -63,13 +64,21 @@ def _read(peer: socket.socket, size: int) -> bytes:
 
 
 class _Connected(TestCase):
-    """A tuned accepted connection, with a plain blocking socket as its peer."""
+    """
+    A tuned accepted connection, with a plain blocking socket as its peer.
+
+    :cvar accepted_as: the class the port makes the connection of: Twisted's, or the gateway's
+        reactor's (``gateway.slots``).
+    """
+
+    accepted_as: type[tcp.Server] = tcp.Server
 
     @inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
         made: Deferred[_Accepted] = Deferred()
         port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Accepted(made)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        port.transport = self.accepted_as
         self.peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
         self.addCleanup(self.peer.close)
         self.accepted = yield made
@@ -85,6 +94,11 @@ class _Connected(TestCase):
 
 class WriteThroughTests(_Connected):
     """Writes on a tuned connection reach its socket at once, with Twisted's buffering kept."""
+
+    def test_class(self) -> None:
+        """The tuned connection is still of the class it was accepted as, with writes that go out at once."""
+        self.assertIsInstance(self.transport, self.accepted_as)
+        self.assertIsNot(type(self.transport), self.accepted_as)
 
     def test_no_delay(self) -> None:
         """Nagle's algorithm is off on the tuned connection."""
@@ -279,6 +293,30 @@ class StartTLSTests(_Connected):
         write_tls_now(tls_layer(transport), bulk)
         received = yield deferToThread(_read, wrapped, len(bulk))
         self.assertTrue(received == bulk, "a bulk write after STARTTLS arrived changed")
+
+
+class SlottedWriteThroughTests(WriteThroughTests):
+    """The same, on a connection with its attributes in slots."""
+
+    accepted_as = SlottedServer
+
+
+class SlottedBacklogTests(BacklogTests):
+    """The same, on a connection with its attributes in slots."""
+
+    accepted_as = SlottedServer
+
+
+class SlottedTransientWriteTests(TransientWriteTests):
+    """The same, on a connection with its attributes in slots."""
+
+    accepted_as = SlottedServer
+
+
+class SlottedStartTLSTests(StartTLSTests):
+    """The same, on a connection with its attributes in slots."""
+
+    accepted_as = SlottedServer
 
 
 class FindingTests(TestCase):
