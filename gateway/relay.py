@@ -215,8 +215,8 @@ class _Outlet:
         its own, sized for three times what it holds: about 0.8 KiB for their 12 to 16
         attributes. Rebuilt at their present size, they take about half as much, for as long as
         the session lasts. A dict still shared is smaller than that, and is kept. A connection
-        the gateway's reactor made has its attributes in slots, and no dict to rebuild (asking
-        for it would make one).
+        the gateway's reactor made keeps its attributes in slots, and its dict holds ``fileno``
+        alone: nothing to gain.
         """
         for layer in (self.tls, self._connection):
             if layer is not None and not isinstance(layer, SLOTTED_CONNECTIONS):

@@ -58,8 +58,11 @@ TIMEOUT_MIXIN = ("timeOut", "_TimeoutMixin__timeoutCall")
 # What Twisted sets on every TCP connection it keeps open (FileDescriptor's, Connection's), and
 # what flow control and STARTTLS set for the rest of a session. Not ``fileno``: Twisted puts the
 # socket's in place of the class's method, and deletes it once the socket is closed (the
-# reactor then relies on the class's -1), which a slot cannot do. It and what only closing sets
-# stay ordinary attributes, which Python keeps without a dict while their order is the same.
+# reactor then relies on the class's -1), which a slot cannot do. It stays an ordinary
+# attribute, as do the methods Twisted replaces for a while (``doRead`` and ``doWrite`` while a
+# client connects or once a connection is aborted; ``getHandle``, ``getPeerCertificate`` and the
+# interface declaration after STARTTLS) and what only closing sets. Python keeps those in a small
+# dict once ``gateway.sockets.tune`` has switched the connection's class (64 bytes for ``fileno``).
 _CONNECTION = ("reactor", "socket", "protocol", "connected", "_tempDataBuffer", "_tempDataLen", "producer",
                "streamingProducer", "producerPaused", "dataBuffer", "offset", "logstr", "_addressType", "TLS")
 _SERVER = ("client", "server", "sessionno", "hostname", "repstr")

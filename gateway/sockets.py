@@ -124,7 +124,7 @@ class _WritingThrough:
 
 def _writing_through(connection: type) -> type:
     """A subclass of a TCP connection class whose writes go out at once."""
-    return type(connection.__name__, (_WritingThrough, connection), {"__slots__": ()})
+    return type(f"_{connection.__name__}", (_WritingThrough, connection), {"__slots__": ()})
 
 
 # Twisted's own connections, and the slotted ones of the gateway's reactor (gateway.slots).

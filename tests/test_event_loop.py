@@ -202,11 +202,13 @@ class ConnectionClassTests(SynchronousTestCase):
     def test_connect(self) -> None:
         """A connection it makes (as Twisted's client endpoints do, through connectTCP) is slotted."""
         with socket.create_server(("127.0.0.1", 0)) as listening:
-            connector = self.reactor.connectTCP("127.0.0.1", listening.getsockname()[1], ClientFactory(), timeout=5)
+            connector = self.reactor.connectTCP("127.0.0.1", listening.getsockname()[1], ClientFactory(), timeout=5,
+                                                bindAddress=("127.0.0.1", 0))
             self.addCleanup(connector.stopConnecting)
             self.assertIsInstance(connector, SlottedConnector)
             self.assertIs(type(connector.transport), SlottedClient)
-            self.assertEqual((connector.host, connector.timeout), ("127.0.0.1", 5))
+            self.assertEqual((connector.host, connector.timeout, connector.bindAddress), ("127.0.0.1", 5, ("127.0.0.1", 0)))
+            self.assertEqual(connector.transport.getHost().host, "127.0.0.1", "bound as asked")
 
 
 class TwistedDispatchTests(SynchronousTestCase):

@@ -1,7 +1,7 @@
 """
 The slotted TCP connections of gateway.slots, on real loopback sockets: they behave as Twisted's
-own (defaults, connecting, a refused connection, closing), and a session's worth of use leaves
-their attributes in slots, with no dict.
+own (defaults, connecting, a refused connection or a failed bind, closing), and a session's
+worth of use leaves all their attributes but ``fileno`` in slots.
 
 If these fail after a Twisted upgrade, gateway.slots must follow Twisted's TCP classes again.
 """
@@ -9,18 +9,22 @@ If these fail after a Twisted upgrade, gateway.slots must follow Twisted's TCP c
 from __future__ import annotations
 
 import gc
+import inspect
 import socket
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectBindError, ConnectionRefusedError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from gateway.relay import _Outlet
 from gateway.slots import SlottedClient, SlottedConnector, SlottedServer, TwistedDefaults
+from gateway.sockets import tune
 
 
 class _Peer(Protocol):
@@ -55,11 +59,32 @@ class _Peer(Protocol):
 
 def _in_slots(connection: object) -> bool:
     """
-    Whether a connection keeps its attributes in slots: no dict was made for it, and what it
-    keeps outside them is only the socket's ``fileno`` (asking for that makes a dict).
+    Whether a connection keeps its attributes in slots: all it keeps outside them is the
+    socket's ``fileno``. (Asking makes the connection's dict, if it had none.)
     """
-    made = dict in [type(referent) for referent in gc.get_referents(connection)]
-    return not made and set(vars(connection)) <= {"fileno"}
+    return set(vars(connection)) <= {"fileno"}
+
+
+def _has_dict(connection: object) -> bool:
+    """Whether Python has made the connection's dict (as CPython 3.11 to 3.13 report it to the garbage collector)."""
+    return dict in [type(referent) for referent in gc.get_referents(connection)]
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """A streaming producer that records whether it was asked to pause."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class SlottedConnectionTests(TestCase):
@@ -97,17 +122,24 @@ class SlottedConnectionTests(TestCase):
 
     @inlineCallbacks
     def test_session_in_slots(self):  # type: ignore[no-untyped-def]
-        """Data both ways, a write the socket cannot take at once, a paused producer: no dict on either side."""
+        """
+        Tuned as the gateway tunes them, with data both ways, a write the socket cannot take at
+        once and a producer paused by it: both connections keep all but ``fileno`` in slots.
+        """
+        tune(self.accepted)
+        tune(self.made)
+        producer = _Producer()
+        self.accepted.registerProducer(producer, True)
         self.made.write(b"a1 NOOP\r\n")
         yield self.server.receive(9)
         bulk = b"x" * (8 << 20)  # more than the socket takes at once: buffered by Twisted
         self.accepted.write(bulk)
         self.assertTrue(self.accepted.dataBuffer or self.accepted._tempDataLen, "nothing was buffered")
-        self.made.pauseProducing()
-        self.made.resumeProducing()
+        self.assertTrue(producer.paused)
         yield self.client.receive(len(bulk))
         self.assertEqual(self.server.received, b"a1 NOOP\r\n")
         self.assertTrue(self.client.received == bulk, "the bulk write arrived changed")
+        self.assertFalse(producer.paused, "resumed once the buffer was written")
         self.assertTrue(_in_slots(self.accepted), vars(self.accepted))
         self.assertTrue(_in_slots(self.made), vars(self.made))
 
@@ -123,9 +155,10 @@ class SlottedConnectionTests(TestCase):
             connection.loseConnection()  # after the loss: asks the reactor to stop reading, by fileno
 
     def test_compact_makes_no_dict(self) -> None:
-        """The relay's compaction of a connection's dict leaves a slotted connection without one."""
+        """The relay's compaction of connections' dicts does not make one for a slotted connection."""
+        self.assertFalse(_has_dict(self.accepted), "made before compaction: nothing to test")
         _Outlet(self.accepted).compact()
-        self.assertTrue(_in_slots(self.accepted))
+        self.assertFalse(_has_dict(self.accepted))
 
 
 class _Refused(ClientFactory):
@@ -157,6 +190,19 @@ class RefusedTests(TestCase):
         self.assertFalse(hasattr(client, "socket"))
         self.assertEqual(client.fileno(), -1)
 
+    @inlineCallbacks
+    def test_bind_fails(self):  # type: ignore[no-untyped-def]
+        """A SlottedClient that cannot bind its socket fails as Twisted's does."""
+        factory = _Refused()
+        connector = SlottedConnector("127.0.0.1", 9, factory, 10, ("192.0.2.1", 0), reactor)  # not this host's
+        connector.connect()
+        client = connector.transport
+        error = yield factory.failed
+        self.assertIsInstance(error, ConnectBindError)
+        yield deferLater(reactor, 0, lambda: None)
+        self.assertFalse(hasattr(client, "connector"))
+        self.assertEqual(client.fileno(), -1)
+
 
 class SlottedServerTests(SynchronousTestCase):
     """A SlottedServer starts as Twisted's Server does."""
@@ -171,12 +217,23 @@ class SlottedServerTests(SynchronousTestCase):
         return server
 
     def test_defaults(self) -> None:
-        """Every attribute Twisted's class gives a value reads the same on a new slotted connection."""
+        """Every value Twisted's class gives an attribute (not a method) reads the same on a new slotted connection."""
         slotted, twisted = self._server(SlottedServer), self._server(tcp.Server)
-        for name in dir(tcp.Server):
-            if not name.startswith("__") and not callable(getattr(tcp.Server, name)):
-                self.assertEqual(getattr(slotted, name), getattr(twisted, name), name)
+        for name, value in _values(tcp.Server):
+            self.assertEqual(getattr(slotted, name), getattr(twisted, name), name)
         self.assertTrue(_in_slots(slotted), vars(slotted))
+
+    def test_client_defaults(self) -> None:
+        """Every value Twisted's client class gives an attribute reads the same on a new SlottedClient, before it connects."""
+        client = SlottedClient.__new__(SlottedClient)
+        for name, value in _values(tcp.Client):
+            self.assertEqual(getattr(client, name), value, name)
+
+
+def _values(cls: type) -> list[tuple[str, object]]:
+    """The attributes a class gives a value that is not a method or another descriptor."""
+    return [(name, getattr(cls, name)) for name in dir(cls)
+            if not name.startswith("__") and not hasattr(type(inspect.getattr_static(cls, name)), "__get__")]
 
 
 class _Twisted:
