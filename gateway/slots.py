@@ -13,7 +13,8 @@ dict.
   among their slots: 0.3 to 0.5 KB less per protocol, two protocols per session.
 - **TCP connections.** The gateway's reactor (:mod:`gateway.event_loop`) makes each TCP
   connection, accepted or made, a :class:`SlottedServer` or a :class:`SlottedClient`, whose
-  attributes fill a 464-byte dict otherwise, two connections per session.
+  attributes fill a 464-byte dict otherwise, two connections per session. Their dict keeps
+  ``fileno`` alone (see :data:`_CONNECTION`).
 """
 
 from __future__ import annotations
