@@ -2,7 +2,8 @@
 The submission front end (RFC 5321, 3207, 4954, 6409, 8314): mail submission over TLS only,
 authenticated, relayed to the backend MTA by an SMTP-aware relay.
 
-Before login it offers EHLO (STARTTLS until TLS, AUTH after), NOOP, RSET and QUIT, and refuses
+Before TLS (port 587) only EHLO, NOOP, STARTTLS and QUIT work; every other command gets 530
+(RFC 3207 4). Before login it offers EHLO (AUTH after TLS), HELO, NOOP, RSET and QUIT, and refuses
 MAIL, RCPT and DATA. After AUTH every command still passes through the gateway, one at a time
 and in order (so pipelined commands get their replies in order): MAIL FROM must be an address
 the user may send as, SIZE is enforced both as declared and as sent, the recipient count is
@@ -35,12 +36,14 @@ COMMAND_LINE_LIMIT = 512   # RFC 5321 4.5.3.1.4, CRLF excluded
 AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 
 _END_OF_DATA = b"\r\n.\r\n"
+_DOT_LINE = len(b".\r\n")  # the terminator's own line: read and counted, but not part of the message
 _BARE_LINE_ENDING = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 _ANY_END_OF_DATA = re.compile(rb"\r?\n\.\r?\n")
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 _NOT_IMPLEMENTED = (b"VRFY", b"EXPN", b"HELP", b"TURN", b"ETRN", b"BDAT", b"ATRN")
+_BEFORE_TLS = (b"EHLO", b"NOOP", b"STARTTLS", b"QUIT")  # RFC 3207 4: all else gets 530 until TLS
 
 _SASL_FAILURES = {
     SaslFailure.UNKNOWN_MECHANISM: b"504 5.5.4 Unrecognized authentication type\r\n",
@@ -82,7 +85,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._sender: bytes | None = None
         self._recipients = 0
         self._transaction_timer: IDelayedCall | None = None
-        # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes so far, too big?
+        # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes read so far
+        # (the ".\r\n" line included, see _message_size), too big?
         self._data_tail = b""
         self._data_size = 0
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
@@ -128,7 +132,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._error(b"500 5.5.2 Line too long")
             return
         handler = _COMMANDS.get(verb)
-        if handler is not None and b"\0" not in line:
+        if not self.secure and verb not in _BEFORE_TLS:
+            self._error(b"530 5.7.0 Must issue a STARTTLS command first")
+        elif handler is not None and b"\0" not in line:
             handler(self, argument)
         elif verb in _NOT_IMPLEMENTED:
             self._error(b"502 5.5.1 Command not implemented")
@@ -195,9 +201,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self.start_tls()
 
     def do_AUTH(self, argument: bytes) -> None:
-        if not self.secure:
-            self._error(b"530 5.7.0 Must issue a STARTTLS command first")
-        elif self.user is not None:
+        if self.user is not None:
             self._error(b"503 5.5.1 Already authenticated")
         elif not self._greeted:
             self._error(b"503 5.5.1 Send EHLO first")
@@ -219,13 +223,10 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.close()
 
     def _must_be_logged_in(self) -> bool:
-        if not self.secure:
-            self._error(b"530 5.7.0 Must issue a STARTTLS command first")
-        elif self.user is None:
+        if self.user is None:
             self._error(b"530 5.7.0 Authentication required")
-        else:
-            return True
-        return False
+            return False
+        return True
 
     # -- the mail transaction
 
@@ -341,15 +342,24 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._reply(refusal)
             return
         assert self._backend is not None
+        self.setTimeout(None)  # the MTA's turn, as in _relay: FINAL_REPLY_TIMEOUT is its deadline
         waiting = self._backend.expect_reply()
         waiting.addTimeout(FINAL_REPLY_TIMEOUT, self.clock)
         waiting.addCallbacks(self._message_done, self._backend_failed)
         self._pending = waiting  # cancelled if the client goes away meanwhile
 
+    def _message_size(self) -> int:
+        """
+        The message as the client sent it after the 354: every line with its CRLF (dot-stuffing
+        included), up to and including the last line's CRLF; the terminating ".\r\n" line is not
+        counted. The bytes read so far may end with (part of) that line, hence at most 3 bytes
+        too few while the message streams; exact once it has ended.
+        """
+        return self._data_size - _DOT_LINE
+
     def _message_bytes(self, chunk: bytes) -> None:
         self._data_size += len(chunk)
-        # The terminator's 5 bytes are not part of the message.
-        if self._data_refusal is None and self._data_size > self._size_limit() + len(_END_OF_DATA):
+        if self._data_refusal is None and self._message_size() > self._size_limit():
             self._refuse_message(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n", "size")
         if self._data_refusal is None and self._backend is not None:
             self._backend.write_data(chunk)
@@ -368,9 +378,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         assert self.user is not None
         log.info("message protocol=submission client={client} user={user} size={size} recipients={recipients} "
                  "reply={code}", client=self.client.host, user=loggable_user(self.user),
-                 size=self._data_size - len(_END_OF_DATA), recipients=self._recipients, code=reply.code)
+                 size=self._message_size(), recipients=self._recipients, code=reply.code)
         self._end_transaction(reset_backend=False)
-        self._reply(reply.encode())
+        self._mta_replied(reply)
 
     def _too_slow(self) -> None:
         self._transaction_timer = None
@@ -417,13 +427,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
         def answered(reply: Reply) -> None:
             then(reply)
-            if reply.code == 421:
-                # The MTA is closing this session: so does the client's, as RFC 5321 3.8 has it.
-                self._drop_backend()
-                self.send(reply.encode())
-                self.close()
-                return
-            self._reply(reply.encode())
+            self._mta_replied(reply)
 
         def send(backend: SmtpBackend) -> Deferred[Reply]:
             reply = backend.command(line)
@@ -433,6 +437,16 @@ class SubmissionFrontEnd(LoginFrontEnd):
         connecting.addCallback(send)
         connecting.addCallbacks(answered, self._backend_failed)
         self._pending = connecting  # cancelled if the client goes away meanwhile
+
+    def _mta_replied(self, reply: Reply) -> None:
+        """Pass the MTA's reply on to the client, and read the next command."""
+        if reply.code == 421:
+            # The MTA is closing this session: so does the client's, as RFC 5321 3.8 has it.
+            self._drop_backend()
+            self.send(reply.encode())
+            self.close()
+            return
+        self._reply(reply.encode())
 
     def _connected_backend(self) -> Deferred[SmtpBackend]:
         if self._backend is not None and self._backend.lost:
@@ -455,7 +469,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _use_backend(self, backend: SmtpBackend) -> None:
         self._backend = backend
         backend.start_session()
-        backend.transport.registerProducer(_ClientReads(self.transport), True)  # type: ignore[union-attr,arg-type]
+        reads = _ClientReads(self.transport, self._mta_lost)  # type: ignore[arg-type]
+        backend.transport.registerProducer(reads, True)  # type: ignore[union-attr]
         backend.result.addErrback(lambda failure: None)
 
     def _drop_backend(self) -> None:
@@ -463,6 +478,15 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if backend is not None and backend.transport is not None and not backend.lost:
             backend.transport.unregisterProducer()  # type: ignore[attr-defined]
             backend.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _mta_lost(self) -> None:
+        """
+        The MTA connection is gone. A reply being waited for fails by itself (L{_backend_failed});
+        a message being streamed cannot, so it is refused with the same 451 at its end, and the
+        client, which the MTA's backpressure may have paused, is read again.
+        """
+        if not self.line_mode and self._data_refusal is None:
+            self._refuse_message(_BACKEND_DOWN, "backend-lost")
 
     def _backend_failed(self, failure: Failure) -> None:
         if self.closed:
@@ -553,11 +577,13 @@ class _ClientReads:
     """
     Backpressure from the MTA to the client: a full MTA send buffer pauses reading from the
     client. Unlike registering the client's transport itself, the MTA connection closing (its
-    idle timeout, say) does not close the client: the next MAIL simply connects again.
+    idle timeout, say) does not close the client: the next MAIL simply connects again, and
+    C{lost} tells the front end, which must not stay paused for good.
     """
 
-    def __init__(self, transport: IPushProducer) -> None:
+    def __init__(self, transport: IPushProducer, lost: Callable[[], None]) -> None:
         self._transport = transport
+        self._lost = lost
 
     def pauseProducing(self) -> None:
         self._transport.pauseProducing()
@@ -566,4 +592,5 @@ class _ClientReads:
         self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        pass
+        # Twisted calls this when the MTA connection is lost, not when the front end unregisters us.
+        self._lost()

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64, unslotted
 from twisted.internet.error import ConnectionLost
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
@@ -98,6 +99,14 @@ class PlainListenerTests(SubmissionTestBase):
         for line in (AUTH_BOB, b"MAIL FROM:<bob@example.org>\r\n", b"RCPT TO:<x@example.org>\r\n", b"DATA\r\n"):
             self.assertEqual(self.say(line), b"530 5.7.0 Must issue a STARTTLS command first\r\n")
         self.assertEqual(self.auth.checked, [])
+
+    def test_only_ehlo_noop_starttls_quit_before_tls(self) -> None:
+        """Before TLS, HELO, RSET, VRFY, EXPN, HELP, BDAT and unknown verbs get 530 5.7.0 (RFC 3207 4)."""
+        for line in (b"HELO client\r\n", b"RSET\r\n", b"VRFY bob\r\n", b"EXPN list\r\n", b"HELP\r\n",
+                     b"BDAT 10 LAST\r\n", b"FOO\r\n"):
+            self.assertEqual(self.say(line), b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+            self.assertEqual(self.say(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")  # keeps the error count low
+        self.assertEqual(self.say(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
 
     def test_starttls_discards_and_forgets(self) -> None:
         """STARTTLS drops pipelined input and the earlier EHLO; it is not offered again."""
@@ -438,6 +447,69 @@ class ReviewFixTests(SubmissionTestBase):
         self.mta().dataReceived(b"421 4.3.0 shutting down\r\n")
         self.assertEqual(self.read(), b"421 4.3.0 shutting down\r\n")
         self.assertTrue(self.transport.disconnecting)
+
+    def test_no_client_timeout_while_mta_takes_the_message(self) -> None:
+        """
+        While the MTA works on its reply to the final dot (it may take 10 minutes) the client's idle
+        timer stops; it runs again from the relayed reply.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.clock.advance(550)
+        self.assertEqual(self.read(), b"")
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued\r\n")
+        self.clock.advance(299)
+        self.assertEqual(self.read(), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+
+    def test_mta_lost_while_its_backpressure_pauses_data(self) -> None:
+        """
+        An MTA lost while its full send buffer has paused the client mid-message: the client is read
+        again, its message ends with 451 4.4.1, and the session goes on over a new MTA connection.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
+        mta = self.mta()
+        reads = mta.transport.producer
+        reads.pauseProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+        # As Twisted does when a connection is lost: stop its producer, then tell its protocol.
+        reads.stopProducing()
+        mta.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.say(b"part two\r\n.\r\n"),
+                         b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.assertEqual(len(self.backend.requests), 2)
+        self.assertEqual(self.mta_got(1), b"MAIL FROM:<bob@example.org>\r\n")
+
+    def test_mta_421_after_data_closes_client(self) -> None:
+        """An MTA 421 to the final dot reaches the client, and the client's session closes too."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        self.mta().dataReceived(b"421 4.3.0 shutting down\r\n")
+        self.assertEqual(self.read(), b"421 4.3.0 shutting down\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(self.mta().transport.disconnecting)
+
+    def test_message_size_as_sent(self) -> None:
+        """
+        A message's size is what the client sent after the 354 up to its last CRLF, the terminating
+        dot line excluded: it is logged so, and held to the limit so (1000 bytes pass, 1001 do not).
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for body in (b"", b"x" * 998 + b"\r\n"):
+            self.start_data()
+            self.front.dataReceived(body + b".\r\n")
+            self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+            self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
+        self.assertEqual([event["size"] for event in events if event["log_format"].startswith("message ")], [0, 1000])
+        self.start_data()
+        self.front.dataReceived(b"x" * 999 + b"\r\n.\r\n")
+        self.assertEqual(self.read(), b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
 
     def test_non_ascii_needs_smtputf8(self) -> None:
         """A look-alike address (U+212A KELVIN SIGN for K) needs SMTPUTF8 and never passes as the user's own."""
