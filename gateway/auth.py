@@ -16,9 +16,10 @@ import secrets
 from collections import OrderedDict
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
@@ -118,11 +119,25 @@ class Authenticator:
         if version is not None and self._verified.fresh(user, password, version):
             return succeed(True)
         assert IReactorFromThreads.providedBy(self._reactor)
-        checking = deferToThreadPool(self._reactor, self._pool, self._users.verify, user, password)  # type: ignore[arg-type]
+        users = self._users
+        # Cancelled (the client has gone) before a thread takes it, the check costs no hash: a
+        # client that sends a password and leaves at once leaves nothing queued to pay for.
+        abandoned = False
+
+        def check() -> bool:
+            return not abandoned and users.verify(user, password)
+
+        def abandon(failure: Failure) -> Failure:
+            nonlocal abandoned
+            abandoned = abandoned or failure.check(CancelledError) is not None
+            return failure
 
         def checked(good: bool) -> bool:
             if good and version is not None:
                 self._verified.remember(user, password, version)
             return good
 
-        return checking.addCallback(checked)
+        # Without a canceller of its own, a cancelled Deferred fails at once and ignores the
+        # pool's later answer.
+        checking = deferToThreadPool(self._reactor, self._pool, check)  # type: ignore[arg-type]
+        return checking.addErrback(abandon).addCallback(checked)

@@ -517,6 +517,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if check.throttled:
             raise _Throttled()
         verifying = self.context.authenticator.verify(user, password)
+        verifying.addErrback(self._abandoned, user, password)
         verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
         return verifying
 
@@ -524,15 +525,29 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
                   sessions_full: bool) -> Deferred[BackendLogin]:
         if not good or (authzid and authzid != user):
             raise _BadCredentials("credentials")
+        if self.context.authenticator.backend_decides:
+            # Counted only once the backend has accepted: guesses must not take the user's slots,
+            # nor learn that the user is at the limit, which only the right password may tell.
+            return self._backend_login(user, password).addErrback(self._abandoned, user, password)
         if sessions_full:
             raise _TooManySessions()
-        if self.context.authenticator.backend_decides:
-            # Counted only once the backend has accepted: guesses must not take the user's slots.
-            return self._backend_login(user, password)
         opening = self.context.gatekeeper.open_session(user_key(user))
         opening.addCallback(self._session_opened, user)
         opening.addCallback(lambda _: self._backend_login(user, password))
         return opening
+
+    def _abandoned(self, failure: Failure, user: str, password: bytes) -> Failure:
+        """
+        Count a login whose client left while its password was being checked as a failed one:
+        a guesser that never waits for the answer would otherwise never be slowed or stopped.
+        A login the gateway itself ended (its deadline) is not the client's doing.
+        """
+        if failure.check(CancelledError) and self._lost:
+            log.info("login_failed protocol={protocol} client={client} user={user} reason=abandoned",
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+            counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
+            counting.addErrback(lambda counted: log.failure("counting an abandoned login failed", counted))
+        return failure
 
     def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings

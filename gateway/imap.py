@@ -26,6 +26,9 @@ _SASL_FAILURES = {
     SaslFailure.MALFORMED: b" BAD Invalid SASL response.\r\n",
 }
 
+# The commands that carry credentials.
+_LOGIN_COMMANDS = frozenset((b"LOGIN", b"AUTHENTICATE"))
+
 # What a connection offers before login (worked out once): STARTTLS and LOGINDISABLED until TLS, AUTH= after.
 _COMMON_CAPABILITIES = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
 _SECURE_CAPABILITIES = format_capabilities(_COMMON_CAPABILITIES + [b"AUTH=PLAIN", b"AUTH=LOGIN"])
@@ -96,6 +99,8 @@ class ImapFrontEnd(LoginFrontEnd):
             return
         self._command += b"\r\n"
         if literal.synchronizing:
+            if self._refused_before_literal():
+                return
             self.send(b"+ Ready for literal data.\r\n")
         if literal.size:
             self._literal_left = literal.size
@@ -110,6 +115,23 @@ class ImapFrontEnd(LoginFrontEnd):
         self._literal_left -= len(chunk)
         if not self._literal_left:
             self.back_to_lines(rest)
+
+    def _refused_before_literal(self) -> bool:
+        """
+        Refuse a command that could not run instead of asking for its literal (a client sends a
+        synchronizing literal only once asked, RFC 9051 7.5): one unknown before login, and LOGIN
+        or AUTHENTICATE before TLS, whose literal would carry credentials in clear.
+        """
+        if self._tag is None:
+            return False  # refused whole once it has arrived, with an untagged BAD
+        name = bytes(self._command[len(self._tag) + 1 :]).partition(b" ")[0].upper()
+        if name not in _COMMANDS:
+            self._bad(b"Unknown command or not allowed before login.")
+            return True
+        if name in _LOGIN_COMMANDS and not self._may_log_in():
+            self._command.clear()
+            return True
+        return False
 
     # -- commands
 

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -93,6 +94,62 @@ class AuthenticatorCacheTests(SynchronousTestCase):
         self.write("alice", b"new password")
         self.assertFalse(self.verify("alice", b"right"))
         self.assertTrue(self.verify("alice", b"new password"))
+
+
+class HeldPool(InlinePool):
+    """A thread pool stand-in that keeps work until told to run it, as a busy pool would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[Callable[[], None]] = []
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], f: Callable[..., Any],
+                                 *args: Any, **kwargs: Any) -> None:
+        self.queued.append(lambda: InlinePool.callInThreadWithCallback(self, on_result, f, *args, **kwargs))
+
+    def run(self) -> None:
+        while self.queued:
+            self.queued.pop(0)()
+
+
+class CountingUsers(UserDatabase):
+    """The users file, counting the hashes it verifies."""
+
+    hashes = 0
+
+    def verify(self, user: str, password: bytes) -> bool:
+        self.hashes += 1
+        return super().verify(user, password)
+
+
+class AbandonedCheckTests(SynchronousTestCase):
+    """A check whose client has gone before a pool thread takes it costs no hash."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="gw-auth-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "users")
+        with open(path, "w") as f:
+            f.write(f"alice:{hash_password(b'right', 'bcrypt')}\n")
+        self.pool = HeldPool()
+        self.users = CountingUsers(path)
+        self.auth = Authenticator(InlineReactor(), self.pool, self.users)  # type: ignore[arg-type]
+
+    def test_cancelled_before_a_thread_takes_it(self) -> None:
+        """Cancelled while queued: it fails with CancelledError at once, and no hash is computed later."""
+        checking = self.auth.verify("alice", b"wrong")
+        checking.cancel()
+        self.failureResultOf(checking, CancelledError)
+        self.pool.run()
+        self.assertEqual(self.users.hashes, 0)
+
+    def test_not_cancelled(self) -> None:
+        """The same check left alone is computed when a thread takes it."""
+        checking = self.auth.verify("alice", b"right")
+        self.assertNoResult(checking)
+        self.pool.run()
+        self.assertTrue(self.successResultOf(checking))
+        self.assertEqual(self.users.hashes, 1)
 
 
 class VerifiedCredentialsTests(SynchronousTestCase):

@@ -62,6 +62,31 @@ class PlainListenerTests(ImapTestBase):
         self.assertTrue(reply.startswith(b"a1 NO [PRIVACYREQUIRED] "))
         self.assertEqual(self.auth.checked, [])
 
+    def test_login_literal_before_starttls_not_asked_for(self) -> None:
+        """
+        LOGIN or AUTHENTICATE with a synchronizing literal before STARTTLS is refused at once:
+        no continuation asks the client to send credentials in clear.
+        """
+        for tag, command in ((b"a1", b"LOGIN bob {6}"), (b"a2", b"LOGIN {3}"), (b"a3", b"AUTHENTICATE PLAIN {16}"),
+                             (b"a4", b"login bob {6}")):
+            reply = self.say(tag + b" " + command + b"\r\n")
+            self.assertTrue(reply.startswith(tag + b" NO [PRIVACYREQUIRED] "), reply)
+            self.assertEqual(self.say(b"n NOOP\r\n"), b"n OK NOOP completed.\r\n")  # a new command, not a literal
+        # After a non-synchronizing literal, the next synchronizing one is refused the same way.
+        reply = self.say(b"a5 LOGIN {3+}\r\nbob {6}\r\n")
+        self.assertTrue(reply.startswith(b"a5 NO [PRIVACYREQUIRED] "), reply)
+        self.assertEqual(self.auth.checked, [])
+
+    def test_literal_of_unknown_command_not_asked_for(self) -> None:
+        """A command that does not exist before login gets its BAD instead of a continuation."""
+        self.assertEqual(self.say(b"a1 SELECT {5}\r\n"), b"a1 BAD Unknown command or not allowed before login.\r\n")
+        self.assertEqual(self.say(b"a2 NOOP\r\n"), b"a2 OK NOOP completed.\r\n")
+
+    def test_literal_of_allowed_command_asked_for(self) -> None:
+        """ID may take a literal before TLS: the continuation is sent, and the command runs."""
+        self.assertEqual(self.say(b'a1 ID ("name" {4}\r\n'), b"+ Ready for literal data.\r\n")
+        self.assertEqual(self.say(b"mutt)\r\n"), b'* ID ("name" "mailgateway")\r\na1 OK ID completed.\r\n')
+
     def test_starttls_discards_pipelined_commands(self) -> None:
         """Commands pipelined after STARTTLS in the same segment are discarded, never run."""
         reply = self.say(b"a1 STARTTLS\r\nb1 LOGIN bob secret\r\nb2 NOOP\r\n")
@@ -548,6 +573,88 @@ class BackendDecidesSessionTests(ImapTestBase):
         self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 OK "))
         self.assertEqual(self.connections.sessions("bob"), 1)
         guesser.connectionLost(Failure(ConnectionDone()))
+
+    def test_full_user_not_told_to_a_guesser(self) -> None:
+        """
+        A wrong password for a user at the session limit gets the paced authentication failure,
+        as for any user: only the right password learns that the sessions are full.
+        """
+        self.auth.backend_decides = True
+        self.backend.passwords = {"bob": b"secret"}
+        self.connections.rules = ConnectionRules(max_sessions_per_user=1)
+        self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 OK "))
+        guesser, guesser_transport = self.connect(host="203.0.113.9")
+        guesser_transport.clear()
+        guesser.dataReceived(b"g1 LOGIN bob wrong\r\n")
+        self.assertEqual(guesser_transport.value(), b"")
+        self.clock.advance(2)
+        self.assertEqual(guesser_transport.value(), b"g1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        guesser_transport.clear()
+        guesser.dataReceived(b"g2 LOGIN bob secret\r\n")
+        self.assertTrue(guesser_transport.value().startswith(b"g2 NO [UNAVAILABLE] Too many sessions"),
+                        guesser_transport.value())
+        guesser.connectionLost(Failure(ConnectionDone()))
+
+
+class AbandonedLoginTests(ImapTestBase):
+    """
+    A client that leaves while its password is being checked is counted as failing: a guesser
+    that never waits for the answer is slowed and stopped like one that does.
+    """
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        super().setUp()
+
+    def abandoned_events(self) -> list[dict]:
+        return [e for e in self.events if e["log_format"].startswith("login_failed ") and "reason=abandoned" in e["log_format"]]
+
+    def test_client_leaves_while_password_checked(self) -> None:
+        """Gone during the check: one failure counted for the user and the address, and logged for fail2ban."""
+        self.auth.hold = True
+        self.say(b"a1 LOGIN bob wrong\r\n")
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.penalties.sizes(), (1, 1, 1))
+        [event] = self.abandoned_events()
+        self.assertEqual((event["user"], event["client"]), ('"bob"', "192.168.1.1"))
+
+    def test_guesser_that_leaves_is_throttled(self) -> None:
+        """Past the address's budget of failures, its logins are refused before any check."""
+        self.penalties.rules = replace(self.penalty_rules, ip_budget=3)
+        self.auth.hold = True
+        for attempt in range(3):
+            front, _ = self.connect()
+            front.dataReceived(b"g LOGIN bob guess%d\r\n" % attempt)
+            front.connectionLost(Failure(ConnectionDone()))
+        checked = len(self.auth.checked)
+        self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 NO [UNAVAILABLE] Too many failed logins"))
+        self.assertEqual(len(self.auth.checked), checked)
+
+    def test_deadline_is_not_the_clients_doing(self) -> None:
+        """A check the gateway gave up on (its login deadline) is not counted against the client."""
+        self.auth.hold = True
+        self.say(b"a1 LOGIN bob wrong\r\n")
+        self.clock.advance(self.limits.login_timeout)
+        self.assertTrue(self.front.closed)
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
+        self.assertEqual(self.abandoned_events(), [])
+
+    def test_leaving_after_a_good_password_is_not_counted(self) -> None:
+        """Gone while the backend logs in, after the password was found good: nothing is counted."""
+        self.backend.hold = True
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
+
+    def test_backend_decides_client_leaves_during_backend_login(self) -> None:
+        """When the backend checks the password, leaving during its login counts as failing."""
+        self.auth.backend_decides = True
+        self.backend.hold = True
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.penalties.sizes(), (1, 1, 1))
+        self.assertEqual(len(self.abandoned_events()), 1)
 
 
 class NilUserTests(ImapTestBase):

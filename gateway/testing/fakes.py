@@ -27,16 +27,24 @@ class MemoryAuthenticator:
     Good passwords in a dict, answered at once.
 
     :ivar checked: the user names verified so far, in order.
+    :ivar hold: when True, answers wait in C{held} (as on a busy hashing pool) until the test fires them.
     """
 
     def __init__(self, passwords: dict[str, bytes], backend_decides: bool = False) -> None:
         self.passwords = passwords
         self.backend_decides = backend_decides
         self.checked: list[str] = []
+        self.hold = False
+        self.held: list[tuple[Deferred[bool], bool]] = []
 
     def verify(self, user: str, password: bytes) -> Deferred[bool]:
         self.checked.append(user)
-        return succeed(self.backend_decides or self.passwords.get(user) == password)
+        good = self.backend_decides or self.passwords.get(user) == password
+        if not self.hold:
+            return succeed(good)
+        waiting: Deferred[bool] = Deferred()
+        self.held.append((waiting, good))
+        return waiting
 
 
 
