@@ -121,7 +121,8 @@ class SubmissionSettings:
     :ivar max_message_size: largest message in bytes, announced as SIZE and enforced.
     :ivar max_recipients: recipients per message.
     :ivar idle_timeout: seconds of silence after login before the connection is closed.
-    :ivar transaction_timeout: seconds a MAIL transaction may take, from MAIL to the end of DATA.
+    :ivar transaction_timeout: seconds a MAIL transaction may take from MAIL to DATA's 354; the
+        upload after it is bounded only by C{idle_timeout} between reads.
     """
 
     implicit_tls: tuple[str, ...]
