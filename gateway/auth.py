@@ -14,9 +14,10 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -32,8 +33,14 @@ class IAuthenticator(Interface):
     backend_decides: bool  # type: ignore[misc]
     """True when there is no local database and the backend's answer decides."""
 
-    def verify(user: str, password: bytes) -> Deferred[bool]:
-        """Check credentials; fires True when they are good (always True when the backend decides)."""
+    def verify(user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
+        """
+        Check credentials; fires True when they are good (always True when the backend decides).
+
+        Cancelled before the check has started, it costs nothing and tells nothing. Cancelled
+        while it runs, the check finishes: C{wrong_after_all} is then called if the password
+        was wrong, so that a guess whose client did not wait for the answer still counts.
+        """
 
 
 
@@ -112,7 +119,7 @@ class Authenticator:
         self.backend_decides = users is None
         self._verified = VerifiedCredentials(reactor)
 
-    def verify(self, user: str, password: bytes) -> Deferred[bool]:
+    def verify(self, user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
         if self._users is None:
             return succeed(True)
         version = self._users.version()  # one stat: no read on the reactor thread
@@ -120,24 +127,28 @@ class Authenticator:
             return succeed(True)
         assert IReactorFromThreads.providedBy(self._reactor)
         users = self._users
-        # Cancelled (the client has gone) before a thread takes it, the check costs no hash: a
-        # client that sends a password and leaves at once leaves nothing queued to pay for.
         abandoned = False
 
-        def check() -> bool:
-            return not abandoned and users.verify(user, password)
+        def check() -> bool | None:
+            return None if abandoned else users.verify(user, password)
 
-        def abandon(failure: Failure) -> Failure:
+        def abandon(_: Deferred[bool]) -> None:
             nonlocal abandoned
-            abandoned = abandoned or failure.check(CancelledError) is not None
-            return failure
+            abandoned = True  # a thread that has not taken the check yet skips the hash
 
-        def checked(good: bool) -> bool:
+        def answered(good: bool | None) -> None:
             if good and version is not None:
                 self._verified.remember(user, password, version)
-            return good
+            if not checking.called:
+                checking.callback(bool(good))
+            elif good is False:
+                wrong_after_all()
 
-        # Without a canceller of its own, a cancelled Deferred fails at once and ignores the
-        # pool's later answer.
-        checking = deferToThreadPool(self._reactor, self._pool, check)  # type: ignore[arg-type]
-        return checking.addErrback(abandon).addCallback(checked)
+        def failed(failure: Failure) -> None:
+            if not checking.called:
+                checking.errback(failure)
+
+        checking: Deferred[bool] = Deferred(abandon)
+        hashing = deferToThreadPool(self._reactor, self._pool, check)  # type: ignore[arg-type]
+        hashing.addCallbacks(answered, failed)
+        return checking

@@ -516,8 +516,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def _verify(self, check: LoginCheck, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if check.throttled:
             raise _Throttled()
-        verifying = self.context.authenticator.verify(user, password)
-        verifying.addErrback(self._abandoned, user, password)
+        verifying = self.context.authenticator.verify(user, password, lambda: self._wrong_unanswered(user, password))
         verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
         return verifying
 
@@ -528,7 +527,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if self.context.authenticator.backend_decides:
             # Counted only once the backend has accepted: guesses must not take the user's slots,
             # nor learn that the user is at the limit, which only the right password may tell.
-            return self._backend_login(user, password).addErrback(self._abandoned, user, password)
+            return self._backend_login(user, password)
         if sessions_full:
             raise _TooManySessions()
         opening = self.context.gatekeeper.open_session(user_key(user))
@@ -536,18 +535,17 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         opening.addCallback(lambda _: self._backend_login(user, password))
         return opening
 
-    def _abandoned(self, failure: Failure, user: str, password: bytes) -> Failure:
+    def _wrong_unanswered(self, user: str, password: bytes) -> None:
         """
-        Count a login whose client left while its password was being checked as a failed one:
-        a guesser that never waits for the answer would otherwise never be slowed or stopped.
-        A login the gateway itself ended (its deadline) is not the client's doing.
+        A wrong password whose login ended (its client gone, its deadline passed) while the hash
+        ran: counted and logged as any failed login, or a guesser that never waits for the
+        answer would never be slowed or stopped. (A check cancelled before its hash started
+        costs nothing, tells nothing, and is not counted.)
         """
-        if failure.check(CancelledError) and self._lost:
-            log.info("login_failed protocol={protocol} client={client} user={user} reason=abandoned",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
-            counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
-            counting.addErrback(lambda counted: log.failure("counting an abandoned login failed", counted))
-        return failure
+        log.info("login_failed protocol={protocol} client={client} user={user} reason=credentials",
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+        counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
+        counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
 
     def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings

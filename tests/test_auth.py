@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -61,7 +61,7 @@ class AuthenticatorCacheTests(SynchronousTestCase):
             f.write(f"{user}:{hash_password(password, 'bcrypt')}\n")
 
     def verify(self, user: str, password: bytes) -> bool:
-        return bool(self.successResultOf(self.auth.verify(user, password)))
+        return bool(self.successResultOf(self.auth.verify(user, password, self.fail)))
 
     def test_good_pair_remembered(self) -> None:
         """A second good login within the TTL is accepted without a hash on the pool."""
@@ -113,17 +113,22 @@ class HeldPool(InlinePool):
 
 
 class CountingUsers(UserDatabase):
-    """The users file, counting the hashes it verifies."""
+    """The users file, counting the hashes it verifies; C{during} runs in the middle of one."""
 
     hashes = 0
+    during: Callable[[], None] = staticmethod(lambda: None)
 
     def verify(self, user: str, password: bytes) -> bool:
         self.hashes += 1
+        self.during()
         return super().verify(user, password)
 
 
 class AbandonedCheckTests(SynchronousTestCase):
-    """A check whose client has gone before a pool thread takes it costs no hash."""
+    """
+    A check cancelled before a pool thread takes it costs no hash; one cancelled while its hash
+    runs finishes, and reports a wrong password after all.
+    """
 
     def setUp(self) -> None:
         directory = tempfile.mkdtemp(prefix="gw-auth-")
@@ -134,22 +139,43 @@ class AbandonedCheckTests(SynchronousTestCase):
         self.pool = HeldPool()
         self.users = CountingUsers(path)
         self.auth = Authenticator(InlineReactor(), self.pool, self.users)  # type: ignore[arg-type]
+        self.wrong_after_all = 0
+
+    def verify(self, password: bytes) -> Deferred[bool]:
+        def wrong() -> None:
+            self.wrong_after_all += 1
+        return self.auth.verify("alice", password, wrong)
 
     def test_cancelled_before_a_thread_takes_it(self) -> None:
         """Cancelled while queued: it fails with CancelledError at once, and no hash is computed later."""
-        checking = self.auth.verify("alice", b"wrong")
+        checking = self.verify(b"wrong")
         checking.cancel()
         self.failureResultOf(checking, CancelledError)
         self.pool.run()
-        self.assertEqual(self.users.hashes, 0)
+        self.assertEqual((self.users.hashes, self.wrong_after_all), (0, 0))
+
+    def test_cancelled_while_hashing(self) -> None:
+        """
+        Cancelled while its hash runs: the hash finishes, a wrong password is reported once, and a
+        right one never.
+        """
+        for password, reported in ((b"wrong", 1), (b"right", 0)):
+            self.wrong_after_all = 0
+            checking = self.verify(password)
+            self.users.during = checking.cancel
+            self.pool.run()
+            self.failureResultOf(checking, CancelledError)
+            self.assertEqual(self.wrong_after_all, reported)
+        self.assertEqual(self.users.hashes, 2)
 
     def test_not_cancelled(self) -> None:
-        """The same check left alone is computed when a thread takes it."""
-        checking = self.auth.verify("alice", b"right")
-        self.assertNoResult(checking)
-        self.pool.run()
-        self.assertTrue(self.successResultOf(checking))
-        self.assertEqual(self.users.hashes, 1)
+        """Left alone, the check is answered when a thread has computed it; nothing is reported aside."""
+        for password, good in ((b"right", True), (b"wrong", False)):
+            checking = self.verify(password)
+            self.assertNoResult(checking)
+            self.pool.run()
+            self.assertEqual(self.successResultOf(checking), good)
+        self.assertEqual((self.users.hashes, self.wrong_after_all), (2, 0))
 
 
 class VerifiedCredentialsTests(SynchronousTestCase):

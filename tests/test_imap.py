@@ -598,63 +598,58 @@ class BackendDecidesSessionTests(ImapTestBase):
 
 class AbandonedLoginTests(ImapTestBase):
     """
-    A client that leaves while its password is being checked is counted as failing: a guesser
-    that never waits for the answer is slowed and stopped like one that does.
+    A wrong password whose client left while its hash ran counts as a failed login: a guesser that
+    never waits for the answer is slowed and stopped like one that does. A right one never counts.
     """
+
+    penalty_rules = replace(FrontEndTestBase.penalty_rules, ip_budget=2)
 
     def setUp(self) -> None:
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         super().setUp()
-
-    def abandoned_events(self) -> list[dict]:
-        return [e for e in self.events if e["log_format"].startswith("login_failed ") and "reason=abandoned" in e["log_format"]]
-
-    def test_client_leaves_while_password_checked(self) -> None:
-        """Gone during the check: one failure counted for the user and the address, and logged for fail2ban."""
         self.auth.hold = True
-        self.say(b"a1 LOGIN bob wrong\r\n")
-        self.front.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.penalties.sizes(), (1, 1, 1))
-        [event] = self.abandoned_events()
-        self.assertEqual((event["user"], event["client"]), ('"bob"', "192.168.1.1"))
+
+    def leave_during_check(self, password: bytes) -> None:
+        front, _ = self.connect()
+        front.dataReceived(b"g LOGIN bob " + password + b"\r\n")
+        front.connectionLost(Failure(ConnectionDone()))
+        self.auth.finish()
+
+    def failures_logged(self) -> list[dict]:
+        return [e for e in self.events if e["log_format"].startswith("login_failed ")]
+
+    def test_wrong_password_counted_once(self) -> None:
+        """Each guess counts once: the address's budget of 2 is used up by the second, not the first."""
+        self.leave_during_check(b"guess1")
+        self.assertFalse(self.penalties.refused("192.168.1.1"))
+        self.leave_during_check(b"guess2")
+        self.assertTrue(self.penalties.refused("192.168.1.1"))
+        self.assertEqual([(e["user"], e["log_format"].endswith(" reason=credentials")) for e in self.failures_logged()],
+                         [('"bob"', True)] * 2)
 
     def test_guesser_that_leaves_is_throttled(self) -> None:
-        """Past the address's budget of failures, its logins are refused before any check."""
-        self.penalties.rules = replace(self.penalty_rules, ip_budget=3)
-        self.auth.hold = True
-        for attempt in range(3):
-            front, _ = self.connect()
-            front.dataReceived(b"g LOGIN bob guess%d\r\n" % attempt)
-            front.connectionLost(Failure(ConnectionDone()))
+        """Past the budget, the address's logins are refused before any check."""
+        self.leave_during_check(b"guess1")
+        self.leave_during_check(b"guess2")
         checked = len(self.auth.checked)
+        self.auth.hold = False
         self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 NO [UNAVAILABLE] Too many failed logins"))
         self.assertEqual(len(self.auth.checked), checked)
 
-    def test_deadline_is_not_the_clients_doing(self) -> None:
-        """A check the gateway gave up on (its login deadline) is not counted against the client."""
-        self.auth.hold = True
+    def test_right_password_not_counted(self) -> None:
+        """A client that leaves while its right password is checked leaves nothing counted."""
+        self.leave_during_check(b"secret")
+        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
+        self.assertEqual(self.failures_logged(), [])
+
+    def test_deadline_counts_a_wrong_password_too(self) -> None:
+        """A login ended by its deadline while a wrong password's hash ran is counted the same way, once."""
         self.say(b"a1 LOGIN bob wrong\r\n")
         self.clock.advance(self.limits.login_timeout)
         self.assertTrue(self.front.closed)
-        self.front.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
-        self.assertEqual(self.abandoned_events(), [])
-
-    def test_leaving_after_a_good_password_is_not_counted(self) -> None:
-        """Gone while the backend logs in, after the password was found good: nothing is counted."""
-        self.backend.hold = True
-        self.log_in()
-        self.front.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
-
-    def test_backend_decides_client_leaves_during_backend_login(self) -> None:
-        """When the backend checks the password, leaving during its login counts as failing."""
-        self.auth.backend_decides = True
-        self.backend.hold = True
-        self.log_in()
-        self.front.connectionLost(Failure(ConnectionDone()))
+        self.auth.finish()
+        self.assertEqual(len(self.failures_logged()), 1)
         self.assertEqual(self.penalties.sizes(), (1, 1, 1))
-        self.assertEqual(len(self.abandoned_events()), 1)
 
 
 class NilUserTests(ImapTestBase):

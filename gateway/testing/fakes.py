@@ -27,7 +27,7 @@ class MemoryAuthenticator:
     Good passwords in a dict, answered at once.
 
     :ivar checked: the user names verified so far, in order.
-    :ivar hold: when True, answers wait in C{held} (as on a busy hashing pool) until the test fires them.
+    :ivar hold: when True, checks wait (as hashes on a busy pool run) until L{finish} ends them.
     """
 
     def __init__(self, passwords: dict[str, bytes], backend_decides: bool = False) -> None:
@@ -35,17 +35,25 @@ class MemoryAuthenticator:
         self.backend_decides = backend_decides
         self.checked: list[str] = []
         self.hold = False
-        self.held: list[tuple[Deferred[bool], bool]] = []
+        self._held: list[tuple[Deferred[bool], bool, Callable[[], None]]] = []
 
-    def verify(self, user: str, password: bytes) -> Deferred[bool]:
+    def verify(self, user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
         self.checked.append(user)
         good = self.backend_decides or self.passwords.get(user) == password
         if not self.hold:
             return succeed(good)
         waiting: Deferred[bool] = Deferred()
-        self.held.append((waiting, good))
+        self._held.append((waiting, good, wrong_after_all))
         return waiting
 
+    def finish(self) -> None:
+        """End the held checks as running hashes end: answered, or for a cancelled wrong one, C{wrong_after_all}."""
+        held, self._held = self._held, []
+        for waiting, good, wrong_after_all in held:
+            if not waiting.called:
+                waiting.callback(good)
+            elif not good:
+                wrong_after_all()
 
 
 class MemoryBackend:
