@@ -20,11 +20,14 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 from gateway.userdb import UserDatabase
+
+log = Logger()
 
 
 class IAuthenticator(Interface):
@@ -147,6 +150,8 @@ class Authenticator:
         def failed(failure: Failure) -> None:
             if not checking.called:
                 checking.errback(failure)
+            else:
+                log.failure("password check failed after its login ended", failure)
 
         checking: Deferred[bool] = Deferred(abandon)
         hashing = deferToThreadPool(self._reactor, self._pool, check)  # type: ignore[arg-type]

@@ -516,7 +516,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def _verify(self, check: LoginCheck, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if check.throttled:
             raise _Throttled()
-        verifying = self.context.authenticator.verify(user, password, lambda: self._wrong_unanswered(user, password))
+        # Only what counting needs: a check queued behind others must not keep the connection alive.
+        context, host = self.context, self.client.host
+        verifying = context.authenticator.verify(user, password,
+                                                 lambda: _wrong_unanswered(context, host, user, password))
         verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
         return verifying
 
@@ -534,18 +537,6 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         opening.addCallback(self._session_opened, user)
         opening.addCallback(lambda _: self._backend_login(user, password))
         return opening
-
-    def _wrong_unanswered(self, user: str, password: bytes) -> None:
-        """
-        A wrong password whose login ended (its client gone, its deadline passed) while the hash
-        ran: counted and logged as any failed login, or a guesser that never waits for the
-        answer would never be slowed or stopped. (A check cancelled before its hash started
-        costs nothing, tells nothing, and is not counted.)
-        """
-        log.info("login_failed protocol={protocol} client={client} user={user} reason=credentials",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
-        counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
-        counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
 
     def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings
@@ -706,6 +697,19 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         C{backend_refusal}; when L{attempts_exhausted} the connection closes after this reply.
         """
         raise NotImplementedError
+
+
+def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: bytes) -> None:
+    """
+    A wrong password whose login ended (its client gone, its deadline passed) while the hash ran:
+    counted and logged as any failed login, or a guesser that never waits for the answer would
+    never be slowed or stopped. (A check cancelled before its hash started costs nothing, tells
+    nothing, and is not counted.)
+    """
+    log.info("login_failed protocol={protocol} client={client} user={user} reason=credentials",
+             protocol=context.protocol, client=host, user=loggable_user(user))
+    counting = context.gatekeeper.failed(user_key(user), host, password)
+    counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
 
 
 class _BadCredentials(Exception):

@@ -168,6 +168,30 @@ class AbandonedCheckTests(SynchronousTestCase):
             self.assertEqual(self.wrong_after_all, reported)
         self.assertEqual(self.users.hashes, 2)
 
+    def test_check_that_raises(self) -> None:
+        """
+        A check that raises fails its Deferred; raising after its login was cancelled, it is logged
+        (and nothing is reported as a wrong password).
+        """
+        def broken() -> None:
+            raise RuntimeError("broken check")
+
+        self.users.during = broken
+        checking = self.verify(b"wrong")
+        self.pool.run()
+        self.failureResultOf(checking, RuntimeError)
+        checking = self.verify(b"wrong")
+
+        def cancelled_then_broken() -> None:
+            checking.cancel()
+            broken()
+
+        self.users.during = cancelled_then_broken
+        self.pool.run()
+        self.failureResultOf(checking, CancelledError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.wrong_after_all, 0)
+
     def test_not_cancelled(self) -> None:
         """Left alone, the check is answered when a thread has computed it; nothing is reported aside."""
         for password, good in ((b"right", True), (b"wrong", False)):

@@ -6,6 +6,7 @@ from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64, unslo
 from twisted.internet.error import ConnectionDone
 
 import gc
+import weakref
 from dataclasses import replace
 
 from twisted.internet.defer import Deferred
@@ -635,6 +636,18 @@ class AbandonedLoginTests(ImapTestBase):
         self.auth.hold = False
         self.assertTrue(self.say(b"a1 LOGIN bob secret\r\n").startswith(b"a1 NO [UNAVAILABLE] Too many failed logins"))
         self.assertEqual(len(self.auth.checked), checked)
+
+    def test_queued_check_does_not_keep_the_connection(self) -> None:
+        """A check still waiting for a hash thread holds nothing of a connection that has gone."""
+        front, _ = self.connect()
+        front.dataReceived(b"g LOGIN bob guess\r\n")
+        front.connectionLost(Failure(ConnectionDone()))
+        gone = weakref.ref(front)
+        del front
+        gc.collect()
+        self.assertIsNone(gone())
+        self.auth.finish()
+        self.assertEqual(self.penalties.sizes(), (1, 1, 1))  # still counted, the connection gone
 
     def test_right_password_not_counted(self) -> None:
         """A client that leaves while its right password is checked leaves nothing counted."""
