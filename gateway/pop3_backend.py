@@ -22,6 +22,11 @@ _CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
 
 _Handler = Callable[[bool, bytes], None]
 
+# A CAPA answer is a few short lines (Dovecot's: 9, none over 40 bytes). One longer than this is
+# a broken backend: it would be held for the login, and for the life of the gateway once probed.
+_CAPA_LINES = 64
+_CAPA_LINE_LENGTH = 1000
+
 
 class Pop3BackendLogin(BackendLogin):
     """Logs in to a POP3 backend for one client; with no request it only learns the capabilities."""
@@ -45,6 +50,8 @@ class Pop3BackendLogin(BackendLogin):
                 self.announced = tuple(self._capa)
                 self._capa = None
                 self._next(True, b"")
+            elif len(self._capa) >= _CAPA_LINES or len(line) > _CAPA_LINE_LENGTH:
+                self.fail(BackendUnavailable("backend sent an oversized CAPA answer"))
             else:
                 # Dot-stuffed lines lose their leading dot (RFC 1939 3).
                 self._capa.append(line[1:] if line.startswith(b".") else line)

@@ -11,6 +11,7 @@ The header is parsed by Twisted's v1 and v2 parsers.
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -22,7 +23,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from gateway.addresses import Network, in_networks, plain_address
+from gateway.addresses import Network, in_networks, parse_ip, plain_address
 
 log = Logger()
 
@@ -87,8 +88,18 @@ class ProxiedConnection(ProtocolWrapper):
         except (InvalidProxyHeader, ValueError):  # ValueError: Twisted's v1 parser on a bad port
             self._refuse("malformed PROXY header")
             return
-        if info is not None:
-            self._started(info, remaining)
+        if info is None:
+            return
+        addresses = (info.source, info.destination)
+        if all(isinstance(a, UNIXAddress) for a in addresses):
+            # The client reached the proxy over a UNIX socket: it has no address to tell, as with LOCAL.
+            info = ProxyInfo(info.header, None, None)
+        elif not all(_is_ip(a) for a in addresses):
+            # Twisted's v1 parser takes any word for an address; an address is what limits, logs
+            # and the backend's ID or XCLIENT are given.
+            self._refuse("malformed PROXY header")
+            return
+        self._started(info, remaining)
 
     def _started(self, info: ProxyInfo, remaining: bytes) -> None:
         self._info = info
@@ -122,6 +133,14 @@ class ProxiedConnection(ProtocolWrapper):
         if self._info is not None and self._info.destination is not None:
             return self._info.destination
         return self.transport.getHost()  # type: ignore[union-attr,no-any-return]
+
+
+def _is_ip(address: IAddress | None) -> bool:
+    """Whether a PROXY header's address is an IP address and port (or absent, as in LOCAL)."""
+    if address is None:
+        return True
+    return (isinstance(address, (IPv4Address, IPv6Address)) and parse_ip(address.host) is not None
+            and 0 <= address.port <= 65535)
 
 
 class TrustedProxyFactory(WrappingFactory):

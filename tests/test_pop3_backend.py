@@ -101,6 +101,17 @@ class GreetingAndCapaTests(Pop3LoginTestBase):
         self.assertEqual(self.say(b".\r\n"), b"USER alice\r\n")
         self.assertEqual(self.protocol.announced, (b"TOP", b"UIDL"))
 
+    def test_capa_bounded(self) -> None:
+        """A CAPA answer of too many lines, or of too long a line, makes the backend unavailable."""
+        for capa in (b"+OK\r\n" + b"X\r\n" * 65, b"+OK\r\nTOP\r\n" + b"X" * 1001 + b"\r\n"):
+            self.start()
+            self.say(GREETING)
+            self.assertEqual(self.say(capa), b"")
+            self.failed_with(BackendUnavailable)
+        self.start()
+        self.reach_user(b"+OK\r\n" + b"X\r\n" * 63 + b"X" * 1000 + b"\r\n.\r\n")  # at the limits: taken
+        self.assertEqual(len(self.protocol.announced), 64)
+
     def test_capa_err(self) -> None:
         """A backend that answers CAPA with -ERR announces nothing, and the login goes on."""
         self.reach_user(b"-ERR Unknown command\r\n")

@@ -287,6 +287,21 @@ class RefusalTests(ProxyTestCase):
         proxy.dataReceived(b"PROXY TCP4 203.0.113.9 192.0.2.1 http 143\r\n")
         self.assert_refused(transport, recorder, "proxy_refused source=127.0.0.2 reason=malformed PROXY header")
 
+    def test_v1_addresses_that_are_not_addresses(self) -> None:
+        """A v1 header naming something other than an IP address, or a port past 65535, is aborted as malformed."""
+        for header in (b'PROXY TCP4 x"y 192.0.2.1 55555 143\r\n', b"PROXY TCP4 203.0.113.9 192.0.2.1 99999 143\r\n"):
+            proxy, transport, recorder = self.connect()
+            proxy.dataReceived(header)
+            self.assert_refused(transport, recorder, "proxy_refused source=127.0.0.2 reason=malformed PROXY header")
+
+    def test_v2_unix_uses_real_addresses(self) -> None:
+        """A v2 header for a client on a UNIX socket (no address to tell) starts with the connection's own addresses."""
+        proxy, transport, recorder = self.connect()
+        block = b"/run/client".ljust(108, b"\0") + b"/run/haproxy".ljust(108, b"\0")
+        proxy.dataReceived(V2_SIGNATURE + b"\x21\x31" + struct.pack("!H", len(block)) + block)
+        self.assertEqual(recorder.events, [("made", BALANCER, LISTENER)])
+        self.assertFalse(transport.disconnecting)
+
     def test_malformed_v2_version(self) -> None:
         """A v2 header with an unknown version is aborted as malformed."""
         proxy, transport, recorder = self.connect()
