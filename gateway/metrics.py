@@ -10,6 +10,7 @@ certificate shows at once, without a restart or a reload.
 
 L{build_metrics_service} serves C{GET /metrics} in the Prometheus text format over plain HTTP,
 on loopback by default: the numbers tell who logs in how often. Every other path is a 404.
+A request with a body gets a 413 before any of the body is read, and the connection closes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from twisted.application.service import MultiService, Service
 from twisted.logger import ILogObserver, LogEvent, LogPublisher, globalLogPublisher
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -349,17 +351,48 @@ class MetricsPage(_OnlyChildren):
         return generate_latest(self._registry)
 
 
+class _BodilessChannel(HTTPChannel):
+    """An HTTP/1.1 connection whose requests may not have a body: nothing here reads one."""
+
+    _refused = False
+
+    def allHeadersReceived(self) -> None:
+        """Refuse a request with a body before any of it arrives (twisted.web hook)."""
+        if self.length != 0:  # a Content-Length above 0, or chunked (None)
+            # twisted.web would read the whole body (into memory or a file) before the 405.
+            self._refused = True
+            refusal = b"HTTP/1.1 413 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % RESPONSES[413]
+            self.transport.write(refusal)  # type: ignore[union-attr]
+            self.loseConnection()
+            return
+        super().allHeadersReceived()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse as twisted.web does, until a request has been refused; then nothing more is read."""
+        if not self._refused:
+            super().dataReceived(data)
+
+
+class _MetricsSite(Site):
+    """The site of a metrics listener: no request body, no access log."""
+
+    protocol = _BodilessChannel  # type: ignore[assignment]
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        """Write no access log line: a scrape every few seconds would bury the gateway's own events."""
+
+
 def metrics_site(registry: CollectorRegistry, reactor: object) -> Site:
     """
-    The HTTP site of a metrics listener: C{/metrics} and nothing else. It writes no access log.
+    The HTTP site of a metrics listener: C{/metrics} and nothing else. It reads no request body
+    and writes no access log.
 
     :param reactor: for the HTTP timeouts.
     """
     root = _OnlyChildren()
     root.putChild(b"metrics", MetricsPage(registry))
-    site = Site(root, reactor=reactor)
-    site.noisy = False
-    return site
+    return _MetricsSite(root, parsePOSTFormSubmission=False, reactor=reactor)
 
 
 class LogObservation(Service):

@@ -18,8 +18,14 @@ responses also carry a C{Content-Security-Policy} that allows nothing; proxied w
 responses do not, since it would break the webmail. Error pages are short fixed texts.
 
 Request bodies are bounded while they arrive: L{DOCUMENT_BODY_LIMIT} on every path the gateway
-answers itself, L{PROXIED_BODY_LIMIT} on proxied paths. A body over its bound is discarded as
-it arrives and the request is answered with a 400 (a document path) or a 413.
+answers itself, L{PROXIED_BODY_LIMIT} on proxied paths. As soon as a body is over its bound
+(or declared so), the request is answered with a 400 (a document path) or a 413 and the
+connection closes; the rest of the body is not read.
+
+A request must also arrive in bounded time, since twisted.web's idle timeout restarts at every
+byte: L{REQUEST_DEADLINE} from its first byte, plus one second for every L{UPLOAD_MIN_RATE}
+bytes of body. A request still incomplete then gets a 408 and the connection closes. The
+webmail has L{UPSTREAM_RESPONSE_TIMEOUT} to start its answer, or the client gets a 504.
 """
 
 from __future__ import annotations
@@ -30,21 +36,22 @@ from io import BytesIO
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from gateway.addresses import plain_address
+from gateway.addresses import address_host, plain_address
 from gateway.autoconfig import (
     AUTODISCOVER_MAX_BODY,
     MOBILECONFIG_CONTENT_TYPE,
@@ -63,8 +70,11 @@ from gateway.tls import ServerTLS, tls_ended, tls_layer
 __all__ = [
     "DOCUMENT_BODY_LIMIT",
     "PROXIED_BODY_LIMIT",
+    "REQUEST_DEADLINE",
     "REQUEST_TIMEOUT",
+    "UPLOAD_MIN_RATE",
     "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_RESPONSE_TIMEOUT",
     "WebState",
     "build_web_service",
     "http_site",
@@ -82,8 +92,22 @@ PROXIED_BODY_LIMIT = 128 * 1024 * 1024
 REQUEST_TIMEOUT = 60.0
 """Seconds a client may stay silent while sending a request or between requests (twisted.web's own)."""
 
+REQUEST_DEADLINE = 60.0
+"""Seconds from a request's first byte to its last, before any allowance for its body (nginx's
+client_header_timeout). Counted per request, not per connection, so a kept-alive connection is
+not cut in the middle of its tenth request."""
+
+UPLOAD_MIN_RATE = 16 * 1024
+"""Bytes of body per second a client must send on average past L{REQUEST_DEADLINE}: each such
+amount received adds a second. 128 kbit/s lets a slow mobile link upload an attachment, but a
+client trickling bytes to hold a connection slot has to spend that bandwidth per slot."""
+
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 """Seconds allowed to connect to the webmail before the client gets a 502."""
+
+UPSTREAM_RESPONSE_TIMEOUT = 60.0
+"""Seconds from passing a request on (connecting and sending its body included: the webmail is
+near) to the webmail's response headers, before the client gets a 504 (nginx's proxy_read_timeout)."""
 
 CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
 """The policy of the gateway's own responses: they need no script, style, image or frame."""
@@ -114,8 +138,10 @@ _PAGES = {
     400: b"Bad request.\n",
     404: b"Not found.\n",
     405: b"Method not allowed.\n",
+    408: b"Request timeout.\n",
     413: b"Request body too large.\n",
     502: b"The webmail is not available at the moment. Please try again later.\n",
+    504: b"The webmail did not answer in time. Please try again later.\n",
 }
 
 
@@ -185,7 +211,8 @@ class _WebRequest(Request):
 
     :ivar target: the request target from the request line, set by L{_WebChannel} before the
         headers are read.
-    :ivar body_too_large: the body was over its limit; what arrived of it has been discarded.
+    :ivar body_too_large: the body was over its limit: the request has been answered and the
+        connection is closing.
     """
 
     target = b""
@@ -200,18 +227,28 @@ class _WebRequest(Request):
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
         self.content = BytesIO() if self.body_too_large or in_memory else tempfile.TemporaryFile()
+        if self.body_too_large:
+            # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse_body()
 
     def handleContentChunk(self, data: bytes) -> None:
-        """Keep a piece of the body, or drop it once the body is over its limit (twisted.web hook)."""
+        """Keep a piece of the body, or refuse the request once the body is over its limit (twisted.web hook)."""
         if self.body_too_large:
             return
         self._body_received += len(data)
         if self._body_received > self._body_limit:
             self.body_too_large = True
-            self.content.close()
-            self.content = BytesIO()
+            self._refuse_body()
             return
         self.content.write(data)
+
+    def _refuse_body(self) -> None:
+        # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
+        self.content.close()  # what was kept, maybe in a temporary file, is of no use now
+        self.content = BytesIO()
+        channel: _WebChannel = self.channel
+        channel.refuse(400 if _route(self.target.split(b"?", 1)[0], channel.site.https) is not None else 413)
 
     def process(self) -> None:
         """Set the security headers, then let twisted.web find and render the resource."""
@@ -223,9 +260,77 @@ class _WebRequest(Request):
 
 class _WebChannel(HTTPChannel):
     """
-    An HTTP/1.1 connection that tells each request its target before the request's headers, and
-    that lets a client go once it has ended TLS.
+    An HTTP/1.1 connection that tells each request its target before the request's headers,
+    that gives each request a deadline to arrive, that can refuse a request before it has
+    arrived, and that lets a client go once it has ended TLS.
     """
+
+    _deadline: IDelayedCall | None = None
+    _request_started = 0.0  # when the first byte of the request being received came
+    _body_bytes = 0
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        """Start a request's deadline at its first byte, then parse as twisted.web does."""
+        if self._refused:
+            return  # the answer is out: nothing more is read, and the idle timeout is not restarted
+        if self._deadline is None and not self._handlingRequest:
+            self._body_bytes = 0
+            self._request_started = self.site.reactor.seconds()
+            self._deadline = self.callLater(REQUEST_DEADLINE, self._deadline_reached)
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Count the bytes of a request body (not those of a pipelined request waiting in line)."""
+        if not self._handlingRequest:
+            self._body_bytes += len(data)
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        """The request has arrived in time: process it, unless it was refused meanwhile (twisted.web hook)."""
+        self._cancel_deadline()
+        if not self._refused:
+            super().allContentReceived()
+
+    def _deadline_reached(self) -> None:
+        # One timer, moved on only when it fires: no rescheduling at every piece of the body.
+        end = self._request_started + REQUEST_DEADLINE + self._body_bytes / UPLOAD_MIN_RATE
+        remaining = end - self.site.reactor.seconds()
+        if remaining > 0:
+            self._deadline = self.callLater(remaining, self._deadline_reached)
+            return
+        self._deadline = None
+        log.info("web_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+        self.refuse(408)
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None:
+            deadline.cancel()
+
+    def refuse(self, code: int) -> None:
+        """
+        Answer the request still arriving with a fixed page and close the connection; the rest of
+        the request is neither read nor processed.
+
+        :param code: a code of the fixed pages.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        site: _WebSite = self.site
+        body = _PAGES[code]
+        headers = [*site.security_headers(), (b"Content-Type", b"text/plain; charset=utf-8"),
+                   (b"Cache-Control", b"no-store"), (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]
+        self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
+        self.transport.write(body)  # type: ignore[union-attr]
+        # A client that does not read this meets the idle timeout, which no byte of its restarts now.
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
 
     def lineReceived(self, line: bytes) -> None:
         """Parse a line as twisted.web does, and hand a request line's target to its new request."""
@@ -324,8 +429,6 @@ class _WebRoot(Resource):
         """Route a request by its path (twisted.web hook)."""
         request.responseHeaders.removeHeader(b"server")  # no software version for scanners
         route = _route(request.path, self._https)
-        if request.body_too_large:
-            return _page(request, 400 if route is not None else 413)
         if route == "thunderbird":
             return self._thunderbird(request)
         if route == "autodiscover":
@@ -435,13 +538,15 @@ def _copy_response_headers(source: Headers, target: Headers) -> None:
 class _ReverseProxy:
     """Passes requests to the webmail and streams the answers back, with backpressure both ways."""
 
-    def __init__(self, agent: IAgent, cooperator: Cooperator) -> None:
+    def __init__(self, agent: IAgent, cooperator: Cooperator, clock: IReactorTime) -> None:
         """
         :param agent: makes the requests to the webmail.
         :param cooperator: paces the reading of request bodies into the upstream connection.
+        :param clock: times the webmail's answers.
         """
         self._agent = agent
         self._cooperator = cooperator
+        self._clock = clock
 
     def forward(self, request: _WebRequest, upstream: str) -> bytes | int:
         """Start passing a request on; the result is for twisted.web's C{render}."""
@@ -453,9 +558,13 @@ class _ReverseProxy:
         if content.tell() > 0:
             content.seek(0)
             body = FileBodyProducer(content, self._cooperator)
-        request.responseHeaders.removeHeader(b"content-security-policy")
         url = upstream.rstrip("/").encode("ascii") + request.uri
-        pending = self._agent.request(request.method, url, _upstream_request_headers(request), body)
+        try:
+            pending = self._agent.request(request.method, url, _upstream_request_headers(request), body)
+        except ValueError:  # the agent refuses some bytes in a URI (0x7F and above) that twisted.web let in
+            return _page(request, 400)
+        request.responseHeaders.removeHeader(b"content-security-policy")
+        pending.addTimeout(UPSTREAM_RESPONSE_TIMEOUT, self._clock)
         _Exchange(request, pending, upstream)
         return NOT_DONE_YET
 
@@ -504,7 +613,7 @@ class _Exchange:
             return
         log.warn("web_upstream_unavailable upstream={upstream} reason={reason}", upstream=self.upstream,
                  reason=reason.getErrorMessage())
-        body = _page(self._request, 502)
+        body = _page(self._request, 504 if reason.check(defer.TimeoutError) else 502)
         self._request.setHeader(b"Content-Length", b"%d" % len(body))
         self._request.write(body)
         self._request.finish()
@@ -551,12 +660,12 @@ def https_site(state: WebState, reactor: IReactorTime, agent: IAgent, cooperator
     The HTTPS site: the autoconfig documents, and the webmail through the reverse proxy.
 
     :param state: the configuration in force.
-    :param reactor: for twisted.web's timeouts and log timestamps.
+    :param reactor: for the timeouts and log timestamps.
     :param agent: makes the requests to C{[web] upstream}.
     :param cooperator: paces request bodies into the upstream connection.
     :returns: the factory to put behind TLS.
     """
-    return _WebSite(_WebRoot(state, True, _ReverseProxy(agent, cooperator)), state, reactor, https=True)
+    return _WebSite(_WebRoot(state, True, _ReverseProxy(agent, cooperator, reactor)), state, reactor, https=True)
 
 
 def http_site(state: WebState, reactor: IReactorTime) -> Site:

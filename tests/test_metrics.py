@@ -24,7 +24,7 @@ from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -552,6 +552,46 @@ class PageTests(SynchronousTestCase):
         status, headers, _ = http_get(self.site, b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(status, b"HTTP/1.0 405 Method Not Allowed")
         self.assertEqual(headers[b"allow"], b"GET, HEAD")
+
+
+class RequestBodyTests(SynchronousTestCase):
+    """The metrics site reads no request body, and keeps no access log."""
+
+    def setUp(self) -> None:
+        self.site = metrics_site(GatewayMetrics().registry, Clock())
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport()
+        channel.makeConnection(self.transport)
+        self.addCleanup(lambda: channel.connectionLost(Failure(ConnectionLost())))
+
+    def test_declared_body_refused_at_once(self) -> None:
+        """A declared body gets a 413 before any of it is read, and no 100 Continue; the connection closes."""
+        self.channel.dataReceived(b"POST /metrics HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                                  b"Content-Length: 67108864\r\nExpect: 100-continue\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.dataReceived(b"--x\r\n" + b"a" * 1_000_000)
+        self.assertNotIn(b"100 Continue", self.transport.value())
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 "), 1)
+        (request,) = self.channel.requests
+        self.assertIsNone(getattr(request, "content", None))
+
+    def test_chunked_body_refused_at_once(self) -> None:
+        """A chunked body gets a 413 before any of it is read."""
+        self.channel.dataReceived(b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_no_access_log(self) -> None:
+        """A scrape writes nothing to the log."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.site.doStart()
+        self.addCleanup(self.site.doStop)
+        self.channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual([e.get("log_format") or e.get("message") for e in events], [])
 
 
 class ServiceTests(SynchronousTestCase):

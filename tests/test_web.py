@@ -20,7 +20,7 @@ from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import Agent, ResponseDone, ResponseFailed
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -338,28 +338,31 @@ class DocumentTests(SiteTestCase):
         reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=body)
         self.assertEqual(reply.code, 200)
 
-    def test_oversized_chunked_body_is_not_kept(self) -> None:
-        """A chunked body to a document path stops being kept past 64 KiB, and the request gets a 400."""
+    def test_oversized_chunked_body_answered_at_once(self) -> None:
+        """A chunked body to a document path gets the 400 page once past 64 KiB, and the connection closes."""
         connection = self.connect(self.https)
         connection.send(b"POST", b"/autodiscover/autodiscover.xml", {b"Transfer-Encoding": b"chunked"})
         chunk = b"x" * 16384
-        for _ in range(64):  # 1 MiB
+        for _ in range(5):  # 80 KiB, and no last chunk: the body might never end
             connection.channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assert_own_page(connection.reply(), 400)
+        self.assertEqual(connection.reply().header("connection"), b"close")
+        self.assertTrue(connection.transport.disconnecting)
         (request,) = connection.channel.requests
-        self.assertTrue(request.body_too_large)
         self.assertLessEqual(len(request.content.getvalue()), DOCUMENT_BODY_LIMIT)
-        connection.channel.dataReceived(b"0\r\n\r\n")
-        self.assert_own_page(connection.reply(), 400)
+        connection.channel.dataReceived(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))
+        self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)  # the rest is ignored
 
-    def test_declared_oversized_body_is_not_kept(self) -> None:
-        """A body declared over 64 KiB on a document path is discarded from its first byte."""
+    def test_declared_oversized_body_answered_at_once(self) -> None:
+        """A body declared over 64 KiB on a document path gets the 400 page before any of it, no 100 Continue."""
         connection = self.connect(self.https)
-        connection.send(b"GET", TB_PATH, {b"Content-Length": b"%d" % (DOCUMENT_BODY_LIMIT + 1)}, b"y" * 1000)
-        (request,) = connection.channel.requests
-        self.assertTrue(request.body_too_large)
-        self.assertEqual(request.content.getvalue(), b"")
-        connection.channel.dataReceived(b"y" * (DOCUMENT_BODY_LIMIT + 1 - 1000))
+        connection.send(b"POST", b"/autodiscover/autodiscover.xml",
+                        {b"Content-Length": b"%d" % (DOCUMENT_BODY_LIMIT + 1), b"Expect": b"100-continue"})
         self.assert_own_page(connection.reply(), 400)
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertNotIn(b"100 Continue", connection.transport.value())
+        connection.channel.dataReceived(b"y" * (DOCUMENT_BODY_LIMIT + 1))
+        self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_mobileconfig(self) -> None:
         """The profile is served as an attachment of Apple's profile type and parses as a plist."""
@@ -647,12 +650,114 @@ class ProxyTests(SiteTestCase):
         self.assert_own_page(connection.reply(), 413)
         self.assertEqual(self.agent.sent, [])
 
+    def test_oversized_chunked_upload_answered_at_once(self) -> None:
+        """A chunked upload gets the 413 page once past the proxied limit, and never reaches the webmail."""
+        self.patch(web, "PROXIED_BODY_LIMIT", 100_000)
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", {b"Transfer-Encoding": b"chunked"})
+        chunk = b"z" * 16384
+        for _ in range(7):  # 112 KiB, and no last chunk
+            connection.channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assert_own_page(connection.reply(), 413)
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_invalid_uri_byte(self) -> None:
+        """A path byte the agent refuses in a URI (0x7F to 0xB0) gets the fixed 400 page, not a 500."""
+        agent = Agent(MemoryReactorClock())  # the real agent: it raises at once for such a URI
+        site = self.site(https_site(self.state, self.clock, agent, self.cooperator))
+        for byte in (b"\x7f", b"\x80", b"\xb0"):
+            reply = self.get(b"/roundcube/" + byte, site=site)
+            self.assert_own_page(reply, 400)
+            self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_upstream_silent(self) -> None:
+        """A webmail silent for a minute gives the fixed 504 page, and the request to it is cancelled."""
+        connection, sent = self.forward()
+        self.clock.advance(59)
+        self.assertEqual(connection.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(sent.cancelled, [True])
+        self.assert_own_page(connection.reply(), 504)
+        self.assertNotIn(b"8080", connection.transport.value())
+
+    def test_upstream_answer_in_time(self) -> None:
+        """A webmail answer within the minute is passed on, and no timer is left behind."""
+        connection, sent = self.forward()
+        self.clock.advance(59)
+        response = self.answer(sent, 200, {}, length=2)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"ok")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.clock.advance(60)
+        self.assertEqual(connection.reply().body, b"ok")
+        self.assertEqual(sent.cancelled, [])
+
     def test_large_upload_forwarded(self) -> None:
         """An upload under the proxied body limit but over 64 KiB is forwarded whole."""
         body = b"u" * 300_000
         _, sent = self.forward(b"/upload", method=b"PUT", body=body)
         assert sent.body is not None
         self.assertEqual(sent.body.length, len(body))
+
+
+class RequestDeadlineTests(SiteTestCase):
+    """A request must arrive whole in a bounded time, however its bytes trickle in."""
+
+    def trickle(self, connection: Connection, data: bytes, every: float, limit: float) -> float:
+        """Send C{data} every C{every} seconds until the connection closes or C{limit} seconds pass; the time taken."""
+        start = self.clock.seconds()
+        while not connection.transport.disconnecting and self.clock.seconds() - start < limit:
+            self.clock.advance(every)
+            if not connection.transport.disconnecting:
+                connection.channel.dataReceived(data)
+        return self.clock.seconds() - start
+
+    def test_trickled_headers(self) -> None:
+        """Headers sent a byte every 30 s (never idle 60 s) are cut off a minute after the first byte, with a 408."""
+        for site in (self.https, self.http):
+            connection = self.connect(site)
+            connection.channel.dataReceived(b"GET /x HTTP/1.1\r\nX: ")
+            self.assertLessEqual(self.trickle(connection, b"a", 30, 3600), 60)
+            self.assertTrue(connection.transport.disconnecting)
+            self.assertEqual(connection.reply().code, 408)
+            self.assertEqual(connection.reply().header("connection"), b"close")
+            connection.close()
+
+    def test_trickled_body(self) -> None:
+        """A body sent far below the minimum rate is cut off with a 408 soon after the first minute."""
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", {b"Content-Length": b"1000000"})
+        self.assertLessEqual(self.trickle(connection, b"u" * 1024, 30, 3600), 90)
+        self.assertEqual(connection.reply().code, 408)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_steady_upload_not_cut(self) -> None:
+        """An upload at twice the minimum rate may take longer than a minute, and is forwarded."""
+        size = 200 * web.UPLOAD_MIN_RATE
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", {b"Content-Length": b"%d" % size})
+        piece = b"u" * (2 * web.UPLOAD_MIN_RATE)
+        for _ in range(size // len(piece)):
+            self.clock.advance(1)
+            connection.channel.dataReceived(piece)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(len(self.agent.sent), 1)
+        self.agent.sent[0].answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
+
+    def test_each_request_has_its_own_deadline(self) -> None:
+        """On a kept-alive connection the deadline starts again at each request's first byte."""
+        connection = self.connect(self.https)
+        connection.send(b"GET", TB_PATH)
+        self.clock.advance(50)
+        connection.channel.dataReceived(b"GET " + TB_PATH + b" HTTP/1.1\r\n")
+        self.clock.advance(50)
+        connection.channel.dataReceived(b"Host: mail.example.org\r\n\r\n")
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(connection.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.clock.advance(50)  # idle between requests: only the idle timeout applies
+        self.assertFalse(connection.transport.disconnecting)
 
 
 class BuildServiceTests(SynchronousTestCase):
