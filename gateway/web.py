@@ -559,14 +559,24 @@ class _ReverseProxy:
             content.seek(0)
             body = FileBodyProducer(content, self._cooperator)
         url = upstream.rstrip("/").encode("ascii") + request.uri
+        headers = _upstream_request_headers(request)
         try:
-            pending = self._agent.request(request.method, url, _upstream_request_headers(request), body)
+            pending = self._agent.request(request.method, url, headers, body)
         except ValueError:  # the agent refuses some bytes in a URI (0x7F and above) that twisted.web let in
             return _page(request, 400)
         request.responseHeaders.removeHeader(b"content-security-policy")
-        pending.addTimeout(UPSTREAM_RESPONSE_TIMEOUT, self._clock)
+        pending.addTimeout(UPSTREAM_RESPONSE_TIMEOUT, self._clock, onTimeoutCancel=_upstream_timed_out)
         _Exchange(request, pending, upstream)
         return NOT_DONE_YET
+
+
+def _upstream_timed_out(result: object, timeout: float) -> Failure:
+    """
+    The webmail's answer, cancelled for being late, as a timeout: the Agent fails a cancelled
+    request with errors of its own (ResponseNeverReceived, RequestGenerationFailed), which
+    addTimeout would otherwise pass on as they are.
+    """
+    return Failure(defer.TimeoutError(f"the webmail did not answer within {timeout:g} s"))
 
 
 class _Exchange:

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -139,7 +139,13 @@ class FakeAgent:
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
                 bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
         cancelled: list[bool] = []
-        answer: Deferred[IResponse] = Deferred(lambda d: cancelled.append(True))
+
+        def cancel(answer: Deferred[IResponse]) -> None:
+            # As Twisted's Agent does: a cancelled request fails with an error of its own.
+            cancelled.append(True)
+            answer.errback(ResponseNeverReceived([Failure(CancelledError())]))
+
+        answer: Deferred[IResponse] = Deferred(cancel)
         self.sent.append(SentRequest(method, uri, headers or Headers(), bodyProducer, answer, cancelled))
         return answer
 
