@@ -72,6 +72,7 @@ __all__ = [
     "PROXIED_BODY_LIMIT",
     "REQUEST_DEADLINE",
     "REQUEST_TIMEOUT",
+    "SPOOL_LIMIT",
     "UPLOAD_MIN_RATE",
     "UPSTREAM_CONNECT_TIMEOUT",
     "UPSTREAM_RESPONSE_TIMEOUT",
@@ -101,6 +102,11 @@ UPLOAD_MIN_RATE = 16 * 1024
 """Bytes of body per second a client must send on average past L{REQUEST_DEADLINE}: each such
 amount received adds a second. 128 kbit/s lets a slow mobile link upload an attachment, but a
 client trickling bytes to hold a connection slot has to spend that bandwidth per slot."""
+
+SPOOL_LIMIT = 1024 * 1024 * 1024
+"""Bytes of proxied request bodies kept at once, over every client together: they wait in
+temporary files, which are memory where /tmp is a tmpfs (Debian's default since 13). A body that
+would pass it gets a 503 at once."""
 
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 """Seconds allowed to connect to the webmail before the client gets a 502."""
@@ -141,6 +147,7 @@ _PAGES = {
     408: b"Request timeout.\n",
     413: b"Request body too large.\n",
     502: b"The webmail is not available at the moment. Please try again later.\n",
+    503: b"The server is busy. Please try again later.\n",
     504: b"The webmail did not answer in time. Please try again later.\n",
 }
 
@@ -226,7 +233,7 @@ class _WebRequest(Request):
         self._body_limit = site.body_limit(self.target.split(b"?", 1)[0])
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
-        self.content = BytesIO() if self.body_too_large or in_memory else tempfile.TemporaryFile()
+        self.content = BytesIO() if self.body_too_large or in_memory else _Spool(site)
         if self.body_too_large:
             # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
             self.requestHeaders.removeHeader(b"expect")
@@ -241,14 +248,20 @@ class _WebRequest(Request):
             self.body_too_large = True
             self._refuse_body()
             return
+        if isinstance(self.content, _Spool) and not self.content.take(len(data)):
+            self.body_too_large = True
+            self._refuse_body(503)
+            return
         self.content.write(data)
 
-    def _refuse_body(self) -> None:
+    def _refuse_body(self, code: int | None = None) -> None:
         # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
         self.content.close()  # what was kept, maybe in a temporary file, is of no use now
         self.content = BytesIO()
         channel: _WebChannel = self.channel
-        channel.refuse(400 if _route(self.target.split(b"?", 1)[0], channel.site.https) is not None else 413)
+        if code is None:
+            code = 400 if _route(self.target.split(b"?", 1)[0], channel.site.https) is not None else 413
+        channel.refuse(code)
 
     def process(self) -> None:
         """Set the security headers, then let twisted.web find and render the resource."""
@@ -256,6 +269,42 @@ class _WebRequest(Request):
         for name, value in site.security_headers():
             self.responseHeaders.setRawHeaders(name, [value])
         super().process()
+
+
+class _Spool:
+    """
+    A proxied request's body in a temporary file, counted against its site's L{SPOOL_LIMIT}
+    until the file is closed: by the upload to the webmail once sent or stopped, by twisted.web
+    when the request is done or its connection lost, or when the request is refused.
+    """
+
+    _held = 0
+    _file: Any = None
+
+    def __init__(self, site: _WebSite) -> None:
+        self._site = site
+        self._file = tempfile.TemporaryFile()
+
+    def take(self, size: int) -> bool:
+        """Count C{size} more bytes against the site's spool, unless that would pass its limit."""
+        if self._site.spooled + size > SPOOL_LIMIT:
+            return False
+        self._site.spooled += size
+        self._held += size
+        return True
+
+    def close(self) -> None:
+        """Close the file and give its bytes back to the site's spool (once, however often called)."""
+        if self._held:
+            self._site.spooled -= self._held
+            self._held = 0
+        if self._file is not None:
+            self._file.close()
+
+    __del__ = close  # a last resort: every way a request ends closes it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)  # write, read, seek, tell: the file's own
 
 
 class _WebChannel(HTTPChannel):
@@ -353,7 +402,13 @@ class _WebChannel(HTTPChannel):
 
 
 class _WebSite(Site):
-    """A twisted.web site bound to the live configuration."""
+    """
+    A twisted.web site bound to the live configuration.
+
+    :ivar spooled: bytes of proxied request bodies its requests keep now (see L{_Spool}).
+    """
+
+    spooled = 0
 
     # HTTP/1.1 only: the listeners offer no other ALPN protocol, so no HTTP/2 negotiation.
     protocol = _WebChannel  # type: ignore[assignment]

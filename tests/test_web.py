@@ -708,6 +708,44 @@ class ProxyTests(SiteTestCase):
         self.assertEqual(sent.body.length, len(body))
 
 
+    def upload_start(self, size: int, sent: int) -> Connection:
+        """A proxied upload of C{size} bytes declared, of which the first C{sent} have arrived."""
+        connection = self.connect(self.https)
+        connection.channel.dataReceived(b"PUT /upload HTTP/1.1\r\nHost: mail.example.org\r\n"
+                                        b"Content-Length: %d\r\n\r\n" % size + b"u" * sent)
+        return connection
+
+    def test_spool_limit(self) -> None:
+        """
+        Proxied bodies waiting for the webmail share one spool: a body that would pass its limit gets
+        a 503 at once, and a client that goes gives its share back at once.
+        """
+        self.patch(web, "SPOOL_LIMIT", 300_000)
+        first = self.upload_start(400_000, 200_000)
+        self.assertEqual(self.https.spooled, 200_000)
+        second = self.upload_start(400_000, 150_000)
+        self.assert_own_page(second.reply(), 503)
+        self.assertTrue(second.transport.disconnecting)
+        self.assertEqual(self.https.spooled, 200_000)
+        first.close()
+        self.assertEqual(self.https.spooled, 0)
+        third = self.upload_start(250_000, 250_000)
+        self.assertEqual(len(self.agent.sent), 1)  # passed on whole
+        self.assertEqual(self.https.spooled, 250_000)
+        self.clock.advance(1)  # the body goes to the webmail
+        response = self.answer(self.agent.sent[0], 200, {}, length=2)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"ok")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(third.reply().body, b"ok")
+        self.assertEqual(self.https.spooled, 0)  # given back once the request is done
+        fourth = self.upload_start(250_000, 250_000)
+        self.assertEqual(self.https.spooled, 250_000)
+        fourth.close()  # gone while the webmail has the request: given back at once
+        self.assertEqual(self.https.spooled, 0)
+        self.assertEqual(self.agent.sent[1].cancelled, [True])
+
+
 class RequestDeadlineTests(SiteTestCase):
     """A request must arrive whole in a bounded time, however its bytes trickle in."""
 
