@@ -73,6 +73,7 @@ __all__ = [
     "REQUEST_DEADLINE",
     "REQUEST_TIMEOUT",
     "SPOOL_LIMIT",
+    "SPOOL_SHARE",
     "UPLOAD_MIN_RATE",
     "UPSTREAM_CONNECT_TIMEOUT",
     "UPSTREAM_RESPONSE_TIMEOUT",
@@ -106,7 +107,11 @@ client trickling bytes to hold a connection slot has to spend that bandwidth per
 SPOOL_LIMIT = 1024 * 1024 * 1024
 """Bytes of proxied request bodies kept at once, over every client together: they wait in
 temporary files, which are memory where /tmp is a tmpfs (Debian's default since 13). A body that
-would pass it gets a 503 at once."""
+would pass it, or its address's L{SPOOL_SHARE}, gets a 503 at once."""
+
+SPOOL_SHARE = SPOOL_LIMIT // 4
+"""Bytes of the spool one client address may hold (two uploads of the largest size): a single
+client trickling its uploads cannot keep everyone else's out."""
 
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 """Seconds allowed to connect to the webmail before the client gets a 502."""
@@ -233,7 +238,7 @@ class _WebRequest(Request):
         self._body_limit = site.body_limit(self.target.split(b"?", 1)[0])
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
-        self.content = BytesIO() if self.body_too_large or in_memory else _Spool(site)
+        self.content = BytesIO() if self.body_too_large or in_memory else _Spool(site, _peer(self))
         if self.body_too_large:
             # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
             self.requestHeaders.removeHeader(b"expect")
@@ -256,8 +261,6 @@ class _WebRequest(Request):
 
     def _refuse_body(self, code: int | None = None) -> None:
         # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
-        self.content.close()  # what was kept, maybe in a temporary file, is of no use now
-        self.content = BytesIO()
         channel: _WebChannel = self.channel
         if code is None:
             code = 400 if _route(self.target.split(b"?", 1)[0], channel.site.https) is not None else 413
@@ -273,30 +276,38 @@ class _WebRequest(Request):
 
 class _Spool:
     """
-    A proxied request's body in a temporary file, counted against its site's L{SPOOL_LIMIT}
-    until the file is closed: by the upload to the webmail once sent or stopped, by twisted.web
-    when the request is done or its connection lost, or when the request is refused.
+    A proxied request's body in a temporary file, counted against its site's L{SPOOL_LIMIT} and
+    its client's L{SPOOL_SHARE} until the file is closed: by the upload to the webmail once sent
+    or stopped, by twisted.web when the request is done or its connection lost, or when the
+    request is refused.
     """
 
     _held = 0
     _file: Any = None
 
-    def __init__(self, site: _WebSite) -> None:
+    def __init__(self, site: _WebSite, client: str) -> None:
         self._site = site
+        self._client = client
         self._file = tempfile.TemporaryFile()
 
     def take(self, size: int) -> bool:
-        """Count C{size} more bytes against the site's spool, unless that would pass its limit."""
-        if self._site.spooled + size > SPOOL_LIMIT:
+        """Count C{size} more bytes against the spool, unless that would pass its limit or the client's share."""
+        site, client = self._site, self._client
+        if site.spooled + size > SPOOL_LIMIT or site.spooled_by.get(client, 0) + size > SPOOL_SHARE:
             return False
-        self._site.spooled += size
+        site.spooled += size
+        site.spooled_by[client] = site.spooled_by.get(client, 0) + size
         self._held += size
         return True
 
     def close(self) -> None:
-        """Close the file and give its bytes back to the site's spool (once, however often called)."""
+        """Close the file and give its bytes back to the spool (once, however often called)."""
         if self._held:
-            self._site.spooled -= self._held
+            site, client = self._site, self._client
+            site.spooled -= self._held
+            site.spooled_by[client] -= self._held
+            if not site.spooled_by[client]:
+                del site.spooled_by[client]
             self._held = 0
         if self._file is not None:
             self._file.close()
@@ -368,6 +379,10 @@ class _WebChannel(HTTPChannel):
             return
         self._refused = True
         self._cancel_deadline()
+        if self.requests:  # the request still arriving: what its body holds, maybe in a file, is of no use now
+            content = getattr(self.requests[-1], "content", None)
+            if content is not None:
+                content.close()
         site: _WebSite = self.site
         body = _PAGES[code]
         headers = [*site.security_headers(), (b"Content-Type", b"text/plain; charset=utf-8"),
@@ -406,6 +421,7 @@ class _WebSite(Site):
     A twisted.web site bound to the live configuration.
 
     :ivar spooled: bytes of proxied request bodies its requests keep now (see L{_Spool}).
+    :ivar spooled_by: the same by client address, for the addresses that keep any.
     """
 
     spooled = 0
@@ -420,6 +436,7 @@ class _WebSite(Site):
                          timeout=REQUEST_TIMEOUT, reactor=reactor)
         self.state = state
         self.https = https
+        self.spooled_by: dict[str, int] = {}
 
     def body_limit(self, path: bytes) -> int:
         """The largest body accepted for a path: uploads to the webmail may be large, nothing else."""
