@@ -295,7 +295,6 @@ class _Spool:
         site, client = self._site, self._client
         if site.spooled + size > SPOOL_LIMIT or site.spooled_by.get(client, 0) + size > SPOOL_SHARE:
             return False
-        site.spooled += size
         site.spooled_by[client] = site.spooled_by.get(client, 0) + size
         self._held += size
         return True
@@ -303,11 +302,10 @@ class _Spool:
     def close(self) -> None:
         """Close the file and give its bytes back to the spool (once, however often called)."""
         if self._held:
-            site, client = self._site, self._client
-            site.spooled -= self._held
-            site.spooled_by[client] -= self._held
-            if not site.spooled_by[client]:
-                del site.spooled_by[client]
+            spooled_by, client = self._site.spooled_by, self._client
+            spooled_by[client] -= self._held
+            if not spooled_by[client]:
+                del spooled_by[client]
             self._held = 0
         if self._file is not None:
             self._file.close()
@@ -420,11 +418,9 @@ class _WebSite(Site):
     """
     A twisted.web site bound to the live configuration.
 
-    :ivar spooled: bytes of proxied request bodies its requests keep now (see L{_Spool}).
-    :ivar spooled_by: the same by client address, for the addresses that keep any.
+    :ivar spooled_by: bytes of proxied request bodies its requests keep now (see L{_Spool}), by
+        client address, for the addresses that keep any.
     """
-
-    spooled = 0
 
     # HTTP/1.1 only: the listeners offer no other ALPN protocol, so no HTTP/2 negotiation.
     protocol = _WebChannel  # type: ignore[assignment]
@@ -437,6 +433,11 @@ class _WebSite(Site):
         self.state = state
         self.https = https
         self.spooled_by: dict[str, int] = {}
+
+    @property
+    def spooled(self) -> int:
+        """Bytes of proxied request bodies its requests keep now, over every client."""
+        return sum(self.spooled_by.values())
 
     def body_limit(self, path: bytes) -> int:
         """The largest body accepted for a path: uploads to the webmail may be large, nothing else."""
