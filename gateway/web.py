@@ -145,6 +145,9 @@ _CLIENT_ONLY_HEADERS = frozenset({
 # The gateway's values of these replace the webmail's.
 _GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content-type-options"})
 
+# What every fixed page carries besides the security headers (L{_page}, L{_WebChannel.refuse}).
+_PAGE_HEADERS = ((b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store"))
+
 _PAGES = {
     400: b"Bad request.\n",
     404: b"Not found.\n",
@@ -383,8 +386,8 @@ class _WebChannel(HTTPChannel):
                 content.close()
         site: _WebSite = self.site
         body = _PAGES[code]
-        headers = [*site.security_headers(), (b"Content-Type", b"text/plain; charset=utf-8"),
-                   (b"Cache-Control", b"no-store"), (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]
+        headers = [*site.security_headers(), *_PAGE_HEADERS, (b"Content-Length", b"%d" % len(body)),
+                   (b"Connection", b"close")]
         self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
         self.transport.write(body)  # type: ignore[union-attr]
         # A client that does not read this meets the idle timeout, which no byte of its restarts now.
@@ -457,9 +460,9 @@ class _WebSite(Site):
 def _page(request: Request, code: int) -> bytes:
     """Make a request's response one of the fixed plain-text pages; the body is the result."""
     request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
-    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)  # the proxy may have dropped it
+    for name, value in _PAGE_HEADERS:
+        request.setHeader(name, value)
     return _PAGES[code]
 
 
