@@ -20,6 +20,8 @@ cost 12 (about 0.25 s), SHA-512 crypt 656,000 rounds and SHA-256 crypt 535,000 r
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import threading
@@ -253,6 +255,40 @@ def _signature(status: os.stat_result) -> _Signature:
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
+_SPARE_PASSWORD = b"spare"
+"""A password every scheme takes, for a check made only to take the time."""
+
+
+class _StandIns:
+    """
+    The hashes an unknown user is checked against: the file's own, one picked for each name.
+
+    A fixed dummy hash would cost what its scheme costs, and a file's users may have others
+    (bcrypt, SHA-crypt, argon2id at other costs): the time of a refusal would then tell which
+    names exist. Picked this way, unknown names take the times of the file's users, in their
+    proportions, and each name always the same one.
+    """
+
+    __slots__ = ("_key", "_hashes")
+
+    def __init__(self, data: bytes, users: Mapping[str, str]) -> None:
+        """
+        :param data: the file's contents: the key, which no client knows (the hashes are salted),
+            and which every worker process and every restart derives alike, so that a name never
+            changes its stand-in while the file stays the same.
+        :param users: the users parsed from it.
+        """
+        self._key = hashlib.sha256(data).digest()
+        self._hashes = tuple(users.values())
+
+    def pick(self, user: str) -> str | None:
+        """Return the stand-in hash for *user*, or None if the file holds no users."""
+        if not self._hashes:
+            return None
+        digest = hmac.digest(self._key, str(user).encode("utf-8", "surrogatepass"), "sha256")
+        return self._hashes[int.from_bytes(digest[:8], "big") % len(self._hashes)]
+
+
 class UserDatabase:
     """Users and password hashes read from a file, re-read whenever the file changes.
 
@@ -268,15 +304,14 @@ class UserDatabase:
         """
         self._path = path
         self._lock = threading.Lock()
-        self._signature, self._users = self._load()
+        self._signature, self._users, self._stand_ins = self._load()
         # The last reload problem that was logged, so a broken file warns once, not per login.
         self._reported: tuple[_Signature | None, str] | None = None
-        # Unknown users cost one default argon2id check too, so timing does not reveal which
-        # accounts exist.
+        # What an unknown user is checked against while the file holds no users.
         self._dummy_hash = _bare_hash(secrets.token_bytes(32), "argon2id")
 
-    def _load(self) -> tuple[_Signature, dict[str, str]]:
-        """Read and parse the file, and return its signature and users.
+    def _load(self) -> tuple[_Signature, dict[str, str], _StandIns]:
+        """Read and parse the file, and return its signature, its users and their stand-ins.
 
         The signature is taken before reading, so a write that races with the read changes the
         file's signature again and is picked up by the next refresh.
@@ -287,7 +322,8 @@ class UserDatabase:
                 data = file.read()
         except OSError as e:
             raise UserFileError(f"{self._path}: cannot read: {e.strerror}") from None
-        return _signature(status), parse_user_file(data, self._path)
+        users = parse_user_file(data, self._path)
+        return _signature(status), users, _StandIns(data, users)
 
     def _report(self, signature: _Signature | None, problem: str) -> None:
         """Warn that the file is not reloaded, once per file version and problem."""
@@ -314,12 +350,13 @@ class UserDatabase:
             if current == self._signature:
                 return
             try:
-                signature, users = self._load()
+                signature, users, stand_ins = self._load()
             except UserFileError as e:
                 self._report(current, str(e))
                 return
             # Users first: a thread that sees the new signature early must not keep old users.
             self._users = users
+            self._stand_ins = stand_ins
             self._signature = signature
             self._reported = None
             log.info(
@@ -352,14 +389,15 @@ class UserDatabase:
             self._refresh()
             stored = self._users.get(user)
             if stored is None:
-                self._spend_time(password)
+                # An unknown user costs what a known one costs, so timing does not tell them apart.
+                self._spend_time(password, self._stand_ins.pick(user) or self._dummy_hash)
                 return False
             try:
                 return bool(CONTEXT.verify(password, stored))
             except ValueError:
                 # The scheme cannot take this password (bcrypt over 72 bytes, a NUL byte), so it
                 # cannot match; spend the usual time so the refusal is not faster.
-                self._spend_time(password)
+                self._spend_time(_SPARE_PASSWORD, stored)
                 return False
         except Exception as e:
             log.error(
@@ -369,12 +407,13 @@ class UserDatabase:
             )
             return False
 
-    def _spend_time(self, password: bytes) -> None:
-        """Run one check against the dummy hash and ignore its result."""
+    @staticmethod
+    def _spend_time(password: bytes, hash_: str) -> None:
+        """Run one check against *hash_*, at its full cost, and ignore its result."""
         try:
-            CONTEXT.verify(password, self._dummy_hash)
+            CONTEXT.verify(password, hash_)
         except ValueError:
-            pass
+            CONTEXT.verify(_SPARE_PASSWORD, hash_)  # a password its scheme cannot take
 
     def __contains__(self, user: object) -> bool:
         """Say whether the user exists, re-reading the file first if it changed."""

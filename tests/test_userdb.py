@@ -228,20 +228,41 @@ class VerifyTests(UserFileTestCase):
 class UnknownUserTests(UserFileTestCase):
     """Unknown users cost as much as known ones."""
 
-    def test_unknown_user_checks_dummy_hash(self) -> None:
-        """An unknown user is refused after one check against a default-cost argon2id hash."""
-        self.write(f"alice:{fast_hash('argon2id')}\n")
+    def test_unknown_user_checks_a_users_hash(self) -> None:
+        """
+        An unknown user is refused after one check against one of the file's own hashes, so it
+        costs what the file's users cost, whatever their schemes: each name always the same
+        hash, and the names spread over all of them.
+        """
+        hashes = {fast_hash("argon2id"), fast_hash("bcrypt"), fast_hash("sha512-crypt")}
+        self.write("".join(f"user{n}:{hash_}\n" for n, hash_ in enumerate(sorted(hashes))))
         db = UserDatabase(self.path)
         recorder = RecordingContext()
         self.patch(userdb, "CONTEXT", recorder)
         self.assertFalse(db.verify("mallory", PASSWORD))
         self.assertEqual(len(recorder.hashes), 1)
-        dummy = recorder.hashes[0]
-        self.assertNotEqual(dummy, fast_hash("argon2id"))
-        self.assertEqual(
-            argon2_parameters(dummy),
-            argon2_parameters(hash_password(b"x").removeprefix("{ARGON2ID}")),
-        )
+        self.assertIn(recorder.hashes[0], hashes)
+        self.assertFalse(db.verify("mallory", WRONG))
+        self.assertEqual(recorder.hashes[1], recorder.hashes[0])
+        for n in range(60):
+            self.assertFalse(db.verify(f"nobody{n}", PASSWORD))
+        self.assertEqual(set(recorder.hashes), hashes)
+
+    def test_unknown_user_stand_in_is_the_same_in_every_process(self) -> None:
+        """
+        Workers load the file each on its own, and a restart loads it again: a name keeps its
+        stand-in hash, or repeating an unknown name would show it changing.
+        """
+        self.write("".join(f"user{n}:{fast_hash('sha256-crypt', b'%d' % n)}\n" for n in range(20)))
+        recorders = []
+        for _ in range(2):
+            db = UserDatabase(self.path)
+            recorders.append(RecordingContext())
+            self.patch(userdb, "CONTEXT", recorders[-1])
+            for n in range(10):
+                db.verify(f"nobody{n}", PASSWORD)
+        self.assertEqual(recorders[0].hashes, recorders[1].hashes)
+        self.assertGreater(len(set(recorders[0].hashes)), 1)
 
     def test_known_user_checks_own_hash(self) -> None:
         """A known user is checked once, against that user's own hash."""
@@ -253,11 +274,21 @@ class UnknownUserTests(UserFileTestCase):
         self.assertEqual(recorder.hashes, [fast_hash("argon2id")])
 
     def test_unknown_user_with_empty_file(self) -> None:
-        """A file with no users loads, and every user is refused."""
+        """
+        A file with no users loads, and every user is refused, after a check against a
+        default-cost argon2id hash.
+        """
         self.write("# nobody yet\n")
         db = UserDatabase(self.path)
         self.assertEqual(db.users(), [])
+        recorder = RecordingContext()
+        self.patch(userdb, "CONTEXT", recorder)
         self.assertFalse(db.verify("alice", PASSWORD))
+        self.assertEqual(len(recorder.hashes), 1)
+        self.assertEqual(
+            argon2_parameters(recorder.hashes[0]),
+            argon2_parameters(hash_password(b"x").removeprefix("{ARGON2ID}")),
+        )
 
 
 class FailedCheckTests(UserFileTestCase):
@@ -275,14 +306,21 @@ class FailedCheckTests(UserFileTestCase):
         # bcrypt itself would ignore everything past byte 72 and accept this one.
         self.assertFalse(db.verify("alice", seventy_two + b"!"))
         self.assertNotIn(LogLevel.error, levels(observer))
-        # The refusal still costs one dummy check after the failed bcrypt one.
-        self.assertEqual(len(recorder.hashes), 2)
-        self.assertTrue(recorder.hashes[1].startswith("$argon2id$"))
+        # The refusal still costs a full check of alice's own hash after the failed one.
+        self.assertEqual(recorder.hashes, [fast_hash("bcrypt", seventy_two)] * 2)
 
     def test_nul_byte_in_bcrypt_password(self) -> None:
-        """A bcrypt password with a NUL byte is a failed login."""
+        """
+        A bcrypt password with a NUL byte is a failed login, which costs a full bcrypt check,
+        for a known user as for an unknown one checked against a bcrypt stand-in.
+        """
         self.write(f"alice:{fast_hash('bcrypt')}\n")
-        self.assertFalse(UserDatabase(self.path).verify("alice", PASSWORD + b"\x00"))
+        db = UserDatabase(self.path)
+        recorder = RecordingContext()
+        self.patch(userdb, "CONTEXT", recorder)
+        self.assertFalse(db.verify("alice", PASSWORD + b"\x00"))
+        self.assertFalse(db.verify("mallory", PASSWORD + b"\x00"))
+        self.assertEqual(recorder.hashes, [fast_hash("bcrypt")] * 4)
 
     def test_passlib_error_is_logged_without_password(self) -> None:
         """An unexpected passlib error is a failed login, logged as an error without the password.
