@@ -47,15 +47,12 @@ from gateway.backend import (
 from gateway.config import Limits
 from gateway.gatekeeper import Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
-from gateway.relay import Splice, hand_over
+from gateway.relay import Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
 from gateway.tls import ServerTLS, describe_tls
 
 log = Logger()
-
-CLOSE_GRACE = 10.0
-"""Seconds a closing connection may take to finish its TLS shutdown before it is aborted."""
 
 MAX_UNREAD_REPLIES = 64 * 1024
 """
@@ -378,7 +375,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         """
         Close the connection after what was written has been sent; nothing more is answered.
         Reading goes on (and is discarded), since a TLS close waits for the client's own
-        close_notify; a client that never sends it is cut off after L{CLOSE_GRACE} seconds.
+        close_notify; a client that never sends it is cut off after L{gateway.relay.CLOSE_GRACE} seconds.
         """
         if self._phase is _Phase.CLOSED and self._closing is not None:
             return
@@ -392,8 +389,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.clearLineBuffer()
         assert self.transport is not None
         self.transport.resumeProducing()  # type: ignore[attr-defined]
-        self.transport.loseConnection()
-        self._closing = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[attr-defined]
+        self._closing = close_with_grace(self.transport, self.clock)
 
     def command_succeeded(self) -> None:
         """A command was valid: the run of consecutive errors is broken."""
@@ -645,7 +641,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._relay_active()
         self.context.idle.watch(self)
         assert self.transport is not None and session.transport is not None
-        self._splice = Splice(self.transport, session.transport, self._relay_active, self.close)
+        self._splice = Splice(self.transport, session.transport, self.clock, self._relay_active, self.close)
         session.attach(self._splice)
         # What the client pipelined after its login belongs to the backend.
         hand_over(self, self._splice.from_client)

@@ -16,6 +16,10 @@ then cross the gateway in one turn each way.
 A burst (a large FETCH, APPEND or RETR) grows the memory buffers of the TLS layer, which would
 keep that size for the rest of the session. Once more than a few KiB have passed, the next small
 read gives them back (as soon as they hold nothing); the handshake and the login count too.
+
+A side the relay closes, like a client its front end closes, is aborted if it has not closed
+:data:`CLOSE_GRACE` seconds later (:func:`close_with_grace`): a peer that stops reading or never
+ends TLS must not keep its descriptor and buffers for ever.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
@@ -35,6 +39,21 @@ from gateway.tls import release_tls_buffers, switch_to_relaying, tls_ended, tls_
 # tries to give them back again (which works once they hold nothing).
 _BURST = 4096
 
+CLOSE_GRACE = 10.0
+"""Seconds a connection the gateway closes may take to write its buffer and end TLS before it is aborted."""
+
+
+def close_with_grace(transport: ITransport, clock: IReactorTime) -> IDelayedCall:
+    """
+    Close C{transport} once its buffer is written (and, over TLS, the peer's close_notify has
+    come), or abort it after L{CLOSE_GRACE} seconds: a peer that stops reading or never answers
+    would keep the connection open for ever.
+
+    :returns: the abort; cancel it when the connection is lost in time.
+    """
+    transport.loseConnection()
+    return clock.callLater(CLOSE_GRACE, transport.abortConnection)  # type: ignore[attr-defined]
+
 
 class Splice:
     """
@@ -42,19 +61,22 @@ class Splice:
 
     The protocols on either side feed it what they read and tell it when they are lost; it
     writes to the other side, and closes the other side (after its buffered data is flushed)
-    when one side goes away, or both when the relay ends.
+    when one side goes away, or both when the relay ends. A backend it closes that has not
+    closed L{CLOSE_GRACE} seconds later is aborted.
 
     :ivar from_client_bytes: bytes relayed from the client to the backend.
     :ivar from_backend_bytes: bytes relayed from the backend to the client.
     """
 
-    # One splice and two outlets live as long as each session: slots keep them small.
+    # One splice and two outlets live as long as each session: slots keep them small. _clock, one
+    # pointer to the shared clock, times the close of the backend; its abort lives only while it closes.
     __slots__ = ("_client", "_backend", "_to_client", "_to_backend", "_activity", "from_client_bytes",
-                 "from_backend_bytes", "_closing", "_grown", "_close_client")
+                 "from_backend_bytes", "_closing", "_grown", "_close_client", "_clock")
 
-    def __init__(self, client: ITransport, backend: ITransport, activity: Callable[[], None] = lambda: None,
-                 close_client: Callable[[], None] | None = None) -> None:
+    def __init__(self, client: ITransport, backend: ITransport, clock: IReactorTime,
+                 activity: Callable[[], None] = lambda: None, close_client: Callable[[], None] | None = None) -> None:
         """
+        :param clock: times the abort of a backend that does not close in time.
         :param activity: called whenever bytes pass either way (to keep an idle timer from firing).
         :param close_client: closes the client's connection once its buffer is written (the front
             end's, which also cuts off a client that never finishes a TLS close); by default the
@@ -69,7 +91,9 @@ class Splice:
         self._activity = activity
         self.from_client_bytes = 0
         self.from_backend_bytes = 0
-        self._closing = False
+        self._clock = clock
+        # False while relaying, then True; or, while the backend is closing, its pending abort.
+        self._closing: IDelayedCall | bool = False
         self._close_client = client.loseConnection if close_client is None else close_client
         self._grown = _BURST + 1  # the handshake and the login
         # A transport takes one producer: the relay owns both registrations from here on.
@@ -100,11 +124,13 @@ class Splice:
             self._grown = 0
 
     def client_lost(self) -> None:
-        """The client's connection is gone: close the backend once its buffer is written."""
+        """The client's connection is gone: close the backend once its buffer is written (see L{close_with_grace})."""
         self._end(client=False)
 
     def backend_lost(self) -> None:
         """The backend's connection is gone: close the client once its buffer is written."""
+        if not isinstance(self._closing, bool) and self._closing.active():
+            self._closing.cancel()  # it closed in time
         self._end(backend=False)
 
     def close(self) -> None:
@@ -117,14 +143,16 @@ class Splice:
             return  # a side's own loss comes back here
         self._closing = True
         if backend:
-            _let_go(self._backend, self._backend.loseConnection)
+            _let_go(self._backend)
+            self._closing = close_with_grace(self._backend, self._clock)
         if client:
-            _let_go(self._client, self._close_client)
+            _let_go(self._client)
+            self._close_client()
 
 
-def _let_go(transport: ITransport, close: Callable[[], None]) -> None:
+def _let_go(transport: ITransport) -> None:
     """
-    Close one side of the relay with C{close}, once its buffer is written.
+    Ready one side of the relay to close once its buffer is written.
 
     The other side is its producer: Twisted closes a TLS transport only once none is registered
     (and a TCP transport whose paused producer is left resumes it when its buffer drains, instead
@@ -133,7 +161,6 @@ def _let_go(transport: ITransport, close: Callable[[], None]) -> None:
     """
     transport.unregisterProducer()  # type: ignore[attr-defined]
     transport.resumeProducing()  # type: ignore[attr-defined]
-    close()
 
 
 @implementer(IPushProducer)

@@ -73,6 +73,10 @@ class FrontEndTestBase(SynchronousTestCase):
     def tearDown(self) -> None:
         if not self.front.closed or self.transport.connected:
             self.front.connectionLost(Failure(ConnectionDone()))
+        for session in self.backend.sessions:
+            # Closed (not aborted) by the gateway: the connection goes, as a real one would in time.
+            if session.transport.disconnecting and not session.transport.disconnected and not session.lost:
+                session.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def read(self) -> bytes:

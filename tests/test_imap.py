@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.backend import BackendUnavailable, ClientAddress
 from gateway.imap import ImapFrontEnd
+from gateway.relay import CLOSE_GRACE
 
 class ImapTestBase(FrontEndTestBase):
     """An IMAP front end with a memory backend that announces a few capabilities."""
@@ -417,6 +418,7 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(len(self.context.idle), 1)
         self.front.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(self.context.idle), 0)
+        self.backend.sessions[0].connectionLost(Failure(ConnectionDone()))  # the relay closed it
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_relay_idle_timeout(self) -> None:
@@ -437,6 +439,15 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(self.backend.sessions[0].transport.disconnecting)
         self.assertEqual(self.read(), b"a2 OK NOOP\r\n")  # nothing injected into the relayed stream
+
+    def test_relay_idle_timeout_aborts_stalled_backend(self) -> None:
+        """After the relay's idle timeout, a backend that has not closed within the grace period is aborted."""
+        self.log_in()
+        self.clock.advance(self.limits.relay_idle_timeout)
+        backend_transport = self.backend.sessions[0].transport
+        self.assertFalse(backend_transport.disconnected)  # StringTransport marks an abort so
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(backend_transport.disconnected)
 
 
 class LoggingTests(ImapTestBase):

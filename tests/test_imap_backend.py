@@ -8,6 +8,7 @@ import gc
 from frontend_harness import unslotted
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -423,7 +424,7 @@ class RelayTests(ImapLoginTestBase):
         protocol = self.logged_in()
         self.say(b"* 4 EXISTS\r\n")
         client = StringTransport()
-        splice = Splice(client, self.transport)
+        splice = Splice(client, self.transport, Clock())
         protocol.attach(splice)
         self.assertEqual(client.value(), b"* 3 EXISTS\r\n* 4 EXISTS\r\n")
         self.assertEqual(self.transport.producerState, "producing")
@@ -438,7 +439,7 @@ class RelayTests(ImapLoginTestBase):
         does it keep its login's spent Deferred.
         """
         self.say(b"gw1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
-        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.logged_in().attach(Splice(StringTransport(), self.transport, Clock()))
         self.protocol.dataReceived(b"* 4 EXISTS\r\n")
         self.assertEqual(unslotted(self.protocol), set())
         self.assertEqual([each for each in gc.get_referents(self.protocol) if isinstance(each, Deferred)], [])
@@ -446,14 +447,14 @@ class RelayTests(ImapLoginTestBase):
     def test_password_not_kept(self) -> None:
         """Once relaying, the backend session holds the password no longer."""
         self.say(b"gw1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
-        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.logged_in().attach(Splice(StringTransport(), self.transport, Clock()))
         self.assertIsNone(self.protocol.request)
 
     def test_backend_lost_closes_client(self) -> None:
         """The backend going away after attach closes the client connection."""
         self.say(b"gw1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
         client = StringTransport()
-        self.logged_in().attach(Splice(client, self.transport))
+        self.logged_in().attach(Splice(client, self.transport, Clock()))
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(client.disconnecting)
         self.assertIsNone(self.protocol.result)  # spent once relaying: the loss is the relay's, not the login's

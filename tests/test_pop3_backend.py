@@ -6,6 +6,7 @@ import dataclasses
 
 from frontend_harness import unslotted
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -381,7 +382,7 @@ class RelayTests(Pop3LoginTestBase):
         protocol = self.logged_in()
         self.say(b"1 120\r\n")
         client = StringTransport()
-        protocol.attach(Splice(client, self.transport))
+        protocol.attach(Splice(client, self.transport, Clock()))
         self.assertEqual(client.value(), b"+OK 2 messages\r\n1 120\r\n")
         self.assertEqual(self.transport.producerState, "producing")
         self.protocol.dataReceived(b"2 300\r\n.\r\n-ERR partial")
@@ -391,21 +392,21 @@ class RelayTests(Pop3LoginTestBase):
     def test_attributes_in_slots(self) -> None:
         """A relaying backend session keeps its attributes and Twisted's in slots: it has no dict."""
         self.say(b"+OK Logged in.\r\n")
-        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.logged_in().attach(Splice(StringTransport(), self.transport, Clock()))
         self.protocol.dataReceived(b"+OK 2 messages\r\n")
         self.assertEqual(unslotted(self.protocol), set())
 
     def test_password_not_kept(self) -> None:
         """Once relaying, the backend session holds the password no longer."""
         self.say(b"+OK Logged in.\r\n")
-        self.logged_in().attach(Splice(StringTransport(), self.transport))
+        self.logged_in().attach(Splice(StringTransport(), self.transport, Clock()))
         self.assertIsNone(self.protocol.request)
 
     def test_backend_lost_closes_client(self) -> None:
         """The backend going away after attach closes the client connection."""
         self.say(b"+OK Logged in.\r\n")
         client = StringTransport()
-        self.logged_in().attach(Splice(client, self.transport))
+        self.logged_in().attach(Splice(client, self.transport, Clock()))
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(client.disconnecting)
 

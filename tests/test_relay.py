@@ -9,12 +9,13 @@ import shutil
 import sys
 import tempfile
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.relay import Splice, _Outlet, hand_over
+from gateway.relay import CLOSE_GRACE, Splice, _Outlet, hand_over
 from gateway.testing.pki import TestCA
 from gateway.testing.tls_pair import TLSPair, memory_bios, tls_pair
 from gateway.tls import _Relaying, describe_tls, switch_to_relaying
@@ -53,10 +54,53 @@ class InMemoryTests(SynchronousTestCase):
     def test_in_memory_transports(self) -> None:
         """Transports without a socket (in-memory ones) just get the bytes written."""
         client, backend = StringTransport(), StringTransport()
-        splice = Splice(client, backend)
+        splice = Splice(client, backend, Clock())
         splice.from_client(b"a1 NOOP\r\n")
         splice.from_backend(b"a1 OK\r\n")
         self.assertEqual((backend.value(), client.value()), (b"a1 NOOP\r\n", b"a1 OK\r\n"))
+
+
+class BackendClosingTests(SynchronousTestCase):
+    """A backend the relay lets go is aborted if it has not closed within the grace period."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = StringTransport()
+        self.splice = Splice(StringTransport(), self.backend, self.clock)
+
+    def assert_aborted_after_grace(self) -> None:
+        """The backend is closed at once, and aborted once the grace period is over, not before."""
+        self.assertTrue(self.backend.disconnecting)
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        # StringTransport marks an abort (and only an abort) as disconnected.
+        self.assertFalse(self.backend.disconnected, "aborted before the grace period was over")
+        self.clock.advance(0.1)
+        self.assertTrue(self.backend.disconnected, "a backend that never closed was not aborted")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_client_lost_stalled_backend_aborted(self) -> None:
+        """Once the client is lost, a backend that does not close (it stopped reading, or never ends TLS) is aborted."""
+        self.splice.client_lost()
+        self.assert_aborted_after_grace()
+
+    def test_closed_stalled_backend_aborted(self) -> None:
+        """Once the relay is ended (its idle timeout), a backend that does not close is aborted."""
+        self.splice.close()
+        self.assert_aborted_after_grace()
+
+    def test_backend_closed_in_time(self) -> None:
+        """
+        The backend's abort is pending only while it closes: its connection lost within the grace
+        period cancels it, and it is not aborted.
+        """
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # nothing timed while relaying
+        self.splice.client_lost()
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "nothing would abort a backend that never closed")
+        self.splice.backend_lost()  # its protocol reports the loss
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(CLOSE_GRACE)
+        self.assertFalse(self.backend.disconnected)
 
 
 class TLSTests(SynchronousTestCase):
@@ -69,7 +113,7 @@ class TLSTests(SynchronousTestCase):
         pair = _handshaken_pair(self)
         self.tls, self.wire, self.collector, self.pump = pair.server, pair.wire, pair.collector, pair.pump
         self.backend = StringTransport()
-        self.splice = Splice(self.tls, self.backend)
+        self.splice = Splice(self.tls, self.backend, Clock())
 
     def test_switched(self) -> None:
         """The splice switches a TLS side to relaying: no write aggregation stays with the session."""
@@ -201,7 +245,7 @@ class AttributeDictTests(SynchronousTestCase):
         before = dict(attributes)
         compact = sys.getsizeof({name: value for name, value in attributes.items()})
         self.assertGreater(sys.getsizeof(attributes), compact)
-        Splice(self.tls, StringTransport())
+        Splice(self.tls, StringTransport(), Clock())
         self.assertLessEqual(sys.getsizeof(vars(self.tls)), compact)
         self.assertEqual({name: vars(self.tls)[name] for name in before}, before)
 
@@ -260,7 +304,7 @@ class HandOverBackpressureTests(SynchronousTestCase):
         """
         self.backend.pauseProducing()  # the login succeeded: the backend is not read meanwhile
         self.backend.dataReceived(b"* 1 EXISTS\r\n")  # arrived in the same read as the login's OK
-        splice = Splice(self.pair.server, self.backend_transport)
+        splice = Splice(self.pair.server, self.backend_transport, Clock())
         self.backend.splice = splice
         _socket_buffer_full(self.pair)  # the client does not read: its buffer stays over the limit
         hand_over(self.backend, splice.from_backend)

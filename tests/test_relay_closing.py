@@ -115,7 +115,7 @@ class _RelayClosingMixin:
         sides = [legs["client"], legs["backend"], peers["client"], peers["backend"]]
         for each in sides:
             self.addCleanup(lambda each=each: None if each.gone.called else each.transport.abortConnection())  # type: ignore[attr-defined]
-        self.splice = splice = Splice(legs["client"].transport, legs["backend"].transport)
+        self.splice = splice = Splice(legs["client"].transport, legs["backend"].transport, reactor)
         legs["client"].splice_side = (splice.from_client, splice.client_lost)
         legs["backend"].splice_side = (splice.from_backend, splice.backend_lost)
         return peers["client"], peers["backend"], sides
