@@ -203,7 +203,8 @@ class Limits:
     :ivar line_length: longest command line in bytes, without CRLF.
     :ivar literal_size: largest IMAP literal before login.
     :ivar idle_timeout: seconds of silence before a client that has not logged in is dropped.
-    :ivar login_timeout: seconds from connect by which the client must have logged in.
+    :ivar login_timeout: seconds from connect by which the client must have logged in; a login the gateway
+        is still working on then gets its answer first.
     :ivar login_attempts: failed logins allowed on one connection.
     :ivar errors: consecutive protocol errors before the connection is closed.
     :ivar max_connections: connections the whole gateway holds at once.

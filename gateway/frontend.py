@@ -170,7 +170,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.login_failures = 0
         self._errors = 0
         self._phase = _Phase.COMMANDS
-        self._deadline: object | None = None
+        self._deadline: IDelayedCall | None = None  # kept once passed, while a login in flight finishes
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
         self._closing: IDelayedCall | None = None
@@ -352,7 +352,15 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.idle_deadline = self.clock.seconds() + self.context.limits.relay_idle_timeout
 
     def _deadline_passed(self) -> None:
+        if self._phase is _Phase.LOGGING_IN:
+            # The gateway is the slow one (the hash, the backend, the failure pause): the login in
+            # flight gets its answer, such as NO [UNAVAILABLE] for a backend that never answered,
+            # and the connection then closes unless it logged in (see _login_finished).
+            return
         self._deadline = None
+        self._login_timed_out()
+
+    def _login_timed_out(self) -> None:
         log.info("timeout protocol={protocol} client={client} reason=login-deadline",
                  protocol=self.context.protocol, client=self.client.host)
         self.reply_timeout()
@@ -360,7 +368,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
-            self._deadline.cancel()  # type: ignore[attr-defined]
+            if self._deadline.active():
+                self._deadline.cancel()
             self._deadline = None
 
     # -- for subclasses: writing and closing
@@ -476,7 +485,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
         self.pauseProducing()
-        # The server is the slow one now (hashing, the backend): no idle timeout; the deadline stays.
+        # The server is the slow one now (hashing, the backend): no idle timeout, and a deadline that
+        # passes meanwhile waits for this login's answer.
         self.setTimeout(None)
         started = self.clock.seconds()
         checking = self.context.gatekeeper.check_login(user_key(user), self.client.host)
@@ -496,6 +506,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if outcome is LoginOutcome.LOGGED_IN:
             assert self._session is not None
             self.logged_in(self._session)
+        elif self._deadline is not None and not self._deadline.active():
+            self._deadline = None
+            self._login_timed_out()  # it passed while this login was in flight
         elif outcome in (LoginOutcome.THROTTLED, LoginOutcome.OVERLOADED) or self.attempts_exhausted:
             self.close()
         else:

@@ -412,6 +412,38 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def log_in_at_deadline(self) -> None:
+        """Keep talking until a second before the login deadline, then log in to a backend that does not answer yet."""
+        self.backend.hold = True
+        for _ in range(3):
+            self.clock.advance(30)
+            self.say(b"a NOOP\r\n")
+        self.clock.advance(29)
+        self.assertEqual(self.say(b"a1 LOGIN bob secret\r\n"), b"")
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"")  # the gateway is the slow one: no BYE for the client's inactivity
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_login_deadline_waits_for_a_login_in_flight(self) -> None:
+        """
+        A login the backend keeps waiting past the deadline gets its answer, the backend's
+        unavailability, and the connection then closes as at the deadline.
+        """
+        self.log_in_at_deadline()
+        self.backend.held[0].errback(BackendUnavailable("no answer within 30 s"))
+        self.assertEqual(self.read(), b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n"
+                                      b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_login_in_flight_at_deadline_logs_in(self) -> None:
+        """A login still in flight at the deadline that goes through is a session like any other."""
+        self.log_in_at_deadline()
+        self.backend.held[0].callback(self.backend.session(self.backend.requests[0]))
+        self.assertTrue(self.read().startswith(b"a1 OK "))
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.say(b"a2 NOOP\r\n"), b"")
+        self.assertEqual(self.backend.sessions[0].transport.value(), b"a2 NOOP\r\n")  # relayed
+
     def test_closed_session_leaves_idle_watch(self) -> None:
         """A relayed session that closes is no longer watched for its idle timeout: nothing keeps it."""
         self.log_in()
@@ -666,14 +698,21 @@ class AbandonedLoginTests(ImapTestBase):
         self.assertEqual(self.penalties.sizes(), (0, 0, 0))
         self.assertEqual(self.failures_logged(), [])
 
-    def test_deadline_counts_a_wrong_password_too(self) -> None:
-        """A login ended by its deadline while a wrong password's hash ran is counted the same way, once."""
+    def test_deadline_waits_for_a_wrong_password(self) -> None:
+        """
+        A deadline that passes while a wrong password's hash runs lets the login finish: it is
+        counted once, answered after the failure pause, and the connection then closes.
+        """
         self.say(b"a1 LOGIN bob wrong\r\n")
         self.clock.advance(self.limits.login_timeout)
-        self.assertTrue(self.front.closed)
+        self.assertFalse(self.front.closed)
         self.auth.finish()
         self.assertEqual(len(self.failures_logged()), 1)
         self.assertEqual(self.penalties.sizes(), (1, 1, 1))
+        self.clock.advance(self.penalty_rules.base_delay)
+        self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+                                      b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.front.closed)
 
 
 class NilUserTests(ImapTestBase):
