@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import replace
 
 from frontend_harness import TLS_OPTIONS, FrontEndTestBase, b64, unslotted
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from gateway.backend import BackendUnavailable, LoginRequest
 from gateway.config import Limits, SubmissionSettings
 from gateway.frontend import FrontEndFactory
+from gateway.relay import CLOSE_GRACE
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import SubmissionFrontEnd
@@ -524,6 +525,81 @@ class ReviewFixTests(SubmissionTestBase):
         reply = self.say(b"MAIL FROM:<alice@example.org>\r\n" + b"RCPT TO:<a@example.org>\r\n" * 6)
         self.assertEqual(reply.count(b"503 5.5.1 Need MAIL command"), 6)
         self.assertFalse(self.transport.disconnecting)
+
+
+class MtaClosingTests(SubmissionTestBase):
+    """
+    The MTA connection of a client that goes away is closed after QUIT, and aborted if it has not
+    closed within the grace period.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log_in()
+        self.mta_transport = self.mta().transport
+
+    def client_lost(self) -> None:
+        """The client goes away: the MTA is told QUIT and its connection closed."""
+        self.front.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(self.mta_transport.disconnecting)
+        self.assertTrue(self.mta_got().endswith(b"QUIT\r\n"))
+
+    def assert_aborted_after_grace(self) -> None:
+        """The MTA connection is aborted once the grace period is over, not before."""
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        # StringTransport marks an abort (and only an abort) as disconnected.
+        self.assertFalse(self.mta_transport.disconnected, "aborted before the grace period was over")
+        self.clock.advance(0.1)
+        self.assertTrue(self.mta_transport.disconnected, "an MTA that never closed was not aborted")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.mta().connectionLost(Failure(ConnectionAborted()))  # as the abort reports it
+
+    def test_stalled_mta_aborted(self) -> None:
+        """An MTA that neither answers QUIT nor closes (it stopped reading, or never ends TLS) is aborted."""
+        self.client_lost()
+        self.assert_aborted_after_grace()
+
+    def test_stalled_mta_mid_message_aborted(self) -> None:
+        """An MTA that stops reading while a message streams to it is aborted once the client has gone."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
+        self.mta_transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
+        self.client_lost()
+        self.assert_aborted_after_grace()
+
+    def test_mta_answering_but_not_closing_aborted(self) -> None:
+        """An MTA that answers QUIT but does not close its connection is aborted all the same."""
+        self.client_lost()
+        self.mta().dataReceived(b"221 2.0.0 Bye\r\n")
+        self.assert_aborted_after_grace()
+
+    def assert_closed_in_time(self, answer: bytes) -> None:
+        """
+        The MTA, having said C{answer} to QUIT, closes its connection within the grace period:
+        its abort, pending until then, is cancelled.
+        """
+        self.client_lost()
+        self.mta().dataReceived(answer)
+        self.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "nothing would abort an MTA that never closed")
+        self.assertFalse(self.mta_transport.disconnected)
+        self.mta().connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [], "the abort outlived the MTA connection")
+
+    def test_mta_closing_in_time(self) -> None:
+        """An MTA that answers QUIT and then closes within the grace period is not aborted, nor timed any more."""
+        self.assert_closed_in_time(b"221 2.0.0 Bye\r\n")
+
+    def test_mta_closing_in_time_unanswered(self) -> None:
+        """An MTA whose connection closes before its answer to QUIT is read is not aborted, nor timed any more."""
+        self.assert_closed_in_time(b"")
+
+    def test_lost_mta_not_timed(self) -> None:
+        """An MTA connection already lost when the client goes is left alone: nothing is sent or timed."""
+        self.mta().connectionLost(Failure(ConnectionLost()))
+        self.front.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.mta_got(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class HeloTests(SubmissionTestBase):
