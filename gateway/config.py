@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
-from gateway.addresses import Network
+from gateway.addresses import Network, parse_ip, plain_address
 
 BackendTLS = Literal["none", "starttls", "implicit"]
 BackendLogin = Literal["replay", "master", "xclient"]
@@ -32,7 +32,17 @@ MAX_WORKERS = 64
 
 T = TypeVar("T")
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOST_NAME_FORM = "a host name such as mail.example.org"
+_UPSTREAM = re.compile(r"http://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?/?")
+
+
+def is_host_name(name: str) -> bool:
+    """
+    Whether C{name} is a DNS host name: letters, digits and inner hyphens in labels of at most
+    63 characters, at most 253 in all, and no trailing dot (the configuration drops one).
+    """
+    return _HOSTNAME.fullmatch(name) is not None
 
 
 class ConfigError(Exception):
@@ -317,8 +327,15 @@ class _Table:
             raise self.error(key, expected, value)
         return value
 
+    def path(self, key: str, default: str | None = None, *, expected: str) -> str | None:
+        """A file or directory path; every path key is read here, so none holds a NUL byte, which os calls refuse."""
+        path = self.string(key, default, expected=expected)
+        if path is not None and "\0" in path:
+            raise self.error(key, expected, path)
+        return path
+
     def readable_file(self, key: str) -> str | None:
-        path = self.string(key, expected="the path of a readable file")
+        path = self.path(key, expected="the path of a readable file")
         if path is not None:
             _check_readable(path, lambda: self.error(key, "the path of a readable file", path))
         return path
@@ -340,11 +357,26 @@ class _Table:
         value = self._get(key, [], list, expected)
         networks = []
         for item in value:
+            if not isinstance(item, str):  # ip_network takes 1 or true as the address 0.0.0.1
+                raise self.error(key, expected, item)
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except (TypeError, ValueError):
                 raise self.error(key, expected, item) from None
         return tuple(networks)
+
+    def host_name(self, key: str, name: str, *, address: bool = False) -> str:
+        """
+        Check C{name}, read from C{key}, as a host name (or with C{address}, an IP address too).
+
+        :returns: the name without a trailing dot: an absolute name, as written in DNS zone files,
+            names the same host, and certificates, SNI and clients know it without the dot.
+        """
+        expected = _HOST_NAME_FORM + (" or an IP address" if address else "")
+        relative = name.removesuffix(".")
+        if not is_host_name(relative) and not (address and parse_ip(name) is not None):
+            raise self.error(key, expected, name)
+        return relative
 
     def tables(self, key: str) -> list[_Table]:
         """An array of tables (C{[[name.key]]}), each read like a table."""
@@ -379,7 +411,7 @@ def _check_readable(path: str, error: Callable[[], ConfigError]) -> None:
             raise error()  # a FIFO or device would block or never end
         with open(path, "rb"):
             pass
-    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+    except OSError:
         raise error() from None
 
 
@@ -415,10 +447,9 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     """
     root = _Table(path, "", data)
     gateway = root.table("gateway")
-    hostname = gateway.string("hostname", expected="a host name such as mail.example.org") or socket.gethostname()
-    if not _HOSTNAME.fullmatch(hostname):
-        raise gateway.error("hostname", "a host name such as mail.example.org", hostname)
-    state_dir = gateway.string("state_dir", "/var/lib/mailgateway")
+    hostname = gateway.string("hostname", expected=_HOST_NAME_FORM) or socket.gethostname()
+    hostname = gateway.host_name("hostname", hostname)
+    state_dir = gateway.path("state_dir", "/var/lib/mailgateway", expected="the path of a directory")
     assert state_dir is not None
     workers = _workers(gateway)
     gateway.finish()
@@ -456,6 +487,36 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers)
 
 
+def clear_text_backends(settings: Settings) -> list[str]:
+    """
+    Warnings for the backends that are sent a password in clear across a network: C{tls = "none"}
+    with a host that is not loopback, and a login that sends one (C{replay}: the client's own,
+    C{master}: the gateway's). A private link is a fair use of this, so it is said, not refused.
+
+    :returns: one line per such backend, naming the file, the key and what crosses in clear.
+    """
+    warnings = []
+    for name, protocol in (("imap", settings.imap), ("pop3", settings.pop3), ("submission", settings.submission)):
+        if protocol is None:
+            continue
+        backend = protocol.backend
+        if backend.tls != "none" or backend.login == "xclient" or _is_loopback(backend.host):
+            continue
+        secret = "the master password" if backend.login == "master" else "the clients' passwords"
+        warnings.append(f'{settings.path}: [{name}.backend] tls: "none" with host {backend.host!r}, which is not '
+                        f"loopback: {secret} cross the network unencrypted")
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a backend host is this machine: a loopback address, or C{localhost} (RFC 6761)."""
+    name = host.lower().removesuffix(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    address = parse_ip(plain_address(host))
+    return address is not None and address.is_loopback
+
+
 def _is_unix(description: str) -> bool:
     """Whether a listener description is a UNIX socket (its own, or one systemd passes)."""
     endpoint = description.removeprefix(PROXY_PREFIX)
@@ -479,7 +540,7 @@ def _tls_settings(table: _Table) -> TLSSettings:
 def _named_certificate(table: _Table) -> NamedCertificate:
     expected = 'a list of host names such as ["mail.example.org", "*.example.net"]'
     names = table._get("names", [], list, expected)
-    if not names or not all(isinstance(n, str) and _HOSTNAME.fullmatch(n.removeprefix("*.")) for n in names):
+    if not names or not all(isinstance(n, str) and is_host_name(n.removeprefix("*.").removesuffix(".")) for n in names):
         raise table.error("names", expected, names)
     certificate = table.readable_file("certificate")
     private_key = table.readable_file("private_key")
@@ -573,15 +634,14 @@ def _submission_settings(table: _Table) -> SubmissionSettings:
 def _web_settings(table: _Table, hostname: str) -> WebSettings:
     https = table.endpoints("https", proxy=False)
     http = table.endpoints("http", proxy=False)
-    public_host = table.string("public_host", hostname, expected="a host name such as mail.example.org")
-    assert public_host is not None
-    if not _HOSTNAME.fullmatch(public_host):
-        raise table.error("public_host", "a host name such as mail.example.org", public_host)
+    public_host = table.host_name("public_host", table.string("public_host", expected=_HOST_NAME_FORM) or hostname)
     hsts_max_age = table.integer("hsts_max_age", 31536000, 0, 10 * 31536000)
-    upstream = table.string("upstream", expected='an address such as "http://127.0.0.1:8080"')
-    if upstream is not None and not re.fullmatch(r"http://[A-Za-z0-9.\-]+(:\d{1,5})?/?|http://\[[0-9A-Fa-f:]+\](:\d{1,5})?/?",
-                                                  upstream):
-        raise table.error("upstream", 'an address such as "http://127.0.0.1:8080"', upstream)
+    expected = 'an address such as "http://127.0.0.1:8080" (a port from 1 to 65535)'
+    upstream = table.string("upstream", expected=expected)
+    if upstream is not None:
+        match = _UPSTREAM.fullmatch(upstream)
+        if match is None or (match[1] is not None and not 1 <= int(match[1]) <= 65535):
+            raise table.error("upstream", expected, upstream)
     username = table.choice("autoconfig_username", "%EMAILADDRESS%", ("%EMAILADDRESS%", "%EMAILLOCALPART%"))
     table.finish()
     if not https:
@@ -624,6 +684,8 @@ def _backend_settings(table: _Table, default_port: int, logins: tuple[str, ...])
         for key in ("ca_file", "server_name"):
             if table.has(key):
                 raise table.error(key, 'nothing unless tls is "starttls" or "implicit"')
+    else:  # the name the backend's certificate must match: TLS cannot even ask for anything else
+        server_name = table.host_name("server_name" if table.has("server_name") else "host", server_name, address=True)
     return BackendSettings(
         host, port, tls, ca_file, server_name, timeout, login,  # type: ignore[arg-type]
         master_user, master_password, forward_client_ip,

@@ -23,11 +23,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
+import stat
 import tempfile
 from collections.abc import Callable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -50,7 +51,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from gateway.config import NamedCertificate
+from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
 __all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
@@ -86,11 +87,13 @@ _binding = Binding()
 _lib, _ffi = _binding.lib, _binding.ffi
 
 _SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
+# A self-signed certificate this close to its end is replaced. It is looked at only when the
+# gateway starts or reloads (SIGHUP), so the margin leaves a month for one of them to happen.
+_SELF_SIGNED_RENEWAL = datetime.timedelta(days=30)
 
-_DNS_NAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
-)
+# Private keys found readable by others, as (path, device, inode, mode): each is warned about once,
+# not by every context built from it (one per protocol, rebuilt every few hours for ticket keys).
+_warned_keys: set[tuple[str, int, int, int]] = set()
 
 
 class TLSError(Exception):
@@ -256,6 +259,7 @@ def _load_chain(context: SSL.Context, certificate_path: str) -> None:
 def _load_key(context: SSL.Context, key_path: str, certificate_path: str) -> None:
     """Install the private key of ``key_path`` and check it against the leaf."""
     data = _read(key_path, "private key file")
+    _warn_if_readable_by_others(key_path)
     # The key is parsed here rather than by OpenSSL so that an encrypted key
     # fails instead of prompting for a passphrase on the terminal. Parser
     # errors are not chained: nothing derived from key bytes may reach a log.
@@ -265,6 +269,9 @@ def _load_key(context: SSL.Context, key_path: str, certificate_path: str) -> Non
         raise TLSError(f"{key_path}: private key is encrypted; it must be unencrypted") from None
     except ValueError:
         raise TLSError(f"{key_path}: not a PEM private key") from None
+    except UnsupportedAlgorithm:  # an elliptic curve OpenSSL does not know, such as secp112r1
+        raise TLSError(f"{key_path}: unsupported key algorithm or curve; RSA or ECDSA (P-256, P-384) "
+                       "is required") from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise TLSError(f"{key_path}: unsupported key type; RSA or ECDSA is required")
     try:
@@ -277,14 +284,31 @@ def _load_key(context: SSL.Context, key_path: str, certificate_path: str) -> Non
         ) from None
 
 
+def _warn_if_readable_by_others(key_path: str) -> None:
+    """Log, once per file, that a private key is readable by every local user (0600 or 0640 is expected)."""
+    try:
+        status = os.stat(key_path)
+    except OSError:
+        return  # it was just read: the key itself will say what is wrong, if anything
+    if not status.st_mode & stat.S_IROTH:
+        return
+    seen = (key_path, status.st_dev, status.st_ino, stat.S_IMODE(status.st_mode))
+    if seen in _warned_keys:
+        return
+    _warned_keys.add(seen)
+    log.warn("private_key_readable_by_others path={path} mode={mode}: chmod o-r (0600 or 0640)",
+             path=key_path, mode=f"{stat.S_IMODE(status.st_mode):04o}")
+
+
 def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     """Return a self-signed certificate and key for ``hostname``, creating them if needed.
 
     The files are ``<state_dir>/selfsigned-<hostname>.crt`` and ``.key``. When
-    both exist they are returned as they are. Otherwise a new ECDSA P-256 key
-    and a certificate valid for one year, naming only ``hostname`` (as a DNS
-    name, or as an IP address if it is one), replace them; the key is written
-    atomically with mode 0600 and the generation is logged with the
+    both exist they are returned as they are, unless the certificate has
+    expired or expires within 30 days, which is logged. Otherwise a new ECDSA
+    P-256 key and a certificate valid for one year, naming only ``hostname``
+    (as a DNS name, or as an IP address if it is one), replace them; the key
+    is written atomically with mode 0600 and the generation is logged with the
     certificate's path and SHA-256 fingerprint. ``state_dir`` is created with
     mode 0700 if missing.
 
@@ -295,12 +319,16 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
         or the files cannot be written.
     """
     address = _parse_ip(hostname)
-    if address is None and not _DNS_NAME.match(hostname):
+    if address is None and not is_host_name(hostname):
         raise TLSError(f"{hostname!r}: not a host name or IP address")
     cert_path = os.path.join(state_dir, f"selfsigned-{hostname}.crt")
     key_path = os.path.join(state_dir, f"selfsigned-{hostname}.key")
     if os.path.exists(cert_path) and os.path.exists(key_path):
-        return cert_path, key_path
+        not_after = _expiry(cert_path)
+        if not_after is None or not_after - datetime.datetime.now(datetime.timezone.utc) > _SELF_SIGNED_RENEWAL:
+            return cert_path, key_path
+        log.info("self_signed_renewal path={path} not_after={not_after}: generating a new certificate",
+                 path=cert_path, not_after=not_after.isoformat())
 
     key = ec.generate_private_key(ec.SECP256R1())
     san: x509.GeneralName = (
@@ -344,6 +372,15 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
+def _expiry(cert_path: str) -> datetime.datetime | None:
+    """When the certificate in ``cert_path`` expires; None if it cannot be read, which loading it then reports."""
+    try:
+        with open(cert_path, "rb") as f:
+            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
+
+
 def _parse_ip(hostname: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """Return ``hostname`` as an IP address, or None if it is not one."""
     try:
@@ -378,17 +415,21 @@ def client_tls(server_name: str, ca_file: str | None) -> IOpenSSLClientConnectio
         None to trust the platform's CA store.
     :returns: a connection creator for ``TLSMemoryBIOFactory`` or ``startTLS``
         that refuses anything below TLS 1.2.
-    :raises TLSError: if ``ca_file`` is unreadable or holds no PEM certificate.
+    :raises TLSError: if ``ca_file`` is unreadable or holds no PEM certificate,
+        or ``server_name`` is not a name TLS can ask for.
     """
     if ca_file is None:
         trust_root = platformTrust()
     else:
         trust_root = trustRootFromCertificates(_load_ca_bundle(ca_file))
-    return optionsForClientTLS(
-        server_name,
-        trustRoot=trust_root,
-        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-    )
+    try:
+        return optionsForClientTLS(
+            server_name,
+            trustRoot=trust_root,
+            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+        )
+    except ValueError:  # IDNA refuses it; the configuration checks the usual forms, this the rarer ones ("ab--c")
+        raise TLSError(f"{server_name!r}: not a host name or IP address a TLS client can verify") from None
 
 
 def _load_ca_bundle(ca_file: str) -> list[Certificate]:

@@ -21,8 +21,10 @@ from gateway.config import (
     ProtocolSettings,
     Settings,
     TLSSettings,
+    clear_text_backends,
     load_settings,
 )
+from gateway.tls import ensure_self_signed
 
 PROJECT = Path(__file__).resolve().parent.parent
 SECRET = "Master-Pa55word-9f3e1c"
@@ -250,7 +252,7 @@ class TypeTests(ConfigTestCase):
     cases: list[tuple[str, str, str, str]] = [
         ("gateway", "hostname", "1", "a host name such as mail.example.org"),
         ("gateway", "hostname", '"  "', "a host name such as mail.example.org"),
-        ("gateway", "state_dir", "true", "a string"),
+        ("gateway", "state_dir", "true", "the path of a directory"),
         ("gateway", "workers", '"all"', 'an integer from 1 to 64 or "auto"'),
         ("gateway", "workers", "0", 'an integer from 1 to 64 or "auto"'),
         ("gateway", "workers", "65", 'an integer from 1 to 64 or "auto"'),
@@ -569,10 +571,13 @@ class HardeningTests(ConfigTestCase):
     """Inputs that once crashed or hung start-up, or were silently ignored, give one clear line."""
 
     def test_nul_in_path(self) -> None:
-        """A NUL byte in a file path is a configuration error, not a ValueError traceback."""
-        tables = self.minimal()
-        tables["auth"]["users_file"] = toml_string("a\0b")
-        self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+        """A NUL byte in a path, of a file or of state_dir, is a configuration error, not a ValueError traceback."""
+        for table, key, expected in (("auth", "users_file", "the path of a readable file"),
+                                     ("tls", "private_key", "the path of a readable file"),
+                                     ("gateway", "state_dir", "the path of a directory")):
+            tables = self.minimal()
+            tables.setdefault(table, {})[key] = toml_string("/var/lib/a\0b")
+            self.assert_tables_error(tables, f"[{table}] {key}", expected)
 
     def test_unknown_key_with_newline(self) -> None:
         """An unknown key holding a newline is shown escaped, so the message stays one line."""
@@ -622,3 +627,82 @@ class HardeningTests(ConfigTestCase):
         self.assertNotEqual(result.returncode, 0)
         [line] = result.stderr.splitlines()
         self.assertIn(f"{path}: [imap] implicit_tls: 'tcp:abc' is not a usable endpoint description", line)
+
+    def test_server_name_not_a_host_name(self) -> None:
+        """With backend TLS, a server_name (or the host it defaults to) that TLS cannot ask for is refused."""
+        for name in ("[::1]", "bad name", "a..b", "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63):
+            tables = self.minimal()
+            tables["imap.backend"] = {"tls": '"starttls"', "server_name": toml_string(name)}
+            self.assert_tables_error(tables, "[imap.backend] server_name", "a host name such as mail.example.org "
+                                     "or an IP address")
+            tables["imap.backend"] = {"tls": '"implicit"', "host": toml_string(name)}
+            self.assert_tables_error(tables, "[imap.backend] host", "or an IP address")
+        for name, kept in (("::1", "::1"), ("192.0.2.7", "192.0.2.7"), ("store.example.org.", "store.example.org")):
+            tables = self.minimal()
+            tables["imap.backend"] = {"tls": '"starttls"', "server_name": toml_string(name)}
+            self.assertEqual(self.load(tables).imap.backend.server_name, kept)  # type: ignore[union-attr]
+
+    def test_networks_are_strings(self) -> None:
+        """A number or a boolean in a network list is refused, not taken as the address 0.0.0.1."""
+        for key in ("trusted_networks", "proxy_sources"):
+            for literal in ("[1]", "[true]", '["192.0.2.0/24", 3232235520]'):
+                tables = self.minimal()
+                tables["limits"] = {key: literal}
+                self.assert_tables_error(tables, f"[limits] {key}", "a list of networks")
+
+    def test_upstream_port_in_range(self) -> None:
+        """A webmail upstream's port is from 1 to 65535."""
+        for upstream in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://[::1]:65536/"):
+            tables = self.minimal()
+            tables["web"] = {"https": '["tcp:443"]', "upstream": toml_string(upstream)}
+            self.assert_tables_error(tables, "[web] upstream", "a port from 1 to 65535")
+        tables["web"]["upstream"] = '"http://[::1]:65535/"'
+        self.assertEqual(self.load(tables).web.upstream, "http://[::1]:65535/")  # type: ignore[union-attr]
+
+    def test_hostname_trailing_dot(self) -> None:
+        """An absolute host name loses its trailing dot, so that a certificate can be made for it."""
+        tables = self.minimal()
+        tables["gateway"] = {"hostname": '"mail.example.org."', "state_dir": toml_string(str(self.directory / "state"))}
+        tables["web"] = {"https": '["tcp:443"]'}
+        settings = self.load(tables)
+        self.assertEqual((settings.hostname, settings.web.public_host),  # type: ignore[union-attr]
+                         ("mail.example.org", "mail.example.org"))
+        certificate, _ = ensure_self_signed(settings.state_dir, settings.hostname)
+        self.assertEqual(os.path.basename(certificate), "selfsigned-mail.example.org.crt")
+        for bad in ("mail.example.org..", "."):
+            tables["gateway"]["hostname"] = toml_string(bad)
+            self.assert_tables_error(tables, "[gateway] hostname", "a host name")
+
+
+class ClearTextBackendTests(ConfigTestCase):
+    """A backend sent passwords in clear across a network is named in a warning, not refused."""
+
+    def test_warned(self) -> None:
+        """A replayed or master login over tls = "none" to a host that is not loopback gives one warning line."""
+        tables = self.minimal()
+        tables["imap.backend"] = {"host": '"192.0.2.7"'}
+        tables["pop3"] = {"implicit_tls": '["tcp:995"]'}
+        tables["pop3.backend"] = {"host": '"store.example.org"', "login": '"master"', "master_user": '"gw"',
+                                  "master_password_file": toml_string(self.master_password)}
+        settings = self.load(tables)
+        warnings = clear_text_backends(settings)
+        self.assertEqual(len(warnings), 2)
+        imap, pop3 = warnings
+        for line, where, what in ((imap, "[imap.backend] tls", "the clients' passwords"),
+                                  (pop3, "[pop3.backend] tls", "the master password")):
+            self.assertTrue(line.startswith(f"{settings.path}: {where}: "), line)
+            self.assertIn(what, line)
+            self.assertEqual(line.splitlines(), [line])
+            self.assertNotIn(SECRET, line)
+
+    def test_not_warned(self) -> None:
+        """Loopback hosts, backend TLS and XCLIENT (no password sent) give no warning."""
+        for host in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1", "localhost", "LOCALHOST.", "db.localhost"):
+            tables = self.minimal()
+            tables["imap.backend"] = {"host": toml_string(host)}
+            self.assertEqual(clear_text_backends(self.load(tables)), [], host)
+        tables = self.minimal()
+        tables["imap.backend"] = {"host": '"192.0.2.7"', "tls": '"implicit"', "port": "993"}
+        tables["submission"] = {"implicit_tls": '["tcp:465"]'}
+        tables["submission.backend"] = {"host": '"192.0.2.8"', "login": '"xclient"'}
+        self.assertEqual(clear_text_backends(self.load(tables)), [])

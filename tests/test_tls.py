@@ -8,6 +8,7 @@ own TLS client, and in one place a plain Python ``ssl`` server.
 from __future__ import annotations
 
 import datetime
+import base64
 import functools
 import ipaddress
 import os
@@ -39,7 +40,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -1090,6 +1091,34 @@ class ServerTLSConfigurationTests(SynchronousTestCase):
         )
         self.assert_refused(self.files.chain, path, path, "RSA or ECDSA")
 
+    def test_unsupported_curve(self) -> None:
+        """An EC key on a curve cryptography does not support is a TLSError, not UnsupportedAlgorithm."""
+        # An RFC 5915 ECPrivateKey on secp112r1 (OID 1.3.132.0.6), as `openssl ecparam -name secp112r1
+        # -genkey -noout` writes it, without the optional public key: cryptography stops at the curve.
+        curve = bytes([0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x06])
+        body = bytes([0x02, 0x01, 0x01, 0x04, 14]) + os.urandom(14) + bytes([0xA0, len(curve)]) + curve
+        der = bytes([0x30, len(body)]) + body
+        path = _write(self.directory, "secp112r1.key",
+                      b"-----BEGIN EC PRIVATE KEY-----\n", base64.encodebytes(der), b"-----END EC PRIVATE KEY-----\n")
+        self.assert_refused(self.files.chain, path, path, "RSA or ECDSA")
+
+    def test_key_readable_by_others(self) -> None:
+        """A key that others may read is used, and named once in a warning; 0600 and 0640 are not."""
+        with capturedLogs() as events:
+            for mode in (0o600, 0o640):
+                os.chmod(self.files.key, mode)
+                ServerTLS(self.files.chain, self.files.key, b"imap")
+            self.assertEqual([e for e in events if e.get("log_namespace") == "gateway.tls"], [])
+            os.chmod(self.files.key, 0o644)
+            ServerTLS(self.files.chain, self.files.key, b"imap")
+            ServerTLS(self.files.chain, self.files.key, b"pop3").reload()
+        [event] = [e for e in events if e.get("log_namespace") == "gateway.tls"]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual((event["path"], event["mode"]), (self.files.key, "0644"))
+        text = formatEvent(event)
+        self.assertTrue(text.startswith(f"private_key_readable_by_others path={self.files.key} mode=0644"), text)
+        self.assertNotIn("PRIVATE KEY", text)
+
     def test_context_options(self) -> None:
         """The context disables compression and renegotiation and releases idle buffers."""
         context = ServerTLS(self.files.chain, self.files.key, b"imap")._context
@@ -1169,6 +1198,37 @@ class EnsureSelfSignedTests(SynchronousTestCase):
         with open(cert_path, "rb") as f:
             self.assertNotEqual(f.read(), first)
         self.assertTrue(os.path.exists(key_path))
+
+    def test_expired_regenerates(self) -> None:
+        """A pair whose certificate has expired, or expires within 30 days, is replaced, and that is logged."""
+        cert_path, key_path = ensure_self_signed(self.state_dir, "mail.example.org")
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        with open(cert_path, "rb") as f:
+            original = x509.load_pem_x509_certificate(f.read())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for days_left in (-1, 29):
+            not_after = now + datetime.timedelta(days=days_left)
+            old = x509.CertificateBuilder(
+                issuer_name=original.issuer, subject_name=original.subject, public_key=original.public_key(),
+                serial_number=original.serial_number, not_valid_before=not_after - datetime.timedelta(days=365),
+                not_valid_after=not_after, extensions=list(original.extensions),
+            ).sign(key, hashes.SHA256())  # type: ignore[arg-type]
+            _write(self.state_dir, os.path.basename(cert_path), old.public_bytes(serialization.Encoding.PEM))
+            with capturedLogs() as events:
+                self.assertEqual(ensure_self_signed(self.state_dir, "mail.example.org"), (cert_path, key_path))
+            with open(cert_path, "rb") as f:
+                renewed = x509.load_pem_x509_certificate(f.read())
+            self.assertGreater(renewed.not_valid_after_utc, now + datetime.timedelta(days=364))
+            renewal = [e for e in events if e.get("log_namespace") == "gateway.tls"][0]
+            self.assertEqual((renewal["path"], renewal["not_after"]), (cert_path, old.not_valid_after_utc.isoformat()))
+            self.assertTrue(formatEvent(renewal).startswith(f"self_signed_renewal path={cert_path} "))
+        # One with more than 30 days left is kept.
+        with open(cert_path, "rb") as f:
+            kept = f.read()
+        ensure_self_signed(self.state_dir, "mail.example.org")
+        with open(cert_path, "rb") as f:
+            self.assertEqual(f.read(), kept)
 
     def test_bad_hostname(self) -> None:
         """A host name that could escape the state directory is a TLSError."""
@@ -1308,6 +1368,12 @@ class ClientTLSConfigurationTests(SynchronousTestCase):
         error = self.assertRaises(TLSError, client_tls, "localhost", path)
         self.assertIn(path, str(error))
         self.assertIn("no valid PEM certificate", str(error))
+
+    def test_server_name_idna_refuses(self) -> None:
+        """A server name that passes for a host name but that IDNA refuses is a TLSError naming it."""
+        for name in ("ab--cd.example.org", "xn--zz.example.org"):
+            error = self.assertRaises(TLSError, client_tls, name, None)
+            self.assertIn(repr(name), str(error))
 
 
 class DescribeTLSTests(SynchronousTestCase):
