@@ -7,8 +7,11 @@ the command line, where other local users could read them: the tool prompts twic
 Changes are written in Dovecot passwd-file form (``user:{ARGON2ID}$argon2id$...``) to a
 temporary file in the same directory, which is synced and then renamed over the old file, so
 the gateway, which re-reads the file when it changes, sees either the old or the new version.
-The new file has mode 0600 and keeps the old file's owner and group; a file that ``add``
-creates belongs to whoever runs the tool and must be made readable by the gateway's user.
+Runs that change the same file take turns, so that none loses another's change.
+The new file keeps the old file's owner, group and group-read bit, so the documented
+root:mailgateway 0640 stays readable by the gateway; it never gets group-write or any bit for
+others (a 0644 file becomes 0640). A file that ``add`` creates has mode 0600, belongs to
+whoever runs the tool and must be made readable by the gateway's user.
 Comments and other users' lines are kept byte for byte.
 """
 
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import getpass
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from gateway.userdb import (
     SCHEMES,
@@ -34,6 +39,9 @@ PROG = "mailgateway-passwd"
 DEFAULT_FILE = "/etc/mailgateway/users"
 DEFAULT_SCHEME = "argon2id"
 FILE_MODE = 0o600
+# The only bit of the old file's mode that the new file keeps: the gateway reads the file as a
+# member of its group.
+KEPT_MODE = 0o040
 
 
 class _Refusal(Exception):
@@ -172,11 +180,44 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
+@contextlib.contextmanager
+def _edit_lock(path: str) -> Iterator[None]:
+    """Hold, while the block runs, the lock that runs of this tool take to change *path*.
+
+    It waits for as long as another run holds the lock.
+    """
+    # The lock is on the directory that holds the file (through a symlink, its target's), not
+    # on the file: the rename replaces the file, so a run that waited on the old one would
+    # get a lock that the next run does not ask for. The directory stays the same object for
+    # as long as the file is in it. A side file "users.lock" would work too, but it must never
+    # be deleted (a run that created a new one while another held the old one would race
+    # again), and a tidy-up or a configuration manager that purges unknown files in
+    # /etc/mailgateway would delete it; the directory leaves nothing behind. The lock is
+    # advisory: it orders runs of this tool, not other editors. flock on a directory fails on
+    # NFS, and the tool then refuses to edit rather than edit without the lock.
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise _Refusal(f"cannot write {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as e:
+            raise _Refusal(f"cannot lock {directory} to change {path}: {e.strerror}") from None
+        yield
+    finally:
+        # Closing the descriptor releases the lock.
+        os.close(descriptor)
+
+
 def _write(path: str, data: bytes, old: os.stat_result | None) -> None:
     """Replace the file (through a symlink, if it is one) with *data*, atomically.
 
-    :param old: the status of the file being replaced, whose owner and group the new one keeps.
+    :param old: the status of the file being replaced, whose owner, group and group-read bit
+        the new one keeps; None for a new file, which gets mode 0600.
     """
+    mode = FILE_MODE | (old.st_mode & KEPT_MODE) if old is not None else FILE_MODE
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     try:
@@ -187,10 +228,14 @@ def _write(path: str, data: bytes, old: os.stat_result | None) -> None:
         raise _Refusal(f"cannot write {path}: {e.strerror}") from None
     try:
         with open(descriptor, "wb") as file:
-            os.fchmod(descriptor, FILE_MODE)
+            # mkstemp made the file 0600 (or less, by the umask). The owner and group change
+            # first and the mode second, so that the group bit never opens the file to the
+            # creator's group; both happen while the file is still empty, because a descriptor
+            # opened while the file was readable would go on reading it.
             created = os.fstat(descriptor)
             if old is not None and (old.st_uid, old.st_gid) != (created.st_uid, created.st_gid):
                 os.fchown(descriptor, old.st_uid, old.st_gid)
+            os.fchmod(descriptor, mode)
             file.write(data)
             file.flush()
             os.fsync(descriptor)
@@ -218,10 +263,12 @@ def _change_file(args: argparse.Namespace) -> str:
     data, old = _read(path)
     _edit(args.command, data, old is not None, path, args.user, "")
     stored = "" if args.command == "remove" else _new_hash(args.stdin, args.scheme)
-    # Read again: the file may have changed while the password was typed.
-    data, old = _read(path)
-    new = _edit(args.command, data, old is not None, path, args.user, stored)
-    _write(path, new, old)
+    # The lock is not held while the password is typed and hashed, which can take long. Read
+    # again under it: the file may have changed meanwhile, or while another run held the lock.
+    with _edit_lock(path):
+        data, old = _read(path)
+        new = _edit(args.command, data, old is not None, path, args.user, stored)
+        _write(path, new, old)
     try:
         parse_user_file(new, path)
     except UserFileError as e:
