@@ -5,10 +5,15 @@ Like nginx's master process, the supervisor binds every mail listener (before tw
 privileges) and never accepts on them; each worker inherits the sockets and accepts on all of
 them, so the kernel spreads the clients over the workers and over the CPUs. Each worker has a
 channel back (L{gateway.worker_channel}) for the shared limits and penalties and its log.
+
+While no worker is ready the kernel still completes connections into the listeners' backlog and
+nobody greets them; when that lasts L{UNSERVED_LIMIT} the supervisor gives up and exits with
+L{EXIT_UNSERVED}, so that the service manager restarts it and shows the failure.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -17,8 +22,8 @@ from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorCore, IReactorProcess, IReactorTime
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
@@ -41,6 +46,18 @@ STABLE_AFTER = 60.0
 
 STOP_GRACE = 10.0
 """Seconds the workers have to stop after SIGTERM before they are killed."""
+
+# A bound in time rather than in failed starts: it means the same however long a worker takes to
+# fail (an import, a users file to check, a fork refused) and however many workers there are. By
+# RESTART_DELAYS, 60 s is about six failed starts in a row of every worker, the last after the
+# longest delay: long enough for a passing cause (fork refused under load, a certificate or users
+# file caught while being replaced) to have passed, and short enough that clients stuck in the
+# backlog are let go within about a minute rather than never.
+UNSERVED_LIMIT = 60.0
+"""Seconds the gateway may go without any ready worker before the supervisor exits with L{EXIT_UNSERVED}."""
+
+EXIT_UNSERVED = os.EX_UNAVAILABLE
+"""The supervisor's exit status when no worker could serve: 69, which systemd shows as C{status=69/UNAVAILABLE}."""
 
 
 class WorkerPool(Service):
@@ -68,14 +85,20 @@ class WorkerPool(Service):
         self._workers: dict[int, _Worker] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._failures: dict[int, int] = {}
+        self._unserved: IDelayedCall | None = None  # armed while no worker is ready
+        self._last_failure = "none"
 
     def startService(self) -> None:
         super().startService()
+        self._watch_unserved()
         for number in range(self._count):
             self._spawn(number)
 
     def stopService(self) -> Deferred[object]:
         super().stopService()
+        if self._unserved is not None:
+            self._unserved.cancel()
+            self._unserved = None
         for pending in self._restarts.values():
             pending.cancel()
         self._restarts.clear()
@@ -101,6 +124,23 @@ class WorkerPool(Service):
     def _ready(self, worker: _Worker) -> None:
         worker.ready = True
         self._update(worker)
+        if self._unserved is not None and self._workers.get(worker.number) is worker:
+            self._unserved.cancel()
+            self._unserved = None
+
+    def _watch_unserved(self) -> None:
+        """Give up in L{UNSERVED_LIMIT} seconds unless a worker is ready by then (or one is now)."""
+        if self._unserved is None and not any(worker.ready for worker in self._workers.values()):
+            clock: IReactorTime = self._reactor  # type: ignore[assignment]
+            self._unserved = clock.callLater(UNSERVED_LIMIT, self._unserved_too_long)
+
+    def _unserved_too_long(self) -> None:
+        self._unserved = None
+        log.critical("no_ready_worker seconds={seconds:g} workers={workers} last_failure={last_failure}: "
+                     "exiting with status {status} for the service manager to restart the gateway",
+                     seconds=UNSERVED_LIMIT, workers=self._count, last_failure=self._last_failure,
+                     status=EXIT_UNSERVED)
+        exit_after_stop(self._reactor, EXIT_UNSERVED)  # type: ignore[arg-type]
 
     def pids(self) -> list[int]:
         """The process ids of the running workers."""
@@ -141,12 +181,16 @@ class WorkerPool(Service):
         if ran >= STABLE_AFTER:
             self._failures[worker.number] = 0
         self._schedule(worker.number, f"pid {worker.pid} exited: {reason.getErrorMessage()}")
+        if not worker.ready and worker.last_output is not None:
+            self._last_failure = worker.last_output  # what a worker that cannot start prints is why
+        self._watch_unserved()
 
     def _schedule(self, number: int, reason: str) -> None:
         """Start worker C{number} again later: the sooner the longer it had been running well."""
         failures = self._failures.get(number, 0)
         self._failures[number] = failures + 1
         delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
+        self._last_failure = reason
         log.error("worker_exited worker={worker} reason={reason} restart_in={delay:g}",
                   worker=number, reason=reason, delay=delay)
         clock: IReactorTime = self._reactor  # type: ignore[assignment]
@@ -170,6 +214,7 @@ class _Worker(ProcessProtocol):
     :param exited: called with the worker, why it ended and how long it ran, unless it was stopped.
     :param generation: that of the configuration text it starts from.
     :ivar ready: whether it serves (and can take SIGHUP).
+    :ivar last_output: the last line it printed, if any.
     """
 
     def __init__(self, number: int, clock: IReactorTime, exited: Callable[[_Worker, Failure, float], None],
@@ -178,6 +223,7 @@ class _Worker(ProcessProtocol):
         self.generation = generation
         self.ready = False
         self.pid: int | None = None
+        self.last_output: str | None = None
         self._exited = exited
         self._clock = clock
         self._started = clock.seconds()
@@ -193,6 +239,7 @@ class _Worker(ProcessProtocol):
         # Workers log through their channel; this is what they print before it works, or as they die.
         for line in data.decode("utf-8", "replace").splitlines():
             if line.strip():
+                self.last_output = line[:2000]
                 log.warn("worker_output worker={worker} line={line}", worker=self.number, line=line[:2000])
 
     def signal(self, name: str) -> None:
@@ -226,3 +273,28 @@ class _Worker(ProcessProtocol):
             self._ended.callback(None)
             return
         self._exited(self, reason, self._clock.seconds() - self._started)
+
+
+def exit_after_stop(reactor: IReactorCore, status: int) -> None:
+    """
+    Stop the reactor, so that the runner stops the services (the pool its workers) as for
+    SIGTERM, and have the process exit with C{status} once the runner is done.
+
+    twistd and twist cannot set an exit status (Twisted issue 11335): after a clean stop they
+    return 0, or re-raise the signal that stopped them. So the status is set at interpreter exit,
+    after the runner has stopped its logging and removed its pid file.
+    """
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        return  # already stopping (a SIGTERM in the same turn of the loop): that stop ends the process
+    atexit.register(_exit_now, status)
+
+
+def _exit_now(status: int) -> None:
+    # Exit handlers run newest first, so this runs before those registered earlier (today only the
+    # standard logging module's, which the gateway does not log through) and skips them. The log
+    # observers flush every line; standard output and error may hold what was printed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

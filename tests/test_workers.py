@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated, ReactorNotRunning
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,11 +20,17 @@ from gateway.config import Limits, Settings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import LoginPenalties, PenaltyRules
-from gateway.workers import WorkerPool
+from gateway.workers import EXIT_UNSERVED, UNSERVED_LIMIT, WorkerPool, exit_after_stop
 
 # Only what the pool reads: where the configuration is, its text, how many workers.
 SETTINGS = Settings("/nonexistent.toml", "localhost", "/nonexistent", None, None, Limits(), None, None, None,  # type: ignore[arg-type]
                     workers=1, text="[gateway]\n")
+
+READY = b'[0, "ready"]'
+"""What a worker's channel says once the worker serves."""
+
+CANNOT_START = "mailgateway worker: cannot start: /etc/mailgateway/users: [Errno 13] Permission denied"
+"""What a worker that cannot start prints before it exits (L{gateway.worker})."""
 
 
 class _Process:
@@ -43,6 +53,11 @@ class _SpawningClock(Clock):
         self.refusals = 0
         self.spawned: list[ProcessProtocol] = []
         self.channels: list[Protocol] = []
+        self.stops = 0
+
+    def stop(self) -> None:
+        """Counted: the tests stop the pool as the runner would."""
+        self.stops += 1
 
     def spawnProcess(self, protocol: ProcessProtocol, executable: str, args: list[str], env: dict[str, str],
                      childFDs: dict[int, object]) -> _Process:
@@ -59,13 +74,66 @@ class _SpawningClock(Clock):
         self.channels.append(factory.buildProtocol(None))
 
 
+class _ExitHandlers:
+    """Stands in for C{atexit.register} in a test: the handlers are kept, and run with C{os._exit} recorded."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self._case = case
+        self._handlers: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        case.patch(atexit, "register", self._register)
+
+    def _register(self, handler: Callable[..., object], *args: object) -> Callable[..., object]:
+        self._handlers.append((handler, args))
+        return handler
+
+    def statuses(self) -> list[int]:
+        """The statuses the process would exit with: what each handler passes to C{os._exit}."""
+        exited: list[int] = []
+        self._case.patch(os, "_exit", exited.append)
+        for handler, args in self._handlers:
+            handler(*args)
+        return exited
+
+
 class WorkerPoolTests(SynchronousTestCase):
     """The pool keeps its number of workers, and tells each of reloads when it can take them."""
 
     def setUp(self) -> None:
         self.clock = _SpawningClock()
-        gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()), LoginPenalties(self.clock, PenaltyRules()))
-        self.pool = WorkerPool(self.clock, SETTINGS, gatekeeper, [], publisher=lambda event: None)  # type: ignore[arg-type]
+        self.exits = _ExitHandlers(self)
+        self.gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()),
+                                          LoginPenalties(self.clock, PenaltyRules()))
+        self.pool = self.pool_of(1)
+        self.failed: list[ProcessProtocol] = []
+
+    def pool_of(self, workers: int) -> WorkerPool:
+        """A pool of C{workers} workers spawned by the test's clock."""
+        return WorkerPool(self.clock, replace(SETTINGS, workers=workers), self.gatekeeper, [],  # type: ignore[arg-type]
+                          publisher=lambda event: None)
+
+    def fail_starts(self, until: float, spared: tuple[ProcessProtocol, ...] = ()) -> None:
+        """
+        Until the clock reads C{until}, every worker started (but C{spared}) prints why it cannot
+        start and exits with status 1 at once, as one does whose users file it cannot read.
+        """
+        while True:
+            for worker in self.clock.spawned:
+                if worker not in self.failed and worker not in spared:
+                    self.failed.append(worker)
+                    worker.childDataReceived(2, CANNOT_START.encode() + b"\n")
+                    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+            if self.clock.seconds() >= until:
+                return
+            self.clock.advance(min(0.5, until - self.clock.seconds()))
+
+    def stop(self, pool: WorkerPool) -> None:
+        """Stop C{pool} as the runner does once the reactor stops: its workers end, and nothing stays scheduled."""
+        stopping = pool.stopService()
+        for worker in self.clock.spawned:
+            if worker.transport.signals == ["TERM"]:  # type: ignore[union-attr]
+                worker.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopping)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_reload_waits_for_ready(self) -> None:
         """
@@ -107,6 +175,100 @@ class WorkerPoolTests(SynchronousTestCase):
         pool.stopService()
 
 
+    def test_no_ready_worker_exits(self) -> None:
+        """
+        When no worker has become ready for UNSERVED_LIMIT seconds, every start having failed, the
+        supervisor logs one critical no_ready_worker line naming what the last worker printed,
+        and stops the reactor with the exit status EXIT_UNSERVED (not 0) set for the process.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        pool = self.pool_of(2)
+        pool.startService()
+        self.fail_starts(until=UNSERVED_LIMIT - 0.5)
+        self.assertEqual((self.clock.stops, self.exits.statuses()), (0, []))
+        self.fail_starts(until=UNSERVED_LIMIT)
+        self.assertEqual((self.clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
+        self.assertNotEqual(EXIT_UNSERVED, 0)
+        [event] = [e for e in events if e["log_format"].startswith("no_ready_worker ")]
+        self.assertEqual(event["log_level"], LogLevel.critical)
+        self.assertEqual((event["seconds"], event["workers"], event["last_failure"], event["status"]),
+                         (UNSERVED_LIMIT, 2, CANNOT_START, EXIT_UNSERVED))
+        self.stop(pool)
+
+    def test_one_serving_worker_keeps_the_gateway(self) -> None:
+        """
+        A worker that keeps failing to start does not end the gateway while another worker is
+        ready; the bound counts from when the last ready worker is lost.
+        """
+        pool = self.pool_of(2)
+        pool.startService()
+        serving = self.clock.spawned[0]
+        self.clock.channels[0].lineReceived(READY)  # type: ignore[attr-defined]
+        self.fail_starts(until=10 * UNSERVED_LIMIT, spared=(serving,))
+        self.assertGreater(len(self.failed), 10)
+        self.assertEqual(self.clock.stops, 0)
+        lost = self.clock.seconds()
+        serving.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.fail_starts(until=lost + UNSERVED_LIMIT - 0.5)
+        self.assertEqual(self.clock.stops, 0)
+        self.fail_starts(until=lost + UNSERVED_LIMIT)
+        self.assertEqual((self.clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
+        self.stop(pool)
+
+    def test_ready_worker_resets_the_bound(self) -> None:
+        """
+        A worker that becomes ready before the bound resets it: the gateway gives up only once no
+        worker has been ready for UNSERVED_LIMIT seconds again.
+        """
+        pool, clock = self.pool_of(1), self.clock
+        pool.startService()
+        self.fail_starts(until=UNSERVED_LIMIT - 10)
+        started = len(clock.spawned)
+        while len(clock.spawned) == started:  # the last restart before the bound
+            clock.advance(0.5)
+        self.assertLess(clock.seconds(), UNSERVED_LIMIT)
+        [recovered] = clock.spawned[started:]
+        clock.channels[-1].lineReceived(READY)  # type: ignore[attr-defined]
+        clock.advance(2 * UNSERVED_LIMIT)
+        self.assertEqual(clock.stops, 0)
+        lost = clock.seconds()
+        recovered.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.fail_starts(until=lost + UNSERVED_LIMIT - 0.5)
+        self.assertEqual(clock.stops, 0)
+        self.fail_starts(until=lost + UNSERVED_LIMIT)
+        self.assertEqual((clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
+        self.stop(pool)
+
+
+    def test_hung_start_gives_up_and_stops_worker(self) -> None:
+        """
+        A worker that neither becomes ready nor exits does not serve either: at the bound the pool
+        gives up all the same, and the runner's stop that follows ends that worker (SIGTERM).
+        """
+        pool = self.pool_of(1)
+        pool.startService()
+        self.clock.advance(UNSERVED_LIMIT)
+        self.assertEqual((self.clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
+        [hung] = self.clock.spawned
+        self.stop(pool)
+        self.assertEqual(hung.transport.signals, ["TERM"])  # type: ignore[union-attr]
+
+
+class ExitAfterStopTests(SynchronousTestCase):
+    """exit_after_stop sets the exit status only for the stop it makes."""
+
+    def test_already_stopping(self) -> None:
+        """A reactor already stopping (SIGTERM meanwhile) stops as it was asked: no exit status is set."""
+        exits = _ExitHandlers(self)
+
+        class Stopping:
+            def stop(self) -> None:
+                raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+        exit_after_stop(Stopping(), EXIT_UNSERVED)  # type: ignore[arg-type]
+        self.assertEqual(exits.statuses(), [])
+
+
 class _AdoptRefusingClock(_SpawningClock):
     """Spawns as L{_SpawningClock}; C{adopt_refusals} adoptions of a channel fail as dup does at EMFILE."""
 
@@ -131,6 +293,7 @@ class HalfStartedWorkerTests(SynchronousTestCase):
         every running worker is stopped with the pool.
         """
         clock = _AdoptRefusingClock()
+        _ExitHandlers(self)  # no worker becomes ready here: the pool gives up, which is not the point
         gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()), LoginPenalties(clock, PenaltyRules()))
         pool = WorkerPool(clock, SETTINGS, gatekeeper, [], publisher=lambda event: None)  # type: ignore[arg-type]
         clock.adopt_refusals = 1

@@ -10,9 +10,13 @@ from __future__ import annotations
 import imaplib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 
@@ -20,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
-from gateway.testing.gateway import GatewayProcess
+from gateway.testing.gateway import SOURCE_TREE, GatewayProcess
+from gateway.workers import EXIT_UNSERVED, STOP_GRACE
 
 from .stack import Stack
 
@@ -183,6 +188,59 @@ class WorkersTests(SynchronousTestCase):
         finally:
             for connection in held + fresh:
                 connection.close()
+
+
+# twistd as the unit runs it, with the pool's bound cut from 60 s to UNSERVED so that the test is quick.
+UNSERVED = 3.0
+TWISTD = ("import sys; import gateway.workers; gateway.workers.UNSERVED_LIMIT = float(sys.argv.pop(1)); "
+          "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()")
+
+
+def end(process: subprocess.Popen[bytes]) -> None:
+    """Kill C{process} if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+class NoReadyWorkerTests(SynchronousTestCase):
+    """A supervisor none of whose workers can start gives up, for systemd to restart it."""
+
+    def test_exits_with_status(self) -> None:
+        """
+        With a users file no worker accepts (an unreadable one does the same to a non-root worker),
+        twistd exits with EXIT_UNSERVED once no worker has been ready for the bound, after one
+        no_ready_worker line naming the cause; no worker outlives it and the port refuses.
+        """
+        directory = tempfile.mkdtemp(prefix="gw-workers-unserved-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        gateway = GatewayProcess(directory, imap_backend_port=1, users=USERS, workers=2)
+        gateway.write_config()
+        with open(gateway.users_path, "w", encoding="utf-8") as f:
+            f.write("alice:not-a-password-hash\n")
+        with open(gateway.log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, "-c", TWISTD, str(UNSERVED), "--nodaemon", "--pidfile=",
+                                        "mailgateway", "--config", gateway.config_path],
+                                       cwd=SOURCE_TREE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(end, process)
+        started = time.monotonic()
+        try:
+            status = process.wait(UNSERVED + STOP_GRACE + 20)
+        except subprocess.TimeoutExpired:
+            self.fail(f"the supervisor is still running; its log ends with:\n{gateway.log()[-2000:]}")
+        took = time.monotonic() - started
+        text = gateway.log()
+        self.assertEqual(status, EXIT_UNSERVED, text[-2000:])
+        self.assertGreaterEqual(took, UNSERVED)
+        lines = re.findall(r"\[gateway\.workers#critical\] no_ready_worker .*", text)
+        self.assertEqual(len(lines), 1, text[-2000:])
+        self.assertIn(f"users_file: {gateway.users_path}:1", lines[0])
+        workers = [int(pid) for pid in re.findall(r"worker_started worker=\d+ pid=(\d+)", text)]
+        self.assertGreaterEqual(len(workers), 2)
+        wait_until(lambda: not any(alive(pid) for pid in workers))
+        [port] = re.findall(r"listening protocol=imap tls=implicit_tls held_for=workers \S+ address=127\.0\.0\.1:(\d+)",
+                            text)
+        self.assertRaises(ConnectionRefusedError, socket.create_connection, ("127.0.0.1", int(port)), 2)
 
 
 class SupervisorEndTests(SynchronousTestCase):
