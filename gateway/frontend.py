@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -50,7 +50,7 @@ from gateway.idle import IdleSessions
 from gateway.relay import Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
-from gateway.tls import ServerTLS, describe_tls
+from gateway.tls import describe_tls
 
 log = Logger()
 
@@ -78,7 +78,7 @@ class FrontEndContext:
     protocol: str
     clock: IReactorTime
     limits: Limits
-    tls: ServerTLS
+    tls: IOpenSSLServerConnectionCreator  # a ListenerTLS
     implicit_tls: bool
     authenticator: IAuthenticator
     backend: BackendConnector

@@ -35,13 +35,17 @@ class Listener(Service):
     privileges, and a failure to bind stops the start-up with one line naming the endpoint.
 
     :param accepting: False for a socket held only for worker processes, which accept on it.
+    :ivar proxy: the factory that reads the PROXY header of a C{haproxy:} listener, whose
+        C{sources} a reload replaces; None for any other listener.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str, accepting: bool = True) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str, accepting: bool = True,
+                 proxy: TrustedProxyFactory | None = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self.label = label
         self._accepting = accepting
+        self.proxy = proxy
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -145,28 +149,29 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
 
     :param label: how the listener is logged, e.g. C{protocol=imap tls=implicit_tls}.
     :param key: the configuration key it comes from, e.g. C{[imap] implicit_tls}, named in errors.
-    :param proxy_sources: who may send a PROXY header to a C{haproxy:} listener; None when this
-        kind of listener takes none.
+    :param proxy_sources: who may send a PROXY header to a C{haproxy:} listener (until a reload
+        replaces the listener's C{proxy.sources}); None when this kind of listener takes none.
     :param inherited: the descriptor of the socket already listening on this endpoint (in a
         worker process), instead of listening anew.
     :param accepting: see L{Listener}.
     :raises ConfigError: for a description that is not a usable endpoint, or a C{haproxy:} one
         where no PROXY header is taken.
     """
+    proxy = None
     if description.startswith(PROXY_PREFIX):
         if proxy_sources is None:
             raise ConfigError(f"{config_path}: {key}: {description!r}: this listener takes no PROXY header; "
                               'expected an endpoint such as "tcp:9101:interface=127.0.0.1"')
-        factory = TrustedProxyFactory(factory, proxy_sources, reactor)  # type: ignore[arg-type]
+        factory = proxy = TrustedProxyFactory(factory, proxy_sources, reactor)  # type: ignore[arg-type]
     if inherited is not None:
         return Listener(InheritedEndpoint(reactor, inherited), factory,  # type: ignore[arg-type]
-                        f"{label} endpoint={description} inherited={inherited}")
+                        f"{label} endpoint={description} inherited={inherited}", proxy=proxy)
     try:
         endpoint = serverFromString(reactor, _with_backlog(description.removeprefix(PROXY_PREFIX)))
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise ConfigError(f"{config_path}: {key}: {description!r} is not a usable endpoint description "
                           f"({type(e).__name__}: {e})") from None
-    return Listener(endpoint, factory, f"{label} endpoint={description}", accepting)
+    return Listener(endpoint, factory, f"{label} endpoint={description}", accepting, proxy)
 
 
 def _with_backlog(description: str) -> str:

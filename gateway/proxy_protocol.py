@@ -150,6 +150,8 @@ class TrustedProxyFactory(WrappingFactory):
     :param wrapped: the listener's factory (the front end, or TLS around it).
     :param sources: the load balancers' networks.
     :param clock: for the header timeout.
+    :ivar sources: read at every connection, so that a reload that replaces them (a balancer taken
+        out of C{[limits] proxy_sources}) applies from the next connection on.
     """
 
     protocol = ProxiedConnection  # type: ignore[assignment]

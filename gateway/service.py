@@ -13,8 +13,9 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 from functools import partial
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -33,6 +34,7 @@ from gateway.config import (
     ProtocolSettings,
     Settings,
     SubmissionSettings,
+    clear_text_backends,
     load_settings,
 )
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
@@ -47,10 +49,11 @@ from gateway.imap_backend import ImapBackendLogin
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
+from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
-from gateway.tls import ServerTLS, TLSError, ensure_self_signed
+from gateway.tls import ListenerTLS, ServerTLS, TLSError, TLSFiles, ensure_self_signed
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
 from gateway.workers import WorkerPool
@@ -125,15 +128,96 @@ def certificate_files(settings: Settings) -> tuple[str, str]:
                           f"[gateway] state_dir: {e}") from None
 
 
+def check_tls(files: TLSFiles) -> None:
+    """
+    Build the TLS the listeners would build from C{files}, and throw it away: for a process that
+    serves none itself (a supervisor of workers).
+
+    :raises TLSError: when a file cannot be used.
+    """
+    ServerTLS(files.certificate, files.private_key, b"imap", files.sni)
+
+
+def tls_files(settings: Settings) -> TLSFiles:
+    """The TLS files a configuration names: see L{certificate_files} for the default ones."""
+    certificate, key = certificate_files(settings)
+    return TLSFiles(certificate, key, settings.tls.sni)
+
+
+_RELOADED_AUTH = ("failure_delay", "failure_delay_max", "ip_failure_budget", "user_failures_free",
+                  "failure_window", "ipv6_prefix")
+"""The C{[auth]} keys a reload applies: those of the login penalty and connection rules (L{penalty_rules})."""
+
+_RELOADED_WEB = ("public_host", "hsts_max_age", "upstream", "autoconfig_username")
+"""The C{[web]} keys a reload applies: what L{WebState} serves, from the next request on."""
+
+_LISTENER_KEYS = ("implicit_tls", "starttls", "https", "http", "listen")
+"""The keys of listeners (mail, web, metrics), which a reload failure names as such."""
+
+_KEY_NAMES = {"master_password": "master_password_file"}
+"""The configuration keys of the settings that are not named as their key."""
+
+
+def _as_reloaded(settings: Settings, running: Settings) -> Settings:
+    """
+    C{settings} with all that a reload applies taken from C{running}: the certificates (and the
+    state directory of self-signed ones), every C{[limits]} key (the front ends' limits, the
+    connection rules, C{proxy_sources}), the login penalty rules and what the web sites serve.
+
+    Everything else takes a restart, a setting added to L{Settings} included until it is listed
+    here: a reload that cannot apply it refuses it rather than ignore it.
+    """
+    web = settings.web
+    if web is not None and running.web is not None:
+        web = replace(web, **{key: getattr(running.web, key) for key in _RELOADED_WEB})
+    auth = replace(settings.auth, **{key: getattr(running.auth, key) for key in _RELOADED_AUTH})
+    return replace(settings, state_dir=running.state_dir, tls=running.tls, limits=running.limits, auth=auth, web=web)
+
+
+def restart_needed(running: Settings, settings: Settings) -> list[str]:
+    """
+    What C{settings} changes that a reload cannot apply, as C{[section] key} (C{[gateway] workers},
+    C{[imap.backend] port}), or C{[section] (added)} or C{(removed)}; empty if nothing.
+    """
+    return _differences(running, _as_reloaded(settings, running), "gateway")
+
+
+def _differences(running: Any, new: Any, section: str) -> list[str]:
+    """The keys of two settings of one dataclass that differ, in C{section} and the tables below it."""
+    found = []
+    for each in fields(running):
+        before, after = getattr(running, each.name), getattr(new, each.name)
+        if not each.compare or before == after:
+            continue
+        table = each.name if section == "gateway" else f"{section}.{each.name}"
+        if is_dataclass(before) and is_dataclass(after):
+            found += _differences(before, after, table)
+        elif is_dataclass(before) or is_dataclass(after):
+            found.append(f"[{table}] ({'removed' if after is None else 'added'})")
+        else:
+            found.append(f"[{section}] {_KEY_NAMES.get(each.name, each.name)}")
+    return found
+
+
+def _restart_message(path: str, changed: list[str]) -> str:
+    """The reason a reload that found C{changed} fails: those keys, and that they change only with a restart."""
+    what = ("listeners" if all(key.rpartition(" ")[2] in _LISTENER_KEYS for key in changed)
+            else "it" if len(changed) == 1 else "them")
+    return (f"{path}: {', '.join(changed)}: expected the running {'value' if len(changed) == 1 else 'values'} "
+            f"(restart to change {what})")
+
+
 TICKET_KEY_LIFETIME = 12 * 3600.0
 """Seconds between rebuilds of the TLS contexts, which gives them new session ticket keys."""
 
 
 class Reloader(Service):
     """
-    On SIGHUP (systemctl reload) re-reads the configuration: certificates (default and SNI),
-    limits and login penalty rules. New connections get them; established sessions go on
-    undisturbed. A broken file or configuration changes nothing and is logged as an error.
+    On SIGHUP (systemctl reload) re-reads the configuration and applies it: certificates (default
+    and SNI), limits (C{proxy_sources} included), login penalty rules and what the web serves. New
+    connections get them; established sessions go on undisturbed. A reload is whole or nothing: a
+    broken file, or a change only a restart applies (listeners, backends, C{[auth]} mode, workers...;
+    see L{restart_needed}), changes nothing and is logged as an error naming what it found.
     (The users and senders files are re-read by themselves whenever they change.)
 
     Every L{TICKET_KEY_LIFETIME} it also rebuilds the TLS contexts from the files in use: OpenSSL
@@ -142,37 +226,60 @@ class Reloader(Service):
     """
 
     def __init__(self, reactor: IReactorFromThreads, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
-        """:param settings: the running configuration: its file is re-read, and its listeners must stay."""
+        """:param settings: the running configuration: its file is re-read, and what a reload cannot apply must stay."""
         self._reactor = reactor
         self._metrics = metrics
         self._path = settings.path
-        self._listeners = mail_endpoints(settings)
-        self._served: list[tuple[ServerTLS, FrontEndFactory]] = []
-        self._web: list[tuple[ServerTLS, WebState]] = []
+        self._settings = settings
+        self._tls: list[ListenerTLS] = []
+        self._served: list[FrontEndFactory] = []
+        self._proxies: list[TrustedProxyFactory] = []
+        self._web: list[WebState] = []
         self._followers: list[Callable[[Settings], object]] = []
         self._previous_handler: object = None
         self._rotation = LoopingCall(self.rotate_ticket_keys)
         self._rotation.clock = reactor  # type: ignore[assignment]
 
-    def serve(self, server_tls: ServerTLS, factory: FrontEndFactory) -> None:
+    def serve(self, tls: ListenerTLS, factory: FrontEndFactory) -> None:
         """Keep a listener's TLS and factory up to date on reload."""
-        self._served.append((server_tls, factory))
+        self._keep_tls(tls)
+        self._served.append(factory)
 
-    def serve_web(self, server_tls: ServerTLS, state: WebState) -> None:
+    def serve_web(self, tls: ListenerTLS, state: WebState) -> None:
         """Keep the web listeners' TLS and documents up to date on reload."""
-        self._web.append((server_tls, state))
+        self._keep_tls(tls)
+        self._web.append(state)
+
+    def serve_proxy(self, proxy: TrustedProxyFactory) -> None:
+        """Keep a C{haproxy:} listener's trusted sources up to date on reload."""
+        self._proxies.append(proxy)
 
     def follow(self, apply: Callable[[Settings], object]) -> None:
         """Call C{apply} with every configuration that reloads well (the gatekeeper's rules, the workers)."""
         self._followers.append(apply)
 
-    def _contexts(self) -> list[ServerTLS]:
-        return [tls for tls, _ in self._served] + [tls for tls, _ in self._web]
+    def _keep_tls(self, tls: ListenerTLS) -> None:
+        if all(tls is not kept for kept in self._tls):  # the implicit and STARTTLS listeners share one
+            self._tls.append(tls)
+
+    def _switch_tls(self, files: TLSFiles | None = None) -> None:
+        """
+        Build new TLS for every listener, from C{files} or else from the files each uses; only once
+        all are built, put them in use.
+
+        :raises TLSError: when a file cannot be used (certbot may be writing them); nothing changes then.
+        """
+        switches = [tls.prepare(files) for tls in self._tls]
+        for switch in switches:
+            switch()
 
     def startService(self) -> None:
         super().startService()
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
+            # gateway.tap blocks SIGHUP from the plugin's start until now: one that came meanwhile
+            # is delivered here, to the handler, and the reload it asked for happens.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._rotation.start(TICKET_KEY_LIFETIME, now=False)
 
     def stopService(self) -> None:
@@ -188,38 +295,40 @@ class Reloader(Service):
 
     def rotate_ticket_keys(self) -> None:
         """Rebuild every TLS context from the files in use (new ticket keys)."""
-        for server_tls in self._contexts():
-            try:
-                server_tls.reload()
-            except TLSError as e:
-                log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
-                return
-        log.info("ticket_keys_rotated contexts={count}", count=len(self._contexts()))
+        try:
+            self._switch_tls()
+        except TLSError as e:
+            log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
+            return
+        log.info("ticket_keys_rotated contexts={count}", count=len(self._tls))
 
     def reload(self) -> None:
-        """Re-read the configuration and apply what can change without a restart."""
+        """Re-read the configuration and apply it, unless it is broken or part of it needs a restart."""
         try:
             settings = load_settings(self._path)
-            if mail_endpoints(settings) != self._listeners:
-                raise ConfigError(f"{self._path}: [imap], [pop3] and [submission] listeners: expected the running "
-                                  "ones (restart to change listeners)")
-            if self._web and settings.web is None:
-                raise ConfigError(f"{self._path}: [web]: expected the section while the web listeners run "
-                                  "(restart to remove them)")
-            certificate, key = certificate_files(settings)
-            for server_tls in self._contexts():
-                server_tls.reload(certificate, key, settings.tls.sni)
+            changed = restart_needed(self._settings, settings)
+            if changed:
+                raise ConfigError(_restart_message(self._path, changed))
+            files = tls_files(settings)
+            if not self._tls:
+                # A supervisor of workers serves no TLS itself, but its workers load these files, and
+                # a worker started later from this configuration could never serve if they were bad.
+                check_tls(files)
+            self._switch_tls(files)
         except (ConfigError, TLSError) as e:
             log.error("reload_failed reason={reason}: keeping the running configuration", reason=str(e))
             return
+        self._settings = settings
         for apply in self._followers:
             apply(settings)
-        for _, state in self._web:
+        for state in self._web:
             state.update(settings)
         if self._metrics is not None:
-            self._metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
-        for _, factory in self._served:
+            self._metrics.watch_certificates(certificates_to_watch(settings.tls, files.certificate))
+        for factory in self._served:
             factory.context = replace(factory.context, limits=protocol_limits(settings, factory.context.protocol))
+        for proxy in self._proxies:
+            proxy.sources = settings.limits.proxy_sources
         log.info("reloaded path={path} certificates={count}", path=self._path,
                  count=1 + sum(len(entry.names) for entry in settings.tls.sni))
 
@@ -233,14 +342,16 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
     provide_descriptors(settings)  # before the workers start: they inherit the limit
+    for warning in clear_text_backends(settings):
+        log.warn("clear_text_backend {warning}", warning=warning)
     top = MultiService()
     gatekeeper = LocalGatekeeper(ConnectionLimits(connection_rules(settings)),
                                  LoginPenalties(reactor, penalty_rules(settings)))  # type: ignore[arg-type]
-    certificate, key = certificate_files(settings)
+    files = tls_files(settings)
     metrics = None
     if settings.metrics is not None:
         metrics = GatewayMetrics()
-        metrics.watch_certificates(certificates_to_watch(settings.tls, certificate))
+        metrics.watch_certificates(certificates_to_watch(settings.tls, files.certificate))
         build_metrics_service(settings.metrics, reactor, metrics, gatekeeper.connections,
                               config_path=settings.path).setServiceParent(top)
     reloader = Reloader(reactor, settings, metrics)  # type: ignore[arg-type]
@@ -250,6 +361,13 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     if settings.workers == 1:
         _build_mail(settings, reactor, gatekeeper, reloader, top)
     else:
+        # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
+        # with one process, instead of every worker failing until the supervisor gives up.
+        _local_users(settings)
+        try:
+            check_tls(files)
+        except TLSError as e:
+            raise ConfigError(f"{settings.path}: [tls]: {e}") from None
         idle = Factory()
         idle.noisy = False
         held = _mail_listeners(settings, reactor, lambda name, kind: idle, held=True)
@@ -260,11 +378,12 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         reloader.follow(pool.reload)
     if settings.web is not None:
         try:
-            web_tls = ServerTLS(certificate, key, b"http/1.1", settings.tls.sni)
+            web_tls = ListenerTLS(b"http/1.1", files)
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls]: {e}") from None
         web_state = WebState(settings)
-        build_web_service(settings.web, reactor, web_tls, web_state, gatekeeper.connections).setServiceParent(top)
+        build_web_service(settings.web, reactor, web_tls, web_state,  # type: ignore[arg-type]
+                          gatekeeper.connections).setServiceParent(top)
         reloader.serve_web(web_tls, web_state)
     return top
 
@@ -344,22 +463,14 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
     factories: dict[tuple[str, str], Factory] = {}
     hashing = HashingPool(settings.auth.hash_threads)
     hashing.setServiceParent(top)
-    users = None
-    if settings.auth.mode == "local":
-        assert settings.auth.users_file is not None
-        try:
-            users = UserDatabase(settings.auth.users_file)
-        except UserFileError as e:
-            raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
-        self_test()
-    authenticator = Authenticator(reactor, hashing.pool, users)  # type: ignore[arg-type]
-    certificate, key = certificate_files(settings)
+    authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
+    files = tls_files(settings)
     idle = IdleSessions(reactor)  # type: ignore[arg-type]
     for name, alpn, protocol, front_end, backend_login, probe in _mail_protocols(settings):
         if protocol is None:
             continue
         try:
-            server_tls = ServerTLS(certificate, key, alpn, settings.tls.sni)
+            server_tls = ListenerTLS(alpn, files)
             backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
@@ -376,7 +487,27 @@ def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, rel
                 factory.noisy = False
             factories[(name, "implicit_tls" if implicit else "starttls")] = factory
     for each in _mail_listeners(settings, reactor, lambda name, kind: factories[(name, kind)], inherited=inherited):
+        if each.proxy is not None:
+            reloader.serve_proxy(each.proxy)
         each.setServiceParent(top)
+
+
+def _local_users(settings: Settings) -> UserDatabase | None:
+    """
+    The users file of C{[auth] mode = "local"}, loaded, with the hash schemes checked; None when the
+    backend decides.
+
+    :raises ConfigError: when the file cannot be read or is malformed.
+    """
+    if settings.auth.mode != "local":
+        return None
+    assert settings.auth.users_file is not None
+    try:
+        users = UserDatabase(settings.auth.users_file)
+    except UserFileError as e:
+        raise ConfigError(f"{settings.path}: [auth] users_file: {e}") from None
+    self_test()
+    return users
 
 
 def _mail_listeners(settings: Settings, reactor: object, factory: Callable[[str, str], Factory], *,

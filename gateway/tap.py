@@ -7,6 +7,8 @@ configuration ends start-up with a non-zero exit and one line on stderr.
 
 from __future__ import annotations
 
+import signal
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -29,7 +31,17 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Load the configuration and build the service tree; exit with one line if it is wrong."""
+    """
+    Load the configuration and build the service tree; exit with one line if it is wrong.
+
+    SIGHUP is held (blocked) from here on, until the L{gateway.service.Reloader} takes it once
+    the gateway runs; a reload asked for meanwhile happens then.
+    """
+    # SIGHUP's default action ends the process, with a status that systemd's Restart=on-failure
+    # leaves alone, and certbot's deploy hook may ask for a reload right after a start. Blocked,
+    # not ignored: the reload asked for must not be lost, as the files may have been read before.
+    # First, before the imports below, which take most of the start-up.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from twisted.internet import reactor  # twistd has installed the reactor by now
 
     from gateway.config import ConfigError, load_settings

@@ -26,6 +26,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -54,7 +55,7 @@ from zope.interface import implementer
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
-__all__ = ["TLSError", "ServerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
+__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
            "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
@@ -126,8 +127,8 @@ class ServerTLS:
     The contexts are built at construction, so that a bad file is reported at
     startup rather than at the first connection. A client that names a host
     (SNI) matching a L{NamedCertificate} gets that certificate; any other gets
-    the default one. L{reload} re-reads every file: connections made since use
-    the new certificates, established ones keep theirs.
+    the default one. It reads its files once: a reload builds a new one
+    (L{ListenerTLS}).
 
     Clients that offer no ALPN, or whose ALPN list contains ``alpn``, are
     accepted (``alpn`` is then selected). Any other ALPN list is refused with
@@ -161,18 +162,7 @@ class ServerTLS:
                 by_name[name.lower().rstrip(".")] = context
         if by_name:
             default.set_tlsext_servername_callback(self._choose)
-        self._sources = (certificate_path, key_path, named)
         return default, by_name
-
-    def reload(self, certificate_path: str | None = None, key_path: str | None = None,
-               named: tuple[NamedCertificate, ...] | None = None) -> None:
-        """
-        Re-read every certificate and key, from the given files or else the ones in use. On any
-        error nothing changes and TLSError says why: the certificates in use stay in use.
-        """
-        old_certificate, old_key, old_named = self._sources
-        self._context, self._by_name = self._build(certificate_path or old_certificate, key_path or old_key,
-                                                   old_named if named is None else named)
 
     def _choose(self, connection: SSL.Connection) -> None:
         requested = connection.get_servername()
@@ -190,6 +180,58 @@ class ServerTLS:
         :returns: a new server connection on the current default context.
         """
         return SSL.Connection(self._context, None)
+
+
+class TLSFiles(NamedTuple):
+    """What the listeners' TLS is built from: the default chain and key, and the SNI certificates."""
+
+    certificate: str
+    private_key: str
+    sni: tuple[NamedCertificate, ...]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ListenerTLS:
+    """
+    The TLS of one protocol's listeners (or the web's), implicit and STARTTLS alike: each new
+    connection gets the L{ServerTLS} in use, which a reload or a ticket key rotation replaces
+    whole. L{gateway.service.Reloader} builds the new ServerTLS of every ListenerTLS before it puts any in
+    use, so that all listeners change certificates together, or none does.
+
+    :ivar files: what the ServerTLS in use was built from.
+    """
+
+    def __init__(self, alpn: bytes, files: TLSFiles) -> None:
+        """
+        :param alpn: the listeners' application protocol (see L{ServerTLS}).
+        :raises TLSError: when a file cannot be used.
+        """
+        self._alpn = alpn
+        self.files = files
+        self._in_use = self._build(files)
+
+    def _build(self, files: TLSFiles) -> ServerTLS:
+        return ServerTLS(files.certificate, files.private_key, self._alpn, files.sni)
+
+    def prepare(self, files: TLSFiles | None = None) -> Callable[[], None]:
+        """
+        Build new TLS from C{files}, or else from the files in use (which gives new session ticket
+        keys), without using it yet.
+
+        :returns: what puts it in use, for the connections made after.
+        :raises TLSError: when a file cannot be used; nothing changes then.
+        """
+        new_files = self.files if files is None else files
+        server_tls = self._build(new_files)
+
+        def switch() -> None:
+            self.files, self._in_use = new_files, server_tls
+
+        return switch
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """The TLS connection of one accepted client, from the ServerTLS in use."""
+        return self._in_use.serverConnectionForTLS(tlsProtocol)
 
 
 def _make_server_context(certificate_path: str, key_path: str, alpn: bytes) -> SSL.Context:

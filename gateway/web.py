@@ -38,7 +38,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -65,7 +65,7 @@ from gateway.autoconfig import (
 from gateway.config import Settings, WebSettings
 from gateway.connection_limits import ConnectionLimits
 from gateway.listener import AdmittingFactory, listener
-from gateway.tls import ServerTLS, tls_ended, tls_layer
+from gateway.tls import tls_ended, tls_layer
 
 __all__ = [
     "DOCUMENT_BODY_LIMIT",
@@ -776,7 +776,7 @@ class _UpstreamConnections(Service):
         return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
 
 
-def build_web_service(web: WebSettings, reactor: Any, server_tls: ServerTLS, state: WebState,
+def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServerConnectionCreator, state: WebState,
                       limits: ConnectionLimits) -> MultiService:
     """
     Build the HTTPS and HTTP listeners of C{[web]}.

@@ -30,6 +30,10 @@ log = Logger()
 
 def main(argv: list[str] | None = None) -> int:
     """Run one worker until the supervisor ends it; the exit status is 0 after a clean stop."""
+    # SIGHUP's default action ends the process. The supervisor sends it only once a worker is ready
+    # (and again then if it reloaded meanwhile), but "systemctl kill -s HUP" reaches every process
+    # of the unit: ignored until the Reloader's handler takes it (Reloader.startService).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Ctrl-C on a terminal is for the supervisor, which stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m gateway.worker", description=__doc__)

@@ -11,8 +11,12 @@ import os
 import resource
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, cast
@@ -36,6 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+import gateway.tls
 from gateway.auth import HashingPool
 from gateway.backend import BackendConnector, BackendUnavailable
 from gateway.config import ConfigError, load_settings
@@ -47,6 +52,7 @@ from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, buil
 from gateway.testing.pki import IssuedCertificate, TestCA
 from gateway.tls import ServerTLS
 from gateway.userdb import hash_password
+from gateway.workers import CONTROL_FD
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 PROTOCOLS = ("imap", "pop3", "submission")
@@ -94,6 +100,22 @@ def serial_of(path: str) -> int:
         return int(x509.load_pem_x509_certificate(f.read()).serial_number)
 
 
+def break_key_after_first_context(case: SynchronousTestCase, key_path: str) -> None:
+    """
+    Have the key file turn unreadable once one TLS context has been built from it, as when
+    certbot writes the files while a reload or a rotation reads them.
+    """
+    make = gateway.tls._make_server_context
+
+    def make_then_break(*args: Any) -> Any:
+        context = make(*args)
+        with open(key_path, "w", encoding="ascii") as f:
+            f.write("being written\n")
+        return context
+
+    case.patch(gateway.tls, "_make_server_context", make_then_break)
+
+
 def front_end_factory(factory: IProtocolFactory) -> FrontEndFactory:
     """The front-end factory inside the TLS and PROXY wrappers of a listener's factory."""
     while not isinstance(factory, FrontEndFactory):
@@ -136,27 +158,32 @@ class GatewayFiles:
         shutil.copyfile(self.ca.issue("mail.example.org").chain_path, self.chain)
 
     def write(self, *, limits: str = "", failure_delay: float = 2.0, self_signed: bool = False,
-              imap_implicit: str = LOCAL, extra: str = "") -> str:
+              imap_implicit: str = LOCAL, backend_ports: dict[str, int] | None = None, gateway: str = "",
+              extra: str = "") -> str:
         """
         Write the configuration: imap, pop3 and submission, each with one implicit-TLS and one
         STARTTLS listener.
 
         :param limits: lines for the C{[limits]} table.
         :param imap_implicit: the endpoint description of IMAP's implicit-TLS listener.
-        :param extra: text appended verbatim (to break the file).
+        :param backend_ports: backend ports by protocol, instead of L{BACKEND_PORTS}.
+        :param gateway: further lines for the C{[gateway]} table.
+        :param extra: text appended verbatim (further tables, or to break the file).
         :returns: the configuration's path.
         """
         tls = "self_signed = true" if self_signed else f'certificate = "{self.chain}"\nprivate_key = "{self.key}"'
+        ports = BACKEND_PORTS | (backend_ports or {})
         protocols = ""
         for name in PROTOCOLS:
             implicit = imap_implicit if name == "imap" else LOCAL
             protocols += (f'[{name}]\nimplicit_tls = ["{implicit}"]\nstarttls = ["{LOCAL}"]\n'
-                          f'[{name}.backend]\nhost = "127.0.0.1"\nport = {BACKEND_PORTS[name]}\n\n')
+                          f'[{name}.backend]\nhost = "127.0.0.1"\nport = {ports[name]}\n\n')
         with open(self.path, "w", encoding="utf-8") as f:
             f.write(f"""\
 [gateway]
 hostname = "mail.example.org"
 state_dir = "{self.state_dir}"
+{gateway}
 
 [tls]
 {tls}
@@ -289,6 +316,37 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(proxied, 1)
 
 
+    def test_supervisor_checks_files_at_start(self) -> None:
+        """
+        With workers, a key that does not match, or a users file that does not load, ends the
+        start at once as with one process: the supervisor checks what its workers would load.
+        """
+        self.files.renew_certificate_only()
+        with self.assertRaises(ConfigError) as raised:
+            self.build(gateway="workers = 2")
+        self.assertIn(self.files.key, str(raised.exception))
+        self.files.install(self.files.ca.issue("mail.example.org"))
+        with open(self.files.users, "w", encoding="utf-8") as f:
+            f.write("alice:{PLAIN}secret\n")
+        with self.assertRaises(ConfigError) as raised:
+            self.build(gateway="workers = 2")
+        self.assertIn("[auth] users_file", str(raised.exception))
+
+    def test_clear_text_backend_warned(self) -> None:
+        """A backend sent passwords in clear off this machine is named in a warning at start."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.build(self_signed=True, backend_ports={"imap": 143})
+        self.assertEqual([m for m in messages(logged) if m.startswith("clear_text_backend ")], [])
+        with open(self.files.write(self_signed=True), encoding="utf-8") as f:
+            config = f.read()
+        with open(self.files.path, "w", encoding="utf-8") as f:
+            f.write(config.replace('[imap.backend]\nhost = "127.0.0.1"', '[imap.backend]\nhost = "192.0.2.7"'))
+        build_service(load_settings(self.files.path), self.reactor)
+        [warning] = [m for m in messages(logged) if m.startswith("clear_text_backend ")]
+        self.assertIn("[imap.backend] tls", warning)
+        self.assertIn("192.0.2.7", warning)
+
+
 class ReloaderTestCase(SynchronousTestCase):
     """A built gateway with bound (in-memory) listeners, its reloader and its front-end factories."""
 
@@ -406,6 +464,99 @@ class ReloadTests(ReloaderTestCase):
         self.reloader.reload()
         self.assert_unchanged(before, "not a PEM private key")
 
+    def test_certificates_switch_together(self) -> None:
+        """
+        A reload whose second certificate context cannot be built (the files changed under it)
+        leaves every listener on the running certificate, the first one included.
+        """
+        before = self.snapshot()
+        self.files.install(self.files.ca.issue("mail.example.org"))
+        self.files.write(limits="max_connections_per_ip = 7")
+        break_key_after_first_context(self, self.files.key)
+        self.reloader.reload()
+        self.assert_unchanged(before, "not a PEM private key")
+
+    def test_backend_needs_restart(self) -> None:
+        """A changed backend port is refused, naming the section and key; nothing else is applied either."""
+        before = self.snapshot()
+        self.files.install(self.files.ca.issue("mail.example.org"))
+        self.files.write(limits="max_connections_per_ip = 7", backend_ports={"imap": 2143})
+        self.reloader.reload()
+        self.assert_unchanged(before, "[imap.backend] port: expected the running value (restart to change it)")
+        self.assertEqual({front.context.backend.address for front in self.fronts if front.context.protocol == "imap"},
+                         {"127.0.0.1:1143"})
+
+    def test_restart_only_settings_named(self) -> None:
+        """Every change that takes a restart is named in the one reload_failed line."""
+        before = self.snapshot()
+        with open(self.files.users, "r", encoding="utf-8") as f:
+            users = f.read()
+        other_users = os.path.join(self.files.directory, "other-users")
+        with open(other_users, "w", encoding="utf-8") as f:
+            f.write(users)
+        self.files.write(limits="max_connections_per_ip = 7", gateway="workers = 2",
+                         extra=f'[metrics]\nlisten = ["{LOCAL}"]\n')
+        with open(self.files.path, "r", encoding="utf-8") as f:
+            text = f.read().replace(f'users_file = "{self.files.users}"',
+                                    f'users_file = "{other_users}"\nhash_threads = 3')
+        with open(self.files.path, "w", encoding="utf-8") as f:
+            f.write(text)
+        self.reloader.reload()
+        self.assert_unchanged(before, f"{self.files.path}: [auth] users_file, [auth] hash_threads, [metrics] (added), "
+                                      "[gateway] workers: expected the running values (restart to change them)")
+
+    def test_reloadable_change_after_refused_one(self) -> None:
+        """Once the file is back to what runs, with only reloadable changes, the reload applies them."""
+        self.files.write(backend_ports={"pop3": 2110})
+        self.reloader.reload()
+        self.files.write(limits="max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.assertEqual({front.context.limits.max_connections_per_ip for front in self.fronts}, {7})
+        self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
+
+
+class ProxySourcesReloadTests(SynchronousTestCase):
+    """[limits] proxy_sources follows a reload: the load balancers named are the ones trusted."""
+
+    def test_removed_source_refused(self) -> None:
+        """A balancer taken out of proxy_sources is refused from the reload on; one put in is trusted."""
+        files = GatewayFiles(self)
+        reactor = ThreadCallReactor()
+        top = build_service(load_settings(files.write(imap_implicit=f"haproxy:{LOCAL}",
+                                                      limits='proxy_sources = ["127.0.0.2/32"]')), reactor)
+        [reloader] = children(top, Reloader)
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+        [proxy] = [factory for _, factory, _, _ in reactor.tcpServers if isinstance(factory, TrustedProxyFactory)]
+        balancer, replacement = IPv4Address("TCP", "127.0.0.2", 40000), IPv4Address("TCP", "127.0.0.3", 40000)
+        self.assertIsNotNone(proxy.buildProtocol(balancer))
+        self.assertIsNone(proxy.buildProtocol(replacement))
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        files.write(imap_implicit=f"haproxy:{LOCAL}", limits='proxy_sources = ["127.0.0.3/32"]')
+        reloader.reload()
+        self.assertIn(f"reloaded path={files.path} certificates=1", messages(logged))
+        self.assertIsNone(proxy.buildProtocol(balancer))
+        self.assertIn("proxy_refused source=127.0.0.2 reason=untrusted", messages(logged))
+        self.assertIsNotNone(proxy.buildProtocol(replacement))
+
+
+class SupervisorReloadTests(SynchronousTestCase):
+    """The supervisor of workers, which serves no TLS itself, checks the certificates a reload names."""
+
+    def test_broken_certificate_refused(self) -> None:
+        """With workers and no [web], a certificate that does not match its key fails the reload."""
+        files = GatewayFiles(self)
+        top = build_service(load_settings(files.write(gateway="workers = 2")), ThreadCallReactor())
+        [reloader] = children(top, Reloader)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        files.renew_certificate_only()
+        files.write(gateway="workers = 2", limits="max_connections_per_ip = 7")
+        reloader.reload()
+        failures = [line for line in messages(logged) if line.startswith("reload_failed ")]
+        self.assertEqual(len(failures), 1, messages(logged))
+        self.assertIn(files.key, failures[0])
+        self.assertFalse([line for line in messages(logged) if line.startswith("reloaded ")])
+
 
 class RotationTests(ReloaderTestCase):
     """Every TICKET_KEY_LIFETIME the TLS contexts are rebuilt, giving new session ticket keys."""
@@ -421,7 +572,7 @@ class RotationTests(ReloaderTestCase):
         after = self.contexts()
         for old, new in zip(before, after):
             self.assertIsNot(old, new)
-        self.assertIn(f"ticket_keys_rotated contexts={len(self.fronts)}", messages(self.logged))
+        self.assertIn(f"ticket_keys_rotated contexts={len(self.tls)}", messages(self.logged))
         self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
 
     def test_rotation_keeps_certificate(self) -> None:
@@ -459,6 +610,16 @@ class RotationTests(ReloaderTestCase):
         for old, new in zip(before, self.contexts()):
             self.assertIsNot(old, new)
 
+
+    def test_rotation_switches_together(self) -> None:
+        """A rotation whose second context cannot be built keeps every running context, the first one included."""
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        before = self.contexts()
+        break_key_after_first_context(self, self.files.key)
+        self.reactor.advance(TICKET_KEY_LIFETIME)
+        self.assertEqual(self.contexts(), before)
+        self.assertTrue([line for line in messages(self.logged) if line.startswith("ticket_key_rotation_failed ")])
 
     def test_mismatched_key_keeps_rotating(self) -> None:
         """A rotation that finds a certificate and key that do not match is logged and the rotation goes on."""
@@ -520,6 +681,20 @@ class HangupTests(ReloaderTestCase):
         function(*args, **kwargs)
         self.assertIn(f"reloaded path={self.files.path} certificates=1", messages(self.logged))
         self.assertEqual({front.context.limits.max_connections_per_ip for front in self.fronts}, {7})
+
+    def test_held_hangup_delivered_at_start(self) -> None:
+        """A SIGHUP held (blocked) before the reloader starts, as gateway.tap holds it, is one reload once it starts."""
+        received = self.install_sentinel()
+        self.addCleanup(signal.pthread_sigmask, signal.SIG_SETMASK, signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        signal.raise_signal(signal.SIGHUP)
+        self.assertIn(signal.SIGHUP, signal.sigpending())
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        self.assertNotIn(signal.SIGHUP, signal.sigpending())
+        self.assertNotIn(signal.SIGHUP, signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        self.assertEqual(received, [])
+        self.assertEqual([function for function, _, _ in self.reactor.from_threads], [self.reloader.reload])
 
     def test_no_handler_off_main_thread(self) -> None:
         """Started from another thread, the reloader leaves the SIGHUP handler alone."""
@@ -715,3 +890,56 @@ class CapabilityProbeTests(SynchronousTestCase):
         self.probe.stopService()
         self.assertEqual(self.backend.cancelled, 1)
         self.assertEqual(self.backend_lines(), [])
+
+
+class StartUpHangupTests(SynchronousTestCase):
+    """A SIGHUP before the reload handler exists (certbot's deploy hook right after a start) ends no process."""
+
+    def run_python(self, *arguments: str, **options: Any) -> subprocess.Popen[str]:
+        """Start Python with C{arguments} in a new process, from the repository root."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        process = subprocess.Popen([sys.executable, *arguments], cwd=root, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
+        self.addCleanup(process.communicate)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def test_gateway(self) -> None:
+        """After makeService a SIGHUP is held, and once the reloader starts it reloads."""
+        files = GatewayFiles(self)
+        process = self.run_python("-c", """\
+import os, signal, sys
+from gateway.service import Reloader
+from gateway.tap import Options, makeService
+
+options = Options()
+options.parseOptions(["--config", sys.argv[1]])
+top = makeService(options)
+os.kill(os.getpid(), signal.SIGHUP)
+print("alive", flush=True)
+[reloader] = [service for service in top if isinstance(service, Reloader)]
+reloader.reload = lambda: print("reload", flush=True)
+reloader.startService()
+from twisted.internet import reactor
+reactor.callLater(0.2, reactor.stop)
+reactor.run()
+reloader.stopService()
+""", files.write(self_signed=True))
+        out, err = process.communicate(timeout=60)
+        self.assertEqual((process.returncode, out), (0, "alive\nreload\n"), err)
+
+    def test_worker(self) -> None:
+        """A worker that is starting, and has not asked the supervisor for its configuration yet, outlives a SIGHUP."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = self.run_python("-m", "gateway.worker", "--config", "/nonexistent.toml", "--number", "0",
+                                      "--listeners", "0", close_fds=False,
+                                      preexec_fn=lambda: os.dup2(theirs.fileno(), CONTROL_FD))
+        with ours:
+            ours.settimeout(60)
+            self.assertTrue(ours.recv(4096))  # its "hello": the worker runs, and asks
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            self.assertIsNone(process.poll())
+        process.communicate(timeout=60)  # the channel closed: the worker ends by itself
+        self.assertGreaterEqual(process.returncode, 0)
