@@ -192,7 +192,10 @@ class WorkersTests(SynchronousTestCase):
 
 # twistd as the unit runs it, with the pool's bound cut from 60 s to UNSERVED so that the test is quick.
 UNSERVED = 3.0
+# twistd with a short bound, and a supervisor that does not load the users file itself: as one
+# that reads it as root while its workers, after twistd's --uid, cannot.
 TWISTD = ("import sys; import gateway.workers; gateway.workers.UNSERVED_LIMIT = float(sys.argv.pop(1)); "
+          "import gateway.service; gateway.service._local_users = lambda settings: None; "
           "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()")
 
 
@@ -208,8 +211,8 @@ class NoReadyWorkerTests(SynchronousTestCase):
 
     def test_exits_with_status(self) -> None:
         """
-        With a users file no worker accepts (an unreadable one does the same to a non-root worker),
-        twistd exits with EXIT_UNSERVED once no worker has been ready for the bound, after one
+        With a users file no worker accepts (as one the supervisor reads as root and its workers
+        cannot), twistd exits with EXIT_UNSERVED once no worker has been ready for the bound, after one
         no_ready_worker line naming the cause; no worker outlives it and the port refuses.
         """
         directory = tempfile.mkdtemp(prefix="gw-workers-unserved-")
