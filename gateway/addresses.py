@@ -62,6 +62,8 @@ def client_key(host: str, ipv6_prefix: int) -> str:
     address = parse_ip(host)
     if address is None:
         return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)  # an IPv4 client, however it is spelt, is no IPv6 network
     if address.version == 6:
         return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
     return str(address)

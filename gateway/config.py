@@ -186,7 +186,7 @@ class AuthSettings:
     :ivar failure_delay: seconds from a first failed login command to its reply, for every cause
         alike; it doubles with each earlier failure of the user, the client or the pair, up to
         C{failure_delay_max}.
-    :ivar hash_threads: size of the thread pool that verifies password hashes.
+    :ivar hash_threads: size of the thread pool that verifies password hashes, in each worker process.
     :ivar ip_failure_budget: failures from one client address in C{failure_window} after which
         its logins are refused before any password is checked.
     :ivar user_failures_free: failures of one user, from any address, before they slow that user.

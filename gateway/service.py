@@ -10,6 +10,7 @@ front ends, accepting on the sockets the supervisor holds).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -281,6 +282,23 @@ class Reloader(Service):
             # is delivered here, to the handler, and the reload it asked for happens.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._rotation.start(TICKET_KEY_LIFETIME, now=False)
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        """
+        Warn of the files this process read at start but cannot read now: twistd's --uid drops
+        privileges after the start, and a reload, the ticket key rotation and the users file's
+        reloads would then fail, each time.
+        """
+        paths = [path for tls in self._tls for path in (tls.files.certificate, tls.files.private_key)]
+        paths += [path for tls in self._tls for entry in tls.files.sni for path in (entry.certificate, entry.private_key)]
+        if self._settings.auth.users_file is not None:
+            paths.append(self._settings.auth.users_file)
+        for path in dict.fromkeys(paths):
+            if not os.access(path, os.R_OK):
+                log.warn("file_unreadable path={path} uid={uid}: reloads and session ticket key rotation will "
+                         "fail; make it readable by this user (see etc/mailgateway.service)",
+                         path=path, uid=os.getuid())
 
     def stopService(self) -> None:
         super().stopService()

@@ -21,7 +21,6 @@ gives back the memory a burst of traffic left in a connection's TLS layer, and
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import stat
 import tempfile
@@ -52,6 +51,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from gateway.addresses import parse_ip
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
@@ -360,7 +360,7 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     :raises TLSError: if ``hostname`` is neither a DNS name nor an IP address,
         or the files cannot be written.
     """
-    address = _parse_ip(hostname)
+    address = parse_ip(hostname)
     if address is None and not is_host_name(hostname):
         raise TLSError(f"{hostname!r}: not a host name or IP address")
     cert_path = os.path.join(state_dir, f"selfsigned-{hostname}.crt")
@@ -420,14 +420,6 @@ def _expiry(cert_path: str) -> datetime.datetime | None:
         with open(cert_path, "rb") as f:
             return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
     except (OSError, ValueError):
-        return None
-
-
-def _parse_ip(hostname: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Return ``hostname`` as an IP address, or None if it is not one."""
-    try:
-        return ipaddress.ip_address(hostname)
-    except ValueError:
         return None
 
 

@@ -116,7 +116,7 @@ class WorkerPool(Service):
             self._update(worker)
 
     def _update(self, worker: _Worker) -> None:
-        # Before it is ready a worker cannot take SIGHUP (it would die of it); it is told once ready.
+        # Before it is ready a worker ignores SIGHUP (the reload would be lost); it is told once ready.
         if worker.ready and worker.generation != self._generation:
             worker.generation = self._generation
             worker.signal("HUP")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.addresses import plain_address
+from gateway.addresses import client_key, plain_address
 from gateway.frontend import USER_KEY_LENGTH, loggable_user, user_key
 
 
@@ -19,6 +19,11 @@ class AddressTests(SynchronousTestCase):
         """IPv4, IPv6 and non-IP addresses stay as they are."""
         for host in ("192.0.2.7", "2001:db8::1", "::1", "/run/gw.sock"):
             self.assertEqual(plain_address(host), host)
+
+    def test_client_key_of_ipv4_mapped(self) -> None:
+        """An IPv4 client counts as its own address however it is spelt, not as the IPv6 network ::/64."""
+        self.assertEqual(client_key("::ffff:192.0.2.7", 64), "192.0.2.7")
+        self.assertEqual(client_key("2001:db8::1", 64), "2001:db8::/64")
 
     def test_one_string_per_client(self) -> None:
         """A client's sessions share one string for its address rather than keeping one each."""

@@ -376,6 +376,41 @@ class ReloaderTestCase(SynchronousTestCase):
                 for server_tls in self.tls]
 
 
+class UnreadableFilesTests(ReloaderTestCase):
+    """A gateway that cannot read its files once running (twistd --uid after a start as root) says so."""
+
+    def test_warned_after_privileges_dropped(self) -> None:
+        """
+        Started, the reloader names each file it could read at start but not as the user it now
+        runs as; without that drop, it names none.
+        """
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        self.assertEqual([m for m in messages(self.logged) if m.startswith("file_unreadable ")], [])
+        reader, writer = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                os.close(reader)
+                if os.getuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)  # as twistd --uid nobody does after the start
+                else:
+                    os.chmod(self.files.key, 0)
+                before = len(self.logged)
+                self.reloader._check_readable()
+                os.write(writer, "\n".join(messages(self.logged)[before:]).encode("utf-8"))
+            finally:
+                os._exit(0)
+        os.close(writer)
+        with os.fdopen(reader, "rb") as pipe:
+            lines = pipe.read().decode("utf-8").splitlines()
+        os.waitpid(child, 0)
+        warned = [line for line in lines if line.startswith("file_unreadable ")]
+        self.assertIn(self.files.key, " ".join(warned))
+        self.assertTrue(all("reloads and session ticket key rotation will fail" in line for line in warned), warned)
+
+
 class ReloadTests(ReloaderTestCase):
     """Reloader.reload applies a new configuration, or nothing of a broken one."""
 
