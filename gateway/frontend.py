@@ -117,8 +117,12 @@ class _Phase(enum.Enum):
 _HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) |[Hh][Oo][Ss][Tt]:)")
 
 
-USER_KEY_LENGTH = 256
-"""Longer user names are counted by a digest: no client grows the tables or messages with its names."""
+USER_KEY_LENGTH = 64
+"""
+Longer user names are counted by a digest (128 bits): no client grows the tables or messages with
+its names. The penalty tables hold up to 100,000 keys each, which names of 256 characters made
+about 200 MB.
+"""
 
 
 def user_key(user: str) -> str:
@@ -128,7 +132,7 @@ def user_key(user: str) -> str:
     """
     key = user.casefold()
     if len(key) > USER_KEY_LENGTH:
-        return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return key
 
 
@@ -199,15 +203,17 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         tune(self.transport)
         admitting = self.context.gatekeeper.admit(self.client.host)
         if not admitting.called:
-            # Nothing is read until the gatekeeper has answered: a worker asks its supervisor.
+            # Nothing is read until the gatekeeper has answered: a worker asks its supervisor. A
+            # supervisor that does not answer must not leave the connection held for ever.
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.setTimeout(self.context.limits.idle_timeout)
             admitting.addCallback(self._resume_admitted)
         admitting.addCallback(self._admission)
         admitting.addErrback(self._gatekeeper_failed)
 
     def _admission(self, refused: str | None) -> None:
-        if self._lost:
-            if refused is None:  # the client left while the answer was on its way
+        if self._lost or self.closed:
+            if refused is None:  # the client left, or was timed out, while the answer was on its way
                 self.context.gatekeeper.release(self.client.host)
             return
         if refused is not None:
@@ -225,7 +231,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.greet()
 
     def _resume_admitted(self, refused: str | None) -> str | None:
-        if refused is None and not self._lost:
+        if refused is None and not (self._lost or self.closed):
             assert self.transport is not None
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         return refused
@@ -335,9 +341,15 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.close()
 
     def timeoutConnection(self) -> None:
-        log.info("timeout protocol={protocol} client={client} reason=idle", protocol=self.context.protocol,
-                 client=self.client.host)
-        self.reply_timeout()
+        if not self._admitted:
+            # The gatekeeper (a worker's supervisor) has not answered: the gateway is the slow one.
+            log.warn("timeout protocol={protocol} client={client} reason=admission", protocol=self.context.protocol,
+                     client=self.client.host)
+            self.reply_overloaded()
+        else:
+            log.info("timeout protocol={protocol} client={client} reason=idle", protocol=self.context.protocol,
+                     client=self.client.host)
+            self.reply_timeout()
         self.close()
 
     def idle_expired(self) -> None:

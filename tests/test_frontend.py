@@ -43,7 +43,7 @@ class UserTests(SynchronousTestCase):
         """Spellings of a name count as one user; a name past the bound counts by a fixed-size digest."""
         self.assertEqual(user_key("Alice@Example.ORG"), user_key("alice@example.org"))
         long_name = "\u0390" * 20_000  # case folding triples it
-        self.assertEqual(len(user_key(long_name)), len("sha256:") + 64)
+        self.assertEqual(len(user_key(long_name)), len("sha256:") + 32)
         self.assertEqual(user_key(long_name), user_key(long_name.upper()))
         self.assertNotEqual(user_key(long_name), user_key(long_name + "x"))
         self.assertEqual(len(user_key("x" * USER_KEY_LENGTH)), USER_KEY_LENGTH)

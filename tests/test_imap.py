@@ -776,6 +776,22 @@ class PendingAdmissionTests(ImapTestBase):
         self.assertEqual(transport.producerState, "producing")
         front.connectionLost(Failure(ConnectionDone()))
 
+    def test_unanswered_admission_times_out(self) -> None:
+        """
+        A gatekeeper that does not answer (a stalled supervisor) does not hold the connection for
+        ever: at the idle timeout the client is told the gateway is busy, and a late admission is
+        given back.
+        """
+        before = self.connections.connections
+        front, transport = self.connect("192.0.2.32")
+        self.clock.advance(self.limits.idle_timeout)
+        self.assertEqual(transport.value(), b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.gatekeeper.answer()
+        self.assertEqual(self.connections.connections, before)
+        self.assertFalse(transport.value().endswith(b"ready.\r\n"))
+        front.connectionLost(Failure(ConnectionDone()))
+
     def test_client_gone_before_admission(self) -> None:
         """A client that leaves before its admission is answered is not counted once it is."""
         before = self.connections.connections
