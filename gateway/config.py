@@ -247,6 +247,8 @@ class Settings:
 
     :ivar workers: processes that serve the mail listeners; above 1 a supervisor process holds
         the listening sockets, the web and metrics listeners, and the shared limits and penalties.
+    :ivar workers_setting: C{workers} as written (a count or C{"auto"}), which a reload compares:
+        C{"auto"} counts the CPUs online, which may change while the gateway runs.
     :ivar text: the TOML text the settings were read from.
     """
 
@@ -261,7 +263,8 @@ class Settings:
     submission: SubmissionSettings | None
     web: WebSettings | None = None
     metrics: MetricsSettings | None = None
-    workers: int = 1
+    workers: int = field(default=1, compare=False)
+    workers_setting: int | str = 1
     text: str = field(default="", compare=False, repr=False)
 
 
@@ -451,7 +454,8 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     hostname = gateway.host_name("hostname", hostname)
     state_dir = gateway.path("state_dir", "/var/lib/mailgateway", expected="the path of a directory")
     assert state_dir is not None
-    workers = _workers(gateway)
+    workers_setting = gateway._get("workers", 1, (int, str), _WORKERS_FORM)
+    workers = _workers(gateway, workers_setting)
     gateway.finish()
 
     tls = _tls_settings(root.table("tls"))
@@ -484,7 +488,8 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
                 f'{path}: [{name}.backend] login: expected "replay" when [auth] mode is "backend"'
                 " (the backend must see the client's password to decide)"
             )
-    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers)
+    return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers,
+                    workers_setting)
 
 
 def clear_text_backends(settings: Settings) -> list[str]:
@@ -571,14 +576,15 @@ def _auth_settings(table: _Table) -> AuthSettings:
                         failure_delay_max, ip_failure_budget, user_failures_free, failure_window, ipv6_prefix)
 
 
-def _workers(table: _Table) -> int:
-    """C{workers}: a count, or "auto" for one per CPU (as nginx's worker_processes auto)."""
-    expected = f'an integer from 1 to {MAX_WORKERS} or "auto"'
-    value = table._get("workers", 1, (int, str), expected)
+_WORKERS_FORM = f'an integer from 1 to {MAX_WORKERS} or "auto"'
+
+
+def _workers(table: _Table, value: int | str) -> int:
+    """The count C{workers} (C{value}) asks for: "auto" is one per CPU (as nginx's worker_processes auto)."""
     if value == "auto":
         return min(os.cpu_count() or 1, MAX_WORKERS)
     if isinstance(value, str) or not 1 <= value <= MAX_WORKERS:
-        raise table.error("workers", expected, value)
+        raise table.error("workers", _WORKERS_FORM, value)
     return value
 
 

@@ -109,6 +109,7 @@ class SaslFailure(enum.Enum):
 class _Phase(enum.Enum):
     COMMANDS = "commands"
     LOGGING_IN = "logging-in"
+    LOGGING_IN_LATE = "logging-in-late"  # past the login deadline: closes once answered
     RELAYING = "relaying"  # a blind byte relay (IMAP, POP3)
     SESSION = "session"    # logged in, commands still parsed (submission)
     CLOSED = "closed"
@@ -174,7 +175,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.login_failures = 0
         self._errors = 0
         self._phase = _Phase.COMMANDS
-        self._deadline: IDelayedCall | None = None  # kept once passed, while a login in flight finishes
+        self._deadline: IDelayedCall | None = None
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
         self._closing: IDelayedCall | None = None
@@ -367,7 +368,12 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if self._phase is _Phase.LOGGING_IN:
             # The gateway is the slow one (the hash, the backend, the failure pause): the login in
             # flight gets its answer, such as NO [UNAVAILABLE] for a backend that never answered,
-            # and the connection then closes unless it logged in (see _login_finished).
+            # and the connection then closes unless it logged in (see _login_finished). For as long
+            # as the backend may take and then an idle timeout, not more: a hash queued behind a
+            # flood, or a supervisor that does not answer, must not hold the connection for ever.
+            self._phase = _Phase.LOGGING_IN_LATE
+            late = self.context.backend.settings.timeout + self.context.limits.idle_timeout
+            self._deadline = self.clock.callLater(late, self._deadline_passed)
             return
         self._deadline = None
         self._login_timed_out()
@@ -380,8 +386,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
+            self._deadline.cancel()
             self._deadline = None
 
     # -- for subclasses: writing and closing
@@ -518,11 +523,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if outcome is LoginOutcome.LOGGED_IN:
             assert self._session is not None
             self.logged_in(self._session)
-        elif self._deadline is not None and not self._deadline.active():
-            self._deadline = None
-            self._login_timed_out()  # it passed while this login was in flight
         elif outcome in (LoginOutcome.THROTTLED, LoginOutcome.OVERLOADED) or self.attempts_exhausted:
-            self.close()
+            self.close()  # its reply said so
+        elif self._phase is _Phase.LOGGING_IN_LATE:
+            self._cancel_deadline()
+            self._login_timed_out()  # the deadline passed while this login was in flight
         else:
             self._phase = _Phase.COMMANDS
             self.resumeProducing()

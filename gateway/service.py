@@ -155,7 +155,7 @@ _RELOADED_WEB = ("public_host", "hsts_max_age", "upstream", "autoconfig_username
 _LISTENER_KEYS = ("implicit_tls", "starttls", "https", "http", "listen")
 """The keys of listeners (mail, web, metrics), which a reload failure names as such."""
 
-_KEY_NAMES = {"master_password": "master_password_file"}
+_KEY_NAMES = {"master_password": "master_password_file", "workers_setting": "workers"}
 """The configuration keys of the settings that are not named as their key."""
 
 

@@ -435,6 +435,37 @@ class ImplicitTLSTests(ImapTestBase):
                                       b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_login_past_deadline_is_bounded(self) -> None:
+        """
+        A login in flight waits past the deadline only as long as its backend may take and an idle
+        timeout: a login that never gets an answer (a stalled supervisor, a hash queued behind a
+        flood) is then cut off, and the backend login is cancelled.
+        """
+        self.log_in_at_deadline()
+        self.clock.advance(self.backend.settings.timeout + self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertEqual(self.read(), b"* BYE Disconnected for inactivity.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.backend.cancelled, 1)
+
+    def test_last_attempt_at_deadline_says_goodbye_once(self) -> None:
+        """A login whose own reply closes the connection (the last attempt) gets no second BYE for the deadline."""
+        for tag in (b"a", b"b"):
+            self.say(tag + b" LOGIN bob wrong\r\n")
+            self.clock.advance(2)
+            self.assertTrue(self.read().startswith(tag + b" NO [AUTHENTICATIONFAILED]"))
+        for _ in range(3):
+            self.clock.advance(30)
+            self.say(b"n NOOP\r\n")
+        self.clock.advance(self.limits.login_timeout - 95)
+        self.read()
+        self.say(b"c LOGIN bob wrong\r\n")  # its failure pause runs past the deadline
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"c NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+                                      b"* BYE Too many failed login attempts.\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
     def test_login_in_flight_at_deadline_logs_in(self) -> None:
         """A login still in flight at the deadline that goes through is a session like any other."""
         self.log_in_at_deadline()

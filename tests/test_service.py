@@ -48,7 +48,7 @@ from gateway.frontend import FrontEndFactory
 from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.listener import Listener
 from gateway.listener import listener as make_listener
-from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, build_service
+from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, build_service, restart_needed
 from gateway.testing.pki import IssuedCertificate, TestCA
 from gateway.tls import ServerTLS
 from gateway.userdb import hash_password
@@ -539,6 +539,19 @@ class ReloadTests(ReloaderTestCase):
         self.reloader.reload()
         self.assert_unchanged(before, f"{self.files.path}: [auth] users_file, [auth] hash_threads, [metrics] (added), "
                                       "[gateway] workers: expected the running values (restart to change them)")
+
+    def test_auto_workers_with_other_cpus(self) -> None:
+        """
+        workers = "auto" unchanged is no change, though the CPUs online changed since the start
+        (hot-plugged): the reload applies. Written as a count, it takes a restart.
+        """
+        running = load_settings(self.files.write(gateway='workers = "auto"'))
+        self.patch(os, "cpu_count", lambda: running.workers + 1)
+        reloaded = load_settings(self.files.write(gateway='workers = "auto"', limits="max_connections_per_ip = 7"))
+        self.assertNotEqual(reloaded.workers, running.workers)
+        self.assertEqual(restart_needed(running, reloaded), [])
+        counted = load_settings(self.files.write(gateway=f"workers = {running.workers}"))
+        self.assertEqual(restart_needed(running, counted), ["[gateway] workers"])
 
     def test_reloadable_change_after_refused_one(self) -> None:
         """Once the file is back to what runs, with only reloadable changes, the reload applies them."""
