@@ -291,7 +291,8 @@ class Reloader(Service):
         reloads would then fail, each time.
         """
         paths = [path for tls in self._tls for path in (tls.files.certificate, tls.files.private_key)]
-        paths += [path for tls in self._tls for entry in tls.files.sni for path in (entry.certificate, entry.private_key)]
+        paths += [path for tls in self._tls for entry in tls.files.sni
+                  for path in (entry.certificate, entry.private_key)]
         if self._settings.auth.users_file is not None:
             paths.append(self._settings.auth.users_file)
         for path in dict.fromkeys(paths):

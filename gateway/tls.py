@@ -55,8 +55,8 @@ from gateway.addresses import parse_ip
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
-__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "client_tls", "describe_tls", "tls_layer",
-           "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
+__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "client_tls", "describe_tls",
+           "tls_layer", "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
 
