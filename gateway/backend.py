@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from gateway import slots
 from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
-from gateway.relay import Splice, hand_over
+from gateway.relay import CLOSE_GRACE, Splice, hand_over
 from gateway.sockets import tune
 from gateway.tls import client_tls
 
@@ -193,6 +193,12 @@ class _Dialing(ClientFactory):
 LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
 
 
+def _abort_if_open(protocol: BackendLogin) -> None:
+    """Abort a connection that has not closed by now."""
+    if not protocol.lost and protocol.transport is not None:
+        protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+
 class BackendConnector:
     """
     Logs in to one configured backend for each client that passed authentication.
@@ -219,8 +225,14 @@ class BackendConnector:
         dialogue supports a request of None).
         """
         probing = self.login(None)  # type: ignore[arg-type]
-        probing.addCallback(lambda protocol: protocol.announced or ())
+        probing.addCallback(self._probed)
         return probing
+
+    def _probed(self, protocol: BackendLogin) -> tuple[bytes, ...]:
+        # The probe says QUIT and closes its connection; over TLS the close waits for the backend's
+        # close_notify, which a stalled backend never sends: it is cut off after the grace period.
+        self._reactor.callLater(CLOSE_GRACE, _abort_if_open, protocol)  # type: ignore[attr-defined]
+        return protocol.announced or ()
 
     def login(self, request: LoginRequest) -> Deferred[BackendLogin]:
         """

@@ -34,6 +34,7 @@ from gateway.backend import (
 from gateway.config import BackendSettings
 from gateway.imap_backend import ImapBackendLogin
 from gateway.pop3_backend import Pop3BackendLogin
+from gateway.relay import CLOSE_GRACE
 from gateway.testing.fakes import BACKEND_SETTINGS
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, describe_tls
@@ -347,6 +348,23 @@ class AnnouncedTests(ConnectorTestBase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.successResultOf(probing), (b"TOP", b"UIDL", b"USER"))
         self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
+        wire.connectionLost(Failure(ConnectionDone()))  # the backend closed in time
+        self.reactor.advance(CLOSE_GRACE)  # the grace period's check finds it closed (tearDown: no timer left)
+
+    def test_probe_of_stalled_backend_cut_off(self) -> None:
+        """
+        A probed backend that never closes (over TLS: never sends its close_notify) is aborted
+        after the grace period, not before: one connection a start would otherwise stay open.
+        """
+        connector = self.connector(POP3_SETTINGS, Pop3BackendLogin)
+        probing = connector.probe()
+        wire, transport = self.accept()
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA)
+        self.successResultOf(probing)
+        self.reactor.advance(CLOSE_GRACE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.disconnected)
 
     def test_probe_unavailable(self) -> None:
         """A probe of a backend that cannot be reached fails with BackendUnavailable."""
