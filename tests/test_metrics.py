@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 
@@ -333,6 +334,7 @@ class OtherEventTests(SynchronousTestCase):
     def test_reloads(self) -> None:
         """A reload counts as ok; one that finds a broken configuration counts as failed."""
         directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "gateway.toml")
         with open(path, "w", encoding="utf-8") as f:
             f.write(CONFIG.format(state=os.path.join(directory, "state")))
@@ -426,6 +428,7 @@ class CertificateTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
         self.metrics = GatewayMetrics()
 
     def expiry(self, name: str, path: str) -> float | None:

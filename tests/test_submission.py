@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import replace
@@ -357,6 +358,7 @@ class SenderPolicyTests(SubmissionTestBase):
         import tempfile
         with tempfile.NamedTemporaryFile("w", suffix=".senders", delete=False) as f:
             f.write("bob@example.org: Bob.Smith@Example.org, @lists.example.net\n")
+        self.addCleanup(os.remove, f.name)
         policy = SenderPolicy(f.name)
         self.assertTrue(policy.allowed("bob@example.org", "bob.smith@example.org"))
         self.assertTrue(policy.allowed("bob@example.org", "any@lists.example.net"))
