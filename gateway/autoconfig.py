@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.config import ProtocolSettings, Settings, SubmissionSettings
+from gateway.config import ProtocolSettings, Settings, SubmissionSettings, is_host_name
 
 Protocol = Literal["imap", "pop3", "smtp"]
 Security = Literal["SSL", "STARTTLS"]
@@ -70,8 +70,6 @@ _SRV_SERVICES: tuple[tuple[str, Protocol, Security], ...] = (
     ("_submission._tcp", "smtp", "STARTTLS"),
 )
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # RFC 5322 dot-atom, less "%", "$", "{" and "}": real mailboxes do without them, while the
 # placeholders clients send instead of an address (%EMAILADDRESS%, ${USER}) are made of them.
 _ATOM = r"[A-Za-z0-9!#&'*+/=?^_`|~-]+"
@@ -205,7 +203,7 @@ def plausible_email(value: str | None) -> str | None:
     if len(value) > 254 or value.count("@") != 1:
         return None
     local, domain = value.split("@")
-    if not _LOCAL_PART.fullmatch(local) or not _HOST_NAME.fullmatch(domain):
+    if not _LOCAL_PART.fullmatch(local) or not is_host_name(domain):
         return None
     return value
 
@@ -479,7 +477,7 @@ def dns_records(settings: Settings, domain: str) -> list[str]:
     :raises ValueError: if C{domain} is not a host name.
     """
     zone = domain.rstrip(".").lower()
-    if not _HOST_NAME.fullmatch(zone):
+    if not is_host_name(zone):
         raise ValueError(f"not a domain name: {domain!r}")
     host = public_host(settings)
     entries = advertised(settings)
