@@ -376,12 +376,12 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self._deadline = self.clock.callLater(late, self._deadline_passed)
             return
         self._deadline = None
-        self._login_timed_out()
+        self._login_timed_out(self.reply_timeout)
 
-    def _login_timed_out(self) -> None:
+    def _login_timed_out(self, notify: Callable[[], None]) -> None:
         log.info("timeout protocol={protocol} client={client} reason=login-deadline",
                  protocol=self.context.protocol, client=self.client.host)
-        self.reply_timeout()
+        notify()
         self.close()
 
     def _cancel_deadline(self) -> None:
@@ -527,7 +527,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self.close()  # its reply said so
         elif self._phase is _Phase.LOGGING_IN_LATE:
             self._cancel_deadline()
-            self._login_timed_out()  # the deadline passed while this login was in flight
+            self._login_timed_out(self.reply_closing_after_login)  # the deadline passed while it was in flight
         else:
             self._phase = _Phase.COMMANDS
             self.resumeProducing()
@@ -704,6 +704,13 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def reply_overloaded(self) -> None:
         """Tell a connecting client that a limit refuses it (instead of the greeting); it closes after."""
         raise NotImplementedError
+
+    def reply_closing_after_login(self) -> None:
+        """
+        Tell the client, whose login was answered past the login deadline, that the connection now
+        closes. By default the timeout's own notice; a protocol without unsolicited replies overrides it.
+        """
+        self.reply_timeout()
 
     def reply_too_many_errors(self) -> None:
         """Tell the client it made too many errors; the connection closes after."""

@@ -65,6 +65,9 @@ class Pop3FrontEnd(LoginFrontEnd):
     def reply_timeout(self) -> None:
         self.send(b"-ERR Disconnected for inactivity.\r\n")
 
+    def reply_closing_after_login(self) -> None:
+        pass  # POP3 has one reply per command: the login's -ERR was it, and the close says the rest
+
     def reply_too_many_errors(self) -> None:
         self.send(b"-ERR Too many invalid commands.\r\n")
 
