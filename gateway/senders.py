@@ -8,6 +8,7 @@ adds more, one user per line::
     alice@example.org: a.smith@example.org, postmaster@example.org
     bob: bob@example.net, @lists.example.net
 
+An @domain entry covers local parts without the routing characters "%" and "!" and without quotes.
 Addresses and user names compare ignoring ASCII case only. The file is small and re-read when it changes (a stat per
 check); a broken rewrite keeps the previous contents and logs a warning.
 """
@@ -78,7 +79,10 @@ class SenderPolicy:
             return True
         self._refresh()
         allowed = self._senders.get(ascii_lower(user), frozenset())
-        return address in allowed or "@" + address.rpartition("@")[2] in allowed
+        local, _, domain = address.rpartition("@")
+        # An MTA may route "x%other.example@domain" (Postfix's allow_percent_hack), "x!y@domain" or
+        # a quoted local part onwards to another domain: a domain's rule covers plain local parts only.
+        return address in allowed or ("@" + domain in allowed and not any(c in local for c in '%!"'))
 
     def _refresh(self) -> None:
         if self._path is None:

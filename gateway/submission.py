@@ -39,7 +39,7 @@ AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = len(b".\r\n")  # the terminator's own line: read and counted, but not part of the message
 _BARE_LINE_ENDING = re.compile(rb"(?<!\r)\n|\r(?!\n)")
-_ANY_END_OF_DATA = re.compile(rb"\r?\n\.\r?\n")
+_BARE_LINE_REFUSAL = b"554 5.6.0 Message refused: lines must end in CRLF, closing connection\r\n"
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
@@ -313,31 +313,30 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def rawDataReceived(self, data: bytes) -> None:
         """
         Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing travels untouched. A bare
-        CR or LF refuses the message: an MTA may end the data at LF.LF where the gateway does not,
-        and run what follows as commands nobody checked (SMTP smuggling).
+        CR or LF refuses the message and ends the connection: an MTA may end the data at LF.LF
+        where the gateway does not, and run what follows as commands nobody checked (SMTP
+        smuggling); past one, where this message ends is ambiguous, so nothing more is read
+        from this client (Postfix's smtpd_forbid_bare_newline does the same).
         """
         window = self._data_tail + data
         end = window.find(_END_OF_DATA)
-        if self._data_refusal is None:
-            checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
-            # The tail was checked last time, all but a final CR whose LF had not come yet.
-            if _BARE_LINE_ENDING.search(checked, len(self._data_tail) - 1):
-                self._refuse_message(b"554 5.6.0 Message refused: lines must end in CRLF\r\n", "bare-line-ending")
-        if self._data_refusal is None:
-            stop = end + len(_END_OF_DATA) if end >= 0 else -1
-        else:
-            # A refused message's end, however the client wrote it; nothing more goes to the MTA.
-            found = _ANY_END_OF_DATA.search(window)
-            stop = found.end() if found else -1
-        if stop < 0:
+        checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
+        # The tail was checked last time, all but a final CR whose LF had not come yet.
+        if _BARE_LINE_ENDING.search(checked, len(self._data_tail) - 1):
+            self._refuse_message(_BARE_LINE_REFUSAL, "bare-line-ending")
+            self.send(_BARE_LINE_REFUSAL)
+            self.close()
+            return
+        if end < 0:
             self._message_bytes(data)
             self._data_tail = window[-4:]
             return
-        cut = stop - len(self._data_tail)
+        cut = end + len(_END_OF_DATA) - len(self._data_tail)
         self._message_bytes(data[:cut])
         self.pauseProducing()  # what follows waits for the verdict
         self.back_to_lines(data[cut:])
         if self._data_refusal is not None:
+            # Refused (its size, the MTA lost) but ended where a message ends: the session goes on.
             refusal, self._data_refusal = self._data_refusal, None
             self._end_transaction(reset_backend=False)
             self._reply(refusal)
@@ -555,6 +554,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if self._transaction_timer is not None:
             self._transaction_timer.cancel()
             self._transaction_timer = None
+        if not self.line_mode:
+            # Gone mid-message: QUIT would be read as part of it. Aborted, the MTA drops the message.
+            self._drop_backend()
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None and not backend.lost:
             _say_goodbye(backend, self.clock)

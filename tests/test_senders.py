@@ -135,6 +135,17 @@ class FilePolicyTests(SendersFileTestCase):
         self.assertFalse(self.policy.allowed("bob", "announce@example.net"))
         self.assertFalse(self.policy.allowed("bob", "lists.example.net"))
 
+    def test_domain_wildcard_not_routed_onwards(self) -> None:
+        """
+        @domain does not cover a local part an MTA may route to another domain ("%", "!"), nor a
+        quoted one; an address listed whole still passes.
+        """
+        for sender in ("ceo%gmail.com@lists.example.net", "gmail.com!ceo@lists.example.net",
+                       '"ceo%gmail.com"@lists.example.net', '"ceo"@lists.example.net'):
+            self.assertFalse(self.policy.allowed("bob", sender), sender)
+        self.write(SENDERS + "carol: odd%name@example.com\n")
+        self.assertTrue(SenderPolicy(self.path).allowed("carol", "odd%name@example.com"))
+
     def test_null_sender(self) -> None:
         """The null sender is refused even for users in the file."""
         self.assertFalse(self.policy.allowed("bob", ""))

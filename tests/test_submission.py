@@ -27,6 +27,7 @@ from gateway.testing.tls_pair import memory_bios, tls_pair
 
 RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
                            max_message_size=1000, max_recipients=3, idle_timeout=300.0, transaction_timeout=600.0)
+BARE_LINE_REFUSAL = b"554 5.6.0 Message refused: lines must end in CRLF, closing connection\r\n"
 AUTH_BOB = b"AUTH PLAIN " + b64(b"\0bob@example.org\0secret") + b"\r\n"
 
 
@@ -373,25 +374,51 @@ class ReviewFixTests(SubmissionTestBase):
         super().setUp()
         self.log_in()
 
-    def test_bare_lf_smuggling_refused(self) -> None:
+    def assert_smuggling_refused(self, data: bytes) -> None:
         """
-        A bare LF.LF (which some MTAs take for the end of data) refuses the message: the MTA
-        connection is dropped before any terminator, and what follows is checked like any command.
+        C{data}, sent after the 354, holds a bare line ending: the message is refused, the MTA
+        connection is dropped before any terminator, and the client's connection closes without
+        reading another command, since where this message ends is ambiguous.
         """
-        self.start_data()
-        self.front.dataReceived(b"Subject: hi\r\n\r\nbody\n.\nMAIL FROM:<ceo@example.org>\r\n")
+        self.front.dataReceived(data)
         mta = self.mta(0)
         self.assertTrue(mta.transport.disconnecting)
-        self.assertNotIn(b"MAIL FROM:<ceo", mta.transport.value())
+        self.assertNotIn(b"MAIL FROM", mta.transport.value())
         self.assertNotIn(b"\n.\n", mta.transport.value())
-        self.assertEqual(self.read(), b"554 5.6.0 Message refused: lines must end in CRLF\r\n"
-                                      b"553 5.7.1 Sender address rejected: not owned by the authenticated user\r\n")
+        self.assertEqual(self.read(), BARE_LINE_REFUSAL)
+        self.assertTrue(self.transport.disconnecting)
+        self.front.dataReceived(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
+        self.assertEqual(self.read(), b"")
+        self.assertEqual(len(self.backend.requests), 1, "a smuggled command reached an MTA")
+
+    def assert_end_refused(self, end: bytes) -> None:
+        """The data ends with C{end}, as an MTA may take it, and a transaction in the user's own name follows."""
+        self.start_data()
+        self.assert_smuggling_refused(b"Subject: hi\r\n\r\nbody" + end + b"MAIL FROM:<bob@example.org>\r\n"
+                                      b"RCPT TO:<x@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\n")
+
+    def test_lf_dot_lf_smuggling_refused(self) -> None:
+        """LF.LF does not end the data: nothing after it is run."""
+        self.assert_end_refused(b"\n.\n")
+
+    def test_crlf_dot_lf_smuggling_refused(self) -> None:
+        """Nor does CRLF.LF."""
+        self.assert_end_refused(b"\r\n.\n")
+
+    def test_lf_dot_crlf_smuggling_refused(self) -> None:
+        """Nor does LF.CRLF."""
+        self.assert_end_refused(b"\n.\r\n")
+
+    def test_smuggling_after_an_oversize_refusal(self) -> None:
+        """A message already refused for its size is not ended at LF.LF either."""
+        self.start_data()
+        self.front.dataReceived(b"x" * 1200 + b"\r\n")
+        self.assert_smuggling_refused(b"\n.\nMAIL FROM:<bob@example.org>\r\n")
 
     def test_lone_cr_refused(self) -> None:
-        """A lone CR in the data refuses the message too; the CRLF terminator still ends it."""
+        """A lone CR in the data refuses the message too, and closes the connection."""
         self.start_data()
-        self.front.dataReceived(b"a\rb\r\n.\r\n")
-        self.assertEqual(self.read(), b"554 5.6.0 Message refused: lines must end in CRLF\r\n")
+        self.assert_smuggling_refused(b"a\rb\r\n.\r\nMAIL FROM:<bob@example.org>\r\n")
 
     def test_crlf_split_across_reads_is_not_bare(self) -> None:
         """A CR at the end of one read and its LF at the start of the next are a proper line end."""
@@ -561,14 +588,6 @@ class MtaClosingTests(SubmissionTestBase):
         self.client_lost()
         self.assert_aborted_after_grace()
 
-    def test_stalled_mta_mid_message_aborted(self) -> None:
-        """An MTA that stops reading while a message streams to it is aborted once the client has gone."""
-        self.start_data()
-        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
-        self.mta_transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
-        self.client_lost()
-        self.assert_aborted_after_grace()
-
     def test_mta_answering_but_not_closing_aborted(self) -> None:
         """An MTA that answers QUIT but does not close its connection is aborted all the same."""
         self.client_lost()
@@ -595,6 +614,20 @@ class MtaClosingTests(SubmissionTestBase):
     def test_mta_closing_in_time_unanswered(self) -> None:
         """An MTA whose connection closes before its answer to QUIT is read is not aborted, nor timed any more."""
         self.assert_closed_in_time(b"")
+
+    def test_client_lost_mid_message(self) -> None:
+        """
+        A client gone in the middle of a message: the MTA connection is aborted at once, not sent
+        QUIT, which it would read as part of the message; whether or not it had stopped reading.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npartial\r\n.")
+        self.mta_transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
+        self.mta_got()
+        self.front.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.mta_got(), b"")
+        self.assertTrue(self.mta_transport.disconnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_lost_mta_not_timed(self) -> None:
         """An MTA connection already lost when the client goes is left alone: nothing is sent or timed."""

@@ -38,6 +38,7 @@ from .wire import Wire
 USER = "alice@example.org"
 PASSWORD = 'pa ss"wo\\rd'  # spaces, a quote and a backslash: SASL carries them verbatim
 ALIAS = "a.smith@example.org"  # alice may send as this address through the senders file
+LISTS = "lists.example.org"  # and as any plain address of this domain
 OTHER = ("bob@example.org", "bobs pass word")
 USERS = dict([(USER, PASSWORD), OTHER])
 
@@ -150,7 +151,7 @@ class SubmissionFixture(SynchronousTestCase):
         cls.ca, cls.ca_path = stack.ca, stack.ca.ca_path
         senders_path = stack.path("senders")
         with open(senders_path, "w", encoding="utf-8") as f:
-            f.write(f"# who may send as whom, besides the login address\n{USER}: {ALIAS}\n")
+            f.write(f"# who may send as whom, besides the login address\n{USER}: {ALIAS}, @{LISTS}\n")
         cls.start_backends()
         cls.postfix = stack.start(PostfixSandbox(stack.path("postfix"), extra_main_cf=cls.postfix_main_cf))
         cls.gateway = stack.start(GatewayProcess(
@@ -391,6 +392,20 @@ class SubmissionTests(SubmissionFixture):
             self.assertTrue(delivered.startswith(f"Return-Path: <{sender}>\n".encode()), delivered[:80])
         client.quit()
 
+    def test_domain_rule_not_bypassed(self) -> None:
+        """
+        An @domain rule allows the domain's plain addresses, but not an address Postfix would read
+        as another: a comment that hides the domain (Postfix appends its own), or a "%" route.
+        """
+        client = self.logged_in()
+        self.assertEqual(client.mail(f"news@{LISTS}")[0], 250)
+        client.rset()
+        # docmd: smtplib.mail would parse the address (and drop the comment) before sending it.
+        for sender, code in ((f"ceo(@{LISTS}", 501), (f"ceo%gmail.com(@{LISTS}", 501),
+                             (f"ceo%gmail.com@{LISTS}", 553)):
+            self.assertEqual(client.docmd("MAIL", f"FROM:<{sender}>")[0], code, sender)
+        client.quit()
+
     def test_xclient_names_user_and_client(self) -> None:
         """Postfix logs the gateway's client address and the login name, learned through XCLIENT."""
         message = text_message("xclient@example.org", "xclient")
@@ -425,6 +440,30 @@ class SubmissionTests(SubmissionFixture):
         wire.close()
         for localpart in ("pipe1", "pipe2"):
             self.assert_arrives_intact(localpart, message)
+
+    def test_smuggling_refused(self) -> None:
+        """
+        A message whose data ends at LF.LF, followed by a second transaction in the user's own
+        name (SMTP smuggling), gets 554 5.6.0 and the connection closes: Postfix receives neither
+        the first message nor the smuggled one.
+        """
+        self.wait_for_empty_queue()
+        wire = self.wire()
+        wire.send(b"EHLO client.example.net\r\n")
+        wire.until(b"250 ")
+        wire.send(b"AUTH PLAIN " + plain_token(USER, PASSWORD).encode() + b"\r\n")
+        self.assertTrue(wire.line().startswith(b"235 "))
+        wire.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<carrier@example.org>\r\nDATA\r\n")
+        self.assertEqual([wire.line()[:4] for _ in range(3)], [b"250 ", b"250 ", b"354 "])
+        wire.send(b"Subject: form\r\n\r\nhi\n.\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<smuggled@example.org>\r\n"
+                  b"DATA\r\nSubject: wire money\r\n\r\nsmuggled body\r\n.\r\n")
+        self.assertTrue(wire.line().startswith(b"554 5.6.0 "))
+        self.assertEqual(wire.line(), b"", "the connection stayed open after a bare line ending")
+        wire.close()
+        time.sleep(1.5)
+        self.assertTrue(self.postfix.queue_is_empty())
+        self.assertEqual(self.postfix.delivered("smuggled"), [])
+        self.assertEqual(self.postfix.delivered("carrier"), [])
 
     def test_declared_size_over_limit_refused(self) -> None:
         """MAIL FROM with a SIZE over max_message_size is refused with 552 5.3.4; a smaller SIZE is accepted."""
