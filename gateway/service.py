@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.protocol import Factory
@@ -214,11 +214,12 @@ TICKET_KEY_LIFETIME = 12 * 3600.0
 
 class Reloader(Service):
     """
-    On SIGHUP (systemctl reload) re-reads the configuration and applies it: certificates (default
-    and SNI), limits (C{proxy_sources} included), login penalty rules and what the web serves. New
-    connections get them; established sessions go on undisturbed. A reload is whole or nothing: a
-    broken file, or a change only a restart applies (listeners, backends, C{[auth]} mode, workers...;
-    see L{restart_needed}), changes nothing and is logged as an error naming what it found.
+    On SIGHUP (systemctl reload) gets the configuration again from its source (the file, read
+    again; a worker's is its supervisor) and applies it: certificates (default and SNI), limits
+    (C{proxy_sources} included), login penalty rules and what the web serves. New connections get
+    them; established sessions go on undisturbed. A reload is whole or nothing: a broken file, or a
+    change only a restart applies (listeners, backends, C{[auth]} mode, workers...; see
+    L{restart_needed}), changes nothing and is logged as an error naming what it found.
     (The users and senders files are re-read by themselves whenever they change.)
 
     Every L{TICKET_KEY_LIFETIME} it also rebuilds the TLS contexts from the files in use: OpenSSL
@@ -226,12 +227,21 @@ class Reloader(Service):
     hours of recorded sessions, while clients still resume within that time.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
-        """:param settings: the running configuration: its file is re-read, and what a reload cannot apply must stay."""
+    def __init__(self, reactor: IReactorFromThreads, settings: Settings, metrics: GatewayMetrics | None = None,
+                 source: Callable[[], Deferred[Settings]] | None = None) -> None:
+        """
+        :param settings: the running configuration: what a reload cannot apply must stay.
+        :param source: gives a Deferred of the configuration a reload applies, which fails with
+            L{ConfigError} when that is broken, or with C{ConnectionError} when it cannot be had. By
+            default it reads C{settings}' file again (and has fired on return).
+        """
         self._reactor = reactor
         self._metrics = metrics
         self._path = settings.path
         self._settings = settings
+        self._source = source or partial(maybeDeferred, load_settings, settings.path)
+        self._fetching = False  # while the source has not answered
+        self._again = False  # a reload was asked for meanwhile
         self._tls: list[ListenerTLS] = []
         self._served: list[FrontEndFactory] = []
         self._proxies: list[TrustedProxyFactory] = []
@@ -322,21 +332,50 @@ class Reloader(Service):
         log.info("ticket_keys_rotated contexts={count}", count=len(self._tls))
 
     def reload(self) -> None:
-        """Re-read the configuration and apply it, unless it is broken or part of it needs a restart."""
-        try:
-            settings = load_settings(self._path)
-            changed = restart_needed(self._settings, settings)
-            if changed:
-                raise ConfigError(_restart_message(self._path, changed))
-            files = tls_files(settings)
-            if not self._tls:
-                # A supervisor of workers serves no TLS itself, but its workers load these files, and
-                # a worker started later from this configuration could never serve if they were bad.
-                check_tls(files)
-            self._switch_tls(files)
-        except (ConfigError, TLSError) as e:
-            log.error("reload_failed reason={reason}: keeping the running configuration", reason=str(e))
+        """
+        Get the configuration from the source and apply it, unless it is broken or part of it needs
+        a restart. One asked for while the source has not answered yet runs once it has (once,
+        however many were asked for meanwhile): that answer may be older than the request.
+        """
+        if self._fetching:
+            self._again = True
             return
+        reloading = self._source()
+        self._fetching = True
+        reloading.addCallback(self._apply)
+        reloading.addErrback(self._failed)
+        reloading.addBoth(self._fetched)
+
+    def _fetched(self, result: object) -> object:
+        self._fetching = False
+        if self._again:
+            self._again = False
+            self.reload()
+        return result  # a failure other than those of _failed (a bug) is logged as unhandled
+
+    def _failed(self, failure: Failure) -> Failure | None:
+        """Log a reload that found no configuration it could apply; any other failure (a bug) goes on."""
+        if not failure.check(ConfigError, TLSError, ConnectionError):
+            return failure
+        log.error("reload_failed reason={reason}: keeping the running configuration", reason=failure.getErrorMessage())
+        return None
+
+    def _apply(self, settings: Settings) -> None:
+        """
+        Apply C{settings}, or nothing of them.
+
+        :raises ConfigError: when part of them needs a restart.
+        :raises TLSError: when a TLS file they name cannot be used.
+        """
+        changed = restart_needed(self._settings, settings)
+        if changed:
+            raise ConfigError(_restart_message(self._path, changed))
+        files = tls_files(settings)
+        if not self._tls:
+            # A supervisor of workers serves no TLS itself, but its workers load these files, and
+            # a worker started later from this configuration could never serve if they were bad.
+            check_tls(files)
+        self._switch_tls(files)
         self._settings = settings
         for apply in self._followers:
             apply(settings)
@@ -407,17 +446,20 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     return top
 
 
-def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gatekeeper,
-                         inherited: list[int]) -> MultiService:
+def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gatekeeper, inherited: list[int],
+                         configuration: Callable[[], Deferred[Settings]]) -> MultiService:
     """
     Build one worker process: the mail front ends, accepting on the listening sockets the
     supervisor passed down (in the order of L{mail_endpoints}).
 
+    :param configuration: asks the supervisor for the configuration it checked and runs with,
+        which a reload applies: a worker never reads the file itself, which may hold an edit the
+        supervisor has not checked, or has refused.
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
     provide_descriptors(settings)
     top = MultiService()
-    reloader = Reloader(reactor, settings)  # type: ignore[arg-type]
+    reloader = Reloader(reactor, settings, source=configuration)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
     reloader.follow(provide_descriptors)
     _build_mail(settings, reactor, gatekeeper, reloader, top, inherited)

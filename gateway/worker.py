@@ -1,9 +1,10 @@
 """
 A worker process: C{python -m gateway.worker}, started by the supervisor (L{gateway.workers}).
 
-It inherits its channel to the supervisor and the listening sockets as descriptors, reads the
-same configuration, and serves the mail listeners. It logs through the channel and stops when
-the channel closes, so no worker outlives its supervisor.
+It inherits its channel to the supervisor and the listening sockets as descriptors, runs with
+the configuration text the supervisor checked (at start and at each reload, never the file as
+it is now), and serves the mail listeners. It logs through the channel and stops when the
+channel closes, so no worker outlives its supervisor.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import base64
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from functools import partial
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.event_loop import streamline
 from gateway.service import build_worker_service
 from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
@@ -49,19 +52,36 @@ def main(argv: list[str] | None = None) -> int:
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
     globalLogBeginner.beginLoggingTo([channel.emit], redirectStandardIO=False)
     status: list[int] = [0]
-    hello: Deferred[list[str]] = channel.call("hello")
-    hello.addCallback(_serve, options, reactor, channel)
+    configuration = partial(supervisor_configuration, channel, options.config)
+    hello: Deferred[str] = channel.call("hello")
+    hello.addCallback(_start, configuration, options, reactor, channel)
     hello.addErrback(_failed, reactor, status)
     reactor.run()  # type: ignore[attr-defined]
     return status[0]
 
 
-def _serve(answer: list[str], options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
-    key, text = answer
-    settings = load_settings(options.config, text)
+def supervisor_configuration(channel: WorkerChannel, path: str) -> Deferred[Settings]:
+    """
+    The configuration the supervisor checked and runs with now, from its text: not the file at
+    C{path} as it is now, which may hold an edit the supervisor has not checked yet, or refused.
+
+    :returns: a Deferred that fails with L{ConfigError} when this process cannot use it, or with
+        C{ConnectionError} when the supervisor has gone.
+    """
+    asking: Deferred[str] = channel.call("configuration")
+    return asking.addCallback(partial(load_settings, path))
+
+
+def _start(key: str, configuration: Callable[[], Deferred[Settings]], options: argparse.Namespace,
+           reactor: IReactorCore, channel: WorkerChannel) -> Deferred[None]:
+    return configuration().addCallback(_serve, key, configuration, options, reactor, channel)
+
+
+def _serve(settings: Settings, key: str, configuration: Callable[[], Deferred[Settings]],
+           options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
     first = CONTROL_FD + 1
     service = build_worker_service(settings, reactor, RemoteGatekeeper(channel, base64.b64decode(key)),
-                                   list(range(first, first + options.listeners)))
+                                   list(range(first, first + options.listeners)), configuration)
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

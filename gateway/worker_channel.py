@@ -1,11 +1,12 @@
 """
 The channel between the supervisor and one worker process, over a socket pair.
 
-Over it a worker asks the supervisor's gatekeeper what its own front ends would otherwise ask
-locally (L{RemoteGatekeeper}), so that connection limits and login penalties count every
-worker's clients together, and sends its log events, which the supervisor publishes as its
-own: one log and one set of metrics for the whole gateway. Passwords never cross the channel,
-only their keyed fingerprints.
+Over it a worker gets the configuration the supervisor checked and runs with (at start and at
+each reload: a worker never reads the file itself), asks the supervisor's gatekeeper what its
+own front ends would otherwise ask locally (L{RemoteGatekeeper}), so that connection limits and
+login penalties count every worker's clients together, and sends its log events, which the
+supervisor publishes as its own: one log and one set of metrics for the whole gateway.
+Passwords never cross the channel, only their keyed fingerprints.
 
 Every message is one line of JSON: C{[serial, name, argument, ...]} from the worker (serial 0
 when no answer is wanted) and C{[serial, answer]} back. A login costs a handful of messages, so
@@ -69,8 +70,9 @@ class SupervisorChannel(_Channel):
     :param publisher: where the worker's log events go (the supervisor's log). Each gets the
         field C{log_worker}, the worker's process id, which no text format shows.
     :param worker: the worker's process id.
-    :param configuration: the configuration text the supervisor runs with now; a new worker
-        starts from it, whatever the file says meanwhile.
+    :param configuration: the configuration text the supervisor checked and runs with now: a
+        worker asks for it (C{configuration}) to start and at each reload, whatever the file says
+        meanwhile.
     :param ready: called when the worker serves (and can take SIGHUP).
     """
 
@@ -79,12 +81,11 @@ class SupervisorChannel(_Channel):
         self._gatekeeper = gatekeeper
         self._publisher = publisher
         self._worker = worker
-        self._configuration = configuration
         self._events = Logger(namespace=__name__, observer=publisher)
         self._connections: Counter[str] = Counter()
         self._sessions: Counter[str] = Counter()
         self._handlers: dict[str, Callable[..., object]] = {
-            "hello": self._hello, "admit": self._admit, "release": self._release,
+            "hello": self._hello, "configuration": configuration, "admit": self._admit, "release": self._release,
             "check_login": self._check_login, "open_session": self._open_session,
             "close_session": self._close_session, "failed": self._failed,
             "succeeded": self._gatekeeper.succeeded, "log": self._log, "ready": ready,
@@ -102,8 +103,8 @@ class SupervisorChannel(_Channel):
         if serial:
             self.send(serial, answer)
 
-    def _hello(self) -> list[str]:
-        return [base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii"), self._configuration()]
+    def _hello(self) -> str:
+        return base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii")
 
     def _admit(self, host: str) -> str | None:
         refused = self._gatekeeper.connections.admit(host)

@@ -107,8 +107,9 @@ class WorkerPool(Service):
 
     def reload(self, settings: Settings) -> None:
         """
-        Have every worker re-read the configuration (they take SIGHUP as the supervisor does);
-        workers started from now on start from C{settings}.
+        Have every worker apply C{settings}, which the supervisor has checked and adopted: each is
+        sent SIGHUP and asks its channel for this text (a worker never reads the file itself).
+        Workers started from now on start from it too.
         """
         self._text = settings.text
         self._generation += 1

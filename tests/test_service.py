@@ -25,7 +25,7 @@ from cryptography import x509
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
@@ -37,6 +37,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -44,14 +46,27 @@ import gateway.tls
 from gateway.auth import HashingPool
 from gateway.backend import BackendConnector, BackendUnavailable
 from gateway.config import ConfigError, load_settings
+from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndFactory
+from gateway.gatekeeper import LocalGatekeeper
+from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.listener import Listener
 from gateway.listener import listener as make_listener
-from gateway.service import TICKET_KEY_LIFETIME, CapabilityProbe, Reloader, build_service, restart_needed
+from gateway.service import (
+    TICKET_KEY_LIFETIME,
+    CapabilityProbe,
+    Reloader,
+    build_service,
+    build_worker_service,
+    mail_endpoints,
+    restart_needed,
+)
 from gateway.testing.pki import IssuedCertificate, TestCA
 from gateway.tls import ServerTLS
 from gateway.userdb import hash_password
+from gateway.worker import supervisor_configuration
+from gateway.worker_channel import SupervisorChannel, WorkerChannel
 from gateway.workers import CONTROL_FD
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -604,6 +619,95 @@ class SupervisorReloadTests(SynchronousTestCase):
         self.assertEqual(len(failures), 1, messages(logged))
         self.assertIn(files.key, failures[0])
         self.assertFalse([line for line in messages(logged) if line.startswith("reloaded ")])
+
+
+class WorkerReloadTests(SynchronousTestCase):
+    """
+    A worker's reloader applies the configuration text its supervisor checked and runs with,
+    asked over its channel (pumped by hand here), never the file as it is.
+    """
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        running = load_settings(self.files.write(limits="max_connections_per_ip = 50"))
+        self.reactor = ThreadCallReactor()
+        gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()),
+                                     LoginPenalties(self.reactor, PenaltyRules()))  # type: ignore[arg-type]
+        self.supervisor_text = running.text
+        self.asked = 0
+        supervisor = SupervisorChannel(gatekeeper, lambda event: None, 1, self.configuration, int)  # type: ignore[arg-type]
+        self.channel = WorkerChannel(lambda: None)
+        self.pump = iosim.connect(supervisor, iosim.FakeTransport(supervisor, True),
+                                  self.channel, iosim.FakeTransport(self.channel, False))
+        # Sockets as the supervisor passes them down; the worker's listeners take them over.
+        inherited = [socket.socket().detach() for _ in mail_endpoints(running)]
+        top = build_worker_service(running, self.reactor, gatekeeper, inherited,
+                                   functools.partial(supervisor_configuration, self.channel, running.path))
+        [self.reloader] = children(top, Reloader)
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+        self.fronts = [front_end_factory(factory) for _, _, factory in self.reactor.adoptedPorts]
+        self.assertEqual(len(self.fronts), len(inherited))
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def configuration(self) -> str:
+        """The supervisor's answer to the question: the text it runs with now."""
+        self.asked += 1
+        return self.supervisor_text
+
+    def supervisor_reloads(self, limits: str) -> None:
+        """The supervisor checks and adopts a configuration with the C{[limits]} lines C{limits}."""
+        self.supervisor_text = load_settings(self.files.write(limits=limits)).text
+
+    def per_ip_limits(self) -> set[int]:
+        """The per-address connection limits of the worker's front ends."""
+        return {front.context.limits.max_connections_per_ip for front in self.fronts}
+
+    def lines(self, event: str) -> list[str]:
+        """The log lines of C{event} so far."""
+        return [line for line in messages(self.logged) if line.startswith(event + " ")]
+
+    def test_supervisors_text_not_file(self) -> None:
+        """A reload applies the supervisor's text, while the file holds an edit the supervisor has not checked."""
+        self.supervisor_reloads("max_connections_per_ip = 7")
+        self.files.write(limits="max_connections_per_ip = 9")
+        self.reloader.reload()
+        self.pump.flush()
+        self.assertEqual(self.per_ip_limits(), {7})
+        self.assertEqual(self.lines("reloaded"), [f"reloaded path={self.files.path} certificates=1"])
+        self.assertEqual(self.lines("reload_failed"), [])
+
+    def test_supervisor_gone(self) -> None:
+        """
+        A reload whose question the channel loses (the supervisor has gone) fails, logged as
+        reload_failed, and changes nothing; so does one asked for after that.
+        """
+        self.supervisor_reloads("max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.reloader.reload()
+        self.assertEqual(self.per_ip_limits(), {50})
+        self.assertEqual(self.lines("reload_failed"),
+                         ["reload_failed reason=the supervisor has gone: keeping the running configuration"] * 2)
+        self.assertEqual(self.lines("reloaded"), [])
+
+    def test_hangups_while_asking(self) -> None:
+        """
+        SIGHUPs that come while the worker waits for the supervisor's answer make one more reload
+        once that answer is applied, which applies the supervisor's text as it is by then.
+        """
+        self.supervisor_reloads("max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.pump.pump()  # the supervisor has answered; the answer is on its way
+        self.supervisor_reloads("max_connections_per_ip = 8")
+        self.reloader.reload()
+        self.reloader.reload()
+        self.assertEqual((self.asked, self.per_ip_limits()), (1, {50}))
+        self.pump.pump()
+        self.assertEqual(self.per_ip_limits(), {7})
+        self.pump.flush()
+        self.assertEqual((self.asked, self.per_ip_limits()), (2, {8}))
+        self.assertEqual(len(self.lines("reloaded")), 2)
 
 
 class RotationTests(ReloaderTestCase):

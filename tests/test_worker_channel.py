@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import replace
 
 from frontend_harness import FrontEndTestBase
@@ -27,16 +28,16 @@ CLIENT = "198.51.100.7"
 class Worker:
     """One worker's channel to the shared supervisor, pumped by hand."""
 
-    def __init__(self, case: ChannelTests) -> None:
+    def __init__(self, case: ChannelTests, configuration: Callable[[], str] = lambda: "[gateway]\n") -> None:
         self.lost = 0
         self.ready = 0
-        self.supervisor = SupervisorChannel(case.shared, case.published.append, 4321, lambda: "[gateway]\n",
-                                            self._ready)
+        self.supervisor = SupervisorChannel(case.shared, case.published.append, 4321, configuration, self._ready)
         self.channel = WorkerChannel(self._lost)
         self.pump = iosim.connect(self.supervisor, iosim.FakeTransport(self.supervisor, True),
                                   self.channel, iosim.FakeTransport(self.channel, False))
-        key, self.configuration = self.answer(self.channel.call("hello"))  # type: ignore[misc]
-        self.gatekeeper = RemoteGatekeeper(self.channel, base64.b64decode(key))
+        key = self.answer(self.channel.call("hello"))
+        self.configuration = self.answer(self.channel.call("configuration"))
+        self.gatekeeper = RemoteGatekeeper(self.channel, base64.b64decode(key))  # type: ignore[arg-type]
 
     def _lost(self) -> None:
         self.lost += 1
@@ -152,6 +153,14 @@ class ChannelTests(SynchronousTestCase):
         worker.pump.flush()
         self.assertEqual(worker.ready, 1)
 
+    def test_configuration_is_the_supervisors_latest(self) -> None:
+        """Asked again (at a reload), the supervisor answers the text it runs with at that time."""
+        texts = ["[gateway]\n"]
+        worker = Worker(self, lambda: texts[-1])
+        texts.append("[gateway]\nworkers = 2\n")
+        self.assertEqual(worker.answer(worker.channel.call("configuration")), "[gateway]\nworkers = 2\n")
+        self.assertEqual(worker.lost, 0)
+
     def test_unknown_release_is_ignored(self) -> None:
         """A worker cannot release what it never held (another worker's count stays)."""
         first, second = Worker(self), Worker(self)
@@ -230,10 +239,10 @@ class WorkerFrontEndTests(FrontEndTestBase):
         channel = WorkerChannel(self._lost)
         self.pump = iosim.connect(supervisor, iosim.FakeTransport(supervisor, True),
                                   channel, iosim.FakeTransport(channel, False))
-        answers: list[list[str]] = []
+        answers: list[str] = []
         channel.call("hello").addCallback(answers.append)
         self.pump.flush()
-        self.context = replace(self.context, gatekeeper=RemoteGatekeeper(channel, base64.b64decode(answers[0][0])))
+        self.context = replace(self.context, gatekeeper=RemoteGatekeeper(channel, base64.b64decode(answers[0])))
         self.front, self.transport = self.connect("192.0.2.9")
         self.pump.flush()
         self.read()

@@ -2,7 +2,8 @@
 The gateway with two worker processes, end to end: a private Dovecot, the gateway as a real
 process tree, and imaplib and raw sockets as clients. Connection limits and login penalties
 hold across the workers, a dead worker is replaced and gives back what it held, a reload
-reaches every worker, and no worker outlives its supervisor.
+reaches every worker (which applies the configuration the supervisor checked, not the file),
+and no worker outlives its supervisor.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def wait_for_count(gateway: GatewayProcess, text: str, count: int, timeout: floa
             raise AssertionError(f"{text!r} did not occur {count} times in {timeout:g} s; the log ends with:\n"
                                  f"{gateway.log()[-2500:]}")
         time.sleep(0.05)
+
+
+def add_listener(gateway: GatewayProcess) -> None:
+    """Edit the configuration file: a second IMAP implicit-TLS listener, a change only a restart applies."""
+    with open(gateway.config_path, encoding="utf-8") as f:
+        text = f.read()
+    one = 'implicit_tls = ["tcp:0:interface=127.0.0.1"]'
+    assert one in text
+    with open(gateway.config_path, "w", encoding="utf-8") as f:
+        f.write(text.replace(one, 'implicit_tls = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]', 1))
 
 
 def scrape(gateway: GatewayProcess, name: str, **labels: str) -> list[float]:
@@ -343,12 +354,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         """
         gateway = self.start_gateway("edited")
         starttls = gateway.port("imap", "starttls")
-        with open(gateway.config_path, encoding="utf-8") as f:
-            text = f.read()
-        one = 'implicit_tls = ["tcp:0:interface=127.0.0.1"]'
-        self.assertIn(one, text)
-        with open(gateway.config_path, "w", encoding="utf-8") as f:
-            f.write(text.replace(one, 'implicit_tls = ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]', 1))
+        add_listener(gateway)
         ready = gateway.log().count("worker_ready")
         for pid in gateway.worker_pids().values():
             os.kill(pid, signal.SIGKILL)
@@ -359,3 +365,19 @@ class WorkerLifecycleTests(SynchronousTestCase):
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
         gateway.wait_for_log(r"reload_failed reason=.*restart to change listeners")
+
+    def test_worker_reloads_supervisors_configuration(self) -> None:
+        """
+        A worker sent SIGHUP itself (systemctl kill -s HUP reaches every process of the unit)
+        reloads the configuration its supervisor runs with, not the file edited since: it applies
+        nothing of an edit that takes a restart, which the supervisor's own reload then refuses.
+        """
+        gateway = self.start_gateway("worker-hup")
+        add_listener(gateway)
+        os.kill(gateway.worker_pids()[0], signal.SIGHUP)
+        wait_for_count(gateway, "reloaded path=", 1, 10)
+        self.assertNotIn("reload_failed", gateway.log())
+        assert gateway.pid is not None
+        os.kill(gateway.pid, signal.SIGHUP)
+        gateway.wait_for_log(r"reload_failed reason=.*restart to change listeners")
+        self.assertEqual((gateway.log().count("reloaded path="), gateway.log().count("reload_failed")), (1, 1))
