@@ -120,10 +120,12 @@ class ImapFrontEnd(LoginFrontEnd):
         """
         Refuse a command that could not run instead of asking for its literal (a client sends a
         synchronizing literal only once asked, RFC 9051 7.5): one unknown before login, and LOGIN
-        or AUTHENTICATE before TLS, whose literal would carry credentials in clear.
+        or AUTHENTICATE before TLS, whose literal would carry credentials in clear; and one whose
+        tag is invalid, which can never run (its literal might be a password, sent in clear).
         """
         if self._tag is None:
-            return False  # refused whole once it has arrived, with an untagged BAD
+            self._bad(b"Invalid tag")
+            return True
         name = bytes(self._command[len(self._tag) + 1 :]).partition(b" ")[0].upper()
         if name not in _COMMANDS:
             self._bad(b"Unknown command or not allowed before login.")

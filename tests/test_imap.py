@@ -84,6 +84,16 @@ class PlainListenerTests(ImapTestBase):
         self.assertEqual(self.say(b"a1 SELECT {5}\r\n"), b"a1 BAD Unknown command or not allowed before login.\r\n")
         self.assertEqual(self.say(b"a2 NOOP\r\n"), b"a2 OK NOOP completed.\r\n")
 
+    def test_literal_of_invalid_tag_not_asked_for(self) -> None:
+        """
+        A command with an invalid tag can never run: its literal, which may be a password, is not
+        asked for in clear; the untagged BAD comes at once, and the next line is a new command.
+        """
+        for line in (b"a+1 LOGIN bob {6}\r\n", "\u00e41 AUTHENTICATE PLAIN {24}\r\n".encode()):
+            self.assertEqual(self.say(line), b"* BAD Invalid tag\r\n")
+            self.assertEqual(self.say(b"n NOOP\r\n"), b"n OK NOOP completed.\r\n")
+        self.assertEqual(self.auth.checked, [])
+
     def test_literal_of_allowed_command_asked_for(self) -> None:
         """ID may take a literal before TLS: the continuation is sent, and the command runs."""
         self.assertEqual(self.say(b'a1 ID ("name" {4}\r\n'), b"+ Ready for literal data.\r\n")
