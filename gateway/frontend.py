@@ -673,8 +673,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         assert self.transport is not None and session.transport is not None
         self._splice = Splice(self.transport, session.transport, self.clock, self._relay_active, self.close)
         session.attach(self._splice)
-        # What the client pipelined after its login belongs to the backend.
-        hand_over(self, self._splice.from_client)
+        # What the client pipelined after its login belongs to the backend; counted when it was
+        # read, it is counted again by the splice.
+        self._bytes_in -= hand_over(self, self._splice.from_client)
 
     def begin_session(self, idle_timeout: float) -> None:
         """Logged in, commands still parsed: the login deadline ends, a post-login idle timeout starts."""

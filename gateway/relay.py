@@ -253,12 +253,14 @@ class _Outlet:
                     layer.__dict__ = rebuilt
 
 
-def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:
+def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> int:
     """
     Switch a line-parsing protocol to relaying: what it has buffered and everything it reads
     from now on goes to C{forward}, unparsed. The protocol must be paused (it stopped parsing
     when the login began), and from now on its C{dataReceived} (or, through LineReceiver's raw
     mode, its C{rawDataReceived}) must pass what it reads to C{forward}.
+
+    :returns: how many buffered bytes went to C{forward}.
     """
     pending = protocol.clearLineBuffer()
     protocol.setRawMode()
@@ -268,3 +270,4 @@ def hand_over(protocol: LineReceiver, forward: Callable[[bytes], None]) -> None:
     protocol.transport.resumeProducing()  # type: ignore[attr-defined]
     if pending:
         forward(pending)
+    return len(pending)

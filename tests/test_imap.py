@@ -562,6 +562,15 @@ class LoggingTests(ImapTestBase):
         self.front.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.disconnect_state(), "relaying")
 
+    def test_pipelined_after_login_counted_once(self) -> None:
+        """Commands pipelined behind LOGIN go to the backend, and count once in the disconnect line's in=."""
+        sent = b"a1 LOGIN bob secret\r\n" + b"a2 NOOP\r\n" * 100
+        self.say(sent)
+        self.assertEqual(self.backend.sessions[0].transport.value(), b"a2 NOOP\r\n" * 100)
+        self.front.connectionLost(Failure(ConnectionDone()))
+        [event] = [e for e in self.events if e["log_format"].startswith("disconnect ")]
+        self.assertEqual(event["bytes_in"], len(sent))
+
     def test_login_failed_event(self) -> None:
         """A failed login logs login_failed with protocol, client, quoted user and reason."""
         self.say(b"a1 LOGIN bob wrong\r\n")
