@@ -4,6 +4,12 @@ The POP3 login dialogue with the backend store (RFC 1939, 2449, 2595, 3206).
 Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... PORT=...} with the
 client's address (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
 backend's capabilities are kept so that the front end promises only what the backend does.
+
+USER and PASS (in both login modes: the client's credentials, or C{user*master} with the master
+password) are the only way this module logs in; it never uses AUTH. A backend that will not take
+a clear-text password on this connection fails as unavailable, never as a rejection, like
+LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449 6.2), or, when its CAPA did not
+say, it answers with Dovecot's fixed "Plaintext authentication disallowed" text.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from gateway.config import BackendSettings
 # RFC 3206 / 2449 response codes: which backend refusals the client must see as they are.
 _PASS_THROUGH_CODES = (b"IN-USE", b"LOGIN-DELAY")
 _CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
+
+# Why a backend that refuses clear-text login is unavailable; fixed text, no backend text in it.
+_CLEARTEXT_REFUSED = ("backend refuses USER/PASS on this connection: "
+                      "use backend TLS or the backend's login_trusted_networks")
+# Dovecot's fixed answer (AUTH_PLAINTEXT_DISABLED_MSG, after the response code) when it refuses one.
+_PLAINTEXT_DISABLED = b"Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 
 _Handler = Callable[[bool, bytes], None]
 
@@ -131,6 +143,10 @@ class Pop3BackendLogin(BackendLogin):
                    lambda ok, text: self._user())
 
     def _user(self) -> None:
+        if self.announced and not self._has(b"USER"):
+            # Dovecot drops USER (and PLAIN from SASL) where it would refuse a clear-text password.
+            self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
+            return
         user = self.request.user
         if self.request.master_user is not None:
             user = f"{user}*{self.request.master_user}"
@@ -159,7 +175,9 @@ class Pop3BackendLogin(BackendLogin):
     def _refused(self, text: bytes) -> None:
         code = _CODE.match(text)
         name = code.group(1).upper() if code else b""
-        if name in _PASS_THROUGH_CODES:
+        if text[code.end() if code else 0:].lstrip(b" ").startswith(_PLAINTEXT_DISABLED):
+            self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
+        elif name in _PASS_THROUGH_CODES:
             self.fail(BackendRefused(_printable(text)))
         elif name in (b"", b"AUTH"):
             self.fail(BackendRejected(f"backend refused the login: {_show(text)}"))

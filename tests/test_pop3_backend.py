@@ -25,6 +25,10 @@ STLS = dataclasses.replace(SETTINGS, tls="starttls")
 GREETING = b"+OK Dovecot ready.\r\n"
 CAPA = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
 CAPABILITIES = (b"CAPA", b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING", b"USER", b"SASL PLAIN")
+# Dovecot 2.3's CAPA where it refuses a clear-text password (disable_plaintext_auth, not a trusted
+# network, no TLS): no USER and no SASL mechanism; and its answer to USER there.
+CLEAR_REFUSED_CAPA = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nSASL\r\n.\r\n"
+PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
 
 
 class Pop3LoginTestBase(SynchronousTestCase):
@@ -91,16 +95,16 @@ class GreetingAndCapaTests(Pop3LoginTestBase):
 
     def test_capa_dot_stuffed(self) -> None:
         """A dot-stuffed CAPA line loses its leading dot."""
-        self.reach_user(b"+OK Capability list follows\r\nTOP\r\n..X-DOT\r\n.\r\n")
-        self.assertEqual(self.protocol.announced, (b"TOP", b".X-DOT"))
+        self.reach_user(b"+OK Capability list follows\r\nTOP\r\n..X-DOT\r\nUSER\r\n.\r\n")
+        self.assertEqual(self.protocol.announced, (b"TOP", b".X-DOT", b"USER"))
 
     def test_capa_in_pieces(self) -> None:
         """A CAPA answer split across reads is collected whole."""
         self.say(GREETING)
-        self.assertEqual(self.say(b"+OK\r\nTOP\r\nUI"), b"")
-        self.assertEqual(self.say(b"DL\r\n"), b"")
+        self.assertEqual(self.say(b"+OK\r\nTOP\r\nUS"), b"")
+        self.assertEqual(self.say(b"ER\r\n"), b"")
         self.assertEqual(self.say(b".\r\n"), b"USER alice\r\n")
-        self.assertEqual(self.protocol.announced, (b"TOP", b"UIDL"))
+        self.assertEqual(self.protocol.announced, (b"TOP", b"USER"))
 
     def test_capa_bounded(self) -> None:
         """A CAPA answer of too many lines, or of too long a line, makes the backend unavailable."""
@@ -110,7 +114,7 @@ class GreetingAndCapaTests(Pop3LoginTestBase):
             self.assertEqual(self.say(capa), b"")
             self.failed_with(BackendUnavailable)
         self.start()
-        self.reach_user(b"+OK\r\n" + b"X\r\n" * 63 + b"X" * 1000 + b"\r\n.\r\n")  # at the limits: taken
+        self.reach_user(b"+OK\r\nUSER\r\n" + b"X\r\n" * 62 + b"X" * 1000 + b"\r\n.\r\n")  # at the limits: taken
         self.assertEqual(len(self.protocol.announced), 64)
 
     def test_capa_err(self) -> None:
@@ -269,6 +273,65 @@ class UserPassTests(Pop3LoginTestBase):
         self.reach_user()
         self.say(b"-ERR [AUTH] No\r\n")
         self.assertEqual(self.say(b"+OK\r\n+OK Logged in.\r\n"), b"")
+        self.failed_with(BackendRejected)
+
+
+class CleartextRefusedTests(Pop3LoginTestBase):
+    """A backend that will not take a clear-text password is unavailable, never a rejection."""
+
+    def assert_cleartext_refused(self) -> None:
+        """Assert the login failed as unavailable with the fixed reason, which names the fixes."""
+        error = self.failed_with(BackendUnavailable)
+        self.assertEqual(str(error), "backend refuses USER/PASS on this connection: "
+                                     "use backend TLS or the backend's login_trusted_networks")
+
+    def test_capa_without_user(self) -> None:
+        """A CAPA without USER fails the login, client's or master, before USER or PASS is sent."""
+        for master_user in (None, "admin"):
+            self.start(master_user=master_user)
+            self.say(GREETING)
+            self.assertEqual(self.say(CLEAR_REFUSED_CAPA), b"")
+            self.assert_cleartext_refused()
+
+    def test_capa_without_user_after_xclient(self) -> None:
+        """With XCLIENT offered and forwarding on, XCLIENT is the last command sent."""
+        self.start(settings=FORWARDING)
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.assertEqual(self.say(CLEAR_REFUSED_CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertEqual(self.say(b"+OK\r\n"), b"")
+        self.assert_cleartext_refused()
+
+    def test_capa_with_user_or_none_tries_user(self) -> None:
+        """A CAPA that lists USER, one that lists nothing, and a -ERR to CAPA all lead to USER."""
+        for capa in (b"+OK\r\nTOP\r\nUSER\r\nSASL\r\n.\r\n", b"+OK\r\n.\r\n", b"-ERR Unknown command\r\n"):
+            self.start()
+            self.reach_user(capa)
+            self.assertEqual(self.say(b"+OK\r\n"), b"PASS secret\r\n")
+            self.say(b"+OK Logged in.\r\n")
+            self.logged_in()
+
+    def test_probe_learns_capa_without_user(self) -> None:
+        """A capability probe of such a backend succeeds: only a login needs USER."""
+        self.start(probe=True)
+        self.say(GREETING)
+        self.assertEqual(self.say(CLEAR_REFUSED_CAPA), b"QUIT\r\n")
+        self.assertNotIn(b"USER", self.successResultOf(self.protocol.result).announced)
+
+    def test_plaintext_disallowed_answer(self) -> None:
+        """
+        Dovecot's "Plaintext authentication disallowed" answer to USER, after a CAPA that listed
+        USER or no CAPA at all, makes the backend unavailable and PASS is never sent.
+        """
+        for capa in (CAPA, b"-ERR Unknown command\r\n"):
+            self.start()
+            self.reach_user(capa)
+            self.assertEqual(self.say(PLAINTEXT_DISALLOWED), b"")
+            self.assert_cleartext_refused()
+
+    def test_other_auth_answer_to_user_rejected(self) -> None:
+        """Any other -ERR [AUTH] text to USER is still a rejection of the credentials."""
+        self.reach_user()
+        self.say(b"-ERR [AUTH] Plaintext authentication disallowed for alice.\r\n")
         self.failed_with(BackendRejected)
 
 
