@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
-from twisted.internet.interfaces import IConnector, IOpenSSLClientConnectionCreator, IProtocolFactory, IReactorTCP
+from twisted.internet.interfaces import (
+    IConnector,
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,7 +31,7 @@ from twisted.python.failure import Failure
 from gateway import slots
 from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
-from gateway.relay import CLOSE_GRACE, Splice, hand_over
+from gateway.relay import Splice, close_with_grace, hand_over
 from gateway.sockets import tune
 from gateway.tls import client_tls
 
@@ -95,7 +102,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
 
     # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
     __slots__ = (*slots.LINE_RECEIVER,
-                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost")
+                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost", "_closing")
 
     MAX_LENGTH = 65536
 
@@ -109,6 +116,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         self.result: Deferred[BackendLogin] | None = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
         self.lost = False
+        self._closing: IDelayedCall | None = None  # the abort of a close that takes too long
 
     def connectionMade(self) -> None:
         tune(self.transport)
@@ -159,12 +167,29 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.fail(BackendUnavailable("backend sent an over-long line"))
 
+    def close_with_grace(self, clock: IReactorTime) -> None:
+        """
+        Close a connection no splice relays (a probe, an MTA whose client has gone) once what
+        was written has gone, or abort it after the grace period (L{gateway.relay.close_with_grace}).
+        """
+        if not self.lost and self._closing is None:
+            assert self.transport is not None
+            self._closing = close_with_grace(self.transport, clock)
+
     def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:
-        self.lost = True
+        self.gone()
         if self._splice is not None:
             self._splice.backend_lost()
         else:
             self.fail(BackendUnavailable(f"connection lost during login: {reason.getErrorMessage()}"))
+
+    def gone(self) -> None:
+        """The connection is lost: note it, and cancel the abort of a close (it closed in time)."""
+        self.lost = True
+        if self._closing is not None:
+            if self._closing.active():
+                self._closing.cancel()
+            self._closing = None
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -191,12 +216,6 @@ class _Dialing(ClientFactory):
 
 
 LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
-
-
-def _abort_if_open(protocol: BackendLogin) -> None:
-    """Abort a connection that has not closed by now."""
-    if not protocol.lost and protocol.transport is not None:
-        protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class BackendConnector:
@@ -231,7 +250,7 @@ class BackendConnector:
     def _probed(self, protocol: BackendLogin) -> tuple[bytes, ...]:
         # The probe says QUIT and closes its connection; over TLS the close waits for the backend's
         # close_notify, which a stalled backend never sends: it is cut off after the grace period.
-        self._reactor.callLater(CLOSE_GRACE, _abort_if_open, protocol)  # type: ignore[attr-defined]
+        protocol.close_with_grace(self._reactor)  # type: ignore[arg-type]
         return protocol.announced or ()
 
     def login(self, request: LoginRequest) -> Deferred[BackendLogin]:

@@ -102,7 +102,7 @@ class SmtpBackend(BackendLogin):
             self._waiting.popleft().errback(reason)
 
     def connectionLost(self, reason: Failure = Failure(BackendUnavailable("closed"))) -> None:
-        self.lost = True
+        self.gone()
         self.fail(BackendUnavailable(f"connection lost: {reason.getErrorMessage()}"))
         self._fail_waiting(BackendUnavailable("the MTA connection was lost"))
 

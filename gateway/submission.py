@@ -25,7 +25,6 @@ from zope.interface import implementer
 from gateway.backend import BackendLogin, BackendUnavailable
 from gateway.config import SubmissionSettings
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure, loggable_user
-from gateway.relay import close_with_grace
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.smtp_syntax import PathCommand, Reply, SmtpSyntaxError, parse_path, split_command
@@ -576,29 +575,16 @@ _COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
 def _say_goodbye(backend: SmtpBackend, clock: IReactorTime) -> None:
     """
     Say QUIT to the MTA and close its connection once its buffer is written, or abort it if it
-    has not closed L{gateway.relay.CLOSE_GRACE} seconds later (L{close_with_grace}): an MTA that
-    stopped reading, or never ends TLS, would keep the connection and its buffers for ever.
+    has not closed L{gateway.relay.CLOSE_GRACE} seconds later: an MTA that stopped reading, or
+    never ends TLS, would keep the connection and its buffers for ever.
     """
     transport = backend.transport
     assert transport is not None
     # The client is gone: its reading is no longer the producer, which a TLS close would wait for,
     # and a TCP close resume (when paused) instead of closing (see gateway.relay._let_go).
     transport.unregisterProducer()  # type: ignore[attr-defined]
-    quitting = backend.command(b"QUIT")
-    quitting.addBoth(_until_lost, backend, close_with_grace(transport, clock))
-
-
-def _until_lost(result: object, backend: SmtpBackend, aborting: IDelayedCall) -> Deferred[object] | None:
-    """
-    Cancel C{aborting} once the MTA connection is lost. Its loss fails every reply still waited
-    for, so one is waited for until then: QUIT's, then whatever else the MTA sends. The abort
-    lives in that wait, not in the front end, which is gone: nothing is kept for it meanwhile.
-    """
-    if not backend.lost:
-        return backend.expect_reply().addBoth(_until_lost, backend, aborting)
-    if aborting.active():
-        aborting.cancel()  # it closed in time
-    return None  # the failed wait is expected: handled
+    backend.command(b"QUIT").addErrback(lambda failure: None)  # the connection's loss fails it: expected
+    backend.close_with_grace(clock)
 
 
 @implementer(IPushProducer)

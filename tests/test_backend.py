@@ -348,8 +348,9 @@ class AnnouncedTests(ConnectorTestBase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.successResultOf(probing), (b"TOP", b"UIDL", b"USER"))
         self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1, "nothing would abort a backend that never closed")
         wire.connectionLost(Failure(ConnectionDone()))  # the backend closed in time
-        self.reactor.advance(CLOSE_GRACE)  # the grace period's check finds it closed (tearDown: no timer left)
+        self.assertEqual(self.reactor.getDelayedCalls(), [], "the abort outlived the connection")
 
     def test_probe_of_stalled_backend_cut_off(self) -> None:
         """
