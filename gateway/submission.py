@@ -264,7 +264,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
                 self._sender = path.address
                 self._smtputf8 = smtputf8
                 self._recipients = 0
-                self._transaction_timer = self.clock.callLater(self._rules.transaction_timeout, self._too_slow)
+                self._start_transaction_timer(self._rules.transaction_timeout)
 
         self._relay(relayed.encode(b"MAIL FROM"), accepted)
 
@@ -387,10 +387,21 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.send(b"421 4.4.2 Transaction timeout, closing connection\r\n")
         self.close()
 
+    def _start_transaction_timer(self, seconds: float | None) -> None:
+        """Give the client C{seconds} (None: no transaction is timed) to reach DATA's 354."""
+        if seconds is not None and self._transaction_timer is None:
+            self._transaction_timer = self.clock.callLater(seconds, self._too_slow)
+
+    def _stop_transaction_timer(self) -> float | None:
+        """Stop the transaction's clock: the seconds it had left, or None if none was running."""
+        timer, self._transaction_timer = self._transaction_timer, None
+        if timer is None:
+            return None
+        timer.cancel()
+        return timer.getTime() - self.clock.seconds()
+
     def _cancel_transaction_timer(self) -> None:
-        if self._transaction_timer is not None:
-            self._transaction_timer.cancel()
-            self._transaction_timer = None
+        self._stop_transaction_timer()
 
     def _end_transaction(self, reset_backend: bool) -> None:
         self._cancel_transaction_timer()
@@ -422,9 +433,11 @@ class SubmissionFrontEnd(LoginFrontEnd):
             return
         self.pauseProducing()
         self.setTimeout(None)
+        left = self._stop_transaction_timer()  # the MTA's time is not the client's
         connecting = self._connected_backend()
 
         def answered(reply: Reply) -> None:
+            self._start_transaction_timer(left)
             then(reply)
             self._mta_replied(reply)
 
@@ -550,9 +563,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.command_failed()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        if self._transaction_timer is not None:
-            self._transaction_timer.cancel()
-            self._transaction_timer = None
+        self._cancel_transaction_timer()
         if not self.line_mode:
             # Gone mid-message: QUIT would be read as part of it. Aborted, the MTA drops the message.
             self._drop_backend()

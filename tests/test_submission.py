@@ -321,6 +321,27 @@ class TransactionTests(SubmissionTestBase):
                         self.transport.disconnecting)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_transaction_clock_stops_while_the_mta_answers(self) -> None:
+        """
+        The time the MTA takes to answer does not count against the client's transaction limit: a
+        slow RCPT check is not reported to the client as its own slowness.
+        """
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        for _ in range(4):  # active, within the idle timeout, for 590 s of the 600
+            self.clock.advance(147.5)
+            self.say(b"NOOP\r\n")
+        self.read()
+        self.say(b"RCPT TO:<x@example.org>\r\n")
+        self.clock.advance(20)  # the MTA thinks past the client's 600 s
+        self.assertEqual(self.read(), b"")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.5 Ok\r\n")
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.1)  # the 10 s the client had left
+        self.assertEqual(self.read(), b"421 4.4.2 Transaction timeout, closing connection\r\n")
+
     def test_idle_timeout_after_login(self) -> None:
         """A logged-in client silent for the idle timeout is dropped with 421."""
         self.clock.advance(299)
