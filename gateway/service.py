@@ -240,6 +240,9 @@ class Reloader(Service):
         self._path = settings.path
         self._settings = settings
         self._source = source or partial(maybeDeferred, load_settings, settings.path)
+        # Whoever reads the file makes a self-signed certificate anew; a worker serves it from its
+        # next rotation (two processes writing the pair at once could leave a mismatched one).
+        self._renews = source is None
         self._fetching = False  # while the source has not answered
         self._again = False  # a reload was asked for meanwhile
         self._tls: list[ListenerTLS] = []
@@ -323,10 +326,14 @@ class Reloader(Service):
         self._reactor.callFromThread(self.reload)
 
     def rotate_ticket_keys(self) -> None:
-        """Rebuild every TLS context from the files in use (new ticket keys)."""
+        """
+        Rebuild every TLS context from the files in use (new ticket keys), after making a
+        self-signed certificate anew if it is near its end (L{tls_files}): a gateway may run for
+        longer than a year without a restart or reload.
+        """
         try:
-            self._switch_tls()
-        except TLSError as e:
+            self._switch_tls(tls_files(self._settings) if self._renews else None)
+        except (ConfigError, TLSError) as e:
             log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
             return
         log.info("ticket_keys_rotated contexts={count}", count=len(self._tls))

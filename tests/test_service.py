@@ -5,6 +5,7 @@ listeners, backend probes, and the reloader (SIGHUP and ticket-key rotation).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import os
@@ -22,6 +23,7 @@ from types import FrameType
 from typing import Any, cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -789,6 +791,50 @@ class RotationTests(ReloaderTestCase):
         self.reactor.advance(TICKET_KEY_LIFETIME)
         for old, new in zip(before, self.contexts()):
             self.assertIsNot(old, new)
+
+
+def expiring_in(days: int, cert_path: str, key_path: str) -> int:
+    """Replace the certificate at C{cert_path} with one like it, signed by the same key, that ends in C{days}; its serial."""
+    with open(key_path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    with open(cert_path, "rb") as f:
+        original = x509.load_pem_x509_certificate(f.read())
+    not_after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+    replacement = x509.CertificateBuilder(
+        issuer_name=original.issuer, subject_name=original.subject, public_key=original.public_key(),
+        serial_number=x509.random_serial_number(), not_valid_before=not_after - datetime.timedelta(days=365),
+        not_valid_after=not_after, extensions=list(original.extensions),
+    ).sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    with open(cert_path, "wb") as f:
+        f.write(replacement.public_bytes(serialization.Encoding.PEM))
+    return int(replacement.serial_number)
+
+
+class SelfSignedRotationTests(SynchronousTestCase):
+    """A self-signed certificate near its end is made anew at the ticket key rotation, not only at start and reload."""
+
+    def test_renewed_at_rotation(self) -> None:
+        """
+        A gateway that neither restarts nor reloads serves a new self-signed certificate from the
+        rotation after the old one came within 30 days of its end.
+        """
+        files = GatewayFiles(self)
+        reactor = ThreadCallReactor()
+        top = build_service(load_settings(files.write(self_signed=True)), reactor)
+        [reloader] = children(top, Reloader)
+        for listener in children(top, Listener):
+            listener.privilegedStartService()
+        fronts = [front_end_factory(factory) for _, factory, _, _ in reactor.tcpServers]
+        cert_path = os.path.join(files.state_dir, "selfsigned-mail.example.org.crt")
+        key_path = os.path.join(files.state_dir, "selfsigned-mail.example.org.key")
+        started_with = serial_of(cert_path)
+        expiring = expiring_in(29, cert_path, key_path)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        reloader.rotate_ticket_keys()
+        served = {serial_served(front.context.tls) for front in fronts}
+        self.assertEqual(served, {serial_of(cert_path)})
+        self.assertFalse(served & {expiring, started_with}, "not made anew")
+        self.assertTrue([m for m in messages(logged) if m.startswith("self_signed_renewal ")], messages(logged))
 
 
 class HangupTests(ReloaderTestCase):
