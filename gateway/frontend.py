@@ -556,7 +556,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if self.context.authenticator.backend_decides:
             # Counted only once the backend has accepted: guesses must not take the user's slots,
             # nor learn that the user is at the limit, which only the right password may tell.
-            return self._backend_login(user, password)
+            logging_in = self._backend_login(user, password)
+            # A backend answers a failure only after its own pause (Dovecot's auth_failure_delay),
+            # and success at once: a guesser that hangs up before the answer has learned enough.
+            logging_in.addErrback(_abandoned_guess, self.context, self.client.host, user, password)
+            return logging_in
         if sessions_full:
             raise _TooManySessions()
         opening = self.context.gatekeeper.open_session(user_key(user))
@@ -733,17 +737,29 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         raise NotImplementedError
 
 
-def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: bytes) -> None:
+def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: bytes,
+                      reason: str = "credentials") -> None:
     """
     A wrong password whose login ended (its client gone, its deadline passed) while the hash ran:
     counted and logged as any failed login, or a guesser that never waits for the answer would
     never be slowed or stopped. (A check cancelled before its hash started costs nothing, tells
     nothing, and is not counted.)
     """
-    log.info("login_failed protocol={protocol} client={client} user={user} reason=credentials",
-             protocol=context.protocol, client=host, user=loggable_user(user))
+    log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
+             protocol=context.protocol, client=host, user=loggable_user(user), reason=reason)
     counting = context.gatekeeper.failed(user_key(user), host, password)
     counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
+
+
+def _abandoned_guess(failure: Failure, context: FrontEndContext, host: str, user: str, password: bytes) -> Failure:
+    """
+    A login the backend decides, ended (its client gone) before the backend answered: counted as
+    a failure, since the client may have taken the missing answer for one. A right password
+    lost this way costs its address one failure until the user's next login.
+    """
+    if failure.check(CancelledError):
+        _wrong_unanswered(context, host, user, password, reason="abandoned")
+    return failure
 
 
 class _BadCredentials(Exception):

@@ -718,8 +718,7 @@ class AbandonedLoginTests(ImapTestBase):
         self.assertFalse(self.penalties.refused("192.168.1.1"))
         self.leave_during_check(b"guess2")
         self.assertTrue(self.penalties.refused("192.168.1.1"))
-        self.assertEqual([(e["user"], e["log_format"].endswith(" reason=credentials")) for e in self.failures_logged()],
-                         [('"bob"', True)] * 2)
+        self.assertEqual([(e["user"], e["reason"]) for e in self.failures_logged()], [('"bob"', "credentials")] * 2)
 
     def test_guesser_that_leaves_is_throttled(self) -> None:
         """Past the budget, the address's logins are refused before any check."""
@@ -763,6 +762,48 @@ class AbandonedLoginTests(ImapTestBase):
         self.assertEqual(self.read(), b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
                                       b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.front.closed)
+
+
+class AbandonedBackendLoginTests(ImapTestBase):
+    """
+    In auth mode "backend", a login whose client left before the backend answered counts as a
+    failed login: the backend answers a failure only after its own pause, so a guesser that hangs
+    up sooner has its answer, and must be slowed and stopped like one that waits.
+    """
+
+    penalty_rules = replace(FrontEndTestBase.penalty_rules, ip_budget=2)
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        super().setUp()
+        self.auth.backend_decides = True
+        self.backend.hold = True
+
+    def leave_before_the_backend_answers(self, password: bytes) -> None:
+        front, _ = self.connect()
+        front.dataReceived(b"g LOGIN bob " + password + b"\r\n")
+        front.connectionLost(Failure(ConnectionDone()))
+
+    def test_guesser_that_leaves_is_counted_and_throttled(self) -> None:
+        """Two abandoned logins use up the address's budget of 2, each logged for fail2ban."""
+        self.leave_before_the_backend_answers(b"guess1")
+        self.assertFalse(self.penalties.refused("192.168.1.1"))
+        self.leave_before_the_backend_answers(b"guess2")
+        self.assertTrue(self.penalties.refused("192.168.1.1"))
+        self.assertEqual(self.backend.cancelled, 2)
+        failures = [e for e in self.events if e["log_format"].startswith("login_failed ")]
+        self.assertEqual([(e["user"], e["reason"]) for e in failures], [('"bob"', "abandoned")] * 2)
+
+    def test_answered_login_not_counted_twice(self) -> None:
+        """A login the backend answered before the client left is counted as what it was, once."""
+        self.backend.hold = False
+        self.backend.passwords = {"bob": b"secret"}
+        front, _ = self.connect()
+        front.dataReceived(b"g LOGIN bob wrong\r\n")
+        front.connectionLost(Failure(ConnectionDone()))  # during the failure pause
+        self.assertEqual(self.penalties.sizes(), (1, 1, 1))
+        failures = [e for e in self.events if e["log_format"].startswith("login_failed ")]
+        self.assertEqual([e["reason"] for e in failures], ["backend-refused"])
 
 
 class NilUserTests(ImapTestBase):
