@@ -2,7 +2,9 @@
 Deciding whether a login is good, off the reactor thread, and pacing failures.
 
 Password hashes cost tens of milliseconds of CPU each, so verification runs on a dedicated
-thread pool: one slow login never stalls the relays. Clients that reconnect often (phones,
+thread pool: one slow login never stalls the relays. Checks wait for a free thread in a queue
+of the gateway's own, from which a check whose login has ended is taken out at once: what waits
+is bounded by the connections logging in, however fast clients come and go. Clients that reconnect often (phones,
 folder watchers) would pay that at every connection, so a good pair of user and password is
 remembered for a short while, as a keyed hash, until the users file changes. (Failure replies are paced by the front end
 with L{gateway.penalties}, the same for an unknown user, a wrong password and a backend refusal.)
@@ -121,6 +123,11 @@ class Authenticator:
         self._users = users
         self.backend_decides = users is None
         self._verified = VerifiedCredentials(reactor)
+        self._hashing = 0  # checks handed to the pool and not yet answered
+        # Checks no thread has taken yet, oldest first. Twisted's pool keeps its own queue, from
+        # which nothing can be taken out: a check waiting there for a login long gone would hold
+        # its user name and password, and a place in line, until a thread came to it.
+        self._waiting: OrderedDict[Deferred[bool], Callable[[], None]] = OrderedDict()
 
     def verify(self, user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
         if self._users is None:
@@ -130,21 +137,19 @@ class Authenticator:
             return succeed(True)
         assert IReactorFromThreads.providedBy(self._reactor)
         users = self._users
-        abandoned = False
 
-        def check() -> bool | None:
-            return None if abandoned else users.verify(user, password)
+        def start() -> None:
+            self._hashing += 1
+            hashing = deferToThreadPool(self._reactor, self._pool, users.verify, user, password)  # type: ignore[arg-type]
+            hashing.addCallbacks(answered, failed)
+            hashing.addBoth(self._finished)
 
-        def abandon(_: Deferred[bool]) -> None:
-            nonlocal abandoned
-            abandoned = True  # a thread that has not taken the check yet skips the hash
-
-        def answered(good: bool | None) -> None:
+        def answered(good: bool) -> None:
             if good and version is not None:
                 self._verified.remember(user, password, version)
             if not checking.called:
-                checking.callback(bool(good))
-            elif good is False:
+                checking.callback(good)
+            elif not good:
                 wrong_after_all()
 
         def failed(failure: Failure) -> None:
@@ -153,7 +158,21 @@ class Authenticator:
             else:
                 log.failure("password check failed after its login ended", failure)
 
-        checking: Deferred[bool] = Deferred(abandon)
-        hashing = deferToThreadPool(self._reactor, self._pool, check)  # type: ignore[arg-type]
-        hashing.addCallbacks(answered, failed)
+        checking: Deferred[bool] = Deferred(self._abandon)
+        self._waiting[checking] = start
+        self._start_waiting()
         return checking
+
+    def _abandon(self, checking: Deferred[bool]) -> None:
+        """A login ended: its check, if still waiting, costs nothing; one a thread has taken runs on."""
+        self._waiting.pop(checking, None)
+
+    def _finished(self, result: object) -> None:
+        self._hashing -= 1
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Hand waiting checks to the pool, oldest first, while it has threads free."""
+        while self._waiting and self._hashing < self._pool.max:
+            _, start = self._waiting.popitem(last=False)
+            start()

@@ -30,6 +30,8 @@ class InlineReactor(Clock):
 class InlinePool:
     """A thread pool stand-in that runs work at once and counts it."""
 
+    max = 2  # threads
+
     def __init__(self) -> None:
         self.calls = 0
 
@@ -147,12 +149,37 @@ class AbandonedCheckTests(SynchronousTestCase):
         return self.auth.verify("alice", password, wrong)
 
     def test_cancelled_before_a_thread_takes_it(self) -> None:
-        """Cancelled while queued: it fails with CancelledError at once, and no hash is computed later."""
+        """
+        Cancelled while it waits for a thread (both are busy): it fails with CancelledError at
+        once, and no hash is computed later.
+        """
+        busy = [self.verify(b"right") for _ in range(self.pool.max)]
         checking = self.verify(b"wrong")
         checking.cancel()
         self.failureResultOf(checking, CancelledError)
         self.pool.run()
-        self.assertEqual((self.users.hashes, self.wrong_after_all), (0, 0))
+        self.assertEqual([self.successResultOf(each) for each in busy], [True] * self.pool.max)
+        self.assertEqual((self.users.hashes, self.wrong_after_all), (self.pool.max, 0))
+
+    def test_waiting_checks_hold_nothing_once_cancelled(self) -> None:
+        """
+        Logins that come and go while the threads are busy leave nothing waiting behind them (in
+        Twisted's pool queue, each would hold its user and password until a thread came to it),
+        and the pool is never handed more checks than it has threads.
+        """
+        busy = [self.verify(b"right") for _ in range(self.pool.max)]
+        for _ in range(1000):
+            guess = self.verify(b"guess")
+            guess.cancel()
+            self.failureResultOf(guess, CancelledError)
+        self.assertEqual(len(self.pool.queued), self.pool.max)
+        self.assertEqual(len(self.auth._waiting), 0)
+        waiting = self.verify(b"wrong")
+        self.assertEqual(len(self.pool.queued), self.pool.max)
+        self.pool.run()
+        self.assertFalse(self.successResultOf(waiting))
+        self.assertEqual([self.successResultOf(each) for each in busy], [True] * self.pool.max)
+        self.assertEqual(self.users.hashes, self.pool.max + 1)
 
     def test_cancelled_while_hashing(self) -> None:
         """
