@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import re
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from gateway.idle import IdleSessions
 from gateway.relay import Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
+from gateway.text_log import loggable_user
 from gateway.tls import describe_tls
 
 log = Logger()
@@ -135,11 +135,6 @@ def user_key(user: str) -> str:
     if len(key) > USER_KEY_LENGTH:
         return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return key
-
-
-def loggable_user(user: str) -> str:
-    """A user name made safe for one log line: quoted, escaped, bounded (fail2ban parses it)."""
-    return json.dumps(user[:64])
 
 
 @implementer(IHandshakeListener)

@@ -24,10 +24,11 @@ from zope.interface import implementer
 
 from gateway.backend import BackendLogin, BackendUnavailable
 from gateway.config import SubmissionSettings
-from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure, loggable_user
+from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.smtp_syntax import PathCommand, Reply, SmtpSyntaxError, parse_path, split_command
+from gateway.text_log import loggable_user
 from gateway.tls import release_tls_buffers, tls_layer
 
 log = Logger()

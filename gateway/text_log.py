@@ -25,6 +25,7 @@ the runner.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -127,3 +128,8 @@ def use_for(runner: usage.Options | None) -> None:
             runner["logger"] = STDOUT_OBSERVER
     elif runner.get("fileLogObserverFactory") is textFileLogObserver:  # twist, writing text
         runner["fileLogObserverFactory"] = text_file_observer
+
+
+def loggable_user(user: str) -> str:
+    """A user name made safe for one field of a log line: quoted, escaped, bounded (fail2ban parses it)."""
+    return json.dumps(user[:64])

@@ -33,6 +33,8 @@ from types import MappingProxyType
 from passlib.context import CryptContext
 from twisted.logger import Logger
 
+from gateway.text_log import loggable_user
+
 log = Logger()
 
 
@@ -174,9 +176,12 @@ def _parse_password(field: str, where: str) -> str:
     if allowed is not None and scheme is not allowed:
         raise UserFileError(f"{where}: {{{allowed.dovecot}}} is followed by a {scheme.name} hash")
     try:
-        CONTEXT.handler(scheme.handler).from_string(hash_)
+        parsed = CONTEXT.handler(scheme.handler).from_string(hash_)
     except (ValueError, TypeError):
         raise UserFileError(f"{where}: malformed {scheme.name} hash") from None
+    if not getattr(parsed, "checksum", None):
+        # passlib takes a bare salt ("$6$salt", cut at the last "$") for a setting: no password matches it.
+        raise UserFileError(f"{where}: {scheme.name} hash without its checksum (cut short?)")
     return hash_
 
 
@@ -401,8 +406,8 @@ class UserDatabase:
                 return False
         except Exception as e:
             log.error(
-                "password_check_failed user={user!r} error={error}",
-                user=user,
+                "password_check_failed user={user} error={error}",
+                user=loggable_user(user),
                 error=type(e).__qualname__,
             )
             return False

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.addresses import client_key, plain_address
-from gateway.frontend import USER_KEY_LENGTH, loggable_user, user_key
+from gateway.frontend import USER_KEY_LENGTH, user_key
+from gateway.text_log import loggable_user
 
 
 class AddressTests(SynchronousTestCase):

@@ -414,6 +414,17 @@ class LoadErrorTests(UserFileTestCase):
             self.assertIn(f"{self.path}:3:", message, what)
             self.assertNotIn(hash_, message, what)
 
+    def test_hash_cut_at_its_last_dollar(self) -> None:
+        """
+        A hash cut short at its last "$" (a salt and settings, no checksum: passlib reads it as a
+        setting that no password matches) is a load error, for each scheme.
+        """
+        for scheme in ("sha256-crypt", "sha512-crypt", "bcrypt", "argon2id"):
+            hash_ = fast_hash(scheme)
+            cut = hash_[:29] if scheme == "bcrypt" else hash_[: hash_.rindex("$")]  # bcrypt: "$2y$NN$" and the salt
+            message = self.load_error(f"bob:{fast_hash('sha256-crypt')}\nalice:{cut}\n")
+            self.assertIn(f"{self.path}:2:", message, scheme)
+
     def test_invalid_utf8(self) -> None:
         """A line that is not UTF-8 is a load error naming the line."""
         with open(self.path, "wb") as file:
