@@ -5,7 +5,9 @@ One user per line; ``#`` comments and blank lines are ignored. Two forms are rea
 - Dovecot passwd-file: ``user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra...]``, where
   SCHEME is ``ARGON2ID``, ``BLF-CRYPT``, ``SHA512-CRYPT``, ``SHA256-CRYPT`` or ``CRYPT``
   (case-insensitive, as in Dovecot). With ``CRYPT``, or with no ``{SCHEME}`` at all (Dovecot's
-  default), the hash itself must be of an enabled scheme.
+  default), the hash itself must be of an enabled scheme. Of the extra fields, ``nologin``
+  refuses the user's logins, as Dovecot does; ``allow_nets`` and ``allow_real_nets`` make the
+  file fail to load, since the gateway would not check them; the rest are the backend's.
 - htpasswd: ``user:hash`` with a ``$argon2id$``, ``$2y$``/``$2b$``/``$2a$`` (bcrypt), ``$6$``
   (SHA-512 crypt) or ``$5$`` (SHA-256 crypt) hash.
 
@@ -185,14 +187,22 @@ def _parse_password(field: str, where: str) -> str:
     return hash_
 
 
+# Dovecot passdb extra fields that restrict a login, which the gateway does not check: a file
+# that has them is refused rather than read as if they were not there. (nologin is obeyed.)
+_UNENFORCED_FIELDS = frozenset({"allow_nets", "allow_real_nets"})
+
+
 def parse_user_file(data: bytes, path: str) -> dict[str, str]:
     """Parse the contents of a user file.
 
     :param data: the file's contents, UTF-8 text with ``\\n`` (or ``\\r\\n``) line ends.
     :param path: the file's name, used only in error messages.
-    :returns: the bare hash (without the ``{SCHEME}`` prefix) of each user.
+    :returns: the bare hash (without the ``{SCHEME}`` prefix) of each user who may log in: a
+        user with Dovecot's ``nologin`` extra field is left out, as if unknown.
     :raises UserFileError: naming *path* and the line number of the first bad line: invalid
-        UTF-8, no ``:``, a bad user name, a duplicate user, a refused scheme or a malformed hash.
+        UTF-8, no ``:``, a bad user name, a duplicate user, a refused scheme, a malformed hash,
+        or an extra field that restricts logins in a way the gateway does not check
+        (``allow_nets``, ``allow_real_nets``).
     """
     users: dict[str, str] = {}
     defined_on: dict[str, int] = {}
@@ -211,11 +221,19 @@ def parse_user_file(data: bytes, path: str) -> dict[str, str]:
             check_user_name(user)
         except ValueError as e:
             raise UserFileError(f"{where}: {e}") from None
-        if user in users:
+        if user in defined_on:
             first = defined_on[user]
             raise UserFileError(f"{where}: duplicate user, first defined on line {first}")
-        users[user] = _parse_password(rest.partition(":")[0], where)
         defined_on[user] = number
+        fields = rest.split(":", 6)  # password, uid, gid, gecos, home, shell, extra fields
+        hash_ = _parse_password(fields[0], where)
+        extra = {field.partition("=")[0].lower() for field in fields[6].split()} if len(fields) > 6 else set()
+        unenforced = extra & _UNENFORCED_FIELDS
+        if unenforced:
+            raise UserFileError(f"{where}: extra field {min(unenforced)} is not enforced by the gateway: "
+                                "remove it (or the user)")
+        if "nologin" not in extra:  # Dovecot refuses such a user's login, whatever the password
+            users[user] = hash_
     return users
 
 

@@ -425,6 +425,21 @@ class LoadErrorTests(UserFileTestCase):
             message = self.load_error(f"bob:{fast_hash('sha256-crypt')}\nalice:{cut}\n")
             self.assertIn(f"{self.path}:2:", message, scheme)
 
+    def test_nologin_refused(self) -> None:
+        """A user with Dovecot's nologin extra field cannot log in, even with the right password."""
+        hash_ = fast_hash("sha256-crypt")
+        self.write(f"alice:{hash_}::::::nologin\nbob:{hash_}:1000:1000::/home/bob::userdb_quota_rule=*:storage=1G\n")
+        users = UserDatabase(self.path)
+        self.assertFalse(users.verify("alice", PASSWORD))
+        self.assertTrue(users.verify("bob", PASSWORD))
+
+    def test_unenforced_restriction_refused(self) -> None:
+        """allow_nets and allow_real_nets, which the gateway would not check, make the file fail to load."""
+        hash_ = fast_hash("sha256-crypt")
+        for field in ("allow_nets=192.0.2.0/24", "ALLOW_REAL_NETS=10.0.0.0/8", "nodelay allow_nets=::1"):
+            message = self.load_error(f"bob:{hash_}\nalice:{hash_}::::::{field}\n")
+            self.assertIn(f"{self.path}:2: extra field allow_", message, field)
+
     def test_invalid_utf8(self) -> None:
         """A line that is not UTF-8 is a load error naming the line."""
         with open(self.path, "wb") as file:
