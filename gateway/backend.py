@@ -17,7 +17,6 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import (
     IConnector,
-    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IProtocolFactory,
     IReactorTCP,
@@ -31,7 +30,7 @@ from twisted.python.failure import Failure
 from gateway import slots
 from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
-from gateway.relay import Splice, close_with_grace, hand_over
+from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sockets import tune
 from gateway.tls import client_tls
 
@@ -116,7 +115,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         self.result: Deferred[BackendLogin] | None = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
         self.lost = False
-        self._closing: IDelayedCall | None = None  # the abort of a close that takes too long
+        self._closing: GracePeriod | None = None  # the abort of a close that takes too long
 
     def connectionMade(self) -> None:
         tune(self.transport)

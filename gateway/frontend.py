@@ -46,7 +46,7 @@ from gateway.backend import (
 from gateway.config import Limits
 from gateway.gatekeeper import Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
-from gateway.relay import Splice, close_with_grace, hand_over
+from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
 from gateway.text_log import loggable_user
@@ -173,7 +173,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._deadline: IDelayedCall | None = None
         self._pending: Deferred[object] | None = None
         self._session: BackendLogin | None = None
-        self._closing: IDelayedCall | None = None
+        self._closing: GracePeriod | None = None
         self._admitted = False
         self._lost = False
         self._backend_started = 0.0

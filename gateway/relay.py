@@ -18,8 +18,10 @@ keep that size for the rest of the session. Once more than a few KiB have passed
 read gives them back (as soon as they hold nothing); the handshake and the login count too.
 
 A side the relay closes, like a client its front end closes, is aborted if it has not closed
-:data:`CLOSE_GRACE` seconds later (:func:`close_with_grace`): a peer that stops reading or never
-ends TLS must not keep its descriptor and buffers for ever.
+:data:`CLOSE_GRACE` seconds after its peer last took any of what it was sent
+(:func:`close_with_grace`): a peer that stops reading or never ends TLS must not keep its
+descriptor and buffers for ever, while a slow one still reading the end of a large answer is
+let finish.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from gateway.slots import SLOTTED_CONNECTIONS
-from gateway.sockets import stream_connection
+from gateway.sockets import stream_connection, undelivered
 from gateway.tls import release_tls_buffers, switch_to_relaying, tls_ended, tls_layer, write_tls_now
 
 # Once more than this has passed since the TLS buffers were last given back, each read no larger
@@ -40,19 +42,55 @@ from gateway.tls import release_tls_buffers, switch_to_relaying, tls_ended, tls_
 _BURST = 4096
 
 CLOSE_GRACE = 10.0
-"""Seconds a connection the gateway closes may take to write its buffer and end TLS before it is aborted."""
+"""
+Seconds a connection the gateway closes may go without its peer taking any of what it was sent
+(or, once all of it is taken, without the peer's close_notify) before it is aborted.
+"""
 
 
-def close_with_grace(transport: ITransport, clock: IReactorTime) -> IDelayedCall:
+def close_with_grace(transport: ITransport, clock: IReactorTime) -> GracePeriod:
     """
     Close C{transport} once its buffer is written (and, over TLS, the peer's close_notify has
-    come), or abort it after L{CLOSE_GRACE} seconds: a peer that stops reading or never answers
-    would keep the connection open for ever.
+    come), or abort it once L{CLOSE_GRACE} seconds pass with no progress: a peer that stops
+    reading or never answers would keep the connection open for ever.
 
     :returns: the abort; cancel it when the connection is lost in time.
     """
     transport.loseConnection()
-    return clock.callLater(CLOSE_GRACE, transport.abortConnection)  # type: ignore[attr-defined]
+    return GracePeriod(transport, clock)
+
+
+class GracePeriod:
+    """
+    The abort of a connection being closed, due L{CLOSE_GRACE} seconds after its peer last took
+    bytes from it. An abort resets the connection, and what the socket still held is lost: a
+    client reading the end of a FETCH, or a RETR it sent with QUIT, at 100 KB/s must not be cut
+    off when its backend has closed (nginx's send_timeout counts the same way).
+    """
+
+    __slots__ = ("_transport", "_clock", "_left", "_call")
+
+    def __init__(self, transport: ITransport, clock: IReactorTime) -> None:
+        self._transport = transport
+        self._clock = clock
+        self._left = undelivered(transport)
+        self._call = clock.callLater(CLOSE_GRACE, self._due)
+
+    def _due(self) -> None:
+        left = undelivered(self._transport)
+        if 0 < left < self._left:
+            self._left = left
+            self._call = self._clock.callLater(CLOSE_GRACE, self._due)
+        else:
+            self._transport.abortConnection()  # type: ignore[attr-defined]
+
+    def active(self) -> bool:
+        """True until the abort has happened or been cancelled."""
+        return self._call.active()
+
+    def cancel(self) -> None:
+        """The connection closed in time: no abort."""
+        self._call.cancel()
 
 
 class Splice:
@@ -93,7 +131,7 @@ class Splice:
         self.from_backend_bytes = 0
         self._clock = clock
         # False while relaying, then True; or, while the backend is closing, its pending abort.
-        self._closing: IDelayedCall | bool = False
+        self._closing: GracePeriod | bool = False
         self._close_client = client.loseConnection if close_client is None else close_client
         self._grown = _BURST + 1  # the handshake and the login
         # A transport takes one producer: the relay owns both registrations from here on.

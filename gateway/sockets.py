@@ -24,6 +24,9 @@ Connections over UNIX sockets and in-memory test transports are left as they are
 
 from __future__ import annotations
 
+import fcntl
+import struct
+import termios
 from collections.abc import Iterable
 
 from twisted.internet import _newtls, tcp
@@ -32,7 +35,7 @@ from twisted.protocols.policies import ProtocolWrapper
 
 from gateway.slots import SLOTTED_CONNECTIONS
 
-__all__ = ["stream_connection", "tune", "write_backlog", "write_transient"]
+__all__ = ["stream_connection", "tune", "undelivered", "write_backlog", "write_transient"]
 
 
 def tune(transport: object) -> None:
@@ -61,6 +64,21 @@ def write_backlog(transport: object) -> int:
     if connection is None:
         return 0
     return connection._tempDataLen + len(connection.dataBuffer) - connection.offset
+
+
+def undelivered(transport: object) -> int:
+    """
+    Bytes written to the TCP or UNIX connection under ``transport`` that its peer has not taken
+    yet: those in Twisted's buffer, and those in the socket's send queue (0 for other transports).
+    """
+    connection = stream_connection(transport)
+    if connection is None:
+        return 0
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(connection.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed meanwhile
+        queued = 0
+    return write_backlog(transport) + queued
 
 
 def write_transient(transport: object, data: memoryview) -> None:

@@ -15,6 +15,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from gateway import relay
 from gateway.relay import CLOSE_GRACE, Splice, _Outlet, hand_over
 from gateway.testing.pki import TestCA
 from gateway.testing.tls_pair import TLSPair, memory_bios, tls_pair
@@ -87,6 +88,21 @@ class BackendClosingTests(SynchronousTestCase):
         """Once the relay is ended (its idle timeout), a backend that does not close is aborted."""
         self.splice.close()
         self.assert_aborted_after_grace()
+
+    def test_draining_peer_not_aborted(self) -> None:
+        """
+        A peer still taking what it was sent (a slow reader at the end of a large answer) is not
+        aborted while it does: the grace period counts from its last progress.
+        """
+        left = iter([3_000_000, 2_000_000, 1_000_000, 1_000_000])
+        self.patch(relay, "undelivered", lambda transport: next(left))
+        self.splice.client_lost()
+        for _ in range(2):
+            self.clock.advance(CLOSE_GRACE)
+            self.assertFalse(self.backend.disconnected, "aborted while it was still reading")
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.backend.disconnected, "not aborted once it stopped reading")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_backend_closed_in_time(self) -> None:
         """

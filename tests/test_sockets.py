@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from gateway.slots import SlottedServer
-from gateway.sockets import stream_connection, tune, write_backlog, write_transient
+from gateway.sockets import stream_connection, tune, undelivered, write_backlog, write_transient
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, tls_layer, write_tls_now
 
@@ -219,6 +219,28 @@ class BacklogTests(_Connected):
         transport = StringTransport()
         transport.write(b"x" * 100_000)
         self.assertEqual(write_backlog(transport), 0)
+
+
+class UndeliveredTests(_Connected):
+    """undelivered tells how much written the peer has not taken: Twisted's buffer and the socket's."""
+
+    @inlineCallbacks
+    def test_undelivered(self):  # type: ignore[no-untyped-def]
+        """What the socket took but the peer has not read counts, unlike in write_backlog, until it is read."""
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.write(b"x" * 65536)
+        yield _turn()
+        self.assertGreater(undelivered(self.transport), write_backlog(self.transport))
+        received = yield deferToThread(_read, self.peer, 65536)
+        self.assertEqual(len(received), 65536)
+        yield _turn()
+        self.assertEqual(undelivered(self.transport), 0)
+
+    def test_in_memory(self) -> None:
+        """A transport without a socket has nothing undelivered."""
+        transport = StringTransport()
+        transport.write(b"x" * 100_000)
+        self.assertEqual(undelivered(transport), 0)
 
 
 class TransientWriteTests(_Connected):

@@ -21,6 +21,7 @@ import zlib
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
+from gateway.relay import CLOSE_GRACE
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
 
@@ -324,6 +325,8 @@ class ClosingOverTLSTests(SynchronousTestCase):
         cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
         cls.message = big_message(20 * 1024 * 1024)
         cls.dovecot.deliver(OTHER[0], cls.message)
+        cls.megabyte = big_message(1024 * 1024)
+        cls.dovecot.deliver(OTHER[0], cls.megabyte)  # message 2
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={OTHER[0]: OTHER[1]},
             certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
@@ -356,6 +359,36 @@ class ClosingOverTLSTests(SynchronousTestCase):
         # Silent from here on: each read ends at the gateway's close, or raises at the Wire's timeout.
         self.assertEqual((implicit.line(), starttls.line()), (b"", b""))
         self.assertEqual(self.gateway.log().count("reason=relay-idle") - before, 2)
+
+    def test_slow_reader_gets_the_end_after_the_backend_closed(self) -> None:
+        """
+        A STARTTLS client that pipelines LOGOUT behind a 1 MB FETCH and reads at 64 KB/s gets all of
+        it. Dovecot closes once it has written its answer, while the gateway still holds seconds
+        of it for the client: the grace period counts from the client's last progress, not from
+        the backend's close (an abort would reset the connection and drop what is left).
+        """
+        raw = socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls")), timeout=30)
+        self.addCleanup(raw.close)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        raw.recv(4096)
+        raw.sendall(b"s STARTTLS\r\n")
+        self.assertTrue(raw.recv(4096).startswith(b"s OK "))
+        client = self.stack.tls().wrap_socket(raw, server_hostname="127.0.0.1")
+        client.sendall(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\nb SELECT INBOX\r\n".encode())
+        received = b""
+        while b"\r\nb OK " not in received:
+            received += client.recv(4096)
+        client.sendall(b"c FETCH 2 BODY.PEEK[]\r\nd LOGOUT\r\n")
+        received, started, rate = b"", time.monotonic(), 64 * 1024
+        while chunk := client.recv(4096):  # an abort raises ConnectionResetError
+            received += chunk
+            ahead = len(received) / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        answer = b"{%d}\r\n" % len(self.megabyte) + self.megabyte + b")\r\nc OK "
+        self.assertTrue(answer in received and b"\r\nd OK " in received,
+                        f"{len(received):,} bytes received, of an answer of {len(answer):,} and more")
+        self.assertGreater(time.monotonic() - started, CLOSE_GRACE, "read faster than the test means to")
 
     def test_client_ending_tls_mid_fetch(self) -> None:
         """
