@@ -285,7 +285,10 @@ class BackendConnector:
         return done
 
     def _learn(self, result: object, protocol: BackendLogin) -> object:
-        if protocol.announced is not None:
+        # Only from a login that got as far as the credentials, that is past any STARTTLS: one that
+        # failed before may have been told by whoever sits in between (RFC 2595 4).
+        if protocol.announced is not None and (not isinstance(result, Failure)
+                                               or result.check(BackendRejected, BackendRefused)):
             self.announced = protocol.announced
         return result
 

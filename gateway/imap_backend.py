@@ -165,8 +165,11 @@ class ImapBackendLogin(BackendLogin):
         self.transport.write(self._login_chunks.pop(0))
 
     def _logged_in(self, response: Response) -> None:
-        self._login_chunks = []
-        if response.status == b"OK":
+        unsent, self._login_chunks = self._login_chunks, []
+        if unsent:
+            # Answered before the credentials were all sent (a literal refused): no verdict on them.
+            self.fail(BackendUnavailable(f"backend answered LOGIN before its literal: {_text(response)}"))
+        elif response.status == b"OK":
             if response.code is not None and response.code.name == b"CAPABILITY":
                 self._capabilities_from(response.code.args)
             self._with_capabilities(self._done)

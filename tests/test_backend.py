@@ -325,6 +325,19 @@ class AnnouncedTests(ConnectorTestBase):
         self.failureResultOf(attempt, BackendRejected)
         self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
 
+    def test_not_learned_in_clear_before_a_failed_starttls(self) -> None:
+        """
+        With backend STARTTLS, what a login that failed before TLS saw (a CAPA without STLS, maybe
+        forged in between, RFC 2595 4) is not learned: the front ends would promise it.
+        """
+        connector = self.connector(dataclasses.replace(POP3_SETTINGS, tls="starttls", server_name="backend.example"),
+                                   Pop3BackendLogin)
+        attempt = connector.login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"+OK ready\r\n+OK\r\nTOP\r\nUIDL\r\nUSER\r\nX-INJECTED\r\n.\r\n")
+        self.failureResultOf(attempt, BackendUnavailable)
+        self.assertIsNone(connector.announced)
+
     def test_kept_when_not_learned(self) -> None:
         """A login that fails before CAPA leaves what was learned earlier."""
         connector = self.connector(POP3_SETTINGS, Pop3BackendLogin)

@@ -216,6 +216,18 @@ class LoginCommandTests(ImapLoginTestBase):
         self.assertEqual(self.say(b"gw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"), b"")
         self.assertEqual(self.logged_in().capabilities, (b"IMAP4rev1", b"IDLE"))
 
+    def test_synchronizing_literal_refused(self) -> None:
+        """
+        A backend that answers NO before asking for the literal never saw the password: the login
+        is unavailable, not rejected (which would count against the client).
+        """
+        self.start(password=b"p\xc3\xa4ss")
+        self.greet()
+        self.say(b"gw1 NO Literal too big\r\n")
+        self.assertNotIn(b"p\xc3\xa4ss", self.transport.value())
+        failure = self.failureResultOf(self.protocol.result, BackendUnavailable)
+        self.assertIn("before its literal", failure.getErrorMessage())
+
     def test_8bit_user_with_literal_plus(self) -> None:
         """A UTF-8 user name goes as a literal too."""
         self.start(user="j\u00fcrgen")
