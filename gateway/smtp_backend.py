@@ -123,11 +123,11 @@ class SmtpBackend(BackendLogin):
             self.start_tls()
             yield self._ehlo()
         if self.request is None:
-            # A capability probe: nothing more to learn.
-            assert self.result is not None  # relaying is not a probe's
-            self.result.callback(self)
+            # A capability probe: nothing more to learn. QUIT goes first: the prober closes the
+            # connection at once, and over TLS a write after the close is dropped.
+            assert self.result is not None and self.transport is not None  # relaying is not a probe's
             self.command(b"QUIT").addErrback(lambda f: None)
-            assert self.transport is not None
+            self.result.callback(self)
             self.transport.loseConnection()
             return
         if self.settings.login == "xclient":

@@ -408,6 +408,15 @@ class ProbeTests(Pop3LoginTestBase):
         self.assertEqual(protocol.announced, CAPABILITIES)
         self.assertEqual(self.say(b"+OK Logging out.\r\n"), b"")
 
+    def test_quit_before_the_answer(self) -> None:
+        """QUIT is written before the probe answers: its taker closes at once, and TLS drops a write after that."""
+        self.start(probe=True)
+        written_by_then: list[bytes] = []
+        self.protocol.result.addCallback(lambda protocol: written_by_then.append(self.transport.value()))
+        self.say(GREETING)
+        self.say(CAPA)
+        self.assertTrue(written_by_then[0].endswith(b"QUIT\r\n"), written_by_then)
+
     def test_probe_pre_capa_server(self) -> None:
         """A probe of a backend without CAPA learns that it announces nothing."""
         self.start(probe=True)

@@ -406,6 +406,16 @@ class ProbeTests(SmtpBackendTestBase):
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_quit_before_the_answer(self) -> None:
+        """QUIT is written before the probe answers: its taker closes at once, and TLS drops a write after that."""
+        self.start(probe=True)
+        written_by_then: list[bytes] = []
+        self.protocol.result.addCallback(lambda protocol: written_by_then.append(self.transport.value()))
+        self.say(GREETING)
+        self.say(ehlo_reply(b"PIPELINING"))
+        self.assertTrue(written_by_then[0].endswith(b"QUIT\r\n"), written_by_then)
+        self.say(b"221 2.0.0 Bye\r\n")
+
     def test_probe_lost_before_quit_answer(self) -> None:
         """The MTA closing before it answers QUIT changes nothing and logs no error."""
         self.start(probe=True)
