@@ -18,10 +18,10 @@ keep that size for the rest of the session. Once more than a few KiB have passed
 read gives them back (as soon as they hold nothing); the handshake and the login count too.
 
 A side the relay closes, like a client its front end closes, is aborted if it has not closed
-:data:`CLOSE_GRACE` seconds after its peer last took any of what it was sent
-(:func:`close_with_grace`): a peer that stops reading or never ends TLS must not keep its
-descriptor and buffers for ever, while a slow one still reading the end of a large answer is
-let finish.
+:data:`CLOSE_GRACE` seconds in which its peer has not taken :data:`CLOSE_PROGRESS` bytes of
+what it was sent (:func:`close_with_grace`): a peer that stops reading or never ends TLS must not
+keep its descriptor and buffers for ever, while a slow one still reading the end of a large
+answer is let finish.
 """
 
 from __future__ import annotations
@@ -43,8 +43,15 @@ _BURST = 4096
 
 CLOSE_GRACE = 10.0
 """
-Seconds a connection the gateway closes may go without its peer taking any of what it was sent
-(or, once all of it is taken, without the peer's close_notify) before it is aborted.
+Seconds a connection the gateway closes may go without its peer taking L{CLOSE_PROGRESS} bytes of
+what it was sent (or, once all of it is taken, without the peer's close_notify) before it is aborted.
+"""
+
+CLOSE_PROGRESS = 16 * 1024
+"""
+What a closing connection's peer must take in each L{CLOSE_GRACE} (or all that was left), about
+1.6 KB/s: a slow reader is let finish, one that takes a byte now and then to hold its
+connection (and the descriptor and per-address slot with it) is not.
 """
 
 
@@ -62,10 +69,11 @@ def close_with_grace(transport: ITransport, clock: IReactorTime) -> GracePeriod:
 
 class GracePeriod:
     """
-    The abort of a connection being closed, due L{CLOSE_GRACE} seconds after its peer last took
-    bytes from it. An abort resets the connection, and what the socket still held is lost: a
-    client reading the end of a FETCH, or a RETR it sent with QUIT, at 100 KB/s must not be cut
-    off when its backend has closed (nginx's send_timeout counts the same way).
+    The abort of a connection being closed, due once L{CLOSE_GRACE} seconds pass in which its
+    peer has not taken L{CLOSE_PROGRESS} bytes from it. An abort resets the connection, and what
+    the socket still held is lost: a client reading the end of a FETCH, or a RETR it sent with
+    QUIT, at 100 KB/s must not be cut off when its backend has closed (nginx's send_timeout
+    counts from each write that makes progress, too).
     """
 
     __slots__ = ("_transport", "_clock", "_left", "_call")
@@ -78,7 +86,7 @@ class GracePeriod:
 
     def _due(self) -> None:
         left = undelivered(self._transport)
-        if 0 < left < self._left:
+        if 0 < left <= self._left - CLOSE_PROGRESS:
             self._left = left
             self._call = self._clock.callLater(CLOSE_GRACE, self._due)
         else:

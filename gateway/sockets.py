@@ -74,8 +74,9 @@ def undelivered(transport: object) -> int:
     connection = stream_connection(transport)
     if connection is None:
         return 0
+    sock = getattr(connection, "socket", None)  # Twisted deletes it once the connection is lost
     try:
-        queued = struct.unpack("i", fcntl.ioctl(connection.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0] if sock else 0
     except (OSError, ValueError):  # closed meanwhile
         queued = 0
     return write_backlog(transport) + queued

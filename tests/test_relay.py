@@ -104,6 +104,17 @@ class BackendClosingTests(SynchronousTestCase):
         self.assertTrue(self.backend.disconnected, "not aborted once it stopped reading")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_trickling_peer_aborted(self) -> None:
+        """
+        A peer that takes less than CLOSE_PROGRESS in a grace period (a byte now and then, to keep
+        its connection) is aborted as if it had stopped.
+        """
+        left = iter([65536, 65536 - 1000])
+        self.patch(relay, "undelivered", lambda transport: next(left))
+        self.splice.client_lost()
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.backend.disconnected)
+
     def test_backend_closed_in_time(self) -> None:
         """
         The backend's abort is pending only while it closes: its connection lost within the grace

@@ -236,6 +236,13 @@ class UndeliveredTests(_Connected):
         yield _turn()
         self.assertEqual(undelivered(self.transport), 0)
 
+    @inlineCallbacks
+    def test_lost(self):  # type: ignore[no-untyped-def]
+        """A connection that is gone (Twisted has dropped its socket) has nothing undelivered, and no error."""
+        self.transport.abortConnection()
+        yield self.accepted.lost
+        self.assertEqual(undelivered(self.transport), 0)
+
     def test_in_memory(self) -> None:
         """A transport without a socket has nothing undelivered."""
         transport = StringTransport()
