@@ -384,6 +384,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _too_slow(self) -> None:
         self._transaction_timer = None
+        if self.closed:
+            return  # said goodbye already (QUIT, an MTA's 421), and still closing
         log.info("timeout protocol=submission client={client} reason=transaction", client=self.client.host)
         self.send(b"421 4.4.2 Transaction timeout, closing connection\r\n")
         self.close()
@@ -399,7 +401,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if timer is None:
             return None
         timer.cancel()
-        return timer.getTime() - self.clock.seconds()
+        return max(0.0, timer.getTime() - self.clock.seconds())  # due, but not yet run: none left
 
     def _cancel_transaction_timer(self) -> None:
         self._stop_transaction_timer()
@@ -586,9 +588,9 @@ _COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
 
 def _say_goodbye(backend: SmtpBackend, clock: IReactorTime) -> None:
     """
-    Say QUIT to the MTA and close its connection once its buffer is written, or abort it if it
-    has not closed L{gateway.relay.CLOSE_GRACE} seconds later: an MTA that stopped reading, or
-    never ends TLS, would keep the connection and its buffers for ever.
+    Say QUIT to the MTA and close its connection once its buffer is written, or abort it once it
+    has gone L{gateway.relay.CLOSE_GRACE} seconds without progress: an MTA that stopped reading,
+    or never ends TLS, would keep the connection and its buffers for ever.
     """
     transport = backend.transport
     assert transport is not None

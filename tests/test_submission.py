@@ -342,6 +342,36 @@ class TransactionTests(SubmissionTestBase):
         self.clock.advance(0.1)  # the 10 s the client had left
         self.assertEqual(self.read(), b"421 4.4.2 Transaction timeout, closing connection\r\n")
 
+    def test_transaction_clock_due_when_the_mta_is_asked(self) -> None:
+        """
+        A transaction timer already due but not yet run when a command goes to the MTA (a long
+        reactor turn) has no time left: the MTA's reply reaches the client, then the 421.
+        """
+        call_later = self.clock.callLater
+
+        def as_the_reactor(delay: float, *args: object, **kwargs: object) -> object:
+            assert delay >= 0, delay  # the reactor's callLater asserts this; Clock's does not
+            return call_later(delay, *args, **kwargs)
+
+        self.patch(self.clock, "callLater", as_the_reactor)
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.read()
+        self.clock.rightNow += 600.5  # past the limit, without running the timers
+        self.say(b"RCPT TO:<x@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.5 Ok\r\n")
+        self.clock.advance(0)
+        self.assertEqual(self.read(), b"421 4.4.2 Transaction timeout, closing connection\r\n")
+
+    def test_no_transaction_timeout_after_goodbye(self) -> None:
+        """A client that said QUIT mid-transaction, its connection still closing, is told nothing more."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.say(b"QUIT\r\n"), b"250 2.1.0 Ok\r\n221 2.0.0 Bye\r\n")
+        self.clock.advance(600)
+        self.assertEqual(self.read(), b"")
+
     def test_idle_timeout_after_login(self) -> None:
         """A logged-in client silent for the idle timeout is dropped with 421."""
         self.clock.advance(299)
