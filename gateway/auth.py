@@ -170,6 +170,8 @@ class Authenticator:
     def _finished(self, result: object) -> None:
         self._hashing -= 1
         self._start_waiting()
+        if isinstance(result, Failure):  # a bug in the callbacks above: said, not swallowed
+            log.failure("answering a password check failed", result)
 
     def _start_waiting(self) -> None:
         """Hand waiting checks to the pool, oldest first, while it has threads free."""

@@ -219,6 +219,21 @@ class AbandonedCheckTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.wrong_after_all, 0)
 
+    def test_broken_report_is_logged(self) -> None:
+        """A report of a wrong password that raises (a bug) is logged, and the queue goes on."""
+        def broken() -> None:
+            raise RuntimeError("broken report")
+
+        checking = self.auth.verify("alice", b"wrong", broken)
+        self.users.during = checking.cancel
+        self.pool.run()
+        self.failureResultOf(checking, CancelledError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.users.during = lambda: None
+        following = self.verify(b"right")
+        self.pool.run()
+        self.assertTrue(self.successResultOf(following))
+
     def test_not_cancelled(self) -> None:
         """Left alone, the check is answered when a thread has computed it; nothing is reported aside."""
         for password, good in ((b"right", True), (b"wrong", False)):
