@@ -54,7 +54,7 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
-from gateway.tls import ListenerTLS, ServerTLS, TLSError, TLSFiles, ensure_self_signed
+from gateway.tls import ListenerTLS, ServerTLS, TLSError, TLSFiles, ensure_self_signed, self_signed_paths
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
 from gateway.workers import WorkerPool
@@ -117,11 +117,17 @@ def protocol_limits(settings: Settings, protocol: str) -> Limits:
     return settings.limits
 
 
-def certificate_files(settings: Settings) -> tuple[str, str]:
-    """The default certificate chain and key: the configured ones, or the self-signed ones."""
+def certificate_files(settings: Settings, renew: bool = True) -> tuple[str, str]:
+    """
+    The default certificate chain and key: the configured ones, or the self-signed ones, made
+    (anew, near their end) unless C{renew} is false: a worker uses the pair its supervisor made,
+    since two processes writing the pair at once could leave a certificate and key that do not match.
+    """
     if not settings.tls.self_signed:
         assert settings.tls.certificate is not None and settings.tls.private_key is not None
         return settings.tls.certificate, settings.tls.private_key
+    if not renew:
+        return self_signed_paths(settings.state_dir, settings.hostname)
     try:
         return ensure_self_signed(settings.state_dir, settings.hostname)
     except (TLSError, OSError) as e:
@@ -139,9 +145,9 @@ def check_tls(files: TLSFiles) -> None:
     ServerTLS(files.certificate, files.private_key, b"imap", files.sni)
 
 
-def tls_files(settings: Settings) -> TLSFiles:
+def tls_files(settings: Settings, renew: bool = True) -> TLSFiles:
     """The TLS files a configuration names: see L{certificate_files} for the default ones."""
-    certificate, key = certificate_files(settings)
+    certificate, key = certificate_files(settings, renew)
     return TLSFiles(certificate, key, settings.tls.sni)
 
 
@@ -240,8 +246,8 @@ class Reloader(Service):
         self._path = settings.path
         self._settings = settings
         self._source = source or partial(maybeDeferred, load_settings, settings.path)
-        # Whoever reads the file makes a self-signed certificate anew; a worker serves it from its
-        # next rotation (two processes writing the pair at once could leave a mismatched one).
+        # Whoever reads the file makes a self-signed certificate anew (see certificate_files); a
+        # worker serves it from its next rotation.
         self._renews = source is None
         self._fetching = False  # while the source has not answered
         self._again = False  # a reload was asked for meanwhile
@@ -332,7 +338,7 @@ class Reloader(Service):
         longer than a year without a restart or reload.
         """
         try:
-            self._switch_tls(tls_files(self._settings) if self._renews else None)
+            self._switch_tls(tls_files(self._settings, self._renews))
         except (ConfigError, TLSError) as e:
             log.error("ticket_key_rotation_failed reason={reason}: keeping the running contexts", reason=str(e))
             return
@@ -377,7 +383,7 @@ class Reloader(Service):
         changed = restart_needed(self._settings, settings)
         if changed:
             raise ConfigError(_restart_message(self._path, changed))
-        files = tls_files(settings)
+        files = tls_files(settings, self._renews)
         if not self._tls:
             # A supervisor of workers serves no TLS itself, but its workers load these files, and
             # a worker started later from this configuration could never serve if they were bad.
@@ -424,7 +430,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     reloader.follow(provide_descriptors)
     reloader.follow(partial(_new_rules, gatekeeper))
     if settings.workers == 1:
-        _build_mail(settings, reactor, gatekeeper, reloader, top)
+        _build_mail(settings, files, reactor, gatekeeper, reloader, top)
     else:
         # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
         # with one process, instead of every worker failing until the supervisor gives up.
@@ -469,7 +475,7 @@ def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gateke
     reloader = Reloader(reactor, settings, source=configuration)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
     reloader.follow(provide_descriptors)
-    _build_mail(settings, reactor, gatekeeper, reloader, top, inherited)
+    _build_mail(settings, tls_files(settings, renew=False), reactor, gatekeeper, reloader, top, inherited)
     return top
 
 
@@ -525,14 +531,13 @@ def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
             for description in descriptions]
 
 
-def _build_mail(settings: Settings, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
+def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
                 top: MultiService, inherited: Sequence[int] | None = None) -> None:
-    """The mail front ends and their listeners, listening anew or on C{inherited} sockets."""
+    """The mail front ends and their listeners (TLS from C{files}), listening anew or on C{inherited} sockets."""
     factories: dict[tuple[str, str], Factory] = {}
     hashing = HashingPool(settings.auth.hash_threads)
     hashing.setServiceParent(top)
     authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
-    files = tls_files(settings)
     idle = IdleSessions(reactor)  # type: ignore[arg-type]
     for name, alpn, protocol, front_end, backend_login, probe in _mail_protocols(settings):
         if protocol is None:

@@ -55,7 +55,7 @@ from gateway.addresses import parse_ip
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
-__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "client_tls", "describe_tls",
+__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "self_signed_paths", "client_tls", "describe_tls",
            "tls_layer", "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
@@ -342,6 +342,11 @@ def _warn_if_readable_by_others(key_path: str) -> None:
              path=key_path, mode=f"{stat.S_IMODE(status.st_mode):04o}")
 
 
+def self_signed_paths(state_dir: str, hostname: str) -> tuple[str, str]:
+    """Where :func:`ensure_self_signed` keeps the certificate and key for ``hostname``."""
+    return os.path.join(state_dir, f"selfsigned-{hostname}.crt"), os.path.join(state_dir, f"selfsigned-{hostname}.key")
+
+
 def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     """Return a self-signed certificate and key for ``hostname``, creating them if needed.
 
@@ -363,8 +368,7 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     address = parse_ip(hostname)
     if address is None and not is_host_name(hostname):
         raise TLSError(f"{hostname!r}: not a host name or IP address")
-    cert_path = os.path.join(state_dir, f"selfsigned-{hostname}.crt")
-    key_path = os.path.join(state_dir, f"selfsigned-{hostname}.key")
+    cert_path, key_path = self_signed_paths(state_dir, hostname)
     if os.path.exists(cert_path) and os.path.exists(key_path):
         not_after = _expiry(cert_path)
         if not_after is None or not_after - datetime.datetime.now(datetime.timezone.utc) > _SELF_SIGNED_RENEWAL:

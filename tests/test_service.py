@@ -65,7 +65,7 @@ from gateway.service import (
     restart_needed,
 )
 from gateway.testing.pki import IssuedCertificate, TestCA
-from gateway.tls import ServerTLS
+from gateway.tls import ServerTLS, ensure_self_signed
 from gateway.userdb import hash_password
 from gateway.worker import supervisor_configuration
 from gateway.worker_channel import SupervisorChannel, WorkerChannel
@@ -835,6 +835,29 @@ class SelfSignedRotationTests(SynchronousTestCase):
         self.assertEqual(served, {serial_of(cert_path)})
         self.assertFalse(served & {expiring, started_with}, "not made anew")
         self.assertTrue([m for m in messages(logged) if m.startswith("self_signed_renewal ")], messages(logged))
+
+
+    def test_worker_leaves_the_pair_to_its_supervisor(self) -> None:
+        """
+        A worker uses the self-signed pair as its supervisor made it, near its end or not, at
+        start, rotation and reload: two processes writing the pair at once could leave a
+        certificate and key that do not match.
+        """
+        files = GatewayFiles(self)
+        settings = load_settings(files.write(self_signed=True))
+        cert_path, key_path = ensure_self_signed(settings.state_dir, settings.hostname)
+        expiring = expiring_in(29, cert_path, key_path)
+        reactor = ThreadCallReactor()
+        gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()),
+                                     LoginPenalties(reactor, PenaltyRules()))  # type: ignore[arg-type]
+        inherited = [socket.socket().detach() for _ in mail_endpoints(settings)]
+        for descriptor in inherited:
+            self.addCleanup(os.close, descriptor)
+        top = build_worker_service(settings, reactor, gatekeeper, inherited, lambda: succeed(settings))
+        [reloader] = children(top, Reloader)
+        reloader.rotate_ticket_keys()
+        reloader.reload()
+        self.assertEqual(serial_of(cert_path), expiring)
 
 
 class HangupTests(ReloaderTestCase):
