@@ -106,13 +106,14 @@ class PathCommand:
 
 _ESMTP_KEYWORD = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
-# RFC 5321 4.1.2 Mailbox, with RFC 6531's UTF-8 in atoms and labels. Spaces (quoted) are refused
-# before this. Nothing else may pass: an MTA reads what is outside the grammar its own way, e.g.
-# Postfix takes "a(@allowed.example" for the local part "a" and a comment.
+# RFC 5321 4.1.2 Mailbox, with RFC 6531's UTF-8 in atoms, quoted strings and labels. Nothing else
+# may pass: an MTA reads what is outside the grammar its own way, e.g. Postfix takes
+# "a(@allowed.example" for the local part "a" and a comment.
 _ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-]+"
-_QUOTED_STRING = rb'"(?:[\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
+_QUOTED_STRING = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
 _LABEL = rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?"
-_ADDRESS_LITERAL = rb"\[[\x21-\x5a\x5e-\x7e]+\]"
+# An IPv4 address, or a tagged one ("IPv6:..."); what is inside is the MTA's to check.
+_ADDRESS_LITERAL = rb"\[(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
 _MAILBOX = re.compile(rb"(?:%s(?:\.%s)*|%s)@(?:%s(?:\.%s)*|%s)" % (
     _ATOM, _ATOM, _QUOTED_STRING, _LABEL, _LABEL, _ADDRESS_LITERAL))
 

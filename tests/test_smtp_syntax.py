@@ -285,14 +285,15 @@ class ParsePathTests(SynchronousTestCase):
                         b"ceo", b"@lists.example", b"ceo@", b".ceo@lists.example", b"ceo.@lists.example",
                         b"c..eo@lists.example", b"ceo@lists.example.", b"ceo@lists..example", b"ceo@-lists.example",
                         b"ceo@lists-.example", b"ceo@lists.example(x)", b"ceo@lists_x.example", b"a@b@c.example",
-                        b"ceo@[1.2.3.4", b'"unclosed@lists.example'):
+                        b"ceo@[1.2.3.4", b'"unclosed@lists.example', b"ceo@[x]", b"ceo@[1.2.3]", b"ceo@[:x]"):
             self.assertEqual(self.assert_refused(b"FROM:<" + address + b">"), "Bad address syntax", address)
             self.assertEqual(self.assert_refused(b"TO:<" + address + b">", b"TO"), "Bad address syntax", address)
 
     def test_inside_the_mailbox_grammar(self) -> None:
         """Atoms with any atext, quoted local parts, address literals and hyphenated labels pass unchanged."""
         for address in (b"a.b+tag@x-y.example", b"o'brien@example.org", b"!#$%&'*+/=?^_`{|}~-@example.org",
-                        b'"a(b"@example.org', b'"a\\"b"@example.org', b"a@[192.0.2.1]", b"a@[IPv6:2001:db8::1]",
+                        b'"a(b"@example.org', b'"a\\"b"@example.org', b'"john smith"@example.org',
+                        b"a@[192.0.2.1]", b"a@[IPv6:2001:db8::1]",
                         b"a@x", b"A@EXAMPLE.ORG"):
             self.assertEqual(parse_path(b"FROM:<" + address + b">", b"FROM").address, address)
 
