@@ -11,6 +11,9 @@ certificate shows at once, without a restart or a reload.
 L{build_metrics_service} serves C{GET /metrics} in the Prometheus text format over plain HTTP,
 on loopback by default: the numbers tell who logs in how often. Every other path is a 404.
 A request with a body gets a 413 before any of the body is read, and the connection closes.
+As on the web listeners (L{gateway.web.RequestDeadlineChannel}), a request must arrive within
+L{gateway.web.REQUEST_DEADLINE} of its first byte or get a 408, and a connection silent for
+L{gateway.web.REQUEST_TIMEOUT} closes. Responses name no server software.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import MultiService, Service
-from twisted.logger import ILogObserver, LogEvent, LogPublisher, globalLogPublisher
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.logger import ILogObserver, LogEvent, Logger, LogPublisher, globalLogPublisher
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from gateway.addresses import address_host
 from gateway.config import MetricsSettings, TLSSettings
 from gateway.connection_limits import ConnectionLimits
 from gateway.listener import AdmittingFactory, listener
+from gateway.web import REQUEST_TIMEOUT, RequestDeadlineChannel
+
+log = Logger()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The content type of a scrape: the Prometheus text exposition format 0.0.4."""
@@ -351,26 +357,30 @@ class MetricsPage(_OnlyChildren):
         return generate_latest(self._registry)
 
 
-class _BodilessChannel(HTTPChannel):
-    """An HTTP/1.1 connection whose requests may not have a body: nothing here reads one."""
-
-    _refused = False
+class _BodilessChannel(RequestDeadlineChannel):
+    """
+    An HTTP/1.1 connection whose requests may not have a body (nothing here reads one), and
+    must arrive in time.
+    """
 
     def allHeadersReceived(self) -> None:
         """Refuse a request with a body before any of it arrives (twisted.web hook)."""
         if self.length != 0:  # a Content-Length above 0, or chunked (None)
             # twisted.web would read the whole body (into memory or a file) before the 405.
-            self._refused = True
-            refusal = b"HTTP/1.1 413 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % RESPONSES[413]
-            self.transport.write(refusal)  # type: ignore[union-attr]
-            self.loseConnection()
+            self.refuse(413)
             return
         super().allHeadersReceived()
 
-    def dataReceived(self, data: bytes) -> None:
-        """Parse as twisted.web does, until a request has been refused; then nothing more is read."""
-        if not self._refused:
-            super().dataReceived(data)
+    def request_timed_out(self) -> None:
+        log.info("metrics_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+
+
+class _MetricsRequest(Request):
+    """A request whose response does not name the server software (twisted.web's Server header)."""
+
+    def render(self, resrc: IResource) -> None:
+        self.responseHeaders.removeHeader(b"server")
+        super().render(resrc)
 
 
 class _MetricsSite(Site):
@@ -385,14 +395,15 @@ class _MetricsSite(Site):
 
 def metrics_site(registry: CollectorRegistry, reactor: object) -> Site:
     """
-    The HTTP site of a metrics listener: C{/metrics} and nothing else. It reads no request body
-    and writes no access log.
+    The HTTP site of a metrics listener: C{/metrics} and nothing else. It reads no request body,
+    gives each request a deadline, and writes no access log.
 
     :param reactor: for the HTTP timeouts.
     """
     root = _OnlyChildren()
     root.putChild(b"metrics", MetricsPage(registry))
-    return _MetricsSite(root, parsePOSTFormSubmission=False, reactor=reactor)
+    return _MetricsSite(root, requestFactory=_MetricsRequest, parsePOSTFormSubmission=False,
+                        timeout=REQUEST_TIMEOUT, reactor=reactor)
 
 
 class LogObservation(Service):

@@ -24,13 +24,27 @@ connection closes; the rest of the body is not read.
 
 A request must also arrive in bounded time, since twisted.web's idle timeout restarts at every
 byte: L{REQUEST_DEADLINE} from its first byte, plus one second for every L{UPLOAD_MIN_RATE}
-bytes of body. A request still incomplete then gets a 408 and the connection closes. The
-webmail has L{UPSTREAM_RESPONSE_TIMEOUT} to start its answer, or the client gets a 504.
+bytes of body. A request still incomplete then gets a 408 and the connection closes
+(L{RequestDeadlineChannel}, which the metrics listener uses too). The webmail has
+L{UPSTREAM_RESPONSE_TIMEOUT} to start its answer, or the client gets a 504; after that, a
+proxied response that makes no progress for L{RESPONSE_PROGRESS_TIMEOUT} (the webmail sends
+nothing, or the client reads nothing) is cut off: both connections close.
+
+A request is refused with a 400 before its body is read when it is malformed in a way the
+webmail might read differently from the gateway (RFC 9112 section 3.2): an HTTP/1.1 request
+without a Host header, any request with several or with one that is not C{host[:port]}, or a
+header value with a control character. TRACE and CONNECT are answered with a 405, never passed
+on. The webmail is told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) and the public
+host (C{Host}, C{X-Forwarded-Host}) by the gateway alone: the client's own claims, and every
+header whose name has an underscore (which CGI-style servers read as the dashed one), are
+dropped.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tempfile
 from io import BytesIO
 from typing import Any
@@ -38,10 +52,10 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Cooperator
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
@@ -50,6 +64,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from gateway.addresses import address_host, plain_address
 from gateway.autoconfig import (
@@ -72,6 +87,8 @@ __all__ = [
     "PROXIED_BODY_LIMIT",
     "REQUEST_DEADLINE",
     "REQUEST_TIMEOUT",
+    "RESPONSE_PROGRESS_TIMEOUT",
+    "RequestDeadlineChannel",
     "SPOOL_LIMIT",
     "SPOOL_SHARE",
     "UPLOAD_MIN_RATE",
@@ -120,6 +137,13 @@ UPSTREAM_RESPONSE_TIMEOUT = 60.0
 """Seconds from passing a request on (connecting and sending its body included: the webmail is
 near) to the webmail's response headers, before the client gets a 504 (nginx's proxy_read_timeout)."""
 
+RESPONSE_PROGRESS_TIMEOUT = 60.0
+"""Seconds a proxied response may go without progress once its headers are out: neither a byte
+from the webmail nor the client's connection taking what waits for it (nginx's proxy_read_timeout
+and send_timeout in one). Then the webmail connection is closed and the client's aborted, since a
+stalled webmail or a client that stops reading would otherwise hold both, and a connection slot,
+for ever (twisted.web turns its idle timeout off while a request is answered)."""
+
 CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
 """The policy of the gateway's own responses: they need no script, style, image or frame."""
 
@@ -135,17 +159,28 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-# The gateway is the edge: whatever a client claims about forwarding is dropped, and the
-# gateway's own X-Forwarded-* replace it. Content-Length comes from the body producer, and
-# Expect was answered by twisted.web before the body arrived.
+# The gateway is the edge: whatever a client claims about forwarding, its address or the URL it
+# asked for is dropped (every X-Forwarded-* too), and the gateway's own X-Forwarded-*, X-Real-IP
+# and Host replace it. Content-Length comes from the body producer, and Expect was answered by
+# twisted.web before the body arrived.
 _CLIENT_ONLY_HEADERS = frozenset({
-    b"content-length", b"expect", b"forwarded", b"x-forwarded-for", b"x-forwarded-host",
-    b"x-forwarded-proto", b"x-forwarded-port", b"x-real-ip",
+    b"content-length", b"expect", b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"client-ip",
+    b"x-cluster-client-ip", b"x-original-url", b"x-rewrite-url", b"x-original-host", b"x-host",
 })
+_CLIENT_ONLY_PREFIX = b"x-forwarded-"
 # The gateway's values of these replace the webmail's.
 _GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content-type-options"})
 
-# What every fixed page carries besides the security headers (L{_page}, L{_WebChannel.refuse}).
+# RFC 9112 section 3.2's host[:port]: a reg-name of the characters host names use (RFC 3986 also
+# allows sub-delims and percent-encoding, which no DNS name has), an IPv4 address (a reg-name to
+# this pattern), or an IPv6 literal (checked by ipaddress); a port of up to five digits.
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
+# RFC 9110 section 5.5: control characters in a field value; HTAB is whitespace.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
+_REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
+
+# What every fixed page carries besides the security headers (L{_page}, L{_WebChannel.refusal}).
 _PAGE_HEADERS = ((b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store"))
 
 _PAGES = {
@@ -319,11 +354,16 @@ class _Spool:
         return getattr(self._file, name)  # write, read, seek, tell: the file's own
 
 
-class _WebChannel(HTTPChannel):
+class RequestDeadlineChannel(HTTPChannel):
     """
-    An HTTP/1.1 connection that tells each request its target before the request's headers,
-    that gives each request a deadline to arrive, that can refuse a request before it has
-    arrived, and that lets a client go once it has ended TLS.
+    An HTTP/1.1 connection that gives each request a deadline to arrive, and that can refuse a
+    request before it has arrived.
+
+    twisted.web's idle timeout restarts at every byte, so a client trickling a request would hold
+    its connection for ever: here a request has L{REQUEST_DEADLINE} from its first byte, plus a
+    second for every L{UPLOAD_MIN_RATE} bytes of body, and then gets a 408. Both the web sites
+    and the metrics listener use it. A subclass says what a refusal carries (L{refusal}) and logs
+    a missed deadline (L{request_timed_out}).
     """
 
     _deadline: IDelayedCall | None = None
@@ -361,7 +401,7 @@ class _WebChannel(HTTPChannel):
             self._deadline = self.callLater(remaining, self._deadline_reached)
             return
         self._deadline = None
-        log.info("web_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+        self.request_timed_out()
         self.refuse(408)
 
     def _cancel_deadline(self) -> None:
@@ -369,12 +409,24 @@ class _WebChannel(HTTPChannel):
         if deadline is not None:
             deadline.cancel()
 
+    def request_timed_out(self) -> None:
+        """Log that a request missed its deadline; a 408 follows (a hook: nothing by default)."""
+
+    def refusal(self, code: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """
+        What a refusal with C{code} carries besides C{Content-Length} and C{Connection: close}
+        (a hook: no other header and no body by default).
+
+        :returns: the headers and the body.
+        """
+        return [], b""
+
     def refuse(self, code: int) -> None:
         """
-        Answer the request still arriving with a fixed page and close the connection; the rest of
-        the request is neither read nor processed.
+        Answer the request still arriving and close the connection; the rest of the request is
+        neither read nor processed.
 
-        :param code: a code of the fixed pages.
+        :param code: the status code.
         """
         if self._refused:
             return
@@ -384,10 +436,8 @@ class _WebChannel(HTTPChannel):
             content = getattr(self.requests[-1], "content", None)
             if content is not None:
                 content.close()
-        site: _WebSite = self.site
-        body = _PAGES[code]
-        headers = [*site.security_headers(), *_PAGE_HEADERS, (b"Content-Length", b"%d" % len(body)),
-                   (b"Connection", b"close")]
+        headers, body = self.refusal(code)
+        headers = [*headers, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]
         self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
         self.transport.write(body)  # type: ignore[union-attr]
         # A client that does not read this meets the idle timeout, which no byte of its restarts now.
@@ -396,6 +446,29 @@ class _WebChannel(HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
         super().connectionLost(reason)
+
+
+class _WebChannel(RequestDeadlineChannel):
+    """
+    A connection of the web sites: it tells each request its target before the request's
+    headers, refuses a malformed request before its body, answers refusals with the fixed pages,
+    and lets a client go once it has ended TLS.
+    """
+
+    def request_timed_out(self) -> None:
+        log.info("web_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+
+    def refusal(self, code: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The fixed page of C{code}, with the security headers."""
+        site: _WebSite = self.site
+        return [*site.security_headers(), *_PAGE_HEADERS], _PAGES[code]
+
+    def allHeadersReceived(self) -> None:
+        """Refuse a malformed request with a 400 before its body, or go on as twisted.web does (twisted.web hook)."""
+        if not _well_formed(self.requests[-1].requestHeaders, self._version):
+            self.refuse(400)
+            return
+        super().allHeadersReceived()
 
     def lineReceived(self, line: bytes) -> None:
         """Parse a line as twisted.web does, and hand a request line's target to its new request."""
@@ -415,6 +488,34 @@ class _WebChannel(HTTPChannel):
             self.transport.unregisterProducer()  # type: ignore[union-attr]
             return
         super().resumeProducing()
+
+
+def _well_formed(headers: Headers, version: bytes) -> bool:
+    """
+    Whether a request's headers may be acted on: no control character but HTAB in any value,
+    and (RFC 9112 section 3.2) exactly one valid C{Host}, which only an HTTP/1.0 request may
+    leave out.
+    """
+    if any(_CONTROL.search(value) for _, values in headers.getAllRawHeaders() for value in values):
+        return False
+    hosts = headers.getRawHeaders(b"host")
+    if not hosts:
+        return version == b"HTTP/1.0"
+    return len(hosts) == 1 and _valid_host(hosts[0])
+
+
+def _valid_host(value: bytes) -> bool:
+    """Whether a Host header's value is C{host[:port]}: a host name, an IPv4 address or an [IPv6] literal."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal, port = match.groups()
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return False
+    return port is None or int(port) <= 65535
 
 
 class _WebSite(Site):
@@ -513,10 +614,10 @@ class _WebRoot(Resource):
             return self._mobileconfig(request)
         if not self._https:
             return self._redirect(request)
-        upstream = self._state.web.upstream
-        if upstream is None or self._proxy is None:
+        web = self._state.web
+        if web.upstream is None or self._proxy is None:
             return _page(request, 404)
-        return self._proxy.forward(request, upstream)
+        return self._proxy.forward(request, web.upstream, web.public_host)
 
     def _thunderbird(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
@@ -575,31 +676,38 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for value in values for token in value.split(b",") if token.strip())
 
 
-def _upstream_request_headers(request: Request) -> Headers:
+def _upstream_request_headers(request: Request, public_host: str) -> Headers:
     """
     The headers a proxied request goes to the webmail with.
 
-    Hop-by-hop headers (and those the client's Connection names) and every forwarding header
-    the client sent are dropped; C{X-Forwarded-For} is the client's address,
-    C{X-Forwarded-Proto} is C{https}, and C{X-Forwarded-Host} and C{Host} are the client's Host.
+    Hop-by-hop headers (and those the client's Connection names), every forwarding header the
+    client sent, and every header whose name has an underscore are dropped: a CGI, FastCGI or
+    WSGI server reads C{X_Forwarded_For} as C{X-Forwarded-For} (both become
+    C{HTTP_X_FORWARDED_FOR}), so it could stand in for a header the gateway sets (nginx drops
+    them too). C{X-Forwarded-For} and C{X-Real-IP} are the client's address, C{X-Forwarded-Proto}
+    is C{https}, and C{Host} and C{X-Forwarded-Host} are the public host: the configured name,
+    as in the redirects, never the client's, so that what the webmail builds from them (links in
+    a password-reset mail, say) cannot point elsewhere.
 
     :param request: the client's request.
+    :param public_host: C{[web] public_host}.
     :returns: new headers; the request's own are unchanged.
     """
     dropped = _HOP_BY_HOP | _CLIENT_ONLY_HEADERS | _connection_tokens(request.requestHeaders)
     headers = Headers()
     for name, values in request.requestHeaders.getAllRawHeaders():
-        if name.lower() not in dropped:
+        lower = name.lower()
+        if lower not in dropped and b"_" not in name and not lower.startswith(_CLIENT_ONLY_PREFIX):
             headers.setRawHeaders(name, list(values))
     peer = _peer(request)
     if peer != "-":
         headers.setRawHeaders(b"X-Forwarded-For", [peer.encode("ascii")])
+        headers.setRawHeaders(b"X-Real-IP", [peer.encode("ascii")])
     headers.setRawHeaders(b"X-Forwarded-Proto", [b"https"])
-    host = request.getHeader(b"host")
-    if host:
-        # One Host, the one twisted.web saw: never two different ones for the webmail to choose from.
-        headers.setRawHeaders(b"Host", [host])
-        headers.setRawHeaders(b"X-Forwarded-Host", [host])
+    # One name, the same in both: never two different ones for the webmail to choose from.
+    host = public_host.encode("ascii")
+    headers.setRawHeaders(b"Host", [host])
+    headers.setRawHeaders(b"X-Forwarded-Host", [host])
     return headers
 
 
@@ -624,8 +732,15 @@ class _ReverseProxy:
         self._cooperator = cooperator
         self._clock = clock
 
-    def forward(self, request: _WebRequest, upstream: str) -> bytes | int:
-        """Start passing a request on; the result is for twisted.web's C{render}."""
+    def forward(self, request: _WebRequest, upstream: str, public_host: str) -> bytes | int:
+        """
+        Start passing a request on; the result is for twisted.web's C{render}.
+
+        :param upstream: C{[web] upstream}.
+        :param public_host: C{[web] public_host}, the webmail's C{Host}.
+        """
+        if request.method in _REFUSED_METHODS:
+            return _page(request, 405)  # no Allow: the webmail's methods are not known here (nginx sends none)
         if not request.uri.startswith(b"/"):
             return _page(request, 400)  # an absolute or authority form must not pick the upstream's target
         body: IBodyProducer | None = None
@@ -635,14 +750,14 @@ class _ReverseProxy:
             content.seek(0)
             body = FileBodyProducer(content, self._cooperator)
         url = upstream.rstrip("/").encode("ascii") + request.uri
-        headers = _upstream_request_headers(request)
+        headers = _upstream_request_headers(request, public_host)
         try:
             pending = self._agent.request(request.method, url, headers, body)
         except ValueError:  # the agent refuses some bytes in a URI (0x7F and above) that twisted.web let in
             return _page(request, 400)
         request.responseHeaders.removeHeader(b"content-security-policy")
         pending.addTimeout(UPSTREAM_RESPONSE_TIMEOUT, self._clock, onTimeoutCancel=_upstream_timed_out)
-        _Exchange(request, pending, upstream)
+        _Exchange(request, pending, upstream, self._clock)
         return NOT_DONE_YET
 
 
@@ -660,12 +775,13 @@ class _Exchange:
     One proxied request, from sending it on to the last byte of the answer.
 
     :ivar upstream: the webmail's address, for the log.
-    :ivar client_gone: the client disconnected; nothing more is written to it.
+    :ivar client_gone: the client disconnected, or is being cut off; nothing more is written to it.
     """
 
-    def __init__(self, request: Request, pending: Deferred[IResponse], upstream: str) -> None:
+    def __init__(self, request: Request, pending: Deferred[IResponse], upstream: str, clock: IReactorTime) -> None:
         self._request = request
         self.upstream = upstream
+        self._clock = clock
         self._pending: Deferred[IResponse] | None = pending
         self._relay: _ResponseRelay | None = None
         self.client_gone = False
@@ -690,8 +806,13 @@ class _Exchange:
         if isinstance(response.length, int) and response.code not in NO_BODY_CODES and request.method != b"HEAD":
             request.setHeader(b"Content-Length", b"%d" % response.length)
         request.defaultContentType = None  # the webmail's Content-Type, or none, never twisted.web's
-        self._relay = _ResponseRelay(request, self)
+        self._relay = _ResponseRelay(request, self, self._clock)
         response.deliverBody(self._relay)
+
+    def abandon(self) -> None:
+        """Cut the client off midway through the answer: its connection is aborted, unflushed."""
+        self.client_gone = True
+        self._request.channel.transport.abortConnection()
 
     def _failed(self, reason: Failure) -> None:
         self._pending = None
@@ -705,25 +826,37 @@ class _Exchange:
         self._request.finish()
 
 
+@implementer(IPushProducer)
 class _ResponseRelay(Protocol):
     """
     Writes the webmail's response body to the client as it arrives.
 
-    The upstream connection is registered as the producer of the client's response, so a client
-    that reads slowly pauses the reading from the webmail: nothing piles up in the gateway.
+    The relay is the producer of the client's response and passes pauses and resumes on to the
+    upstream connection: a client that reads slowly pauses the reading from the webmail, so
+    nothing piles up in the gateway. Between the two, it also sees the response progress: each
+    piece from the webmail, and each time the client's connection has taken what waited for it
+    (a resume), restart one timer of L{RESPONSE_PROGRESS_TIMEOUT}. If it fires, the webmail
+    connection is closed and the client's aborted. It is cancelled when the response ends.
     """
 
-    def __init__(self, request: Request, exchange: _Exchange) -> None:
+    _timer: IDelayedCall | None = None
+    _paused = False
+
+    def __init__(self, request: Request, exchange: _Exchange, clock: IReactorTime) -> None:
         self._request = request
         self._exchange = exchange
+        self._clock = clock
 
     def connectionMade(self) -> None:
-        self._request.registerProducer(self.transport, True)
+        self._timer = self._clock.callLater(RESPONSE_PROGRESS_TIMEOUT, self._stalled)
+        self._request.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
+        self._progress()
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timer()
         if self._exchange.client_gone:
             return
         self._request.unregisterProducer()
@@ -735,10 +868,45 @@ class _ResponseRelay(Protocol):
                  upstream=self._exchange.upstream, reason=reason.getErrorMessage())
         self._request.loseConnection()
 
+    def pauseProducing(self) -> None:
+        """The client's connection is full: stop reading from the webmail."""
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        """The client's connection has taken what waited: progress, and read from the webmail again."""
+        self._paused = False
+        self._progress()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        """The client's connection is gone."""
+        self.stop()
+
     def stop(self) -> None:
         """Stop reading the webmail's answer: the client is gone."""
+        self._cancel_timer()
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _progress(self) -> None:
+        if self._timer is not None:
+            self._timer.reset(RESPONSE_PROGRESS_TIMEOUT)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _stalled(self) -> None:
+        self._timer = None
+        # Paused, the webmail connection cannot deliver: the client is the one not reading.
+        waiting_for = "client" if self._paused else "webmail"
+        log.emit(LogLevel.info if self._paused else LogLevel.warn,
+                 "web_response_timeout upstream={upstream} peer={peer} waiting_for={waiting_for}",
+                 upstream=self._exchange.upstream, peer=_peer(self._request), waiting_for=waiting_for)
+        self._exchange.abandon()
+        self.stop()
 
 
 def https_site(state: WebState, reactor: IReactorTime, agent: IAgent, cooperator: Cooperator) -> Site:
@@ -781,8 +949,8 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServer
     """
     Build the HTTPS and HTTP listeners of C{[web]}.
 
-    :param web: the C{[web]} section whose listeners to open (C{https} behind TLS, C{http} plain);
-        a C{haproxy:} listener takes a PROXY header from C{[limits] proxy_sources} only.
+    :param web: the C{[web]} section whose listeners to open (C{https} behind TLS, C{http} plain).
+        They take no PROXY header: the configuration refuses a C{haproxy:} one, and so does this.
     :param reactor: the running reactor (TCP, time).
     :param server_tls: the TLS of the HTTPS listeners, with ALPN C{http/1.1}.
     :param state: what the sites serve; the caller updates it on reload.
@@ -790,7 +958,7 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServer
     :returns: a service whose children are one L{Listener} per endpoint (labelled
         C{protocol=https tls=implicit_tls endpoint=...} and C{protocol=http tls=none endpoint=...}),
         and one that closes the idle upstream connections when stopped.
-    :raises ConfigError: if an endpoint description is not usable.
+    :raises ConfigError: if an endpoint description is not usable, or behind C{haproxy:}.
     """
     top = MultiService()
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -807,6 +975,5 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServer
         admitting = AdmittingFactory(factory, limits, name)
         for description in descriptions:
             listener(reactor, description, admitting, label=f"protocol={name} tls={tls}", key=f"[web] {name}",
-                     config_path=state.settings.path,
-                     proxy_sources=state.settings.limits.proxy_sources).setServiceParent(top)
+                     config_path=state.settings.path, proxy_sources=None).setServiceParent(top)
     return top

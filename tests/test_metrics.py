@@ -545,6 +545,14 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(headers[b"content-type"], CONTENT_TYPE.encode())
         self.assertEqual(body, b"")
 
+    def test_no_server_header(self) -> None:
+        """No response names the server software: not a scrape, a 404 or a 405."""
+        for request in (b"GET /metrics HTTP/1.0\r\n\r\n", b"HEAD /metrics HTTP/1.0\r\n\r\n",
+                        b"GET /other HTTP/1.0\r\n\r\n", b"DELETE /metrics HTTP/1.0\r\n\r\n"):
+            status, headers, _ = http_get(self.site, request)
+            self.assertNotIn(b"server", headers, status)
+            self.assertIn(b"date", headers)
+
     def test_other_paths(self) -> None:
         """Every other path is 404, a query string does not change /metrics, and other methods get 405."""
         for path in (b"/", b"/metrics/", b"/metrics/x", b"/metric", b"/favicon.ico", b"//metrics"):
@@ -555,6 +563,37 @@ class PageTests(SynchronousTestCase):
         status, headers, _ = http_get(self.site, b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(status, b"HTTP/1.0 405 Method Not Allowed")
         self.assertEqual(headers[b"allow"], b"GET, HEAD")
+
+
+class RequestDeadlineTests(SynchronousTestCase):
+    """A request to the metrics listener must arrive in time, as on the web listeners."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.site = metrics_site(GatewayMetrics().registry, self.clock)
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = self.site.buildProtocol(peer)
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(self.transport)
+        self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
+        self.addCleanup(lambda: channel.connectionLost(Failure(ConnectionLost())))
+
+    def test_trickled_request(self) -> None:
+        """Headers sent a byte every 30 s (never idle for long) get a 408 a minute after their first byte, and a log line."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.channel.dataReceived(b"GET /metrics HTTP/1.1\r\nX-Pad: ")
+        for _ in range(2):
+            self.clock.advance(30)
+            if not self.transport.disconnecting:
+                self.channel.dataReceived(b"y")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.dataReceived(b"\r\n\r\n")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertEqual([(e["log_format"], e["peer"]) for e in events if "peer" in e],
+                         [("metrics_request_timeout peer={peer}", "127.0.0.1")])
 
 
 class RequestBodyTests(SynchronousTestCase):

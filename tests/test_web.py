@@ -5,11 +5,13 @@ a fake agent standing in for the webmail.
 
 from __future__ import annotations
 
+import dataclasses
 import plistlib
 import shutil
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -17,11 +19,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, Cooperator
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Site
@@ -508,12 +511,13 @@ class ProxyTests(SiteTestCase):
         })
         self.assertEqual((sent.method, sent.uri), (b"GET", b"http://127.0.0.1:8080/roundcube/?_task=mail"))
         self.assertEqual(sent.header("x-forwarded-for"), [b"192.0.2.7"])
+        self.assertEqual(sent.header("x-real-ip"), [b"192.0.2.7"])
         self.assertEqual(sent.header("x-forwarded-proto"), [b"https"])
-        self.assertEqual(sent.header("x-forwarded-host"), [b"Mail.Example.org"])
-        self.assertEqual(sent.header("host"), [b"Mail.Example.org"])
+        self.assertEqual(sent.header("x-forwarded-host"), [b"mail.example.org"])
+        self.assertEqual(sent.header("host"), [b"mail.example.org"])
         self.assertEqual(sent.header("cookie"), [b"roundcube_sessid=abc"])
         self.assertEqual(sent.header("user-agent"), [b"Firefox"])
-        for name in ("forwarded", "x-real-ip", "connection", "x-secret-hop", "keep-alive", "te", "upgrade",
+        for name in ("forwarded", "connection", "x-secret-hop", "keep-alive", "te", "upgrade",
                      "proxy-authorization", "trailer", "content-length", "transfer-encoding"):
             self.assertIsNone(sent.header(name), name)
         self.assertIsNone(sent.body)
@@ -707,6 +711,101 @@ class ProxyTests(SiteTestCase):
         assert sent.body is not None
         self.assertEqual(sent.body.length, len(body))
 
+    def response_timeouts(self, events: EventLoggingObserver) -> list[tuple[str, str, str]]:
+        """The (upstream, peer, waiting_for) of each web_response_timeout event."""
+        return [(e["upstream"], e["peer"], e["waiting_for"]) for e in events
+                if e.get("log_format", "").startswith("web_response_timeout ")]
+
+    def test_upstream_stalls_mid_body(self) -> None:
+        """
+        A webmail that goes silent in the middle of a body is cut off a minute after its last
+        byte: its connection is stopped, the client's aborted without the end of the body, and
+        what the webmail connection's end says afterwards changes nothing.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connection, sent = self.forward()
+        response = self.answer(sent)  # no length: chunked to the client, so an end would show
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"first")
+        self.clock.advance(59)
+        response.protocol.dataReceived(b"second")  # progress: a minute again from here
+        self.clock.advance(59)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(response.transport.producerState, "producing")
+        self.clock.advance(1)
+        self.assertTrue(connection.transport.disconnected)  # aborted: nothing waits for a flush
+        self.assertEqual(response.transport.producerState, "stopped")
+        self.assertEqual(self.response_timeouts(events), [(UPSTREAM, "192.0.2.7", "webmail")])
+        written = connection.transport.value()
+        response.protocol.connectionLost(Failure(PotentialDataLoss()))  # a body without length ends so
+        self.assertEqual(connection.transport.value(), written)
+        reply = connection.reply()
+        self.assertEqual(reply.body, b"firstsecond")
+        self.assertFalse(reply.complete)
+
+    def test_client_stops_reading(self) -> None:
+        """
+        A client whose connection takes nothing for a minute is cut off, and the webmail
+        connection stopped; each time its connection drained restarts the minute.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connection, sent = self.forward()
+        response = self.answer(sent, 200, {}, length=10_000_000)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"x" * 65536)
+        client_side = connection.transport.producer
+        client_side.pauseProducing()
+        self.clock.advance(50)
+        client_side.resumeProducing()  # the client read what was waiting: progress, though the webmail sent nothing
+        client_side.pauseProducing()
+        self.clock.advance(59)
+        self.assertFalse(connection.transport.disconnecting)
+        self.assertEqual(response.transport.producerState, "paused")
+        self.clock.advance(1)
+        self.assertTrue(connection.transport.disconnected)
+        self.assertEqual(response.transport.producerState, "stopped")
+        self.assertEqual(self.response_timeouts(events), [(UPSTREAM, "192.0.2.7", "client")])
+
+    def test_host_is_public_host(self) -> None:
+        """The webmail's Host and X-Forwarded-Host are the configured public host, whatever the client's Host says."""
+        _, sent = self.forward(headers={b"Host": b"evil.example:8443", b"X-Forwarded-Host": b"evil.example"})
+        self.assertEqual(sent.header("host"), [b"mail.example.org"])
+        self.assertEqual(sent.header("x-forwarded-host"), [b"mail.example.org"])
+        self.state.update(self.settings(public_host="webmail.example.net"))
+        self.agent.sent.clear()
+        _, sent = self.forward()
+        self.assertEqual((sent.header("host"), sent.header("x-forwarded-host")),
+                         ([b"webmail.example.net"], [b"webmail.example.net"]))
+
+    def test_client_claims_dropped(self) -> None:
+        """
+        Headers whose names have an underscore, and the client's claims about its address or the
+        URL it asked for, never reach the webmail; X-Real-IP is the client's address.
+        """
+        claims = {
+            b"X_Forwarded_For": b"10.6.6.6", b"X-Forwarded_For": b"10.6.6.6", b"X_Real_IP": b"10.6.6.6",
+            b"Remote_User": b"admin", b"X-Client-IP": b"10.6.6.6", b"True-Client-IP": b"10.6.6.6",
+            b"Client-IP": b"10.6.6.6", b"X-Cluster-Client-IP": b"10.6.6.6", b"X-Real-IP": b"10.6.6.6",
+            b"X-Original-URL": b"/admin", b"X-Rewrite-URL": b"/admin", b"X-Original-Host": b"evil.example",
+            b"X-Host": b"evil.example", b"X-Forwarded-Server": b"evil.example", b"X-Forwarded-Prefix": b"/evil",
+        }
+        _, sent = self.forward(headers={b"Accept-Language": b"de", **claims})
+        self.assertEqual(sent.header("accept-language"), [b"de"])
+        self.assertEqual(sent.header("x-forwarded-for"), [b"192.0.2.7"])
+        self.assertEqual(sent.header("x-real-ip"), [b"192.0.2.7"])
+        names = {name.lower() for name, _ in sent.headers.getAllRawHeaders()}
+        self.assertEqual(names, {b"accept-language", b"host", b"x-forwarded-for", b"x-forwarded-proto",
+                                 b"x-forwarded-host", b"x-real-ip"})
+
+    def test_trace_and_connect_refused(self) -> None:
+        """TRACE and CONNECT get the fixed 405 page and never reach the webmail."""
+        for method in (b"TRACE", b"CONNECT"):
+            reply = self.get(b"/roundcube/", method=method, headers={b"Cookie": b"roundcube_sessauth=secret"})
+            self.assert_own_page(reply, 405)
+            self.assertNotIn(b"secret", reply.body)
+        self.assert_own_page(self.get(b"mail.example.org:443", method=b"CONNECT"), 405)
+        self.assertEqual(self.agent.sent, [])
+
 
     def upload_start(self, size: int, sent: int, peer: IPv4Address = CLIENT) -> Connection:
         """A proxied upload of C{size} bytes declared, of which the first C{sent} have arrived."""
@@ -765,6 +864,71 @@ class ProxyTests(SiteTestCase):
         self.assert_own_page(connection.reply(), 408)
         self.assertFalse(connection.transport.disconnected)  # closing, not yet closed
         self.assertEqual(self.https.spooled, 0)
+
+
+class MalformedRequestTests(SiteTestCase):
+    """Requests the webmail might read otherwise than the gateway get a 400 before their body, on both sites."""
+
+    def assert_refused(self, request: bytes, site: Site | None = None) -> None:
+        connection = self.connect(site or self.https)
+        connection.channel.dataReceived(request)
+        reply = connection.reply()
+        self.assert_own_page(reply, 400)
+        self.assertEqual(reply.header("connection"), b"close")
+        self.assertTrue(connection.transport.disconnecting)
+        connection.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: mail.example.org\r\n\r\n")
+        self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)  # nothing more is read
+        self.assertEqual(self.agent.sent, [])
+
+    def test_no_host(self) -> None:
+        """An HTTP/1.1 request without Host is a 400, to a proxied path, a document, or on plain HTTP."""
+        for site, path in ((self.https, b"/roundcube/"), (self.https, TB_PATH), (self.http, b"/")):
+            self.assert_refused(b"GET %s HTTP/1.1\r\nUser-Agent: x\r\n\r\n" % path, site)
+
+    def test_no_host_http10(self) -> None:
+        """An HTTP/1.0 request may leave Host out; the webmail gets the public host."""
+        connection = self.connect(self.https)
+        connection.channel.dataReceived(b"GET /roundcube/ HTTP/1.0\r\n\r\n")
+        (sent,) = self.agent.sent
+        self.assertEqual(sent.header("host"), [b"mail.example.org"])
+        sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
+        self.assertEqual(connection.reply().code, 502)
+
+    def test_several_hosts(self) -> None:
+        """Two Host headers are a 400, even when they agree."""
+        for second in (b"evil.example", b"mail.example.org"):
+            self.assert_refused(b"GET /roundcube/ HTTP/1.1\r\nHost: mail.example.org\r\nHost: %s\r\n\r\n" % second)
+
+    def test_host_syntax(self) -> None:
+        """A Host that is not host[:port] is a 400; names, IPv4 addresses and IPv6 literals, with or without a port, are served."""
+        for host in (b"", b"evil.example/path", b"evil.example?x", b"user@evil.example", b"a b", b"a,b", b"a;b",
+                     b"exa%2emple.org", b"mail.example.org:", b"mail.example.org:x", b"mail.example.org:99999",
+                     b"[::1", b"[2001:db8::zz]", b"[1:2:3]", b"[192.0.2.1]", b"[fe80::1%25eth0]", b"[v1.x]", b"::1", b"\xc3\xa9.example"):
+            self.assert_refused(b"GET /roundcube/ HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+        for host in (b"mail.example.org", b"MAIL.Example.Org:443", b"xn--bcher-kva.example.", b"192.0.2.1",
+                     b"192.0.2.1:8443", b"[2001:db8::1]", b"[2001:db8::1]:443", b"[::ffff:192.0.2.1]"):
+            self.assertEqual(self.get(TB_PATH, headers={b"Host": host}).code, 200, host)
+
+    def test_control_characters(self) -> None:
+        """A header value with a control character (but HTAB) is a 400 and never reaches the webmail."""
+        for value in (b"a\x01b", b"a\x08b", b"a\x0bb", b"a\x0cb", b"a\x1bb", b"a\x1fb", b"a\x7fb"):
+            self.assert_refused(b"GET /roundcube/ HTTP/1.1\r\nHost: mail.example.org\r\nX-A: %s\r\n\r\n" % value)
+        self.assert_refused(b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nUser-Agent: \x7f\r\n\r\n", self.http)
+        connection = self.connect(self.https)
+        connection.send(b"GET", b"/roundcube/", {b"X-A": b"a\tb"})
+        (sent,) = self.agent.sent
+        self.assertEqual(sent.header("x-a"), [b"a\tb"])
+        sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
+
+    def test_refused_before_body(self) -> None:
+        """A malformed request is answered before its body arrives, which is then never read or kept."""
+        connection = self.connect(self.https)
+        connection.channel.dataReceived(b"POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+        self.assert_own_page(connection.reply(), 400)
+        self.assertNotIn(b"100 Continue", connection.transport.value())
+        connection.channel.dataReceived(b"u" * 1_000_000)
+        self.assertEqual(self.https.spooled, 0)
+        self.assertEqual(self.agent.sent, [])
 
 
 class RequestDeadlineTests(SiteTestCase):
@@ -851,6 +1015,17 @@ class BuildServiceTests(SynchronousTestCase):
         labels = sorted(child.label for child in service if isinstance(child, Listener))
         self.assertEqual(labels, ["protocol=http tls=none endpoint=tcp:0:interface=127.0.0.1",
                                   "protocol=https tls=implicit_tls endpoint=tcp:0:interface=127.0.0.1"])
+
+    def test_no_proxy_listener(self) -> None:
+        """A haproxy: web listener, which the configuration refuses, is refused here too, with [web] named."""
+        settings = self.settings()
+        assert settings.web is not None
+        web_settings = dataclasses.replace(settings.web, https=("haproxy:tcp:0:interface=127.0.0.1",))
+        settings = dataclasses.replace(settings, web=web_settings,
+                                       limits=dataclasses.replace(settings.limits, proxy_sources=(ip_network("10.0.0.0/8"),)))
+        error = self.assertRaises(ConfigError, build_web_service, web_settings, MemoryReactorClock(),
+                                  self.server_tls, WebState(settings), ConnectionLimits(ConnectionRules()))
+        self.assertIn("[web] https", str(error))
 
     def test_bad_endpoint(self) -> None:
         """An endpoint description Twisted cannot use is a ConfigError naming [web]."""

@@ -255,3 +255,14 @@ class MetricsScrapeTests(SynchronousTestCase):
         self.assertIn("# TYPE mailgateway_logins_total counter", body)
         for path in ("/", "/metrics/", "/other"):
             self.assertEqual(self.get(path)[0], 404, path)
+
+    def test_no_server_header(self) -> None:
+        """The running gateway's metrics responses name no server software, a scrape's or a 404's."""
+        for path in ("/metrics", "/other"):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port()}{path}", timeout=10) as response:
+                    headers = response.headers
+            except urllib.error.HTTPError as e:
+                headers = e.headers
+            self.assertIsNone(headers["Server"], path)
+            self.assertIsNotNone(headers["Date"], path)

@@ -1,8 +1,8 @@
 """
 The web listeners on a real reactor, fetched with curl over real TLS: every autoconfig document
 parsed back, the reverse proxy in front of a real twisted.web upstream (forwarding headers, a
-50 MiB response, backpressure from a slow client, 502 when the upstream is down), the HTTP
-redirector, and a reload.
+50 MiB response, backpressure from a slow client, a stalled upstream and a stalled client cut
+off, 502 when the upstream is down), the HTTP redirector, and a reload.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from gateway import web
 from gateway.autoconfig import AUTODISCOVER_OUTLOOK_NS, AUTODISCOVER_REQUEST_NS, AUTODISCOVER_RESPONSE_NS
 from gateway.config import Settings, parse_settings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
@@ -92,7 +93,8 @@ class Flood:
 class Upstream(Resource):
     """
     A plaintext webmail stand-in: C{/headers} records the request headers, C{/upload} answers the
-    SHA-256 of the body, C{/big} streams L{FLOOD} bytes.
+    SHA-256 of the body, C{/big} streams L{FLOOD} bytes, C{/stall} sends 10 bytes of 100 and
+    then nothing.
     """
 
     isLeaf = True
@@ -101,6 +103,7 @@ class Upstream(Resource):
         super().__init__()
         self.seen: list[dict[bytes, list[bytes]]] = []
         self.floods: list[Flood] = []
+        self.stalls: list[Deferred[None]] = []  # each fires, or fails when the connection is lost
 
     def render(self, request: Request) -> bytes | int:
         self.seen.append({name.lower(): list(values) for name, values in request.requestHeaders.getAllRawHeaders()})
@@ -114,6 +117,12 @@ class Upstream(Resource):
             flood = Flood(request)
             self.floods.append(flood)
             flood.resumeProducing()
+            return NOT_DONE_YET
+        if request.path == b"/stall":
+            request.setHeader(b"Content-Type", b"text/plain")
+            request.setHeader(b"Content-Length", b"100")
+            request.write(b"0123456789")
+            self.stalls.append(request.notifyFinish())
             return NOT_DONE_YET
         request.setHeader(b"Content-Type", b"text/html")
         return b"<html>webmail</html>"
@@ -347,14 +356,17 @@ class WebGatewayTests(TestCase):
         """The upstream sees who the client is; the client sees the gateway's HSTS and nosniff, and no CSP."""
         fetched = yield self.curl("/roundcube/?_task=login", "-H", "X-Forwarded-For: 203.0.113.66",
                                   "-H", "X-Real-IP: 203.0.113.66", "-H", "Connection: keep-alive, X-Hop",
-                                  "-H", "X-Hop: secret")
+                                  "-H", "X-Hop: secret", "-H", "X_Forwarded_For: 203.0.113.66",
+                                  "-H", "X-Forwarded-Host: evil.example")
         self.assertEqual((fetched.exit_code, fetched.status), (0, 200), fetched.stderr)
         self.assertEqual(fetched.body, b"<html>webmail</html>")
         (seen,) = self.upstream.seen
         self.assertEqual(seen[b"x-forwarded-for"], [b"127.0.0.1"])
+        self.assertEqual(seen[b"x-real-ip"], [b"127.0.0.1"])
         self.assertEqual(seen[b"x-forwarded-proto"], [b"https"])
-        self.assertEqual(seen[b"x-forwarded-host"], [f"{PUBLIC_HOST}:{self.https_port}".encode()])
-        self.assertNotIn(b"x-real-ip", seen)
+        self.assertEqual(seen[b"x-forwarded-host"], [PUBLIC_HOST.encode()])
+        self.assertEqual(seen[b"host"], [PUBLIC_HOST.encode()])
+        self.assertNotIn(b"x_forwarded_for", seen)
         self.assertNotIn(b"x-hop", seen)
         self.assertEqual(fetched.headers["strict-transport-security"], [f"max-age={HSTS_MAX_AGE}"])
         self.assertEqual(fetched.header("x-content-type-options"), "nosniff")
@@ -400,6 +412,51 @@ class WebGatewayTests(TestCase):
         self.assertLess(flood.written, FLOOD)
 
     @inlineCallbacks
+    def stalled_reader(self) -> Any:
+        """Connect a L{_StalledReader} over TLS, and wait until it has stopped reading."""
+        with open(self.ca_path, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        endpoint = wrapClientTLS(optionsForClientTLS(PUBLIC_HOST, trust),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.https_port))
+        client = yield connectProtocol(endpoint, _StalledReader())
+        yield client.stalled
+        return client
+
+    @inlineCallbacks
+    def test_stalled_upstream_cut_off(self) -> Any:
+        """
+        An upstream that sends its headers and part of the body, then nothing, is cut off once the
+        response has not moved for RESPONSE_PROGRESS_TIMEOUT (1 s here): curl gets the part and
+        a connection closed short of the length, and the upstream connection is closed.
+        """
+        self.patch(web, "RESPONSE_PROGRESS_TIMEOUT", 1.0)
+        started = reactor.seconds()
+        fetched = yield self.curl("/stall", "--max-time", "20")
+        # Aborted: curl reads a reset (56), or an end short of the length (18), never its own timeout (28).
+        self.assertIn(fetched.exit_code, (18, 56), fetched.stderr)
+        self.assertEqual((fetched.status, fetched.body), (200, b"0123456789"))
+        self.assertLess(reactor.seconds() - started, 10)
+        (stall,) = self.upstream.stalls
+        ended = yield stall.addCallbacks(lambda _: "finished", lambda failure: "connection lost")
+        self.assertEqual(ended, "connection lost")
+
+    @inlineCallbacks
+    def test_stalled_client_cut_off(self) -> Any:
+        """
+        A client that stops reading a large response is cut off once its connection has taken
+        nothing for RESPONSE_PROGRESS_TIMEOUT (1 s here): the upstream request ends unfinished,
+        and the client finds its connection closed short of the response.
+        """
+        self.patch(web, "RESPONSE_PROGRESS_TIMEOUT", 1.0)
+        client = yield self.stalled_reader()
+        (flood,) = self.upstream.floods
+        yield flood.ended.addTimeout(15, reactor)
+        self.assertLess(flood.written, FLOOD)
+        client.transport.resumeProducing()  # reads what the sockets hold, then the end
+        yield client.lost.addTimeout(15, reactor)
+        self.assertLess(client.received, FLOOD)
+
+    @inlineCallbacks
     def test_client_ending_tls_stops_upstream(self) -> Any:
         """
         A client that ends TLS (close_notify) while the gateway holds the upstream back is gone:
@@ -407,12 +464,7 @@ class WebGatewayTests(TestCase):
         closes. (Twisted's TLS layer drops what is written after a close_notify, and its TCP
         transport stays open while a producer is registered.)
         """
-        with open(self.ca_path, "rb") as f:
-            trust = Certificate.loadPEM(f.read())
-        endpoint = wrapClientTLS(optionsForClientTLS(PUBLIC_HOST, trust),
-                                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.https_port))
-        client = yield connectProtocol(endpoint, _StalledReader())
-        yield client.stalled
+        client = yield self.stalled_reader()
         yield deferLater(reactor, 0.5, lambda: None)  # the gateway's buffers fill; it pauses the upstream
         (flood,) = self.upstream.floods
         self.assertLess(flood.written, FLOOD, "the upstream was not held back")
