@@ -80,6 +80,7 @@ from gateway.autoconfig import (
 from gateway.config import Settings, WebSettings
 from gateway.connection_limits import ConnectionLimits
 from gateway.listener import AdmittingFactory, listener
+from gateway.relay import GracePeriod, close_with_grace
 from gateway.tls import tls_ended, tls_layer
 
 __all__ = [
@@ -367,6 +368,7 @@ class RequestDeadlineChannel(HTTPChannel):
     """
 
     _deadline: IDelayedCall | None = None
+    _closing: GracePeriod | None = None
     _request_started = 0.0  # when the first byte of the request being received came
     _body_bytes = 0
     _refused = False
@@ -443,8 +445,23 @@ class RequestDeadlineChannel(HTTPChannel):
         # A client that does not read this meets the idle timeout, which no byte of its restarts now.
         self.loseConnection()
 
+    def loseConnection(self) -> None:
+        """
+        Close as twisted.web does, and abort once the client has gone the grace period without
+        taking what it was sent (L{gateway.relay.close_with_grace}): twisted.web keeps no timer on
+        a connection it closes (C{Connection: close}, HTTP/1.0, a refusal), so a client that
+        stops reading the end of a response, or never ends TLS, would hold it, and a connection
+        slot, for ever.
+        """
+        self._networkProducer.unregisterProducer()
+        if self._closing is None:
+            self._closing = close_with_grace(self.transport, self.factory.reactor)  # type: ignore[arg-type]
+
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
+        closing, self._closing = self._closing, None
+        if closing is not None and closing.active():
+            closing.cancel()
         super().connectionLost(reason)
 
 
@@ -711,12 +728,43 @@ def _upstream_request_headers(request: Request, public_host: str) -> Headers:
     return headers
 
 
-def _copy_response_headers(source: Headers, target: Headers) -> None:
-    """Copy the webmail's response headers, less hop-by-hop ones and those the gateway sets itself."""
+def _copy_response_headers(source: Headers, target: Headers, upstream: str, public_host: str) -> None:
+    """
+    Copy the webmail's response headers, less hop-by-hop ones and those the gateway sets itself.
+
+    A C{Location} or C{Content-Location} under the webmail's own address, or under
+    C{http://public_host} (a webmail that builds links from Host without heeding
+    C{X-Forwarded-Proto}), is made C{https://public_host}, as nginx's C{proxy_redirect default}
+    does: the internal address is not shown, and the browser is not sent to plain HTTP. Every
+    cookie is made C{Secure}: the webmail is only ever served over HTTPS, and a cookie without
+    the flag would go in clear with any request the browser makes to C{http://public_host}.
+    """
     dropped = _HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | _connection_tokens(source)
+    public = b"https://" + public_host.encode("ascii")
+    internal = (upstream.rstrip("/").encode("ascii"), b"http://" + public_host.encode("ascii"))
     for name, values in source.getAllRawHeaders():
-        if name.lower() not in dropped:
-            target.setRawHeaders(name, list(values))
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower in (b"location", b"content-location"):
+            values = [_public_url(value, internal, public) for value in values]
+        elif lower == b"set-cookie":
+            values = [_secure_cookie(value) for value in values]
+        target.setRawHeaders(name, list(values))
+
+
+def _public_url(url: bytes, internal: tuple[bytes, ...], public: bytes) -> bytes:
+    """C{url} with a prefix of C{internal} (an origin, then the end or a path) made C{public}."""
+    for prefix in internal:
+        if url[: len(prefix)].lower() == prefix.lower() and url[len(prefix):len(prefix) + 1] in (b"", b"/", b"?", b"#"):
+            return public + url[len(prefix):]
+    return url
+
+
+def _secure_cookie(cookie: bytes) -> bytes:
+    """A Set-Cookie value with the C{Secure} attribute, added if it lacks it."""
+    attributes = (attribute.strip().lower() for attribute in cookie.split(b";")[1:])
+    return cookie if b"secure" in attributes else cookie + b"; Secure"
 
 
 class _ReverseProxy:
@@ -757,7 +805,7 @@ class _ReverseProxy:
             return _page(request, 400)
         request.responseHeaders.removeHeader(b"content-security-policy")
         pending.addTimeout(UPSTREAM_RESPONSE_TIMEOUT, self._clock, onTimeoutCancel=_upstream_timed_out)
-        _Exchange(request, pending, upstream, self._clock)
+        _Exchange(request, pending, upstream, public_host, self._clock)
         return NOT_DONE_YET
 
 
@@ -774,13 +822,15 @@ class _Exchange:
     """
     One proxied request, from sending it on to the last byte of the answer.
 
-    :ivar upstream: the webmail's address, for the log.
+    :ivar upstream: the webmail's address, for the log (and the links to make public).
     :ivar client_gone: the client disconnected, or is being cut off; nothing more is written to it.
     """
 
-    def __init__(self, request: Request, pending: Deferred[IResponse], upstream: str, clock: IReactorTime) -> None:
+    def __init__(self, request: Request, pending: Deferred[IResponse], upstream: str, public_host: str,
+                 clock: IReactorTime) -> None:
         self._request = request
         self.upstream = upstream
+        self._public_host = public_host
         self._clock = clock
         self._pending: Deferred[IResponse] | None = pending
         self._relay: _ResponseRelay | None = None
@@ -801,7 +851,7 @@ class _Exchange:
         self._pending = None
         request = self._request
         request.setResponseCode(response.code, response.phrase)
-        _copy_response_headers(response.headers, request.responseHeaders)
+        _copy_response_headers(response.headers, request.responseHeaders, self.upstream, self._public_host)
         # The agent keeps Content-Length to itself (but for HEAD) and gives the length instead.
         if isinstance(response.length, int) and response.code not in NO_BODY_CODES and request.method != b"HEAD":
             request.setHeader(b"Content-Length", b"%d" % response.length)

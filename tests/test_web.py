@@ -44,6 +44,7 @@ from gateway.config import ConfigError, Settings, parse_settings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.testing.pki import TestCA
+from gateway.relay import CLOSE_GRACE
 from gateway.tls import ServerTLS
 from gateway.web import (
     CONTENT_SECURITY_POLICY,
@@ -568,12 +569,56 @@ class ProxyTests(SiteTestCase):
         self.assertTrue(reply.complete)
         self.assertEqual(reply.body, b"<html>first second</html>")
         self.assertEqual(reply.header("content-type"), b"text/html; charset=utf-8")
-        self.assertEqual(reply.headers.getRawHeaders(b"set-cookie"), [b"a=1; Secure", b"b=2; HttpOnly"])
+        self.assertEqual(reply.headers.getRawHeaders(b"set-cookie"), [b"a=1; Secure", b"b=2; HttpOnly; Secure"])
         self.assertEqual(reply.headers.getRawHeaders(b"strict-transport-security"), [b"max-age=31536000"])
         self.assertEqual(reply.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
         for name in ("content-security-policy", "x-upstream-hop", "keep-alive"):
             self.assertIsNone(reply.header(name), name)
         self.assertEqual(reply.headers.getRawHeaders(b"connection"), None)
+
+    def test_closed_connection_aborted_without_progress(self) -> None:
+        """
+        A connection twisted.web closes after its response (Connection: close) is aborted once the
+        client has gone the grace period without taking it, and left alone if it goes in time.
+        """
+        for goes_in_time in (False, True):
+            timers = len(self.clock.getDelayedCalls())  # the site's own
+            connection = self.connect(self.https)
+            connection.send(b"GET", b"/mail/config-v1.1.xml", {b"Connection": b"close"})
+            self.assertTrue(connection.reply().complete)
+            self.assertTrue(connection.transport.disconnecting)
+            self.clock.advance(CLOSE_GRACE - 0.1)
+            if goes_in_time:
+                connection.close()
+                self.assertEqual(len(self.clock.getDelayedCalls()), timers, "the abort outlived the connection")
+            else:
+                self.assertFalse(connection.transport.disconnected)
+                self.clock.advance(0.1)
+                self.assertTrue(connection.transport.disconnected, "a client that never read was not aborted")
+
+    def test_links_made_public(self) -> None:
+        """
+        A Location or Content-Location under the webmail's own address, or under http://public_host,
+        becomes https://public_host; any other is left alone.
+        """
+        cases = {
+            f"{UPSTREAM}/roundcube/?_task=mail": f"https://{PUBLIC_HOST}/roundcube/?_task=mail",
+            UPSTREAM: f"https://{PUBLIC_HOST}",
+            f"http://{PUBLIC_HOST.upper()}/sogo/": f"https://{PUBLIC_HOST}/sogo/",
+            f"{UPSTREAM}0/elsewhere": f"{UPSTREAM}0/elsewhere",  # another port
+            f"http://{PUBLIC_HOST}.evil.example/": f"http://{PUBLIC_HOST}.evil.example/",
+            "/relative/path": "/relative/path",
+            "https://example.net/": "https://example.net/",
+        }
+        for location, expected in cases.items():
+            connection, sent = self.forward()
+            response = self.answer(sent, 302, {"Location": [location], "Content-Location": [location]}, length=0)
+            assert response.protocol is not None
+            response.protocol.connectionLost(Failure(ResponseDone()))
+            reply = connection.reply()
+            self.assertEqual((reply.header("location"), reply.header("content-location")),
+                             (expected.encode(), expected.encode()), location)
+            self.agent.sent.clear()
 
     def test_response_length_kept(self) -> None:
         """A webmail response of known length is passed on with its Content-Length, unchunked."""
