@@ -323,7 +323,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
         # The tail was checked last time, all but a final CR whose LF had not come yet.
         if _BARE_LINE_ENDING.search(checked, len(self._data_tail) - 1):
-            self._refuse_message(_BARE_LINE_REFUSAL, "bare-line-ending")
+            if self._data_refusal is None:  # else refused, and logged, already
+                self._refuse_message(_BARE_LINE_REFUSAL, "bare-line-ending")
             self.send(_BARE_LINE_REFUSAL)
             self.close()
             return

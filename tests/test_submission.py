@@ -461,10 +461,12 @@ class ReviewFixTests(SubmissionTestBase):
         self.assert_end_refused(b"\n.\r\n")
 
     def test_smuggling_after_an_oversize_refusal(self) -> None:
-        """A message already refused for its size is not ended at LF.LF either."""
+        """A message already refused (and logged) for its size is not ended at LF.LF either, nor logged again."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.start_data()
         self.front.dataReceived(b"x" * 1200 + b"\r\n")
         self.assert_smuggling_refused(b"\n.\nMAIL FROM:<bob@example.org>\r\n")
+        self.assertEqual([e["reason"] for e in events if e["log_format"].startswith("message_refused ")], ["size"])
 
     def test_lone_cr_refused(self) -> None:
         """A lone CR in the data refuses the message too, and closes the connection."""
