@@ -11,6 +11,8 @@ The header is parsed by Twisted's v1 and v2 parsers.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -32,6 +34,12 @@ _V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 HEADER_TIMEOUT = 10.0
 """Seconds a trusted proxy has to send the header before the connection is dropped."""
 
+# A v1 header as the specification has it (Twisted's parser takes more: "+5555", "05555",
+# "5_555" as ports, extra fields, lines past 107 bytes when the CRLF comes in the same read).
+_V1_PORT = rb"(?:0|[1-9][0-9]{0,4})"
+_V1_HEADER = re.compile(rb"PROXY TCP[46] [0-9A-Fa-f.:]+ [0-9A-Fa-f.:]+ %s %s" % (_V1_PORT, _V1_PORT))
+_V1_MAX = 107 - len(b"\r\n")
+
 
 class ProxiedConnection(ProtocolWrapper):
     """One connection from a trusted proxy: reads the header, then starts the wrapped protocol."""
@@ -43,6 +51,10 @@ class ProxiedConnection(ProtocolWrapper):
         self._start = b""
         self._info: ProxyInfo | None = None
         self._timer: IDelayedCall | None = None
+        # The wrapped protocol paused its reading (a worker's front end waits for admission):
+        # what came with the header waits too, in _held.
+        self._paused = False
+        self._held = b""
 
     def makeConnection(self, transport: object) -> None:
         # Like ProtocolWrapper.makeConnection, except that the wrapped protocol waits for the header.
@@ -56,9 +68,24 @@ class ProxiedConnection(ProtocolWrapper):
         log.warn("proxy_header_timeout source={source}", source=self.transport.getPeer().host)  # type: ignore[union-attr]
         self.transport.abortConnection()  # type: ignore[union-attr]
 
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        held, self._held = self._held, b""
+        if held:
+            self.wrappedProtocol.dataReceived(held)  # which may pause again
+        if not self._paused:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
         if self._info is not None:
-            self.wrappedProtocol.dataReceived(data)
+            if self._paused:
+                self._held += data  # a read already under way when the pause came
+            else:
+                self.wrappedProtocol.dataReceived(data)
             return
         if self._parser is None:
             # Enough bytes to tell v2 (a 12-byte signature) from v1 ("PROXY") from anything else.
@@ -94,7 +121,9 @@ class ProxiedConnection(ProtocolWrapper):
         if all(isinstance(a, UNIXAddress) for a in addresses):
             # The client reached the proxy over a UNIX socket: it has no address to tell, as with LOCAL.
             info = ProxyInfo(info.header, None, None)
-        elif not all(_is_ip(a) for a in addresses):
+        elif not all(_is_ip(a) for a in addresses) or (
+                isinstance(self._parser, V1Parser) and info.source is not None
+                and _V1_HEADER.fullmatch(info.header[:_V1_MAX + 1]) is None):
             # Twisted's v1 parser takes any word for an address; an address is what limits, logs
             # and the backend's ID or XCLIENT are given.
             self._refuse("malformed PROXY header")
@@ -102,12 +131,18 @@ class ProxiedConnection(ProtocolWrapper):
         self._started(info, remaining)
 
     def _started(self, info: ProxyInfo, remaining: bytes) -> None:
-        self._info = info
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if not in_networks(plain_address(self.transport.getPeer().host), self.factory.sources):  # type: ignore[union-attr]
+            # Taken out of proxy_sources by a reload while its header was on its way.
+            self._refuse("untrusted")
+            return
+        self._info = info
         self.wrappedProtocol.makeConnection(self)
-        if remaining:
+        if self._paused:
+            self._held += remaining
+        elif remaining:
             self.wrappedProtocol.dataReceived(remaining)
 
     def _refuse(self, reason: str) -> None:
@@ -136,10 +171,16 @@ class ProxiedConnection(ProtocolWrapper):
 
 
 def _is_ip(address: IAddress | None) -> bool:
-    """Whether a PROXY header's address is an IP address and port (or absent, as in LOCAL)."""
+    """
+    Whether a PROXY header's address is a TCP address of its family, without a zone, and a port
+    (or absent, as in LOCAL).
+    """
     if address is None:
         return True
-    return (isinstance(address, (IPv4Address, IPv6Address)) and parse_ip(address.host) is not None
+    if not isinstance(address, (IPv4Address, IPv6Address)) or address.type != "TCP" or "%" in address.host:
+        return False
+    ip = parse_ip(address.host)
+    return (ip is not None and ip.version == (4 if isinstance(address, IPv4Address) else 6)
             and 0 <= address.port <= 65535)
 
 

@@ -65,10 +65,14 @@ class Recorder(Protocol):
     def __init__(self) -> None:
         self.events: list[tuple[object, ...]] = []
 
+    pause_when_made = False
+
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.events.append(("made", self.transport.getPeer(), self.transport.getHost()))
         self.transport.write(GREETING)
+        if self.pause_when_made:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         self.events.append(("data", data))
@@ -87,8 +91,11 @@ class RecorderFactory(Factory):
     def __init__(self) -> None:
         self.built: list[Recorder] = []
 
+    pause_when_made = False
+
     def buildProtocol(self, addr: IAddress) -> Recorder:
         recorder = Recorder()
+        recorder.pause_when_made = self.pause_when_made
         self.built.append(recorder)
         return recorder
 
@@ -246,6 +253,26 @@ class HeaderTests(ProxyTestCase):
         self.assertEqual(self.factory.protocols, {})
 
 
+class PausedTests(ProxyTestCase):
+    """
+    A wrapped protocol that pauses its reading when it starts (a worker's front end waiting for
+    its admission) gets nothing, not even what came with the header, until it resumes.
+    """
+
+    def test_data_with_the_header_waits_for_resume(self) -> None:
+        """The bytes after the header wait while the wrapped protocol is paused, and come on resume."""
+        self.wrapped.pause_when_made = True
+        proxy, transport, recorder = self.connect()
+        proxy.dataReceived(b"PROXY TCP4 203.0.113.9 192.0.2.1 55555 143\r\na1 LOGIN bob secret\r\n")
+        self.assertEqual([event[0] for event in recorder.events], ["made"])
+        self.assertEqual(transport.producerState, "paused")
+        proxy.dataReceived(b"a2 NOOP\r\n")  # a read already under way
+        self.assertEqual([event[0] for event in recorder.events], ["made"])
+        proxy.resumeProducing()
+        self.assertEqual(recorder.events[1:], [("data", b"a1 LOGIN bob secret\r\na2 NOOP\r\n")])
+        self.assertEqual(transport.producerState, "producing")
+
+
 class RefusalTests(ProxyTestCase):
     """Anything but a well-formed header from a trusted source closes the connection unheard."""
 
@@ -293,6 +320,39 @@ class RefusalTests(ProxyTestCase):
             proxy, transport, recorder = self.connect()
             proxy.dataReceived(header)
             self.assert_refused(transport, recorder, "proxy_refused source=127.0.0.2 reason=malformed PROXY header")
+
+    def test_v1_outside_the_specification(self) -> None:
+        """
+        What Twisted's v1 parser takes but the specification does not is refused: ports written
+        "+5555", "05555" or "5_555", an IPv6 address under TCP4 (or IPv4 under TCP6), an IPv6
+        zone (which logs and fail2ban would see), extra fields, a line past 107 bytes.
+        """
+        for header in (b"PROXY TCP4 203.0.113.9 192.0.2.1 +5555 143\r\n",
+                       b"PROXY TCP4 203.0.113.9 192.0.2.1 05555 143\r\n",
+                       b"PROXY TCP4 203.0.113.9 192.0.2.1 5_555 143\r\n",
+                       b"PROXY TCP4 2001:db8::7 192.0.2.1 5555 143\r\n",
+                       b"PROXY TCP6 203.0.113.9 2001:db8::1 5555 143\r\n",
+                       b"PROXY TCP6 2001:db8::7%eth0 2001:db8::1 5555 143\r\n",
+                       b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 143 extra\r\n",
+                       b"PROXY TCP6 " + b"0:" * 30 + b":7 2001:db8::1 5555 143\r\n"):
+            proxy, transport, recorder = self.connect()
+            proxy.dataReceived(header)
+            self.assertTrue(transport.disconnected, header)
+            self.assertEqual(recorder.events, [], header)
+
+    def test_v2_datagram_refused(self) -> None:
+        """A v2 header for a UDP client, which a TCP listener cannot have, is refused."""
+        proxy, transport, recorder = self.connect()
+        proxy.dataReceived(v2_tcp4("198.51.100.7", 40001, "192.0.2.1", 143).replace(b"\x21\x11", b"\x21\x12", 1))
+        self.assert_refused(transport, recorder, "proxy_refused source=127.0.0.2 reason=malformed PROXY header")
+
+    def test_source_removed_while_the_header_came(self) -> None:
+        """A balancer taken out of the sources by a reload while its header was on its way is refused."""
+        proxy, transport, recorder = self.connect()
+        proxy.dataReceived(b"PROXY TCP4 203.0.113.9 ")
+        self.factory.sources = ()
+        proxy.dataReceived(b"192.0.2.1 55555 143\r\n")
+        self.assert_refused(transport, recorder, "proxy_refused source=127.0.0.2 reason=untrusted")
 
     def test_v2_unix_uses_real_addresses(self) -> None:
         """A v2 header for a client on a UNIX socket (no address to tell) starts with the connection's own addresses."""
