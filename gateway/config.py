@@ -356,6 +356,11 @@ class _Table:
         return tuple(value)
 
     def networks(self, key: str) -> tuple[Network, ...]:
+        """
+        A list of networks. An IPv4-mapped IPv6 network (C{::ffff:192.0.2.0/120}) is taken as the
+        IPv4 network it maps (C{192.0.2.0/24}), since a client's address is compared in its IPv4
+        form (L{gateway.addresses.plain_address}); as written it would never match.
+        """
         expected = 'a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]'
         value = self._get(key, [], list, expected)
         networks = []
@@ -363,9 +368,17 @@ class _Table:
             if not isinstance(item, str):  # ip_network takes 1 or true as the address 0.0.0.1
                 raise self.error(key, expected, item)
             try:
-                networks.append(ipaddress.ip_network(item, strict=False))
+                written = ipaddress.ip_interface(item)
+                network = written.network
             except (TypeError, ValueError):
                 raise self.error(key, expected, item) from None
+            if isinstance(written, ipaddress.IPv6Interface) and written.ip.ipv4_mapped is not None:
+                if network.prefixlen < 96:  # beyond the mapped addresses: no IPv4 network says it
+                    raise self.error(key, "an IPv4 network in its IPv4 form (::ffff:a.b.c.d/n is a.b.c.d/(n-96), "
+                                     "for n of 96 or more)", item)
+                mapped = network.network_address.ipv4_mapped
+                network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+            networks.append(network)
         return tuple(networks)
 
     def host_name(self, key: str, name: str, *, address: bool = False) -> str:

@@ -7,7 +7,7 @@ every relayed read. Here a session only notes its new deadline on each read; ses
 by the second their deadline falls in (a timing wheel with one-second slots), and one timer
 waits for the earliest slot. There, a session whose deadline moved on since it was filed is
 filed again under the new one, and a session still silent is told, within a second after its
-deadline.
+deadline. A session that raises when told is logged, and the others are told and filed all the same.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import math
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 __all__ = ["IdleSessions", "Watched"]
+
+log = Logger()
 
 _DUE = -1  # the slot of a session being looked at, to be filed again unless forgotten meanwhile
 
@@ -83,20 +86,32 @@ class IdleSessions:
         self._call = self._next = None  # this call has run: nothing is to cancel it
         now = self._clock.seconds()
         due = sorted(slot for slot in self._slots if slot <= now)
-        refile = []
-        for slot in due:
-            sessions = self._slots.get(slot, set())
-            while sessions:  # one at a time: telling one may make another forgotten
-                session = sessions.pop()
-                if session.idle_deadline <= now:
-                    session.idle_slot = None
-                    session.idle_expired()
-                else:
-                    session.idle_slot = _DUE
-                    refile.append(session)
-            self._slots.pop(slot, None)
-        for session in refile:
-            if session.idle_slot == _DUE:
-                self._file(session)
-        if self._slots and (self._next is None or min(self._slots) < self._next):
-            self._schedule(min(self._slots))
+        refile: list[Watched] = []
+        try:
+            for slot in due:
+                sessions = self._slots.get(slot, set())
+                while sessions:  # one at a time: telling one may make another forgotten
+                    session = sessions.pop()
+                    if session.idle_deadline <= now:
+                        session.idle_slot = None
+                        _tell(session)
+                    else:
+                        session.idle_slot = _DUE
+                        refile.append(session)
+                self._slots.pop(slot, None)
+        finally:
+            # Whatever happened above: with no timer set, every session still watched would be
+            # watched for ever, and one taken out to be filed again would be lost.
+            for session in refile:
+                if session.idle_slot == _DUE:
+                    self._file(session)
+            if self._slots and (self._next is None or min(self._slots) < self._next):
+                self._schedule(min(self._slots))
+
+
+def _tell(session: Watched) -> None:
+    """Tell a silent session that its deadline passed; what it raises is logged, not passed on to the sweep."""
+    try:
+        session.idle_expired()
+    except Exception:
+        log.failure("idle_expiry_failed")

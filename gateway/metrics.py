@@ -51,6 +51,13 @@ and a backend timeout lasts seconds."""
 DEFAULT_CERTIFICATE = "default"
 """The C{certificate} label of the default certificate (the one served without a matching SNI name)."""
 
+WORKER_PROTOCOLS = frozenset({"imap", "pop3", "submission"})
+"""
+The protocols a worker process serves (L{gateway.service.build_worker_service}: the mail
+listeners only). An event from a worker naming another is not counted: each label value makes a
+series the registry keeps for good, and a worker's events are not the supervisor's own.
+"""
+
 _Handler = Callable[[LogEvent], None]
 
 
@@ -166,8 +173,11 @@ class GatewayMetrics:
             if not isinstance(namespace, str) or not isinstance(log_format, str):
                 return
             handler = self._handlers.get((namespace, log_format.split(" ", 1)[0]))
-            if handler is not None:
-                handler(event)
+            if handler is None:
+                return
+            if "log_worker" in event:
+                _check_worker_event(event)
+            handler(event)
         except Exception:
             # An observer that raises would disturb logging itself; count the problem instead.
             self._event_errors.inc()
@@ -253,9 +263,25 @@ class GatewayMetrics:
         return count
 
     def _worker_gone(self, event: LogEvent) -> None:
+        if "log_worker" in event:
+            return  # a worker's own, forged: only the supervisor says a worker has gone
         worker = int(event["worker"])
         for key in [key for key in self._open if key[0] == worker]:
             self._connections_open.labels(key[1]).dec(self._open.pop(key))
+
+
+def _check_worker_event(event: LogEvent) -> None:
+    """
+    Check an event from a worker before it is counted.
+
+    :raises ValueError: when it names a protocol no worker serves (L{WORKER_PROTOCOLS}).
+    """
+    try:
+        protocol = event_value(event, "protocol")
+    except KeyError:
+        return  # the handler decides whether it needs one
+    if protocol not in WORKER_PROTOCOLS:
+        raise ValueError(f"a worker's event for protocol {protocol[:64]!r}")
 
 
 _LITERAL = re.compile(r"(?:^| )(\w+)=([^{\s][^\s]*)")

@@ -11,6 +11,11 @@ Passwords never cross the channel, only their keyed fingerprints.
 Every message is one line of JSON: C{[serial, name, argument, ...]} from the worker (serial 0
 when no answer is wanted) and C{[serial, answer]} back. A login costs a handful of messages, so
 they are kept this plain (AMP cost the supervisor several times as much CPU per login).
+
+The supervisor trusts no worker beyond its own counts: a message of the wrong shape closes that
+worker's channel (which releases all it held, and stops the worker), a worker gets no session
+beyond the connections it holds, it cannot publish the supervisor's own events (whose metrics
+are keyed on them), and one that does not read its answers is cut off before they fill memory.
 """
 
 from __future__ import annotations
@@ -29,13 +34,35 @@ from twisted.python.failure import Failure
 from gateway.connection_limits import take_one
 from gateway.gatekeeper import LocalGatekeeper, LoginCheck
 from gateway.penalties import password_fingerprint
+from gateway.sockets import write_backlog
 
 log = Logger()
+_worker_log = Logger(namespace="gateway.worker")
 
 T = TypeVar("T")
 
 MAX_MESSAGE = 1024 * 1024
 """Longest line either end accepts; a log event is cut to fit well within it."""
+
+MAX_UNREAD = 4 * MAX_MESSAGE
+"""
+Bytes of answers the supervisor holds for a worker that does not read them; past this (checked
+before each question, since one read brings thousands) the channel is cut. A worker reads its
+answers as they come, and the longest (the configuration text) fits in L{MAX_MESSAGE}; but a
+question of 20 bytes asks for that whole text, and without a bound a worker that only writes
+would make the supervisor buffer hundreds of times what it sends.
+"""
+
+MAX_NAME = 255
+"""
+Longest user key or host a worker may name. A user key is at most 64 characters
+(L{gateway.frontend.USER_KEY_LENGTH}: a longer name is sent as a digest of 39), a host is an IP
+address (at most 45) or a UNIX socket peer's text (a path of at most 108 bytes): with room to
+spare, and the supervisor's tables stay small whatever a worker sends.
+"""
+
+_SUPERVISOR_NAMESPACES = frozenset({__name__, "gateway.workers"})
+"""Log namespaces only the supervisor logs in: a worker's event in one is a forgery, and dropped."""
 
 _MAX_FIELD = 16 * 1024
 _PLAIN = (str, int, float, bool, type(None))
@@ -50,6 +77,7 @@ _decode = json.JSONDecoder().decode
 class _Channel(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_MESSAGE
+    _log: Logger  # set per instance: a Logger in the class would name itself after the class
 
     def send(self, *message: object) -> None:
         """Write one message (nothing once the channel has gone)."""
@@ -57,7 +85,7 @@ class _Channel(LineOnlyReceiver):
             self.transport.write(_encode(message).encode("ascii") + b"\n")  # the encoder escapes all else
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        log.error("worker_channel_message_too_long length={length}", length=len(line))
+        self._log.error("worker_channel_message_too_long length={length}", length=len(line))
         assert self.transport is not None
         self.transport.loseConnection()
 
@@ -68,7 +96,8 @@ class SupervisorChannel(_Channel):
     remembers what this worker holds, so that a worker that dies takes its counts with it.
 
     :param publisher: where the worker's log events go (the supervisor's log). Each gets the
-        field C{log_worker}, the worker's process id, which no text format shows.
+        field C{log_worker}, the worker's process id, which no text format shows; an event in a
+        namespace only the supervisor logs in is dropped.
     :param worker: the worker's process id.
     :param configuration: the configuration text the supervisor checked and runs with now: a
         worker asks for it (C{configuration}) to start and at each reload, whatever the file says
@@ -80,20 +109,37 @@ class SupervisorChannel(_Channel):
                  configuration: Callable[[], str], ready: Callable[[], object]) -> None:
         self._gatekeeper = gatekeeper
         self._publisher = publisher
+        self._log = log
         self._worker = worker
         self._events = Logger(namespace=__name__, observer=publisher)
         self._connections: Counter[str] = Counter()
         self._sessions: Counter[str] = Counter()
+        self._connection_count = 0  # the totals of the two above
+        self._session_count = 0
+        self._cut = False
         self._handlers: dict[str, Callable[..., object]] = {
             "hello": self._hello, "configuration": configuration, "admit": self._admit, "release": self._release,
             "check_login": self._check_login, "open_session": self._open_session,
             "close_session": self._close_session, "failed": self._failed,
-            "succeeded": self._gatekeeper.succeeded, "log": self._log, "ready": ready,
+            "succeeded": self._succeeded, "log": self._publish, "ready": ready,
         }
 
     def lineReceived(self, line: bytes) -> None:
+        if self._cut:
+            # Read along with the line that cut the channel: LineOnlyReceiver delivers the rest of
+            # a read after abortConnection (it stops only once the transport is disconnecting).
+            return
+        backlog = write_backlog(self.transport)
+        if backlog > MAX_UNREAD:
+            log.error("worker_channel_unread worker={worker} backlog={backlog}", worker=self._worker, backlog=backlog)
+            self._cut = True
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # its answers would never be sent
+            return
         try:
             serial, name, *arguments = _decode(line.decode("ascii"))
+            if not isinstance(serial, int):
+                raise TypeError("a serial that is not a number")
             answer = self._handlers[name](*arguments)
         except Exception:
             log.failure("worker_channel_bad_message")
@@ -107,33 +153,55 @@ class SupervisorChannel(_Channel):
         return base64.b64encode(self._gatekeeper.penalties.fingerprint_key).decode("ascii")
 
     def _admit(self, host: str) -> str | None:
-        refused = self._gatekeeper.connections.admit(host)
+        refused = self._gatekeeper.connections.admit(_name(host))
         if refused is None:
             self._connections[host] += 1
+            self._connection_count += 1
         return refused
 
     def _release(self, host: str) -> None:
-        if take_one(self._connections, host):
+        if take_one(self._connections, _name(host)):
+            self._connection_count -= 1
             self._gatekeeper.release(host)
 
     def _check_login(self, user: str, host: str) -> list[bool]:
-        check = self._gatekeeper.login_check(user, host)
+        check = self._gatekeeper.login_check(_name(user), _name(host))
         return [check.throttled, check.sessions_full]
 
     def _open_session(self, user: str) -> bool:
+        user = _name(user)
+        if self._session_count >= self._connection_count:
+            # Each session is a client's, on a connection this worker holds: the worker asks for
+            # no other, and must not take a user's sessions, nor fill the table with names. The
+            # answer is the one for a user at the limit (the worker refuses that login).
+            log.warn("worker_channel_session_refused worker={worker} connections={connections} sessions={sessions}",
+                     worker=self._worker, connections=self._connection_count, sessions=self._session_count)
+            return False
         opened = self._gatekeeper.connections.open_session(user)
         if opened:
             self._sessions[user] += 1
+            self._session_count += 1
         return opened
 
     def _close_session(self, user: str) -> None:
-        if take_one(self._sessions, user):
+        if take_one(self._sessions, _name(user)):
+            self._session_count -= 1
             self._gatekeeper.close_session(user)
 
     def _failed(self, user: str, host: str, fingerprint: str) -> float:
-        return self._gatekeeper.count_failure(user, host, base64.b64decode(fingerprint))
+        key = base64.b64decode(_name(fingerprint), validate=True)
+        if len(key) != _FINGERPRINT_LENGTH:
+            raise ValueError(f"a fingerprint of {len(key)} bytes")
+        return self._gatekeeper.count_failure(_name(user), _name(host), key)
 
-    def _log(self, fields: dict[str, Any]) -> None:
+    def _succeeded(self, user: str, host: str) -> None:
+        self._gatekeeper.succeeded(_name(user), _name(host))
+
+    def _publish(self, fields: dict[str, Any]) -> None:
+        if not isinstance(fields, dict):
+            raise TypeError(f"log fields {type(fields).__name__}")
+        if fields.get("log_namespace") in _SUPERVISOR_NAMESPACES:
+            return  # such as worker_channel_closed, which would drop another worker's open connections
         # Published as it was logged: the log reads the same with one process or many (fail2ban).
         fields["log_level"] = LogLevel.levelWithName(fields.pop("log_level_name", "info"))
         fields["log_worker"] = self._worker
@@ -152,6 +220,17 @@ class SupervisorChannel(_Channel):
                 self._gatekeeper.close_session(user)
         self._connections.clear()
         self._sessions.clear()
+        self._connection_count = self._session_count = 0
+
+
+_FINGERPRINT_LENGTH = len(password_fingerprint(b"", b""))
+
+
+def _name(value: object) -> str:
+    """C{value}, a user key, host or fingerprint from a worker, checked: text of at most L{MAX_NAME} characters."""
+    if not isinstance(value, str) or len(value) > MAX_NAME:
+        raise ValueError(f"a name that is not text of at most {MAX_NAME} characters (a {type(value).__name__})")
+    return value
 
 
 def loggable(event: LogEvent) -> dict[str, Any]:
@@ -186,6 +265,9 @@ class WorkerChannel(_Channel):
 
     def __init__(self, lost: Callable[[], None]) -> None:
         self._lost = lost
+        # Its events go to the supervisor's log, which drops a worker's event in this module's
+        # namespace (the supervisor's own): the worker's end logs as the worker.
+        self._log = _worker_log
         self._serial = 0
         self._waiting: dict[int, Deferred[Any]] = {}
 

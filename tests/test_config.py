@@ -13,6 +13,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from gateway.addresses import in_networks, plain_address
 from gateway.config import (
     AuthSettings,
     BackendSettings,
@@ -649,6 +650,21 @@ class HardeningTests(ConfigTestCase):
                 tables = self.minimal()
                 tables["limits"] = {key: literal}
                 self.assert_tables_error(tables, f"[limits] {key}", "a list of networks")
+
+    def test_ipv4_mapped_networks(self) -> None:
+        """
+        An IPv4-mapped IPv6 network is taken as the IPv4 network it maps, which a client's address
+        (compared in its IPv4 form) can match; one with a prefix below 96 is refused.
+        """
+        for key in ("trusted_networks", "proxy_sources"):
+            tables = self.minimal()
+            tables["limits"] = {key: '["::ffff:10.0.0.0/104", "::ffff:192.0.2.7", "::ffff:0:0/96", "2001:db8::/48"]'}
+            networks = getattr(self.load(tables).limits, key)
+            self.assertEqual([str(network) for network in networks],
+                             ["10.0.0.0/8", "192.0.2.7/32", "0.0.0.0/0", "2001:db8::/48"])
+            self.assertTrue(in_networks(plain_address("::ffff:10.1.2.3"), networks[:1]))
+            tables["limits"] = {key: '["::ffff:10.0.0.0/95"]'}
+            self.assert_tables_error(tables, f"[limits] {key}", "an IPv4 network in its IPv4 form")
 
     def test_upstream_port_in_range(self) -> None:
         """A webmail upstream's port is from 1 to 65535."""

@@ -24,6 +24,10 @@ class _Session:
         self.expired_at.append(self.clock.seconds())
 
 
+def _broken() -> None:
+    raise RuntimeError("a session's end went wrong")
+
+
 class IdleSessionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -128,3 +132,22 @@ class IdleSessionsTests(SynchronousTestCase):
         self.assertEqual((early.expired_at, late.expired_at), ([50], []))
         self.clock.advance(450)
         self.assertEqual(late.expired_at, [500])
+
+    def test_session_that_raises(self) -> None:
+        """
+        A session that raises when told is logged; the other silent sessions of its second are
+        told all the same, and one active since is filed again and told at its new deadline.
+        """
+        failing = [self.session() for _ in range(3)]
+        silent = [self.session() for _ in range(3)]
+        moved = self.session()
+        for session in failing:
+            session.idle_expired = _broken  # type: ignore[method-assign]
+        self.clock.advance(50)
+        moved.active()
+        self.clock.advance(50)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
+        self.assertEqual([session.expired_at for session in silent], [[100]] * 3)
+        self.assertEqual(len(self.sessions), 1)
+        self.assert_expires_at(moved, 150)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

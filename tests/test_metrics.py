@@ -115,6 +115,19 @@ class FrontEndEventTests(FrontEndTestBase):
         self.front.connectionLost()
         self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 1)
 
+    def test_worker_gone_only_from_supervisor(self) -> None:
+        """A worker's own event saying another worker has gone (a forgery) leaves that worker's connections counted."""
+        for worker in (11, 11):
+            self.metrics.observe({"log_namespace": "gateway.frontend", "log_worker": worker, "log_format":
+                                  "connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                                  "protocol": "pop3", "client": "192.0.2.1", "client_port": 1, "listener": 995, "tls": "none"})
+        gone = {"log_namespace": "gateway.worker_channel", "worker": 11,
+                "log_format": "worker_channel_closed worker={worker} connections={connections} sessions={sessions}"}
+        self.metrics.observe(dict(gone, log_worker=12))
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 3)
+        self.metrics.observe(gone)
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 1)
+
     def test_good_login_and_backend_time(self) -> None:
         """A good login counts as ok, and the backend's login time lands in its histogram bucket, in seconds."""
         self.backend.hold = True
@@ -385,6 +398,29 @@ class ObserverTests(SynchronousTestCase):
         self.metrics.observe({"log_format": None, "log_namespace": "gateway.frontend"})
         self.assertIsNone(sample(self.metrics, "mailgateway_connections_total", protocol="imap", listener="993"))
         self.assertEqual(sample(self.metrics, "mailgateway_metrics_event_errors_total"), 0)
+
+    def test_worker_protocols(self) -> None:
+        """
+        A worker's event naming a protocol no worker serves is not counted (each name would be a
+        series kept for good), but as an event error; the supervisor's own protocols count.
+        """
+        connect = {"log_namespace": "gateway.frontend", "log_worker": 11, "log_format":
+                   "connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                   "client": "192.0.2.1", "client_port": 1, "listener": 993, "tls": "none"}
+        for protocol in ("imap", "p0" * 100, "p1" * 100, "metrics"):
+            self.metrics.observe(dict(connect, protocol=protocol))
+        self.metrics.observe({"log_namespace": "gateway.frontend", "log_worker": 11,
+                              "log_format": "timeout protocol=x" + "y" * 200 + " client={client} reason=idle",
+                              "client": "192.0.2.1"})
+        self.metrics.observe({"log_namespace": "gateway.listener", "protocol": "metrics", "client": "192.0.2.1",
+                              "limit": "max_connections", "log_format":
+                              "connection_refused protocol={protocol} client={client} limit={limit}"})
+        families = {family.name: family.samples for family in self.metrics.registry.collect()}
+        self.assertEqual([sample.labels for sample in families["mailgateway_connections_open"]], [{"protocol": "imap"}])
+        self.assertEqual(families["mailgateway_timeouts"], [])
+        self.assertEqual(sample(self.metrics, "mailgateway_limit_refusals_total", protocol="metrics",
+                                limit="max_connections"), 1)
+        self.assertEqual(sample(self.metrics, "mailgateway_metrics_event_errors_total"), 4)
 
     def test_unreadable_event_counted_not_raised(self) -> None:
         """A gateway event missing a field or with a wrong value is counted as an error, never raised."""

@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
 from frontend_harness import FrontEndTestBase
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper, LoginCheck
 from gateway.imap import ImapFrontEnd
 from gateway.penalties import LoginPenalties, PenaltyRules
-from gateway.worker_channel import RemoteGatekeeper, SupervisorChannel, WorkerChannel, loggable
+from gateway.worker_channel import (
+    MAX_MESSAGE,
+    MAX_NAME,
+    MAX_UNREAD,
+    RemoteGatekeeper,
+    SupervisorChannel,
+    WorkerChannel,
+    loggable,
+)
+from gateway.workers import SingleProtocolFactory
 
 CLIENT = "198.51.100.7"
 
@@ -82,6 +95,8 @@ class ChannelTests(SynchronousTestCase):
     def test_sessions_count_every_worker(self) -> None:
         """A user with one session allowed gets no second one on another worker, and one after closing."""
         first, second = Worker(self), Worker(self)
+        first.answer(first.gatekeeper.admit(CLIENT))
+        second.answer(second.gatekeeper.admit(CLIENT))
         self.assertIs(first.answer(first.gatekeeper.open_session("alice")), True)
         self.assertIs(second.answer(second.gatekeeper.open_session("alice")), False)
         self.assertEqual(second.answer(second.gatekeeper.check_login("alice", CLIENT)), LoginCheck(False, True))
@@ -92,6 +107,8 @@ class ChannelTests(SynchronousTestCase):
     def test_names_beyond_ascii(self) -> None:
         """A user name beyond ASCII crosses the channel escaped, and counts as the same user on every worker."""
         first, second = Worker(self), Worker(self)
+        first.answer(first.gatekeeper.admit(CLIENT))
+        second.answer(second.gatekeeper.admit(CLIENT))
         self.assertIs(first.answer(first.gatekeeper.open_session("jörg@bücher.example")), True)
         self.assertIs(second.answer(second.gatekeeper.open_session("jörg@bücher.example")), False)
         self.assertEqual(self.connections.sessions("jörg@bücher.example"), 1)
@@ -121,6 +138,7 @@ class ChannelTests(SynchronousTestCase):
     def test_cancelled_question_is_undone(self) -> None:
         """A session or connection counted for a client that left meanwhile is given back."""
         worker = Worker(self)
+        worker.answer(worker.gatekeeper.admit(CLIENT))
         opening = worker.gatekeeper.open_session("alice")
         admitting = worker.gatekeeper.admit(CLIENT)
         opening.cancel()
@@ -129,7 +147,7 @@ class ChannelTests(SynchronousTestCase):
         worker.result(admitting)
         worker.pump.flush()
         self.assertEqual(self.connections.sessions("alice"), 0)
-        self.assertEqual(self.connections.connections, 0)
+        self.assertEqual(self.connections.connections, 1)  # the first, still held
 
     def test_lost_worker_releases_its_counts(self) -> None:
         """When a worker's channel closes, its connections and sessions no longer count; the other's do."""
@@ -170,6 +188,58 @@ class ChannelTests(SynchronousTestCase):
         second.pump.flush()
         self.assertEqual(self.connections.connections, 1)
 
+    def test_sessions_only_for_connections(self) -> None:
+        """
+        A worker gets no more sessions than it holds connections (each is a client's): asked for
+        more, it is answered as for a user at the limit, and takes no session of the user.
+        """
+        rogue, honest = Worker(self), Worker(self)
+        self.connections.rules = replace(self.connections.rules, max_sessions_per_user=2)
+        for name in ("alice", "alice", "mallory", "x" * 200):
+            self.assertIs(rogue.answer(rogue.gatekeeper.open_session(name)), False)
+        self.assertEqual(self.connections.sessions("alice"), 0)
+        self.assertIs(honest.answer(honest.gatekeeper.admit(CLIENT)), None)
+        self.assertIs(honest.answer(honest.gatekeeper.open_session("alice")), True)
+        rogue.answer(rogue.gatekeeper.admit(CLIENT))
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), True)
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), False)  # one connection, one session
+        rogue.gatekeeper.close_session("alice")
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("bob")), True)
+        rogue.gatekeeper.release(CLIENT)
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("carol")), False)
+        self.assertEqual((rogue.lost, honest.lost), (0, 0))
+        self.assertEqual((self.connections.sessions("alice"), self.connections.sessions("bob")), (1, 1))
+
+    def test_bad_arguments_close_channel(self) -> None:
+        """
+        A question whose arguments are not names (text of at most MAX_NAME characters), or whose
+        fingerprint is not one, closes the worker's channel, as any bad message does; what it
+        held is released.
+        """
+        long, fingerprint = "x" * (MAX_NAME + 1), base64.b64encode(bytes(16)).decode("ascii")
+        messages: list[tuple[object, ...]] = [
+            ("1", "hello"), (1, "admit", 5), (1, "admit", None), (1, "admit", long), (1, "admit", ["x"]),
+            (0, "release", None), (1, "check_login", "alice", 7), (1, "check_login", long, CLIENT),
+            (1, "open_session", {"a": 1}), (1, "open_session", long), (0, "close_session", long),
+            (1, "failed", "alice", CLIENT, "!!" + fingerprint), (1, "failed", "alice", CLIENT, fingerprint[:12]),
+            (1, "failed", "alice", long, fingerprint), (0, "succeeded", "alice", None), (0, "log", ["x"]),
+        ]
+        for message in messages:
+            worker = Worker(self)
+            worker.answer(worker.gatekeeper.admit(CLIENT))
+            worker.channel.send(*message)
+            worker.pump.flush()
+            self.assertEqual(worker.lost, 1, message)
+            self.assertEqual(self.connections.connections, 0, message)
+            self.assertEqual(len(self.flushLoggedErrors(ValueError, TypeError)), 1, message)
+        worker = Worker(self)
+        name = "y" * MAX_NAME
+        self.assertIsNone(worker.answer(worker.gatekeeper.admit(name)))
+        self.assertEqual(worker.answer(worker.gatekeeper.check_login(name, name)), LoginCheck(False, False))
+        self.assertIs(worker.answer(worker.gatekeeper.open_session(name)), True)
+        self.assertEqual(worker.answer(worker.gatekeeper.failed(name, name, b"wrong")), 2.0)
+        self.assertEqual(worker.lost, 0)
+
     def test_bad_message_closes_channel(self) -> None:
         """A message the supervisor cannot read closes that worker's channel and is logged."""
         worker = Worker(self)
@@ -198,6 +268,29 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual((event["log_level"], event["log_namespace"], event["n"]), (LogLevel.warn, "gateway.frontend", 3))
         self.assertIsInstance(event["log_time"], float)
 
+    def test_supervisor_events_not_taken(self) -> None:
+        """
+        A worker's event in a namespace only the supervisor logs in (a forgery, such as another
+        worker's channel closing, which the metrics act on) is dropped; the worker's own pass.
+        """
+        worker = Worker(self)
+        for namespace in ("gateway.worker_channel", "gateway.workers"):
+            worker.channel.tell("log", {"log_namespace": namespace, "log_format": "worker_channel_closed worker={worker}",
+                                        "worker": 1001})
+        Logger(namespace="gateway.frontend", observer=worker.channel.emit).info("connect protocol={protocol}",
+                                                                                   protocol="imap")
+        worker.pump.flush()
+        self.assertEqual([event["log_namespace"] for event in self.published], ["gateway.frontend"])
+        self.assertEqual(worker.lost, 0)
+
+    def test_worker_logs_as_worker(self) -> None:
+        """The worker's end of the channel logs as the worker, so that the supervisor publishes its events."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        worker = Worker(self, lambda: "#" * MAX_MESSAGE)
+        self.assertEqual(worker.lost, 1)  # the configuration was too long to read
+        [event] = [event for event in events if event["log_format"].startswith("worker_channel_message_too_long")]
+        self.assertEqual(event["log_namespace"], "gateway.worker")
+
     def test_failure_event_keeps_traceback(self) -> None:
         """A logged failure arrives as its message followed by its traceback."""
         worker = Worker(self)
@@ -221,6 +314,59 @@ class ChannelTests(SynchronousTestCase):
         self.assertLess(len(fields["long"]), 20_000)
         self.assertNotIn("log_logger", fields)
         self.assertEqual(fields["log_level_name"], "info")
+
+
+class _WatchedChannel(SupervisorChannel):
+    """A supervisor's channel that says when it has closed."""
+
+    def __init__(self, *arguments: object) -> None:
+        super().__init__(*arguments)  # type: ignore[arg-type]
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        self.closed.callback(None)
+
+
+class UnreadAnswersTests(TestCase):
+    """A worker that asks and never reads, on a real UNIX socket pair as the supervisor adopts it."""
+
+    @inlineCallbacks
+    def test_cut_off(self):  # type: ignore[no-untyped-def]
+        """
+        The supervisor holds no more than MAX_UNREAD of answers (and one answer) for a worker that
+        does not read them, then cuts the channel: what the worker held is released, and the
+        worker's end sees its channel close (which stops a worker).
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connections = ConnectionLimits(ConnectionRules())
+        gatekeeper = LocalGatekeeper(connections, LoginPenalties(Clock(), PenaltyRules()))
+        configuration = "# a line of a configuration\n" * 150  # 4 KB, asked for by 20 bytes
+        published: list[LogEvent] = []
+        channel = _WatchedChannel(gatekeeper, published.append, 99, lambda: configuration, lambda: None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        with ours:
+            reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))
+        self.addCleanup(lambda: channel.transport and channel.transport.abortConnection())
+        theirs.sendall(b'[1,"admit","198.51.100.7"]\n')
+        # Twice what MAX_UNREAD holds, and all of it fits in the socket's buffer: sent at once.
+        asking = b'[2,"configuration"]\n' * (2 * MAX_UNREAD // len(configuration))
+        self.assertLess(len(asking), theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2)
+        theirs.sendall(asking)
+        yield channel.closed.addTimeout(10, reactor)
+        [cut] = [event for event in events if event["log_format"].startswith("worker_channel_unread")]
+        self.assertEqual(cut["worker"], 99)
+        self.assertGreater(cut["backlog"], MAX_UNREAD)
+        self.assertLessEqual(cut["backlog"], MAX_UNREAD + len(json.dumps([2, configuration])) + 1)
+        self.assertEqual(connections.connections, 0)
+        self.assertEqual([event["log_format"].split()[0] for event in published], ["worker_channel_closed"])
+        theirs.settimeout(10)
+        try:
+            while theirs.recv(65536):
+                pass  # the answers the socket took before the cut
+        except ConnectionResetError:
+            pass  # the supervisor closed with questions unread
 
 
 class WorkerFrontEndTests(FrontEndTestBase):
