@@ -198,13 +198,16 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._started = time.monotonic()
         tune(self.transport)
         admitting = self.context.gatekeeper.admit(self.client.host)
-        if not admitting.called:
+        waiting = not admitting.called
+        if waiting:
             # Nothing is read until the gatekeeper has answered: a worker asks its supervisor. A
             # supervisor that does not answer must not leave the connection held for ever.
             self.transport.pauseProducing()  # type: ignore[attr-defined]
             self.setTimeout(self.context.limits.idle_timeout)
-            admitting.addCallback(self._resume_admitted)
         admitting.addCallback(self._admission)
+        if waiting:
+            # Only once greeted: a resume may hand over bytes at once (those a PROXY header brought).
+            admitting.addCallback(self._resume_admitted)
         admitting.addErrback(self._gatekeeper_failed)
 
     def _admission(self, refused: str | None) -> None:
@@ -226,11 +229,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
                  listener=self.client.local_port, tls="implicit" if self.secure else "none")
         self.greet()
 
-    def _resume_admitted(self, refused: str | None) -> str | None:
-        if refused is None and not (self._lost or self.closed):
+    def _resume_admitted(self, _: None) -> None:
+        if self._admitted and not (self._lost or self.closed):
             assert self.transport is not None
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-        return refused
 
     def _gatekeeper_failed(self, failure: Failure) -> None:
         # Only a worker whose supervisor is gone gets here; it is about to stop.

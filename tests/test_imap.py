@@ -6,9 +6,11 @@ from frontend_harness import PASSWORD, TLS_OPTIONS, FrontEndTestBase, b64, unslo
 from twisted.internet.error import ConnectionDone
 
 import gc
+import ipaddress
 import weakref
 from dataclasses import replace
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 
 from gateway.connection_limits import ConnectionRules
@@ -20,7 +22,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.backend import BackendUnavailable, ClientAddress
+from gateway.frontend import FrontEndFactory
 from gateway.imap import ImapFrontEnd
+from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.relay import CLOSE_GRACE
 
 class ImapTestBase(FrontEndTestBase):
@@ -866,6 +870,26 @@ class PendingAdmissionTests(ImapTestBase):
         self.assertTrue(transport.value().startswith(b"* OK "))
         self.assertEqual(transport.producerState, "producing")
         front.connectionLost(Failure(ConnectionDone()))
+
+    def test_bytes_with_a_proxy_header_wait_for_the_greeting(self) -> None:
+        """
+        Behind a PROXY listener, a command that came with the header is answered after the
+        greeting: the resume that follows admission hands such bytes over at once.
+        """
+        factory = TrustedProxyFactory(FrontEndFactory(ImapFrontEnd, self.context),
+                                      (ipaddress.ip_network("127.0.0.0/8"),), self.clock)
+        balancer = IPv4Address("TCP", "127.0.0.2", 40000)
+        proxy = factory.buildProtocol(balancer)
+        assert proxy is not None
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 143), peerAddress=balancer)
+        proxy.makeConnection(transport)
+        proxy.dataReceived(b"PROXY TCP4 203.0.113.9 192.0.2.1 55555 143\r\na1 NOOP\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.gatekeeper.answer()
+        greeting, _, rest = transport.value().partition(b"\r\n")
+        self.assertTrue(greeting.startswith(b"* OK "), transport.value())
+        self.assertEqual(rest, b"a1 OK NOOP completed.\r\n")
+        proxy.connectionLost(Failure(ConnectionDone()))
 
     def test_unanswered_admission_times_out(self) -> None:
         """
