@@ -123,7 +123,7 @@ class ProxiedConnection(ProtocolWrapper):
             info = ProxyInfo(info.header, None, None)
         elif not all(_is_ip(a) for a in addresses) or (
                 isinstance(self._parser, V1Parser) and info.source is not None
-                and _V1_HEADER.fullmatch(info.header[:_V1_MAX + 1]) is None):
+                and (len(info.header) > _V1_MAX or _V1_HEADER.fullmatch(info.header) is None)):
             # Twisted's v1 parser takes any word for an address; an address is what limits, logs
             # and the backend's ID or XCLIENT are given.
             self._refuse("malformed PROXY header")

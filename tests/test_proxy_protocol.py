@@ -55,6 +55,10 @@ V2_LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
 """A v2 LOCAL command (the load balancer's own health check): no addresses."""
 
 
+LONGEST_IPV6 = b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"  # 39 characters, the longest the specification counts
+EMBEDDED_IPV4 = b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"  # 45: valid, but two make a line too long
+
+
 class Recorder(Protocol):
     """
     The wrapped protocol: records what reaches it, and greets first as a mail server does.
@@ -334,11 +338,21 @@ class RefusalTests(ProxyTestCase):
                        b"PROXY TCP6 203.0.113.9 2001:db8::1 5555 143\r\n",
                        b"PROXY TCP6 2001:db8::7%eth0 2001:db8::1 5555 143\r\n",
                        b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 143 extra\r\n",
-                       b"PROXY TCP6 " + b"0:" * 30 + b":7 2001:db8::1 5555 143\r\n"):
+                       b"PROXY TCP6 %s %s 1 2 extra\r\n" % (EMBEDDED_IPV4, EMBEDDED_IPV4),
+                       b"PROXY TCP6 %s %s 65535 65535\r\n" % (EMBEDDED_IPV4, EMBEDDED_IPV4)):
             proxy, transport, recorder = self.connect()
             proxy.dataReceived(header)
             self.assertTrue(transport.disconnected, header)
             self.assertEqual(recorder.events, [], header)
+
+    def test_v1_longest_allowed(self) -> None:
+        """The longest v1 header the specification counts (104 bytes with its CRLF; 107 allowed) is taken."""
+        header = b"PROXY TCP6 %s %s 65535 65535\r\n" % (LONGEST_IPV6, LONGEST_IPV6)
+        self.assertEqual(len(header), 104)
+        proxy, transport, recorder = self.connect()
+        proxy.dataReceived(header)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(recorder.events[0][0], "made")
 
     def test_v2_datagram_refused(self) -> None:
         """A v2 header for a UDP client, which a TCP listener cannot have, is refused."""
