@@ -61,6 +61,13 @@ address (at most 45) or a UNIX socket peer's text (a path of at most 108 bytes):
 spare, and the supervisor's tables stay small whatever a worker sends.
 """
 
+SESSION_SLACK = 16
+"""
+Sessions a worker may hold beyond its connections: a client that leaves while its session is
+being opened has its connection released at once, and the session's undo (close_session) comes
+a round trip later, once the answer is in; meanwhile another client's session must not be refused.
+"""
+
 _SUPERVISOR_NAMESPACES = frozenset({__name__, "gateway.workers"})
 """Log namespaces only the supervisor logs in: a worker's event in one is a forgery, and dropped."""
 
@@ -170,7 +177,7 @@ class SupervisorChannel(_Channel):
 
     def _open_session(self, user: str) -> bool:
         user = _name(user)
-        if self._session_count >= self._connection_count:
+        if self._session_count >= self._connection_count + SESSION_SLACK:
             # Each session is a client's, on a connection this worker holds: the worker asks for
             # no other, and must not take a user's sessions, nor fill the table with names. The
             # answer is the one for a user at the limit (the worker refuses that login).

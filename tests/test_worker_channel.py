@@ -28,6 +28,7 @@ from gateway.worker_channel import (
     MAX_MESSAGE,
     MAX_NAME,
     MAX_UNREAD,
+    SESSION_SLACK,
     RemoteGatekeeper,
     SupervisorChannel,
     WorkerChannel,
@@ -190,25 +191,39 @@ class ChannelTests(SynchronousTestCase):
 
     def test_sessions_only_for_connections(self) -> None:
         """
-        A worker gets no more sessions than it holds connections (each is a client's): asked for
-        more, it is answered as for a user at the limit, and takes no session of the user.
+        A worker gets no more sessions than it holds connections (each is a client's), but for
+        SESSION_SLACK (undos on their way): asked for more, it is answered as for a user at the
+        limit, and takes no session of the user.
         """
         rogue, honest = Worker(self), Worker(self)
         self.connections.rules = replace(self.connections.rules, max_sessions_per_user=2)
-        for name in ("alice", "alice", "mallory", "x" * 200):
+        for number in range(SESSION_SLACK):
+            self.assertIs(rogue.answer(rogue.gatekeeper.open_session(f"user{number}")), True)
+        for name in ("alice", "mallory", "x" * 200):
             self.assertIs(rogue.answer(rogue.gatekeeper.open_session(name)), False)
         self.assertEqual(self.connections.sessions("alice"), 0)
-        self.assertIs(honest.answer(honest.gatekeeper.admit(CLIENT)), None)
-        self.assertIs(honest.answer(honest.gatekeeper.open_session("alice")), True)
         rogue.answer(rogue.gatekeeper.admit(CLIENT))
-        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), True)
-        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), False)  # one connection, one session
-        rogue.gatekeeper.close_session("alice")
-        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("bob")), True)
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), True)  # one connection, one more
+        self.assertIs(rogue.answer(rogue.gatekeeper.open_session("alice")), False)
         rogue.gatekeeper.release(CLIENT)
         self.assertIs(rogue.answer(rogue.gatekeeper.open_session("carol")), False)
+        self.assertIs(honest.answer(honest.gatekeeper.admit(CLIENT)), None)
+        self.assertIs(honest.answer(honest.gatekeeper.open_session("alice")), True)
         self.assertEqual((rogue.lost, honest.lost), (0, 0))
-        self.assertEqual((self.connections.sessions("alice"), self.connections.sessions("bob")), (1, 1))
+        self.assertEqual(self.connections.sessions("alice"), 2)
+
+    def test_session_of_a_client_gone_meanwhile(self) -> None:
+        """
+        A client that left while its session was being opened has its connection released before
+        the session's undo comes: another client's session, asked for meanwhile, is not refused.
+        """
+        worker = Worker(self)
+        worker.answer(worker.gatekeeper.admit(CLIENT))
+        opening = worker.gatekeeper.open_session("alice")
+        worker.gatekeeper.release(CLIENT)  # the client left; the late answer's undo is on its way
+        worker.answer(worker.gatekeeper.admit(CLIENT))
+        self.assertIs(worker.answer(worker.gatekeeper.open_session("bob")), True)
+        self.assertIs(worker.answer(opening), True)
 
     def test_bad_arguments_close_channel(self) -> None:
         """
