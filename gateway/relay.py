@@ -58,7 +58,8 @@ connection (and the descriptor and per-address slot with it) is not.
 def close_with_grace(transport: ITransport, clock: IReactorTime) -> GracePeriod:
     """
     Close C{transport} once its buffer is written (and, over TLS, the peer's close_notify has
-    come), or abort it once L{CLOSE_GRACE} seconds pass with no progress: a peer that stops
+    come), or abort it once L{CLOSE_GRACE} seconds pass in which its peer has not taken
+    L{CLOSE_PROGRESS} bytes of it (see L{GracePeriod}): a peer that stops
     reading or never answers would keep the connection open for ever.
 
     :returns: the abort; cancel it when the connection is lost in time.

@@ -590,7 +590,8 @@ _COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
 def _say_goodbye(backend: SmtpBackend, clock: IReactorTime) -> None:
     """
     Say QUIT to the MTA and close its connection once its buffer is written, or abort it once it
-    has gone L{gateway.relay.CLOSE_GRACE} seconds without progress: an MTA that stopped reading,
+    has gone L{gateway.relay.CLOSE_GRACE} seconds without taking L{gateway.relay.CLOSE_PROGRESS}
+    bytes of what it was sent: an MTA that stopped reading,
     or never ends TLS, would keep the connection and its buffers for ever.
     """
     transport = backend.transport

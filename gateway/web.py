@@ -442,20 +442,20 @@ class RequestDeadlineChannel(HTTPChannel):
         headers = [*headers, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]
         self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
         self.transport.write(body)  # type: ignore[union-attr]
-        # A client that does not read this meets the idle timeout, which no byte of its restarts now.
+        # A client that does not read this is aborted after the grace period (loseConnection).
         self.loseConnection()
 
     def loseConnection(self) -> None:
         """
         Close as twisted.web does, and abort once the client has gone the grace period without
-        taking what it was sent (L{gateway.relay.close_with_grace}): twisted.web keeps no timer on
+        taking enough of what it was sent (L{gateway.relay.close_with_grace}): twisted.web keeps no timer on
         a connection it closes (C{Connection: close}, HTTP/1.0, a refusal), so a client that
         stops reading the end of a response, or never ends TLS, would hold it, and a connection
         slot, for ever.
         """
         self._networkProducer.unregisterProducer()
         if self._closing is None:
-            self._closing = close_with_grace(self.transport, self.factory.reactor)  # type: ignore[arg-type]
+            self._closing = close_with_grace(self.transport, self.site.reactor)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
@@ -741,7 +741,8 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
     """
     dropped = _HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | _connection_tokens(source)
     public = b"https://" + public_host.encode("ascii")
-    internal = (upstream.rstrip("/").encode("ascii"), b"http://" + public_host.encode("ascii"))
+    internal = (upstream.rstrip("/").encode("ascii"), b"http://" + public_host.encode("ascii"),
+                b"http://" + public_host.encode("ascii") + b":80")
     for name, values in source.getAllRawHeaders():
         lower = name.lower()
         if lower in dropped:

@@ -605,6 +605,8 @@ class ProxyTests(SiteTestCase):
             f"{UPSTREAM}/roundcube/?_task=mail": f"https://{PUBLIC_HOST}/roundcube/?_task=mail",
             UPSTREAM: f"https://{PUBLIC_HOST}",
             f"http://{PUBLIC_HOST.upper()}/sogo/": f"https://{PUBLIC_HOST}/sogo/",
+            f"http://{PUBLIC_HOST}:80/sogo/": f"https://{PUBLIC_HOST}/sogo/",
+            f"http://{PUBLIC_HOST}:8080/sogo/": f"http://{PUBLIC_HOST}:8080/sogo/",
             f"{UPSTREAM}0/elsewhere": f"{UPSTREAM}0/elsewhere",  # another port
             f"http://{PUBLIC_HOST}.evil.example/": f"http://{PUBLIC_HOST}.evil.example/",
             "/relative/path": "/relative/path",
