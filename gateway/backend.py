@@ -186,8 +186,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         """The connection is lost: note it, and cancel the abort of a close (it closed in time)."""
         self.lost = True
         if self._closing is not None:
-            if self._closing.active():
-                self._closing.cancel()
+            self._closing.cancel()
             self._closing = None
 
     def _abort(self) -> None:

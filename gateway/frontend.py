@@ -255,7 +255,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         phase, self._phase = self._phase, _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()
-        if self._closing is not None and self._closing.active():
+        if self._closing is not None:
             self._closing.cancel()
         if self._pending is not None:
             self._pending.cancel()  # a login still running

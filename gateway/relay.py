@@ -93,13 +93,10 @@ class GracePeriod:
         else:
             self._transport.abortConnection()  # type: ignore[attr-defined]
 
-    def active(self) -> bool:
-        """True until the abort has happened or been cancelled."""
-        return self._call.active()
-
     def cancel(self) -> None:
-        """The connection closed in time: no abort."""
-        self._call.cancel()
+        """The connection closed in time: no abort (nothing to do once it has happened)."""
+        if self._call.active():
+            self._call.cancel()
 
 
 class Splice:
@@ -176,7 +173,7 @@ class Splice:
 
     def backend_lost(self) -> None:
         """The backend's connection is gone: close the client once its buffer is written."""
-        if not isinstance(self._closing, bool) and self._closing.active():
+        if not isinstance(self._closing, bool):
             self._closing.cancel()  # it closed in time
         self._end(backend=False)
 

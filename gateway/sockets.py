@@ -63,6 +63,11 @@ def write_backlog(transport: object) -> int:
     connection = stream_connection(transport)
     if connection is None:
         return 0
+    return _buffered(connection)
+
+
+def _buffered(connection: tcp.Connection) -> int:
+    """Bytes in Twisted's write buffer of ``connection``."""
     return connection._tempDataLen + len(connection.dataBuffer) - connection.offset
 
 
@@ -79,7 +84,7 @@ def undelivered(transport: object) -> int:
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0] if sock else 0
     except (OSError, ValueError):  # closed meanwhile
         queued = 0
-    return write_backlog(transport) + queued
+    return _buffered(connection) + queued
 
 
 def write_transient(transport: object, data: memoryview) -> None:

@@ -305,7 +305,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
                 self._data_tail, self._data_size, self._data_refusal = b"\r\n", 0, None
                 # From here the idle timer (reset by every read) catches a stalled upload; a slow
                 # but steady one may take as long as it needs.
-                self._cancel_transaction_timer()
+                self._stop_transaction_timer()
                 self.setRawMode()
 
         self._relay(b"DATA", answered)
@@ -404,11 +404,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         timer.cancel()
         return max(0.0, timer.getTime() - self.clock.seconds())  # due, but not yet run: none left
 
-    def _cancel_transaction_timer(self) -> None:
-        self._stop_transaction_timer()
-
     def _end_transaction(self, reset_backend: bool) -> None:
-        self._cancel_transaction_timer()
+        self._stop_transaction_timer()
         self._smtputf8 = False
         if reset_backend and self._sender is not None and self._backend is not None:
             self._backend.command(b"RSET").addErrback(lambda failure: None)
@@ -567,7 +564,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.command_failed()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self._cancel_transaction_timer()
+        self._stop_transaction_timer()
         if not self.line_mode:
             # Gone mid-message: QUIT would be read as part of it. Aborted, the MTA drops the message.
             self._drop_backend()

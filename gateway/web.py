@@ -460,7 +460,7 @@ class RequestDeadlineChannel(HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
         closing, self._closing = self._closing, None
-        if closing is not None and closing.active():
+        if closing is not None:
             closing.cancel()
         super().connectionLost(reason)
 
