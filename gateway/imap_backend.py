@@ -4,6 +4,9 @@ The IMAP login dialogue with the backend store.
 Greeting, optional STARTTLS, CAPABILITY when the greeting did not carry it, optional ID with
 the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN. The
 capabilities the backend announces after login are kept for the client's tagged OK.
+
+Untagged data the dialogue does not need may carry literals: Dovecot answers ID with one for a
+value of its C{imap_id_send} that is not plain ASCII. Such a response is skipped whole.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest
 from gateway.config import BackendSettings
-from gateway.imap_syntax import ParseError, Response, login_command, parse_capabilities, parse_response_line
+from gateway.imap_syntax import (
+    ParseError,
+    Response,
+    literal_at_end,
+    login_command,
+    parse_capabilities,
+    parse_response_line,
+)
 
 # Backend NO codes that mean "these credentials are wrong"; any other NO is the backend failing.
 _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"))
@@ -26,7 +36,7 @@ class ImapBackendLogin(BackendLogin):
     """Logs in to an IMAP backend for one client."""
 
     # See BackendLogin.
-    __slots__ = ("_known_capabilities", "_tag_number", "_greeted_yet", "_waiting", "_login_chunks")
+    __slots__ = ("_known_capabilities", "_tag_number", "_greeted_yet", "_waiting", "_login_chunks", "_skipping")
 
     def __init__(self, request: LoginRequest, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
@@ -36,18 +46,29 @@ class ImapBackendLogin(BackendLogin):
         self._greeted_yet = False
         self._waiting: tuple[bytes, _Handler] | None = None
         self._login_chunks: list[bytes] = []
+        # Within an untagged response being skipped: the bytes of its literal still to come, or 0
+        # once they have, when the next line goes on with the response. None between responses.
+        self._skipping: int | None = None
 
     def lineReceived(self, line: bytes) -> None:
         if self.login_over:
             return
+        line = line.rstrip(b"\r")
+        if self._skipping is not None:
+            self._skipping = None
+            self._skip_literal(line)  # the rest of a response being skipped
+            return
         try:
-            response = parse_response_line(line.rstrip(b"\r"))
+            response = parse_response_line(line)
         except ParseError:
             self.fail(BackendUnavailable("backend sent a malformed line"))
             return
         if response.continuation:
             self._continue_login()
         elif response.tag is None:
+            # Only data responses carry literals: a status response's text may end in "{8}".
+            if response.status is None and self._skip_literal(line):
+                return
             self._untagged(response)
         elif self._waiting is not None and response.tag == self._waiting[0]:
             handler = self._waiting[1]
@@ -55,6 +76,28 @@ class ImapBackendLogin(BackendLogin):
             handler(response)
         else:
             self.fail(BackendUnavailable("backend answered an unknown tag"))
+
+    def _skip_literal(self, line: bytes) -> bool:
+        """If C{line} announces a literal, skip its bytes and the rest of the response; say whether it did."""
+        try:
+            literal = literal_at_end(line)
+        except ParseError:
+            self.fail(BackendUnavailable("backend sent a malformed literal"))
+            return True
+        if literal is None:
+            return False
+        self._skipping = literal.size
+        self.setRawMode()
+        return True
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._skipping is None:
+            super().rawDataReceived(data)  # relaying
+            return
+        taken = min(self._skipping, len(data))
+        self._skipping -= taken
+        if not self._skipping:
+            self.setLineMode(data[taken:])
 
     def _untagged(self, response: Response) -> None:
         if response.status == b"BYE":

@@ -153,6 +153,37 @@ class IdTests(ImapLoginTestBase):
         self.assertEqual(written, b'gw1 ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "4000" '
                                   b'"x-connected-ip" "2001:db8::1" "x-connected-port" "143")\r\n')
 
+    def test_id_answer_with_literals_skipped(self) -> None:
+        """
+        Dovecot answers ID with a literal for a value that is not ASCII (its imap_id_send): the
+        response is skipped whole, literals split across reads included, and LOGIN follows.
+        """
+        self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
+        self.assertEqual(self.say(b'* ID ("name" {8}\r\nD\xc3\xb6v'), b"")
+        self.assertEqual(self.say(b'ecot "os" {12}\r\ngw1 OK x\r\n}\r\n'), b"")
+        self.assertEqual(self.say(b'")\r\ngw1 OK ID completed.\r\n'), b"gw2 LOGIN alice secret\r\n")
+        self.say(b"gw2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        self.logged_in()
+
+    def test_empty_literal_skipped(self) -> None:
+        """A literal of no bytes ends where it starts; the response goes on on the next line."""
+        self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
+        self.assertEqual(self.say(b'* ID ("name" {0}\r\n)\r\ngw1 OK ID completed.\r\n'),
+                         b"gw2 LOGIN alice secret\r\n")
+
+    def test_malformed_literal(self) -> None:
+        """An untagged response ending in a malformed literal marker fails the login as unavailable."""
+        self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
+        self.say(b'* ID ("name" {12345678901}\r\n')
+        self.failed_with(BackendUnavailable)
+
+    def test_status_text_is_not_a_literal(self) -> None:
+        """A status response's text ending in "{8}" is text: nothing after it is skipped."""
+        self.start(settings=BACKEND_SETTINGS)
+        self.assertEqual(self.say(b"* OK [CAPABILITY IMAP4rev1] Dovecot {8}\r\n"), b"gw1 LOGIN alice secret\r\n")
+        self.say(b"* OK still {3}\r\ngw1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.logged_in()
+
     def test_id_refused_still_logs_in(self) -> None:
         """A backend that answers ID with BAD still gets the LOGIN."""
         self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")

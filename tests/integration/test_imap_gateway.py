@@ -37,6 +37,10 @@ MESSAGE = (b"From: Bob <bob@example.org>\r\nTo: alice@example.org\r\nSubject: =?
            b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln.\r\n.\r\n..leading dots stay\r\n"
            b"trailing spaces   \r\n\tand a tab\r\n")
 
+# Dovecot answers the gateway's ID with a literal for a value that is not ASCII: every login
+# through the fixture's gateway (which forwards the client's address by ID) meets one.
+BACKEND_ID = 'imap_id_send = name "D\u00f6vecot" vendor Debian\n'
+
 
 def big_message(size: int) -> bytes:
     """A CRLF message of about C{size} bytes with varied (incompressible) lines."""
@@ -61,7 +65,7 @@ class GatewayFixture(SynchronousTestCase):
         cls.stack = stack = Stack("gw-it-")
         cls.ca_path = stack.ca.ca_path
         cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD, OTHER[0]: OTHER[1]},
-                                                 extra_config="mail_save_crlf = yes\n"))
+                                                 extra_config="mail_save_crlf = yes\n" + BACKEND_ID))
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port,
             users={USER: PASSWORD, OTHER[0]: OTHER[1]},
@@ -254,6 +258,17 @@ class GatewayBehaviourTests(GatewayFixture):
                 break
             threading.Event().wait(0.05)
         self.assertIn("user=<bob>, method=PLAIN, rip=127.0.0.5", deadline_log)
+
+    def test_backend_id_answer_with_literal(self) -> None:
+        """The backend's answer to ID carries a literal (the fixture's BACKEND_ID), and logins go through."""
+        with socket.create_connection(("127.0.0.1", self.dovecot.imap_port), timeout=5) as backend:
+            backend_wire = backend.makefile("rb")
+            backend_wire.readline()
+            backend.sendall(b'a ID NIL\r\n')
+            self.assertRegex(backend_wire.readline(), rb'^\* ID \("name" \{8\}\r\n$')
+        client = self.imaps()
+        self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
+        client.logout()
 
     def test_curl_imaps_and_starttls(self) -> None:
         """curl fetches a message over imaps:// and over imap:// with --ssl-reqd, byte for byte."""
