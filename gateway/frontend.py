@@ -44,7 +44,7 @@ from gateway.backend import (
     LoginRequest,
 )
 from gateway.config import Limits
-from gateway.gatekeeper import Gatekeeper, LoginCheck
+from gateway.gatekeeper import FailureCount, Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
@@ -640,11 +640,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
                      backend=self.context.backend.address, reason=failure.getErrorMessage())
             return LoginOutcome.UNAVAILABLE
         self.login_failures += 1
-        log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
-                 reason="backend-refused" if failure.check(BackendRejected) else "credentials")
-        counting = self.context.gatekeeper.failed(user_key(user), self.client.host, password)
-        counting.addCallback(lambda delay: deferLater(self.clock, max(0.0, started + delay - self.clock.seconds())))
+        counting = _count_failure(self.context, self.client.host, user, password,
+                                  "backend-refused" if failure.check(BackendRejected) else "credentials")
+        counting.addCallback(lambda count: deferLater(self.clock, max(0.0, started + count.delay - self.clock.seconds())))
         counting.addCallback(lambda _: LoginOutcome.REJECTED)
         return counting
 
@@ -734,6 +732,23 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         raise NotImplementedError
 
 
+def _count_failure(context: FrontEndContext, host: str, user: str, password: bytes,
+                   reason: str) -> Deferred[FailureCount]:
+    """
+    Count a failed login, then log it. C{repeat=yes} marks the same wrong password again from the
+    same client, which the penalties do not count (a device retrying a stale password): the
+    fail2ban filter skips it too. A count that fails is logged as C{repeat=no}, and fails on.
+    """
+    def logged(count: FailureCount | Failure) -> FailureCount | Failure:
+        repeated = isinstance(count, FailureCount) and count.repeated
+        log.info("login_failed protocol={protocol} client={client} user={user} reason={reason} repeat={repeat}",
+                 protocol=context.protocol, client=host, user=loggable_user(user), reason=reason,
+                 repeat="yes" if repeated else "no")
+        return count
+
+    return context.gatekeeper.failed(user_key(user), host, password).addBoth(logged)
+
+
 def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: bytes,
                       reason: str = "credentials") -> None:
     """
@@ -742,9 +757,7 @@ def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: 
     never be slowed or stopped. (A check cancelled before its hash started costs nothing, tells
     nothing, and is not counted.)
     """
-    log.info("login_failed protocol={protocol} client={client} user={user} reason={reason}",
-             protocol=context.protocol, client=host, user=loggable_user(user), reason=reason)
-    counting = context.gatekeeper.failed(user_key(user), host, password)
+    counting = _count_failure(context, host, user, password, reason)
     counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
 
 

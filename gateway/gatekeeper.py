@@ -32,6 +32,20 @@ class LoginCheck:
     sessions_full: bool
 
 
+@dataclass(frozen=True)
+class FailureCount:
+    """
+    A failed login, as counted.
+
+    :ivar delay: how long after the attempt began its reply waits.
+    :ivar repeated: the same wrong password came from the same client lately, and was not
+        counted again (a device retrying a stale password is not a guesser).
+    """
+
+    delay: float
+    repeated: bool
+
+
 class Gatekeeper(Protocol):
     """What a front end asks and tells about connections, sessions and logins."""
 
@@ -50,8 +64,8 @@ class Gatekeeper(Protocol):
     def close_session(self, user: str) -> None:
         """A session counted by L{open_session} has ended."""
 
-    def failed(self, user: str, host: str, password: bytes) -> Deferred[float]:
-        """Count a failed login; the answer is how long after the attempt began its reply waits."""
+    def failed(self, user: str, host: str, password: bytes) -> Deferred[FailureCount]:
+        """Count a failed login."""
 
     def succeeded(self, user: str, host: str) -> None:
         """A good login: its (user, client) pair starts afresh."""
@@ -84,15 +98,14 @@ class LocalGatekeeper:
     def close_session(self, user: str) -> None:
         self.connections.close_session(user)
 
-    def failed(self, user: str, host: str, password: bytes) -> Deferred[float]:
+    def failed(self, user: str, host: str, password: bytes) -> Deferred[FailureCount]:
         fingerprint = password_fingerprint(self.penalties.fingerprint_key, password)
         return succeed(self.count_failure(user, host, fingerprint))
 
-    def count_failure(self, user: str, host: str, fingerprint: bytes) -> float:
-        """Count a failure known by its password's fingerprint; returns the delay it had earned."""
+    def count_failure(self, user: str, host: str, fingerprint: bytes) -> FailureCount:
+        """Count a failure known by its password's fingerprint (the delay is the one it had earned)."""
         delay = self.penalties.failure_delay(user, host)
-        self.penalties.failed(user, host, fingerprint)
-        return delay
+        return FailureCount(delay, not self.penalties.failed(user, host, fingerprint))
 
     def succeeded(self, user: str, host: str) -> None:
         self.penalties.succeeded(user, host)

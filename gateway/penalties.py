@@ -182,22 +182,24 @@ class LoginPenalties:
             earlier = max(earlier, by_user.failures - self.rules.user_free + 1)
         return float(min(self.rules.max_delay, self.rules.base_delay * 2 ** min(earlier, 32)))
 
-    def failed(self, user: str, host: str, fingerprint: bytes) -> None:
+    def failed(self, user: str, host: str, fingerprint: bytes) -> bool:
         """
         Count a failed login; the same wrong password again from the same pair is not counted.
 
         :param fingerprint: the wrong password's L{password_fingerprint} under L{fingerprint_key}.
+        :returns: whether it was counted (False for a repeat).
         """
         now = self._clock.seconds()
         source = self.source(host)
         pair = self._pairs.touch((user, source or host), now)
         if fingerprint in pair.recent:
-            return
+            return False
         pair.recent = (pair.recent + [fingerprint])[-3:]
         pair.failures += 1
         self._users.touch(user, now).failures += 1
         if source is not None:
             self._sources.touch(source, now).failures += 1
+        return True
 
     def succeeded(self, user: str, host: str) -> None:
         """A good login clears its pair (not the address or the user: an attack may go on)."""

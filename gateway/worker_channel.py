@@ -32,7 +32,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from gateway.connection_limits import take_one
-from gateway.gatekeeper import LocalGatekeeper, LoginCheck
+from gateway.gatekeeper import FailureCount, LocalGatekeeper, LoginCheck
 from gateway.penalties import password_fingerprint
 from gateway.sockets import write_backlog
 
@@ -195,11 +195,12 @@ class SupervisorChannel(_Channel):
             self._session_count -= 1
             self._gatekeeper.close_session(user)
 
-    def _failed(self, user: str, host: str, fingerprint: str) -> float:
+    def _failed(self, user: str, host: str, fingerprint: str) -> tuple[float, bool]:
         key = base64.b64decode(_name(fingerprint), validate=True)
         if len(key) != _FINGERPRINT_LENGTH:
             raise ValueError(f"a fingerprint of {len(key)} bytes")
-        return self._gatekeeper.count_failure(_name(user), _name(host), key)
+        count = self._gatekeeper.count_failure(_name(user), _name(host), key)
+        return count.delay, count.repeated
 
     def _succeeded(self, user: str, host: str) -> None:
         self._gatekeeper.succeeded(_name(user), _name(host))
@@ -337,9 +338,10 @@ class RemoteGatekeeper:
     def close_session(self, user: str) -> None:
         self._channel.tell("close_session", user)
 
-    def failed(self, user: str, host: str, password: bytes) -> Deferred[float]:
+    def failed(self, user: str, host: str, password: bytes) -> Deferred[FailureCount]:
         fingerprint = base64.b64encode(password_fingerprint(self._key, password)).decode("ascii")
-        return _settle(self._channel.call("failed", user, host, fingerprint))
+        asking = self._channel.call("failed", user, host, fingerprint)
+        return _settle(asking.addCallback(lambda answer: FailureCount(*answer)))
 
     def succeeded(self, user: str, host: str) -> None:
         self._channel.tell("succeeded", user, host)

@@ -581,9 +581,17 @@ class LoggingTests(ImapTestBase):
         self.clock.advance(2)
         [event] = [e for e in self.events if e["log_format"].startswith("login_failed ")]
         self.assertEqual(event["log_format"],
-                         "login_failed protocol={protocol} client={client} user={user} reason={reason}")
-        self.assertEqual((event["protocol"], event["client"], event["user"], event["reason"]),
-                         ("imap", "192.168.1.1", '"bob"', "credentials"))
+                         "login_failed protocol={protocol} client={client} user={user} reason={reason} repeat={repeat}")
+        self.assertEqual((event["protocol"], event["client"], event["user"], event["reason"], event["repeat"]),
+                         ("imap", "192.168.1.1", '"bob"', "credentials", "no"))
+
+    def test_repeated_wrong_password_marked(self) -> None:
+        """The same wrong password again from the same client is logged repeat=yes (not counted); another, no."""
+        for number, password in enumerate((b"stale", b"stale", b"other"), 1):
+            self.say(b"a%d LOGIN bob %s\r\n" % (number, password))
+            self.clock.advance(10)
+        repeats = [e["repeat"] for e in self.events if e["log_format"].startswith("login_failed ")]
+        self.assertEqual(repeats, ["no", "yes", "no"])
 
     def test_user_name_cannot_forge_fields(self) -> None:
         """A user name with spaces and quotes stays one quoted, escaped field."""

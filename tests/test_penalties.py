@@ -83,6 +83,14 @@ class PairTests(PenaltyTestBase):
         self.assertEqual(self.failed_login("alice", ATTACKER, b"third"), 8.0)
         self.assertTrue(self.penalties.refused(ATTACKER))
 
+    def test_says_whether_counted(self) -> None:
+        """failed() says which failures it counted: a repeat of a recent wrong password is not."""
+        self.make()
+        key = self.penalties.fingerprint_key
+        counted = [self.penalties.failed("alice", ATTACKER, password_fingerprint(key, password))
+                   for password in (b"stale", b"stale", b"other", b"stale")]
+        self.assertEqual(counted, [True, False, True, False])
+
     def test_success_resets_pair(self) -> None:
         """A good login clears the pair's failures."""
         self.make(trusted=(TRUSTED_NETWORK,), user_free=100)

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
-from gateway.gatekeeper import LocalGatekeeper, LoginCheck
+from gateway.gatekeeper import FailureCount, LocalGatekeeper, LoginCheck
 from gateway.imap import ImapFrontEnd
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.worker_channel import (
@@ -117,10 +117,10 @@ class ChannelTests(SynchronousTestCase):
     def test_failures_count_every_worker(self) -> None:
         """Failures from one address escalate across workers; the same wrong password counts once."""
         first, second = Worker(self), Worker(self)
-        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-1")), 2.0)
-        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-2")), 4.0)
-        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-2")), 8.0)
-        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-3")), 8.0)
+        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-1")), FailureCount(2.0, False))
+        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-2")), FailureCount(4.0, False))
+        self.assertEqual(first.answer(first.gatekeeper.failed("alice", CLIENT, b"guess-2")), FailureCount(8.0, True))
+        self.assertEqual(second.answer(second.gatekeeper.failed("alice", CLIENT, b"guess-3")), FailureCount(8.0, False))
         self.assertEqual(first.answer(first.gatekeeper.check_login("alice", CLIENT)), LoginCheck(True, False))
         second.gatekeeper.succeeded("alice", CLIENT)
         second.pump.flush()
@@ -252,7 +252,7 @@ class ChannelTests(SynchronousTestCase):
         self.assertIsNone(worker.answer(worker.gatekeeper.admit(name)))
         self.assertEqual(worker.answer(worker.gatekeeper.check_login(name, name)), LoginCheck(False, False))
         self.assertIs(worker.answer(worker.gatekeeper.open_session(name)), True)
-        self.assertEqual(worker.answer(worker.gatekeeper.failed(name, name, b"wrong")), 2.0)
+        self.assertEqual(worker.answer(worker.gatekeeper.failed(name, name, b"wrong")), FailureCount(2.0, False))
         self.assertEqual(worker.lost, 0)
 
     def test_bad_message_closes_channel(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from gateway.testing.gateway import SOURCE_TREE, GatewayProcess
 from .wire import Wire
 
 FILTER = os.path.join(SOURCE_TREE, "etc", "fail2ban", "filter.d", "mailgateway.conf")
+JOURNAL_SCRIPT = os.path.join(os.path.dirname(__file__), "fail2ban_journal.py")
 
 
 class Fail2banFilterTests(SynchronousTestCase):
@@ -40,7 +42,8 @@ class Fail2banFilterTests(SynchronousTestCase):
         client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"), ssl_context=tls)
         # imaplib sends the user name as given: the third is already a quoted IMAP string whose
         # value tries to forge a second client= field in the log line.
-        for user in ("alice", "nobody", '"x\\" client=192.0.2.66 \\""'):
+        # The repeated alice/wrong is a device retrying a stale password: not counted, not matched.
+        for user in ("alice", "alice", "nobody", '"x\\" client=192.0.2.66 \\""'):
             with self.assertRaises(imaplib.IMAP4.error):
                 client.login(user, "wrong")
         client.logout()
@@ -50,7 +53,8 @@ class Fail2banFilterTests(SynchronousTestCase):
         self.assertEqual(probe.line(), b"")  # closed without a word
         probe.close()
         self.gateway.wait_for_log(r"http_on_mail_port protocol=imap client=127\.0\.0\.1")
-        self.gateway.wait_for_log(r"(login_failed .*\n.*){3}")
+        self.gateway.wait_for_log(r"(login_failed .*\n.*){4}")
+        self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="alice" reason=credentials repeat=yes')
         result = subprocess.run(["fail2ban-regex", "--print-all-matched", self.gateway.log_path, FILTER],
                                 capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -60,3 +64,10 @@ class Fail2banFilterTests(SynchronousTestCase):
         addresses = subprocess.run(["fail2ban-regex", "-o", "ip", self.gateway.log_path, FILTER],
                                    capture_output=True, text=True, timeout=120, check=True).stdout.split()
         self.assertEqual(addresses, ["127.0.0.1"] * 4)  # the forged client= in a user name is never taken
+        # The shipped jail reads the journal, where the line keeps twistd's time stamp behind a "HOST twistd[PID]: ".
+        with open(self.gateway.log_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        journal = subprocess.run(["/usr/bin/python3", JOURNAL_SCRIPT, os.path.dirname(os.path.dirname(FILTER))],
+                                 input=json.dumps(lines), capture_output=True, text=True, timeout=120)
+        self.assertEqual(journal.returncode, 0, journal.stderr)
+        self.assertEqual(json.loads(journal.stdout), ["127.0.0.1"] * 4)
