@@ -288,6 +288,8 @@ class _Table:
         return ConfigError(f"{self._path}: {where}: expected {expected}{shown}")
 
     def has(self, key: str) -> bool:
+        """Whether C{key} is set; asking makes it a known key, so that the unknown-key message lists it."""
+        self._read.add(key)
         return key in self._data
 
     def _get(self, key: str, default: T, kind: type | tuple[type, ...], expected: str) -> T:
@@ -359,7 +361,10 @@ class _Table:
         """
         A list of networks. An IPv4-mapped IPv6 network (C{::ffff:192.0.2.0/120}) is taken as the
         IPv4 network it maps (C{192.0.2.0/24}), since a client's address is compared in its IPv4
-        form (L{gateway.addresses.plain_address}); as written it would never match.
+        form (L{gateway.addresses.plain_address}); as written it would never match. A bare address
+        is a network of that one address. An address with bits set past its prefix
+        (C{10.0.0.5/24}, as C{ip addr} shows an interface) is refused: whether it means the one host
+        or the whole network is a guess, and guessing the network trusts hosts nobody listed.
         """
         expected = 'a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]'
         value = self._get(key, [], list, expected)
@@ -372,12 +377,17 @@ class _Table:
                 network = written.network
             except (TypeError, ValueError):
                 raise self.error(key, expected, item) from None
+            host: ipaddress.IPv4Address | ipaddress.IPv6Address = written.ip
             if isinstance(written, ipaddress.IPv6Interface) and written.ip.ipv4_mapped is not None:
                 if network.prefixlen < 96:  # beyond the mapped addresses: no IPv4 network says it
                     raise self.error(key, "an IPv4 network in its IPv4 form (::ffff:a.b.c.d/n is a.b.c.d/(n-96), "
                                      "for n of 96 or more)", item)
                 mapped = network.network_address.ipv4_mapped
                 network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+                host = written.ip.ipv4_mapped
+            if host != network.network_address:
+                raise ConfigError(f"{self.error(key, 'a network address, with no bits set past its prefix', item)}: "
+                                  f"did you mean {network} (or {host} for that host alone)?")
             networks.append(network)
         return tuple(networks)
 

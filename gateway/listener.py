@@ -35,13 +35,16 @@ class Listener(Service):
     privileges, and a failure to bind stops the start-up with one line naming the endpoint.
 
     :param accepting: False for a socket held only for worker processes, which accept on it.
+    :param source: where the endpoint is configured, e.g. C{/etc/mailgateway/mailgateway.toml: [imap] starttls},
+        put first in that line; None for a listener no configuration key describes.
     :ivar proxy: the factory that reads the PROXY header of a C{haproxy:} listener, whose
         C{sources} a reload replaces; None for any other listener.
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str, accepting: bool = True,
-                 proxy: TrustedProxyFactory | None = None) -> None:
+                 proxy: TrustedProxyFactory | None = None, source: str | None = None) -> None:
         self._endpoint = endpoint
+        self._source = source
         self._factory = factory
         self.label = label
         self._accepting = accepting
@@ -52,10 +55,12 @@ class Listener(Service):
         super().privilegedStartService()
         outcome: list[IListeningPort | Failure] = []
         self._endpoint.listen(self._factory).addBoth(outcome.append)
+        # The key tells the operator which line of the file to change (an address in use, say).
+        where = f"mailgateway: {self._source}: {self.label}" if self._source else f"mailgateway: {self.label}"
         if not outcome:
-            raise SystemExit(f"mailgateway: {self.label}: the endpoint did not start listening at once")
+            raise SystemExit(f"{where}: the endpoint did not start listening at once")
         if isinstance(outcome[0], Failure):
-            raise SystemExit(f"mailgateway: {self.label}: cannot listen: {outcome[0].getErrorMessage()}")
+            raise SystemExit(f"{where}: cannot listen: {outcome[0].getErrorMessage()}")
         self.port = outcome[0]
         if not self._accepting:
             self.port.stopReading()  # type: ignore[attr-defined]
@@ -165,13 +170,15 @@ def listener(reactor: object, description: str, factory: Factory, *, label: str,
         factory = proxy = TrustedProxyFactory(factory, proxy_sources, reactor)  # type: ignore[arg-type]
     if inherited is not None:
         return Listener(InheritedEndpoint(reactor, inherited), factory,  # type: ignore[arg-type]
-                        f"{label} endpoint={description} inherited={inherited}", proxy=proxy)
+                        f"{label} endpoint={description} inherited={inherited}", proxy=proxy,
+                        source=f"{config_path}: {key}")
     try:
         endpoint = serverFromString(reactor, _with_backlog(description.removeprefix(PROXY_PREFIX)))
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise ConfigError(f"{config_path}: {key}: {description!r} is not a usable endpoint description "
                           f"({type(e).__name__}: {e})") from None
-    return Listener(endpoint, factory, f"{label} endpoint={description}", accepting, proxy)
+    return Listener(endpoint, factory, f"{label} endpoint={description}", accepting, proxy,
+                    source=f"{config_path}: {key}")
 
 
 def _with_backlog(description: str) -> str:

@@ -239,6 +239,16 @@ class UnknownKeyTests(ConfigTestCase):
         tables["nntp"] = {"implicit_tls": '["tcp:563"]'}
         self.assert_tables_error(tables, "nntp", "unknown key")
 
+    def test_unknown_table_lists_every_section(self) -> None:
+        """
+        A misspelt table's message lists every section the gateway knows, those the file leaves
+        out included, so that the right spelling is there to see.
+        """
+        tables = self.minimal()
+        tables["auth2"] = {"mode": '"local"'}
+        self.assert_tables_error(tables, "auth2", "unknown key (known here: auth, gateway, imap, limits, metrics, "
+                                                  "pop3, submission, tls, web)")
+
     def test_unknown_subtable(self) -> None:
         """An unknown table under a known one is an unknown key of that table."""
         tables = self.minimal()
@@ -665,6 +675,24 @@ class HardeningTests(ConfigTestCase):
             self.assertTrue(in_networks(plain_address("::ffff:10.1.2.3"), networks[:1]))
             tables["limits"] = {key: '["::ffff:10.0.0.0/95"]'}
             self.assert_tables_error(tables, f"[limits] {key}", "an IPv4 network in its IPv4 form")
+
+    def test_networks_without_host_bits(self) -> None:
+        """
+        An address with bits set past its prefix is refused, naming the network and the host it
+        may have meant, rather than silently trusting the whole network; a bare address is one host.
+        """
+        for key in ("trusted_networks", "proxy_sources"):
+            for written, meant in (("10.0.0.5/24", "did you mean 10.0.0.0/24 (or 10.0.0.5 for that host alone)?"),
+                                   ("2001:db8::1/64", "did you mean 2001:db8::/64 (or 2001:db8::1 for that host alone)?"),
+                                   ("::ffff:10.0.0.5/104", "did you mean 10.0.0.0/8 (or 10.0.0.5 for that host alone)?")):
+                tables = self.minimal()
+                tables["limits"] = {key: f'["192.0.2.0/24", "{written}"]'}
+                message = self.assert_tables_error(tables, f"[limits] {key}", meant)
+                self.assertIn(repr(written), message)
+            tables = self.minimal()
+            tables["limits"] = {key: '["10.0.0.5", "10.0.0.5/32", "2001:db8::1", "10.0.0.0/24"]'}
+            self.assertEqual([str(network) for network in getattr(self.load(tables).limits, key)],
+                             ["10.0.0.5/32", "10.0.0.5/32", "2001:db8::1/128", "10.0.0.0/24"])
 
     def test_upstream_port_in_range(self) -> None:
         """A webmail upstream's port is from 1 to 65535."""

@@ -163,8 +163,8 @@ class ExampleTests(SynchronousTestCase):
         for table, key, value in example_lines():
             if value is not None:
                 alternatives.setdefault(table, []).append((key, value))
-        self.assertEqual(sorted(alternatives), ["auth", "imap", "imap.backend", "limits", "pop3.backend", "submission",
-                                                 "submission.backend", "tls", "web"])
+        self.assertEqual(sorted(alternatives), ["auth", "gateway", "imap", "imap.backend", "limits", "pop3.backend",
+                                                 "submission", "submission.backend", "tls", "web"])
         for table, lines in alternatives.items():
             data = copy.deepcopy(self.example)
             for key, value in lines:
@@ -210,6 +210,33 @@ class ExampleTests(SynchronousTestCase):
             for description in descriptions:
                 serverFromString(reactor, description).listen(Factory())
             self.assertEqual([(p, interface) for p, _, _, interface in reactor.tcpServers], [(port, "::")])
+
+    def test_backends_beside_the_listeners(self) -> None:
+        """
+        The example's backends on this machine use ports its listeners leave free: the listeners
+        take "::", IPv4 included, so a backend on a standard port could not start beside them.
+        """
+        settings = self.parse(self.with_files(self.example))
+        assert settings.imap is not None and settings.pop3 is not None and settings.submission is not None
+        assert settings.web is not None and settings.metrics is not None
+        reactor = MemoryReactor()
+        for descriptions in (settings.imap.implicit_tls, settings.imap.starttls, settings.pop3.implicit_tls,
+                             settings.pop3.starttls, settings.submission.implicit_tls, settings.submission.starttls,
+                             settings.web.https, settings.web.http, settings.metrics.listen):
+            for description in descriptions:
+                serverFromString(reactor, description).listen(Factory())
+        taken = {port for port, _, _, _ in reactor.tcpServers}
+        self.assertEqual(len(taken), 9)
+        for backend in (settings.imap.backend, settings.pop3.backend, settings.submission.backend):
+            self.assertEqual(backend.host, "127.0.0.1")
+            self.assertNotIn(backend.port, taken)
+        # The ports the comments tell Dovecot and Postfix to move to.
+        self.assertEqual([settings.imap.backend.port, settings.pop3.backend.port, settings.submission.backend.port],
+                         [10143, 10110, 10587])
+        text = EXAMPLE.read_text()
+        for port in (10143, 10110, 10587):
+            self.assertIn(f"port = {port}\n", text)
+        self.assertIn("127.0.0.1:10587 inet n - y - - smtpd", text)
 
 
 class UnitTests(SynchronousTestCase):

@@ -1,21 +1,23 @@
 """
-Tests for gateway.listener's admission of connections that have no protocol refusal of their own
-(the web listeners), in memory: counted while they last, closed at once over a limit.
+Tests for gateway.listener: the admission of connections that have no protocol refusal of their own
+(the web listeners), in memory: counted while they last, closed at once over a limit; and the line a
+listener that cannot bind stops the start with.
 """
 
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.internet.testing import EventLoggingObserver, RaisingMemoryReactor, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from test_proxy_protocol import BALANCER, LISTENER, PROXY_SOURCES, RecorderFactory, v2_tcp4
 
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
-from gateway.listener import AdmittingFactory
+from gateway.listener import AdmittingFactory, listener
 from gateway.metrics import GatewayMetrics
 from gateway.proxy_protocol import TrustedProxyFactory
 
@@ -100,3 +102,21 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(self.wrapped.built[0].events, [])
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.limits.connections, 0)
+
+
+class BindFailureTests(SynchronousTestCase):
+    """A listener that cannot bind stops the start with one line naming the file and the key."""
+
+    def test_names_the_key(self) -> None:
+        """The line starts with the configuration file and key, then the endpoint and the reason."""
+        reactor = RaisingMemoryReactor(listenException=CannotListenError("::", 143, OSError(98, "Address in use")))
+        made = listener(reactor, r"tcp6:143:interface=\:\:", Factory(), label="protocol=imap tls=starttls",
+                        key="[imap] starttls", config_path="/etc/mailgateway/mailgateway.toml", proxy_sources=())
+        with self.assertRaises(SystemExit) as raised:
+            made.privilegedStartService()
+        message = str(raised.exception.code)
+        self.assertTrue(message.startswith("mailgateway: /etc/mailgateway/mailgateway.toml: [imap] starttls: "
+                                           r"protocol=imap tls=starttls endpoint=tcp6:143:interface=\:\:: "
+                                           "cannot listen: "), message)
+        self.assertIn("Address in use", message)
+        self.assertNotIn("\n", message)
