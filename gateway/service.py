@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import fields, is_dataclass, replace
@@ -54,7 +55,15 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
-from gateway.tls import ListenerTLS, ServerTLS, TLSError, TLSFiles, ensure_self_signed, self_signed_paths
+from gateway.tls import (
+    ListenerTLS,
+    ServerTLS,
+    TLSError,
+    TLSFiles,
+    ensure_self_signed,
+    self_signed_paths,
+    warn_of_validity,
+)
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
 from gateway.workers import WorkerPool
@@ -149,6 +158,14 @@ def tls_files(settings: Settings, renew: bool = True) -> TLSFiles:
     """The TLS files a configuration names: see L{certificate_files} for the default ones."""
     certificate, key = certificate_files(settings, renew)
     return TLSFiles(certificate, key, settings.tls.sni)
+
+
+def warn_of_certificates(settings: Settings, files: TLSFiles) -> None:
+    """Log the certificates served from C{files} that are expired, not valid yet, or near their end."""
+    paths = [entry.certificate for entry in files.sni]
+    if not settings.tls.self_signed:  # the self-signed one is made anew well before its end (certificate_files)
+        paths.insert(0, files.certificate)
+    warn_of_validity(paths)
 
 
 _RELOADED_AUTH = ("failure_delay", "failure_delay_max", "ip_failure_budget", "user_failures_free",
@@ -247,7 +264,8 @@ class Reloader(Service):
         self._settings = settings
         self._source = source or partial(maybeDeferred, load_settings, settings.path)
         # Whoever reads the file makes a self-signed certificate anew (see certificate_files); a
-        # worker serves it from its next rotation.
+        # worker serves it from its next rotation. It also warns of certificates near their end,
+        # once for the gateway rather than once per worker.
         self._renews = source is None
         self._fetching = False  # while the source has not answered
         self._again = False  # a reload was asked for meanwhile
@@ -389,6 +407,8 @@ class Reloader(Service):
             # a worker started later from this configuration could never serve if they were bad.
             check_tls(files)
         self._switch_tls(files)
+        if self._renews:
+            warn_of_certificates(settings, files)
         self._settings = settings
         for apply in self._followers:
             apply(settings)
@@ -404,12 +424,13 @@ class Reloader(Service):
                  count=1 + sum(len(entry.names) for entry in settings.tls.sni))
 
 
-def build_service(settings: Settings, reactor: object) -> MultiService:
+def build_service(settings: Settings, reactor: object, *, renew: bool = True) -> MultiService:
     """
     Build everything the configuration asks for: one process, or the supervisor of
-    C{settings.workers} worker processes.
+    C{settings.workers} worker processes. Nothing listens or runs until the tree is started.
 
     :param reactor: the running reactor (twistd's); every part gets it injected.
+    :param renew: whether to make the self-signed certificate (anew near its end); see L{certificate_files}.
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
     provide_descriptors(settings)  # before the workers start: they inherit the limit
@@ -418,7 +439,7 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
     top = MultiService()
     gatekeeper = LocalGatekeeper(ConnectionLimits(connection_rules(settings)),
                                  LoginPenalties(reactor, penalty_rules(settings)))  # type: ignore[arg-type]
-    files = tls_files(settings)
+    files = tls_files(settings, renew)
     metrics = None
     if settings.metrics is not None:
         metrics = GatewayMetrics()
@@ -435,6 +456,9 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
         # with one process, instead of every worker failing until the supervisor gives up.
         _local_users(settings)
+        for name, _, protocol, _, backend_login, _ in _mail_protocols(settings):  # the senders file too
+            if protocol is not None:
+                _backend(settings, name, protocol, backend_login, reactor)
         try:
             check_tls(files)
         except TLSError as e:
@@ -456,7 +480,26 @@ def build_service(settings: Settings, reactor: object) -> MultiService:
         build_web_service(settings.web, reactor, web_tls, web_state,  # type: ignore[arg-type]
                           gatekeeper.connections).setServiceParent(top)
         reloader.serve_web(web_tls, web_state)
+    warn_of_certificates(settings, files)
     return top
+
+
+def check_service(settings: Settings, reactor: object) -> None:
+    """
+    Load and check everything a start from C{settings} would (L{build_service} builds the tree,
+    which is thrown away), with the same warnings and errors. Nothing is started (no port is
+    bound, no worker or thread runs) and no file is written.
+
+    :raises ConfigError: the error a start would end with.
+    """
+    if settings.tls.self_signed and not all(map(os.path.exists, self_signed_paths(settings.state_dir,
+                                                                                   settings.hostname))):
+        # A start makes the pair. The check makes a throwaway one: run as root beside the service,
+        # it would leave a key in state_dir that the service's user cannot read.
+        with tempfile.TemporaryDirectory(prefix="mailgateway-check-") as scratch:
+            build_service(replace(settings, state_dir=scratch), reactor)
+        return
+    build_service(settings, reactor, renew=False)
 
 
 def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gatekeeper, inherited: list[int],
@@ -544,9 +587,9 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
             continue
         try:
             server_tls = ListenerTLS(alpn, files)
-            backend = BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
         except TLSError as e:
-            raise ConfigError(f"{settings.path}: [tls] or [{name}.backend]: {e}") from None
+            raise ConfigError(f"{settings.path}: [tls]: {e}") from None
+        backend = _backend(settings, name, protocol, backend_login, reactor)
         if probe:
             CapabilityProbe(backend, name).setServiceParent(top)
         for implicit in (True, False):
@@ -563,6 +606,19 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
         if each.proxy is not None:
             reloader.serve_proxy(each.proxy)
         each.setServiceParent(top)
+
+
+def _backend(settings: Settings, name: str, protocol: ProtocolSettings | SubmissionSettings,
+             backend_login: LoginFactory, reactor: object) -> BackendConnector:
+    """
+    The connector to one protocol's backend.
+
+    :raises ConfigError: when its TLS cannot be set up (a C{ca_file} that holds no certificate).
+    """
+    try:
+        return BackendConnector(reactor, protocol.backend, backend_login)  # type: ignore[arg-type]
+    except TLSError as e:
+        raise ConfigError(f"{settings.path}: [{name}.backend]: {e}") from None
 
 
 def _local_users(settings: Settings) -> UserDatabase | None:

@@ -9,6 +9,7 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 
 :func:`client_tls` builds the verifying client side for the backend,
 :func:`ensure_self_signed` provides a certificate when none is configured,
+:func:`warn_of_validity` logs certificates outside or near the end of their validity,
 :func:`describe_tls` reports what an established connection negotiated, and
 :func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
 writes without waiting for the next reactor turn, :func:`switch_to_relaying`
@@ -24,7 +25,7 @@ import datetime
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from cryptography import x509
@@ -55,7 +56,8 @@ from gateway.addresses import parse_ip
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
-__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "self_signed_paths", "client_tls", "describe_tls",
+__all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "self_signed_paths",
+           "warn_of_validity", "client_tls", "describe_tls",
            "tls_layer", "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
@@ -91,6 +93,9 @@ _SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
 # A self-signed certificate this close to its end is replaced. It is looked at only when the
 # gateway starts or reloads (SIGHUP), so the margin leaves a month for one of them to happen.
 _SELF_SIGNED_RENEWAL = datetime.timedelta(days=30)
+
+EXPIRY_WARNING = datetime.timedelta(days=14)
+"""A served certificate this close to its end is warned about (L{warn_of_validity})."""
 
 # Private keys found readable by others, as (path, device, inode, mode): each is warned about once,
 # not by every context built from it (one per protocol, rebuilt every few hours for ticket keys).
@@ -370,9 +375,10 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
         raise TLSError(f"{hostname!r}: not a host name or IP address")
     cert_path, key_path = self_signed_paths(state_dir, hostname)
     if os.path.exists(cert_path) and os.path.exists(key_path):
-        not_after = _expiry(cert_path)
-        if not_after is None or not_after - datetime.datetime.now(datetime.timezone.utc) > _SELF_SIGNED_RENEWAL:
+        validity = _validity(cert_path)
+        if validity is None or validity[1] - datetime.datetime.now(datetime.timezone.utc) > _SELF_SIGNED_RENEWAL:
             return cert_path, key_path
+        not_after = validity[1]
         log.info("self_signed_renewal path={path} not_after={not_after}: generating a new certificate",
                  path=cert_path, not_after=not_after.isoformat())
 
@@ -418,13 +424,44 @@ def ensure_self_signed(state_dir: str, hostname: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def _expiry(cert_path: str) -> datetime.datetime | None:
-    """When the certificate in ``cert_path`` expires; None if it cannot be read, which loading it then reports."""
+def _validity(cert_path: str) -> tuple[datetime.datetime, datetime.datetime] | None:
+    """
+    When the (first, leaf) certificate in ``cert_path`` starts and ends being valid; None if it
+    cannot be read, which loading it then reports.
+    """
     try:
         with open(cert_path, "rb") as f:
-            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
+            certificate = x509.load_pem_x509_certificate(f.read())
     except (OSError, ValueError):
         return None
+    return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+
+
+def warn_of_validity(cert_paths: Iterable[str], now: datetime.datetime | None = None) -> None:
+    """
+    Log a warning for each leaf certificate of ``cert_paths`` that has expired
+    (``certificate_expired``), is not valid yet (``certificate_not_yet_valid``) or expires within
+    :data:`EXPIRY_WARNING` (``certificate_expires_soon``). It is only a warning: the certificate
+    is served all the same, since refusing to start or reload would turn a late renewal into an
+    outage for every client, including those that accept it (pinned, or told to trust it).
+
+    :param now: the time to judge by; the current time if None.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    for path in dict.fromkeys(cert_paths):
+        validity = _validity(path)
+        if validity is None:
+            continue
+        not_before, not_after = validity
+        if not_after <= now:
+            log.warn("certificate_expired path={path} not_after={not_after}: clients refuse it; renew it and "
+                     "reload", path=path, not_after=not_after.isoformat())
+        elif not_before > now:
+            log.warn("certificate_not_yet_valid path={path} not_before={not_before}: clients refuse it until then; "
+                     "check the clock", path=path, not_before=not_before.isoformat())
+        elif not_after - now <= EXPIRY_WARNING:
+            log.warn("certificate_expires_soon path={path} not_after={not_after} days={days}: renew it and reload",
+                     path=path, not_after=not_after.isoformat(), days=(not_after - now).days)
 
 
 def _write_atomically(path: str, data: bytes, mode: int) -> None:

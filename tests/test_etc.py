@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import config
 from gateway.config import MAX_WORKERS, Settings, parse_settings
-from gateway.tap import DEFAULT_CONFIG
+from gateway.tap import DEFAULT_CONFIG, EX_CONFIG
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE = PROJECT / "etc" / "mailgateway.toml"
@@ -267,7 +267,7 @@ class UnitTests(SynchronousTestCase):
                 self.fail(f"no twistd next to {sys.executable} or on PATH: pip install twisted into the venv")
             twistd = Path(found)
         text = UNIT.read_text()
-        self.assertEqual(text.count(INSTALLED_TWISTD), 1)
+        self.assertEqual(text.count(INSTALLED_TWISTD), 2)  # the start, and the check before a reload
         directory = Path(tempfile.mkdtemp(prefix="mailgateway-unit-"))
         self.addCleanup(shutil.rmtree, directory)
         # verify requires ExecStart's binary to exist; it does not require the User= account.
@@ -300,7 +300,27 @@ class UnitTests(SynchronousTestCase):
             self.assertEqual(directives.get(key), [value], key)
 
     def test_reload_and_no_write_execute_ban(self) -> None:
-        """The unit reloads with SIGHUP and has no MemoryDenyWriteExecute (cffi needs W+X memory)."""
+        """
+        A reload checks the configuration, and only then sends SIGHUP (systemd stops at the first
+        ExecReload= that fails); no MemoryDenyWriteExecute (cffi needs W+X memory).
+        """
         directives = self.directives()
-        self.assertEqual(directives.get("ExecReload"), ["/bin/kill -HUP $MAINPID"])
+        self.assertEqual(directives.get("ExecReload"),
+                         [f"{INSTALLED_TWISTD} mailgateway --config {DEFAULT_CONFIG} --check", "/bin/kill -HUP $MAINPID"])
         self.assertNotIn("MemoryDenyWriteExecute", directives)
+
+    def test_configuration_error_not_restarted(self) -> None:
+        """
+        A configuration error (78) is not restarted every RestartSec= for ever; no_ready_worker
+        (69) still is. No ExecStartPre=, whose failure RestartPreventExitStatus= would not see.
+        """
+        directives = self.directives()
+        self.assertEqual(directives.get("RestartPreventExitStatus"), [str(EX_CONFIG)])
+        self.assertNotIn("69", directives["RestartPreventExitStatus"][0].split())
+        self.assertNotIn("ExecStartPre", directives)
+
+    def test_description(self) -> None:
+        """The description names every kind of service the gateway offers."""
+        [description] = self.directives()["Description"]
+        for served in ("IMAP", "POP3", "submission", "web"):
+            self.assertIn(served, description)

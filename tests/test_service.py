@@ -61,6 +61,7 @@ from gateway.service import (
     Reloader,
     build_service,
     build_worker_service,
+    check_service,
     mail_endpoints,
     restart_needed,
 )
@@ -1164,3 +1165,164 @@ reloader.stopService()
             self.assertIsNone(process.poll())
         process.communicate(timeout=60)  # the channel closed: the worker ends by itself
         self.assertGreaterEqual(process.returncode, 0)
+
+
+def certificate_warnings(logged: EventLoggingObserver) -> list[str]:
+    """The certificate validity warnings among the log lines so far, each as its event name and path."""
+    return [" ".join(m.split()[:2]) for m in messages(logged) if m.startswith("certificate_")]
+
+
+class CertificateValidityTests(SynchronousTestCase):
+    """
+    The served certificates that are expired, not valid yet or near their end are warned about
+    at start and at each reload, once for the gateway: by the process that reads the file.
+    """
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        self.reactor = ThreadCallReactor()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+
+    def sni(self) -> tuple[str, str]:
+        """Write an SNI certificate for mail.example.net; its chain and key paths."""
+        issued = self.files.ca.issue("mail.example.net")
+        chain, key = (os.path.join(self.files.directory, name) for name in ("net.pem", "net.key"))
+        shutil.copyfile(issued.chain_path, chain)
+        shutil.copyfile(issued.key_path, key)
+        return chain, key
+
+    def write(self, sni_chain: str, sni_key: str, **config: Any) -> str:
+        return self.files.write(extra=f'[[tls.sni]]\nnames = ["mail.example.net"]\ncertificate = "{sni_chain}"\n'
+                                      f'private_key = "{sni_key}"\n', **config)
+
+    def test_start(self) -> None:
+        """
+        At start, a default certificate 10 days from its end and an expired SNI one are named,
+        and the expired one is served all the same.
+        """
+        sni_chain, sni_key = self.sni()
+        expiring_in(10, self.files.chain, self.files.key)
+        expired = expiring_in(-1, sni_chain, sni_key)
+        top = build_service(load_settings(self.write(sni_chain, sni_key)), self.reactor)
+        self.assertEqual(certificate_warnings(self.logged),
+                         [f"certificate_expires_soon path={self.files.chain}", f"certificate_expired path={sni_chain}"])
+        [listener] = [each for each in children(top, Listener) if "protocol=imap tls=implicit_tls" in each.label]
+        listener.privilegedStartService()
+        tls = front_end_factory(self.reactor.tcpServers[-1][1]).context.tls
+        self.assertEqual(serial_of(sni_chain), expired)
+        self.assertIn(sni_chain, [entry.certificate for entry in tls.files.sni])
+
+    def test_reload(self) -> None:
+        """Each reload names the certificates it put in use that are near their end; a failed one names none."""
+        sni_chain, sni_key = self.sni()
+        top = build_service(load_settings(self.write(sni_chain, sni_key)), self.reactor)
+        [reloader] = children(top, Reloader)
+        self.assertEqual(certificate_warnings(self.logged), [])
+        expiring_in(3, sni_chain, sni_key)
+        reloader.reload()
+        reloader.reload()
+        self.assertEqual(certificate_warnings(self.logged), [f"certificate_expires_soon path={sni_chain}"] * 2)
+        self.write(sni_chain, sni_key, limits="max_connections = -1")
+        reloader.reload()
+        self.assertEqual(len(certificate_warnings(self.logged)), 2)
+        self.assertTrue([m for m in messages(self.logged) if m.startswith("reload_failed ")])
+
+    def test_worker_leaves_warnings_to_its_supervisor(self) -> None:
+        """A worker loads the same certificates at start and reload, and warns of none: its supervisor does."""
+        expiring_in(3, self.files.chain, self.files.key)
+        settings = load_settings(self.files.write())
+        gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()),
+                                     LoginPenalties(self.reactor, PenaltyRules()))  # type: ignore[arg-type]
+        inherited = [socket.socket().detach() for _ in mail_endpoints(settings)]
+        for descriptor in inherited:
+            self.addCleanup(os.close, descriptor)
+        top = build_worker_service(settings, self.reactor, gatekeeper, inherited, lambda: succeed(settings))
+        [reloader] = children(top, Reloader)
+        reloader.reload()
+        self.assertEqual([m for m in messages(self.logged) if m.startswith("reloaded ")][:1],
+                         [f"reloaded path={settings.path} certificates=1"])
+        self.assertEqual(certificate_warnings(self.logged), [])
+
+
+class CheckServiceTests(SynchronousTestCase):
+    """check_service loads and checks what a start would, and starts and writes nothing."""
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        self.reactor = ThreadCallReactor()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_nothing_started(self) -> None:
+        """A good configuration passes with no port bound, connection made or timer left, with or without workers."""
+        for gateway_table in ("", "workers = 2"):
+            check_service(load_settings(self.files.write(gateway=gateway_table)), self.reactor)
+        self.assertEqual((self.reactor.tcpServers, self.reactor.tcpClients, self.reactor.getDelayedCalls()),
+                         ([], [], []))
+
+    def test_errors_of_a_start(self) -> None:
+        """What a start refuses, the check refuses with the same message."""
+        self.files.renew_certificate_only()
+        settings = load_settings(self.files.write())
+        with self.assertRaises(ConfigError) as started:
+            build_service(settings, self.reactor)
+        with self.assertRaises(ConfigError) as checked:
+            check_service(settings, self.reactor)
+        self.assertEqual(str(checked.exception), str(started.exception))
+        self.assertIn(self.files.key, str(checked.exception))
+
+    def test_self_signed_not_made(self) -> None:
+        """A self-signed certificate a start would make is made elsewhere and thrown away: state_dir stays untouched."""
+        check_service(load_settings(self.files.write(self_signed=True)), self.reactor)
+        self.assertFalse(os.path.exists(self.files.state_dir))
+
+    def test_self_signed_not_renewed(self) -> None:
+        """A self-signed certificate near its end is checked as it is: not renewed (a start does that), not warned about."""
+        settings = load_settings(self.files.write(self_signed=True))
+        cert_path, key_path = ensure_self_signed(settings.state_dir, settings.hostname)
+        expiring = expiring_in(10, cert_path, key_path)
+        check_service(settings, self.reactor)
+        self.assertEqual(serial_of(cert_path), expiring)
+        self.assertEqual(certificate_warnings(self.logged), [])
+
+    def test_expired_certificate_warned(self) -> None:
+        """An expired certificate is warned about, as at start, and is no error."""
+        expiring_in(-2, self.files.chain, self.files.key)
+        check_service(load_settings(self.files.write()), self.reactor)
+        self.assertEqual(certificate_warnings(self.logged), [f"certificate_expired path={self.files.chain}"])
+
+
+class SupervisorChecksWorkerFilesTests(SynchronousTestCase):
+    """With workers, the supervisor's start (and so the check) loads the files only workers use, as one process does."""
+
+    def setUp(self) -> None:
+        self.files = GatewayFiles(self)
+        self.reactor = ThreadCallReactor()
+
+    def build_with(self, old: str, new: str) -> str:
+        """Build a supervisor from the configuration with C{old} replaced by C{new}; the ConfigError's message."""
+        with open(self.files.write(gateway="workers = 2"), encoding="utf-8") as f:
+            config = f.read()
+        self.assertIn(old, config)
+        with open(self.files.path, "w", encoding="utf-8") as f:
+            f.write(config.replace(old, new, 1))
+        with self.assertRaises(ConfigError) as raised:
+            build_service(load_settings(self.files.path), self.reactor)
+        return str(raised.exception)
+
+    def test_senders_file(self) -> None:
+        """A malformed senders file ends the start, naming [submission] senders_file."""
+        senders = os.path.join(self.files.directory, "senders")
+        with open(senders, "w", encoding="utf-8") as f:
+            f.write("alice no colon\n")
+        message = self.build_with("[submission]\n", f'[submission]\nsenders_file = "{senders}"\n')
+        self.assertIn("[submission] senders_file", message)
+
+    def test_backend_ca_file(self) -> None:
+        """A backend CA file without a certificate ends the start, naming the backend."""
+        ca_file = os.path.join(self.files.directory, "backend-ca.pem")
+        with open(ca_file, "w", encoding="utf-8") as f:
+            f.write("not a certificate\n")
+        message = self.build_with('[pop3.backend]\nhost = "127.0.0.1"\n',
+                                  f'[pop3.backend]\nhost = "127.0.0.1"\ntls = "starttls"\nca_file = "{ca_file}"\n')
+        self.assertIn(f"[pop3.backend]: {ca_file}: no valid PEM certificate found", message)

@@ -61,6 +61,7 @@ from gateway.tls import (
     switch_to_relaying,
     tls_ended,
     tls_layer,
+    warn_of_validity,
     write_tls_now,
 )
 
@@ -1383,3 +1384,87 @@ class DescribeTLSTests(SynchronousTestCase):
     def test_plain_transport(self) -> None:
         """A transport that is not TLS is described as None."""
         self.assertIsNone(describe_tls(StringTransport()))
+
+
+def _certificate_valid(directory: str, name: str, not_before: datetime.datetime,
+                       not_after: datetime.datetime) -> str:
+    """Write a self-signed certificate valid from C{not_before} to C{not_after}, followed by a second one; its path."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "mail.example.org")])
+
+    def issue(start: datetime.datetime, end: datetime.datetime) -> bytes:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+    # The second stands for an intermediate, valid all along: only the leaf is judged.
+    utc = datetime.timezone.utc
+    always = issue(datetime.datetime(2000, 1, 1, tzinfo=utc), datetime.datetime(2100, 1, 1, tzinfo=utc))
+    return _write(directory, name, issue(not_before, not_after), always)
+
+
+class WarnOfValidityTests(SynchronousTestCase):
+    """warn_of_validity logs the leaf certificates that clients refuse, or soon will."""
+
+    NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
+
+    def setUp(self) -> None:
+        self.directory = _temporary_directory(self)
+
+    def warnings(self, *validities: tuple[datetime.timedelta, datetime.timedelta]) -> list[str]:
+        """The warnings for certificates valid from NOW + start to NOW + end, one file each."""
+        paths = [_certificate_valid(self.directory, f"{index}.pem", self.NOW + start, self.NOW + end)
+                 for index, (start, end) in enumerate(validities)]
+        with capturedLogs() as events:
+            warn_of_validity(paths, self.NOW)
+        self.assertTrue(all(event["log_level"] == LogLevel.warn for event in events))
+        return [formatEvent(event) for event in events]
+
+    def test_valid(self) -> None:
+        """A certificate valid for more than 14 days more is not warned about."""
+        day = datetime.timedelta(days=1)
+        self.assertEqual(self.warnings((-300 * day, 15 * day)), [])
+
+    def test_expired(self) -> None:
+        """An expired certificate is warned about with its path and end."""
+        day = datetime.timedelta(days=1)
+        path = os.path.join(self.directory, "0.pem")
+        self.assertEqual(self.warnings((-90 * day, -day)),
+                         [f"certificate_expired path={path} not_after=2030-05-31T12:00:00+00:00: clients refuse it; "
+                          "renew it and reload"])
+
+    def test_not_yet_valid(self) -> None:
+        """A certificate whose validity has not begun is warned about with its path and start."""
+        day = datetime.timedelta(days=1)
+        path = os.path.join(self.directory, "0.pem")
+        self.assertEqual(self.warnings((day, 90 * day)),
+                         [f"certificate_not_yet_valid path={path} not_before=2030-06-02T12:00:00+00:00: clients "
+                          "refuse it until then; check the clock"])
+
+    def test_expires_soon(self) -> None:
+        """A certificate that ends within 14 days is warned about with its path, end and the days left."""
+        day = datetime.timedelta(days=1)
+        path = os.path.join(self.directory, "0.pem")
+        self.assertEqual(self.warnings((-80 * day, 14 * day)),
+                         [f"certificate_expires_soon path={path} not_after=2030-06-15T12:00:00+00:00 days=14: "
+                          "renew it and reload"])
+
+    def test_each_file_once(self) -> None:
+        """Several certificates are judged each, a path named twice once, and an unreadable file is left to loading."""
+        day = datetime.timedelta(days=1)
+        expired = _certificate_valid(self.directory, "expired.pem", self.NOW - 90 * day, self.NOW - day)
+        soon = _certificate_valid(self.directory, "soon.pem", self.NOW - 80 * day, self.NOW + 2 * day)
+        garbage = _write(self.directory, "garbage.pem", b"not a certificate")
+        with capturedLogs() as events:
+            warn_of_validity([expired, soon, expired, garbage, os.path.join(self.directory, "missing.pem")], self.NOW)
+        self.assertEqual([(event["log_format"].split()[0], event["path"]) for event in events],
+                         [("certificate_expired", expired), ("certificate_expires_soon", soon)])
+
+    def test_now_by_default(self) -> None:
+        """Without a time, the current one is used."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        path = _certificate_valid(self.directory, "0.pem", now - datetime.timedelta(days=10),
+                                  now - datetime.timedelta(days=1))
+        with capturedLogs() as events:
+            warn_of_validity([path])
+        self.assertEqual([event["log_format"].split()[0] for event in events], ["certificate_expired"])

@@ -5,6 +5,7 @@ from twisted.application.service import ServiceMaker
 mailgateway = ServiceMaker(
     "mailgateway",
     "gateway.tap",
-    "Secure mail access gateway: TLS front end for IMAP in front of a plaintext store.",
+    "Secure mail access gateway: TLS front end for IMAP, POP3 and submission in front of a plaintext store, "
+    "with a web side (autoconfiguration, webmail proxy).",
     "mailgateway",
 )
