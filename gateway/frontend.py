@@ -49,8 +49,8 @@ from gateway.idle import IdleSessions
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
-from gateway.text_log import loggable_user
-from gateway.tls import describe_tls
+from gateway.text_log import loggable_text, loggable_user
+from gateway.tls import describe_tls, tls_failure
 
 log = Logger()
 
@@ -271,6 +271,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self._splice.client_lost()
             bytes_in += self._splice.from_client_bytes
             bytes_out += self._splice.from_backend_bytes
+        failed = tls_failure(reason)
+        if failed is not None:  # a client refusing the certificate or the TLS versions says so only here
+            log.info("tls_failed protocol={protocol} client={client} error={error}",
+                     protocol=self.context.protocol, client=self.client.host, error=loggable_text(failed))
         log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
                  "in={bytes_in} out={bytes_out} duration={duration:.3f}",
                  protocol=self.context.protocol, client=self.client.host,

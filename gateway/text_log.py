@@ -132,4 +132,9 @@ def use_for(runner: usage.Options | None) -> None:
 
 def loggable_user(user: str) -> str:
     """A user name made safe for one field of a log line: quoted, escaped, bounded (fail2ban parses it)."""
-    return json.dumps(user[:64])
+    return loggable_text(user)
+
+
+def loggable_text(text: str) -> str:
+    """Text with spaces, or from a client, as one field of a log line: quoted, escaped, bounded."""
+    return json.dumps(text[:64])

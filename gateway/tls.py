@@ -10,7 +10,8 @@ implicit TLS (:class:`~twisted.protocols.tls.TLSMemoryBIOFactory`) and STARTTLS
 :func:`client_tls` builds the verifying client side for the backend,
 :func:`ensure_self_signed` provides a certificate when none is configured,
 :func:`warn_of_validity` logs certificates outside or near the end of their validity,
-:func:`describe_tls` reports what an established connection negotiated, and
+:func:`describe_tls` reports what an established connection negotiated,
+:func:`tls_failure` why one failed, and
 :func:`tls_layer` with :func:`write_tls_now` lets the relay encrypt what it
 writes without waiting for the next reactor turn, :func:`switch_to_relaying`
 has a relayed connection decrypt what it reads in one pass and drop Twisted's
@@ -49,6 +50,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -57,7 +59,7 @@ from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
 __all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "self_signed_paths",
-           "warn_of_validity", "client_tls", "describe_tls",
+           "warn_of_validity", "client_tls", "describe_tls", "tls_failure",
            "tls_layer", "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
@@ -537,6 +539,22 @@ def describe_tls(transport: object) -> tuple[str, str] | None:
     if cipher is None:
         return None
     return handle.get_protocol_version_name(), cipher
+
+
+def tls_failure(reason: Failure) -> str | None:
+    """
+    OpenSSL's words for why a connection's TLS failed (C{"unsupported protocol"}, C{"no shared
+    cipher"}, C{"tlsv1 alert unknown ca"} for a client that refused the certificate), or None when
+    C{reason} is not a TLS error. The words are OpenSSL's own fixed texts, never the peer's.
+    """
+    if not reason.check(SSL.Error):
+        return None
+    errors = reason.value.args[0] if reason.value.args else None
+    if isinstance(errors, list):
+        texts = [error[2] for error in errors if isinstance(error, tuple) and len(error) == 3 and error[2]]
+        if texts:
+            return texts[-1]
+    return "unknown"
 
 
 def tls_layer(transport: object) -> TLSMemoryBIOProtocol | None:

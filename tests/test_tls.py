@@ -60,6 +60,7 @@ from gateway.tls import (
     release_tls_buffers,
     switch_to_relaying,
     tls_ended,
+    tls_failure,
     tls_layer,
     warn_of_validity,
     write_tls_now,
@@ -1384,6 +1385,24 @@ class DescribeTLSTests(SynchronousTestCase):
     def test_plain_transport(self) -> None:
         """A transport that is not TLS is described as None."""
         self.assertIsNone(describe_tls(StringTransport()))
+
+
+class TLSFailureTests(SynchronousTestCase):
+    """tls_failure words why TLS failed, from OpenSSL's error queue only."""
+
+    def test_openssl_reason(self) -> None:
+        """The last reason in OpenSSL's error queue is the one given."""
+        error = SSL.Error([("SSL routines", "", "record layer failure"), ("SSL routines", "", "unsupported protocol")])
+        self.assertEqual(tls_failure(Failure(error)), "unsupported protocol")
+
+    def test_no_reason(self) -> None:
+        """A TLS error without a usable reason is "unknown"."""
+        for error in (SSL.Error(), SSL.Error([]), SSL.Error("text"), SSL.Error([("lib", "func", "")])):
+            self.assertEqual(tls_failure(Failure(error)), "unknown", error)
+
+    def test_not_tls(self) -> None:
+        """A connection lost for any other reason is no TLS failure."""
+        self.assertIsNone(tls_failure(connectionDone))
 
 
 def _certificate_valid(directory: str, name: str, not_before: datetime.datetime,

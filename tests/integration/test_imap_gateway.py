@@ -16,6 +16,7 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 import zlib
 
 from OpenSSL import SSL
@@ -258,6 +259,24 @@ class GatewayBehaviourTests(GatewayFixture):
                 break
             threading.Event().wait(0.05)
         self.assertIn("user=<bob>, method=PLAIN, rip=127.0.0.5", deadline_log)
+
+    def test_tls_failures_logged(self) -> None:
+        """
+        A handshake that fails says why in the log: a client that refuses the gateway's certificate
+        (it does not trust the CA), and one that offers only TLS 1.1, which the gateway refuses.
+        """
+        untrusting = ssl.create_default_context()  # the system's CAs, not the test CA
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated: that is the point
+            old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        for source, context in (("127.0.0.21", untrusting), ("127.0.0.22", old)):
+            with self.assertRaises(ssl.SSLError):
+                Wire(self.gateway.port("imap", "implicit_tls"), tls=context, source=source)
+        self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.21 error="[^"]*unknown ca"')
+        self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.22 error="unsupported protocol"')
 
     def test_backend_id_answer_with_literal(self) -> None:
         """The backend's answer to ID carries a literal (the fixture's BACKEND_ID), and logins go through."""
