@@ -555,7 +555,15 @@ def _tls_settings(table: _Table) -> TLSSettings:
     self_signed = table.boolean("self_signed", False)
     certificate = table.readable_file("certificate")
     private_key = table.readable_file("private_key")
-    sni = tuple(_named_certificate(entry) for entry in table.tables("sni"))
+    entries = table.tables("sni")
+    sni = tuple(_named_certificate(entry) for entry in entries)
+    seen: dict[str, int] = {}
+    for number, (entry, named) in enumerate(zip(entries, sni), 1):
+        for name in named.names:
+            if name in seen:  # one would silently win: the operator meant one of them
+                raise entry.error("names", f"each name in one [[tls.sni]] table only ({name!r} is in "
+                                           f"table {seen[name]} too)")
+            seen[name] = number
     table.finish()
     if self_signed and (certificate or private_key):
         raise table.error("self_signed", "either self_signed = true or certificate and private_key, not both")

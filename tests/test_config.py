@@ -412,6 +412,17 @@ class FileTests(ConfigTestCase):
         self.assert_tables_error(tables, "[tls] self_signed",
                                  "expected either self_signed = true or certificate and private_key, not both")
 
+    def test_sni_name_in_one_table_only(self) -> None:
+        """A name in two [[tls.sni]] tables is refused (one would silently win), whatever its case or dot."""
+        entry = ('[[tls.sni]]\nnames = [{names}]\ncertificate = ' + toml_string(self.certificate) +
+                 '\nprivate_key = ' + toml_string(self.private_key) + '\n')
+        text = (render(self.minimal()) + entry.format(names='"mail.example.net", "*.example.com"')
+                + entry.format(names='"other.example.net"') + entry.format(names='"MAIL.example.net."'))
+        message = self.assert_error(text, "[tls.sni#3] names", "each name in one [[tls.sni]] table only")
+        self.assertIn("'mail.example.net' is in table 1 too", message)
+        apart = render(self.minimal()) + entry.format(names='"mail.example.net"') + entry.format(names='"www.example.net"')
+        self.assertEqual(len(load_settings(self.write(apart)).tls.sni), 2)
+
     def test_local_needs_users_file(self) -> None:
         """[auth] mode "local" without a users file is refused."""
         tables = self.minimal()
