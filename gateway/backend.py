@@ -26,13 +26,14 @@ from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway import slots
 from gateway.addresses import parse_ip
 from gateway.config import BackendSettings
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sockets import tune
-from gateway.tls import client_tls
+from gateway.tls import ITLSEndListener, client_tls
 
 
 class BackendUnavailable(Exception):
@@ -82,6 +83,7 @@ class LoginRequest:
     master_user: str | None = None
 
 
+@implementer(ITLSEndListener)
 class BackendLogin(slots.TwistedDefaults, LineReceiver):
     """
     Base of the protocol-specific login dialogues with the backend.
@@ -165,6 +167,11 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.fail(BackendUnavailable("backend sent an over-long line"))
+
+    def tlsEnded(self) -> None:
+        """The backend ended TLS while relayed: the relay ends (both sides close, within the grace period)."""
+        if self._splice is not None:
+            self._splice.close()
 
     def close_with_grace(self, clock: IReactorTime) -> None:
         """

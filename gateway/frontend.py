@@ -50,7 +50,7 @@ from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
 from gateway.text_log import loggable_text, loggable_user
-from gateway.tls import describe_tls, tls_failure
+from gateway.tls import ITLSEndListener, describe_tls, tls_failure
 
 log = Logger()
 
@@ -137,7 +137,7 @@ def user_key(user: str) -> str:
     return key
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ITLSEndListener)
 class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     """
     One client connection before and after login; subclassed once per protocol.
@@ -247,6 +247,14 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
                      protocol=self.context.protocol, client=self.client.host,
                      version=described[0], cipher=described[1])
+
+    def tlsEnded(self) -> None:
+        """
+        The client ended TLS while relayed: the relay ends, and the client has the grace period
+        (L{close}) to take what it was sent, not the relay's idle timeout.
+        """
+        if self._splice is not None:
+            self._splice.close()
 
     def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:
         if self._lost:

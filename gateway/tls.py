@@ -52,14 +52,14 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from gateway.addresses import parse_ip
 from gateway.config import NamedCertificate, is_host_name
 from gateway.sockets import write_transient
 
 __all__ = ["TLSError", "ServerTLS", "TLSFiles", "ListenerTLS", "ensure_self_signed", "self_signed_paths",
-           "warn_of_validity", "client_tls", "describe_tls", "tls_failure",
+           "warn_of_validity", "client_tls", "describe_tls", "tls_failure", "ITLSEndListener",
            "tls_layer", "write_tls_now", "switch_to_relaying", "release_tls_buffers", "tls_ended"]
 
 log = Logger()
@@ -685,6 +685,17 @@ def switch_to_relaying(tls: TLSMemoryBIOProtocol | None) -> None:
         tls.__class__ = _Relaying
 
 
+class ITLSEndListener(Interface):
+    """A protocol told when its peer ends TLS while it is relayed (see L{_Relaying})."""
+
+    def tlsEnded() -> None:
+        """
+        The peer sent close_notify, or broke TLS. Twisted then drops what is written and closes
+        the connection once its buffer has gone to the peer, with no time limit: one that has
+        stopped reading would hold it for as long as the relay's idle timeout.
+        """
+
+
 class _Relaying(TLSMemoryBIOProtocol):
     """
     The TLS protocol of every ``TLSMemoryBIOFactory``, STARTTLS's included, once it is relayed:
@@ -731,6 +742,11 @@ class _Relaying(TLSMemoryBIOProtocol):
                 self.wrappedProtocol.dataReceived(_ffi.unpack(_plaintext.pointer, read))
         if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL):  # an answer, such as refusing a renegotiation
             self._flushSendBIO()
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        super()._tlsShutdownFinished(reason)
+        if ITLSEndListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.tlsEnded()
 
 
 # What one SSL_read may return at most (a record holds 16 KiB; Twisted asks for twice as much).

@@ -437,8 +437,34 @@ class ClosingOverTLSTests(SynchronousTestCase):
         return [int(out) for out in re.findall(r"disconnect protocol=imap .* state=relaying in=\d+ out=(\d+)",
                                                 self.gateway.log())]
 
-    def client_ends_tls(self, starttls: bool) -> None:
-        ended = len(self.relayed_disconnects())
+    def test_client_ending_tls_without_reading(self) -> None:
+        """
+        A client that stops reading a 20 MB FETCH, ends TLS (close_notify over STARTTLS, a broken
+        record over IMAPS) and reads nothing more is cut off within the grace period: Twisted
+        would wait, without a limit, for a buffer that never drains, and the relay's idle
+        timeout (here as long as the grace period) would end it instead, after its own wait.
+        """
+        for starttls, ending in ((True, "close_notify"), (False, "broken record")):
+            ended, idle = len(self.relayed_disconnects()), self.gateway.log().count("reason=relay-idle")
+            raw, client, _ = self.fetching(starttls)
+            started = time.monotonic()
+            if ending == "close_notify":
+                client.shutdown()
+            else:
+                raw.sendall(b"\x17\x03\x03\x00\x20" + b"\0" * 32)  # application data that fails to decrypt
+            deadline = started + CLOSE_GRACE + 5
+            while len(self.relayed_disconnects()) == ended and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(len(self.relayed_disconnects()), ended + 1, f"{ending}: still relaying")
+            self.assertEqual(self.gateway.log().count("reason=relay-idle"), idle, f"{ending}: ended as idle")
+        self.assertNotIn("Traceback", self.gateway.log())
+
+    def fetching(self, starttls: bool) -> tuple[socket.socket, SSL.Connection, int]:
+        """
+        A session (pyOpenSSL over a small receive buffer) that has sent a FETCH of the 20 MB
+        message and read 200 KB of it, and then waited for the gateway to stop reading the
+        backend; with the bytes it read.
+        """
         raw = socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls" if starttls else
                                                                          "implicit_tls")), timeout=15)
         self.addCleanup(raw.close)
@@ -461,6 +487,11 @@ class ClosingOverTLSTests(SynchronousTestCase):
         while received < 200_000:
             received += len(client.recv(65536))
         time.sleep(1)  # the gateway's socket buffer fills; it stops reading the backend
+        return raw, client, received
+
+    def client_ends_tls(self, starttls: bool) -> None:
+        ended = len(self.relayed_disconnects())
+        raw, client, received = self.fetching(starttls)
         client.shutdown()  # close_notify, without waiting for the gateway's
         while chunk := raw.recv(65536):  # raises at the receive timeout if the gateway never closes
             received += len(chunk)
