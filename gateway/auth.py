@@ -27,7 +27,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from gateway.userdb import UserDatabase
+from gateway.userdb import MAX_USER_NAME_BYTES, UserDatabase
+
+MAX_BACKEND_PASSWORD_BYTES = 1024
+"""
+The longest password passed on to a backend that decides: Dovecot's login process drops a
+command over its 4 KiB input buffer with a BYE, which would read as the backend being down.
+"""
 
 log = Logger()
 
@@ -40,7 +46,7 @@ class IAuthenticator(Interface):
 
     def verify(user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
         """
-        Check credentials; fires True when they are good (always True when the backend decides).
+        Check credentials; fires True when they are good (when the backend decides, True for any it could take).
 
         Cancelled before the check has started, it costs nothing and tells nothing. Cancelled
         while it runs, the check finishes: C{wrong_after_all} is then called if the password
@@ -131,7 +137,9 @@ class Authenticator:
 
     def verify(self, user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:
         if self._users is None:
-            return succeed(True)
+            # What no backend account can have is a wrong login here, as a users file would have it.
+            return succeed(len(user.encode("utf-8", "surrogateescape")) <= MAX_USER_NAME_BYTES
+                           and len(password) <= MAX_BACKEND_PASSWORD_BYTES)
         version = self._users.version()  # one stat: no read on the reactor thread
         if version is not None and self._verified.fresh(user, password, version):
             return succeed(True)

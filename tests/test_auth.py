@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from gateway.auth import Authenticator, VerifiedCredentials
-from gateway.userdb import UserDatabase, hash_password
+from gateway.auth import MAX_BACKEND_PASSWORD_BYTES, Authenticator, VerifiedCredentials
+from gateway.userdb import MAX_USER_NAME_BYTES, UserDatabase, hash_password
 
 
 @implementer(IReactorFromThreads)
@@ -96,6 +96,29 @@ class AuthenticatorCacheTests(SynchronousTestCase):
         self.write("alice", b"new password")
         self.assertFalse(self.verify("alice", b"right"))
         self.assertTrue(self.verify("alice", b"new password"))
+
+
+class BackendDecidesTests(SynchronousTestCase):
+    """Without a users file the backend decides, except on credentials no backend could take."""
+
+    def test_passed_on(self) -> None:
+        """Any credentials within the bounds go on to the backend, unhashed."""
+        pool = InlinePool()
+        auth = Authenticator(InlineReactor(), pool, None)  # type: ignore[arg-type]
+        self.assertTrue(auth.backend_decides)
+        for user, password in (("alice", b"secret"), ("u" * MAX_USER_NAME_BYTES, b"p" * MAX_BACKEND_PASSWORD_BYTES)):
+            self.assertIs(self.successResultOf(auth.verify(user, password, lambda: None)), True)
+        self.assertEqual(pool.calls, 0)
+
+    def test_over_long_refused(self) -> None:
+        """
+        A user name or password longer than a backend takes is a wrong login (counted as one),
+        not a backend refusing the command and seeming to be down. Bounds count UTF-8 bytes.
+        """
+        auth = Authenticator(InlineReactor(), InlinePool(), None)  # type: ignore[arg-type]
+        for user, password in (("u" * (MAX_USER_NAME_BYTES + 1), b"secret"), ("\u00fc" * 128, b"secret"),
+                               ("alice", b"p" * (MAX_BACKEND_PASSWORD_BYTES + 1))):
+            self.assertIs(self.successResultOf(auth.verify(user, password, lambda: None)), False)
 
 
 class HeldPool(InlinePool):

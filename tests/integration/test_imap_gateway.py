@@ -347,6 +347,42 @@ class BackendOutageTests(GatewayFixture):
         client.logout()
 
 
+class BackendDecidesTests(SynchronousTestCase):
+    """[auth] mode "backend": Dovecot checks the passwords the gateway passes on."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-backend-auth-")
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users=None,
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.stack.stop()
+
+    def test_over_long_credentials_are_wrong(self) -> None:
+        """
+        An 8,000-byte password or a 7,000-byte user name (Dovecot would drop the LOGIN with
+        "BYE Input buffer full") fails as a wrong login, and is counted as one; not as the
+        backend being down. The right password still logs in.
+        """
+        for user, password in ((OTHER[0], "p" * 8000), ("u" * 7000, OTHER[1])):
+            client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"),
+                                       ssl_context=self.stack.tls(), timeout=30)
+            with self.assertRaises(imaplib.IMAP4.error) as caught:
+                client.login(user, password)
+            self.assertIn("[AUTHENTICATIONFAILED]", str(caught.exception))
+            client.logout()
+        self.gateway.wait_for_log(r'login_failed protocol=imap client=\S+ user="u+" reason=credentials repeat=no')
+        self.assertEqual(len(re.findall(r"login_failed .* reason=credentials repeat=no", self.gateway.log())), 2)
+        self.assertNotIn("backend_unavailable", self.gateway.log())
+        client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"), ssl_context=self.stack.tls())
+        self.assertEqual(client.login(*OTHER)[0], "OK")
+        client.logout()
+
+
 class ClosingOverTLSTests(SynchronousTestCase):
     """
     Relayed sessions ending over real TLS, implicit and STARTTLS. Twisted closes a TLS connection
