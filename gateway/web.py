@@ -389,6 +389,14 @@ class RequestDeadlineChannel(HTTPChannel):
             self._body_bytes += len(data)
         super().rawDataReceived(data)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request or header line over twisted.web's bound: a 400. (LineReceiver's default closes
+        the transport itself, which over TLS waits for the channel to unregister as its producer:
+        the client got no answer, and its connection stayed open until the deadline.)
+        """
+        self.refuse(400)
+
     def allContentReceived(self) -> None:
         """The request has arrived in time: process it, unless it was refused meanwhile (twisted.web hook)."""
         self._cancel_deadline()

@@ -967,6 +967,14 @@ class MalformedRequestTests(SiteTestCase):
         self.assertEqual(sent.header("x-a"), [b"a\tb"])
         sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
 
+    def test_over_long_lines(self) -> None:
+        """A request line or header line over twisted.web's 16 KiB, ended or not, is a 400 on both sites."""
+        long = b"a" * 17000
+        for site in (self.https, self.http):
+            for request in (b"GET /%s HTTP/1.1\r\n" % long, b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nX: %s" % long,
+                            long):
+                self.assert_refused(request, site)
+
     def test_refused_before_body(self) -> None:
         """A malformed request is answered before its body arrives, which is then never read or kept."""
         connection = self.connect(self.https)
