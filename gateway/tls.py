@@ -690,9 +690,10 @@ class ITLSEndListener(Interface):
 
     def tlsEnded() -> None:
         """
-        The peer sent close_notify, or broke TLS. Twisted then drops what is written and closes
-        the connection once its buffer has gone to the peer, with no time limit: one that has
-        stopped reading would hold it for as long as the relay's idle timeout.
+        The peer sent close_notify, or TLS failed (a broken record, a failed write), while the
+        connection is still open. Twisted then drops what is written and closes the connection
+        once its buffer has gone to the peer, with no time limit: a peer that has stopped reading
+        would hold it for as long as the relay's idle timeout. (Not called as the connection is lost.)
         """
 
 
@@ -745,7 +746,9 @@ class _Relaying(TLSMemoryBIOProtocol):
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         super()._tlsShutdownFinished(reason)
-        if ITLSEndListener.providedBy(self.wrappedProtocol):
+        # Twisted's TLS layer ends TLS as its connection is lost, too: nothing is left to hold then,
+        # and a STARTTLS transport can no longer even unregister its producer.
+        if self.transport.connected and ITLSEndListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.tlsEnded()
 
 

@@ -495,6 +495,20 @@ class ClosingOverTLSTests(SynchronousTestCase):
             self.assertEqual(self.gateway.log().count("reason=relay-idle"), idle, f"{ending}: ended as idle")
         self.assertNotIn("Traceback", self.gateway.log())
 
+    def test_connection_dropped_without_ending_tls(self) -> None:
+        """
+        A relayed client whose connection just closes (no close_notify: a phone gone offline) is
+        logged as disconnected, and its per-address count is given back, over IMAPS and STARTTLS.
+        """
+        for starttls in (False, True):
+            ended = len(self.relayed_disconnects())
+            self.logged_in(starttls).sock.close()
+            deadline = time.monotonic() + 10
+            while len(self.relayed_disconnects()) == ended and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(len(self.relayed_disconnects()), ended + 1, f"starttls={starttls}: no disconnect line")
+        self.assertNotIn("Traceback", self.gateway.log())
+
     def fetching(self, starttls: bool) -> tuple[socket.socket, SSL.Connection, int]:
         """
         A session (pyOpenSSL over a small receive buffer) that has sent a FETCH of the 20 MB
