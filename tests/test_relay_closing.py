@@ -25,11 +25,12 @@ from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
-from gateway.relay import Splice
+from gateway.relay import CLOSE_GRACE, Splice, close_with_grace
 from gateway.sockets import tune
 from gateway.testing.pki import TestCA
-from gateway.tls import ServerTLS, client_tls
+from gateway.tls import ITLSEndListener, ServerTLS, client_tls
 
 # More than the loopback socket buffers of both ends hold.
 _FLOOD = 8 * 1024 * 1024
@@ -37,8 +38,12 @@ _FLOOD = 8 * 1024 * 1024
 _CLOSE_WITHIN = 10.0
 
 
+@implementer(ITLSEndListener)
 class _Side(Protocol):
-    """A connection in the test: a gateway leg feeding the splice, or a peer (client, backend)."""
+    """
+    A connection in the test: a gateway leg feeding the splice (and, as the front end and the
+    backend login do, ending the relay when its peer ends TLS), or a peer (client, backend).
+    """
 
     def __init__(self, start_tls: Any = None, leg: bool = False) -> None:
         """
@@ -49,6 +54,8 @@ class _Side(Protocol):
         self.start_tls = start_tls
         self.leg = leg
         self.splice_side: tuple[Any, Any] | None = None  # (what it reads goes to, what its loss calls)
+        self.tls_ended: Any = None  # a leg's: what its peer ending TLS calls
+        self.closing: Any = None  # the client leg's grace period, once the splice closes it
         self.gone: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
@@ -61,7 +68,13 @@ class _Side(Protocol):
         if self.splice_side is not None:
             self.splice_side[0](data)
 
+    def tlsEnded(self) -> None:
+        if self.tls_ended is not None:
+            self.tls_ended()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.closing is not None:
+            self.closing.cancel()
         self.gone.callback(None)
         if self.splice_side is not None:
             self.splice_side[1]()
@@ -115,20 +128,28 @@ class _RelayClosingMixin:
         sides = [legs["client"], legs["backend"], peers["client"], peers["backend"]]
         for each in sides:
             self.addCleanup(lambda each=each: None if each.gone.called else each.transport.abortConnection())  # type: ignore[attr-defined]
-        self.splice = splice = Splice(legs["client"].transport, legs["backend"].transport, reactor)
+        client_leg = legs["client"]
+
+        def close_client() -> None:
+            """As the front end closes its client: cut off after the grace period."""
+            client_leg.closing = close_with_grace(client_leg.transport, reactor)  # type: ignore[arg-type]
+
+        self.splice = splice = Splice(client_leg.transport, legs["backend"].transport, reactor,
+                                      close_client=close_client)
         legs["client"].splice_side = (splice.from_client, splice.client_lost)
         legs["backend"].splice_side = (splice.from_backend, splice.backend_lost)
+        legs["client"].tls_ended = legs["backend"].tls_ended = splice.close
         return peers["client"], peers["backend"], sides
 
     @inlineCallbacks
-    def all_closed(self, sides: list[_Side]) -> Any:
-        """Every connection closes, at both ends, within L{_CLOSE_WITHIN} seconds."""
+    def all_closed(self, sides: list[_Side], within: float = _CLOSE_WITHIN) -> Any:
+        """Every connection closes, at both ends, within C{within} seconds."""
         for side in sides:
-            timer = reactor.callLater(_CLOSE_WITHIN, side.gone.cancel)
+            timer = reactor.callLater(within, side.gone.cancel)
             try:
                 yield side.gone
             except Exception:
-                self.fail(f"a connection was still open {_CLOSE_WITHIN} s after the relay ended")  # type: ignore[attr-defined]
+                self.fail(f"a connection was still open {within} s after the relay ended")  # type: ignore[attr-defined]
             if timer.active():
                 timer.cancel()
 
@@ -153,6 +174,21 @@ class _RelayClosingMixin:
         """The client goes while the backend's reading is paused."""
         client, backend, sides = yield self.connected()
         yield self.lost(client, backend, sides)
+
+    @inlineCallbacks
+    def test_client_ends_tls_without_reading(self) -> Any:
+        """
+        The client stops reading, is flooded, and sends close_notify: it is cut off within the
+        grace period, and the backend closed (Twisted alone would wait for ever to send it the rest).
+        """
+        client, backend, sides = yield self.connected()
+        client.transport.pauseProducing()  # type: ignore[union-attr]
+        backend.transport.write(b"x" * _FLOOD)  # type: ignore[union-attr]
+        yield deferLater(reactor, 0.5, lambda: None)
+        client.transport.loseConnection()  # type: ignore[union-attr]  # close_notify
+        yield self.all_closed([side for side in sides if side is not client], CLOSE_GRACE + _CLOSE_WITHIN)
+        client.transport.resumeProducing()  # type: ignore[union-attr]  # and it finds its connection reset
+        yield self.all_closed([client])
 
     @inlineCallbacks
     def test_closed(self) -> Any:
