@@ -385,7 +385,7 @@ class _Table:
                 mapped = network.network_address.ipv4_mapped
                 network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
                 host = written.ip.ipv4_mapped
-            if host != network.network_address:
+            if int(host) != int(network.network_address):  # by value: a scope (fe80::%eth0) is no host bit
                 raise ConfigError(f"{self.error(key, 'a network address, with no bits set past its prefix', item)}: "
                                   f"did you mean {network} (or {host} for that host alone)?")
             networks.append(network)
@@ -561,8 +561,8 @@ def _tls_settings(table: _Table) -> TLSSettings:
     for number, (entry, named) in enumerate(zip(entries, sni), 1):
         for name in named.names:
             if name in seen:  # one would silently win: the operator meant one of them
-                raise entry.error("names", f"each name in one [[tls.sni]] table only ({name!r} is in "
-                                           f"table {seen[name]} too)")
+                where = "twice in this table" if seen[name] == number else f"in table {seen[name]} too"
+                raise entry.error("names", f"each name once, in one [[tls.sni]] table ({name!r} is {where})")
             seen[name] = number
     table.finish()
     if self_signed and (certificate or private_key):

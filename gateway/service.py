@@ -495,7 +495,14 @@ def check_service(settings: Settings, reactor: object) -> None:
     if settings.tls.self_signed and not all(map(os.path.exists, self_signed_paths(settings.state_dir,
                                                                                    settings.hostname))):
         # A start makes the pair. The check makes a throwaway one: run as root beside the service,
-        # it would leave a key in state_dir that the service's user cannot read.
+        # it would leave a key in state_dir that the service's user cannot read. It only asks
+        # whether the start could write there.
+        existing = os.path.abspath(settings.state_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{settings.path}: [tls] self_signed: cannot create a certificate in "
+                              f"[gateway] state_dir: {existing} cannot be written")
         with tempfile.TemporaryDirectory(prefix="mailgateway-check-") as scratch:
             build_service(replace(settings, state_dir=scratch), reactor)
         return

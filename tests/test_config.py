@@ -418,8 +418,11 @@ class FileTests(ConfigTestCase):
                  '\nprivate_key = ' + toml_string(self.private_key) + '\n')
         text = (render(self.minimal()) + entry.format(names='"mail.example.net", "*.example.com"')
                 + entry.format(names='"other.example.net"') + entry.format(names='"MAIL.example.net."'))
-        message = self.assert_error(text, "[tls.sni#3] names", "each name in one [[tls.sni]] table only")
+        message = self.assert_error(text, "[tls.sni#3] names", "each name once, in one [[tls.sni]] table")
         self.assertIn("'mail.example.net' is in table 1 too", message)
+        message = self.assert_error(render(self.minimal()) + entry.format(names='"a.example.net", "A.example.net"'),
+                                    "[tls.sni#1] names", "each name once")
+        self.assertIn("'a.example.net' is twice in this table", message)
         apart = render(self.minimal()) + entry.format(names='"mail.example.net"') + entry.format(names='"www.example.net"')
         self.assertEqual(len(load_settings(self.write(apart)).tls.sni), 2)
 
@@ -701,9 +704,9 @@ class HardeningTests(ConfigTestCase):
                 message = self.assert_tables_error(tables, f"[limits] {key}", meant)
                 self.assertIn(repr(written), message)
             tables = self.minimal()
-            tables["limits"] = {key: '["10.0.0.5", "10.0.0.5/32", "2001:db8::1", "10.0.0.0/24"]'}
+            tables["limits"] = {key: '["10.0.0.5", "10.0.0.5/32", "2001:db8::1", "10.0.0.0/24", "fe80::%eth0/64"]'}
             self.assertEqual([str(network) for network in getattr(self.load(tables).limits, key)],
-                             ["10.0.0.5/32", "10.0.0.5/32", "2001:db8::1/128", "10.0.0.0/24"])
+                             ["10.0.0.5/32", "10.0.0.5/32", "2001:db8::1/128", "10.0.0.0/24", "fe80::%eth0/64"])
 
     def test_upstream_port_in_range(self) -> None:
         """A webmail upstream's port is from 1 to 65535."""

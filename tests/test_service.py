@@ -1276,6 +1276,21 @@ class CheckServiceTests(SynchronousTestCase):
         check_service(load_settings(self.files.write(self_signed=True)), self.reactor)
         self.assertFalse(os.path.exists(self.files.state_dir))
 
+    def test_state_dir_not_writable(self) -> None:
+        """A state_dir a start could not make the self-signed pair in fails the check too (here: under a file)."""
+        blocker = os.path.join(os.path.dirname(self.files.state_dir), "a-file")
+        with open(blocker, "w"):
+            pass
+        self.files.state_dir = os.path.join(blocker, "state")
+        settings = load_settings(self.files.write(self_signed=True))
+        with self.assertRaises(ConfigError) as started:
+            build_service(settings, self.reactor)
+        with self.assertRaises(ConfigError) as checked:
+            check_service(settings, self.reactor)
+        prefix = f"{settings.path}: [tls] self_signed: cannot create a certificate in [gateway] state_dir: "
+        for error in (started.exception, checked.exception):
+            self.assertTrue(str(error).startswith(prefix), str(error))
+
     def test_self_signed_not_renewed(self) -> None:
         """A self-signed certificate near its end is checked as it is: not renewed (a start does that), not warned about."""
         settings = load_settings(self.files.write(self_signed=True))
