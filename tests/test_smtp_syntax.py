@@ -15,7 +15,7 @@ from gateway.smtp_syntax import (
     xtext,
 )
 
-PATH_ERRORS = {"Syntax: FROM:<address>", "Syntax: TO:<address>", "Bad address syntax",
+PATH_ERRORS = {"Syntax: FROM:<address>", "Syntax: TO:<address>", "Bad address syntax", "Duplicate parameter",
                "Syntax error in parameters"}
 
 
@@ -307,6 +307,11 @@ class ParsePathTests(SynchronousTestCase):
         """A keyword that is empty, starts with "-" or holds other than letters, digits and "-" is refused."""
         for parameters in (b"-SIZE=1", b"SI_ZE=1", b"SIZE:1", b"=1", b"X.Y", b"SIZ\xc3\x89=1"):
             self.assertEqual(self.assert_refused(b"FROM:<a@b.example> " + parameters), "Syntax error in parameters")
+
+    def test_duplicate_parameter(self) -> None:
+        """A parameter given twice, in any case, is refused: which of the two counts would be a guess."""
+        for parameters in (b"SIZE=10 SIZE=20", b"BODY=8BITMIME body=7BIT", b"SMTPUTF8 SIZE=1 SMTPUTF8"):
+            self.assertEqual(self.assert_refused(b"FROM:<a@b.example> " + parameters), "Duplicate parameter")
 
     def test_empty_value(self) -> None:
         """A "=" without a value is refused."""
