@@ -55,6 +55,7 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
+from gateway.systemd_notify import ReadyNotice, notify
 from gateway.tls import (
     ListenerTLS,
     ServerTLS,
@@ -468,7 +469,7 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         held = _mail_listeners(settings, reactor, lambda name, kind: idle, held=True)
         for each in held:
             each.setServiceParent(top)
-        pool = WorkerPool(reactor, settings, gatekeeper, held)  # type: ignore[arg-type]
+        pool = WorkerPool(reactor, settings, gatekeeper, held, serving=partial(notify, b"READY=1"))  # type: ignore[arg-type]
         pool.setServiceParent(top)
         reloader.follow(pool.reload)
     if settings.web is not None:
@@ -480,6 +481,8 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         build_web_service(settings.web, reactor, web_tls, web_state,  # type: ignore[arg-type]
                           gatekeeper.connections).setServiceParent(top)
         reloader.serve_web(web_tls, web_state)
+    if settings.workers == 1:
+        ReadyNotice().setServiceParent(top)  # last: started once all before it are
     warn_of_certificates(settings, files)
     return top
 

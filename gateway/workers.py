@@ -73,8 +73,11 @@ class WorkerPool(Service):
     """
 
     def __init__(self, reactor: IReactorProcess, settings: Settings, gatekeeper: LocalGatekeeper,
-                 listeners: Sequence[Listener], publisher: ILogObserver = globalLogPublisher) -> None:
+                 listeners: Sequence[Listener], publisher: ILogObserver = globalLogPublisher,
+                 serving: Callable[[], object] = lambda: None) -> None:
+        """:param serving: called once, when a worker first serves (systemd's C{READY=1})."""
         self._reactor = reactor
+        self._serving: Callable[[], object] | None = serving
         self._config_path = settings.path
         self._text = settings.text
         self._generation = 0  # of the text; a worker that started from an older one is told to reload
@@ -124,6 +127,9 @@ class WorkerPool(Service):
 
     def _ready(self, worker: _Worker) -> None:
         worker.ready = True
+        serving, self._serving = self._serving, None
+        if serving is not None:
+            serving()
         self._update(worker)
         if self._unserved is not None and self._workers.get(worker.number) is worker:
             self._unserved.cancel()

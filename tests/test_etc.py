@@ -295,7 +295,7 @@ class UnitTests(SynchronousTestCase):
             ("ProtectKernelModules", "yes"), ("ProtectKernelLogs", "yes"), ("ProtectControlGroups", "yes"),
             ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"), ("RestrictNamespaces", "yes"),
             ("LockPersonality", "yes"), ("SystemCallArchitectures", "native"),
-            ("StateDirectory", "mailgateway"), ("Restart", "on-failure"),
+            ("StateDirectory", "mailgateway"), ("Restart", "on-failure"), ("Type", "notify"),
         ):
             self.assertEqual(directives.get(key), [value], key)
 

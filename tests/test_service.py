@@ -66,6 +66,7 @@ from gateway.service import (
     restart_needed,
 )
 from gateway.testing.pki import IssuedCertificate, TestCA
+from gateway.systemd_notify import ReadyNotice
 from gateway.tls import ServerTLS, ensure_self_signed
 from gateway.userdb import hash_password
 from gateway.worker import supervisor_configuration
@@ -236,7 +237,10 @@ class BuildServiceTests(SynchronousTestCase):
         return build_service(load_settings(self.files.write(**config)), self.reactor)
 
     def test_tree(self) -> None:
-        """The tree holds one listener per endpoint, probes for pop3 and submission, a pool and a reloader."""
+        """
+        The tree holds one listener per endpoint, probes for pop3 and submission, a pool, a
+        reloader, and last the notice that tells systemd the gateway serves.
+        """
         top = self.build(self_signed=True)
         self.assertIsInstance(top, MultiService)
         labels = sorted(listener.label for listener in children(top, Listener))
@@ -245,7 +249,8 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(top, CapabilityProbe)), 2)
         self.assertEqual(len(children(top, HashingPool)), 1)
         self.assertEqual(len(children(top, Reloader)), 1)
-        self.assertEqual(len(list(top)), 6 + 2 + 1 + 1)
+        self.assertIsInstance(list(top)[-1], ReadyNotice)
+        self.assertEqual(len(list(top)), 6 + 2 + 1 + 1 + 1)
 
     def test_descriptor_limit_short(self) -> None:
         """

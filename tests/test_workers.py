@@ -152,6 +152,20 @@ class WorkerPoolTests(SynchronousTestCase):
         clock.spawned[0].processEnded(Failure(ProcessTerminated(signal=9)))
         pool.stopService()
 
+    def test_serving_told_once(self) -> None:
+        """The pool says it serves (systemd's READY=1) when its first worker is ready, and only then."""
+        told: list[None] = []
+        pool = WorkerPool(self.clock, replace(SETTINGS, workers=2), self.gatekeeper, [],  # type: ignore[arg-type]
+                          publisher=lambda event: None, serving=lambda: told.append(None))
+        pool.startService()
+        self.assertEqual(told, [])
+        for channel in self.clock.channels[:2]:
+            channel.lineReceived(b'[0, "ready"]')  # type: ignore[attr-defined]
+        self.assertEqual(told, [None])
+        for worker in self.clock.spawned:
+            worker.processEnded(Failure(ProcessTerminated(signal=9)))
+        pool.stopService()
+
     def test_ready_without_reload(self) -> None:
         """A worker that started from the latest configuration is not told to reload."""
         self.pool.startService()

@@ -288,6 +288,34 @@ class SupervisorEndTests(SynchronousTestCase):
         wait_until(lambda: not any(alive(pid) for pid in pids))
 
 
+class ReadyNotificationTests(SynchronousTestCase):
+    """systemd's Type=notify: READY=1 once the gateway answers, in one process and with workers."""
+
+    def test_ready_once_serving(self) -> None:
+        """READY=1 reaches NOTIFY_SOCKET once, from the main process, and the IMAPS port then greets."""
+        for workers in (1, 2):
+            directory = tempfile.mkdtemp(prefix="gw-notify-")
+            self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+            notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.addCleanup(notifications.close)
+            notifications.bind(os.path.join(directory, "notify"))
+            notifications.settimeout(30)
+            os.environ["NOTIFY_SOCKET"] = os.path.join(directory, "notify")  # the child inherits it
+            self.addCleanup(os.environ.pop, "NOTIFY_SOCKET", None)
+            gateway = GatewayProcess(os.path.join(directory, "gateway"), imap_backend_port=1, users=USERS,
+                                     workers=workers)
+            gateway.start()
+            self.addCleanup(gateway.stop)
+            self.assertEqual(notifications.recv(4096), b"READY=1", f"workers={workers}")
+            tls = ssl.create_default_context()
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", gateway.port("imap", "implicit_tls")), timeout=10) as raw:
+                with tls.wrap_socket(raw) as client:
+                    self.assertTrue(client.recv(4096).startswith(b"* OK "), f"workers={workers}")
+            notifications.settimeout(1)
+            self.assertRaises(TimeoutError, notifications.recv, 4096)  # once
+
+
 class WorkerLifecycleTests(SynchronousTestCase):
     """One Dovecot for the class; each test starts its own two-worker gateway."""
 

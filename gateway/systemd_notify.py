@@ -1,0 +1,52 @@
+"""
+Telling systemd that the gateway serves (C{Type=notify}): one datagram C{READY=1} to the socket
+in C{$NOTIFY_SOCKET}, as sd_notify(3) sends it, once every listener listens (with workers, once
+one of them serves). C{systemctl start} then returns when the gateway answers, and fails when it
+exits first (a configuration error: status 78). Run otherwise, there is no such socket and
+nothing is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+__all__ = ["ReadyNotice", "notify"]
+
+log = Logger()
+
+
+def notify(state: bytes, environ: Mapping[str, str] | None = None) -> bool:
+    """
+    Send C{state} (such as C{b"READY=1"}) to systemd, if it asked for word.
+
+    :param environ: where to find C{NOTIFY_SOCKET}; the process's environment if None.
+    :returns: whether it was sent; a failure is logged, never raised (the gateway serves all the same).
+    """
+    path = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state)
+    except OSError as e:
+        log.warn("notify_failed socket={socket} problem={problem}", socket=path, problem=e.strerror or str(e))
+        return False
+    return True
+
+
+class ReadyNotice(Service):
+    """
+    Says C{READY=1} when started: the service added last to a process that serves by itself,
+    whose listeners were bound before (L{gateway.listener.Listener.privilegedStartService}).
+    """
+
+    def startService(self) -> None:
+        super().startService()
+        notify(b"READY=1")
