@@ -385,7 +385,11 @@ class _Table:
                 mapped = network.network_address.ipv4_mapped
                 network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
                 host = written.ip.ipv4_mapped
-            if int(host) != int(network.network_address):  # by value: a scope (fe80::%eth0) is no host bit
+            if isinstance(written, ipaddress.IPv6Interface) and written.scope_id:
+                # Clients are matched by address alone: fe80::1%eth1 would pass as well.
+                raise self.error(key, "a network without an interface (%zone): clients are matched by "
+                                      "address alone", item)
+            if host != network.network_address:
                 raise ConfigError(f"{self.error(key, 'a network address, with no bits set past its prefix', item)}: "
                                   f"did you mean {network} (or {host} for that host alone)?")
             networks.append(network)

@@ -142,14 +142,16 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
     if rest:
         if not rest.startswith(b" "):
             raise SmtpSyntaxError("Syntax error in parameters")
+        keywords: set[bytes] = set()
         for item in rest[1:].split(b" "):
             key, equals, value = item.partition(b"=")
             if not _ESMTP_KEYWORD.match(key) or (equals and not value) or not _valid_value(value):
                 raise SmtpSyntaxError("Syntax error in parameters")
-            if any(key.upper() == seen for seen, _ in parameters):
-                # The gateway reads the first SIZE or BODY; an MTA might read the last.
+            key = key.upper()
+            if key in keywords:  # the gateway reads the first SIZE or BODY; an MTA might read the last
                 raise SmtpSyntaxError("Duplicate parameter")
-            parameters.append((key.upper(), value if equals else None))
+            keywords.add(key)
+            parameters.append((key, value if equals else None))
     return PathCommand(address, tuple(parameters))
 
 

@@ -719,6 +719,7 @@ class _Relaying(TLSMemoryBIOProtocol):
     # None: write_tls_now reads it here, where an attribute missing would go through
     # ProtocolWrapper.__getattr__ to the transport below, and fail, on every relayed write.
     _aggregator = None
+    _losing = False  # set as the connection is lost (an attribute of its own only then)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
@@ -746,10 +747,15 @@ class _Relaying(TLSMemoryBIOProtocol):
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         super()._tlsShutdownFinished(reason)
-        # Twisted's TLS layer ends TLS as its connection is lost, too: nothing is left to hold then,
-        # and a STARTTLS transport can no longer even unregister its producer.
-        if self.transport.connected and ITLSEndListener.providedBy(self.wrappedProtocol):
+        if not self._losing and ITLSEndListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.tlsEnded()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Twisted's TLS layer ends TLS as its connection is lost, too: nothing is left to hold then,
+        # and a STARTTLS transport can no longer even unregister its producer. (The transport's
+        # own "connected" would not say so behind a PROXY header's wrapper.)
+        self._losing = True
+        super().connectionLost(reason)
 
 
 # What one SSL_read may return at most (a record holds 16 KiB; Twisted asks for twice as much).

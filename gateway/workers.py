@@ -170,7 +170,9 @@ class WorkerPool(Service):
             worker = _Worker(number, self._reactor, self._ended, self._generation)  # type: ignore[arg-type]
             arguments = [sys.executable, "-m", "gateway.worker", "--config", self._config_path,
                          "--number", str(number), "--listeners", str(len(self._listeners))]
-            process = self._reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ),
+            # Only the supervisor talks to systemd (NotifyAccess=main): a worker is not told its socket.
+            environment = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
+            process = self._reactor.spawnProcess(worker, sys.executable, arguments, env=environment,
                                                  childFDs=descriptors)  # type: ignore[arg-type]
             channel = SupervisorChannel(self._gatekeeper, self._publisher, process.pid, lambda: self._text,
                                         partial(self._ready, worker))

@@ -704,9 +704,12 @@ class HardeningTests(ConfigTestCase):
                 message = self.assert_tables_error(tables, f"[limits] {key}", meant)
                 self.assertIn(repr(written), message)
             tables = self.minimal()
-            tables["limits"] = {key: '["10.0.0.5", "10.0.0.5/32", "2001:db8::1", "10.0.0.0/24", "fe80::%eth0/64"]'}
+            tables["limits"] = {key: '["10.0.0.5", "10.0.0.5/32", "2001:db8::1", "10.0.0.0/24"]'}
             self.assertEqual([str(network) for network in getattr(self.load(tables).limits, key)],
-                             ["10.0.0.5/32", "10.0.0.5/32", "2001:db8::1/128", "10.0.0.0/24", "fe80::%eth0/64"])
+                             ["10.0.0.5/32", "10.0.0.5/32", "2001:db8::1/128", "10.0.0.0/24"])
+            for scoped in ("fe80::%eth0/64", "fe80::1%eth0"):  # fe80::1%eth1 would match as well
+                tables["limits"] = {key: f'["{scoped}"]'}
+                self.assert_tables_error(tables, f"[limits] {key}", "a network without an interface")
 
     def test_upstream_port_in_range(self) -> None:
         """A webmail upstream's port is from 1 to 65535."""

@@ -53,6 +53,7 @@ class _SpawningClock(Clock):
         self.refusals = 0
         self.spawned: list[ProcessProtocol] = []
         self.channels: list[Protocol] = []
+        self.environments: list[dict[str, str]] = []
         self.stops = 0
 
     def stop(self) -> None:
@@ -67,6 +68,7 @@ class _SpawningClock(Clock):
         process = _Process(1000 + len(self.spawned))
         protocol.makeConnection(process)  # type: ignore[arg-type]
         self.spawned.append(protocol)
+        self.environments.append(env)
         return process
 
     def adoptStreamConnection(self, fileno: int, family: int, factory: Factory) -> None:
@@ -157,8 +159,12 @@ class WorkerPoolTests(SynchronousTestCase):
         told: list[None] = []
         pool = WorkerPool(self.clock, replace(SETTINGS, workers=2), self.gatekeeper, [],  # type: ignore[arg-type]
                           publisher=lambda event: None, serving=lambda: told.append(None))
+        self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": "/run/systemd/notify"})
         pool.startService()
         self.assertEqual(told, [])
+        # Only the supervisor talks to systemd: the workers are not told its socket.
+        self.assertEqual([env.get("NOTIFY_SOCKET") for env in self.clock.environments], [None, None])
+        self.assertEqual(self.clock.environments[0].get("PATH"), os.environ.get("PATH"))
         for channel in self.clock.channels[:2]:
             channel.lineReceived(b'[0, "ready"]')  # type: ignore[attr-defined]
         self.assertEqual(told, [None])
