@@ -49,7 +49,7 @@ from gateway.idle import IdleSessions
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
-from gateway.text_log import loggable_text, loggable_user
+from gateway.text_log import loggable_text
 from gateway.tls import ITLSEndListener, describe_tls, tls_failure
 
 log = Logger()
@@ -286,7 +286,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
                  "in={bytes_in} out={bytes_out} duration={duration:.3f}",
                  protocol=self.context.protocol, client=self.client.host,
-                 user=loggable_user(self.user or ""),
+                 user=loggable_text(self.user or ""),
                  # A relayed session is logged as one, however the relay ended (close() marks it CLOSED).
                  state=_Phase.RELAYING.value if self._splice is not None else phase.value,
                  bytes_in=bytes_in, bytes_out=bytes_out, duration=time.monotonic() - self._started)
@@ -608,7 +608,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         session.transport.abortConnection()  # type: ignore[attr-defined]
         failure.trap(_TooManySessions)
         log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
         return LoginOutcome.OVERLOADED
 
     def _accepted(self, session: BackendLogin, user: str) -> LoginOutcome:
@@ -619,7 +619,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._session = session
         self.context.gatekeeper.succeeded(user_key(user), self.client.host)
         log.info("login protocol={protocol} client={client} user={user} backend_ms={backend_ms:.1f}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                 protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
                  backend_ms=1000 * (self.clock.seconds() - self._backend_started))
         return LoginOutcome.LOGGED_IN
 
@@ -633,22 +633,22 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         auth = self.context.authenticator
         if failure.check(_Throttled):
             log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
             return LoginOutcome.THROTTLED
         if failure.check(_TooManySessions):
             log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user))
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
             return LoginOutcome.OVERLOADED
         if failure.check(BackendRefused):
             self.backend_refusal = failure.value.reply  # type: ignore[union-attr]
             log.info("backend_refused protocol={protocol} client={client} user={user} reply={reply}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
                      reply=self.backend_refusal.decode("ascii", "replace"))
             return LoginOutcome.REFUSED
         # With a local database a backend refusal is the backend's fault, never the client's.
         if failure.check(BackendUnavailable) or (failure.check(BackendRejected) and not auth.backend_decides):
             log.warn("backend_unavailable protocol={protocol} client={client} user={user} backend={backend} reason={reason}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_user(user),
+                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
                      backend=self.context.backend.address, reason=failure.getErrorMessage())
             return LoginOutcome.UNAVAILABLE
         self.login_failures += 1
@@ -754,7 +754,7 @@ def _count_failure(context: FrontEndContext, host: str, user: str, password: byt
     def logged(count: FailureCount | Failure) -> FailureCount | Failure:
         repeated = isinstance(count, FailureCount) and count.repeated
         log.info("login_failed protocol={protocol} client={client} user={user} reason={reason} repeat={repeat}",
-                 protocol=context.protocol, client=host, user=loggable_user(user), reason=reason,
+                 protocol=context.protocol, client=host, user=loggable_text(user), reason=reason,
                  repeat="yes" if repeated else "no")
         return count
 

@@ -501,11 +501,10 @@ def check_service(settings: Settings, reactor: object) -> None:
         # it would leave a key in state_dir that the service's user cannot read. It only asks
         # whether the start could write there: in state_dir if it exists (as the user running the
         # check), or else under a directory (systemd's StateDirectory= makes it before a start).
-        existing = os.path.abspath(settings.state_dir)
+        state_dir = existing = os.path.abspath(settings.state_dir)
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
-        writable = os.access(existing, os.W_OK | os.X_OK) if existing == os.path.abspath(settings.state_dir) else True
-        if not os.path.isdir(existing) or not writable:
+        if not os.path.isdir(existing) or (existing == state_dir and not os.access(existing, os.W_OK | os.X_OK)):
             raise ConfigError(f"{settings.path}: [tls] self_signed: cannot create a certificate in "
                               f"[gateway] state_dir: {existing} cannot be written")
         with tempfile.TemporaryDirectory(prefix="mailgateway-check-") as scratch:

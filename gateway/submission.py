@@ -28,7 +28,7 @@ from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslF
 from gateway.senders import SenderPolicy
 from gateway.smtp_backend import SmtpBackend
 from gateway.smtp_syntax import PathCommand, Reply, SmtpSyntaxError, parse_path, split_command
-from gateway.text_log import loggable_user
+from gateway.text_log import loggable_text
 from gateway.tls import release_tls_buffers, tls_layer
 
 log = Logger()
@@ -244,7 +244,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         sender = path.address.decode("utf-8", "replace")
         if not self._senders.allowed(self.user, sender):
             log.warn("sender_rejected protocol=submission client={client} user={user} sender={sender}",
-                     client=self.client.host, user=loggable_user(self.user), sender=loggable_user(sender))
+                     client=self.client.host, user=loggable_text(self.user), sender=loggable_text(sender))
             self._error(b"553 5.7.1 Sender address rejected: not owned by the authenticated user")
             return
         size = path.parameter(b"SIZE")
@@ -368,7 +368,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _refuse_message(self, reply: bytes, reason: str) -> None:
         """Nothing of this message may reach a mailbox: the MTA loses the connection before the final dot."""
         log.warn("message_refused protocol=submission client={client} user={user} reason={reason}",
-                 client=self.client.host, user=loggable_user(self.user or ""), reason=reason)
+                 client=self.client.host, user=loggable_text(self.user or ""), reason=reason)
         self._data_refusal = reply
         self._drop_backend()
         # The MTA's backpressure may have paused the client; the rest must still be read (and dropped).
@@ -378,7 +378,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _message_done(self, reply: Reply) -> None:
         assert self.user is not None
         log.info("message protocol=submission client={client} user={user} size={size} recipients={recipients} "
-                 "reply={code}", client=self.client.host, user=loggable_user(self.user),
+                 "reply={code}", client=self.client.host, user=loggable_text(self.user),
                  size=self._message_size(), recipients=self._recipients, code=reply.code)
         self._end_transaction(reset_backend=False)
         self._mta_replied(reply)
@@ -505,7 +505,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if self.closed:
             return
         log.warn("backend_unavailable protocol=submission client={client} user={user} backend={backend} "
-                 "reason={reason}", client=self.client.host, user=loggable_user(self.user or ""),
+                 "reason={reason}", client=self.client.host, user=loggable_text(self.user or ""),
                  backend=self.context.backend.address, reason=failure.getErrorMessage())
         self._drop_backend()
         self._end_transaction(reset_backend=False)

@@ -76,8 +76,7 @@ def check(path: str, reactor: object = None) -> int:
     try:
         check_service(load_settings(path), reactor)
     except ConfigError as e:
-        print(f"mailgateway: {e}", file=sys.stderr, flush=True)
-        return EX_CONFIG
+        return _refused(e)
     finally:
         globalLogPublisher.removeObserver(report)
     print(f"configuration ok: {path}", flush=True)
@@ -108,5 +107,10 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         # twistd and twist let a SystemExit from here end the process with its status; a message
         # as the SystemExit's code would exit with 1, which systemd would restart every 5 s.
-        print(f"mailgateway: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EX_CONFIG) from None
+        raise SystemExit(_refused(e)) from None
+
+
+def _refused(error: Exception) -> int:
+    """Say on stderr, in one line, why the configuration cannot be used; the exit status for it."""
+    print(f"mailgateway: {error}", file=sys.stderr, flush=True)
+    return EX_CONFIG

@@ -130,11 +130,9 @@ def use_for(runner: usage.Options | None) -> None:
         runner["fileLogObserverFactory"] = text_file_observer
 
 
-def loggable_user(user: str) -> str:
-    """A user name made safe for one field of a log line: quoted, escaped, bounded (fail2ban parses it)."""
-    return loggable_text(user)
-
-
 def loggable_text(text: str) -> str:
-    """Text with spaces, or from a client, as one field of a log line: quoted, escaped, bounded."""
+    """
+    Text from a client (a user name, an address) or with spaces, as one field of a log line:
+    quoted, escaped, bounded, so that it cannot forge another field (fail2ban parses C{user=}).
+    """
     return json.dumps(text[:64])

@@ -35,7 +35,7 @@ from types import MappingProxyType
 from passlib.context import CryptContext
 from twisted.logger import Logger
 
-from gateway.text_log import loggable_user
+from gateway.text_log import loggable_text
 
 log = Logger()
 
@@ -425,7 +425,7 @@ class UserDatabase:
         except Exception as e:
             log.error(
                 "password_check_failed user={user} error={error}",
-                user=loggable_user(user),
+                user=loggable_text(user),
                 error=type(e).__qualname__,
             )
             return False

@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.addresses import client_key, plain_address
 from gateway.frontend import USER_KEY_LENGTH, user_key
-from gateway.text_log import loggable_user
+from gateway.text_log import loggable_text
 
 
 class AddressTests(SynchronousTestCase):
@@ -37,8 +37,8 @@ class UserTests(SynchronousTestCase):
 
     def test_quoted_and_bounded(self) -> None:
         """A user name is one quoted JSON string, control characters escaped, at most 64 characters kept."""
-        self.assertEqual(loggable_user('a"b\nc'), '"a\\"b\\nc"')
-        self.assertEqual(loggable_user("x" * 100), '"' + "x" * 64 + '"')
+        self.assertEqual(loggable_text('a"b\nc'), '"a\\"b\\nc"')
+        self.assertEqual(loggable_text("x" * 100), '"' + "x" * 64 + '"')
 
     def test_key_case_insensitive_and_bounded(self) -> None:
         """Spellings of a name count as one user; a name past the bound counts by a fixed-size digest."""
