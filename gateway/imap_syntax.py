@@ -39,6 +39,10 @@ _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 _ATOM_CHARS = frozenset(range(0x01, 0x80)) - _ATOM_SPECIALS
 _ASTRING_CHARS = _ATOM_CHARS | {ord("]")}
 _TAG_CHARS = _ASTRING_CHARS - {ord("+")}
+# What a client's atom argument may hold: list-wildcards too, as Dovecot reads them (they are
+# atoms in LIST patterns), since Python's imaplib sends a LOGIN user name such as "user%domain"
+# unquoted. What the gateway sends (astring) stays strict.
+_ARGUMENT_CHARS = _ASTRING_CHARS | {ord("%"), ord("*")}
 # The same sets as bytes, for checking whole values at C speed (see _made_of).
 _ATOM_BYTES = bytes(sorted(_ATOM_CHARS))
 _ASTRING_BYTES = bytes(sorted(_ASTRING_CHARS))
@@ -301,9 +305,11 @@ class _CommandParser:
             return self._quoted()
         if first == _OPEN_BRACE:
             return self._literal()
-        atom = self._take_chars(_ASTRING_CHARS)
+        atom = self._take_chars(_ARGUMENT_CHARS)
         if not atom:
             raise ParseError("Invalid argument")
+        if self._pos < len(self._data) and self._data[self._pos] not in (_SP, _CLOSE):
+            raise ParseError("Invalid characters in atom")
         if atom.upper() == b"NIL":
             return Nil(atom)
         return atom

@@ -278,6 +278,16 @@ class ImplicitTLSTests(ImapTestBase):
             replies.append(self.read()[3:])
         self.assertEqual(replies[0], replies[1])
 
+    def test_unquoted_wildcards_in_user_name(self) -> None:
+        """
+        A user name with "%" or "*", unquoted as Python's imaplib sends it, logs in like any
+        other (Dovecot reads it so), rather than being refused as bad syntax.
+        """
+        self.auth.passwords["bob%example.org*admin"] = b"secret"
+        reply = self.say(b"a1 LOGIN bob%example.org*admin secret\r\n")
+        self.assertTrue(reply.startswith(b"a1 OK "), reply)
+        self.assertEqual(self.backend.requests[0].user, "bob%example.org*admin")
+
     def test_commands_wait_during_login(self) -> None:
         """Commands pipelined behind a failing LOGIN run after its reply, in order."""
         self.front.dataReceived(b"a1 LOGIN bob wrong\r\na2 NOOP\r\n")

@@ -291,10 +291,26 @@ class ParseCommandRejectionTests(SynchronousTestCase):
             assert_rejected(self, parse_command, data)
 
     def test_atoms(self) -> None:
-        """Atoms cannot contain atom-specials other than "]", CTLs or 8-bit bytes."""
-        for char in b'%*\\{\x01\x1f\x7f\x80\xff\t\r\n':
-            assert_rejected(self, parse_command, b"a1 LOGIN al" + bytes([char]) + b"ice secret")
+        """
+        Atoms cannot contain atom-specials other than "]" and the list-wildcards, CTLs or 8-bit
+        bytes, and say so rather than asking for a space.
+        """
+        for char in b'\\{\x01\x1f\x7f\x80\xff\t\r\n"(':
+            data = b"a1 LOGIN al" + bytes([char]) + b"ice secret"
+            error = assert_rejected(self, parse_command, data)
+            if char not in b"\r\n":  # where the line ends, the atom ends too
+                self.assertEqual(str(error), "Invalid characters in atom", data)
         assert_rejected(self, parse_command, b"a1 LOGIN alice )")
+
+    def test_wildcards_in_atoms(self) -> None:
+        """
+        "%" and "*" may stand in an atom argument, as Dovecot reads them: Python's imaplib sends
+        a user name such as "user%domain" unquoted.
+        """
+        for user in [b"user%example.org", b"alice@example.org*admin", b"*", b"%"]:
+            self.assertEqual(parse_command(b"a1 LOGIN " + user + b" secret"),
+                             Command(b"a1", b"LOGIN", (user, b"secret")), user)
+        self.assertEqual(parse_command(b"a1 X (a*b %)").args, ((b"a*b", b"%"),))
 
     def test_quoted(self) -> None:
         """Unterminated quoted strings, CR or LF inside, and escapes of anything but quote and backslash are refused."""
@@ -373,7 +389,7 @@ class ParseCommandRejectionTests(SynchronousTestCase):
             b'a1 LOGIN alice "hunter2\\x"',
             b"a1 LOGIN alice {99}\r\nhunter2",
             b"a1 LOGIN alice  hunter2",
-            b"a1 LOGIN alice hunter2%",
+            b"a1 LOGIN alice hunter2\\",
             b"a1 LOGIN alice {hunter2}\r\n",
         ]:
             error = assert_rejected(self, parse_command, data)
