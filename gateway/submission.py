@@ -245,7 +245,10 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if not self._senders.allowed(self.user, sender):
             log.warn("sender_rejected protocol=submission client={client} user={user} sender={sender}",
                      client=self.client.host, user=loggable_text(self.user), sender=loggable_text(sender))
-            self._error(b"553 5.7.1 Sender address rejected: not owned by the authenticated user")
+            # The null sender is nobody's (Postfix's sender login check lets it pass; read receipts
+            # that follow RFC 8098 use it): say so, since "not owned" would puzzle whoever reads it.
+            self._error(b"553 5.7.1 Null sender not accepted: send as your own address" if not path.address
+                        else b"553 5.7.1 Sender address rejected: not owned by the authenticated user")
             return
         size = path.parameter(b"SIZE")
         if size is not None and (not size.isdigit() or len(size) > 20):

@@ -200,8 +200,9 @@ class TransactionTests(SubmissionTestBase):
         self.assertEqual(self.mta_got(), b"")
 
     def test_null_sender_refused(self) -> None:
-        """The null sender is not the user's address."""
-        self.assertTrue(self.say(b"MAIL FROM:<>\r\n").startswith(b"553 5.7.1 "))
+        """The null sender is not the user's address, and the refusal says what was refused."""
+        self.assertEqual(self.say(b"MAIL FROM:<>\r\n"), b"553 5.7.1 Null sender not accepted: send as your own address\r\n")
+        self.assertEqual(self.mta_got(), b"")
 
     def test_pipelined_transaction(self) -> None:
         """MAIL, RCPTs and DATA in one segment go to the MTA one at a time; replies come back in order."""
