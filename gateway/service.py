@@ -252,12 +252,14 @@ class Reloader(Service):
     """
 
     def __init__(self, reactor: IReactorFromThreads, settings: Settings, metrics: GatewayMetrics | None = None,
-                 source: Callable[[], Deferred[Settings]] | None = None) -> None:
+                 source: Callable[[], Deferred[Settings]] | None = None, worker: int | None = None) -> None:
         """
         :param settings: the running configuration: what a reload cannot apply must stay.
         :param source: gives a Deferred of the configuration a reload applies, which fails with
             L{ConfigError} when that is broken, or with C{ConnectionError} when it cannot be had. By
             default it reads C{settings}' file again (and has fired on return).
+        :param worker: the number of the worker process this runs in, which its log lines name
+            (every worker reloads after its supervisor); None in the supervisor or the one process.
         """
         self._reactor = reactor
         self._metrics = metrics
@@ -268,6 +270,9 @@ class Reloader(Service):
         # worker serves it from its next rotation. It also warns of certificates near their end,
         # once for the gateway rather than once per worker.
         self._renews = source is None
+        self._worker = worker
+        # Its lines' field after the event's name (which the metrics read as the first word).
+        self._worker_field = "" if worker is None else " worker={worker}"
         self._fetching = False  # while the source has not answered
         self._again = False  # a reload was asked for meanwhile
         self._tls: list[ListenerTLS] = []
@@ -389,7 +394,8 @@ class Reloader(Service):
         """Log a reload that found no configuration it could apply; any other failure (a bug) goes on."""
         if not failure.check(ConfigError, TLSError, ConnectionError):
             return failure
-        log.error("reload_failed reason={reason}: keeping the running configuration", reason=failure.getErrorMessage())
+        log.error("reload_failed" + self._worker_field + " reason={reason}: keeping the running configuration",
+                  worker=self._worker, reason=failure.getErrorMessage())
         return None
 
     def _apply(self, settings: Settings) -> None:
@@ -421,7 +427,7 @@ class Reloader(Service):
             factory.context = replace(factory.context, limits=protocol_limits(settings, factory.context.protocol))
         for proxy in self._proxies:
             proxy.sources = settings.limits.proxy_sources
-        log.info("reloaded path={path} certificates={count}", path=self._path,
+        log.info("reloaded" + self._worker_field + " path={path} certificates={count}", worker=self._worker, path=self._path,
                  count=1 + sum(len(entry.names) for entry in settings.tls.sni))
 
 
@@ -514,7 +520,7 @@ def check_service(settings: Settings, reactor: object) -> None:
 
 
 def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gatekeeper, inherited: list[int],
-                         configuration: Callable[[], Deferred[Settings]]) -> MultiService:
+                         configuration: Callable[[], Deferred[Settings]], number: int) -> MultiService:
     """
     Build one worker process: the mail front ends, accepting on the listening sockets the
     supervisor passed down (in the order of L{mail_endpoints}).
@@ -522,25 +528,27 @@ def build_worker_service(settings: Settings, reactor: object, gatekeeper: Gateke
     :param configuration: asks the supervisor for the configuration it checked and runs with,
         which a reload applies: a worker never reads the file itself, which may hold an edit the
         supervisor has not checked, or has refused.
+    :param number: the worker's number, for its log lines.
     :raises ConfigError: when a file named by the configuration cannot be used.
     """
-    provide_descriptors(settings)
+    # The supervisor warns of a limit too low, once; a worker raises its own (inherited) limit.
+    provide_descriptors(settings, warn=False)
     top = MultiService()
-    reloader = Reloader(reactor, settings, source=configuration)  # type: ignore[arg-type]
+    reloader = Reloader(reactor, settings, source=configuration, worker=number)  # type: ignore[arg-type]
     reloader.setServiceParent(top)
-    reloader.follow(provide_descriptors)
+    reloader.follow(partial(provide_descriptors, warn=False))
     _build_mail(settings, tls_files(settings, renew=False), reactor, gatekeeper, reloader, top, inherited)
     return top
 
 
-def provide_descriptors(settings: Settings) -> None:
+def provide_descriptors(settings: Settings, warn: bool = True) -> None:
     """
     Raise the limit on open descriptors to what C{max_connections} needs; if the hard limit is
-    lower, say so, since connections past it would fail.
+    lower, say so (when C{warn}), since connections past it would fail.
     """
     needed = descriptors_needed(settings.limits.max_connections)
     limit = raise_descriptor_limit(needed)
-    if limit < needed:
+    if warn and limit < needed:
         log.warn("descriptor_limit limit={limit} needed={needed} max_connections={max_connections}: "
                  "raise LimitNOFILE (systemd) or ulimit -n, or lower max_connections",
                  limit=limit, needed=needed, max_connections=settings.limits.max_connections)

@@ -81,7 +81,7 @@ def _serve(settings: Settings, key: str, configuration: Callable[[], Deferred[Se
            options: argparse.Namespace, reactor: IReactorCore, channel: WorkerChannel) -> None:
     first = CONTROL_FD + 1
     service = build_worker_service(settings, reactor, RemoteGatekeeper(channel, base64.b64decode(key)),
-                                   list(range(first, first + options.listeners)), configuration)
+                                   list(range(first, first + options.listeners)), configuration, options.number)
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

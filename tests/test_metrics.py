@@ -359,7 +359,7 @@ class OtherEventTests(SynchronousTestCase):
         reloader.reload()
         # A worker's own reload of the same configuration is not another reload of the gateway.
         self.metrics.observe({"log_namespace": "gateway.service", "log_worker": 11,
-                              "log_format": "reloaded path={path} certificates={count}"})
+                              "log_format": "reloaded worker={worker} path={path} certificates={count}"})
         self.assertEqual(sample(self.metrics, "mailgateway_reloads_total", result="ok"), 1)
         self.assertEqual(sample(self.metrics, "mailgateway_reloads_total", result="failed"), 2)
 

@@ -650,7 +650,7 @@ class WorkerReloadTests(SynchronousTestCase):
         # Sockets as the supervisor passes them down; the worker's listeners take them over.
         inherited = [socket.socket().detach() for _ in mail_endpoints(running)]
         top = build_worker_service(running, self.reactor, gatekeeper, inherited,
-                                   functools.partial(supervisor_configuration, self.channel, running.path))
+                                   functools.partial(supervisor_configuration, self.channel, running.path), 1)
         [self.reloader] = children(top, Reloader)
         for listener in children(top, Listener):
             listener.privilegedStartService()
@@ -682,7 +682,7 @@ class WorkerReloadTests(SynchronousTestCase):
         self.reloader.reload()
         self.pump.flush()
         self.assertEqual(self.per_ip_limits(), {7})
-        self.assertEqual(self.lines("reloaded"), [f"reloaded path={self.files.path} certificates=1"])
+        self.assertEqual(self.lines("reloaded"), [f"reloaded worker=1 path={self.files.path} certificates=1"])
         self.assertEqual(self.lines("reload_failed"), [])
 
     def test_supervisor_gone(self) -> None:
@@ -696,7 +696,7 @@ class WorkerReloadTests(SynchronousTestCase):
         self.reloader.reload()
         self.assertEqual(self.per_ip_limits(), {50})
         self.assertEqual(self.lines("reload_failed"),
-                         ["reload_failed reason=the supervisor has gone: keeping the running configuration"] * 2)
+                         ["reload_failed worker=1 reason=the supervisor has gone: keeping the running configuration"] * 2)
         self.assertEqual(self.lines("reloaded"), [])
 
     def test_hangups_while_asking(self) -> None:
@@ -859,7 +859,7 @@ class SelfSignedRotationTests(SynchronousTestCase):
         inherited = [socket.socket().detach() for _ in mail_endpoints(settings)]
         for descriptor in inherited:
             self.addCleanup(os.close, descriptor)
-        top = build_worker_service(settings, reactor, gatekeeper, inherited, lambda: succeed(settings))
+        top = build_worker_service(settings, reactor, gatekeeper, inherited, lambda: succeed(settings), 1)
         [reloader] = children(top, Reloader)
         reloader.rotate_ticket_keys()
         reloader.reload()
@@ -1234,20 +1234,26 @@ class CertificateValidityTests(SynchronousTestCase):
         self.assertTrue([m for m in messages(self.logged) if m.startswith("reload_failed ")])
 
     def test_worker_leaves_warnings_to_its_supervisor(self) -> None:
-        """A worker loads the same certificates at start and reload, and warns of none: its supervisor does."""
+        """
+        A worker loads the same certificates at start and reload, and warns of none, nor of a
+        descriptor limit too low for max_connections: its supervisor does.
+        """
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, limits)
         expiring_in(3, self.files.chain, self.files.key)
-        settings = load_settings(self.files.write())
+        settings = load_settings(self.files.write(limits="max_connections = 1000000"))
         gatekeeper = LocalGatekeeper(ConnectionLimits(ConnectionRules()),
                                      LoginPenalties(self.reactor, PenaltyRules()))  # type: ignore[arg-type]
         inherited = [socket.socket().detach() for _ in mail_endpoints(settings)]
         for descriptor in inherited:
             self.addCleanup(os.close, descriptor)
-        top = build_worker_service(settings, self.reactor, gatekeeper, inherited, lambda: succeed(settings))
+        top = build_worker_service(settings, self.reactor, gatekeeper, inherited, lambda: succeed(settings), 2)
         [reloader] = children(top, Reloader)
         reloader.reload()
         self.assertEqual([m for m in messages(self.logged) if m.startswith("reloaded ")][:1],
-                         [f"reloaded path={settings.path} certificates=1"])
+                         [f"reloaded worker=2 path={settings.path} certificates=1"])
         self.assertEqual(certificate_warnings(self.logged), [])
+        self.assertEqual([m for m in messages(self.logged) if m.startswith("descriptor_limit ")], [])
 
 
 class CheckServiceTests(SynchronousTestCase):

@@ -172,11 +172,13 @@ class WorkersTests(SynchronousTestCase):
                                                r"client=127\.0\.0\.21 user=\"alice\"", self.gateway.log())), 4)
 
     def test_reload_reaches_workers(self) -> None:
-        """SIGHUP to the supervisor reloads it and both workers."""
-        before = self.gateway.log().count("reloaded path=")
+        """SIGHUP to the supervisor reloads it and both workers, each of which names itself."""
+        events = ["reloaded path=", "reloaded worker=0 path=", "reloaded worker=1 path="]
+        before = [self.gateway.log().count(event) for event in events]
         assert self.gateway.pid is not None
         os.kill(self.gateway.pid, signal.SIGHUP)
-        wait_for_count(self.gateway, "reloaded path=", before + 3, 15)
+        for event, count in zip(events, before):
+            wait_for_count(self.gateway, event, count + 1, 15)
 
     def test_dead_workers_are_replaced_and_release(self) -> None:
         """Workers killed while holding every allowed connection are restarted; the limit counts afresh."""
@@ -343,7 +345,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway.wait_for_log(rf"worker_started worker=0 pid=(?!{old}\b)\d+")
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
-        wait_for_count(gateway, "reloaded path=", 2, 10)
+        wait_for_count(gateway, "] reloaded ", 2, 10)  # the supervisor and a worker
         time.sleep(3)  # the restarted worker reads its configuration and becomes ready
         exits = re.findall(r"worker_exited worker=0 .*", gateway.log())
         self.assertEqual(len(exits), 1, "\n".join(exits))
@@ -370,7 +372,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway = self.start_gateway("metrics", METRICS)
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
-        wait_for_count(gateway, "reloaded path=", 3, 10)  # the supervisor and both workers
+        wait_for_count(gateway, "] reloaded ", 3, 10)  # the supervisor and both workers
         time.sleep(0.5)  # every reloaded event has crossed its channel
         self.assertEqual(scrape(gateway, "mailgateway_reloads_total", result="ok"), [1.0])
 
@@ -403,9 +405,9 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway = self.start_gateway("worker-hup")
         add_listener(gateway)
         os.kill(gateway.worker_pids()[0], signal.SIGHUP)
-        wait_for_count(gateway, "reloaded path=", 1, 10)
+        wait_for_count(gateway, "] reloaded worker=0 path=", 1, 10)
         self.assertNotIn("reload_failed", gateway.log())
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
         gateway.wait_for_log(r"reload_failed reason=.*restart to change listeners")
-        self.assertEqual((gateway.log().count("reloaded path="), gateway.log().count("reload_failed")), (1, 1))
+        self.assertEqual((gateway.log().count("] reloaded "), gateway.log().count("reload_failed")), (1, 1))
