@@ -3,7 +3,7 @@
 set -euo pipefail
 
 packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond postfix libsasl2-modules curl openssl ca-certificates
-          fetchmail swaks libnet-ssleay-perl fail2ban systemd)
+          fetchmail isync swaks libnet-ssleay-perl fail2ban systemd)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for package in "${packages[@]}"; do

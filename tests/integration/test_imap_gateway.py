@@ -1,6 +1,6 @@
 """
 The IMAP gateway end to end: a private plaintext Dovecot, the gateway as a real process with
-TLS listeners and a test CA, and real clients (imaplib, curl, raw sockets).
+TLS listeners and a test CA, and real clients (imaplib, curl, mbsync, raw sockets).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -305,6 +306,83 @@ class GatewayBehaviourTests(GatewayFixture):
                                     capture_output=True, timeout=60)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertEqual(result.stdout, self.first_message(uid))
+
+    def test_mbsync_both_ways(self) -> None:
+        """
+        mbsync over IMAPS, checking the certificate against the test CA, copies the INBOX to a local
+        Maildir as stored, then uploads a message written into that Maildir, which the store receives
+        intact; but for mbsync's documented line ending conversion and X-TUID header.
+        """
+        mbsync = require_tool("mbsync", "isync")
+        self.dovecot.deliver(USER, MESSAGE)
+        home = tempfile.mkdtemp(prefix="mbsync-", dir=self.stack.directory)
+        os.mkdir(os.path.join(home, "Mail"))  # mbsync creates mailboxes, not the store's Path
+        inbox = os.path.join(home, "Mail", "INBOX")
+        password_file = os.path.join(home, "password")
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(PASSWORD)  # PassCmd reads it: the password never goes through mbsync's config quoting
+        rcfile = os.path.join(home, "mbsyncrc")
+        with open(rcfile, "w", encoding="utf-8") as f:
+            # "localhost" because mbsync matches the certificate against DNS names only (not IP
+            # SANs); it resolves to loopback. SystemCertificates no: only the test CA is trusted.
+            f.write(f'IMAPAccount gateway\nHost localhost\nPort {self.gateway.port("imap", "implicit_tls")}\n'
+                    f'User {USER}\nPassCmd "cat {password_file}"\nSSLType IMAPS\n'
+                    f'SystemCertificates no\nCertificateFile {self.ca_path}\n\n'
+                    f'IMAPStore far\nAccount gateway\n\n'
+                    f'MaildirStore near\nPath {home}/Mail/\nInbox {inbox}\n\n'
+                    f'Channel both\nFar :far:\nNear :near:\nPatterns INBOX\nCreate Both\nSyncState *\n')
+
+        def sync() -> None:
+            result = subprocess.run([mbsync, "-c", rcfile, "-a"], capture_output=True, timeout=60,
+                                    env={"HOME": home, "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+            self.assertEqual(result.returncode, 0, (result.stdout + result.stderr).decode("utf-8", "replace"))
+
+        def local_messages() -> list[bytes]:
+            messages = []
+            for sub in ("new", "cur"):
+                for name in os.listdir(os.path.join(inbox, sub)):
+                    with open(os.path.join(inbox, sub, name), "rb") as f:
+                        messages.append(f.read())
+            return messages
+
+        def without_tuid(message: bytes, eol: bytes) -> bytes:
+            # mbsync 1.4 adds one header to every message it copies, either way, to find it again:
+            # "X-TUID: " and 12 characters, last in the header. It is the only addition.
+            stripped, count = re.subn(re.escape(eol) + rb"X-TUID: \S{12}" + re.escape(eol * 2), eol * 2, message)
+            self.assertEqual(count, 1, message)
+            return stripped
+
+        sync()
+        # mbsync 1.4 stores messages in a Maildir with LF line endings: it turns IMAP's CRLF into
+        # LF. Other tests of this class may deliver to USER too (test_curl_imaps_and_starttls
+        # delivers MESSAGE): the local INBOX must mirror the store's INBOX, MESSAGE included.
+        stored = []
+        for path in self.dovecot.message_files(USER):
+            with open(path, "rb") as f:
+                stored.append(f.read().replace(b"\r\n", b"\n"))
+        self.assertIn(MESSAGE.replace(b"\r\n", b"\n"), stored)
+        self.assertEqual(sorted(without_tuid(message, b"\n") for message in local_messages()), sorted(stored))
+
+        subject = f"from mbsync {os.getpid()} {time.time_ns()}"
+        header = f"From: alice@example.org\nTo: bob@example.org\nSubject: {subject}\n".encode()
+        body = b"\nUploaded by mbsync\n\twith a tab, trailing spaces   \n.\n..and dots\n"
+        now = time.time()
+        name = f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}Q1.mbsync-test"
+        with open(os.path.join(inbox, "tmp", name), "wb") as f:
+            f.write(header + body)
+        os.rename(os.path.join(inbox, "tmp", name), os.path.join(inbox, "new", name))
+        sync()
+        uploaded = []
+        for path in self.dovecot.message_files(USER):
+            with open(path, "rb") as f:
+                content = f.read()
+            if f"Subject: {subject}\r\n".encode() in content:
+                uploaded.append(content)
+        self.assertEqual(len(uploaded), 1, uploaded)
+        # mbsync sends CRLF and Dovecot keeps it (mail_save_crlf = yes in the fixture).
+        self.assertEqual(without_tuid(uploaded[0], b"\r\n"), (header + body).replace(b"\n", b"\r\n"))
+        self.assertNotIn(PASSWORD, self.gateway.log())
 
     def first_message(self, uid: str) -> bytes:
         client = self.imaps()
