@@ -46,6 +46,7 @@ from gateway.backend import (
 from gateway.config import Limits
 from gateway.gatekeeper import FailureCount, Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
+from gateway.proxy_protocol import balancers_own
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
@@ -224,9 +225,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._admitted = True
         self.setTimeout(self.context.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
-        log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
-                 protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
-                 listener=self.client.local_port, tls="implicit" if self.secure else "none")
+        if not balancers_own(self.transport):
+            log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                     protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
+                     listener=self.client.local_port, tls="implicit" if self.secure else "none")
         self.greet()
 
     def _resume_admitted(self, _: None) -> None:
@@ -243,7 +245,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         described = describe_tls(self.transport)
-        if described is not None:
+        if described is not None and not balancers_own(self.transport):
             log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
                      protocol=self.context.protocol, client=self.client.host,
                      version=described[0], cipher=described[1])
@@ -283,6 +285,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if failed is not None:  # a client refusing the certificate or the TLS versions says so only here
             log.info("tls_failed protocol={protocol} client={client} error={error}",
                      protocol=self.context.protocol, client=self.client.host, error=loggable_text(failed))
+        if balancers_own(self.transport):
+            # A health check: a line for each (every 2 s per server and balancer) would drown the
+            # clients' lines. Whatever it did besides connecting (a login, a refusal) is logged.
+            return
         log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
                  "in={bytes_in} out={bytes_out} duration={duration:.3f}",
                  protocol=self.context.protocol, client=self.client.host,

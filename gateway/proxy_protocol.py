@@ -30,6 +30,7 @@ from gateway.addresses import Network, in_networks, parse_ip, plain_address
 log = Logger()
 
 _V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
+_V2_LOCAL = 0x20  # version 2, command LOCAL: the 13th byte of a v2 header
 
 HEADER_TIMEOUT = 10.0
 """Seconds a trusted proxy has to send the header before the connection is dropped."""
@@ -42,7 +43,14 @@ _V1_MAX = 107 - len(b"\r\n")
 
 
 class ProxiedConnection(ProtocolWrapper):
-    """One connection from a trusted proxy: reads the header, then starts the wrapped protocol."""
+    """
+    One connection from a trusted proxy: reads the header, then starts the wrapped protocol.
+
+    :ivar balancers_own: the header was a v2 LOCAL one: the proxy made this connection itself,
+        relaying no client (the specification's example is a health check).
+    """
+
+    balancers_own = False
 
     def __init__(self, factory: TrustedProxyFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)
@@ -139,6 +147,7 @@ class ProxiedConnection(ProtocolWrapper):
             self._refuse("untrusted")
             return
         self._info = info
+        self.balancers_own = isinstance(self._parser, V2Parser) and info.header[12] == _V2_LOCAL
         self.wrappedProtocol.makeConnection(self)
         if self._paused:
             self._held += remaining
@@ -168,6 +177,23 @@ class ProxiedConnection(ProtocolWrapper):
         if self._info is not None and self._info.destination is not None:
             return self._info.destination
         return self.transport.getHost()  # type: ignore[union-attr,no-any-return]
+
+
+def balancers_own(transport: object) -> bool:
+    """
+    Whether a protocol's transport is a connection a load balancer made on its own behalf (a
+    PROXY v2 LOCAL header), such as HAProxy's health checks with C{send-proxy-v2}: served as any
+    other, but no client's, so not logged as one. (A v1 header cannot say so: HAProxy's v1 checks
+    carry the balancer's own addresses.)
+
+    :param transport: a protocol's transport, under which a TLS layer may sit.
+    """
+    layer = transport
+    while isinstance(layer, ProtocolWrapper):
+        if isinstance(layer, ProxiedConnection):
+            return layer.balancers_own
+        layer = layer.transport
+    return False
 
 
 def _is_ip(address: IAddress | None) -> bool:

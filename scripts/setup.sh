@@ -3,7 +3,7 @@
 set -euo pipefail
 
 packages=(dovecot-imapd dovecot-pop3d dovecot-submissiond postfix libsasl2-modules curl openssl ca-certificates
-          fetchmail isync swaks libnet-ssleay-perl fail2ban systemd)
+          fetchmail isync swaks libnet-ssleay-perl fail2ban haproxy systemd)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for package in "${packages[@]}"; do
@@ -17,9 +17,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Only the binaries are needed: the demo and the tests run private instances. Do not leave
-  # system-wide services that the packages start (Dovecot would listen on 143/993).
+  # system-wide services that the packages start (Dovecot would listen on 143/993, HAProxy
+  # would run its own configuration).
   if [ -d /run/systemd/system ]; then
-    for service in dovecot postfix fail2ban; do
+    for service in dovecot postfix fail2ban haproxy; do
       if [[ " ${missing[*]} " == *" $service "* || " ${missing[*]} " == *" $service-imapd "* ]]; then
         echo "setup: stopping and disabling the system $service.service the package started" >&2
         $sudo systemctl disable --now "$service.service" >/dev/null 2>&1 || true

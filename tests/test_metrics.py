@@ -22,11 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.application.service import MultiService
 from twisted.internet.defer import fail
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import Logger, LogPublisher, globalLogPublisher
+from twisted.logger import Logger, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
@@ -36,6 +36,7 @@ from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificat
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.config import load_settings
+from gateway.frontend import FrontEndFactory
 from gateway.metrics import (
     CONTENT_TYPE,
     GatewayMetrics,
@@ -98,6 +99,31 @@ class FrontEndEventTests(FrontEndTestBase):
         self.assertEqual(self.count("mailgateway_relayed_bytes_total", protocol="pop3", direction="in"), len(sent))
         self.assertEqual(self.count("mailgateway_relayed_bytes_total", protocol="pop3", direction="out"),
                          len(received))
+
+    def test_balancers_own_connection_not_counted(self) -> None:
+        """
+        A connection a load balancer makes on its own behalf (a PROXY v2 LOCAL header, as HAProxy's
+        health checks with send-proxy-v2 have it) is served, but it is no client's: neither logged
+        nor counted as a connection. One that relays a client is both.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        factory = TrustedProxyFactory(FrontEndFactory(Pop3FrontEnd, self.context),
+                                      (ipaddress.ip_network("127.0.0.0/8"),), self.clock)
+        balancer, listener = IPv4Address("TCP", "127.0.0.2", 40000), IPv4Address("TCP", "127.0.0.1", 995)
+        local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+        for header in (local, b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 995\r\n"):
+            proxy = factory.buildProtocol(balancer)
+            assert proxy is not None
+            transport = StringTransport(hostAddress=listener, peerAddress=balancer)
+            proxy.makeConnection(transport)
+            proxy.dataReceived(header + b"CAPA\r\n")
+            self.assertTrue(transport.value().startswith(b"+OK "), transport.value())
+            proxy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.count("mailgateway_connections_total", protocol="pop3", listener="995"), 1)
+        lines = [formatEvent(event) for event in logged]
+        self.assertEqual([line.split(" ")[0] for line in lines if "client=127.0.0.2" in line], [])
+        self.assertEqual([line.split(" ")[0] for line in lines if "client=203.0.113.9" in line],
+                         ["connect", "disconnect"])
 
     def test_worker_gone(self) -> None:
         """

@@ -16,11 +16,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.addresses import Network
-from gateway.proxy_protocol import HEADER_TIMEOUT, ProxiedConnection, TrustedProxyFactory
+from gateway.proxy_protocol import HEADER_TIMEOUT, ProxiedConnection, TrustedProxyFactory, balancers_own
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_SOURCES: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("2001:db8::/64"))
@@ -226,6 +227,29 @@ class HeaderTests(ProxyTestCase):
         self.assertEqual(recorder.events, [("made", BALANCER, LISTENER), ("data", b"QUIT\r\n")])
         self.assertEqual(transport.value(), GREETING)
         self.assertFalse(transport.disconnecting)
+
+    def test_only_v2_local_is_the_balancers_own(self) -> None:
+        """
+        Only a v2 LOCAL header marks the connection as the balancer's own (a health check), seen
+        from the wrapped protocol's transport, directly or through a TLS layer; a client relayed
+        by any header is not, nor is a v1 UNKNOWN, which clients without an address get too.
+        """
+        headers = [
+            (V2_LOCAL, True),
+            (v2_tcp4("198.51.100.7", 40001, "192.0.2.1", 143), False),
+            (b"PROXY TCP4 203.0.113.9 192.0.2.1 55555 143\r\n", False),
+            (b"PROXY UNKNOWN\r\n", False),
+            (V2_SIGNATURE + b"\x21\x00\x00\x00", False),  # PROXY command, family UNSPEC: a client
+        ]
+        for header, own in headers:
+            proxy, _, recorder = self.connect()
+            self.assertFalse(balancers_own(recorder.transport))
+            proxy.dataReceived(header)
+            self.assertIs(balancers_own(recorder.transport), own, header)
+            tls_like = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+            tls_like.transport = proxy  # as implicit TLS sits between the front end and the PROXY layer
+            self.assertIs(balancers_own(tls_like), own, header)
+        self.assertFalse(balancers_own(StringTransport()))
 
     def test_v1_unknown_uses_real_addresses(self) -> None:
         """A v1 UNKNOWN header with addresses starts the wrapped protocol with the connection's own addresses."""

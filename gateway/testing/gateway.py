@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 
+from gateway.testing.host import end_process
 from gateway.userdb import hash_password
 
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,14 +184,7 @@ failure_delay_max = 0.2
     def stop(self) -> None:
         """Stop the child (SIGTERM, then SIGKILL after 10 s) and wait for it."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
 
     def log(self) -> str:
         """Everything the gateway has logged so far."""

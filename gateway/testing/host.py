@@ -14,6 +14,18 @@ from types import TracebackType
 from typing import Self
 
 
+def end_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Stop a child process that may have ended already: SIGTERM, then SIGKILL after 10 s; wait for it."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def uid(account: str, package: str) -> int:
     """The uid of a system account that the Debian C{package} creates."""
     try:
