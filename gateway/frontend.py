@@ -225,11 +225,30 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._admitted = True
         self.setTimeout(self.context.limits.idle_timeout)
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
-        if not balancers_own(self.transport):
-            log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
-                     protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
-                     listener=self.client.local_port, tls="implicit" if self.secure else "none")
+        if not self._unheard_balancer():
+            self._log_connect()
         self.greet()
+
+    def _unheard_balancer(self) -> bool:
+        """
+        Whether this is the load balancer's own connection (L{balancers_own}: a health check) that
+        has not sent a byte: served, but not logged or counted as a client's. HAProxy also sends
+        its LOCAL header for a client it cannot name (one on a UNIX socket), so one that speaks
+        is logged from then on, as a client at the balancer's address.
+        """
+        return not self._bytes_in and balancers_own(self.transport)
+
+    def _log_connect(self) -> None:
+        log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
+                 protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
+                 listener=self.client.local_port, tls="implicit" if self.secure else "none")
+
+    def _log_tls(self) -> None:
+        described = describe_tls(self.transport)
+        if described is not None:
+            log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
+                     protocol=self.context.protocol, client=self.client.host,
+                     version=described[0], cipher=described[1])
 
     def _resume_admitted(self, _: None) -> None:
         if self._admitted and not (self._lost or self.closed):
@@ -244,11 +263,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def handshakeCompleted(self) -> None:
-        described = describe_tls(self.transport)
-        if described is not None and not balancers_own(self.transport):
-            log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
-                     protocol=self.context.protocol, client=self.client.host,
-                     version=described[0], cipher=described[1])
+        if not self._unheard_balancer():
+            self._log_tls()
 
     def tlsEnded(self) -> None:
         """
@@ -285,9 +301,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if failed is not None:  # a client refusing the certificate or the TLS versions says so only here
             log.info("tls_failed protocol={protocol} client={client} error={error}",
                      protocol=self.context.protocol, client=self.client.host, error=loggable_text(failed))
-        if balancers_own(self.transport):
+        if self._unheard_balancer():
             # A health check: a line for each (every 2 s per server and balancer) would drown the
-            # clients' lines. Whatever it did besides connecting (a login, a refusal) is logged.
+            # clients' lines.
             return
         log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
                  "in={bytes_in} out={bytes_out} duration={duration:.3f}",
@@ -308,6 +324,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             if data:
                 self._splice.from_client(data)
             return
+        if data and self._admitted and self._unheard_balancer():
+            self._log_connect()  # late, as its TLS line: the balancer's connection relays a client after all
+            self._log_tls()
         self._bytes_in += len(data)
         self.resetTimeout()
         if self.paused:

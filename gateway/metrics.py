@@ -265,7 +265,7 @@ class GatewayMetrics:
     def _worker_gone(self, event: LogEvent) -> None:
         if "log_worker" in event:
             return  # only the supervisor says a worker has gone (its channel drops such events too)
-        worker = int(event["worker"])
+        worker = int(event["pid"])  # the worker's process, which its events' log_worker names
         for key in [key for key in self._open if key[0] == worker]:
             self._connections_open.labels(key[1]).dec(self._open.pop(key))
 

@@ -138,7 +138,7 @@ class SupervisorChannel(_Channel):
             return
         backlog = write_backlog(self.transport)
         if backlog > MAX_UNREAD:
-            log.error("worker_channel_unread worker={worker} backlog={backlog}", worker=self._worker, backlog=backlog)
+            log.error("worker_channel_unread pid={pid} backlog={backlog}", pid=self._worker, backlog=backlog)
             self._cut = True
             assert self.transport is not None
             self.transport.abortConnection()  # type: ignore[attr-defined]  # its answers would never be sent
@@ -181,8 +181,8 @@ class SupervisorChannel(_Channel):
             # Each session is a client's, on a connection this worker holds: the worker asks for
             # no other, and must not take a user's sessions, nor fill the table with names. The
             # answer is the one for a user at the limit (the worker refuses that login).
-            log.warn("worker_channel_session_refused worker={worker} connections={connections} sessions={sessions}",
-                     worker=self._worker, connections=self._connection_count, sessions=self._session_count)
+            log.warn("worker_channel_session_refused pid={pid} connections={connections} sessions={sessions}",
+                     pid=self._worker, connections=self._connection_count, sessions=self._session_count)
             return False
         opened = self._gatekeeper.connections.open_session(user)
         if opened:
@@ -217,8 +217,8 @@ class SupervisorChannel(_Channel):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         # After the worker's last event: the metrics drop what it still had open.
-        self._events.info("worker_channel_closed worker={worker} connections={connections} sessions={sessions}",
-                       worker=self._worker, connections=sum(self._connections.values()),
+        self._events.info("worker_channel_closed pid={pid} connections={connections} sessions={sessions}",
+                       pid=self._worker, connections=sum(self._connections.values()),
                        sessions=sum(self._sessions.values()))
         for host, count in self._connections.items():
             for _ in range(count):

@@ -103,27 +103,42 @@ class FrontEndEventTests(FrontEndTestBase):
     def test_balancers_own_connection_not_counted(self) -> None:
         """
         A connection a load balancer makes on its own behalf (a PROXY v2 LOCAL header, as HAProxy's
-        health checks with send-proxy-v2 have it) is served, but it is no client's: neither logged
-        nor counted as a connection. One that relays a client is both.
+        health checks with send-proxy-v2 have it) is served, but while it says nothing it is no
+        client's: neither logged nor counted as a connection. One that speaks (HAProxy sends LOCAL
+        for a client it cannot name, one on a UNIX socket) is logged and counted from then on, at
+        the balancer's address; one that relays a client with an address is both at once.
         """
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         factory = TrustedProxyFactory(FrontEndFactory(Pop3FrontEnd, self.context),
                                       (ipaddress.ip_network("127.0.0.0/8"),), self.clock)
         balancer, listener = IPv4Address("TCP", "127.0.0.2", 40000), IPv4Address("TCP", "127.0.0.1", 995)
         local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
-        for header in (local, b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 995\r\n"):
+        client = b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 995\r\n"
+
+        def connection(header: bytes, said: bytes) -> None:
             proxy = factory.buildProtocol(balancer)
             assert proxy is not None
             transport = StringTransport(hostAddress=listener, peerAddress=balancer)
             proxy.makeConnection(transport)
-            proxy.dataReceived(header + b"CAPA\r\n")
-            self.assertTrue(transport.value().startswith(b"+OK "), transport.value())
+            proxy.dataReceived(header)
+            self.assertTrue(transport.value().startswith(b"+OK "), transport.value())  # served
+            if said:
+                proxy.dataReceived(said)
             proxy.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.count("mailgateway_connections_total", protocol="pop3", listener="995"), 1)
-        lines = [formatEvent(event) for event in logged]
-        self.assertEqual([line.split(" ")[0] for line in lines if "client=127.0.0.2" in line], [])
-        self.assertEqual([line.split(" ")[0] for line in lines if "client=203.0.113.9" in line],
-                         ["connect", "disconnect"])
+
+        def events(client: str) -> list[str]:
+            lines = [formatEvent(event) for event in logged]
+            return [line.split(" ")[0] for line in lines if f"client={client}" in line]
+
+        connection(local, b"")
+        self.assertEqual(events("127.0.0.2"), [])
+        self.assertIsNone(self.count("mailgateway_connections_total", protocol="pop3", listener="995"))
+        connection(local, b"CAPA\r\n")
+        self.assertEqual(events("127.0.0.2"), ["connect", "disconnect"])
+        connection(client, b"")
+        self.assertEqual(events("203.0.113.9"), ["connect", "disconnect"])
+        self.assertEqual(self.count("mailgateway_connections_total", protocol="pop3", listener="995"), 2)
+        self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 1)  # the harness's own
 
     def test_worker_gone(self) -> None:
         """
@@ -135,8 +150,8 @@ class FrontEndEventTests(FrontEndTestBase):
                                   "connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
                                   "protocol": "pop3", "client": "192.0.2.1", "client_port": 1, "listener": 995, "tls": "none"})
         self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 4)
-        self.metrics.observe({"log_namespace": "gateway.worker_channel", "worker": 11,
-                              "log_format": "worker_channel_closed worker={worker} connections={connections} sessions={sessions}"})
+        self.metrics.observe({"log_namespace": "gateway.worker_channel", "pid": 11,
+                              "log_format": "worker_channel_closed pid={pid} connections={connections} sessions={sessions}"})
         self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 2)
         self.front.connectionLost()
         self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 1)
@@ -147,8 +162,8 @@ class FrontEndEventTests(FrontEndTestBase):
             self.metrics.observe({"log_namespace": "gateway.frontend", "log_worker": worker, "log_format":
                                   "connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
                                   "protocol": "pop3", "client": "192.0.2.1", "client_port": 1, "listener": 995, "tls": "none"})
-        gone = {"log_namespace": "gateway.worker_channel", "worker": 11,
-                "log_format": "worker_channel_closed worker={worker} connections={connections} sessions={sessions}"}
+        gone = {"log_namespace": "gateway.worker_channel", "pid": 11,
+                "log_format": "worker_channel_closed pid={pid} connections={connections} sessions={sessions}"}
         self.metrics.observe(dict(gone, log_worker=12))
         self.assertEqual(self.count("mailgateway_connections_open", protocol="pop3"), 3)
         self.metrics.observe(gone)

@@ -290,8 +290,8 @@ class ChannelTests(SynchronousTestCase):
         """
         worker = Worker(self)
         for namespace in ("gateway.worker_channel", "gateway.workers"):
-            worker.channel.tell("log", {"log_namespace": namespace, "log_format": "worker_channel_closed worker={worker}",
-                                        "worker": 1001})
+            worker.channel.tell("log", {"log_namespace": namespace, "log_format": "worker_channel_closed pid={pid}",
+                                        "pid": 1001})
         Logger(namespace="gateway.frontend", observer=worker.channel.emit).info("connect protocol={protocol}",
                                                                                    protocol="imap")
         worker.pump.flush()
@@ -371,7 +371,7 @@ class UnreadAnswersTests(TestCase):
         theirs.sendall(asking)
         yield channel.closed.addTimeout(10, reactor)
         [cut] = [event for event in events if event["log_format"].startswith("worker_channel_unread")]
-        self.assertEqual(cut["worker"], 99)
+        self.assertEqual(cut["pid"], 99)
         self.assertGreater(cut["backlog"], MAX_UNREAD)
         self.assertLessEqual(cut["backlog"], MAX_UNREAD + len(json.dumps([2, configuration])) + 1)
         self.assertEqual(connections.connections, 0)

@@ -38,6 +38,10 @@ TROUBLE = re.compile(r"\b(?:proxy_refused|proxy_header_timeout|connection_refuse
                      r"login_refused|login_throttled|http_on_mail_port)\b")
 
 
+# The backend lines of etc/haproxy.cfg's checks: each waits for the greeting.
+CHECK_GREETING = '    option tcp-check\n    tcp-check expect string "* OK"'
+
+
 def haproxy_binary() -> str:
     """HAProxy's path; Debian installs it in /usr/sbin, which a user's PATH may leave out."""
     found = shutil.which("haproxy", path=os.environ.get("PATH", os.defpath) + os.pathsep + "/usr/sbin")
@@ -48,11 +52,11 @@ class HAProxy:
     """
     A private HAProxy in the foreground (C{-db}) with its own configuration, stats socket and log.
 
-    :param backends: frontend name -> (frontend port on L{FRONT}, gateway port, server options,
-        the backend's check lines).
+    :param backends: frontend name -> (frontend port on L{FRONT} or a UNIX socket's path, gateway
+        port, server options, the backend's check lines).
     """
 
-    def __init__(self, directory: str, backends: dict[str, tuple[int, int, str, str]]) -> None:
+    def __init__(self, directory: str, backends: dict[str, tuple[int | str, int, str, str]]) -> None:
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.config_path = os.path.join(directory, "haproxy.cfg")
@@ -75,13 +79,14 @@ defaults
     option tcplog
     source {BALANCER}
     timeout connect 5s
+    timeout check 5s
     timeout client 35m
     timeout server 35m
 """
         for name, (port, gateway_port, options, checks) in self.backends.items():
             text += f"""
 frontend {name}
-    bind {FRONT}:{port}
+    bind {f"unix@{port}" if isinstance(port, str) else f"{FRONT}:{port}"}
     default_backend gateway_{name}
 
 backend gateway_{name}
@@ -157,11 +162,13 @@ def wait_for(text: Callable[[], str], pattern: str, count: int = 1, timeout: flo
         time.sleep(0.05)
 
 
-class HAProxyTests(SynchronousTestCase):
-    """
-    IMAPS through HAProxy with send-proxy-v2 and IMAP STARTTLS through HAProxy with send-proxy
-    (v1), each with HAProxy's health checks on; the example configuration is valid.
-    """
+class HAProxyFixture(SynchronousTestCase):
+    """A Dovecot, the gateway with haproxy: listeners, and a private HAProxy with L{frontends}."""
+
+    @classmethod
+    def frontends(cls, gateway: GatewayProcess, stack: Stack) -> dict[str, tuple[int | str, int, str, str]]:
+        """HAProxy's frontends (see L{HAProxy}), in front of C{gateway}."""
+        raise NotImplementedError
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -177,18 +184,10 @@ class HAProxyTests(SynchronousTestCase):
                 certificate=certificate.chain_path, private_key=certificate.key_path, proxy=True, host=BALANCER,
                 imap_backend="forward_client_ip = true", settings=f'[limits]\nproxy_sources = ["{BALANCER}/32"]',
             ))
-            imaps, imap = free_ports(FRONT, 2)
-            cls.haproxy = stack.start(HAProxy(stack.path("haproxy"), {
-                # As etc/haproxy.cfg has it: a check that waits for the greeting, over TLS.
-                "imaps": (imaps, cls.gateway.port("imap", "implicit_tls"), "send-proxy-v2 check-ssl verify none",
-                          '    option tcp-check\n    tcp-check expect string "* OK"'),
-                # v1, and a layer-4 check (connect, then reset).
-                "imap": (imap, cls.gateway.port("imap", "starttls"), "send-proxy", ""),
-            }))
+            cls.haproxy = stack.start(HAProxy(stack.path("haproxy"), cls.frontends(cls.gateway, stack)))
         except BaseException:
             stack.stop()
             raise
-        cls.imaps_port, cls.imap_port = imaps, imap
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -207,6 +206,24 @@ class HAProxyTests(SynchronousTestCase):
         self.gateway.wait_for_log(rf"login protocol=imap client={re.escape(CLIENT)} user=\"{USER}\"")
         # forward_client_ip: the gateway's ID command hands Dovecot the address from the header.
         wait_for(self.dovecot_log, rf"Login: user=<{USER}>, method=PLAIN, rip={re.escape(CLIENT)}, rport={port},")
+
+
+class HAProxyTests(HAProxyFixture):
+    """
+    IMAPS through HAProxy with send-proxy-v2 and IMAP STARTTLS through HAProxy with send-proxy
+    (v1), each with HAProxy's health checks on; the example configuration is valid.
+    """
+
+    @classmethod
+    def frontends(cls, gateway: GatewayProcess, stack: Stack) -> dict[str, tuple[int | str, int, str, str]]:
+        cls.imaps_port, cls.imap_port = free_ports(FRONT, 2)
+        return {
+            # As etc/haproxy.cfg has it: a check that waits for the greeting, over TLS.
+            "imaps": (cls.imaps_port, gateway.port("imap", "implicit_tls"), "send-proxy-v2 check-ssl verify none",
+                      CHECK_GREETING),
+            # v1, and a layer-4 check (connect, then reset).
+            "imap": (cls.imap_port, gateway.port("imap", "starttls"), "send-proxy", ""),
+        }
 
     def assert_servers_up(self) -> None:
         """
@@ -275,3 +292,39 @@ class HAProxyTests(SynchronousTestCase):
         """
         result = subprocess.run([self.binary, "-c", "-dW", "-f", EXAMPLE], capture_output=True, text=True, timeout=30)
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "Configuration file is valid"), result.stderr)
+
+
+class _FromUnixSocketTLS(imaplib.IMAP4_SSL):
+    """IMAPS to HAProxy over a UNIX socket (C{host} is the socket's path)."""
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        raw = socket.socket(socket.AF_UNIX)
+        raw.settimeout(timeout)
+        raw.connect(self.host)
+        return self.ssl_context.wrap_socket(raw, server_hostname=FRONT)
+
+
+class UnixSocketClientTests(HAProxyFixture):
+    """
+    HAProxy relays a client that reached it over a UNIX socket with a PROXY v2 LOCAL header, the
+    header of its own health checks: it has no address to tell.
+    """
+
+    @classmethod
+    def frontends(cls, gateway: GatewayProcess, stack: Stack) -> dict[str, tuple[int | str, int, str, str]]:
+        cls.socket_path = stack.path("imaps.sock")
+        return {"imaps": (cls.socket_path, gateway.port("imap", "implicit_tls"), "send-proxy-v2 check-ssl verify none",
+                          CHECK_GREETING)}
+
+    def test_client_is_logged(self) -> None:
+        """
+        Unlike the checks, such a client is logged once it speaks (at HAProxy's address, the
+        connection's own): its connect, TLS and login lines all appear, in that order.
+        """
+        client = _FromUnixSocketTLS(self.socket_path, ssl_context=self.stack.tls(), timeout=30)
+        self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
+        self.assertEqual(client.logout()[0], "BYE")
+        self.gateway.wait_for_log(rf"disconnect protocol=imap client={re.escape(BALANCER)} user=\"{USER}\"")
+        lines = [line for line in self.gateway.log().splitlines() if f"client={BALANCER} " in line]
+        events = [re.sub(r"^\S+ \[[^]]+\] (\S+) .*", r"\1", line) for line in lines]
+        self.assertEqual(events, ["connect", "tls", "login", "disconnect"], "\n".join(lines))
