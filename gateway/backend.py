@@ -57,6 +57,11 @@ class BackendRefused(Exception):
         self.reply = reply
 
 
+def printable(text: bytes) -> bytes:
+    """A backend's reply text made safe to relay to a client or to log: printable ASCII, at most 200 bytes."""
+    return bytes(byte if 0x20 <= byte < 0x7F else 0x3F for byte in text[:200])
+
+
 @dataclass(frozen=True)
 class ClientAddress:
     """Where a client connected from and to, for logs and for forwarding to the backend."""

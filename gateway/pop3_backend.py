@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from gateway.backend import BackendLogin, BackendRefused, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.backend import BackendLogin, BackendRefused, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
 
 # RFC 3206 / 2449 response codes: which backend refusals the client must see as they are.
@@ -179,17 +179,12 @@ class Pop3BackendLogin(BackendLogin):
         if text[code.end() if code else 0:].lstrip(b" ").startswith(_PLAINTEXT_DISABLED):
             self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
         elif name in _PASS_THROUGH_CODES:
-            self.fail(BackendRefused(_printable(text)))
+            self.fail(BackendRefused(printable(text)))
         elif name in (b"", b"AUTH"):
             self.fail(BackendRejected(f"backend refused the login: {_show(text)}"))
         else:
             self.fail(BackendUnavailable(f"backend login failed: {_show(text)}"))
 
 
-def _printable(text: bytes) -> bytes:
-    """A backend's reply text made safe to relay: printable ASCII, bounded."""
-    return bytes(byte if 0x20 <= byte < 0x7F else 0x3F for byte in text[:200])
-
-
 def _show(text: bytes) -> str:
-    return _printable(text).decode("ascii")
+    return printable(text).decode("ascii")

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 
-from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
 from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
 
@@ -112,14 +112,14 @@ class SmtpBackend(BackendLogin):
     def _log_in(self) -> Generator[Deferred[Any], Any, None]:
         greeting = yield self.expect_reply()
         if greeting.code != 220:
-            raise BackendUnavailable(f"MTA greeting was {greeting.code}")
+            raise BackendUnavailable(f"MTA greeting was {_said(greeting)}")
         yield self._ehlo()
         if self.settings.tls == "starttls":
             if b"STARTTLS" not in self.keywords:
                 raise BackendUnavailable("the MTA does not offer STARTTLS")
             reply = yield self.command(b"STARTTLS")
             if reply.code != 220:
-                raise BackendUnavailable(f"the MTA refused STARTTLS: {reply.code}")
+                raise BackendUnavailable(f"the MTA refused STARTTLS: {_said(reply)}")
             self.start_tls()
             yield self._ehlo()
         if self.request is None:
@@ -143,7 +143,7 @@ class SmtpBackend(BackendLogin):
     def _ehlo(self) -> Generator[Deferred[Any], Any, None]:
         reply = yield self.command(b"EHLO " + self._ehlo_name)
         if reply.code != 250:
-            raise BackendUnavailable(f"the MTA refused EHLO: {reply.code}")
+            raise BackendUnavailable(f"the MTA refused EHLO: {_said(reply)}")
         self.keywords = ehlo_keywords(reply)
         self.announced = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
 
@@ -181,7 +181,7 @@ class SmtpBackend(BackendLogin):
             command += b" LOGIN=" + xtext(self.request.user.encode("utf-8", "surrogateescape"))
         reply = yield self.command(command)
         if reply.code != 220:
-            raise BackendUnavailable(f"the MTA refused XCLIENT: {reply.code}")
+            raise BackendUnavailable(f"the MTA refused XCLIENT: {_said(reply)}")
         # XCLIENT restarts the session with a new greeting: EHLO again.
         yield self._ehlo()
 
@@ -192,3 +192,12 @@ class SmtpBackend(BackendLogin):
         self.paused = False
         assert self.transport is not None
         self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def _said(reply: Reply) -> str:
+    """
+    A refusal as the log shows it: code and text (such as Postfix's "501 5.5.4 Bad ADDR syntax"
+    for an IPv6 client when it has no IPv6 itself). Not for replies to AUTH, whose text an MTA
+    might build from what it was sent.
+    """
+    return f"{reply.code} {printable(b' '.join(reply.lines)).decode('ascii')}".rstrip()

@@ -95,11 +95,15 @@ class GreetingAndEhloTests(SmtpBackendTestBase):
     """The greeting and EHLO."""
 
     def test_greeting_not_220(self) -> None:
-        """A greeting other than 220 makes the MTA unavailable without any command sent."""
-        for greeting in (b"554 5.3.2 mx.example.org No service\r\n", b"421 4.3.2 Service shutting down\r\n"):
+        """
+        A greeting other than 220 makes the MTA unavailable without any command sent; the log
+        gets its code and text, made printable.
+        """
+        for greeting, said in ((b"554 5.3.2 mx.example.org No service\r\n", "554 5.3.2 mx.example.org No service"),
+                               (b"421-4.3.2 Service\r\n421 shutting \x1bdown\r\n", "421 4.3.2 Service shutting ?down")):
             self.start()
             self.assertEqual(self.say(greeting), b"")
-            self.failed_with(BackendUnavailable)
+            self.assertEqual(str(self.failed_with(BackendUnavailable)), f"MTA greeting was {said}")
 
     def test_multi_line_greeting(self) -> None:
         """EHLO follows only the last line of a multi-line greeting."""
@@ -115,7 +119,8 @@ class GreetingAndEhloTests(SmtpBackendTestBase):
         """An EHLO answered other than 250 makes the MTA unavailable without any further command."""
         self.say(GREETING)
         self.assertEqual(self.say(b"502 5.5.2 Error: command not recognized\r\n"), b"")
-        self.failed_with(BackendUnavailable)
+        self.assertEqual(str(self.failed_with(BackendUnavailable)),
+                         "the MTA refused EHLO: 502 5.5.2 Error: command not recognized")
 
     def test_keywords_and_announced(self) -> None:
         """The EHLO extensions become C{keywords} and C{announced} before the login is answered."""
@@ -191,13 +196,16 @@ class ReplayTests(SmtpBackendTestBase):
         self.failed_with(BackendRejected)
 
     def test_other_answers_unavailable(self) -> None:
-        """454, 421, 534 and a 334 challenge make the MTA unavailable, not the credentials wrong."""
+        """
+        454, 421, 534 and a 334 challenge make the MTA unavailable, not the credentials wrong. The
+        log gets only the code: an MTA may build an answer to AUTH from what it was sent.
+        """
         for answer in (b"454 4.7.0 Temporary authentication failure\r\n", b"421 4.4.2 timeout\r\n",
                        b"534 5.7.9 Authentication mechanism is too weak\r\n", b"334 \r\n"):
             self.start()
             self.reach_auth()
             self.say(answer)
-            self.failed_with(BackendUnavailable)
+            self.assertEqual(str(self.failed_with(BackendUnavailable)), f"the MTA refused the login: {answer[:3].decode()}")
 
     def test_auth_plain_not_offered(self) -> None:
         """Without PLAIN among the AUTH mechanisms the MTA is unavailable and the password is never sent."""
@@ -326,8 +334,10 @@ class ForwardingTests(SmtpBackendTestBase):
     def test_xclient_refused(self) -> None:
         """XCLIENT answered other than 220 makes the MTA unavailable, and the password is not sent."""
         self.reach_auth(self.OFFER)
-        self.assertEqual(self.say(b"550 5.7.0 Error: insufficient authorization\r\n"), b"")
-        self.failed_with(BackendUnavailable)
+        self.assertEqual(self.say(b"501 5.5.4 Bad ADDR syntax: IPV6:::1\r\n"), b"")
+        # Postfix without IPv6 of its own (inet_protocols = ipv4) refuses an IPv6 client so: the log says.
+        self.assertEqual(str(self.failed_with(BackendUnavailable)),
+                         "the MTA refused XCLIENT: 501 5.5.4 Bad ADDR syntax: IPV6:::1")
         self.assertNotIn(TOKEN, self.written)
 
     def test_auth_decided_by_new_ehlo(self) -> None:
@@ -365,7 +375,8 @@ class StartTlsTests(SmtpBackendTestBase):
         """STARTTLS answered other than 220 makes the MTA unavailable without starting TLS."""
         self.reach_auth(self.OFFER)
         self.assertEqual(self.say(b"454 4.7.0 TLS not available due to local problem\r\n"), b"")
-        self.failed_with(BackendUnavailable)
+        self.assertEqual(str(self.failed_with(BackendUnavailable)),
+                         "the MTA refused STARTTLS: 454 4.7.0 TLS not available due to local problem")
         self.assertIsNone(self.transport.tls_options)
 
     def test_cleartext_after_220_dropped(self) -> None:

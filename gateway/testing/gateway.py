@@ -53,6 +53,8 @@ class GatewayProcess:
         proxy: bool = False,
         workers: int = 1,
         auth: str = "",
+        listeners: tuple[str, ...] = (),
+        backend_host: str = "127.0.0.1",
     ) -> None:
         """
         :param imap_backend_port: the plaintext IMAP store; None serves no IMAP.
@@ -68,6 +70,9 @@ class GatewayProcess:
         :param proxy: listeners expect a PROXY header (C{haproxy:}); give C{[limits] proxy_sources} in C{settings}.
         :param workers: C{[gateway] workers}.
         :param auth: extra keys for the C{[auth]} table.
+        :param listeners: endpoint descriptions for every protocol's C{implicit_tls} and
+            C{starttls} lists (e.g. C{tcp6:0:interface=\\:\\:1}); by default C{tcp:0:interface=HOST}.
+        :param backend_host: the C{host} of every backend.
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -86,6 +91,8 @@ class GatewayProcess:
         self._proxy = proxy
         self._workers = workers
         self._auth = auth
+        self._listeners = listeners or (f"tcp:0:interface={host}",)
+        self._backend_host = backend_host
         self.config_path = os.path.join(self.directory, "mailgateway.toml")
         self.log_path = os.path.join(self.directory, "mailgateway.log")
         self.users_path = os.path.join(self.directory, "users")
@@ -110,6 +117,13 @@ class GatewayProcess:
         """The port of one listener, e.g. C{port("imap", "implicit_tls")}."""
         return self.ports[(protocol, tls)]
 
+    def listener_port(self, protocol: str, tls: str, address: str) -> int:
+        """The port of the listener of C{protocol} and C{tls} bound to C{address}, where there are several."""
+        for found in _LISTENING.finditer(self.log()):
+            if (found[1], found[2], found[3]) == (protocol, tls, address):
+                return int(found[4])
+        raise AssertionError(f"no {protocol} {tls} listener on {address}; the log ends with:\n{self.log()[-3000:]}")
+
     def write_config(self) -> None:
         """Write the users file (argon2id hashes) and the configuration."""
         if self._users is not None:
@@ -122,12 +136,13 @@ class GatewayProcess:
         else:
             tls = f'certificate = "{self._certificate}"\nprivate_key = "{self._private_key}"'
         auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
-        listen = ("haproxy:" if self._proxy else "") + f"tcp:0:interface={self._host}"
+        # TOML literal strings: an IPv6 interface's colons are escaped with backslashes.
+        listen = ", ".join(f"'{'haproxy:' if self._proxy else ''}{listener}'" for listener in self._listeners)
         protocols = ""
         for name, port, table, backend in self._protocols():
             if port is not None:
-                protocols += (f'[{name}]\nimplicit_tls = ["{listen}"]\nstarttls = ["{listen}"]\n{table}\n\n'
-                              f'[{name}.backend]\nhost = "127.0.0.1"\nport = {port}\n{backend}\n\n')
+                protocols += (f'[{name}]\nimplicit_tls = [{listen}]\nstarttls = [{listen}]\n{table}\n\n'
+                              f'[{name}.backend]\nhost = "{self._backend_host}"\nport = {port}\n{backend}\n\n')
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(f"""\
 [gateway]
