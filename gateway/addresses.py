@@ -45,6 +45,11 @@ def address_host(address: object) -> str:
     return plain_address(getattr(address, "host", str(address)))
 
 
+def host_port(host: str, port: int) -> str:
+    """C{host:port} as URLs write it: an IPv6 address in brackets (C{[::1]:993}), so that the port stands apart."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
     """True when C{host} is an IP address inside one of C{networks}."""
     if not networks:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway import slots
-from gateway.addresses import parse_ip
+from gateway.addresses import host_port, parse_ip
 from gateway.config import BackendSettings
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sockets import tune
@@ -244,7 +244,7 @@ class BackendConnector:
         self.settings = settings
         self._login_protocol = login_protocol
         self._tls = client_tls(settings.server_name, settings.ca_file) if settings.tls != "none" else None
-        self.address = f"{settings.host}:{settings.port}"
+        self.address = host_port(settings.host, settings.port)
         self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
 

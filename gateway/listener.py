@@ -14,7 +14,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.addresses import Network, address_host
+from gateway.addresses import Network, address_host, host_port
 from gateway.config import PROXY_PREFIX, ConfigError
 from gateway.connection_limits import ConnectionLimits
 from gateway.proxy_protocol import TrustedProxyFactory
@@ -65,8 +65,9 @@ class Listener(Service):
         if not self._accepting:
             self.port.stopReading()  # type: ignore[attr-defined]
         address = self.port.getHost()
-        log.info("listening {label} address={host}:{port}", label=self.label,
-                 host=getattr(address, "host", address), port=getattr(address, "port", 0))
+        host = getattr(address, "host", None)
+        log.info("listening {label} address={address}", label=self.label,
+                 address=host_port(host, address.port) if host is not None else f"{address}:0")
 
     def startService(self) -> None:
         if self.port is None:

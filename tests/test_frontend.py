@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.addresses import client_key, plain_address
+from gateway.addresses import client_key, host_port, plain_address
 from gateway.frontend import USER_KEY_LENGTH, user_key
 from gateway.text_log import loggable_text
 
@@ -25,6 +25,13 @@ class AddressTests(SynchronousTestCase):
         """An IPv4 client counts as its own address however it is spelt, not as the IPv6 network ::/64."""
         self.assertEqual(client_key("::ffff:192.0.2.7", 64), "192.0.2.7")
         self.assertEqual(client_key("2001:db8::1", 64), "2001:db8::/64")
+
+    def test_host_port(self) -> None:
+        """A listener's or a backend's address with its port: an IPv6 address in brackets, as in a URL."""
+        self.assertEqual(host_port("192.0.2.7", 993), "192.0.2.7:993")
+        self.assertEqual(host_port("::1", 10143), "[::1]:10143")
+        self.assertEqual(host_port("::", 993), "[::]:993")
+        self.assertEqual(host_port("mail.example.org", 143), "mail.example.org:143")
 
     def test_one_string_per_client(self) -> None:
         """A client's sessions share one string for its address rather than keeping one each."""

@@ -120,7 +120,7 @@ class GatewayProcess:
     def listener_port(self, protocol: str, tls: str, address: str) -> int:
         """The port of the listener of C{protocol} and C{tls} bound to C{address}, where there are several."""
         for found in _LISTENING.finditer(self.log()):
-            if (found[1], found[2], found[3]) == (protocol, tls, address):
+            if (found[1], found[2], found[3].strip("[]")) == (protocol, tls, address):
                 return int(found[4])
         raise AssertionError(f"no {protocol} {tls} listener on {address}; the log ends with:\n{self.log()[-3000:]}")
 

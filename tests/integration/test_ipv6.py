@@ -108,8 +108,9 @@ class ClientOverIPv6Tests(SynchronousTestCase):
             for tls in ("implicit_tls", "starttls"):
                 for address in ("::1", "::"):
                     endpoint = re.escape(LOOPBACK6 if address == "::1" else DUAL_STACK)
+                    # An IPv6 address in brackets, so that the port stands apart.
                     self.gateway.wait_for_log(rf"listening protocol={protocol} tls={tls} endpoint={endpoint} "
-                                              rf"address={re.escape(address)}:\d+\n")
+                                              rf"address=\[{re.escape(address)}\]:\d+\n")
 
     def test_imaps_from_ipv6(self) -> None:
         """
