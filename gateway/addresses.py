@@ -27,14 +27,16 @@ def plain_address(host: str) -> str:
     """
     One spelling per client, so logs, fail2ban, limits and the backend agree: an IPv4 client on
     an IPv6 socket (C{::ffff:192.0.2.7}) as the IPv4 address it is, and IPv6 addresses in their
-    compressed form (a PROXY v2 header gives them uncompressed).
+    compressed form (a PROXY v2 header gives them uncompressed), without the zone of a
+    link-local one (C{fe80::1%eth0}): it names the gateway's own interface, not the client, and
+    an address with it is no address to a backend (Postfix's XCLIENT) or to fail2ban.
     """
     address = parse_ip(host)
     if address is None:
         return host
     if address.version == 6 and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
-    return str(address)
+    return str(address).partition("%")[0]
 
 
 def address_host(address: object) -> str:

@@ -16,6 +16,11 @@ class AddressTests(SynchronousTestCase):
         """An IPv4 client seen on an IPv6 socket is logged and forwarded as plain IPv4."""
         self.assertEqual(plain_address("::ffff:192.0.2.7"), "192.0.2.7")
 
+    def test_link_local_zone_dropped(self) -> None:
+        """A link-local client is its address without the zone, which names the gateway's interface."""
+        self.assertEqual(plain_address("fe80::1%eth0"), "fe80::1")
+        self.assertEqual(plain_address("FE80:0:0:0:0:0:0:1%2"), "fe80::1")
+
     def test_others_unchanged(self) -> None:
         """IPv4, IPv6 and non-IP addresses stay as they are."""
         for host in ("192.0.2.7", "2001:db8::1", "::1", "/run/gw.sock"):
