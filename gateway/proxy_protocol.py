@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -23,9 +23,10 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from gateway.addresses import Network, in_networks, parse_ip, plain_address
+from gateway.tls import ITLSEndListener
 
 log = Logger()
 
@@ -42,9 +43,13 @@ _V1_HEADER = re.compile(rb"PROXY TCP[46] [0-9A-Fa-f.:]+ [0-9A-Fa-f.:]+ %s %s" % 
 _V1_MAX = 107 - len(b"\r\n")
 
 
+@implementer(IHandshakeListener, ITLSEndListener)
 class ProxiedConnection(ProtocolWrapper):
     """
     One connection from a trusted proxy: reads the header, then starts the wrapped protocol.
+
+    After STARTTLS the TLS layer sits under this wrapper, as its TCP transport's protocol: it
+    tells this wrapper of the handshake and of the end of TLS, which pass them on.
 
     :ivar balancers_own: the header was a v2 LOCAL one: the proxy made this connection itself,
         relaying no client (the specification's example is a health check).
@@ -167,6 +172,14 @@ class ProxiedConnection(ProtocolWrapper):
             super().connectionLost(reason)
         else:
             self.factory.unregisterProtocol(self)
+
+    def handshakeCompleted(self) -> None:
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def tlsEnded(self) -> None:
+        if ITLSEndListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.tlsEnded()
 
     def getPeer(self) -> IAddress:
         if self._info is not None and self._info.source is not None:

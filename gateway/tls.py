@@ -522,17 +522,18 @@ def _load_ca_bundle(ca_file: str) -> list[Certificate]:
 def describe_tls(transport: object) -> tuple[str, str] | None:
     """Report the protocol version and cipher of an established TLS connection.
 
-    Works for the transport of a protocol behind ``TLSMemoryBIOFactory`` and
-    for a TCP transport after ``startTLS``; both provide ``ISSLTransport`` and
-    return the OpenSSL connection from ``getHandle()``.
+    Works wherever :func:`tls_layer` finds the TLS layer: behind ``TLSMemoryBIOFactory``, after
+    ``startTLS``, and under a wrapper such as the PROXY protocol's, which does not provide
+    ``ISSLTransport`` when its TCP transport starts TLS.
 
     :param transport: a protocol's transport.
     :returns: for example ``("TLSv1.3", "TLS_AES_256_GCM_SHA384")``, or None
         if the transport is not TLS or its handshake has not completed.
     """
-    if not ISSLTransport.providedBy(transport):
+    tls = tls_layer(transport)
+    if tls is None:
         return None
-    handle = transport.getHandle()  # type: ignore[attr-defined]
+    handle = tls.getHandle()
     if not isinstance(handle, SSL.Connection):
         return None
     cipher = handle.get_cipher_name()

@@ -467,6 +467,9 @@ class ClosingOverTLSTests(SynchronousTestCase):
     only once no producer is registered on it, and the relay registers one on each side.
     """
 
+    proxy = False  # the listeners take a PROXY header, and every connection sends L{preface} first
+    preface = b""
+
     @classmethod
     def setUpClass(cls) -> None:
         cls.stack = stack = Stack("gw-closing-")
@@ -477,8 +480,8 @@ class ClosingOverTLSTests(SynchronousTestCase):
         cls.dovecot.deliver(OTHER[0], cls.megabyte)  # message 2
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={OTHER[0]: OTHER[1]},
-            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
-            settings="[limits]\nrelay_idle_timeout = 10\n"))
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path, proxy=cls.proxy,
+            settings="[limits]\nrelay_idle_timeout = 10\n" + ('proxy_sources = ["127.0.0.1/32"]\n' if cls.proxy else "")))
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -487,13 +490,14 @@ class ClosingOverTLSTests(SynchronousTestCase):
     def logged_in(self, starttls: bool) -> Wire:
         """A session logged in over IMAPS or STARTTLS (Python's ssl)."""
         if starttls:
-            wire = Wire(self.gateway.port("imap", "starttls"), timeout=30)
+            wire = Wire(self.gateway.port("imap", "starttls"), timeout=30, preface=self.preface)
             wire.line()
             wire.send(b"s STARTTLS\r\n")
             wire.until(b"s ")
             wire.upgrade(self.stack.tls())
         else:
-            wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30)
+            wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30,
+                        preface=self.preface)
             wire.line()
         self.addCleanup(wire.close)
         wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
@@ -518,6 +522,7 @@ class ClosingOverTLSTests(SynchronousTestCase):
         raw = socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls")), timeout=30)
         self.addCleanup(raw.close)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        raw.sendall(self.preface)
         raw.recv(4096)
         raw.sendall(b"s STARTTLS\r\n")
         self.assertTrue(raw.recv(4096).startswith(b"s OK "))
@@ -596,6 +601,7 @@ class ClosingOverTLSTests(SynchronousTestCase):
         raw = socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls" if starttls else
                                                                          "implicit_tls")), timeout=15)
         self.addCleanup(raw.close)
+        raw.sendall(self.preface)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         # pyOpenSSL wants a blocking socket; a receive timeout keeps a silent gateway from hanging the test.
         raw.settimeout(None)
@@ -631,3 +637,22 @@ class ClosingOverTLSTests(SynchronousTestCase):
         self.assertLess(sent, len(self.message))
 
 
+class ClosingBehindProxyTests(ClosingOverTLSTests):
+    """
+    The same behind a load balancer's PROXY header. After STARTTLS the TLS layer sits under the
+    PROXY wrapper, which must pass on the end of TLS (and the handshake) to the front end.
+    """
+
+    proxy = True
+    preface = b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 143\r\n"
+
+    def test_tls_logged_for_the_client(self) -> None:
+        """The TLS line names the header's client, after STARTTLS as after an implicit handshake."""
+        line = "] tls protocol=imap client=198.51.100.9 version=TLSv1."
+        before = self.gateway.log().count(line)
+        for starttls in (False, True):
+            self.logged_in(starttls)
+        deadline = time.monotonic() + 10
+        while self.gateway.log().count(line) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(self.gateway.log().count(line), before + 2, self.gateway.log()[-2000:])

@@ -10,9 +10,11 @@ class Wire:
     """A blocking client connection with line reads and an optional TLS upgrade."""
 
     def __init__(self, port: int, *, tls: ssl.SSLContext | None = None, source: str | None = None,
-                 timeout: float = 15.0) -> None:
+                 timeout: float = 15.0, preface: bytes = b"") -> None:
+        """:param preface: bytes sent first, before any TLS: a load balancer's PROXY header."""
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout,
                                        source_address=(source, 0) if source else None)
+        raw.sendall(preface)
         self.sock: socket.socket = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
         self._buffer = b""
 
