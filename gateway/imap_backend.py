@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest
+from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
 from gateway.imap_syntax import (
     ParseError,
@@ -228,4 +228,4 @@ class ImapBackendLogin(BackendLogin):
 
 def _text(response: Response) -> str:
     code = f"[{response.code.name.decode('ascii', 'replace')}] " if response.code else ""
-    return code + response.text[:200].decode("utf-8", "replace")
+    return code + printable(response.text).decode("ascii")

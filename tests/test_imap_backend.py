@@ -323,9 +323,13 @@ class LoginReplyTests(ImapLoginTestBase):
         self.assertEqual(self.logged_in().capabilities, (b"IMAP4rev1", b"SORT"))
 
     def test_authenticationfailed(self) -> None:
-        """NO [AUTHENTICATIONFAILED] is a rejection of the credentials."""
-        self.say(b"gw1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
-        self.failed_with(BackendRejected)
+        """
+        NO [AUTHENTICATIONFAILED] is a rejection of the credentials; the log gets the reply's
+        text, made printable.
+        """
+        self.say(b"gw1 NO [AUTHENTICATIONFAILED] Authentication \x1b[1mfailed\xc3\xa9.\r\n")
+        self.assertEqual(str(self.failed_with(BackendRejected)),
+                         "backend refused the login: [AUTHENTICATIONFAILED] Authentication ?[1mfailed??.")
 
     def test_other_rejection_codes(self) -> None:
         """NO [AUTHORIZATIONFAILED] and NO [EXPIRED] are rejections too."""

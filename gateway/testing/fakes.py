@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from gateway.addresses import host_port
 from gateway.auth import IAuthenticator
 from gateway.backend import BackendLogin, BackendRejected, LoginRequest
 from gateway.config import BackendSettings
@@ -80,7 +81,7 @@ class MemoryBackend:
         self.settings = settings
         self._make_session = make_session
         self.announced: tuple[bytes, ...] | None = None
-        self.address = f"{settings.host}:{settings.port}"
+        self.address = host_port(settings.host, settings.port)
         self.capabilities = capabilities
         self.passwords: dict[str, bytes] | None = None
         self.error: Exception | None = None

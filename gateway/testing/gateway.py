@@ -70,6 +70,7 @@ class GatewayProcess:
         :param proxy: listeners expect a PROXY header (C{haproxy:}); give C{[limits] proxy_sources} in C{settings}.
         :param workers: C{[gateway] workers}.
         :param auth: extra keys for the C{[auth]} table.
+        :param host: the address every listener binds, unless C{listeners} are given.
         :param listeners: endpoint descriptions for every protocol's C{implicit_tls} and
             C{starttls} lists (e.g. C{tcp6:0:interface=\\:\\:1}); by default C{tcp:0:interface=HOST}.
         :param backend_host: the C{host} of every backend.
@@ -115,6 +116,8 @@ class GatewayProcess:
 
     def port(self, protocol: str, tls: str) -> int:
         """The port of one listener, e.g. C{port("imap", "implicit_tls")}."""
+        if len(self._listeners) > 1:
+            raise AssertionError("several listeners of each kind: which one? (listener_port)")
         return self.ports[(protocol, tls)]
 
     def listener_port(self, protocol: str, tls: str, address: str) -> int:
