@@ -8,6 +8,7 @@ listens on from its own C{listening} log lines, so every listener can use port 0
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -139,8 +140,8 @@ class GatewayProcess:
         else:
             tls = f'certificate = "{self._certificate}"\nprivate_key = "{self._private_key}"'
         auth = f'mode = "local"\nusers_file = "{self.users_path}"' if self._users is not None else 'mode = "backend"'
-        # TOML literal strings: an IPv6 interface's colons are escaped with backslashes.
-        listen = ", ".join(f"'{'haproxy:' if self._proxy else ''}{listener}'" for listener in self._listeners)
+        # JSON strings are TOML basic strings: an IPv6 interface's escaping backslashes stay.
+        listen = ", ".join(json.dumps(("haproxy:" if self._proxy else "") + listener) for listener in self._listeners)
         protocols = ""
         for name, port, table, backend in self._protocols():
             if port is not None:
