@@ -8,6 +8,7 @@ listens on from its own C{listening} log lines, so every listener can use port 0
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -213,13 +214,17 @@ failure_delay_max = 0.2
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        """Wait until a log line matches the regular expression C{pattern}; return the match."""
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> re.Match[str]:
+        """
+        Wait until C{count} log lines match the regular expression C{pattern}; return the last
+        of those matches.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            found = re.search(pattern, self.log())
-            if found is not None:
-                return found
+            found = list(itertools.islice(re.finditer(pattern, self.log()), count))
+            if len(found) == count:
+                return found[-1]
             if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matches {pattern!r}; the log ends with:\n{self.log()[-2000:]}")
+                raise AssertionError(f"fewer than {count} log lines match {pattern!r}; the log ends with:\n"
+                                     f"{self.log()[-2000:]}")
             time.sleep(0.05)

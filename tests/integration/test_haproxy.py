@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +23,7 @@ from gateway.testing.gateway import SOURCE_TREE, GatewayProcess
 from gateway.testing.host import end_process, free_ports
 
 from .stack import Stack, require_tool
+from .test_submission_gateway import wait_for_file
 
 USER, PASSWORD = "alice", "alice-password"
 FRONT = "127.0.0.2"  # HAProxy's listening address, the name clients use
@@ -153,15 +153,6 @@ class _FromClientTLS(imaplib.IMAP4_SSL):
         return self.ssl_context.wrap_socket(raw, server_hostname=self.host)
 
 
-def wait_for(text: Callable[[], str], pattern: str, count: int = 1, timeout: float = 10.0) -> None:
-    """Wait until C{text()} has C{count} matches of the regular expression C{pattern}."""
-    deadline = time.monotonic() + timeout
-    while len(re.findall(pattern, text())) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"fewer than {count} matches of {pattern!r}; the text ends with:\n{text()[-2000:]}")
-        time.sleep(0.05)
-
-
 class HAProxyFixture(SynchronousTestCase):
     """A Dovecot, the gateway with haproxy: listeners, and a private HAProxy with L{frontends}."""
 
@@ -193,19 +184,13 @@ class HAProxyFixture(SynchronousTestCase):
     def tearDownClass(cls) -> None:
         cls.stack.stop()
 
-    def dovecot_log(self) -> str:
-        try:
-            with open(self.dovecot.info_log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
     def assert_client_logged_in(self, port: int) -> None:
         """The gateway's connect and login lines, and Dovecot's, name the client, not HAProxy."""
         self.gateway.wait_for_log(rf"connect protocol=imap client={re.escape(CLIENT)} port={port} ")
         self.gateway.wait_for_log(rf"login protocol=imap client={re.escape(CLIENT)} user=\"{USER}\"")
         # forward_client_ip: the gateway's ID command hands Dovecot the address from the header.
-        wait_for(self.dovecot_log, rf"Login: user=<{USER}>, method=PLAIN, rip={re.escape(CLIENT)}, rport={port},")
+        wait_for_file(self.dovecot.info_log_path,
+                      rf"Login: user=<{USER}>, method=PLAIN, rip={re.escape(CLIENT)}, rport={port},")
 
 
 class HAProxyTests(HAProxyFixture):
@@ -271,8 +256,8 @@ class HAProxyTests(HAProxyFixture):
         """
         self.assert_servers_up()
         # A few v1 checks have shown; the v2 checks run as often (every 300 ms).
-        wait_for(self.gateway.log, rf"connect protocol=imap client={re.escape(BALANCER)} port=\d+ "
-                                   rf"listener={self.gateway.port('imap', 'starttls')} ", count=4)
+        self.gateway.wait_for_log(rf"connect protocol=imap client={re.escape(BALANCER)} port=\d+ "
+                                  rf"listener={self.gateway.port('imap', 'starttls')} ", count=4)
         self.assert_servers_up()
         balancer = re.compile(rf"\b(?:client|source)={re.escape(BALANCER)}\b")
         lines = [line for line in self.gateway.log().splitlines() if balancer.search(line)]

@@ -652,7 +652,5 @@ class ClosingBehindProxyTests(ClosingOverTLSTests):
         before = self.gateway.log().count(line)
         for starttls in (False, True):
             self.logged_in(starttls)
-        deadline = time.monotonic() + 10
-        while self.gateway.log().count(line) < before + 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.gateway.wait_for_log(re.escape(line), count=before + 2)
         self.assertEqual(self.gateway.log().count(line), before + 2, self.gateway.log()[-2000:])

@@ -67,16 +67,6 @@ def holds(pid: int, inode: str) -> bool:
     return any(os.readlink(os.path.join(fd_dir, fd)) == f"socket:[{inode}]" for fd in os.listdir(fd_dir))
 
 
-def wait_for_count(gateway: GatewayProcess, text: str, count: int, timeout: float) -> None:
-    """Wait until C{text} occurs C{count} times in the log; fail with the log's end otherwise."""
-    deadline = time.monotonic() + timeout
-    while gateway.log().count(text) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} did not occur {count} times in {timeout:g} s; the log ends with:\n"
-                                 f"{gateway.log()[-2500:]}")
-        time.sleep(0.05)
-
-
 def add_listener(gateway: GatewayProcess) -> None:
     """Edit the configuration file: a second IMAP implicit-TLS listener, a change only a restart applies."""
     with open(gateway.config_path, encoding="utf-8") as f:
@@ -178,7 +168,7 @@ class WorkersTests(SynchronousTestCase):
         assert self.gateway.pid is not None
         os.kill(self.gateway.pid, signal.SIGHUP)
         for event, count in zip(events, before):
-            wait_for_count(self.gateway, event, count + 1, 15)
+            self.gateway.wait_for_log(event, 15, count=count + 1)
 
     def test_dead_workers_are_replaced_and_release(self) -> None:
         """Workers killed while holding every allowed connection are restarted; the limit counts afresh."""
@@ -189,7 +179,7 @@ class WorkersTests(SynchronousTestCase):
         ready = self.gateway.log().count("worker_ready")
         for pid in old.values():
             os.kill(pid, signal.SIGKILL)
-        wait_for_count(self.gateway, "worker_ready", ready + 2, 15)
+        self.gateway.wait_for_log("worker_ready", 15, count=ready + 2)
         self.assertEqual(len(re.findall(r"worker_exited worker=\d+", self.gateway.log())), 2)
         new = self.gateway.worker_pids()
         self.assertEqual(sorted(new), [0, 1])
@@ -345,7 +335,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway.wait_for_log(rf"worker_started worker=0 pid=(?!{old}\b)\d+")
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
-        wait_for_count(gateway, "] reloaded ", 2, 10)  # the supervisor and a worker
+        gateway.wait_for_log("] reloaded ", 10, count=2)  # the supervisor and a worker
         time.sleep(3)  # the restarted worker reads its configuration and becomes ready
         exits = re.findall(r"worker_exited worker=0 .*", gateway.log())
         self.assertEqual(len(exits), 1, "\n".join(exits))
@@ -361,7 +351,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
             ready = gateway.log().count("worker_ready")
             for pid in gateway.worker_pids().values():
                 os.kill(pid, signal.SIGKILL)
-            wait_for_count(gateway, "worker_ready", ready + 2, 15)
+            gateway.wait_for_log("worker_ready", 15, count=ready + 2)
         finally:
             for client in held:
                 client.close()
@@ -372,7 +362,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway = self.start_gateway("metrics", METRICS)
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
-        wait_for_count(gateway, "] reloaded ", 3, 10)  # the supervisor and both workers
+        gateway.wait_for_log("] reloaded ", 10, count=3)  # the supervisor and both workers
         time.sleep(0.5)  # every reloaded event has crossed its channel
         self.assertEqual(scrape(gateway, "mailgateway_reloads_total", result="ok"), [1.0])
 
@@ -388,7 +378,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         ready = gateway.log().count("worker_ready")
         for pid in gateway.worker_pids().values():
             os.kill(pid, signal.SIGKILL)
-        wait_for_count(gateway, "worker_ready", ready + 2, 12)
+        gateway.wait_for_log("worker_ready", 12, count=ready + 2)
         with socket.create_connection(("127.0.0.1", starttls), timeout=5) as client:
             self.assertTrue(client.recv(200).startswith(b"* OK "))
         # A reload does not apply the edit either: listeners change only with a restart, and the log says so.
@@ -405,7 +395,7 @@ class WorkerLifecycleTests(SynchronousTestCase):
         gateway = self.start_gateway("worker-hup")
         add_listener(gateway)
         os.kill(gateway.worker_pids()[0], signal.SIGHUP)
-        wait_for_count(gateway, "] reloaded worker=0 path=", 1, 10)
+        gateway.wait_for_log("] reloaded worker=0 path=", 10)
         self.assertNotIn("reload_failed", gateway.log())
         assert gateway.pid is not None
         os.kill(gateway.pid, signal.SIGHUP)
