@@ -256,7 +256,7 @@ class _CommandParser:
             raise ParseError("Invalid tag")
         self._pos = tag_end + 1
         name = self._take_chars(_ATOM_CHARS)
-        if not name:
+        if not name or (self._pos < len(data) and data[self._pos] != _SP):
             raise ParseError("Invalid command name")
         args: list[Arg] = []
         while self._pos < len(data):
@@ -308,7 +308,9 @@ class _CommandParser:
         atom = self._take_chars(_ARGUMENT_CHARS)
         if not atom:
             raise ParseError("Invalid argument")
-        if self._pos < len(self._data) and self._data[self._pos] not in (_SP, _CLOSE):
+        # A ")" ends an atom only inside a list.
+        if self._pos < len(self._data) and self._data[self._pos] != _SP and (
+                depth == 0 or self._data[self._pos] != _CLOSE):
             raise ParseError("Invalid characters in atom")
         if atom.upper() == b"NIL":
             return Nil(atom)

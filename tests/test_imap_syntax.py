@@ -286,9 +286,10 @@ class ParseCommandRejectionTests(SynchronousTestCase):
             assert_rejected(self, parse_command, data)
 
     def test_names(self) -> None:
-        """The command name must be an atom."""
-        for data in [b"a1 ]NOOP", b'a1 "NOOP"', b"a1 {4}\r\nNOOP", b"a1 (NOOP)", b"a1 NO*OP", b"a1 N\xc3\xa4"]:
-            assert_rejected(self, parse_command, data)
+        """The command name must be an atom, and a bad byte in it says so."""
+        for data in [b"a1 ]NOOP", b'a1 "NOOP"', b"a1 {4}\r\nNOOP", b"a1 (NOOP)", b"a1 NO*OP", b"a1 N\xc3\xa4",
+                     b"a1 LOG*IN alice secret", b"a1 NOOP)", b"a1 NO%OP"]:
+            self.assertEqual(str(assert_rejected(self, parse_command, data)), "Invalid command name", data)
 
     def test_atoms(self) -> None:
         """
@@ -301,6 +302,9 @@ class ParseCommandRejectionTests(SynchronousTestCase):
             if char not in b"\r\n":  # where the line ends, the atom ends too
                 self.assertEqual(str(error), "Invalid characters in atom", data)
         assert_rejected(self, parse_command, b"a1 LOGIN alice )")
+        for data in [b"a1 LOGIN alice) secret", b"a1 LOGIN alice secret)"]:
+            self.assertEqual(str(assert_rejected(self, parse_command, data)), "Invalid characters in atom", data)
+        self.assertEqual(parse_command(b"a1 X (a (b))").args, ((b"a", (b"b",)),))
 
     def test_wildcards_in_atoms(self) -> None:
         """
