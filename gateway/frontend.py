@@ -329,11 +329,20 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self._log_tls()
         self._bytes_in += len(data)
         self.resetTimeout()
-        if self.paused:
+        if self.paused and not self._reads_ahead(len(data)):
             # A backpressure resume must not undo a pause that waits for a login or a reply.
             assert self.transport is not None
             self.transport.pauseProducing()  # type: ignore[attr-defined]
         super().dataReceived(data)
+
+    def _reads_ahead(self, arriving: int) -> bool:
+        """
+        Whether the transport keeps reading while lines wait: during a login, up to a line's worth,
+        so that a client hanging up is noticed and cancels its login (as Dovecot and nginx do)
+        instead of leaving the hash and the backend login to run for nobody.
+        """
+        return (self._phase in (_Phase.LOGGING_IN, _Phase.LOGGING_IN_LATE)
+                and len(self._buffer) + arriving <= self.context.limits.line_length)
 
     def lineReceived(self, line: bytes) -> None:
         if write_backlog(self.transport) > MAX_UNREAD_REPLIES:
@@ -535,7 +544,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         assert self.may_log_in and self._phase is _Phase.COMMANDS
         self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
-        self.pauseProducing()
+        self.paused = True  # LineReceiver: what follows waits; the transport reads on (_reads_ahead)
         # The server is the slow one now (hashing, the backend): no idle timeout, and a deadline that
         # passes meanwhile waits for this login's answer.
         self.setTimeout(None)

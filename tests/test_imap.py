@@ -333,6 +333,22 @@ class ImplicitTLSTests(ImapTestBase):
         self.front.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.backend.cancelled, 1)
 
+    def test_reads_on_during_login(self) -> None:
+        """
+        A login in flight keeps the client read, so that a hang-up is noticed and cancels it, but
+        holds no more than a line's worth of what the client pipelined; that then goes to the backend.
+        """
+        self.backend.hold = True
+        self.assertEqual(self.say(b"a1 LOGIN bob secret\r\na2 SELECT INBOX\r\n"), b"")
+        self.assertEqual(self.transport.producerState, "producing")
+        filler = b"a3 NOOP " + b"x" * (self.limits.line_length - 10) + b"\r\n"
+        self.front.dataReceived(filler)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.backend.held[0].callback(self.backend.session(self.backend.requests[0]))
+        self.assertTrue(self.read().startswith(b"a1 OK "))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.backend.sessions[0].transport.value(), b"a2 SELECT INBOX\r\n" + filler)
+
     def test_authenticate_plain_sasl_ir(self) -> None:
         """AUTHENTICATE PLAIN with an initial response logs in."""
         reply = self.say(b"a1 AUTHENTICATE PLAIN " + b64(b"\0alice\0" + PASSWORD) + b"\r\n")

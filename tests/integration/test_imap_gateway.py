@@ -460,6 +460,19 @@ class BackendDecidesTests(SynchronousTestCase):
         self.assertEqual(client.login(*OTHER)[0], "OK")
         client.logout()
 
+    def test_client_hanging_up_cancels_its_login(self) -> None:
+        """
+        A client that hangs up while Dovecot checks its password (and pauses before a refusal)
+        cancels the backend login at once, as Dovecot's own login process would: counted as
+        abandoned, where a gateway that noticed only after Dovecot's answer would count it refused.
+        """
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30)
+        self.assertTrue(wire.line().startswith(b"* OK "))
+        wire.send(b"a1 LOGIN bob wrong-password\r\n")
+        wire.close()
+        self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="bob" reason=abandoned')
+        self.gateway.wait_for_log(r'disconnect protocol=imap client=127\.0\.0\.1 user="" state=logging-in ')
+
 
 class ClosingOverTLSTests(SynchronousTestCase):
     """
