@@ -79,7 +79,7 @@ class LoginRequest:
 
     :ivar user: the user to log in as (the client's user; with a master login, the one to impersonate).
     :ivar password: the client's password, or the master password.
-    :ivar master_user: set for a Dovecot master login (C{user*master_user}).
+    :ivar master_user: set for a master login: the account that logs in on behalf of C{user}.
     """
 
     user: str

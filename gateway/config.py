@@ -88,7 +88,8 @@ class BackendSettings:
         (C{server_name}) are verified against C{ca_file}, or the system's trust store.
     :ivar timeout: seconds allowed to connect and log in, after which the backend counts as down.
     :ivar login: C{replay} logs in with the client's credentials; C{master} logs in with the
-        gateway's own account: IMAP and POP3 as C{user*master_user} (Dovecot master users),
+        gateway's own account: IMAP and POP3 as C{master_user} on behalf of the user (SASL PLAIN's
+        authorization identity, for Dovecot master users),
         submission as C{master_user} (a relay account); C{xclient} (submission only) tells
         Postfix who the client is with XCLIENT instead of logging in.
     :ivar forward_client_ip: tell the backend the client's address (IMAP C{ID x-originating-ip},

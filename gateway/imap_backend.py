@@ -2,7 +2,8 @@
 The IMAP login dialogue with the backend store.
 
 Greeting, optional STARTTLS, CAPABILITY when the greeting did not carry it, optional ID with
-the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN. The
+the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN (or, for a
+master login, AUTHENTICATE PLAIN with the user as authorization identity). The
 capabilities the backend announces after login are kept for the client's tagged OK.
 
 Untagged data the dialogue does not need may carry literals: Dovecot answers ID with one for a
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
+from gateway.sasl import plain_message
 from gateway.imap_syntax import (
     ParseError,
     Response,
@@ -183,22 +185,31 @@ class ImapBackendLogin(BackendLogin):
         if self._has(b"LOGINDISABLED"):
             self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
             return
-        assert self.request is not None
-        user = self.request.user
-        if self.request.master_user is not None:
-            user = f"{user}*{self.request.master_user}"
+        request = self.request
+        assert request is not None
         self._tag_number += 1
         tag = b"gw%d" % self._tag_number
         try:
-            chunks = login_command(tag, user.encode("utf-8", "surrogateescape"), self.request.password,
-                                   self._has(b"LITERAL+"))
+            if request.master_user is None:
+                chunks = login_command(tag, request.user.encode("utf-8", "surrogateescape"), request.password,
+                                       self._has(b"LITERAL+"))
+            else:
+                chunks = self._master_login(tag, request.user, request.master_user, request.password)
         except ValueError:
-            self.fail(BackendRejected("credentials cannot be sent in an IMAP LOGIN"))
+            self.fail(BackendRejected("credentials cannot be sent in an IMAP login"))
             return
         self._known_capabilities = None
         self._waiting = (tag, self._logged_in)
         self._login_chunks = chunks
         self._continue_login()
+
+    def _master_login(self, tag: bytes, user: str, master_user: str, password: bytes) -> list[bytes]:
+        # As Dovecot's own proxy does: SASL PLAIN with the user as the authorization identity.
+        # Dovecot needs no auth_master_user_separator for it, and any user name goes through.
+        message = plain_message(master_user, password, authzid=user)
+        if self._has(b"SASL-IR"):
+            return [tag + b" AUTHENTICATE PLAIN " + message + b"\r\n"]
+        return [tag + b" AUTHENTICATE PLAIN\r\n", message + b"\r\n"]
 
     def _continue_login(self) -> None:
         if not self._login_chunks:
@@ -211,7 +222,7 @@ class ImapBackendLogin(BackendLogin):
         unsent, self._login_chunks = self._login_chunks, []
         if unsent:
             # Answered before the credentials were all sent (a literal refused): no verdict on them.
-            self.fail(BackendUnavailable(f"backend answered LOGIN before its literal: {_text(response)}"))
+            self.fail(BackendUnavailable(f"backend answered before the credentials were sent: {_text(response)}"))
         elif response.status == b"OK":
             if response.code is not None and response.code.name == b"CAPABILITY":
                 self._capabilities_from(response.code.args)

@@ -5,8 +5,9 @@ Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... POR
 client's address (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
 backend's capabilities are kept so that the front end promises only what the backend does.
 
-USER and PASS (in both login modes: the client's credentials, or C{user*master} with the master
-password) are the only way this module logs in; it never uses AUTH. A backend that will not take
+The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} with an initial
+response (RFC 5034), the master user's credentials and the user as authorization identity, as
+Dovecot's own proxy logs in. A backend that will not take
 a clear-text password on this connection fails as unavailable, never as a rejection, like
 LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449 6.2), or, when its CAPA did not
 say, it answers with Dovecot's fixed "Plaintext authentication disallowed" text.
@@ -21,13 +22,14 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.backend import BackendLogin, BackendRefused, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
+from gateway.sasl import plain_message
 
 # RFC 3206 / 2449 response codes: which backend refusals the client must see as they are.
 _PASS_THROUGH_CODES = (b"IN-USE", b"LOGIN-DELAY")
 _CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
 
 # Why a backend that refuses clear-text login is unavailable; fixed text, no backend text in it.
-_CLEARTEXT_REFUSED = ("backend refuses USER/PASS on this connection: "
+_CLEARTEXT_REFUSED = ("backend refuses clear-text login on this connection: "
                       "use backend TLS or the backend's login_trusted_networks")
 # Dovecot's fixed answer (AUTH_PLAINTEXT_DISABLED_MSG, after the response code) when it refuses one.
 _PLAINTEXT_DISABLED = b"Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
@@ -148,10 +150,10 @@ class Pop3BackendLogin(BackendLogin):
             # Dovecot drops USER (and PLAIN from SASL) where it would refuse a clear-text password.
             self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
             return
-        user = self.request.user
         if self.request.master_user is not None:
-            user = f"{user}*{self.request.master_user}"
-        encoded = user.encode("utf-8", "surrogateescape")
+            self._master_login(self.request.master_user)
+            return
+        encoded = self.request.user.encode("utf-8", "surrogateescape")
         if not encoded or any(byte in encoded for byte in b"\0\r\n "):
             self.fail(BackendRejected("the user name cannot be sent in a POP3 USER command"))
             return
@@ -159,6 +161,14 @@ class Pop3BackendLogin(BackendLogin):
             self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
             return
         self._send(b"USER " + encoded, self._password)
+
+    def _master_login(self, master_user: str) -> None:
+        try:
+            message = plain_message(master_user, self.request.password, authzid=self.request.user)
+        except ValueError:
+            self.fail(BackendRejected("the credentials cannot be sent in AUTH PLAIN"))
+            return
+        self._send(b"AUTH PLAIN " + message, self._logged_in)
 
     def _password(self, ok: bool, text: bytes) -> None:
         if not ok:

@@ -1,5 +1,6 @@
 """
-SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) for the front ends.
+SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) for the front ends, and the PLAIN
+message the backend logins send (L{plain_message}).
 
 IMAP AUTHENTICATE, POP3 AUTH and SMTP AUTH share this module. The front ends
 frame the exchange ("+ <base64>" or "334 <base64>") and hand over the client's
@@ -110,6 +111,19 @@ def encode_challenge(data: bytes) -> bytes:
     :returns: their base64 encoding, ``b""`` for an empty challenge.
     """
     return base64.b64encode(data)
+
+
+def plain_message(authcid: str, password: bytes, authzid: str = "") -> bytes:
+    """
+    A PLAIN client message for a backend, base64-encoded: log in as C{authcid} with C{password},
+    acting as C{authzid} when one is given.
+
+    :raises ValueError: if a field holds a NUL, which would shift the fields after it.
+    """
+    fields = (authzid.encode("utf-8", "surrogateescape"), authcid.encode("utf-8", "surrogateescape"), password)
+    if any(b"\0" in field for field in fields):
+        raise ValueError("a NUL in a PLAIN field")
+    return base64.b64encode(b"\0".join(fields))
 
 
 def _identity(data: bytes) -> str:

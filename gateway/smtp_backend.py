@@ -10,7 +10,6 @@ and message data, and receives each reply in order.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections import deque
 from collections.abc import Generator
@@ -22,6 +21,7 @@ from twisted.python.failure import Failure
 
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
+from gateway.sasl import plain_message
 from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
 
 
@@ -153,7 +153,10 @@ class SmtpBackend(BackendLogin):
         if b"PLAIN" not in self.keywords.get(b"AUTH", b"").upper().split():
             raise BackendUnavailable("the MTA does not offer AUTH PLAIN")
         account = self.request.master_user or self.request.user
-        token = base64.b64encode(b"\0" + account.encode("utf-8", "surrogateescape") + b"\0" + self.request.password)
+        try:
+            token = plain_message(account, self.request.password)
+        except ValueError:
+            raise BackendRejected("the credentials cannot be sent in AUTH PLAIN") from None
         reply = yield self.command(b"AUTH PLAIN " + token)
         if reply.code == 235:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gc
 
@@ -257,7 +258,7 @@ class LoginCommandTests(ImapLoginTestBase):
         self.say(b"gw1 NO Literal too big\r\n")
         self.assertNotIn(b"p\xc3\xa4ss", self.transport.value())
         failure = self.failureResultOf(self.protocol.result, BackendUnavailable)
-        self.assertIn("before its literal", failure.getErrorMessage())
+        self.assertIn("before the credentials were sent", failure.getErrorMessage())
 
     def test_8bit_user_with_literal_plus(self) -> None:
         """A UTF-8 user name goes as a literal too."""
@@ -280,9 +281,26 @@ class LoginCommandTests(ImapLoginTestBase):
         self.failed_with(BackendUnavailable)
 
     def test_master_login(self) -> None:
-        """A master login logs in as user*master, quoted since * is not an atom character."""
-        self.start(user="alice", password=b"masterpw", master_user="admin")
-        self.assertEqual(self.greet(), b'gw1 LOGIN "alice*admin" masterpw\r\n')
+        """
+        A master login is AUTHENTICATE PLAIN with the user as authorization identity, the initial
+        response inline where the backend offers SASL-IR, after its continuation where not.
+        """
+        message = base64.b64encode(b"ops*team\0admin\0masterpw")
+        self.start(user="ops*team", password=b"masterpw", master_user="admin")
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR AUTH=PLAIN"), b"gw1 AUTHENTICATE PLAIN " + message + b"\r\n")
+        self.say(b"gw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        self.logged_in()
+        self.start(user="ops*team", password=b"masterpw", master_user="admin")
+        self.assertEqual(self.greet(b"IMAP4rev1 AUTH=PLAIN"), b"gw1 AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(self.say(b"+ \r\n"), message + b"\r\n")
+        self.say(b"gw1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.failed_with(BackendRejected)
+
+    def test_master_login_nul(self) -> None:
+        """A NUL would shift the PLAIN fields: such a master login is rejected and nothing is sent."""
+        self.start(user="alice\0admin", password=b"masterpw", master_user="admin")
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR"), b"")
+        self.failed_with(BackendRejected)
 
     def test_nul_in_password(self) -> None:
         """A password holding NUL cannot go into LOGIN: the login is rejected and nothing is sent."""

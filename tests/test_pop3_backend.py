@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 from frontend_harness import unslotted
@@ -196,11 +197,15 @@ class UserPassTests(Pop3LoginTestBase):
         self.assertEqual(self.logged_in().capabilities, CAPABILITIES)
 
     def test_master_user(self) -> None:
-        """A master login sends USER user*master and the master password."""
-        self.start(user="alice", password=b"masterpw", master_user="admin")
+        """
+        A master login is AUTH PLAIN with an initial response, the user as authorization
+        identity: a user name holding Dovecot's usual separator "*" goes through as it is.
+        """
+        self.start(user="ops*team", password=b"masterpw", master_user="admin")
         self.say(GREETING)
-        self.assertEqual(self.say(CAPA), b"USER alice*admin\r\n")
-        self.assertEqual(self.say(b"+OK\r\n"), b"PASS masterpw\r\n")
+        self.assertEqual(self.say(CAPA), b"AUTH PLAIN " + base64.b64encode(b"ops*team\0admin\0masterpw") + b"\r\n")
+        self.say(b"+OK Logged in.\r\n")
+        self.assertEqual(self.successResultOf(self.protocol.result).capabilities, CAPABILITIES)
 
     def test_auth_code_rejected(self) -> None:
         """-ERR [AUTH] to PASS is a rejection of the credentials."""
@@ -282,7 +287,7 @@ class CleartextRefusedTests(Pop3LoginTestBase):
     def assert_cleartext_refused(self) -> None:
         """Assert the login failed as unavailable with the fixed reason, which names the fixes."""
         error = self.failed_with(BackendUnavailable)
-        self.assertEqual(str(error), "backend refuses USER/PASS on this connection: "
+        self.assertEqual(str(error), "backend refuses clear-text login on this connection: "
                                      "use backend TLS or the backend's login_trusted_networks")
 
     def test_capa_without_user(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import imaplib
 import os
+import poplib
 import random
 import re
 import socket
@@ -472,6 +473,72 @@ class BackendDecidesTests(SynchronousTestCase):
         wire.close()
         self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="bob" reason=abandoned')
         self.gateway.wait_for_log(r'disconnect protocol=imap client=127\.0\.0\.1 user="" state=logging-in ')
+
+
+class MasterLoginTests(SynchronousTestCase):
+    """
+    C{login = "master"}: the gateway checks the users file and logs in to Dovecot with its own
+    master account, over IMAP and POP3, as the user by SASL PLAIN's authorization identity. Dovecot
+    needs no C{auth_master_user_separator}, and a user name holding one logs in too.
+    """
+
+    USERS = {USER: PASSWORD, "ops*team": "team-password"}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-master-")
+        master_passwd = stack.path("master.passwd")
+        with open(master_passwd, "w", encoding="utf-8") as f:
+            f.write("gateway:{PLAIN}master-secret\n")
+        os.chmod(master_passwd, 0o644)
+        master_password = stack.path("master-password")
+        with open(os.open(master_password, os.O_WRONLY | os.O_CREAT, 0o600), "w", encoding="utf-8") as f:
+            f.write("master-secret\n")
+        # The users' own passwords are unknown to Dovecot: only the master account gets in.
+        cls.dovecot = stack.start(DovecotSandbox(
+            stack.path("dovecot"), {user: "not-the-users-password" for user in cls.USERS},
+            extra_config=("auth_username_chars =\n"
+                          f"passdb {{\n  driver = passwd-file\n  master = yes\n  args = {master_passwd}\n}}\n")))
+        backend = f'login = "master"\nmaster_user = "gateway"\nmaster_password_file = "{master_password}"'
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, pop3_backend_port=cls.dovecot.pop3_port,
+            users=cls.USERS, certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
+            imap_backend=backend, pop3_backend=backend))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.stack.stop()
+
+    def test_imap(self) -> None:
+        """Every user logs in over IMAPS and reaches its own mailbox, whatever its name holds."""
+        for user, password in self.USERS.items():
+            self.dovecot.deliver(user, MESSAGE)
+            client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"),
+                                       ssl_context=self.stack.tls(), timeout=30)
+            self.assertEqual(client.login(user, password)[0], "OK", user)
+            self.assertEqual(client.select("INBOX")[0], "OK")
+            self.assertEqual(client.fetch("1", "(BODY.PEEK[])")[1][0][1], MESSAGE)
+            client.logout()
+
+    def test_pop3(self) -> None:
+        """Every user logs in over POP3S and reads its own mailbox."""
+        for user, password in self.USERS.items():
+            self.dovecot.deliver(user, MESSAGE)
+            client = poplib.POP3_SSL("127.0.0.1", self.gateway.port("pop3", "implicit_tls"),
+                                     context=self.stack.tls(), timeout=30)
+            client.user(user)
+            self.assertTrue(client.pass_(password).startswith(b"+OK"), user)
+            self.assertGreaterEqual(client.stat()[0], 1)
+            client.quit()
+
+    def test_wrong_password(self) -> None:
+        """The gateway's users file decides: a wrong password never reaches Dovecot."""
+        client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"),
+                                   ssl_context=self.stack.tls(), timeout=30)
+        with self.assertRaises(imaplib.IMAP4.error) as caught:
+            client.login(USER, "not-the-users-password")
+        self.assertIn("[AUTHENTICATIONFAILED]", str(caught.exception))
+        client.logout()
 
 
 class ClosingOverTLSTests(SynchronousTestCase):
