@@ -337,11 +337,14 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def _reads_ahead(self, arriving: int) -> bool:
         """
-        Whether the transport keeps reading while lines wait: during a login, up to a line's worth,
-        so that a client hanging up is noticed and cancels its login (as Dovecot and nginx do)
-        instead of leaving the hash and the backend login to run for nobody.
+        Whether the transport keeps reading while lines wait: during a login whose password the
+        gateway checks itself, until a line's worth is buffered, so that a client hanging up is
+        noticed and cancels its login (a hash still queued, the backend login) instead of leaving
+        them to run for nobody. Where the backend decides, the login runs on to its answer: cut
+        short, it would have to count as a failure (L{_abandoned_guess}), even for a right password.
         """
         return (self._phase in (_Phase.LOGGING_IN, _Phase.LOGGING_IN_LATE)
+                and not self.context.authenticator.backend_decides
                 and len(self._buffer) + arriving <= self.context.limits.line_length)
 
     def lineReceived(self, line: bytes) -> None:
@@ -544,7 +547,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         assert self.may_log_in and self._phase is _Phase.COMMANDS
         self.command_succeeded()
         self._phase = _Phase.LOGGING_IN
-        self.paused = True  # LineReceiver: what follows waits; the transport reads on (_reads_ahead)
+        self.paused = True  # LineReceiver: what follows waits
+        if not self._reads_ahead(0):
+            assert self.transport is not None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
         # The server is the slow one now (hashing, the backend): no idle timeout, and a deadline that
         # passes meanwhile waits for this login's answer.
         self.setTimeout(None)
@@ -809,9 +815,9 @@ def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: 
 
 def _abandoned_guess(failure: Failure, context: FrontEndContext, host: str, user: str, password: bytes) -> Failure:
     """
-    A login the backend decides, ended (its client gone) before the backend answered: counted as
-    a failure, since the client may have taken the missing answer for one. A right password
-    lost this way costs its address one failure until the user's next login.
+    A login the backend decides, ended (its connection closed) before the backend answered:
+    counted as a failure, since the client may have taken the missing answer for one. A right
+    password lost this way costs its address and its user one failure for the penalty window.
     """
     if failure.check(CancelledError):
         _wrong_unanswered(context, host, user, password, reason="abandoned")

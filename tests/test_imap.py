@@ -335,8 +335,8 @@ class ImplicitTLSTests(ImapTestBase):
 
     def test_reads_on_during_login(self) -> None:
         """
-        A login in flight keeps the client read, so that a hang-up is noticed and cancels it, but
-        holds no more than a line's worth of what the client pipelined; that then goes to the backend.
+        A login in flight keeps the client read, so that a hang-up is noticed and cancels it, until
+        a line's worth of what the client pipelined is buffered; that then goes to the backend.
         """
         self.backend.hold = True
         self.assertEqual(self.say(b"a1 LOGIN bob secret\r\na2 SELECT INBOX\r\n"), b"")
@@ -348,6 +348,22 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertTrue(self.read().startswith(b"a1 OK "))
         self.assertEqual(self.transport.producerState, "producing")
         self.assertEqual(self.backend.sessions[0].transport.value(), b"a2 SELECT INBOX\r\n" + filler)
+
+    def test_reads_ahead_only_a_line(self) -> None:
+        """A login that arrives with more than a line's worth pipelined behind it pauses the client at once."""
+        self.backend.hold = True
+        self.front.dataReceived(b"a1 LOGIN bob secret\r\na2 NOOP " + b"x" * self.limits.line_length + b"\r\n")
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_backend_decides_login_not_read_ahead(self) -> None:
+        """
+        Where the backend decides, a login runs on to its answer: the client is not read meanwhile,
+        since a hang-up would cut it short and count even a right password as a failure.
+        """
+        self.auth.backend_decides = True
+        self.backend.hold = True
+        self.front.dataReceived(b"a1 LOGIN bob secret\r\n")
+        self.assertEqual(self.transport.producerState, "paused")
 
     def test_authenticate_plain_sasl_ir(self) -> None:
         """AUTHENTICATE PLAIN with an initial response logs in."""

@@ -24,6 +24,7 @@ import zlib
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
+from gateway.imap_syntax import login_command
 from gateway.relay import CLOSE_GRACE
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
@@ -461,18 +462,48 @@ class BackendDecidesTests(SynchronousTestCase):
         self.assertEqual(client.login(*OTHER)[0], "OK")
         client.logout()
 
-    def test_client_hanging_up_cancels_its_login(self) -> None:
+    def test_client_hanging_up_does_not_cut_the_login_short(self) -> None:
         """
-        A client that hangs up while Dovecot checks its password (and pauses before a refusal)
-        cancels the backend login at once, as Dovecot's own login process would: counted as
-        abandoned, where a gateway that noticed only after Dovecot's answer would count it refused.
+        Where Dovecot decides, a client that hangs up while its login runs does not cut it short:
+        a login cut short would count as a failure, a right password too. Its login completes.
         """
         wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30)
         self.assertTrue(wire.line().startswith(b"* OK "))
-        wire.send(b"a1 LOGIN bob wrong-password\r\n")
+        wire.send(b"a1 LOGIN %s %s\r\n" % (OTHER[0].encode(), OTHER[1].encode()))
         wire.close()
-        self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="bob" reason=abandoned')
+        self.gateway.wait_for_log(r'login protocol=imap client=127\.0\.0\.1 user="bob" ')
+        self.assertNotIn("reason=abandoned", self.gateway.log())
+
+
+class HangUpDuringLoginTests(SynchronousTestCase):
+    """A client hangs up while its login waits for a store too busy to answer."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-hang-up-")
+        # Listens, and never answers: the login waits for its greeting for the whole backend timeout.
+        cls.store = socket.create_server(("127.0.0.1", 0))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.store.getsockname()[1], users={USER: PASSWORD},
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
+            imap_backend="timeout = 60"))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.stack.stop()
+        cls.store.close()
+
+    def test_hang_up_cancels_the_login(self) -> None:
+        """
+        The hang-up is noticed at once and the login cancelled, not answered after the backend's
+        60 s timeout to nobody.
+        """
+        wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.stack.tls(), timeout=30)
+        self.assertTrue(wire.line().startswith(b"* OK "))
+        wire.send(b"".join(login_command(b"a1", USER.encode(), PASSWORD.encode(), literal_plus=True)))
+        wire.close()
         self.gateway.wait_for_log(r'disconnect protocol=imap client=127\.0\.0\.1 user="" state=logging-in ')
+        self.assertNotIn("backend_unavailable", self.gateway.log())
 
 
 class MasterLoginTests(SynchronousTestCase):
