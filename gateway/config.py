@@ -739,6 +739,7 @@ def _read_secret(path: str, table: _Table) -> bytes:
         if os.fstat(f.fileno()).st_mode & 0o077:
             raise table.error("master_password_file", "a file readable by its owner only (chmod 600)")
         secret = f.read(4097).rstrip(b"\r\n")
-    if not secret or b"\n" in secret or len(secret) > 4096:
-        raise table.error("master_password_file", "a file holding the password on one line")
+    # A NUL would shift the fields of the SASL PLAIN message that carries it.
+    if not secret or b"\n" in secret or b"\0" in secret or len(secret) > 4096:
+        raise table.error("master_password_file", "a file holding the password on one line, without NUL")
     return secret

@@ -182,11 +182,16 @@ class ImapBackendLogin(BackendLogin):
         self._send(b"ID (" + pairs + b")", lambda response: self._login())
 
     def _login(self) -> None:
-        if self._has(b"LOGINDISABLED"):
-            self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
-            return
         request = self.request
         assert request is not None
+        if request.master_user is None and self._has(b"LOGINDISABLED"):
+            self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
+            return
+        if request.master_user is not None and not self._has(b"AUTH=PLAIN"):
+            # Dovecot drops it where it would refuse a clear-text password, as it adds LOGINDISABLED.
+            self.fail(BackendUnavailable("backend does not offer AUTH=PLAIN for the master login: "
+                                         "use backend TLS or the backend's login_trusted_networks"))
+            return
         self._tag_number += 1
         tag = b"gw%d" % self._tag_number
         try:

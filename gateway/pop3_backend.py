@@ -36,6 +36,10 @@ _PLAINTEXT_DISABLED = b"Plaintext authentication disallowed on non-secure (SSL/T
 
 _Handler = Callable[[bool, bytes], None]
 
+# RFC 2449 4: a command line of at most 255 octets, CRLF included. An AUTH whose initial response
+# would not fit sends it after the server's "+ " instead (RFC 5034 4).
+_COMMAND_LINE = 255
+
 # A CAPA answer is a few short lines (Dovecot's: 9, none over 40 bytes). One longer than this is
 # a broken backend: it would be held for the login, and for the life of the gateway once probed.
 _CAPA_LINES = 64
@@ -46,7 +50,7 @@ class Pop3BackendLogin(BackendLogin):
     """Logs in to a POP3 backend for one client; with no request it only learns the capabilities."""
 
     # See BackendLogin.
-    __slots__ = ("_greeting_text", "_handler", "_capa")
+    __slots__ = ("_greeting_text", "_handler", "_capa", "_initial_response")
 
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
@@ -54,6 +58,7 @@ class Pop3BackendLogin(BackendLogin):
         self._greeting_text = b""
         self._handler: _Handler | None = self._greeted
         self._capa: list[bytes] | None = None  # collecting a multi-line CAPA answer
+        self._initial_response: bytes | None = None  # an AUTH's response, sent at the server's "+ "
 
     def lineReceived(self, line: bytes) -> None:
         if self.login_over:
@@ -70,7 +75,11 @@ class Pop3BackendLogin(BackendLogin):
                 # Dot-stuffed lines lose their leading dot (RFC 1939 3).
                 self._capa.append(line[1:] if line.startswith(b".") else line)
             return
-        if line.startswith(b"+OK"):
+        if line == b"+" or line.startswith(b"+ "):
+            self._continue_auth()
+        elif self._initial_response is not None:
+            self.fail(BackendUnavailable("backend answered AUTH before the credentials were sent"))
+        elif line.startswith(b"+OK"):
             self._next(True, line[3:].lstrip(b" "))
         elif line.startswith(b"-ERR"):
             self._next(False, line[4:].lstrip(b" "))
@@ -145,13 +154,26 @@ class Pop3BackendLogin(BackendLogin):
         self._send(b"XCLIENT ADDR=%s PORT=%d" % (client.host.encode("ascii"), client.port),
                    lambda ok, text: self._user())
 
+    def _continue_auth(self) -> None:
+        response, self._initial_response = self._initial_response, None
+        if response is None:
+            self.fail(BackendUnavailable("backend sent an unexpected continuation"))
+            return
+        assert self.transport is not None
+        self.transport.write(response + b"\r\n")
+
+    def _offers_plain(self) -> bool:
+        return any(line.upper().split()[:1] == [b"SASL"] and b"PLAIN" in line.upper().split()
+                   for line in self.announced or ())
+
     def _user(self) -> None:
-        if self.announced and not self._has(b"USER"):
-            # Dovecot drops USER (and PLAIN from SASL) where it would refuse a clear-text password.
+        master_user = self.request.master_user
+        if self.announced and not (self._offers_plain() if master_user is not None else self._has(b"USER")):
+            # Dovecot drops USER and PLAIN from SASL where it would refuse a clear-text password.
             self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
             return
-        if self.request.master_user is not None:
-            self._master_login(self.request.master_user)
+        if master_user is not None:
+            self._master_login(master_user)
             return
         encoded = self.request.user.encode("utf-8", "surrogateescape")
         if not encoded or any(byte in encoded for byte in b"\0\r\n "):
@@ -168,7 +190,11 @@ class Pop3BackendLogin(BackendLogin):
         except ValueError:
             self.fail(BackendRejected("the credentials cannot be sent in AUTH PLAIN"))
             return
-        self._send(b"AUTH PLAIN " + message, self._logged_in)
+        if len(b"AUTH PLAIN " + message + b"\r\n") <= _COMMAND_LINE:
+            self._send(b"AUTH PLAIN " + message, self._logged_in)
+        else:
+            self._initial_response = message
+            self._send(b"AUTH PLAIN", self._logged_in)
 
     def _password(self, ok: bool, text: bytes) -> None:
         if not ok:

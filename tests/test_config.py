@@ -483,11 +483,14 @@ class MasterLoginTests(ConfigTestCase):
             self.assertNotIn(SECRET, message)
 
     def test_not_one_line(self) -> None:
-        """An empty password file, or one of several lines, is refused, without showing its content."""
-        for content in ("", "\n", SECRET + "\nsecond line\n"):
+        """
+        An empty password file, one of several lines, or one holding a NUL (which would shift the
+        fields of the SASL message that carries it) is refused, without showing its content.
+        """
+        for content in ("", "\n", SECRET + "\nsecond line\n", SECRET + "\0\n"):
             Path(self.master_password).write_text(content)
             message = self.assert_tables_error(self.master(), "[imap.backend] master_password_file",
-                                               "expected a file holding the password on one line")
+                                               "expected a file holding the password on one line, without NUL")
             self.assertNotIn(SECRET, message)
 
     def test_needs_user_and_password(self) -> None:

@@ -299,8 +299,17 @@ class LoginCommandTests(ImapLoginTestBase):
     def test_master_login_nul(self) -> None:
         """A NUL would shift the PLAIN fields: such a master login is rejected and nothing is sent."""
         self.start(user="alice\0admin", password=b"masterpw", master_user="admin")
-        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR"), b"")
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR AUTH=PLAIN"), b"")
         self.failed_with(BackendRejected)
+
+    def test_master_login_needs_plain(self) -> None:
+        """
+        A backend that does not offer AUTH=PLAIN (Dovecot drops it where it would refuse a
+        clear-text password) is unavailable for a master login; nothing is sent.
+        """
+        self.start(user="alice", password=b"masterpw", master_user="admin")
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR LOGINDISABLED"), b"")
+        self.assertIn("AUTH=PLAIN", str(self.failed_with(BackendUnavailable)))
 
     def test_nul_in_password(self) -> None:
         """A password holding NUL cannot go into LOGIN: the login is rejected and nothing is sent."""

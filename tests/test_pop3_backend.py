@@ -207,6 +207,40 @@ class UserPassTests(Pop3LoginTestBase):
         self.say(b"+OK Logged in.\r\n")
         self.assertEqual(self.successResultOf(self.protocol.result).capabilities, CAPABILITIES)
 
+    def test_master_user_long_credentials(self) -> None:
+        """
+        An AUTH line that would pass 255 octets (RFC 2449 4) sends its response after the
+        server's "+ " instead (RFC 5034 4).
+        """
+        user = "u" * 200
+        self.start(user=user, password=b"masterpw", master_user="admin")
+        self.say(GREETING)
+        self.assertEqual(self.say(CAPA), b"AUTH PLAIN\r\n")
+        self.assertEqual(self.say(b"+ \r\n"), base64.b64encode(user.encode() + b"\0admin\0masterpw") + b"\r\n")
+        self.assertEqual(self.say(b"+OK Logged in.\r\n"), b"")
+        self.assertEqual(self.successResultOf(self.protocol.result).capabilities, CAPABILITIES)
+
+    def test_master_user_answered_before_credentials(self) -> None:
+        """A backend that answers AUTH before asking for the credentials has no verdict on them: unavailable."""
+        self.start(user="u" * 200, password=b"masterpw", master_user="admin")
+        self.say(GREETING)
+        self.say(CAPA)
+        self.assertEqual(self.say(b"-ERR [AUTH] Authentication failed.\r\n"), b"")
+        self.failed_with(BackendUnavailable)
+
+    def test_unexpected_continuation(self) -> None:
+        """A "+ " the dialogue did not ask for makes the backend unavailable."""
+        self.reach_user()
+        self.assertEqual(self.say(b"+ \r\n"), b"")
+        self.failed_with(BackendUnavailable)
+
+    def test_master_user_needs_plain(self) -> None:
+        """A master login needs SASL PLAIN in the CAPA answer, USER alone does not do."""
+        self.start(user="alice", password=b"masterpw", master_user="admin")
+        self.say(GREETING)
+        self.assertEqual(self.say(b"+OK\r\nUSER\r\nSASL LOGIN\r\n.\r\n"), b"")
+        self.failed_with(BackendUnavailable)
+
     def test_auth_code_rejected(self) -> None:
         """-ERR [AUTH] to PASS is a rejection of the credentials."""
         self.reach_user()

@@ -529,7 +529,8 @@ class MasterLoginTests(SynchronousTestCase):
         cls.dovecot = stack.start(DovecotSandbox(
             stack.path("dovecot"), {user: "not-the-users-password" for user in cls.USERS},
             extra_config=("auth_username_chars =\n"
-                          f"passdb {{\n  driver = passwd-file\n  master = yes\n  args = {master_passwd}\n}}\n")))
+                          f"passdb {{\n  driver = passwd-file\n  master = yes\n  args = {master_passwd}\n"
+                          "  result_success = continue\n}\n")))
         backend = f'login = "master"\nmaster_user = "gateway"\nmaster_password_file = "{master_password}"'
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, pop3_backend_port=cls.dovecot.pop3_port,
