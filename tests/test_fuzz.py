@@ -3,9 +3,9 @@ Fuzz regression tests: bad input gets a protocol error or a disconnect, never an
 logged failure, a malformed reply, or a session left open after its timeouts.
 
 Deterministic: every parser loop draws from C{random.Random(SEED)}, and every front-end session or
-proxied connection from its own C{random.Random("<class>/<SEED>/<n>")}, so that what one is fed does
-not depend on the others. A failure names the input, or the session and the transcript of what it
-was fed.
+proxied connection from its own C{random.Random("<class>/<SEED>/<n>")} (a backend login dialogue:
+C{"<class>/<SEED>/<kind>/<n>"}), so that what one is fed does not depend on the others. A failure
+names the input, or the session and the transcript of what it was fed.
 """
 
 from __future__ import annotations
@@ -289,34 +289,28 @@ class ParserFuzzTests(SynchronousTestCase):
 
 # -- the front ends
 
-class FuzzBase(FrontEndTestBase):
+class Transcribed(SynchronousTestCase):
     """
-    Drives one fresh harness (clock, authenticator, backend, connection) after another, checking
-    after every step that nothing raised, nothing was logged as a failure or error, and what the
-    client got is well-formed.
+    Runs of one fuzz test, each named (with its seed) and transcribed: a step that raises, or
+    after which a failure or an error was logged, fails the test with the run's name and what
+    happened in it.
     """
 
-    reply_problem: Callable[[bytes], str | None]
     logged: EventLoggingObserver | None = None
+    merged = "client sends"  # a run of these steps shows as one transcript line
 
-    def begin(self, implicit_tls: bool, about: str) -> None:
-        """A new harness and connection; C{about} names the session (with its seed) in failures."""
+    def observe(self, about: str) -> None:
+        """Begin a run named C{about}: a fresh transcript, and only what is logged from now on counts."""
         if self.logged is None:
             self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.implicit_tls = implicit_tls
-        self.setUp()
         self.about, self.seen = about, len(self.logged)
         self.transcript: list[tuple[str, bytes]] = []
-        self.mtas: dict[int, ScriptedMta] = {}
-        problem = self.reply_problem(self.greeting)
-        if problem:
-            self.fail_session(f"greeting: {problem}")
 
     def fail_session(self, problem: str) -> None:
-        """Fail with the session's name and seed, and what happened in it (a run of reads as one line)."""
+        """Fail with the run's name and seed, and what happened in it (a run of reads as one line)."""
         runs: list[tuple[str, bytes, int]] = []
         for what, data in self.transcript:
-            if runs and what == runs[-1][0] == "client sends":
+            if runs and what == runs[-1][0] == self.merged:
                 runs[-1] = (what, runs[-1][1] + data, runs[-1][2] + 1)
             else:
                 runs.append((what, data, 1))
@@ -324,8 +318,8 @@ class FuzzBase(FrontEndTestBase):
                  for what, data, reads in runs]
         self.fail(f"{self.about}: {problem}\ntranscript:\n" + "\n".join(lines)[-8000:])
 
-    def step(self, what: str, action: Callable[[], object], data: bytes = b"", relayed: bytes | None = None) -> None:
-        """Run C{action}, then check it: C{relayed}, if given, is exactly what the client must receive."""
+    def step(self, what: str, action: Callable[[], object], data: bytes = b"") -> None:
+        """Run C{action}: it must not raise, nor log a failure or an error."""
         self.transcript.append((what, data))
         try:
             action()
@@ -337,6 +331,30 @@ class FuzzBase(FrontEndTestBase):
                 failure = event.get("log_failure")
                 self.fail_session(f"logged: {formatEvent(event)}\n" + (failure.getTraceback() if failure else ""))
         self.seen = len(self.logged)
+
+
+class FuzzBase(Transcribed, FrontEndTestBase):
+    """
+    Drives one fresh harness (clock, authenticator, backend, connection) after another, checking
+    after every step that nothing raised, nothing was logged as a failure or error, and what the
+    client got is well-formed.
+    """
+
+    reply_problem: Callable[[bytes], str | None]
+
+    def begin(self, implicit_tls: bool, about: str) -> None:
+        """A new harness and connection; C{about} names the session (with its seed) in failures."""
+        self.implicit_tls = implicit_tls
+        self.setUp()
+        self.observe(about)
+        self.mtas: dict[int, ScriptedMta] = {}
+        problem = self.reply_problem(self.greeting)
+        if problem:
+            self.fail_session(f"greeting: {problem}")
+
+    def step(self, what: str, action: Callable[[], object], data: bytes = b"", relayed: bytes | None = None) -> None:
+        """Run C{action}, then check it: C{relayed}, if given, is exactly what the client must receive."""
+        super().step(what, action, data)
         out = self.read()
         if relayed is not None and out != relayed:
             self.fail_session(f"relayed {relayed!r}, client got {out!r}")
@@ -436,8 +454,13 @@ class ScriptedMta:
     def answer(self, rng: random.Random) -> bytes:
         """The replies to all the complete commands and messages the gateway has sent since last time."""
         transport = self.session.transport
-        self.unread += transport.value()  # type: ignore[union-attr]
+        written = transport.value()  # type: ignore[union-attr]
         transport.clear()  # type: ignore[union-attr]
+        return self.replies_to(rng, written)
+
+    def replies_to(self, rng: random.Random, written: bytes) -> bytes:
+        """The replies to the complete commands and messages in what was written so far, C{written} the latest."""
+        self.unread += written
         replies: list[bytes] = []
         while True:
             if self.in_data:
