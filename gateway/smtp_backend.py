@@ -191,10 +191,12 @@ class SmtpBackend(BackendLogin):
     # -- the session
 
     def start_session(self) -> None:
-        """After login: read replies again, for the front end's commands."""
-        self.paused = False
-        assert self.transport is not None
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        """
+        After login: read replies again, for the front end's commands. A reply already read with
+        the login's was not asked for (L{lineReceived} drops the MTA for it): taken for the answer
+        to the first command, it would be the wrong one's.
+        """
+        self.resumeProducing()
 
 
 def _said(reply: Reply) -> str:

@@ -465,6 +465,20 @@ class SessionTests(SmtpBackendTestBase):
         """start_session resumes reading from the MTA."""
         self.assertEqual(self.transport.producerState, "producing")
 
+    def test_reply_before_any_command(self) -> None:
+        """
+        A reply the MTA sent unasked, in the same read as its answer to AUTH, is not taken for the
+        answer to the first command: the MTA is dropped as unavailable.
+        """
+        self.start()
+        self.reach_auth()
+        self.say(AUTHENTICATED + b"550 5.7.1 said before any command\r\n")
+        self.logged_in().start_session()
+        self.assertTrue(self.transport.disconnecting)
+        mail = self.protocol.command(b"MAIL FROM:<alice@example.org>")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(mail, BackendUnavailable)
+
     def test_pipelined_commands(self) -> None:
         """Pipelined commands are written at once and each gets its own reply, in order."""
         mail = self.protocol.command(b"MAIL FROM:<alice@example.org>")
