@@ -18,7 +18,6 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
-from gateway.sasl import plain_message
 from gateway.imap_syntax import (
     ParseError,
     Response,
@@ -27,6 +26,7 @@ from gateway.imap_syntax import (
     parse_capabilities,
     parse_response_line,
 )
+from gateway.sasl import plain_message
 
 # Backend NO codes that mean "these credentials are wrong"; any other NO is the backend failing.
 _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"))

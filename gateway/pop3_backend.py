@@ -5,12 +5,13 @@ Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... POR
 client's address (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
 backend's capabilities are kept so that the front end promises only what the backend does.
 
-The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} with an initial
-response (RFC 5034), the master user's credentials and the user as authorization identity, as
-Dovecot's own proxy logs in. A backend that will not take
-a clear-text password on this connection fails as unavailable, never as a rejection, like
-LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449 6.2), or, when its CAPA did not
-say, it answers with Dovecot's fixed "Plaintext authentication disallowed" text.
+The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} (RFC 5034),
+the master user's credentials with the user as authorization identity, as Dovecot's own proxy
+logs in: with an initial response, or after the server's C{+ } where the line would be too long.
+A backend that will not take a clear-text password on this connection fails as unavailable,
+never as a rejection, like LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449
+6.2), or PLAIN from its SASL line for a master login, or, when its CAPA did not say, it answers
+with Dovecot's fixed "Plaintext authentication disallowed" text.
 """
 
 from __future__ import annotations
