@@ -11,7 +11,7 @@ logs in: with an initial response, or after the server's C{+ } where the line wo
 A backend that will not take a clear-text password on this connection fails as unavailable,
 never as a rejection, like LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449
 6.2), or PLAIN from its SASL line for a master login, or, when its CAPA did not say, it answers
-with Dovecot's fixed "Plaintext authentication disallowed" text.
+USER or PASS with Dovecot's fixed "Plaintext authentication disallowed" text.
 """
 
 from __future__ import annotations

@@ -136,6 +136,10 @@ class SmtpBackend(BackendLogin):
             if self.settings.forward_client_ip and b"XCLIENT" in self.keywords:
                 yield self._xclient(login=False)
             yield self._authenticate()
+        if self._buffer:
+            # Read with the login's last reply, whole or in part: nothing asked for it, and kept, it
+            # would be taken for the answer to the client's first command.
+            raise BackendUnavailable("the MTA sent more than its answer to the login")
         self.capabilities = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
         self.succeed()
 
@@ -191,11 +195,7 @@ class SmtpBackend(BackendLogin):
     # -- the session
 
     def start_session(self) -> None:
-        """
-        After login: read replies again, for the front end's commands. A reply already read with
-        the login's was not asked for (L{lineReceived} drops the MTA for it): taken for the answer
-        to the first command, it would be the wrong one's.
-        """
+        """After login: read replies again, for the front end's commands."""
         self.resumeProducing()
 
 

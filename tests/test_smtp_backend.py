@@ -189,6 +189,19 @@ class ReplayTests(SmtpBackendTestBase):
         self.assertEqual(self.say(AUTHENTICATED), b"")
         self.assertEqual(self.logged_in().capabilities, EXTENSIONS)
 
+    def test_unasked_after_login(self) -> None:
+        """
+        What the MTA sent unasked, in the same read as its answer to AUTH (a whole reply, or part
+        of one), fails the login as unavailable: kept, it would be taken for the answer to the
+        client's first command, which the front end may send as soon as the login succeeds.
+        """
+        for unasked in (b"550 5.7.1 said before any command\r\n", b"550 5.7"):
+            self.start()
+            self.reach_auth()
+            self.protocol.result.addCallback(lambda protocol: protocol.start_session())
+            self.say(AUTHENTICATED + unasked)
+            self.assertIn("more than its answer", str(self.failed_with(BackendUnavailable)))
+
     def test_rejected(self) -> None:
         """535 is a rejection of the client's credentials."""
         self.reach_auth()
@@ -464,20 +477,6 @@ class SessionTests(SmtpBackendTestBase):
     def test_start_session_reads_again(self) -> None:
         """start_session resumes reading from the MTA."""
         self.assertEqual(self.transport.producerState, "producing")
-
-    def test_reply_before_any_command(self) -> None:
-        """
-        A reply the MTA sent unasked, in the same read as its answer to AUTH, is not taken for the
-        answer to the first command: the MTA is dropped as unavailable.
-        """
-        self.start()
-        self.reach_auth()
-        self.say(AUTHENTICATED + b"550 5.7.1 said before any command\r\n")
-        self.logged_in().start_session()
-        self.assertTrue(self.transport.disconnecting)
-        mail = self.protocol.command(b"MAIL FROM:<alice@example.org>")
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(mail, BackendUnavailable)
 
     def test_pipelined_commands(self) -> None:
         """Pipelined commands are written at once and each gets its own reply, in order."""
