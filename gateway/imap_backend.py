@@ -124,11 +124,14 @@ class ImapBackendLogin(BackendLogin):
     def _send(self, command: bytes, handler: _Handler) -> None:
         if self.login_over:
             return  # the login has already failed
-        self._tag_number += 1
-        tag = b"gw%d" % self._tag_number
+        tag = self._next_tag()
         self._waiting = (tag, handler)
         assert self.transport is not None
         self.transport.write(tag + b" " + command + b"\r\n")
+
+    def _next_tag(self) -> bytes:
+        self._tag_number += 1
+        return b"gw%d" % self._tag_number
 
     # -- the dialogue, in order
 
@@ -184,37 +187,46 @@ class ImapBackendLogin(BackendLogin):
     def _login(self) -> None:
         request = self.request
         assert request is not None
-        if request.master_user is None and self._has(b"LOGINDISABLED"):
+        if request.master_user is not None:
+            self._master_login(request.user, request.master_user, request.password)
+            return
+        if self._has(b"LOGINDISABLED"):
             self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
             return
-        if request.master_user is not None and not self._has(b"AUTH=PLAIN"):
+        tag = self._next_tag()
+        try:
+            chunks = login_command(tag, request.user.encode("utf-8", "surrogateescape"), request.password,
+                                   self._has(b"LITERAL+"))
+        except ValueError:
+            self.fail(BackendRejected("credentials cannot be sent in an IMAP login"))
+            return
+        self._send_credentials(tag, chunks)
+
+    def _master_login(self, user: str, master_user: str, password: bytes) -> None:
+        # As Dovecot's own proxy does: SASL PLAIN with the user as the authorization identity.
+        # Dovecot needs no auth_master_user_separator for it, and any user name goes through.
+        if not self._has(b"AUTH=PLAIN"):
             # Dovecot drops it where it would refuse a clear-text password, as it adds LOGINDISABLED.
             self.fail(BackendUnavailable("backend does not offer AUTH=PLAIN for the master login: "
                                          "use backend TLS or the backend's login_trusted_networks"))
             return
-        self._tag_number += 1
-        tag = b"gw%d" % self._tag_number
         try:
-            if request.master_user is None:
-                chunks = login_command(tag, request.user.encode("utf-8", "surrogateescape"), request.password,
-                                       self._has(b"LITERAL+"))
-            else:
-                chunks = self._master_login(tag, request.user, request.master_user, request.password)
+            message = plain_message(master_user, password, authzid=user)
         except ValueError:
             self.fail(BackendRejected("credentials cannot be sent in an IMAP login"))
             return
+        tag = self._next_tag()
+        if self._has(b"SASL-IR"):
+            self._send_credentials(tag, [tag + b" AUTHENTICATE PLAIN " + message + b"\r\n"])
+        else:
+            self._send_credentials(tag, [tag + b" AUTHENTICATE PLAIN\r\n", message + b"\r\n"])
+
+    def _send_credentials(self, tag: bytes, chunks: list[bytes]) -> None:
+        """Send a login command whose later chunks wait for the backend's continuations; forget the capabilities."""
         self._known_capabilities = None
         self._waiting = (tag, self._logged_in)
         self._login_chunks = chunks
         self._continue_login()
-
-    def _master_login(self, tag: bytes, user: str, master_user: str, password: bytes) -> list[bytes]:
-        # As Dovecot's own proxy does: SASL PLAIN with the user as the authorization identity.
-        # Dovecot needs no auth_master_user_separator for it, and any user name goes through.
-        message = plain_message(master_user, password, authzid=user)
-        if self._has(b"SASL-IR"):
-            return [tag + b" AUTHENTICATE PLAIN " + message + b"\r\n"]
-        return [tag + b" AUTHENTICATE PLAIN\r\n", message + b"\r\n"]
 
     def _continue_login(self) -> None:
         if not self._login_chunks:

@@ -164,8 +164,11 @@ class Pop3BackendLogin(BackendLogin):
         self.transport.write(response + b"\r\n")
 
     def _offers_plain(self) -> bool:
-        return any(line.upper().split()[:1] == [b"SASL"] and b"PLAIN" in line.upper().split()
-                   for line in self.announced or ())
+        for line in self.announced or ():
+            words = line.upper().split()
+            if words[:1] == [b"SASL"] and b"PLAIN" in words[1:]:
+                return True
+        return False
 
     def _user(self) -> None:
         master_user = self.request.master_user

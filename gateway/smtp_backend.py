@@ -140,7 +140,8 @@ class SmtpBackend(BackendLogin):
             # Read with the login's last reply, whole or in part: nothing asked for it, and kept, it
             # would be taken for the answer to the client's first command.
             raise BackendUnavailable("the MTA sent more than its answer to the login")
-        self.capabilities = tuple(k + (b" " + v if v else b"") for k, v in self.keywords.items())
+        assert self.announced is not None  # by the last EHLO
+        self.capabilities = self.announced
         self.succeed()
 
     @inlineCallbacks
