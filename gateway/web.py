@@ -19,8 +19,8 @@ responses do not, since it would break the webmail. Error pages are short fixed 
 
 Request bodies are bounded while they arrive: L{DOCUMENT_BODY_LIMIT} on every path the gateway
 answers itself, L{PROXIED_BODY_LIMIT} on proxied paths. As soon as a body is over its bound
-(or declared so), the request is answered with a 400 (a document path) or a 413 and the
-connection closes; the rest of the body is not read.
+(or declared so, by its C{Content-Length} or a chunk's size), the request is answered with a 400
+(a document path) or a 413 and the connection closes; the rest of the body is not read.
 
 A request must also arrive in bounded time, since twisted.web's idle timeout restarts at every
 byte: L{REQUEST_DEADLINE} from its first byte, plus one second for every L{UPLOAD_MIN_RATE}
@@ -38,6 +38,10 @@ on. The webmail is told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) 
 host (C{Host}, C{X-Forwarded-Host}) by the gateway alone: the client's own claims, and every
 header whose name has an underscore (which CGI-style servers read as the dashed one), are
 dropped.
+
+The access log (twisted.web's combined format, in the gateway's log) leaves out the values in a
+request's query and in its Referer's: an autoconfig query names the user's address, and a
+webmail's may carry a token or, from a careless form, a password.
 """
 
 from __future__ import annotations
@@ -59,7 +63,14 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
-from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, PotentialDataLoss
+from twisted.web.http import (
+    NO_BODY_CODES,
+    RESPONSES,
+    HTTPChannel,
+    PotentialDataLoss,
+    _ChunkedTransferDecoder,
+    combinedLogFormatter,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -283,6 +294,12 @@ class _WebRequest(Request):
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body()
 
+    def chunk_announced(self, remaining: int) -> None:
+        """Refuse the request at once if the chunk arriving, C{remaining} bytes still to come, would pass the limit."""
+        if not self.body_too_large and self._body_received + remaining > self._body_limit:
+            self.body_too_large = True
+            self._refuse_body()
+
     def handleContentChunk(self, data: bytes) -> None:
         """Keep a piece of the body, or refuse the request once the body is over its limit (twisted.web hook)."""
         if self.body_too_large:
@@ -495,6 +512,14 @@ class _WebChannel(RequestDeadlineChannel):
             return
         super().allHeadersReceived()
 
+    def rawDataReceived(self, data: bytes) -> None:
+        """Parse a piece of body as twisted.web does, then hold the size of a chunk begun against the body's limit."""
+        super().rawDataReceived(data)
+        # twisted.web reads a chunk's size and then waits for the chunk, however large it is said to be.
+        decoder = self._transferDecoder
+        if isinstance(decoder, _ChunkedTransferDecoder) and decoder.state == "BODY" and self.requests:
+            self.requests[-1].chunk_announced(decoder.length)
+
     def lineReceived(self, line: bytes) -> None:
         """Parse a line as twisted.web does, and hand a request line's target to its new request."""
         before = len(self.requests)
@@ -558,7 +583,7 @@ class _WebSite(Site):
 
     def __init__(self, root: Resource, state: WebState, reactor: IReactorTime, https: bool) -> None:
         super().__init__(root, requestFactory=_WebRequest, parsePOSTFormSubmission=False,
-                         timeout=REQUEST_TIMEOUT, reactor=reactor)
+                         timeout=REQUEST_TIMEOUT, reactor=reactor, logFormatter=_access_log_line)
         self.state = state
         self.https = https
         self.spooled_by: dict[str, int] = {}
@@ -581,6 +606,44 @@ class _WebSite(Site):
         if self.https and max_age > 0:
             headers.append((b"Strict-Transport-Security", b"max-age=%d" % max_age))
         return headers
+
+
+def _access_log_line(timestamp: str, request: Request) -> str:
+    """A request's line in the access log: twisted.web's combined format, with no query's values."""
+    return combinedLogFormatter(timestamp, _AsLogged(request))
+
+
+class _AsLogged:
+    """A request as the access log shows it: its target and Referer with their queries' values left out."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+    @property
+    def uri(self) -> bytes:
+        return _query_names(self._request.uri)
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        value = self._request.getHeader(name)
+        return _query_names(value) if value is not None and name.lower() == b"referer" else value
+
+
+def _query_names(target: bytes) -> bytes:
+    """
+    C{target} with only the names of its query's parameters: C{/a?user=x&token=y} becomes
+    C{/a?user=&token=}. A part without C{=} may be a value alone (C{/a?alice@example.org}): it
+    becomes C{-}.
+    """
+    path, question, query = target.partition(b"?")
+    if not question:
+        return target
+    names = (part[:part.index(b"=") + 1] if b"=" in part else part and b"-" for part in query.split(b"&"))
+    return path + b"?" + b"&".join(names)
 
 
 def _page(request: Request, code: int) -> bytes:

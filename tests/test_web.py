@@ -6,6 +6,7 @@ a fake agent standing in for the webmail.
 from __future__ import annotations
 
 import dataclasses
+import io
 import plistlib
 import shutil
 import tempfile
@@ -363,6 +364,25 @@ class DocumentTests(SiteTestCase):
         connection.channel.dataReceived(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))
         self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)  # the rest is ignored
 
+    def test_oversized_chunk_size_answered_at_once(self) -> None:
+        """A chunk said to be larger than the rest of the limit gets the 400 page before its bytes, as does an absurd size."""
+        for size in (b"10001", b"fffffffffffffffffffff"):
+            connection = self.connect(self.https)
+            connection.send(b"POST", b"/autodiscover/autodiscover.xml", {b"Transfer-Encoding": b"chunked"})
+            connection.channel.dataReceived(b"%x\r\n%s\r\n" % (0xffff, b"x" * 0xffff))  # one byte short of 64 KiB
+            self.assertEqual(connection.transport.value(), b"")
+            connection.channel.dataReceived(size + b"\r\nx")  # at the limit: only the size passes it
+            self.assert_own_page(connection.reply(), 400)
+            self.assertTrue(connection.transport.disconnecting)
+
+    def test_chunk_size_within_limit_waits(self) -> None:
+        """A chunk that ends at the limit is waited for."""
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/autodiscover/autodiscover.xml", {b"Transfer-Encoding": b"chunked"})
+        connection.channel.dataReceived(b"%x\r\nxy" % DOCUMENT_BODY_LIMIT)
+        self.assertEqual(connection.transport.value(), b"")
+        self.assertFalse(connection.transport.disconnecting)
+
     def test_declared_oversized_body_answered_at_once(self) -> None:
         """A body declared over 64 KiB on a document path gets the 400 page before any of it, no 100 Continue."""
         connection = self.connect(self.https)
@@ -432,6 +452,36 @@ class SecurityHeaderTests(SiteTestCase):
         self.assert_own_page(reply, 404)
         self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
         self.assertEqual(self.agent.sent, [])
+
+
+class AccessLogTests(SiteTestCase):
+    """The access log's lines: twisted.web's combined format, without the values of queries."""
+
+    def logged(self, target: bytes, headers: dict[bytes, bytes] | None = None) -> str:
+        """The access log line of one request to the HTTPS site."""
+        written = io.StringIO()
+        self.https.logFile = written  # type: ignore[attr-defined]
+        self.get(target, headers=headers)
+        return written.getvalue()
+
+    def test_query_values_left_out(self) -> None:
+        """An autoconfig request is logged with its path and parameter name, not the user's address."""
+        line = self.logged(TB_PATH + b"?emailaddress=alice%40example.com")
+        self.assertIn('"GET %s?emailaddress= HTTP/1.1" 200 ' % TB_PATH.decode(), line)
+        self.assertNotIn("alice", line)
+
+    def test_referer_query_values_left_out(self) -> None:
+        """A Referer is logged without its query's values; the rest of the line is as twisted.web writes it."""
+        line = self.logged(TB_PATH, {b"Referer": b"https://mail.example.org/?_task=login&_token=s3cret",
+                                     b"User-Agent": b"Thunderbird"})
+        self.assertRegex(line, r'^"192\.0\.2\.7" - - \[.+\] "GET /\.well-known/autoconfig/mail/config-v1\.1\.xml '
+                               r'HTTP/1\.1" 200 \d+ "https://mail\.example\.org/\?_task=&_token=" "Thunderbird"\n$')
+
+    def test_query_shapes(self) -> None:
+        """Parameters keep their names; a part without a name is a dash; a target without a query is unchanged."""
+        for target, logged in ((b"/a", b"/a"), (b"/a?", b"/a?"), (b"/a?user=x&token=y", b"/a?user=&token="),
+                               (b"/a?alice@example.com", b"/a?-"), (b"/a?x=1=2&&b", b"/a?x=&&-")):
+            self.assertEqual(web._query_names(target), logged)
 
 
 class RedirectTests(SiteTestCase):
@@ -715,6 +765,16 @@ class ProxyTests(SiteTestCase):
         chunk = b"z" * 16384
         for _ in range(7):  # 112 KiB, and no last chunk
             connection.channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assert_own_page(connection.reply(), 413)
+        self.assertTrue(connection.transport.disconnecting)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_oversized_chunk_size_of_upload_answered_at_once(self) -> None:
+        """An upload whose chunk is said to pass the proxied limit gets the 413 page before the chunk's bytes."""
+        self.patch(web, "PROXIED_BODY_LIMIT", 100_000)
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", {b"Transfer-Encoding": b"chunked"})
+        connection.channel.dataReceived(b"%x\r\nz" % 100_001)
         self.assert_own_page(connection.reply(), 413)
         self.assertTrue(connection.transport.disconnecting)
         self.assertEqual(self.agent.sent, [])

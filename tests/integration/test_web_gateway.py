@@ -561,6 +561,9 @@ class RealProcessTests(SynchronousTestCase):
         assert server is not None
         self.assertEqual((server.get("type"), server.findtext("port"), server.findtext("socketType")),
                          ("imap", "993", "SSL"))
+        # The access log names the parameter, not the user's address.
+        gateway.wait_for_log(r'"GET /mail/config-v1\.1\.xml\?emailaddress= HTTP/1\.1" 200 ')
+        self.assertNotIn("alice", gateway.log())
         redirect = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
                                    f"http://127.0.0.1:{http}/roundcube/"], capture_output=True, text=True,
                                   timeout=60, check=True).stdout
