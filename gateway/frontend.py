@@ -155,7 +155,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         "context", "clock", "callLater", "MAX_LENGTH", "secure", "user", "login_failures", "_errors",
         "_phase", "_deadline", "_pending", "_session", "_closing", "_admitted", "_lost",
         "_backend_started", "_session_user", "_sasl", "backend_refusal", "_splice", "idle_deadline",
-        "idle_slot", "_started", "_bytes_in", "_bytes_out", "client"
+        "idle_slot", "_started", "_bytes_in", "_bytes_out", "_tls_from", "client"
     )
 
     # Lines end in LF; a CR before it is dropped, so clients that send bare LF still work.
@@ -187,6 +187,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._started = 0.0
         self._bytes_in = 0
         self._bytes_out = 0
+        # What had been written when a TLS handshake still to complete began (None: none is pending).
+        self._tls_from: int | None = 0 if context.implicit_tls else None
         self.client = ClientAddress("", 0, "", 0)
 
     # -- connection lifecycle
@@ -263,6 +265,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def handshakeCompleted(self) -> None:
+        self._tls_from = None
         if not self._unheard_balancer():
             self._log_tls()
 
@@ -292,7 +295,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if not self._admitted:
             return  # refused at connect, or not yet answered: counted nowhere, logged already
         self.context.gatekeeper.release(self.client.host)
-        bytes_in, bytes_out = self._bytes_in, self._bytes_out
+        # What was written for a handshake that never completed (a greeting, say) was never delivered.
+        bytes_in, bytes_out = self._bytes_in, self._bytes_out if self._tls_from is None else self._tls_from
         if self._splice is not None:
             self._splice.client_lost()
             bytes_in += self._splice.from_client_bytes
@@ -493,6 +497,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             log.info("starttls_discarded protocol={protocol} client={client} bytes={count}",
                      protocol=self.context.protocol, client=self.client.host, count=len(dropped))
         self.secure = True
+        self._tls_from = self._bytes_out
         assert self.transport is not None
         self.transport.startTLS(self.context.tls)  # type: ignore[attr-defined]
 

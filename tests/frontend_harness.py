@@ -68,6 +68,8 @@ class FrontEndTestBase(SynchronousTestCase):
         front = FrontEndFactory(self.front_end, self.context).buildProtocol(None)
         transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 54321))
         front.makeConnection(transport)
+        if self.implicit_tls:
+            front.handshakeCompleted()  # the TLS these transports stand for: what is written counts as sent
         return front, transport
 
     def tearDown(self) -> None:

@@ -508,6 +508,7 @@ class UnreadRepliesTests(TestCase):
 
             def made() -> None:
                 LoginFrontEnd.connectionMade(front)
+                front.handshakeCompleted()  # TLS is only pretended here: what is written counts as sent
                 # A fixed send buffer, as the client's receive window is: the kernel holds little.
                 front.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
 

@@ -267,6 +267,7 @@ class GatewayBehaviourTests(GatewayFixture):
         """
         A handshake that fails says why in the log: a client that refuses the gateway's certificate
         (it does not trust the CA), and one that offers only TLS 1.1, which the gateway refuses.
+        Their disconnect lines count nothing sent that the failed handshake held back.
         """
         untrusting = ssl.create_default_context()  # the system's CAs, not the test CA
         old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -280,6 +281,22 @@ class GatewayBehaviourTests(GatewayFixture):
                 Wire(self.gateway.port("imap", "implicit_tls"), tls=context, source=source)
         self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.21 error="[^"]*unknown ca"')
         self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.22 error="unsupported protocol"')
+        # The greeting written for them was never delivered: they were sent nothing.
+        for source in ("127.0.0.21", "127.0.0.22"):
+            self.gateway.wait_for_log(rf"disconnect protocol=imap client={re.escape(source)} \S+ \S+ in=0 out=0 ")
+        # After STARTTLS: what went in clear, the greeting and the reply, and nothing of the failed handshake.
+        with socket.create_connection(("127.0.0.1", self.gateway.port("imap", "starttls")), timeout=10,
+                                      source_address=("127.0.0.23", 0)) as raw:
+            wire = raw.makefile("rb")
+            greeting = wire.readline()
+            raw.sendall(b"a STARTTLS\r\n")
+            reply = wire.readline()
+            self.assertTrue(reply.startswith(b"a OK"), reply)
+            with self.assertRaises(ssl.SSLError):
+                untrusting.wrap_socket(raw, server_hostname="localhost")
+        self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.23 error="[^"]*unknown ca"')
+        self.gateway.wait_for_log(rf"disconnect protocol=imap client=127\.0\.0\.23 \S+ \S+ in=12 "
+                                  rf"out={len(greeting) + len(reply)} ")
 
     def test_backend_id_answer_with_literal(self) -> None:
         """The backend's answer to ID carries a literal (the fixture's BACKEND_ID), and logins go through."""
