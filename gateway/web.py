@@ -294,6 +294,10 @@ class _WebRequest(Request):
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body()
 
+    def __repr__(self) -> str:
+        # twisted.web names a request in a few of its log lines: without its query's values there too.
+        return f"<{type(self).__name__} at 0x{id(self):x} method={self.method!r} uri={_query_names(self.uri)!r}>"
+
     def chunk_announced(self, remaining: int) -> None:
         """Refuse the request at once if the chunk arriving, C{remaining} bytes still to come, would pass the limit."""
         if not self.body_too_large and self._body_received + remaining > self._body_limit:
@@ -691,7 +695,16 @@ class _WebRoot(Resource):
         self._proxy = proxy
 
     def render(self, request: _WebRequest) -> bytes | int:  # type: ignore[override]
-        """Route a request by its path (twisted.web hook)."""
+        """Answer a request; a HEAD gets the length of the body it would have had (twisted.web hook)."""
+        body = self._answer(request)
+        if request.method == b"HEAD" and isinstance(body, bytes):
+            # Given a body, twisted.web drops it but logs a warning naming the request, every time.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
+    def _answer(self, request: _WebRequest) -> bytes | int:
+        """Route a request by its path: a document's or page's body, or NOT_DONE_YET while proxied."""
         request.responseHeaders.removeHeader(b"server")  # no software version for scanners
         route = _route(request.path, self._https)
         if route == "thunderbird":

@@ -287,12 +287,27 @@ class DocumentTests(SiteTestCase):
         self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
 
     def test_thunderbird_head(self) -> None:
-        """HEAD on a document path gives its headers and no body."""
-        connection = self.connect(self.https)
-        connection.send(b"HEAD", TB_PATH)
-        head, _, body = connection.transport.value().partition(b"\r\n\r\n")
-        self.assertIn(b"200", head.split(b"\r\n")[0])
-        self.assertEqual(body, b"")
+        """HEAD on a document path or a redirect gives the GET's headers, its length included, no body and no log line."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for site, target in ((self.https, TB_PATH + b"?emailaddress=alice%40example.com"),
+                             (self.https, b"/apple/mail.mobileconfig"), (self.http, b"/roundcube/?_task=mail")):
+            connection = self.connect(site)
+            connection.send(b"HEAD", target)
+            head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+            got = self.get(target, site=site)
+            self.assertIn(b"%d" % got.code, head.split(b"\r\n")[0])
+            self.assertIn(b"\r\nContent-Length: %d\r\n" % len(got.body), head + b"\r\n")
+            self.assertEqual(body, b"")
+        # The access log's lines alone (written as text, "log_io"), and none names the address.
+        self.assertEqual([event["log_format"] for event in events if event["log_format"] != "{log_io}"], [])
+        self.assertFalse([event for event in events if "alice" in event["log_io"]])
+
+    def test_request_named_without_query_values(self) -> None:
+        """Where twisted.web names a request in its log, the query's values are left out."""
+        request = web._WebRequest(self.connect(self.https).channel)
+        request.method, request.uri = b"GET", TB_PATH + b"?emailaddress=alice%40example.com"
+        self.assertIn("uri=b'/.well-known/autoconfig/mail/config-v1.1.xml?emailaddress='", repr(request))
+        self.assertNotIn("alice", repr(request))
 
     def test_thunderbird_without_incoming_listener(self) -> None:
         """With no IMAP or POP3 listener the autoconfig path is a 404."""
