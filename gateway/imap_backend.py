@@ -239,15 +239,15 @@ class ImapBackendLogin(BackendLogin):
         unsent, self._login_chunks = self._login_chunks, []
         if unsent:
             # Answered before the credentials were all sent (a literal refused): no verdict on them.
-            self.fail(BackendUnavailable(f"backend answered before the credentials were sent: {_text(response)}"))
+            self.fail(BackendUnavailable(f"backend answered before the credentials were sent: {_verdict(response)}"))
         elif response.status == b"OK":
             if response.code is not None and response.code.name == b"CAPABILITY":
                 self._capabilities_from(response.code.args)
             self._with_capabilities(self._done)
         elif response.status == b"NO" and (response.code is None or response.code.name in _REJECTION_CODES):
-            self.fail(BackendRejected(f"backend refused the login: {_text(response)}"))
+            self.fail(BackendRejected(f"backend refused the login: {_verdict(response)}"))
         else:
-            self.fail(BackendUnavailable(f"backend login failed: {_text(response)}"))
+            self.fail(BackendUnavailable(f"backend login failed: {_verdict(response)}"))
 
     def _done(self) -> None:
         self.capabilities = self._known_capabilities or ()
@@ -257,3 +257,12 @@ class ImapBackendLogin(BackendLogin):
 def _text(response: Response) -> str:
     code = f"[{response.code.name.decode('ascii', 'replace')}] " if response.code else ""
     return code + printable(response.text).decode("ascii")
+
+
+def _verdict(response: Response) -> str:
+    """
+    An answer to the login as the log shows it: status and response code, not the text, which a
+    backend might build from what it was sent (as for an MTA's answer to AUTH).
+    """
+    status = printable(response.status).decode("ascii")
+    return f"{status} [{printable(response.code.name).decode('ascii')}]" if response.code else status

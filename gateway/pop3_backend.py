@@ -221,10 +221,18 @@ class Pop3BackendLogin(BackendLogin):
         elif name in _PASS_THROUGH_CODES:
             self.fail(BackendRefused(printable(text)))
         elif name in (b"", b"AUTH"):
-            self.fail(BackendRejected(f"backend refused the login: {_show(text)}"))
+            self.fail(BackendRejected(f"backend refused the login: {_verdict(name)}"))
         else:
-            self.fail(BackendUnavailable(f"backend login failed: {_show(text)}"))
+            self.fail(BackendUnavailable(f"backend login failed: {_verdict(name)}"))
 
 
 def _show(text: bytes) -> str:
     return printable(text).decode("ascii")
+
+
+def _verdict(code: bytes) -> str:
+    """
+    An answer to the login as the log shows it: -ERR and its response code, not the text, which a
+    backend might build from what it was sent (as for an MTA's answer to AUTH).
+    """
+    return f"-ERR [{printable(code).decode('ascii')}]" if code else "-ERR"

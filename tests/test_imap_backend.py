@@ -351,12 +351,22 @@ class LoginReplyTests(ImapLoginTestBase):
 
     def test_authenticationfailed(self) -> None:
         """
-        NO [AUTHENTICATIONFAILED] is a rejection of the credentials; the log gets the reply's
-        text, made printable.
+        NO [AUTHENTICATIONFAILED] is a rejection of the credentials; the log gets the status and
+        code, not the text, which might repeat the password.
         """
-        self.say(b"gw1 NO [AUTHENTICATIONFAILED] Authentication \x1b[1mfailed\xc3\xa9.\r\n")
-        self.assertEqual(str(self.failed_with(BackendRejected)),
-                         "backend refused the login: [AUTHENTICATIONFAILED] Authentication ?[1mfailed??.")
+        self.say(b"gw1 NO [AUTHENTICATIONFAILED] Wrong password: secret\r\n")
+        self.assertEqual(str(self.failed_with(BackendRejected)), "backend refused the login: NO [AUTHENTICATIONFAILED]")
+
+    def test_failure_text_not_logged(self) -> None:
+        """Neither is the text of a NO without a code, nor of a BAD, nor of a NO that says the backend is unavailable."""
+        for answer, kind, logged in (
+                (b"gw1 NO secret was wrong\r\n", BackendRejected, "backend refused the login: NO"),
+                (b"gw1 BAD [CLIENTBUG] secret?\r\n", BackendUnavailable, "backend login failed: BAD [CLIENTBUG]"),
+                (b"gw1 NO [UNAVAILABLE] secret\r\n", BackendUnavailable, "backend login failed: NO [UNAVAILABLE]")):
+            self.start()
+            self.say(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+            self.say(answer)
+            self.assertEqual(str(self.failed_with(kind)), logged)
 
     def test_other_rejection_codes(self) -> None:
         """NO [AUTHORIZATIONFAILED] and NO [EXPIRED] are rejections too."""

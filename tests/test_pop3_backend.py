@@ -257,6 +257,19 @@ class UserPassTests(Pop3LoginTestBase):
         self.say(b"-ERR Authentication failed.\r\n")
         self.failed_with(BackendRejected)
 
+    def test_failure_text_not_logged(self) -> None:
+        """The log gets -ERR and the response code of an answer to the login, not its text, which might repeat the password."""
+        for answer, kind, logged in ((b"-ERR [AUTH] bad password secret\r\n", BackendRejected,
+                                      "backend refused the login: -ERR [AUTH]"),
+                                     (b"-ERR secret?\r\n", BackendRejected, "backend refused the login: -ERR"),
+                                     (b"-ERR [SYS/TEMP] secret\r\n", BackendUnavailable,
+                                      "backend login failed: -ERR [SYS/TEMP]")):
+            self.start()
+            self.reach_user()
+            self.say(b"+OK\r\n")
+            self.say(answer)
+            self.assertEqual(str(self.failed_with(kind)), logged)
+
     def test_user_refused(self) -> None:
         """-ERR to USER is a rejection, and PASS is never sent."""
         self.reach_user()
