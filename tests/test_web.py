@@ -287,7 +287,10 @@ class DocumentTests(SiteTestCase):
         self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
 
     def test_thunderbird_head(self) -> None:
-        """HEAD on a document path or a redirect gives the GET's headers, its length included, no body and no log line."""
+        """
+        HEAD on a document path, a fixed page or a redirect gives the GET's headers, its length
+        included, and no body; the log gets the access line alone (no warning naming the request).
+        """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         for site, target in ((self.https, TB_PATH + b"?emailaddress=alice%40example.com"),
                              (self.https, b"/apple/mail.mobileconfig"), (self.http, b"/roundcube/?_task=mail")):
