@@ -62,6 +62,16 @@ def printable(text: bytes) -> bytes:
     return bytes(byte if 0x20 <= byte < 0x7F else 0x3F for byte in text[:200])
 
 
+def login_answer(status: bytes, code: bytes | None) -> str:
+    """
+    A backend's answer to a login as the log shows it: its status and response code (C{NO
+    [AUTHENTICATIONFAILED]}, C{-ERR [AUTH]}), not its text, which a backend might build from what
+    it was sent (as for an MTA's answer to AUTH).
+    """
+    shown = printable(status).decode("ascii")
+    return f"{shown} [{printable(code).decode('ascii')}]" if code else shown
+
+
 @dataclass(frozen=True)
 class ClientAddress:
     """Where a client connected from and to, for logs and for forwarding to the backend."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
+from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, login_answer, printable
 from gateway.config import BackendSettings
 from gateway.imap_syntax import (
     ParseError,
@@ -260,9 +260,4 @@ def _text(response: Response) -> str:
 
 
 def _verdict(response: Response) -> str:
-    """
-    An answer to the login as the log shows it: status and response code, not the text, which a
-    backend might build from what it was sent (as for an MTA's answer to AUTH).
-    """
-    status = printable(response.status).decode("ascii")
-    return f"{status} [{printable(response.code.name).decode('ascii')}]" if response.code else status
+    return login_answer(response.status, response.code.name if response.code else None)

@@ -21,7 +21,15 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from gateway.backend import BackendLogin, BackendRefused, BackendRejected, BackendUnavailable, LoginRequest, printable
+from gateway.backend import (
+    BackendLogin,
+    BackendRefused,
+    BackendRejected,
+    BackendUnavailable,
+    LoginRequest,
+    login_answer,
+    printable,
+)
 from gateway.config import BackendSettings
 from gateway.sasl import plain_message
 
@@ -221,18 +229,10 @@ class Pop3BackendLogin(BackendLogin):
         elif name in _PASS_THROUGH_CODES:
             self.fail(BackendRefused(printable(text)))
         elif name in (b"", b"AUTH"):
-            self.fail(BackendRejected(f"backend refused the login: {_verdict(name)}"))
+            self.fail(BackendRejected(f"backend refused the login: {login_answer(b'-ERR', name)}"))
         else:
-            self.fail(BackendUnavailable(f"backend login failed: {_verdict(name)}"))
+            self.fail(BackendUnavailable(f"backend login failed: {login_answer(b'-ERR', name)}"))
 
 
 def _show(text: bytes) -> str:
     return printable(text).decode("ascii")
-
-
-def _verdict(code: bytes) -> str:
-    """
-    An answer to the login as the log shows it: -ERR and its response code, not the text, which a
-    backend might build from what it was sent (as for an MTA's answer to AUTH).
-    """
-    return f"-ERR [{printable(code).decode('ascii')}]" if code else "-ERR"
