@@ -295,8 +295,8 @@ class _WebRequest(Request):
             self._refuse_body()
 
     def __repr__(self) -> str:
-        # twisted.web names a request in a few of its log lines: without its query's values there too.
-        return f"<{type(self).__name__} at 0x{id(self):x} method={self.method!r} uri={_query_names(self.uri)!r}>"
+        # twisted.web names a request in a few of its log lines: as the access log shows it there too.
+        return f"<{type(self).__name__} at 0x{id(self):x} method={self.method!r} uri={_loggable_target(self.uri)!r}>"
 
     def chunk_announced(self, remaining: int) -> None:
         """Refuse the request at once if the chunk arriving, C{remaining} bytes still to come, would pass the limit."""
@@ -613,12 +613,12 @@ class _WebSite(Site):
 
 
 def _access_log_line(timestamp: str, request: Request) -> str:
-    """A request's line in the access log: twisted.web's combined format, with no query's values."""
+    """A request's line in the access log: twisted.web's combined format, with no parameter's values."""
     return combinedLogFormatter(timestamp, _AsLogged(request))
 
 
 class _AsLogged:
-    """A request as the access log shows it: its target and Referer with their queries' values left out."""
+    """A request as the access log shows it: its target and Referer as L{_loggable_target} makes them."""
 
     __slots__ = ("_request",)
 
@@ -630,24 +630,41 @@ class _AsLogged:
 
     @property
     def uri(self) -> bytes:
-        return _query_names(self._request.uri)
+        return _loggable_target(self._request.uri)
 
     def getHeader(self, name: bytes) -> bytes | None:
         value = self._request.getHeader(name)
-        return _query_names(value) if value is not None and name.lower() == b"referer" else value
+        return _loggable_target(value) if value is not None and name.lower() == b"referer" else value
 
 
-def _query_names(target: bytes) -> bytes:
+def _loggable_target(target: bytes) -> bytes:
     """
-    C{target} with only the names of its query's parameters: C{/a?user=x&token=y} becomes
-    C{/a?user=&token=}. A part without C{=} may be a value alone (C{/a?alice@example.org}): it
-    becomes C{-}.
+    C{target} (a request target or a URL) with what may be a secret left out: the values of the
+    query's parameters and of the path's (a session id: C{;jsessionid=}), and a user name and
+    password before the host. C{/a;sid=1?user=x&token=y} becomes C{/a;sid=?user=&token=}, and
+    C{http://alice:secret@host/} becomes C{http://-@host/}. A parameter without C{=} may be a
+    value alone (C{/a?alice@example.org}): it becomes C{-}.
     """
-    path, question, query = target.partition(b"?")
-    if not question:
-        return target
-    names = (part[:part.index(b"=") + 1] if b"=" in part else part and b"-" for part in query.split(b"&"))
-    return path + b"?" + b"&".join(names)
+    rest, question, query = target.partition(b"?")
+    origin, path = b"", rest
+    if not rest.startswith(b"/"):
+        scheme, separator, after = rest.partition(b"://")
+        if separator:
+            authority, slash, path = after.partition(b"/")
+            if b"@" in authority:
+                authority = b"-@" + authority.rpartition(b"@")[2]
+            origin = scheme + separator + authority + slash
+    segments = []
+    for segment in path.split(b"/"):
+        name, *parameters = segment.split(b";")
+        segments.append(b";".join([name, *_names(parameters)]))
+    logged = origin + b"/".join(segments)
+    return logged + b"?" + b"&".join(_names(query.split(b"&"))) if question else logged
+
+
+def _names(parameters: list[bytes]) -> list[bytes]:
+    """Each C{name=value} as C{name=}; a part without C{=} as C{-}, an empty one as it is."""
+    return [part[:part.index(b"=") + 1] if b"=" in part else part and b"-" for part in parameters]
 
 
 def _page(request: Request, code: int) -> bytes:

@@ -473,13 +473,14 @@ class SecurityHeaderTests(SiteTestCase):
 
 
 class AccessLogTests(SiteTestCase):
-    """The access log's lines: twisted.web's combined format, without the values of queries."""
+    """The access log's lines: twisted.web's combined format, without parameters' values, user names or passwords."""
 
-    def logged(self, target: bytes, headers: dict[bytes, bytes] | None = None) -> str:
-        """The access log line of one request to the HTTPS site."""
+    def logged(self, target: bytes, headers: dict[bytes, bytes] | None = None, https: bool = True) -> str:
+        """The access log line of one request to the HTTPS site, or to the plain one."""
+        site = self.https if https else self.http
         written = io.StringIO()
-        self.https.logFile = written  # type: ignore[attr-defined]
-        self.get(target, headers=headers)
+        site.logFile = written  # type: ignore[attr-defined]
+        self.get(target, headers=headers, site=site)
         return written.getvalue()
 
     def test_query_values_left_out(self) -> None:
@@ -498,8 +499,26 @@ class AccessLogTests(SiteTestCase):
     def test_query_shapes(self) -> None:
         """Parameters keep their names; a part without a name is a dash; a target without a query is unchanged."""
         for target, logged in ((b"/a", b"/a"), (b"/a?", b"/a?"), (b"/a?user=x&token=y", b"/a?user=&token="),
-                               (b"/a?alice@example.com", b"/a?-"), (b"/a?x=1=2&&b", b"/a?x=&&-")):
-            self.assertEqual(web._query_names(target), logged)
+                               (b"/a?alice@example.com", b"/a?-"), (b"/a?x=1=2&&b", b"/a?x=&&-"), (b"*", b"*")):
+            self.assertEqual(web._loggable_target(target), logged)
+
+    def test_path_parameter_values_left_out(self) -> None:
+        """A session id in the path (Java webmails: C{;jsessionid=}) is logged by its name alone, in any segment."""
+        line = self.logged(b"/webmail;jsessionid=0123ABCD/inbox;view=list;sid?page=2", https=False)
+        self.assertIn('"GET /webmail;jsessionid=/inbox;view=;-?page= HTTP/1.1" 301 ', line)
+        self.assertNotIn("0123ABCD", line)
+
+    def test_user_and_password_left_out(self) -> None:
+        """A user name and password in an absolute-form target or a Referer are logged as a dash; the host stays."""
+        line = self.logged(b"https://alice:s3cret@mail.example.org" + TB_PATH,
+                           {b"Referer": b"https://bob:hunter2@mail.example.org/roundcube/;x=1"})
+        self.assertIn('"GET https://-@mail.example.org%s HTTP/1.1"' % TB_PATH.decode(), line)
+        self.assertIn('"https://-@mail.example.org/roundcube/;x="', line)
+        for secret in ("alice", "s3cret", "bob", "hunter2"):
+            self.assertNotIn(secret, line)
+        for target, logged in ((b"http://a:b@c@host", b"http://-@host"), (b"http://host/a@b", b"http://host/a@b"),
+                               (b"http://host", b"http://host"), (b"/x/http://a:b@host/", b"/x/http://a:b@host/")):
+            self.assertEqual(web._loggable_target(target), logged)
 
 
 class RedirectTests(SiteTestCase):
