@@ -38,6 +38,11 @@ import time
 
 from OpenSSL import SSL
 
+SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, SOURCE_TREE)
+
+from gateway.testing.pki import TestCA  # noqa: E402  (from this source tree)
+
 _GREETING = b"* OK ready\r\n"
 _KINDS = ("socket", "memory-bios", "twisted-minimal", "twisted-tls")
 _CLOSED = (SSL.ZeroReturnError, SSL.SysCallError, SSL.Error, OSError)
@@ -227,8 +232,9 @@ implicit_tls = ["tcp:{port}:interface=127.0.0.1"]
 [imap.backend]
 port = 9
 """)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    return subprocess.Popen([twistd, "--nodaemon", "--pidfile=", "mailgateway", "--config", config],
+    # twistd as the harness runs it, on this source tree's gateway rather than the one installed in .venv.
+    return subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
+                             "--pidfile=", "mailgateway", "--config", config], cwd=SOURCE_TREE,
                             stdout=open(os.path.join(directory, "gateway.log"), "wb"), stderr=subprocess.STDOUT)
 
 
@@ -253,7 +259,6 @@ def main() -> None:
         kind, chain, key, port = args.serve
         serve(kind, chain, key, int(port))
         return
-    from gateway.testing.pki import TestCA
     with tempfile.TemporaryDirectory(prefix="connection-cost-") as directory:
         leaf = TestCA(os.path.join(directory, "ca")).issue("localhost", "127.0.0.1")
         servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
