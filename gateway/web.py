@@ -39,9 +39,10 @@ host (C{Host}, C{X-Forwarded-Host}) by the gateway alone: the client's own claim
 header whose name has an underscore (which CGI-style servers read as the dashed one), are
 dropped.
 
-The access log (twisted.web's combined format, in the gateway's log) leaves out the values in a
-request's query and in its Referer's: an autoconfig query names the user's address, and a
-webmail's may carry a token or, from a careless form, a password.
+The access log (twisted.web's combined format, in the gateway's log) leaves out the values of
+the parameters in a request's query and path and in its Referer's, and any user name and
+password before a host: an autoconfig query names the user's address, and a webmail's may carry
+a token, a session id or, from a careless form, a password.
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ _GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
 # RFC 9110 section 5.5: control characters in a field value; HTAB is whitespace.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 3986 section 3.1's scheme, and the "//" before an authority.
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
 # Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
 _REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
 
@@ -647,19 +650,28 @@ def _loggable_target(target: bytes) -> bytes:
     """
     rest, question, query = target.partition(b"?")
     origin, path = b"", rest
-    if not rest.startswith(b"/"):
-        scheme, separator, after = rest.partition(b"://")
-        if separator:
-            authority, slash, path = after.partition(b"/")
-            if b"@" in authority:
-                authority = b"-@" + authority.rpartition(b"@")[2]
-            origin = scheme + separator + authority + slash
+    scheme = _SCHEME.match(rest)
+    if scheme or rest.startswith(b"//"):
+        start = scheme.end() if scheme else 2
+        authority, slash, path = rest[start:].partition(b"/")
+        origin = rest[:start] + _without_user(authority) + slash
+    elif not rest.startswith(b"/"):
+        # No path: CONNECT's host:port, or a relative Referer. A user name and password would
+        # end at an "@" before the first "/".
+        first, slash, after = rest.partition(b"/")
+        if b"@" in first:
+            origin, path = _without_user(first) + slash, after
     segments = []
     for segment in path.split(b"/"):
         name, *parameters = segment.split(b";")
         segments.append(b";".join([name, *_names(parameters)]))
     logged = origin + b"/".join(segments)
     return logged + b"?" + b"&".join(_names(query.split(b"&"))) if question else logged
+
+
+def _without_user(authority: bytes) -> bytes:
+    """An authority with any user name and password before its host as C{-}."""
+    return b"-@" + authority.rpartition(b"@")[2] if b"@" in authority else authority
 
 
 def _names(parameters: list[bytes]) -> list[bytes]:

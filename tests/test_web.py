@@ -517,8 +517,14 @@ class AccessLogTests(SiteTestCase):
         for secret in ("alice", "s3cret", "bob", "hunter2"):
             self.assertNotIn(secret, line)
         for target, logged in ((b"http://a:b@c@host", b"http://-@host"), (b"http://host/a@b", b"http://host/a@b"),
-                               (b"http://host", b"http://host"), (b"/x/http://a:b@host/", b"/x/http://a:b@host/")):
+                               (b"http://host", b"http://host"), (b"/x/http://a:b@host/", b"/x/http://a:b@host/"),
+                               (b"HTTP://A:B@HOST/", b"HTTP://-@HOST/"), (b"//alice:pw@host/a;s=1", b"//-@host/a;s="),
+                               (b"alice:pw@host:443", b"-@host:443"), (b"host:443", b"host:443")):
             self.assertEqual(web._loggable_target(target), logged)
+
+    def test_relative_referer(self) -> None:
+        """A relative Referer's path parameters lose their values too, whatever its later segments look like."""
+        self.assertEqual(web._loggable_target(b"a;sid=s3cret/b://c"), b"a;sid=/b://c")
 
 
 class RedirectTests(SiteTestCase):
