@@ -568,6 +568,12 @@ class RealProcessTests(SynchronousTestCase):
                                    f"http://127.0.0.1:{http}/roundcube/"], capture_output=True, text=True,
                                   timeout=60, check=True).stdout
         self.assertEqual(redirect, "301 https://localhost/roundcube/")
+        # Nor a session id in the path, or a password in the Referer.
+        subprocess.run(["curl", "-sS", "-o", "/dev/null", "-H", "Referer: https://bob:hunter2@localhost/roundcube/",
+                        f"http://127.0.0.1:{http}/roundcube/;jsessionid=SESSIONSECRET"], timeout=60, check=True)
+        gateway.wait_for_log(r'"GET /roundcube/;jsessionid= HTTP/1\.1" 301 \d+ "https://-@localhost/roundcube/"')
+        self.assertNotIn("SESSIONSECRET", gateway.log())
+        self.assertNotIn("hunter2", gateway.log())
 
         # A reload (SIGHUP) regenerates the documents from the changed configuration.
         with open(gateway.config_path) as f:
