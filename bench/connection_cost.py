@@ -41,7 +41,8 @@ from OpenSSL import SSL
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, SOURCE_TREE)
 
-from gateway.testing.pki import TestCA  # noqa: E402  (from this source tree)
+from gateway.testing.host import accepts, free_ports  # noqa: E402  (from this source tree)
+from gateway.testing.pki import TestCA  # noqa: E402
 
 _GREETING = b"* OK ready\r\n"
 _KINDS = ("socket", "memory-bios", "twisted-minimal", "twisted-tls")
@@ -189,12 +190,6 @@ def serve(kind: str, chain: str, key: str, port: int) -> None:
         _serve_twisted(context, port, minimal=kind == "twisted-minimal")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -241,11 +236,9 @@ port = 9
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if accepts("127.0.0.1", port):
             return
-        except OSError:
-            time.sleep(0.1)
+        time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port}")
 
 
@@ -262,13 +255,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="connection-cost-") as directory:
         leaf = TestCA(os.path.join(directory, "ca")).issue("localhost", "127.0.0.1")
         servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        ports = iter(free_ports("127.0.0.1", len(_KINDS) + 1))
         try:
-            for kind in _KINDS:
-                port = _free_port()
+            for kind, port in zip(_KINDS, ports):
                 process = subprocess.Popen([sys.executable, __file__, "--serve", kind, leaf.chain_path,
                                             leaf.key_path, str(port)], stdout=subprocess.DEVNULL)
                 servers[kind] = (process, port)
-            port = _free_port()
+            port = next(ports)
             servers["gateway"] = (_gateway(directory, leaf.chain_path, leaf.key_path, port), port)
             for process, port in servers.values():
                 _wait_listening(port, process)
