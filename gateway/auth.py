@@ -5,9 +5,13 @@ Password hashes cost tens of milliseconds of CPU each, so verification runs on a
 thread pool: one slow login never stalls the relays. Checks wait for a free thread in a queue
 of the gateway's own, from which a check whose login has ended is taken out at once: what waits
 is bounded by the connections logging in, however fast clients come and go. Clients that reconnect often (phones,
-folder watchers) would pay that at every connection, so a good pair of user and password is
-remembered for a short while, as a keyed hash, until the users file changes. (Failure replies are paced by the front end
-with L{gateway.penalties}, the same for an unknown user, a wrong password and a backend refusal.)
+folder watchers) would pay that at every connection, so the answer for a pair of user and
+password is remembered for a while, as a keyed hash, until the users file changes: a good pair
+for two minutes, and a wrong one (a stale saved password, a bot replaying its list) for ten.
+Each new guess still pays the hash. (Failure replies are paced by the front end with
+L{gateway.penalties}, the same for an unknown user, a wrong password and a backend refusal,
+and timed from the login command: a remembered failure is answered when a computed one would
+be, as long as that delay is longer than a hash.)
 """
 
 from __future__ import annotations
@@ -70,14 +74,14 @@ class HashingPool(Service):
         self.pool.stop()
 
 
-class VerifiedCredentials:
+class RememberedPairs:
     """
-    Recently verified (user, password) pairs, each for C{ttl} seconds and only while the users
-    file keeps the version it had. Only keyed hashes are kept (the key never leaves the process),
-    in a table of bounded size. Failures are never remembered, so guessing always pays the hash.
+    (user, password) pairs whose check gave one answer, each for C{ttl} seconds and only while
+    the users file keeps the version it had. Only keyed hashes are kept (the key never leaves the
+    process), in a table of bounded size whose oldest entries go first.
     """
 
-    def __init__(self, clock: IReactorTime, ttl: float = 120.0, max_entries: int = 10_000) -> None:
+    def __init__(self, clock: IReactorTime, ttl: float, max_entries: int = 10_000) -> None:
         self._clock = clock
         self._ttl = ttl
         self._max = max_entries
@@ -88,7 +92,7 @@ class VerifiedCredentials:
         return hmac.new(self._key, user.encode("utf-8", "surrogateescape") + b"\0" + password, hashlib.sha256).digest()
 
     def fresh(self, user: str, password: bytes, version: object) -> bool:
-        """True when this exact pair was verified within the TTL under this users-file version."""
+        """True when this exact pair was remembered within the TTL under this users-file version."""
         fingerprint = self._fingerprint(user, password)
         entry = self._entries.get(fingerprint)
         if entry is None:
@@ -100,7 +104,7 @@ class VerifiedCredentials:
         return True
 
     def remember(self, user: str, password: bytes, version: object) -> None:
-        """Note a pair the users file (at C{version}) has just accepted."""
+        """Note a pair the users file (at C{version}) has just answered."""
         fingerprint = self._fingerprint(user, password)
         self._entries[fingerprint] = (self._clock.seconds() + self._ttl, version)
         self._entries.move_to_end(fingerprint)
@@ -128,7 +132,9 @@ class Authenticator:
         self._pool = pool
         self._users = users
         self.backend_decides = users is None
-        self._verified = VerifiedCredentials(reactor)
+        # Two tables, so that a flood of wrong pairs cannot push the good ones out.
+        self._good = RememberedPairs(reactor, ttl=120.0)
+        self._wrong = RememberedPairs(reactor, ttl=600.0)
         self._hashing = 0  # checks handed to the pool and not yet answered
         # Checks no thread has taken yet, oldest first. Twisted's pool keeps its own queue, from
         # which nothing can be taken out: a check waiting there for a login long gone would hold
@@ -141,8 +147,11 @@ class Authenticator:
             return succeed(len(user.encode("utf-8", "surrogateescape")) <= MAX_USER_NAME_BYTES
                            and len(password) <= MAX_BACKEND_PASSWORD_BYTES)
         version = self._users.version()  # one stat: no read on the reactor thread
-        if version is not None and self._verified.fresh(user, password, version):
-            return succeed(True)
+        if version is not None:
+            if self._good.fresh(user, password, version):
+                return succeed(True)
+            if self._wrong.fresh(user, password, version):
+                return succeed(False)
         assert IReactorFromThreads.providedBy(self._reactor)
         users = self._users
 
@@ -153,8 +162,8 @@ class Authenticator:
             hashing.addBoth(self._finished)
 
         def answered(good: bool) -> None:
-            if good and version is not None:
-                self._verified.remember(user, password, version)
+            if version is not None:
+                (self._good if good else self._wrong).remember(user, password, version)
             if not checking.called:
                 checking.callback(good)
             elif not good:

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from gateway.auth import MAX_BACKEND_PASSWORD_BYTES, Authenticator, VerifiedCredentials
+from gateway.auth import MAX_BACKEND_PASSWORD_BYTES, Authenticator, RememberedPairs
 from gateway.userdb import MAX_USER_NAME_BYTES, UserDatabase, hash_password
 
 
@@ -71,11 +71,28 @@ class AuthenticatorCacheTests(SynchronousTestCase):
         self.assertTrue(self.verify("alice", b"right"))
         self.assertEqual(self.pool.calls, 1)
 
-    def test_failures_never_remembered(self) -> None:
-        """Wrong passwords always go to the hash, however often they come."""
+    def test_wrong_pair_remembered(self) -> None:
+        """
+        A client repeating one wrong password (a stale saved one) pays the hash once in ten
+        minutes; each other guess, and an unknown user, still pays it.
+        """
         for _ in range(3):
             self.assertFalse(self.verify("alice", b"wrong"))
+            self.assertFalse(self.verify("mallory", b"wrong"))
+        self.assertEqual(self.pool.calls, 2)
+        self.assertFalse(self.verify("alice", b"wrong2"))
         self.assertEqual(self.pool.calls, 3)
+        self.clock.advance(601)
+        self.assertFalse(self.verify("alice", b"wrong"))
+        self.assertEqual(self.pool.calls, 4)
+
+    def test_wrong_pairs_leave_good_ones(self) -> None:
+        """A flood of wrong pairs does not push the good ones out of memory."""
+        self.verify("alice", b"right")
+        for n in range(10_001):
+            self.auth._wrong.remember("alice", b"guess%d" % n, self.auth._users.version())  # type: ignore[union-attr]
+        self.assertTrue(self.verify("alice", b"right"))
+        self.assertEqual(self.pool.calls, 1)
 
     def test_other_password_not_served_from_cache(self) -> None:
         """Only the exact pair is remembered: another password for the user is checked (and fails)."""
@@ -91,8 +108,9 @@ class AuthenticatorCacheTests(SynchronousTestCase):
         self.assertEqual(self.pool.calls, 2)
 
     def test_users_file_change_invalidates(self) -> None:
-        """A changed users file (a new password) is obeyed at once: the remembered pair no longer counts."""
+        """A changed users file (a new password) is obeyed at once: no remembered pair counts."""
         self.verify("alice", b"right")
+        self.assertFalse(self.verify("alice", b"new password"))
         self.write("alice", b"new password")
         self.assertFalse(self.verify("alice", b"right"))
         self.assertTrue(self.verify("alice", b"new password"))
@@ -267,12 +285,12 @@ class AbandonedCheckTests(SynchronousTestCase):
         self.assertEqual((self.users.hashes, self.wrong_after_all), (2, 0))
 
 
-class VerifiedCredentialsTests(SynchronousTestCase):
+class RememberedPairsTests(SynchronousTestCase):
     """The cache itself."""
 
     def test_bounded(self) -> None:
         """The table keeps at most its bound of entries, dropping the oldest."""
-        cache = VerifiedCredentials(Clock(), max_entries=3)
+        cache = RememberedPairs(Clock(), ttl=120.0, max_entries=3)
         for n in range(5):
             cache.remember(f"user{n}", b"pw", 1)
         self.assertFalse(cache.fresh("user0", b"pw", 1))
@@ -281,7 +299,7 @@ class VerifiedCredentialsTests(SynchronousTestCase):
 
     def test_keyed_hashes_only(self) -> None:
         """Neither user names nor passwords are kept in the clear."""
-        cache = VerifiedCredentials(Clock())
+        cache = RememberedPairs(Clock(), ttl=120.0)
         cache.remember("alice", b"secret-password", 1)
         self.assertNotIn(b"secret-password", repr(cache._entries).encode())
         self.assertNotIn(b"alice", repr(cache._entries).encode())
