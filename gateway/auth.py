@@ -45,7 +45,7 @@ log = Logger()
 class IAuthenticator(Interface):
     """Checks credentials for the front ends."""
 
-    backend_decides: bool  # type: ignore[misc]
+    backend_decides: bool
     """True when there is no local database and the backend's answer decides."""
 
     def verify(user: str, password: bytes, wrong_after_all: Callable[[], None]) -> Deferred[bool]:

@@ -122,7 +122,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
 
     MAX_LENGTH = 65536
 
-    def __init__(self, request: LoginRequest, settings: BackendSettings,
+    def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
         self.request: LoginRequest | None = request
         self.settings = settings
@@ -235,7 +235,7 @@ class _Dialing(ClientFactory):
         self._protocol.fail(reason.value)
 
 
-LoginFactory = Callable[[LoginRequest, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
+LoginFactory = Callable[[LoginRequest | None, BackendSettings, "IOpenSSLClientConnectionCreator | None"], BackendLogin]
 
 
 class BackendConnector:
@@ -263,9 +263,7 @@ class BackendConnector:
         Connect only to learn what the backend offers before login (for protocols whose login
         dialogue supports a request of None).
         """
-        probing = self.login(None)  # type: ignore[arg-type]
-        probing.addCallback(self._probed)
-        return probing
+        return self.login(None).addCallback(self._probed)
 
     def _probed(self, protocol: BackendLogin) -> tuple[bytes, ...]:
         # The probe says QUIT and closes its connection; over TLS the close waits for the backend's
@@ -273,10 +271,11 @@ class BackendConnector:
         protocol.close_with_grace(self._reactor)  # type: ignore[arg-type]
         return protocol.announced or ()
 
-    def login(self, request: LoginRequest) -> Deferred[BackendLogin]:
+    def login(self, request: LoginRequest | None) -> Deferred[BackendLogin]:
         """
         Connect and log in.
 
+        :param request: None only to probe (see L{probe}).
         :returns: fires with the logged-in protocol; fails with L{BackendRejected} when the
             backend refuses the credentials and L{BackendUnavailable} for anything else,
             including taking longer than the configured timeout.

@@ -16,7 +16,7 @@ import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from gateway.addresses import Network, parse_ip, plain_address
 
@@ -301,7 +301,7 @@ class _Table:
         # bool is an int in Python; never accept true where a number is expected.
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
             raise self.error(key, expected, value)
-        return value  # type: ignore[no-any-return]
+        return cast(T, value)  # checked above against kind
 
     def string(self, key: str, default: str | None = None, *, expected: str = "a string") -> str | None:
         value = self._get(key, default, str, expected)
@@ -350,7 +350,7 @@ class _Table:
         """Listener descriptions; C{proxy} allows the C{haproxy:} prefix (the mail listeners take it)."""
         expected = ('a list of endpoint descriptions such as ["tcp:993"] (' + "/".join(_ENDPOINT_TYPES) +
                     (', optionally behind "haproxy:")' if proxy else ")"))
-        value = self._get(key, [], list, expected)
+        value: list[Any] = self._get(key, [], list, expected)
         for item in value:
             if not isinstance(item, str) or (not proxy and item.startswith(PROXY_PREFIX)):
                 raise self.error(key, expected, item)
@@ -368,7 +368,7 @@ class _Table:
         or the whole network is a guess, and guessing the network trusts hosts nobody listed.
         """
         expected = 'a list of networks such as ["192.0.2.0/24", "2001:db8::/48"]'
-        value = self._get(key, [], list, expected)
+        value: list[Any] = self._get(key, [], list, expected)
         networks = []
         for item in value:
             if not isinstance(item, str):  # ip_network takes 1 or true as the address 0.0.0.1
@@ -383,7 +383,7 @@ class _Table:
                 if network.prefixlen < 96:  # beyond the mapped addresses: no IPv4 network says it
                     raise self.error(key, "an IPv4 network in its IPv4 form (::ffff:a.b.c.d/n is a.b.c.d/(n-96), "
                                      "for n of 96 or more)", item)
-                mapped = network.network_address.ipv4_mapped
+                mapped = written.network.network_address.ipv4_mapped
                 network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
                 host = written.ip.ipv4_mapped
             if isinstance(written, ipaddress.IPv6Interface) and written.scope_id:
@@ -411,7 +411,7 @@ class _Table:
 
     def tables(self, key: str) -> list[_Table]:
         """An array of tables (C{[[name.key]]}), each read like a table."""
-        items = self._get(key, [], list, f"[[{self.name}.{key}]] tables")
+        items: list[Any] = self._get(key, [], list, f"[[{self.name}.{key}]] tables")
         return [_Table(self._path, f"{self.name}.{key}#{number}", item) for number, item in enumerate(items, 1)]
 
     def table(self, key: str) -> _Table:
@@ -580,7 +580,7 @@ def _tls_settings(table: _Table) -> TLSSettings:
 
 def _named_certificate(table: _Table) -> NamedCertificate:
     expected = 'a list of host names such as ["mail.example.org", "*.example.net"]'
-    names = table._get("names", [], list, expected)
+    names: list[Any] = table._get("names", [], list, expected)
     if not names or not all(isinstance(n, str) and is_host_name(n.removeprefix("*.").removesuffix(".")) for n in names):
         raise table.error("names", expected, names)
     certificate = table.readable_file("certificate")

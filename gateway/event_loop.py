@@ -25,9 +25,12 @@ hold.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import Binding
+from twisted.internet.protocol import ClientFactory
 from twisted.python import log
 
 from gateway.slots import SlottedConnector, SlottedServer
@@ -66,17 +69,17 @@ class _Streamlined(EPollReactor):
     def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> tcp.Port:
         return _slotted(super().listenTCP(port, factory, backlog, interface))
 
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: object) -> object:
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: object) -> tcp.Port:
         return _slotted(super().adoptStreamPort(fileDescriptor, addressFamily, factory))
 
-    def connectTCP(self, host: str, port: int, factory: object, timeout: float = 30.0,
-                   bindAddress: object = None) -> SlottedConnector:
+    def connectTCP(self, host: str, port: int, factory: ClientFactory[Any], timeout: float = 30.0,
+                   bindAddress: Binding | tuple[str, int] | None = None) -> SlottedConnector:
         connector = SlottedConnector(host, port, factory, timeout, bindAddress, self)
         connector.connect()
         return connector
 
 
-def _slotted(listening: object) -> object:
+def _slotted(listening: tcp.Port) -> tcp.Port:
     """A listening port, which makes its TCP connections slotted from now on (it has accepted none yet)."""
     if type(listening) is tcp.Port:  # not its subclasses (UNIX ports), which make connections of their own classes
         listening.transport = SlottedServer  # the class it makes each connection of

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
@@ -164,7 +165,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def __init__(self, context: FrontEndContext) -> None:
         self.context = context
         self.clock = context.clock
-        self.callLater = context.clock.callLater  # TimeoutMixin's timer source
+        self.callLater = context.clock.callLater  # type: ignore[method-assign,assignment]  # TimeoutMixin's timer source
         self.MAX_LENGTH = context.limits.line_length + 1  # room for the CR
         self.secure = context.implicit_tls
         self.user: str | None = None
@@ -172,7 +173,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._errors = 0
         self._phase = _Phase.COMMANDS
         self._deadline: IDelayedCall | None = None
-        self._pending: Deferred[object] | None = None
+        self._pending: Deferred[Any] | None = None  # whatever is in flight, to cancel
         self._session: BackendLogin | None = None
         self._closing: GracePeriod | None = None
         self._admitted = False
@@ -207,11 +208,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             # supervisor that does not answer must not leave the connection held for ever.
             self.transport.pauseProducing()  # type: ignore[attr-defined]
             self.setTimeout(self.context.limits.idle_timeout)
-        admitting.addCallback(self._admission)
+        admitted = admitting.addCallback(self._admission)
         if waiting:
             # Only once greeted: a resume may hand over bytes at once (those a PROXY header brought).
-            admitting.addCallback(self._resume_admitted)
-        admitting.addErrback(self._gatekeeper_failed)
+            admitted.addCallback(self._resume_admitted)
+        admitted.addErrback(self._gatekeeper_failed)
 
     def _admission(self, refused: str | None) -> None:
         if self._lost or self.closed:
@@ -562,11 +563,12 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         started = self.clock.seconds()
         checking = self.context.gatekeeper.check_login(user_key(user), self.client.host)
         self._pending = checking  # first: the callbacks below may all run at once, and clear it
-        checking.addCallback(self._verify, user, password, authzid)
-        checking.addCallback(self._logged_in, user)
-        checking.addErrback(self._not_logged_in, user, password, started)
-        checking.addCallback(self._login_finished)
-        checking.addErrback(self._login_broken)
+        # Twisted's types cannot say that an errback's Deferred is waited for, as a callback's is.
+        (checking.addCallback(self._verify, user, password, authzid)
+         .addCallback(self._logged_in, user)
+         .addErrback(self._not_logged_in, user, password, started)
+         .addCallback(self._login_finished)  # type: ignore[call-overload]
+         .addErrback(self._login_broken))
 
     def _login_finished(self, outcome: LoginOutcome) -> None:
         self._pending = None  # nothing left to cancel; not kept for the rest of a session
@@ -600,8 +602,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         context, host = self.context, self.client.host
         verifying = context.authenticator.verify(user, password,
                                                  lambda: _wrong_unanswered(context, host, user, password))
-        verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
-        return verifying
+        return verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
 
     def _verified(self, good: bool, user: str, password: bytes, authzid: str,
                   sessions_full: bool) -> Deferred[BackendLogin]:
@@ -618,9 +619,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if sessions_full:
             raise _TooManySessions()
         opening = self.context.gatekeeper.open_session(user_key(user))
-        opening.addCallback(self._session_opened, user)
-        opening.addCallback(lambda _: self._backend_login(user, password))
-        return opening
+        return (opening.addCallback(self._session_opened, user)
+                .addCallback(lambda _: self._backend_login(user, password)))
 
     def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings
@@ -643,10 +643,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if not self.context.authenticator.backend_decides:
             return self._accepted(session, user)
         opening = self.context.gatekeeper.open_session(user_key(user))
-        opening.addCallback(self._session_opened, user)
-        opening.addCallbacks(lambda _: self._accepted(session, user), self._session_refused,
-                             errbackArgs=(session, user))
-        return opening
+        return (opening.addCallback(self._session_opened, user)
+                .addCallbacks(lambda _: self._accepted(session, user), self._session_refused,
+                              errbackArgs=(session, user)))
 
     def _session_refused(self, failure: Failure, session: BackendLogin, user: str) -> LoginOutcome:
         assert session.transport is not None
@@ -669,7 +668,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         return LoginOutcome.LOGGED_IN
 
     def _not_logged_in(self, failure: Failure, user: str, password: bytes,
-                       started: float) -> Deferred[LoginOutcome] | Failure | LoginOutcome:
+                       started: float) -> Deferred[LoginOutcome] | LoginOutcome:
         failure.trap(_BadCredentials, BackendRejected, BackendUnavailable, BackendRefused, _TooManySessions,
                      _Throttled)
         if self._session_user is not None:
@@ -685,7 +684,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
                      protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
             return LoginOutcome.OVERLOADED
         if failure.check(BackendRefused):
-            self.backend_refusal = failure.value.reply  # type: ignore[union-attr]
+            self.backend_refusal = failure.value.reply
             log.info("backend_refused protocol={protocol} client={client} user={user} reply={reply}",
                      protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
                      reply=self.backend_refusal.decode("ascii", "replace"))
@@ -699,9 +698,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.login_failures += 1
         counting = _count_failure(self.context, self.client.host, user, password,
                                   "backend-refused" if failure.check(BackendRejected) else "credentials")
-        counting.addCallback(lambda count: deferLater(self.clock, max(0.0, started + count.delay - self.clock.seconds())))
-        counting.addCallback(lambda _: LoginOutcome.REJECTED)
-        return counting
+        return (counting.addCallback(lambda count: deferLater(self.clock, max(0.0, started + count.delay - self.clock.seconds())))
+                .addCallback(lambda _: LoginOutcome.REJECTED))
 
     def backend_capabilities(self) -> tuple[bytes, ...]:
         """What the backend announced after the login; valid from L{LoginOutcome.LOGGED_IN} on."""

@@ -40,7 +40,7 @@ class ImapBackendLogin(BackendLogin):
     # See BackendLogin.
     __slots__ = ("_known_capabilities", "_tag_number", "_greeted_yet", "_waiting", "_login_chunks", "_skipping")
 
-    def __init__(self, request: LoginRequest, settings: BackendSettings,
+    def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
         super().__init__(request, settings, tls)
         self._known_capabilities: tuple[bytes, ...] | None = None
@@ -260,4 +260,5 @@ def _text(response: Response) -> str:
 
 
 def _verdict(response: Response) -> str:
+    assert response.status is not None  # a tagged response always has one
     return login_answer(response.status, response.code.name if response.code else None)

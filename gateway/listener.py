@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorSocket, IStreamServerEndpoint, ITransport
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorSocket, IStreamServerEndpoint, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -41,7 +42,7 @@ class Listener(Service):
         C{sources} a reload replaces; None for any other listener.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, label: str, accepting: bool = True,
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, label: str, accepting: bool = True,
                  proxy: TrustedProxyFactory | None = None, source: str | None = None) -> None:
         self._endpoint = endpoint
         self._source = source
@@ -65,9 +66,9 @@ class Listener(Service):
         if not self._accepting:
             self.port.stopReading()  # type: ignore[attr-defined]
         address = self.port.getHost()
-        host = getattr(address, "host", None)
         log.info("listening {label} address={address}", label=self.label,
-                 address=host_port(host, address.port) if host is not None else f"{address}:0")
+                 address=host_port(address.host, address.port) if isinstance(address, (IPv4Address, IPv6Address))
+                 else f"{address}:0")
 
     def startService(self) -> None:
         if self.port is None:
@@ -88,9 +89,10 @@ class InheritedEndpoint:
         self._reactor = reactor
         self._fileno = fileno
 
-    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         with socket.socket(fileno=self._fileno) as inherited:  # closed here: the reactor keeps a copy
-            return succeed(self._reactor.adoptStreamPort(inherited.fileno(), inherited.family, factory))
+            return succeed(self._reactor.adoptStreamPort(inherited.fileno(), inherited.family,
+                                                         factory))  # type: ignore[arg-type]  # any factory will do
 
 
 class _Admitted(ProtocolWrapper):
@@ -117,7 +119,7 @@ class _Admitted(ProtocolWrapper):
         if self._host is not None:
             super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._host is None:
             return  # refused: the protocol never started
         self.factory.limits.release(self._host)
@@ -132,10 +134,10 @@ class AdmittingFactory(WrappingFactory):
     limit is closed at once, before any TLS handshake, and logged as the mail front ends log theirs.
     """
 
-    protocol = _Admitted  # type: ignore[assignment]
+    protocol = _Admitted
     noisy = False
 
-    def __init__(self, wrapped: Factory, limits: ConnectionLimits, protocol: str) -> None:
+    def __init__(self, wrapped: IProtocolFactory, limits: ConnectionLimits, protocol: str) -> None:
         """
         :param wrapped: the listener's own factory.
         :param limits: the counts the mail listeners use too, so that the gateway as a whole holds
@@ -147,7 +149,7 @@ class AdmittingFactory(WrappingFactory):
         self.protocol_name = protocol
 
 
-def listener(reactor: object, description: str, factory: Factory, *, label: str, key: str, config_path: str,
+def listener(reactor: object, description: str, factory: IProtocolFactory, *, label: str, key: str, config_path: str,
              proxy_sources: tuple[Network, ...] | None, inherited: int | None = None,
              accepting: bool = True) -> Listener:
     """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import collections
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -415,7 +416,7 @@ class _MetricsSite(Site):
     protocol = _BodilessChannel  # type: ignore[assignment]
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: object) -> None:
         """Write no access log line: a scrape every few seconds would bury the gateway's own events."""
 
 
@@ -462,7 +463,7 @@ def build_metrics_service(settings: MetricsSettings, reactor: object, metrics: G
     :raises ConfigError: when a listener is behind C{haproxy:} or not a usable endpoint description.
     """
     top = MultiService()
-    LogObservation(publisher, metrics.observe).setServiceParent(top)
+    LogObservation(publisher, cast(ILogObserver, metrics.observe)).setServiceParent(top)
     site = AdmittingFactory(metrics_site(metrics.registry, reactor), limits, "metrics")
     for description in settings.listen:
         listener(reactor, description, site, label="protocol=metrics tls=none", key="[metrics] listen",

@@ -63,7 +63,7 @@ class Pop3BackendLogin(BackendLogin):
 
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None) -> None:
-        super().__init__(request, settings, tls)  # type: ignore[arg-type]
+        super().__init__(request, settings, tls)
         self._greeting_text = b""
         self._handler: _Handler | None = self._greeted
         self._capa: list[bytes] | None = None  # collecting a multi-line CAPA answer
@@ -179,7 +179,9 @@ class Pop3BackendLogin(BackendLogin):
         return False
 
     def _user(self) -> None:
-        master_user = self.request.master_user
+        request = self.request
+        assert request is not None  # a probe never gets this far
+        master_user = request.master_user
         if self.announced and not (self._offers_plain() if master_user is not None else self._has(b"USER")):
             # Dovecot drops USER and PLAIN from SASL where it would refuse a clear-text password.
             self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
@@ -187,16 +189,17 @@ class Pop3BackendLogin(BackendLogin):
         if master_user is not None:
             self._master_login(master_user)
             return
-        encoded = self.request.user.encode("utf-8", "surrogateescape")
+        encoded = request.user.encode("utf-8", "surrogateescape")
         if not encoded or any(byte in encoded for byte in b"\0\r\n "):
             self.fail(BackendRejected("the user name cannot be sent in a POP3 USER command"))
             return
-        if any(byte in self.request.password for byte in b"\0\r\n"):
+        if any(byte in request.password for byte in b"\0\r\n"):
             self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
             return
         self._send(b"USER " + encoded, self._password)
 
     def _master_login(self, master_user: str) -> None:
+        assert self.request is not None
         try:
             message = plain_message(master_user, self.request.password, authzid=self.request.user)
         except ValueError:
@@ -212,6 +215,7 @@ class Pop3BackendLogin(BackendLogin):
         if not ok:
             self._refused(text)
             return
+        assert self.request is not None
         self._send(b"PASS " + self.request.password, self._logged_in)
 
     def _logged_in(self, ok: bool, text: bytes) -> None:

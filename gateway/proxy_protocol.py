@@ -15,7 +15,7 @@ import re
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IProtocol, IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
@@ -72,7 +72,7 @@ class ProxiedConnection(ProtocolWrapper):
     def makeConnection(self, transport: object) -> None:
         # Like ProtocolWrapper.makeConnection, except that the wrapped protocol waits for the header.
         directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)  # type: ignore[arg-type]
+        Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self._timer = self._clock.callLater(HEADER_TIMEOUT, self._too_slow)
 
@@ -141,7 +141,7 @@ class ProxiedConnection(ProtocolWrapper):
             # and the backend's ID or XCLIENT are given.
             self._refuse("malformed PROXY header")
             return
-        self._started(info, remaining)
+        self._started(info, remaining or b"")
 
     def _started(self, info: ProxyInfo, remaining: bytes) -> None:
         if self._timer is not None:
@@ -153,7 +153,7 @@ class ProxiedConnection(ProtocolWrapper):
             return
         self._info = info
         self.balancers_own = isinstance(self._parser, V2Parser) and info.header[12] == _V2_LOCAL
-        self.wrappedProtocol.makeConnection(self)
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]  # a wrapper is its protocol's transport
         if self._paused:
             self._held += remaining
         elif remaining:
@@ -164,7 +164,7 @@ class ProxiedConnection(ProtocolWrapper):
                  reason=reason)
         self.transport.abortConnection()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -184,12 +184,12 @@ class ProxiedConnection(ProtocolWrapper):
     def getPeer(self) -> IAddress:
         if self._info is not None and self._info.source is not None:
             return self._info.source
-        return self.transport.getPeer()  # type: ignore[union-attr,no-any-return]
+        return self.transport.getPeer()  # type: ignore[union-attr]
 
     def getHost(self) -> IAddress:
         if self._info is not None and self._info.destination is not None:
             return self._info.destination
-        return self.transport.getHost()  # type: ignore[union-attr,no-any-return]
+        return self.transport.getHost()  # type: ignore[union-attr]
 
 
 def balancers_own(transport: object) -> bool:
@@ -223,7 +223,7 @@ def _is_ip(address: IAddress | None) -> bool:
             and 0 <= address.port <= 65535)
 
 
-class TrustedProxyFactory(WrappingFactory):
+class TrustedProxyFactory(WrappingFactory[ProxiedConnection]):
     """
     Accepts connections only from C{sources}, each starting with a PROXY header.
 
@@ -234,7 +234,7 @@ class TrustedProxyFactory(WrappingFactory):
         out of C{[limits] proxy_sources}) applies from the next connection on.
     """
 
-    protocol = ProxiedConnection  # type: ignore[assignment]
+    protocol = ProxiedConnection
     noisy = False
 
     def __init__(self, wrapped: IProtocolFactory, sources: tuple[Network, ...], clock: IReactorTime) -> None:

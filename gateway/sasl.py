@@ -277,7 +277,7 @@ class _LoginExchange(SaslExchange):
         super().__init__()
         self._user: str | None = None
 
-    def _first(self, data: bytes | None) -> Challenge:
+    def _first(self, data: bytes | None) -> Challenge | Credentials:
         """
         Take an initial response as the user name, or prompt for one.
 

@@ -22,7 +22,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IProtocolFactory, IReactorFromThreads
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -484,7 +484,7 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls]: {e}") from None
         web_state = WebState(settings)
-        build_web_service(settings.web, reactor, web_tls, web_state,  # type: ignore[arg-type]
+        build_web_service(settings.web, reactor, web_tls, web_state,
                           gatekeeper.connections).setServiceParent(top)
         reloader.serve_web(web_tls, web_state)
     if settings.workers == 1:
@@ -596,7 +596,7 @@ def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
 def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
                 top: MultiService, inherited: Sequence[int] | None = None) -> None:
     """The mail front ends and their listeners (TLS from C{files}), listening anew or on C{inherited} sockets."""
-    factories: dict[tuple[str, str], Factory] = {}
+    factories: dict[tuple[str, str], IProtocolFactory] = {}
     hashing = HashingPool(settings.auth.hash_threads)
     hashing.setServiceParent(top)
     authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
@@ -616,7 +616,7 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
                                       implicit, authenticator, backend, settings.hostname, gatekeeper, idle)
             front_factory = FrontEndFactory(front_end, context)
             reloader.serve(server_tls, front_factory)
-            factory: Factory = front_factory
+            factory: IProtocolFactory = front_factory
             if implicit:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
                 factory.noisy = False
@@ -658,7 +658,7 @@ def _local_users(settings: Settings) -> UserDatabase | None:
     return users
 
 
-def _mail_listeners(settings: Settings, reactor: object, factory: Callable[[str, str], Factory], *,
+def _mail_listeners(settings: Settings, reactor: object, factory: Callable[[str, str], IProtocolFactory], *,
                     inherited: Sequence[int] | None = None, held: bool = False) -> list[Listener]:
     """
     One listener per L{mail_endpoints} entry, in that order.

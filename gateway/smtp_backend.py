@@ -39,7 +39,7 @@ class SmtpBackend(BackendLogin):
 
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,
                  tls: IOpenSSLClientConnectionCreator | None, ehlo_name: str = "localhost") -> None:
-        super().__init__(request, settings, tls)  # type: ignore[arg-type]
+        super().__init__(request, settings, tls)
         self._ehlo_name = ehlo_name.encode("ascii")
         self._reader = ReplyReader()
         self._waiting: deque[Deferred[Reply]] = deque()

@@ -103,7 +103,7 @@ def write_transient(transport: object, data: memoryview) -> None:
     if connection is None:
         transport.write(bytes(data))  # type: ignore[attr-defined]
     else:
-        _SocketWrites.write(connection, data)  # type: ignore[arg-type]
+        _SocketWrites.write(connection, data)
 
 
 class _SocketWrites(FileDescriptor):
@@ -117,7 +117,7 @@ class _SocketWrites(FileDescriptor):
         if ((kind is bytes or kind is memoryview) and data and self.connected and not self.disconnecting
                 and not self._aborting and not self._writeDisconnected  # type: ignore[attr-defined]
                 and not self._tempDataLen and self.offset == len(self.dataBuffer)):
-            sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+            sent = self.writeSomeData(data)
             if isinstance(sent, int):  # anything else is the connection's loss, for the reactor to find
                 if sent == len(data):
                     return

@@ -471,14 +471,13 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if self._backend is not None:
             return succeed(self._backend)
         assert self._session is not None
-        connecting = self.context.backend.login(self._session.request)
 
         def connected(backend: BackendLogin) -> SmtpBackend:
             assert isinstance(backend, SmtpBackend)
             self._use_backend(backend)
             return backend
 
-        connecting.addCallback(connected)
+        connecting = self.context.backend.login(self._session.request).addCallback(connected)
         self._pending = connecting
         return connecting
 
@@ -487,6 +486,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         backend.start_session()
         reads = _ClientReads(self.transport, self._mta_lost)  # type: ignore[arg-type]
         backend.transport.registerProducer(reads, True)  # type: ignore[union-attr]
+        assert backend.result is not None  # spent only once relaying, which submission never does
         backend.result.addErrback(lambda failure: None)
 
     def _drop_backend(self) -> None:

@@ -58,7 +58,8 @@ def check(path: str, reactor: object = None) -> int:
     :param reactor: what the unstarted service tree is given; the global reactor if None.
     :returns: the exit status: 0, or L{EX_CONFIG}.
     """
-    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+    from zope.interface import provider
 
     from gateway.config import ConfigError, load_settings
     from gateway.service import check_service
@@ -68,6 +69,7 @@ def check(path: str, reactor: object = None) -> int:
 
         reactor = installed
 
+    @provider(ILogObserver)
     def report(event: dict[str, object]) -> None:
         if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
             print(f"mailgateway: warning: {formatEvent(event)}", file=sys.stderr, flush=True)

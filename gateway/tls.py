@@ -48,6 +48,7 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -683,7 +684,7 @@ def switch_to_relaying(tls: TLSMemoryBIOProtocol | None) -> None:
         del tls._aggregator, tls.write  # the instance's own write: the aggregator's
         # _Relaying is TLSMemoryBIOProtocol with its own reading: with the state
         # BufferingTLSTransport adds gone, the running protocol can take it on.
-        tls.__class__ = _Relaying
+        tls.__class__ = _Relaying  # type: ignore[assignment]
 
 
 class ITLSEndListener(Interface):
@@ -751,7 +752,7 @@ class _Relaying(TLSMemoryBIOProtocol):
         if not self._losing and ITLSEndListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.tlsEnded()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Twisted's TLS layer ends TLS as its connection is lost, too: nothing is left to hold then,
         # and a STARTTLS transport can no longer even unregister its producer. (The transport's
         # own "connected" would not say so behind a PROXY header's wrapper.)

@@ -57,8 +57,8 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IProtocolFactory, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -280,6 +280,8 @@ class _WebRequest(Request):
         connection is closing.
     """
 
+    channel: _WebChannel  # twisted.web's attributes, of the classes this module gives them
+    content: BytesIO | _Spool  # type: ignore[assignment]  # twisted.web says None: set by gotLength
     target = b""
     body_too_large = False
     _body_limit = DOCUMENT_BODY_LIMIT
@@ -391,6 +393,7 @@ class RequestDeadlineChannel(HTTPChannel):
     a missed deadline (L{request_timed_out}).
     """
 
+    site: Site  # set by twisted.web's factory
     _deadline: IDelayedCall | None = None
     _closing: GracePeriod | None = None
     _request_started = 0.0  # when the first byte of the request being received came
@@ -489,7 +492,7 @@ class RequestDeadlineChannel(HTTPChannel):
         if self._closing is None:
             self._closing = close_with_grace(self.transport, self.site.reactor)  # type: ignore[arg-type]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         closing, self._closing = self._closing, None
         if closing is not None:
@@ -503,6 +506,8 @@ class _WebChannel(RequestDeadlineChannel):
     headers, refuses a malformed request before its body, answers refusals with the fixed pages,
     and lets a client go once it has ended TLS.
     """
+
+    site: _WebSite
 
     def request_timed_out(self) -> None:
         log.info("web_request_timeout peer={peer}", peer=address_host(self.getPeer()))
@@ -703,11 +708,11 @@ def _not_allowed(request: Request, allowed: bytes) -> bytes:
 
 def _query_text(request: Request, name: bytes) -> str | None:
     """The first value of a query parameter as text, or None if absent or not UTF-8."""
-    values = (request.args or {}).get(name)
+    values = request.args.get(name) if request.args else None
     if not values:
         return None
     try:
-        return values[0].decode("utf-8")  # type: ignore[no-any-return]
+        return values[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
 
@@ -723,7 +728,7 @@ class _WebRoot(Resource):
         self._https = https
         self._proxy = proxy
 
-    def render(self, request: _WebRequest) -> bytes | int:  # type: ignore[override]
+    def render(self, request: _WebRequest) -> bytes | int:
         """Answer a request; a HEAD gets the length of the body it would have had (twisted.web hook)."""
         body = self._answer(request)
         if request.method == b"HEAD" and isinstance(body, bytes):
@@ -758,7 +763,7 @@ class _WebRoot(Resource):
             return _page(request, 404)
         return _document(request, b"text/xml; charset=utf-8", body)
 
-    def _autodiscover(self, request: Request) -> bytes:
+    def _autodiscover(self, request: _WebRequest) -> bytes:
         if request.method != b"POST":
             return _not_allowed(request, b"POST")
         try:
@@ -976,7 +981,7 @@ class _Exchange:
     def abandon(self) -> None:
         """Cut the client off midway through the answer: its connection is aborted, unflushed."""
         self.client_gone = True
-        self._request.channel.transport.abortConnection()
+        self._request.channel.transport.abortConnection()  # type: ignore[union-attr]  # TCP's or TLS's
 
     def _failed(self, reason: Failure) -> None:
         self._pending = None
@@ -1105,7 +1110,7 @@ class _UpstreamConnections(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._pool.closeCachedConnections()  # type: ignore[no-any-return]
+        return self._pool.closeCachedConnections()
 
 
 def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServerConnectionCreator, state: WebState,
@@ -1131,7 +1136,7 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServer
     cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
     secure_factory = TLSMemoryBIOFactory(server_tls, False, https_site(state, reactor, agent, cooperator))
     secure_factory.noisy = False
-    listeners: tuple[tuple[str, str, tuple[str, ...], Factory], ...] = (
+    listeners: tuple[tuple[str, str, tuple[str, ...], IProtocolFactory], ...] = (
         ("https", "implicit_tls", web.https, secure_factory),
         ("http", "none", web.http, http_site(state, reactor)),
     )

@@ -16,10 +16,11 @@ import socket
 import sys
 from collections.abc import Callable
 from functools import partial
+from typing import cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
-from twisted.logger import Logger, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, Settings, load_settings
@@ -47,16 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     streamline(reactor)
-    channel = WorkerChannel(lost=lambda: reactor.running and reactor.stop())  # type: ignore[attr-defined]
+
+    def lost() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    channel = WorkerChannel(lost=lost)
     with socket.socket(fileno=CONTROL_FD) as control:  # the reactor keeps its own copy
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
-    globalLogBeginner.beginLoggingTo([channel.emit], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, channel.emit)], redirectStandardIO=False)
     status: list[int] = [0]
     configuration = partial(supervisor_configuration, channel, options.config)
     hello: Deferred[str] = channel.call("hello")
     hello.addCallback(_start, configuration, options, reactor, channel)
     hello.addErrback(_failed, reactor, status)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return status[0]
 
 

@@ -323,7 +323,11 @@ class RemoteGatekeeper:
         self._key = fingerprint_key
 
     def admit(self, host: str) -> Deferred[str | None]:
-        return _settle(self._channel.call("admit", host), lambda refused: refused is None and self.release(host))
+        def undo(refused: str | None) -> None:
+            if refused is None:
+                self.release(host)
+
+        return _settle(self._channel.call("admit", host), undo)
 
     def release(self, host: str) -> None:
         self._channel.tell("release", host)
@@ -333,7 +337,11 @@ class RemoteGatekeeper:
         return _settle(asking.addCallback(lambda answer: LoginCheck(*answer)))
 
     def open_session(self, user: str) -> Deferred[bool]:
-        return _settle(self._channel.call("open_session", user), lambda opened: opened and self.close_session(user))
+        def undo(opened: bool) -> None:
+            if opened:
+                self.close_session(user)
+
+        return _settle(self._channel.call("open_session", user), undo)
 
     def close_session(self, user: str) -> None:
         self._channel.tell("close_session", user)

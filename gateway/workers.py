@@ -173,7 +173,7 @@ class WorkerPool(Service):
             # Only the supervisor talks to systemd (NotifyAccess=main): a worker is not told its socket.
             environment = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
             process = self._reactor.spawnProcess(worker, sys.executable, arguments, env=environment,
-                                                 childFDs=descriptors)  # type: ignore[arg-type]
+                                                 childFDs=descriptors)
             channel = SupervisorChannel(self._gatekeeper, self._publisher, process.pid, lambda: self._text,
                                         partial(self._ready, worker))
             self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,  # type: ignore[attr-defined]
@@ -242,7 +242,7 @@ class _Worker(ProcessProtocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.pid = self.transport.pid  # type: ignore[attr-defined]
+        self.pid = self.transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # Workers log through their channel; this is what they print before it works, or as they die.
@@ -253,7 +253,7 @@ class _Worker(ProcessProtocol):
 
     def signal(self, name: str) -> None:
         """Send the worker a signal (C{HUP}, C{TERM}, C{KILL}); nothing if it has already ended."""
-        transport: IProcessTransport | None = self.transport  # type: ignore[assignment]
+        transport: IProcessTransport | None = self.transport
         if transport is None or self._done:
             return
         try:

@@ -120,14 +120,17 @@ class ServerSandbox:
     """
     A private server that tests start and stop; also a context manager that does both.
 
-    Subclasses set C{_name}, C{_host}, C{_process} (the server's master as our child) and
-    C{log_path}, and implement C{_log_tail}.
+    Subclasses set C{_name}, C{_host} and C{_process} (the server's master as our child), and
+    implement C{log_path} and C{_log_tail}.
     """
 
     _name: str
     _host: str
     _process: subprocess.Popen[bytes] | None
-    log_path: str
+
+    @property
+    def log_path(self) -> str:
+        raise NotImplementedError
 
     def _log_tail(self) -> str:
         raise NotImplementedError
