@@ -158,6 +158,8 @@ class WebSettings:
     :ivar hsts_max_age: seconds for the Strict-Transport-Security header.
     :ivar upstream: C{http://host:port} of a plaintext webmail that every other path goes to.
     :ivar autoconfig_username: C{%EMAILADDRESS%} or C{%EMAILLOCALPART%}: what users log in with.
+    :ivar acme_webroot: the directory certbot's C{--webroot} writes challenges under; the plain
+        HTTP listeners serve C{/.well-known/acme-challenge/TOKEN} from it. None: redirected as the rest.
     """
 
     https: tuple[str, ...]
@@ -166,6 +168,7 @@ class WebSettings:
     hsts_max_age: int
     upstream: str | None
     autoconfig_username: str
+    acme_webroot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -685,10 +688,17 @@ def _web_settings(table: _Table, hostname: str) -> WebSettings:
         if match is None or (match[1] is not None and not 1 <= int(match[1]) <= 65535):
             raise table.error("upstream", expected, upstream)
     username = table.choice("autoconfig_username", "%EMAILADDRESS%", ("%EMAILADDRESS%", "%EMAILLOCALPART%"))
+    expected = "the path of a directory (certbot's --webroot)"
+    acme_webroot = table.path("acme_webroot", expected=expected)
+    if acme_webroot is not None and not os.path.isdir(acme_webroot):
+        # Found out at start, not at the first renewal two months on.
+        raise table.error("acme_webroot", expected, acme_webroot)
     table.finish()
     if not https:
         raise table.error("https", "at least one HTTPS listener")
-    return WebSettings(https, http, public_host, hsts_max_age, upstream, username)
+    if acme_webroot is not None and not http:
+        raise table.error("http", "a plain HTTP listener, where ACME's HTTP-01 challenges come (acme_webroot is set)")
+    return WebSettings(https, http, public_host, hsts_max_age, upstream, username, acme_webroot)
 
 
 def _metrics_settings(table: _Table) -> MetricsSettings:

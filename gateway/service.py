@@ -173,7 +173,7 @@ _RELOADED_AUTH = ("failure_delay", "failure_delay_max", "ip_failure_budget", "us
                   "failure_window", "ipv6_prefix")
 """The C{[auth]} keys a reload applies: those of the login penalty and connection rules (L{penalty_rules})."""
 
-_RELOADED_WEB = ("public_host", "hsts_max_age", "upstream", "autoconfig_username")
+_RELOADED_WEB = ("public_host", "hsts_max_age", "upstream", "autoconfig_username", "acme_webroot")
 """The C{[web]} keys a reload applies: what L{WebState} serves, from the next request on."""
 
 _LISTENER_KEYS = ("implicit_tls", "starttls", "https", "http", "listen")

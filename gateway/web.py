@@ -5,9 +5,10 @@ webmail, and a plain HTTP listener that sends browsers to HTTPS.
 The HTTPS site serves the documents of L{gateway.autoconfig} at the paths mail clients ask
 (Thunderbird's autoconfig, Outlook's Autodiscover, Apple's configuration profile) and passes
 every other path to C{[web] upstream}. The plain HTTP site serves Thunderbird's autoconfig paths
-too (Thunderbird asks over HTTP as well) and answers everything else with a 301 to
-C{https://<public_host>}: the configured name, never the request's Host header, so the
-redirect cannot be pointed elsewhere.
+too (Thunderbird asks over HTTP as well), with C{[web] acme_webroot} the ACME HTTP-01 challenges
+certbot's C{--webroot} leaves there (so that the certificate renews while the gateway holds port
+80), and answers everything else with a 301 to C{https://<public_host>}: the configured name,
+never the request's Host header, so the redirect cannot be pointed elsewhere.
 
 Both sites read the configuration through a L{WebState}, so a reload changes the documents,
 the upstream and the headers of the next request.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tempfile
 from io import BytesIO
 from typing import Any
@@ -163,6 +165,9 @@ CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
 _THUNDERBIRD_PATHS = frozenset({b"/.well-known/autoconfig/mail/config-v1.1.xml", b"/mail/config-v1.1.xml"})
 _AUTODISCOVER_PATH = b"/autodiscover/autodiscover.xml"  # compared in lower case: Outlook's case varies
 _MOBILECONFIG_PATH = b"/apple/mail.mobileconfig"
+_ACME_PATH = b"/.well-known/acme-challenge/"
+_ACME_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,255}")  # RFC 8555 8.3: base64url, so never a path of its own
+_ACME_RESPONSE_LIMIT = 4096  # a key authorization is under 200 bytes
 
 # Bodies up to this size stay in memory; larger proxied uploads go to a temporary file.
 _IN_MEMORY_BODY = DOCUMENT_BODY_LIMIT
@@ -261,7 +266,7 @@ def _route(path: bytes, https: bool) -> str | None:
     if path in _THUNDERBIRD_PATHS:
         return "thunderbird"
     if not https:
-        return None
+        return "acme" if path.startswith(_ACME_PATH) else None
     if path.lower() == _AUTODISCOVER_PATH:
         return "autodiscover"
     if path == _MOBILECONFIG_PATH:
@@ -747,6 +752,8 @@ class _WebRoot(Resource):
             return self._autodiscover(request)
         if route == "mobileconfig":
             return self._mobileconfig(request)
+        if route == "acme" and self._state.web.acme_webroot is not None:
+            return self._acme_challenge(request, self._state.web.acme_webroot)
         if not self._https:
             return self._redirect(request)
         web = self._state.web
@@ -762,6 +769,20 @@ class _WebRoot(Resource):
         except ValueError:  # no IMAP or POP3 listener to offer
             return _page(request, 404)
         return _document(request, b"text/xml; charset=utf-8", body)
+
+    def _acme_challenge(self, request: Request, webroot: str) -> bytes:
+        """The file certbot's C{--webroot} wrote for this token, or a 404."""
+        if request.method not in (b"GET", b"HEAD"):
+            return _not_allowed(request, b"GET, HEAD")
+        token = request.path[len(_ACME_PATH):]
+        if _ACME_TOKEN.fullmatch(token) is None:
+            return _page(request, 404)
+        try:
+            body = _small_file(os.path.join(webroot, ".well-known", "acme-challenge", token.decode("ascii")),
+                               _ACME_RESPONSE_LIMIT)
+        except OSError:
+            return _page(request, 404)
+        return _document(request, b"text/plain", body)
 
     def _autodiscover(self, request: _WebRequest) -> bytes:
         if request.method != b"POST":
@@ -797,6 +818,21 @@ class _WebRoot(Resource):
         request.setHeader(b"Location", b"https://" + self._state.web.public_host.encode("ascii") + target)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Moved to HTTPS.\n"
+
+
+def _small_file(path: str, limit: int) -> bytes:
+    """
+    The contents of a regular file of at most C{limit} bytes, read at once (on the reactor's thread:
+    it is that small); anything else (a link, a FIFO, which would block, a larger file) is an OSError.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
+            raise OSError(f"not a regular file of at most {limit} bytes: {path}")
+        return os.read(descriptor, limit)
+    finally:
+        os.close(descriptor)
 
 
 def _peer(request: Request) -> str:

@@ -723,6 +723,17 @@ class HardeningTests(ConfigTestCase):
         tables["web"]["upstream"] = '"http://[::1]:65535/"'
         self.assertEqual(self.load(tables).web.upstream, "http://[::1]:65535/")  # type: ignore[union-attr]
 
+    def test_acme_webroot(self) -> None:
+        """An ACME webroot must be a directory, found at start, and needs a plain HTTP listener to serve it."""
+        tables = self.minimal()
+        tables["web"] = {"https": '["tcp:443"]', "http": '["tcp:80"]',
+                         "acme_webroot": toml_string(str(self.directory / "missing"))}
+        self.assert_tables_error(tables, "[web] acme_webroot", "the path of a directory")
+        tables["web"]["acme_webroot"] = toml_string(str(self.directory))
+        self.assertEqual(self.load(tables).web.acme_webroot, str(self.directory))  # type: ignore[union-attr]
+        del tables["web"]["http"]
+        self.assert_tables_error(tables, "[web] http", "a plain HTTP listener")
+
     def test_hostname_trailing_dot(self) -> None:
         """An absolute host name loses its trailing dot, so that a certificate can be made for it."""
         tables = self.minimal()

@@ -30,6 +30,7 @@ INSTALLED_TWISTD = "/opt/mailgateway/venv/bin/twistd"
 # Keys whose value is a file the validator opens; the example's production paths do not exist here.
 FILE_KEYS = frozenset({"certificate", "private_key", "users_file", "ca_file", "master_password_file",
                        "senders_file"})
+DIRECTORY_KEYS = frozenset({"acme_webroot"})
 MASTER_PASSWORD = b"example-master-password"
 
 _HEADER = re.compile(r"^\[([\w.]+)\]\s*$")
@@ -96,10 +97,11 @@ class ExampleTests(SynchronousTestCase):
 
     def with_files(self, data: dict[str, Any]) -> dict[str, Any]:
         """
-        Replace every file path in the data by a file created for the test.
+        Replace every file and directory path in the data by one created for the test.
 
         :param data: decoded configuration; not changed.
-        :returns: a copy whose file keys name existing files (a master password file of mode 0600).
+        :returns: a copy whose file keys name existing files (a master password file of mode 0600),
+            and whose directory keys existing directories.
         """
         data = copy.deepcopy(data)
         tables = [("", data)]
@@ -114,6 +116,10 @@ class ExampleTests(SynchronousTestCase):
                     path = self.directory / f"{name}.{key}"
                     path.write_bytes(MASTER_PASSWORD + b"\n" if key == "master_password_file" else b"")
                     path.chmod(0o600)
+                    table[key] = str(path)
+                elif key in DIRECTORY_KEYS:
+                    path = self.directory / f"{name}.{key}"
+                    path.mkdir(exist_ok=True)
                     table[key] = str(path)
         return data
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import plistlib
+import os
 import shutil
 import tempfile
 import xml.etree.ElementTree as ElementTree
@@ -553,6 +554,55 @@ class RedirectTests(SiteTestCase):
         """After WebState.update the redirect names the new public host."""
         self.state.update(self.settings(public_host="webmail.example.net"))
         self.assertEqual(self.get(b"/", site=self.http).header("location"), b"https://webmail.example.net/")
+
+
+class AcmeChallengeTests(SiteTestCase):
+    """With [web] acme_webroot, the plain HTTP site serves certbot's HTTP-01 challenges."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.webroot = os.path.join(self.directory, "acme")
+        self.challenges = os.path.join(self.webroot, ".well-known", "acme-challenge")
+        os.makedirs(self.challenges)
+        self.state.update(self.settings(acme_webroot=self.webroot))
+
+    def challenge(self, name: str, body: bytes) -> None:
+        with open(os.path.join(self.challenges, name), "wb") as f:
+            f.write(body)
+
+    def test_served(self) -> None:
+        """The token's file, as it is, never from a cache."""
+        self.challenge("Ab-9_x", b"Ab-9_x.thumbprint")
+        reply = self.get(b"/.well-known/acme-challenge/Ab-9_x", site=self.http)
+        self.assertEqual((reply.code, reply.body), (200, b"Ab-9_x.thumbprint"))
+        self.assertEqual(reply.header("content-type"), b"text/plain")
+        self.assertEqual(reply.header("cache-control"), b"no-store")
+
+    def test_nothing_else_served(self) -> None:
+        """
+        Unknown tokens, paths that are no token (a parent, an escape, a deeper path), links and
+        FIFOs get a 404; POST a 405.
+        """
+        os.symlink("/etc/hostname", os.path.join(self.challenges, "linked"))
+        os.mkfifo(os.path.join(self.challenges, "fifo"))
+        self.challenge("big", b"x" * 5000)
+        with open(os.path.join(self.directory, "secret"), "wb") as f:
+            f.write(b"secret")
+        for path in (b"missing", b"..", b"..%2Fsecret", b"../../secret", b"a/b", b"", b"linked", b"fifo", b"big"):
+            self.assert_own_page(self.get(b"/.well-known/acme-challenge/" + path, site=self.http), 404)
+        self.assert_own_page(self.get(b"/.well-known/acme-challenge/big", site=self.http, method=b"POST",
+                                      body=b"x"), 405)
+
+    def test_only_when_configured_and_on_http(self) -> None:
+        """Without acme_webroot the path is redirected as any other; over HTTPS it is the webmail's."""
+        self.challenge("token", b"token.thumbprint")
+        connection = self.connect(self.https)
+        connection.send(b"GET", b"/.well-known/acme-challenge/token")
+        self.assertEqual([sent.uri for sent in self.agent.sent], [UPSTREAM.encode() + b"/.well-known/acme-challenge/token"])
+        self.assertEqual(connection.transport.value(), b"")
+        self.state.update(self.settings())
+        reply = self.get(b"/.well-known/acme-challenge/token", site=self.http)
+        self.assertEqual(reply.code, 301)
 
 
 class WebStateTests(SiteTestCase):

@@ -349,6 +349,20 @@ class WebGatewayTests(TestCase):
         self.assertIsNone(fetched.header("strict-transport-security"))
         self.assertEqual(self.upstream.seen, [])
 
+    @inlineCallbacks
+    def test_acme_challenge_from_webroot(self) -> Any:
+        """After a reload that sets acme_webroot, plain HTTP serves the challenge certbot --webroot wrote."""
+        webroot = os.path.join(self.directory, "acme")
+        os.makedirs(os.path.join(webroot, ".well-known", "acme-challenge"))
+        with open(os.path.join(webroot, ".well-known", "acme-challenge", "tok-EN_1"), "wb") as f:
+            f.write(b"tok-EN_1.key-thumbprint")
+        fetched = yield self.curl("/.well-known/acme-challenge/tok-EN_1", https=False)
+        self.assertEqual(fetched.status, 301)
+        self.state.update(self.settings(acme_webroot=webroot))
+        fetched = yield self.curl("/.well-known/acme-challenge/tok-EN_1", https=False)
+        self.assertEqual((fetched.status, fetched.body), (200, b"tok-EN_1.key-thumbprint"))
+        self.assertEqual(self.upstream.seen, [])
+
     # -- the reverse proxy
 
     @inlineCallbacks
