@@ -55,7 +55,7 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
-from gateway.systemd_notify import ReadyNotice, notify
+from gateway.systemd_notify import ReadyNotice, notify, notify_status
 from gateway.tls import (
     ListenerTLS,
     ServerTLS,
@@ -396,6 +396,7 @@ class Reloader(Service):
             return failure
         log.error("reload_failed" + self._worker_field + " reason={reason}: keeping the running configuration",
                   worker=self._worker, reason=failure.getErrorMessage())
+        notify_status(f"Reload failed, running the previous configuration: {failure.getErrorMessage()}")
         return None
 
     def _apply(self, settings: Settings) -> None:
@@ -429,6 +430,7 @@ class Reloader(Service):
             proxy.sources = settings.limits.proxy_sources
         log.info("reloaded" + self._worker_field + " path={path} certificates={count}", worker=self._worker, path=self._path,
                  count=1 + sum(len(entry.names) for entry in settings.tls.sni))
+        notify_status(f"Reloaded {self._path}")
 
 
 def build_service(settings: Settings, reactor: object, *, renew: bool = True) -> MultiService:

@@ -2,7 +2,9 @@
 Telling systemd that the gateway serves (C{Type=notify}): one datagram C{READY=1} to the socket
 in C{$NOTIFY_SOCKET}, as sd_notify(3) sends it, once every listener listens (with workers, once
 one of them serves). C{systemctl start} then returns when the gateway answers, and fails when it
-exits first (a configuration error: status 78). Run otherwise, there is no such socket and
+exits first (a configuration error: status 78). After each reload it also sets the status line
+C{systemctl status} shows (C{STATUS=}), since C{systemctl reload} returns once the signal is
+sent and cannot tell a reload that was refused. Run otherwise, there is no such socket and
 nothing is sent.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import Mapping
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-__all__ = ["ReadyNotice", "notify"]
+__all__ = ["ReadyNotice", "notify", "notify_status"]
 
 log = Logger()
 
@@ -39,6 +41,11 @@ def notify(state: bytes, environ: Mapping[str, str] | None = None) -> bool:
         log.warn("notify_failed socket={socket} problem={problem}", socket=path, problem=e.strerror or str(e))
         return False
     return True
+
+
+def notify_status(text: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Set the one-line status C{systemctl status} shows; see L{notify}."""
+    return notify(b"STATUS=" + " ".join(text.splitlines()).encode("utf-8", "replace"), environ)
 
 
 class ReadyNotice(Service):

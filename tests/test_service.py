@@ -475,6 +475,29 @@ class ReloadTests(ReloaderTestCase):
         self.reloader.reload()
         self.assertEqual({serial_served(server_tls) for server_tls in self.tls}, {serial_of(renewed.cert_path)})
 
+    def test_status_for_systemd(self) -> None:
+        """
+        Each reload's outcome becomes the status line systemctl status shows (systemctl reload
+        returns once the signal is sent, so it cannot tell a refused reload).
+        """
+        directory = tempfile.mkdtemp(prefix="gw-notify-")
+        self.addCleanup(shutil.rmtree, directory)
+        systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(systemd.close)
+        systemd.bind(os.path.join(directory, "notify"))
+        systemd.settimeout(0)
+        self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": os.path.join(directory, "notify")})
+        self.files.write(limits="max_connections_per_ip = 7", backend_ports={"imap": 2143})
+        self.reloader.reload()
+        [failed] = [line for line in messages(self.logged) if line.startswith("reload_failed ")]
+        reason = failed.removeprefix("reload_failed reason=").removesuffix(": keeping the running configuration")
+        self.assertIn("[imap.backend] port", reason)
+        self.assertEqual(systemd.recv(4096).decode(), "STATUS=Reload failed, running the previous configuration: " + reason)
+        self.files.write(limits="max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.assertEqual(systemd.recv(4096), f"STATUS=Reloaded {self.files.path}".encode())
+        self.assertRaises(BlockingIOError, systemd.recv, 4096)
+
     def assert_unchanged(self, before: tuple[object, ...], reason: str) -> None:
         """Nothing changed since C{before}, and a reload_failed line mentioning C{reason} was logged."""
         self.assertEqual(self.snapshot(), before)
