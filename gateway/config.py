@@ -8,13 +8,14 @@ gateway parses configuration.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import pwd
 import re
 import socket
 import stat
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar, cast
 
@@ -344,9 +345,11 @@ class _Table:
         return path
 
     def readable_file(self, key: str) -> str | None:
-        path = self.path(key, expected="the path of a readable file")
-        if path is not None:
-            _check_readable(path, lambda: self.error(key, "the path of a readable file", path))
+        expected = "the path of a readable file"
+        path = self.path(key, expected=expected)
+        problem = None if path is None else _unreadable(path)
+        if problem is not None:
+            raise ConfigError(f"{self.error(key, expected, path)} ({problem})")
         return path
 
     def endpoints(self, key: str, proxy: bool = True) -> tuple[str, ...]:
@@ -439,14 +442,27 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_readable(path: str, error: Callable[[], ConfigError]) -> None:
+def _unreadable(path: str) -> str | None:
+    """Why C{path} is not a regular file this process can read (for the operator), or None."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise error()  # a FIFO or device would block or never end
+            return "not a regular file"  # a FIFO or device would block or never end
         with open(path, "rb"):
-            pass
-    except OSError:
-        raise error() from None
+            return None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            # The usual cause: a file only root may read, checked or run as the service user.
+            return f"{e.strerror} for {_user_name()}"
+        return e.strerror or type(e).__name__
+
+
+def _user_name() -> str:
+    """This process's user, as the operator knows it."""
+    uid = os.geteuid()
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def load_settings(path: str, text: str | None = None) -> Settings:

@@ -629,7 +629,15 @@ class HardeningTests(ConfigTestCase):
         os.mkfifo(fifo)
         tables = self.minimal()
         tables["auth"]["users_file"] = toml_string(fifo)
-        self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+        message = self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+        self.assertTrue(message.endswith(" (not a regular file)"), message)
+
+    def test_why_a_file_cannot_be_read(self) -> None:
+        """The line says why a file cannot be used: a missing file is not told from a forbidden one by guessing."""
+        tables = self.minimal()
+        tables["auth"]["users_file"] = toml_string(str(self.directory / "missing"))
+        message = self.assert_tables_error(tables, "[auth] users_file", "the path of a readable file")
+        self.assertTrue(message.endswith(" (No such file or directory)"), message)
 
     def test_keys_that_would_be_ignored(self) -> None:
         """Keys that would have no effect in the chosen mode are errors, not silently ignored."""
