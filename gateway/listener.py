@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import sys
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -61,7 +64,15 @@ class Listener(Service):
         if not outcome:
             raise SystemExit(f"{where}: the endpoint did not start listening at once")
         if isinstance(outcome[0], Failure):
-            raise SystemExit(f"{where}: cannot listen: {outcome[0].getErrorMessage()}")
+            problem = f"{where}: cannot listen: {outcome[0].getErrorMessage()}"
+            error = getattr(outcome[0].value, "socketError", None)
+            if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM):
+                # No restart mends this: the exit status of a configuration error (78), which the
+                # unit does not restart. (An address in use or not yet up may pass: status 1.)
+                print(f"{problem} (a port below 1024 needs CAP_NET_BIND_SERVICE, as the unit's "
+                      "AmbientCapabilities= gives)", file=sys.stderr, flush=True)
+                raise SystemExit(os.EX_CONFIG)
+            raise SystemExit(problem)
         self.port = outcome[0]
         if not self._accepting:
             self.port.stopReading()  # type: ignore[attr-defined]

@@ -6,6 +6,9 @@ listener that cannot bind stops the start with.
 
 from __future__ import annotations
 
+import io
+import sys
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory
@@ -120,3 +123,21 @@ class BindFailureTests(SynchronousTestCase):
                                            "cannot listen: "), message)
         self.assertIn("Address in use", message)
         self.assertNotIn("\n", message)
+
+    def test_not_permitted_is_a_configuration_error(self) -> None:
+        """
+        A port the process may not bind ends the start with the status of a configuration error
+        (78, which the unit does not restart every 5 s), and the line says what is missing.
+        """
+        reactor = RaisingMemoryReactor(listenException=CannotListenError("::", 993, OSError(13, "Permission denied")))
+        made = listener(reactor, "tcp6:993", Factory(), label="protocol=imap tls=implicit_tls",
+                        key="[imap] implicit_tls", config_path="/etc/mailgateway/mailgateway.toml", proxy_sources=())
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            made.privilegedStartService()
+        self.assertEqual(raised.exception.code, 78)
+        [line] = stderr.getvalue().splitlines()
+        self.assertTrue(line.startswith("mailgateway: /etc/mailgateway/mailgateway.toml: [imap] implicit_tls: "), line)
+        self.assertIn("Permission denied", line)
+        self.assertIn("CAP_NET_BIND_SERVICE", line)
