@@ -260,13 +260,13 @@ class BackendConnector:
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
         """
-        Connect only to learn what the backend offers before login (for protocols whose login
-        dialogue supports a request of None).
+        Connect only to learn what the backend offers before login: each login dialogue stops
+        there for a request of None, and says goodbye.
         """
         return self.login(None).addCallback(self._probed)
 
     def _probed(self, protocol: BackendLogin) -> tuple[bytes, ...]:
-        # The probe says QUIT and closes its connection; over TLS the close waits for the backend's
+        # The probe says QUIT (LOGOUT) and closes its connection; over TLS the close waits for the backend's
         # close_notify, which a stalled backend never sends: it is cut off after the grace period.
         protocol.close_with_grace(self._reactor)  # type: ignore[arg-type]
         return protocol.announced or ()

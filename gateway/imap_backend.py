@@ -173,10 +173,17 @@ class ImapBackendLogin(BackendLogin):
         self._send(b"STARTTLS", done)
 
     def _identify(self) -> None:
+        if self.request is None:
+            # A probe at start: the backend answers, and this is what it offers before login.
+            assert self.result is not None and self.transport is not None  # relaying is not a probe's
+            self.announced = self._known_capabilities
+            self.transport.write(self._next_tag() + b" LOGOUT\r\n")  # first: the prober closes at once
+            self.result.callback(self)
+            self.transport.loseConnection()
+            return
         if not (self.settings.forward_client_ip and self._has(b"ID")):
             self._login()
             return
-        assert self.request is not None
         client = self.request.client
         fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
                   (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)))

@@ -74,8 +74,10 @@ log = Logger()
 
 class CapabilityProbe(Service):
     """
-    Asks a backend what it offers before login, once at start, so that the first clients are
-    promised only what the backend does. Every later login refreshes what is known.
+    Asks a backend what it offers before login, once at start: the first POP3 and submission
+    clients are promised only what the backend does (CAPA and EHLO list it before login; every
+    later login refreshes what is known), and a backend that does not answer is said at start
+    (C{backend_unavailable}), not first by a client's temporary error.
     """
 
     def __init__(self, backend: BackendConnector, protocol: str) -> None:
@@ -465,7 +467,7 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
         # with one process, instead of every worker failing until the supervisor gives up.
         _local_users(settings)
-        for name, _, protocol, _, backend_login, _ in _mail_protocols(settings):  # the senders file too
+        for name, _, protocol, _, backend_login in _mail_protocols(settings):  # the senders file too
             if protocol is not None:
                 _backend(settings, name, protocol, backend_login, reactor)
         try:
@@ -562,15 +564,12 @@ def _new_rules(gatekeeper: LocalGatekeeper, settings: Settings) -> None:
 
 
 def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
-                                                      Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, bool]]:
-    """
-    Per protocol: name, ALPN, settings, front end, backend dialogue, and whether to learn the
-    backend's pre-login capabilities at start (POP3 CAPA and SMTP EHLO promise them before login).
-    """
+                                                      Callable[[FrontEndContext], LoginFrontEnd], LoginFactory]]:
+    """Per protocol: name, ALPN, settings, front end and backend dialogue."""
     protocols: list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
-                          Callable[[FrontEndContext], LoginFrontEnd], LoginFactory, bool]] = [
-        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin, False),
-        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin, True),
+                          Callable[[FrontEndContext], LoginFrontEnd], LoginFactory]] = [
+        ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),
+        ("pop3", b"pop3", settings.pop3, Pop3FrontEnd, Pop3BackendLogin),
     ]
     if settings.submission is not None:
         rules = settings.submission
@@ -581,7 +580,7 @@ def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettin
         protocols.append((
             "submission", b"smtp", rules,
             lambda context: SubmissionFrontEnd(context, rules, senders),
-            partial(SmtpBackend, ehlo_name=settings.hostname), True,
+            partial(SmtpBackend, ehlo_name=settings.hostname),
         ))
     return protocols
 
@@ -603,7 +602,7 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
     hashing.setServiceParent(top)
     authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
     idle = IdleSessions(reactor)  # type: ignore[arg-type]
-    for name, alpn, protocol, front_end, backend_login, probe in _mail_protocols(settings):
+    for name, alpn, protocol, front_end, backend_login in _mail_protocols(settings):
         if protocol is None:
             continue
         try:
@@ -611,8 +610,7 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
         except TLSError as e:
             raise ConfigError(f"{settings.path}: [tls]: {e}") from None
         backend = _backend(settings, name, protocol, backend_login, reactor)
-        if probe:
-            CapabilityProbe(backend, name).setServiceParent(top)
+        CapabilityProbe(backend, name).setServiceParent(top)
         for implicit in (True, False):
             context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
                                       implicit, authenticator, backend, settings.hostname, gatekeeper, idle)

@@ -356,7 +356,7 @@ class BackendDialogueFuzzTests(Transcribed):
         settings = dataclasses.replace(BACKEND_SETTINGS, tls=tls, login=login, forward_client_ip=rng.random() < 0.5,
                                        master_user=master_user, master_password=b"pw" if master_user else None)
         user, password = credential(rng).decode("utf-8", "surrogateescape"), credential(rng)
-        self.probe = kind != "imap" and rng.random() < 0.15
+        self.probe = rng.random() < 0.15
         request = None if self.probe else LoginRequest(user, password, rng.choice(BACKEND_CLIENTS), master_user)
         creator = None if tls == "none" else BACKEND_TLS
         self.observe(f"{kind} dialogue random.Random({seed!r}): tls {tls}, login {login}, forward_client_ip "

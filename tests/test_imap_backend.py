@@ -51,9 +51,9 @@ class ImapLoginTestBase(SynchronousTestCase):
         self.start()
 
     def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
-              settings: BackendSettings | None = None) -> None:
-        """Begin a fresh dialogue, replacing any earlier one."""
-        request = LoginRequest(user, password, CLIENT, master_user)
+              settings: BackendSettings | None = None, probe: bool = False) -> None:
+        """Begin a fresh dialogue (a probe's, with no request), replacing any earlier one."""
+        request = None if probe else LoginRequest(user, password, CLIENT, master_user)
         self.protocol = ImapBackendLogin(request, settings or self.settings, TLS_CREATOR)  # type: ignore[arg-type]
         self.transport = RecordingTransport()
         self.protocol.makeConnection(self.transport)
@@ -433,6 +433,42 @@ class LoginReplyTests(ImapLoginTestBase):
         self.say(b"gw1 NO Login failed.\r\n")
         self.assertEqual(self.say(b"* OK still here\r\n+ more\r\ngw1 OK [CAPABILITY IMAP4rev1] yes\r\n"), b"")
         self.failed_with(BackendRejected)
+
+
+class ProbeTests(ImapLoginTestBase):
+    """What the backend offers before login, learned at start without logging in."""
+
+    def test_probe(self) -> None:
+        """The greeting's capabilities, then LOGOUT, written before the result fires, and the close."""
+        self.start(probe=True)
+        written_by_then: list[bytes] = []
+        self.protocol.result.addCallback(lambda protocol: written_by_then.append(self.transport.value()) or protocol)
+        self.assertEqual(self.say(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] Dovecot ready.\r\n"), b"gw1 LOGOUT\r\n")
+        self.assertEqual(written_by_then, [b"gw1 LOGOUT\r\n"])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.successResultOf(self.protocol.result).announced, (b"IMAP4rev1", b"ID", b"AUTH=PLAIN"))
+
+    def test_probe_asks_capability(self) -> None:
+        """Without capabilities in the greeting, the probe asks for them."""
+        self.start(probe=True)
+        self.assertEqual(self.say(b"* OK Dovecot ready.\r\n"), b"gw1 CAPABILITY\r\n")
+        written = self.say(b"* CAPABILITY IMAP4rev1 LOGINDISABLED\r\ngw1 OK Capability completed.\r\n")
+        self.assertEqual(written, b"gw2 LOGOUT\r\n")
+        self.assertEqual(self.successResultOf(self.protocol.result).announced, (b"IMAP4rev1", b"LOGINDISABLED"))
+
+    def test_probe_over_starttls(self) -> None:
+        """Over STARTTLS the probe reports what the backend offers under TLS, not what it said in clear."""
+        self.start(probe=True, settings=STARTTLS)
+        self.say(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] Dovecot ready.\r\n")
+        self.assertEqual(self.say(b"gw1 OK Begin TLS negotiation now.\r\n"), b"gw2 CAPABILITY\r\n")
+        self.assertEqual(self.say(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\ngw2 OK done\r\n"), b"gw3 LOGOUT\r\n")
+        self.assertEqual(self.successResultOf(self.protocol.result).announced, (b"IMAP4rev1", b"AUTH=PLAIN"))
+
+    def test_probe_bye(self) -> None:
+        """A backend that greets with BYE is unavailable to a probe as to a login."""
+        self.start(probe=True)
+        self.say(b"* BYE Too many connections\r\n")
+        self.failed_with(BackendUnavailable)
 
 
 class StartTLSTests(ImapLoginTestBase):

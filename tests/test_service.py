@@ -238,7 +238,7 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_tree(self) -> None:
         """
-        The tree holds one listener per endpoint, probes for pop3 and submission, a pool, a
+        The tree holds one listener per endpoint, a probe per backend, a pool, a
         reloader, and last the notice that tells systemd the gateway serves.
         """
         top = self.build(self_signed=True)
@@ -246,11 +246,11 @@ class BuildServiceTests(SynchronousTestCase):
         labels = sorted(listener.label for listener in children(top, Listener))
         self.assertEqual(labels, sorted(f"protocol={name} tls={kind} endpoint={LOCAL}"
                                         for name in PROTOCOLS for kind in ("implicit_tls", "starttls")))
-        self.assertEqual(len(children(top, CapabilityProbe)), 2)
+        self.assertEqual(len(children(top, CapabilityProbe)), 3)
         self.assertEqual(len(children(top, HashingPool)), 1)
         self.assertEqual(len(children(top, Reloader)), 1)
         self.assertIsInstance(list(top)[-1], ReadyNotice)
-        self.assertEqual(len(list(top)), 6 + 2 + 1 + 1 + 1)
+        self.assertEqual(len(list(top)), 6 + 3 + 1 + 1 + 1)
 
     def test_descriptor_limit_short(self) -> None:
         """
@@ -271,13 +271,13 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(self.files.state_dir)),
                          ["selfsigned-mail.example.org.crt", "selfsigned-mail.example.org.key"])
 
-    def test_probes_pop3_and_submission(self) -> None:
-        """The probes, once started, connect to the pop3 and submission backends, and stop cleanly."""
+    def test_probes_every_backend(self) -> None:
+        """The probes, once started, connect to every backend (IMAP's too), and stop cleanly."""
         probes = children(self.build(self_signed=True), CapabilityProbe)
         for probe in probes:
             probe.startService()
         self.assertEqual(sorted((host, port) for host, port, *_ in self.reactor.tcpClients),
-                         [("127.0.0.1", BACKEND_PORTS["pop3"]), ("127.0.0.1", BACKEND_PORTS["submission"])])
+                         sorted(("127.0.0.1", BACKEND_PORTS[name]) for name in ("imap", "pop3", "submission")))
         for probe in probes:
             probe.stopService()
 

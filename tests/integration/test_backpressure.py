@@ -30,7 +30,7 @@ def resident_kib(pid: int) -> int:
 
 
 class FloodingBackend:
-    """An IMAP backend that accepts any LOGIN, then answers the next command with 200 MB."""
+    """An IMAP backend that accepts any LOGIN, then answers the next command with 200 MB (after the gateway's probe)."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -41,11 +41,15 @@ class FloodingBackend:
         self.thread.start()
 
     def _serve(self) -> None:
-        connection, _ = self.listener.accept()
-        connection.settimeout(0.5)
-        connection.sendall(b"* OK [CAPABILITY IMAP4rev1] flood ready\r\n")
-        reader = connection.makefile("rb")
-        login = reader.readline()
+        while True:
+            connection, _ = self.listener.accept()
+            connection.settimeout(0.5)
+            connection.sendall(b"* OK [CAPABILITY IMAP4rev1] flood ready\r\n")
+            reader = connection.makefile("rb")
+            login = reader.readline()
+            if b" LOGOUT" not in login.upper():
+                break
+            connection.close()  # the gateway's probe at start: the client's login comes next
         connection.sendall(login.split(b" ")[0] + b" OK [CAPABILITY IMAP4rev1] Logged in\r\n")
         reader.readline()  # the client's command
         chunk = b"x" * 65536
