@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gateway import __version__
 from gateway.autoconfig import dns_records
 from gateway.config import ConfigError, load_settings
 from gateway.tap import DEFAULT_CONFIG
@@ -21,6 +22,7 @@ PROG = "mailgateway"
 def _build_parser() -> argparse.ArgumentParser:
     """Return the parser of the command line and its subcommands."""
     parser = argparse.ArgumentParser(prog=PROG, description="Tools for the mail access gateway.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     records = commands.add_parser(
         "dns-records",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,6 +34,7 @@ from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from gateway import __version__
 from gateway.addresses import address_host
 from gateway.config import MetricsSettings, TLSSettings
 from gateway.connection_limits import ConnectionLimits
@@ -76,6 +77,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # Which release answers: after an upgrade, has the running gateway been restarted?
+        Info("mailgateway_build", "The running gateway's version.", registry=registry).info({"version": __version__})
         self._connections_open = Gauge(
             "mailgateway_connections_open", "Client connections open now (admitted ones; refused ones are never open).",
             ["protocol"], registry=registry)

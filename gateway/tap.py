@@ -98,18 +98,22 @@ def makeService(options: Options) -> IService:
     # First, before the imports below, which take most of the start-up.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from twisted.internet import reactor  # twistd has installed the reactor by now
+    from twisted.logger import Logger
 
+    from gateway import __version__
     from gateway.config import ConfigError, load_settings
     from gateway.event_loop import streamline
     from gateway.service import build_service
 
     streamline(reactor)
     try:
-        return build_service(load_settings(options["config"]), reactor)
+        service = build_service(load_settings(options["config"]), reactor)
     except ConfigError as e:
         # twistd and twist let a SystemExit from here end the process with its status; a message
         # as the SystemExit's code would exit with 1, which systemd would restart every 5 s.
         raise SystemExit(_refused(e)) from None
+    Logger().info("starting version={version} config={path}", version=__version__, path=options["config"])
+    return service
 
 
 def _refused(error: Exception) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import shutil
 import subprocess
@@ -110,6 +111,11 @@ class DNSRecordsCommandTests(CLITestCase):
             status, out, err = self.run_main(*argv)
             self.assertEqual((status, out), (2, ""), argv)
             self.assertIn("usage: mailgateway", err)
+
+    def test_version(self) -> None:
+        """--version prints the installed release and exits 0."""
+        status, out, _ = self.run_main("--version")
+        self.assertEqual((status, out), (0, f"mailgateway {importlib.metadata.version('mailgateway')}\n"))
 
     def test_help(self) -> None:
         """--help prints the subcommand's usage, with the default configuration file, and exits 0."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import importlib.metadata
 import os
 import poplib
+import re
 import shutil
 import smtplib
 import ssl
@@ -79,6 +81,7 @@ class MetricsScrapeTests(SynchronousTestCase):
             cls.postfix.start()
             cls.gateway.start()
             # The start-up probes have seen the backends: they add nothing later.
+            cls.gateway.wait_for_log(r"backend_capabilities protocol=imap ")
             cls.gateway.wait_for_log(r"backend_capabilities protocol=pop3 ")
             cls.gateway.wait_for_log(r"backend_capabilities protocol=submission ")
         except BaseException:
@@ -247,6 +250,12 @@ class MetricsScrapeTests(SynchronousTestCase):
                          leaf.not_valid_after_utc.timestamp())
         self.assertEqual(value(samples, "mailgateway_certificate_read_errors_total",
                                certificate="default", path=self.issued.chain_path), 0)
+
+    def test_version(self) -> None:
+        """The running gateway says which release it is: in its first line and in a scrape."""
+        installed = importlib.metadata.version("mailgateway")
+        self.gateway.wait_for_log(rf"starting version={re.escape(installed)} config=")
+        self.assertEqual(value(self.scrape(), "mailgateway_build_info", version=installed), 1)
 
     def test_only_metrics(self) -> None:
         """/metrics is text format 0.0.4; every other path is a 404."""
