@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.config import ProtocolSettings, Settings, SubmissionSettings, is_host_name
+from gateway.config import ProtocolSettings, Settings, SubmissionSettings, is_host_name, tcp_endpoint
 
 Protocol = Literal["imap", "pop3", "smtp"]
 Security = Literal["SSL", "STARTTLS"]
@@ -147,43 +147,9 @@ def _listener_port(description: str, standard: int) -> int:
     :param standard: the protocol's standard port, for listeners that name no usable port.
     :returns: the port of a C{tcp:}/C{tcp6:} listener, else C{standard}.
     """
-    kind, fields = _split_description(description)
-    # "haproxy:tcp:10993" has the kind "haproxy", and so the standard port.
-    if kind not in ("tcp", "tcp6"):
-        return standard
-    positional = [value for key, value in fields if key is None]
-    named = {key: value for key, value in fields if key is not None}
-    text = named.get("port", positional[0] if positional else "")
-    if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535:
-        return int(text)
-    return standard
-
-
-def _split_description(description: str) -> tuple[str, list[tuple[str | None, str]]]:
-    """
-    Split an endpoint description as Twisted does: fields on unescaped C{:}, a field's name
-    from its value on the first unescaped C{=}, and a backslash escaping the next character.
-
-    :param description: e.g. C{tcp6:993:interface=\\:\\:}.
-    :returns: the endpoint type, and C{(name or None, value)} for each further field.
-    """
-    fields: list[list[str]] = [[""]]
-    escaped = False
-    for character in description:
-        if escaped:
-            fields[-1][-1] += character
-            escaped = False
-        elif character == "\\":
-            escaped = True
-        elif character == ":":
-            fields.append([""])
-        elif character == "=" and len(fields[-1]) == 1:
-            fields[-1].append("")
-        else:
-            fields[-1][-1] += character
-    rest: list[tuple[str | None, str]] = [
-        (None, field[0]) if len(field) == 1 else (field[0], field[1]) for field in fields[1:]]
-    return fields[0][0], rest
+    # "haproxy:tcp:10993" is no tcp: description: clients reach the balancer, on the standard port.
+    bound = tcp_endpoint(description)
+    return bound[2] if bound is not None and 1 <= bound[2] <= 65535 else standard
 
 
 def plausible_email(value: str | None) -> str | None:

@@ -465,6 +465,61 @@ def _user_name() -> str:
         return f"uid {uid}"
 
 
+def _split_endpoint(description: str) -> tuple[str, list[tuple[str | None, str]]]:
+    """
+    Split an endpoint description as Twisted does: fields on unescaped C{:}, a field's name
+    from its value on the first unescaped C{=}, and a backslash escaping the next character.
+
+    :param description: e.g. C{tcp6:993:interface=\\:\\:}.
+    :returns: the endpoint type, and C{(name or None, value)} for each further field.
+    """
+    fields: list[list[str]] = [[""]]
+    escaped = False
+    for character in description:
+        if escaped:
+            fields[-1][-1] += character
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            fields.append([""])
+        elif character == "=" and len(fields[-1]) == 1:
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += character
+    rest: list[tuple[str | None, str]] = [
+        (None, field[0]) if len(field) == 1 else (field[0], field[1]) for field in fields[1:]]
+    return fields[0][0], rest
+
+
+def tcp_endpoint(description: str) -> tuple[str, str, int] | None:
+    """
+    What a C{tcp:} or C{tcp6:} endpoint description binds: its kind, its interface (C{""} for
+    all) and its port; None for any other kind, or a port that is no number.
+    """
+    kind, fields = _split_endpoint(description)
+    if kind not in ("tcp", "tcp6"):
+        return None
+    positional = [value for key, value in fields if key is None]
+    named = {key: value for key, value in fields if key is not None}
+    port = named.get("port", positional[0] if positional else "")
+    if not (port.isascii() and port.isdigit()):
+        return None
+    return kind, named.get("interface", ""), int(port)
+
+
+def _binds(endpoint: tuple[str, str, int], host: str, port: int) -> bool:
+    """Whether a connection to C{host}:C{port} (a loopback or an exact address) reaches this listener."""
+    kind, interface, bound_port = endpoint
+    address = parse_ip("127.0.0.1" if host == "localhost" else host)
+    bound = parse_ip(interface or ("0.0.0.0" if kind == "tcp" else "::"))
+    if port != bound_port or address is None or bound is None:
+        return False
+    if bound.is_unspecified:  # all of the host's addresses; tcp6's "::" takes IPv4 too
+        return address.is_loopback and (bound.version == 6 or address.version == 4)
+    return bound == address
+
+
 def load_settings(path: str, text: str | None = None) -> Settings:
     """
     Read and validate the configuration file.
@@ -520,7 +575,18 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     if not protocols:
         raise ConfigError(f"{path}: [imap], [pop3] or [submission]: expected at least one protocol section "
                           "with a listener")
+    listeners = [(name, kind, description) for name, protocol in protocols.items()
+                 for kind, descriptions in (("implicit_tls", protocol.implicit_tls), ("starttls", protocol.starttls))
+                 for description in descriptions]
     for name, protocol in protocols.items():
+        for other, kind, description in listeners:
+            endpoint = tcp_endpoint(description.removeprefix(PROXY_PREFIX))
+            if endpoint is not None and _binds(endpoint, protocol.backend.host, protocol.backend.port):
+                # A backend left at its default port on a host where the gateway took that port:
+                # every login would go round to the gateway, and fail as if the store were down.
+                raise ConfigError(f"{path}: [{name}.backend] port: expected the mail store's port, got "
+                                  f"{protocol.backend.port}, where the gateway itself listens "
+                                  f"([{other}] {kind} {description!r})")
         if workers > 1:
             unix = [d for d in protocol.implicit_tls + protocol.starttls if _is_unix(d)]
             if unix:

@@ -70,6 +70,9 @@ class SettingsTestCase(SynchronousTestCase):
             "auth": {"mode": "backend"},
         }
         data.update(sections)
+        for name, port in (("imap", 20143), ("pop3", 20110), ("submission", 20587)):
+            if name in data:  # the stores on ports of their own: the gateway takes the standard ones
+                data[name] = {"backend": {"port": port}, **data[name]}
         return parse_settings(f"{self.state_dir}/mailgateway.toml", data)
 
     def with_web(self, sections: dict[str, Any], **web: str) -> dict[str, Any]:

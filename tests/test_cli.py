@@ -58,6 +58,7 @@ class DNSRecordsCommandTests(CLITestCase):
     def test_records(self) -> None:
         """The records are printed one per line, derived from the configured listeners."""
         path = self.config('[imap]\nimplicit_tls = ["tcp:993"]\nstarttls = ["tcp:143"]\n'
+                           '[imap.backend]\nport = 10143\n'
                            '[submission]\nimplicit_tls = ["tcp:465"]\n'
                            '[web]\nhttps = ["tcp:443"]\npublic_host = "gw.example.net"\n')
         status, out, err = self.run_main("dns-records", "example.org", "--config", path)
@@ -149,7 +150,7 @@ class ModuleTests(CLITestCase):
 
     def test_module(self) -> None:
         """The module prints the records and exits 0, or 1 with one line for a bad configuration."""
-        path = self.config('[submission]\nstarttls = ["tcp:587"]\n')
+        path = self.config('[submission]\nstarttls = ["tcp:587"]\n[submission.backend]\nport = 10587\n')
         result = self.run_module("dns-records", "example.org", "--config", path)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("_submission._tcp.example.org. IN SRV 0 1 587 mail.example.org.", result.stdout.splitlines())

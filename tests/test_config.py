@@ -549,12 +549,32 @@ class ListenerTests(ConfigTestCase):
         """POP3 alone is a valid configuration; its backend port defaults to 110."""
         tables = self.minimal()
         del tables["imap"]
-        tables["pop3"] = {"implicit_tls": '["tcp:995"]', "starttls": '["tcp:110"]'}
+        tables["pop3"] = {"implicit_tls": '["tcp:995"]', "starttls": '["tcp:110:interface=192.0.2.1"]'}
         settings = self.load(tables)
         self.assertIsNone(settings.imap)
         assert settings.pop3 is not None
         self.assertEqual((settings.pop3.implicit_tls, settings.pop3.starttls, settings.pop3.backend.port),
-                         (("tcp:995",), ("tcp:110",), 110))
+                         (("tcp:995",), ("tcp:110:interface=192.0.2.1",), 110))
+
+    def test_backend_is_not_the_gateway(self) -> None:
+        """
+        A backend that is one of the gateway's own listeners (a default port left where the
+        gateway took it) is refused at start, naming both; another address or port is not.
+        """
+        for listener, host in (("tcp:143", "127.0.0.1"), (r"tcp6:143:interface=\:\:", "127.0.0.1"),
+                               (r"tcp6:143:interface=\:\:", "::1"), ("tcp:143:interface=127.0.0.1", "localhost"),
+                               ("haproxy:tcp:143", "127.0.0.1"), ("tcp:143:interface=192.0.2.1", "192.0.2.1")):
+            tables = self.minimal()
+            tables["imap"] = {"implicit_tls": '["tcp:993"]', "starttls": f"[{toml_string(listener)}]"}
+            tables["imap.backend"] = {"host": toml_string(host)}
+            message = self.assert_tables_error(tables, "[imap.backend] port", "the mail store's port, got 143")
+            self.assertIn(f"[imap] starttls {listener!r}", message)
+        for listener, host in (("tcp:143", "::1"), ("tcp:143:interface=192.0.2.1", "127.0.0.1"),
+                               ("tcp:10143", "127.0.0.1"), ("tcp:143", "192.0.2.7"), ("unix:/run/gw.sock", "127.0.0.1")):
+            tables = self.minimal()
+            tables["imap"] = {"implicit_tls": '["tcp:993"]', "starttls": f"[{toml_string(listener)}]"}
+            tables["imap.backend"] = {"host": toml_string(host)}
+            self.assertEqual(self.load(tables).imap.backend.host, host)  # type: ignore[union-attr]
 
 
 class FileFormatTests(ConfigTestCase):

@@ -62,10 +62,10 @@ UPSTREAM = "http://127.0.0.1:8080"
 CLIENT = IPv4Address("TCP", "192.0.2.7", 50123)
 TB_PATH = b"/.well-known/autoconfig/mail/config-v1.1.xml"
 
-LISTENERS: dict[str, Any] = {
-    "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"]},
-    "pop3": {"implicit_tls": ["tcp:995"]},
-    "submission": {"implicit_tls": ["tcp:465"], "starttls": ["tcp:587"]},
+LISTENERS: dict[str, Any] = {  # the stores on ports of their own: the gateway takes the standard ones
+    "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"], "backend": {"port": 10143}},
+    "pop3": {"implicit_tls": ["tcp:995"], "backend": {"port": 10110}},
+    "submission": {"implicit_tls": ["tcp:465"], "starttls": ["tcp:587"], "backend": {"port": 10587}},
 }
 
 
@@ -431,8 +431,8 @@ class DocumentTests(SiteTestCase):
 
     def test_mobileconfig_without_implicit_tls(self) -> None:
         """Without implicit-TLS listeners there is no profile: a 404."""
-        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"]},
-                                                   "submission": {"starttls": ["tcp:587"]}}))
+        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"], "backend": {"port": 10143}},
+                                                   "submission": {"starttls": ["tcp:587"], "backend": {"port": 10587}}}))
         self.assert_own_page(self.get(b"/apple/mail.mobileconfig?emailaddress=dave%40example.com"), 404)
 
     def test_mobileconfig_only_over_https(self) -> None:

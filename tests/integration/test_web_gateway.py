@@ -49,10 +49,10 @@ FLOOD = 50 * 1024 * 1024
 FLOOD_CHUNK = os.urandom(64 * 1024)
 FLOOD_SHA256 = hashlib.sha256(FLOOD_CHUNK * (FLOOD // len(FLOOD_CHUNK))).hexdigest()
 
-LISTENERS: dict[str, Any] = {
-    "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"]},
-    "pop3": {"implicit_tls": ["tcp:995"]},
-    "submission": {"implicit_tls": ["tcp:465"], "starttls": ["tcp:587"]},
+LISTENERS: dict[str, Any] = {  # the stores on ports of their own: the gateway takes the standard ones
+    "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"], "backend": {"port": 10143}},
+    "pop3": {"implicit_tls": ["tcp:995"], "backend": {"port": 10110}},
+    "submission": {"implicit_tls": ["tcp:465"], "starttls": ["tcp:587"], "backend": {"port": 10587}},
 }
 
 
