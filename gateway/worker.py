@@ -29,7 +29,7 @@ from gateway.service import build_worker_service
 from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
 from gateway.workers import CONTROL_FD, SingleProtocolFactory
 
-log = Logger()
+log = Logger(namespace="gateway.worker")  # run as "python -m gateway.worker", whose __name__ is __main__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,8 @@ class WorkersTests(SynchronousTestCase):
             os.kill(pid, signal.SIGKILL)
         self.gateway.wait_for_log("worker_ready", 15, count=ready + 2)
         self.assertEqual(len(re.findall(r"worker_exited worker=\d+", self.gateway.log())), 2)
+        # Named by module, as every other line: a worker runs as "python -m gateway.worker".
+        self.assertEqual(len(re.findall(r"\[gateway\.worker#info\] worker_ready", self.gateway.log())), ready + 2)
         new = self.gateway.worker_pids()
         self.assertEqual(sorted(new), [0, 1])
         self.assertFalse(set(new.values()) & set(old.values()))
