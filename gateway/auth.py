@@ -157,13 +157,16 @@ class Authenticator:
 
         def start() -> None:
             self._hashing += 1
-            hashing = deferToThreadPool(self._reactor, self._pool, users.verify, user, password)  # type: ignore[arg-type]
+            hashing = deferToThreadPool(self._reactor, self._pool, users.check, user, password)  # type: ignore[arg-type]
             hashing.addCallbacks(answered, failed)
             hashing.addBoth(self._finished)
 
-        def answered(good: bool) -> None:
-            if version is not None:
-                (self._good if good else self._wrong).remember(user, password, version)
+        def answered(answer: tuple[bool, object]) -> None:
+            good, answered_from = answer
+            if answered_from is not None:
+                # Under the version of the users that answered: if that is not the file's now (a
+                # reload failed), the answer is never taken for the file's.
+                (self._good if good else self._wrong).remember(user, password, answered_from)
             if not checking.called:
                 checking.callback(good)
             elif not good:

@@ -70,7 +70,8 @@ class Listener(Service):
                 # No restart mends this: the exit status of a configuration error (78), which the
                 # unit does not restart. (An address in use or not yet up may pass: status 1.)
                 print(f"{problem} (a port below 1024 needs CAP_NET_BIND_SERVICE, as the unit's "
-                      "AmbientCapabilities= gives)", file=sys.stderr, flush=True)
+                      "AmbientCapabilities= gives; a UNIX socket, a directory the user may write)",
+                      file=sys.stderr, flush=True)
                 raise SystemExit(os.EX_CONFIG)
             raise SystemExit(problem)
         self.port = outcome[0]

@@ -44,8 +44,9 @@ def notify(state: bytes, environ: Mapping[str, str] | None = None) -> bool:
 
 
 def notify_status(text: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Set the one-line status C{systemctl status} shows; see L{notify}."""
-    return notify(b"STATUS=" + " ".join(text.splitlines()).encode("utf-8", "replace"), environ)
+    """Set the one-line status C{systemctl status} shows (cut to 1,000 bytes: systemd drops a long message whole); see L{notify}."""
+    line = " ".join(text.splitlines()).encode("utf-8", "replace")
+    return notify(b"STATUS=" + (line if len(line) <= 1000 else line[:997] + b"..."), environ)
 
 
 class ReadyNotice(Service):

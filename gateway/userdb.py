@@ -399,6 +399,13 @@ class UserDatabase:
             return None
 
     def verify(self, user: str, password: bytes) -> bool:
+        """Check a user's password, re-reading the file first if it changed; see L{check}.
+
+        :returns: True only if the user exists and the password matches.
+        """
+        return self.check(user, password)[0]
+
+    def check(self, user: str, password: bytes) -> tuple[bool, _Signature | None]:
         """Check a user's password, re-reading the file first if it changed.
 
         Never raises: an unknown user, a password the scheme cannot take (such as a bcrypt
@@ -406,29 +413,33 @@ class UserDatabase:
 
         :param user: the user name, compared exactly.
         :param password: the password as the client sent it.
-        :returns: True only if the user exists and the password matches.
+        :returns: whether the user exists and the password matches, and the L{version} of the
+            file whose users gave the answer (after a reload that failed, the earlier file's);
+            None for no answer but an error.
         """
         try:
             self._refresh()
-            stored = self._users.get(user)
+            # Signature first: a reload sets the users before it, so these users are at least as new.
+            signature, users = self._signature, self._users
+            stored = users.get(user)
             if stored is None:
                 # An unknown user costs what a known one costs, so timing does not tell them apart.
                 self._spend_time(password, self._stand_ins.pick(user) or self._dummy_hash)
-                return False
+                return False, signature
             try:
-                return bool(CONTEXT.verify(password, stored))
+                return bool(CONTEXT.verify(password, stored)), signature
             except ValueError:
                 # The scheme cannot take this password (bcrypt over 72 bytes, a NUL byte), so it
                 # cannot match; spend the usual time so the refusal is not faster.
                 self._spend_time(_SPARE_PASSWORD, stored)
-                return False
+                return False, signature
         except Exception as e:
             log.error(
                 "password_check_failed user={user} error={error}",
                 user=loggable_text(user),
                 error=type(e).__qualname__,
             )
-            return False
+            return False, None
 
     @staticmethod
     def _spend_time(password: bytes, hash_: str) -> None:

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gateway.auth import MAX_BACKEND_PASSWORD_BYTES, Authenticator, RememberedPairs
+from gateway import userdb
 from gateway.userdb import MAX_USER_NAME_BYTES, UserDatabase, hash_password
 
 
@@ -85,6 +86,34 @@ class AuthenticatorCacheTests(SynchronousTestCase):
         self.clock.advance(601)
         self.assertFalse(self.verify("alice", b"wrong"))
         self.assertEqual(self.pool.calls, 4)
+
+    def test_no_answer_not_remembered(self) -> None:
+        """A check that failed by error (argon2 out of memory, say) answers no, and is asked again."""
+        def broken(password: bytes, stored: str) -> bool:
+            raise MemoryError()
+
+        self.patch(userdb.CONTEXT, "verify", broken)
+        self.assertFalse(self.verify("alice", b"right"))
+        self.flushLoggedErrors()
+        self.patch(userdb.CONTEXT, "verify", type(userdb.CONTEXT).verify.__get__(userdb.CONTEXT))
+        self.assertTrue(self.verify("alice", b"right"))
+
+    def test_answer_of_users_from_before_a_failed_reload(self) -> None:
+        """
+        While the changed file cannot be read (out of descriptors, say), the earlier users answer;
+        that answer is not taken for the new file's once it loads.
+        """
+        self.write("alice", b"new password")
+        real_load = UserDatabase._load
+
+        def failing_once(database: UserDatabase) -> Any:
+            self.patch(UserDatabase, "_load", real_load)
+            raise userdb.UserFileError("cannot read: Too many open files")
+
+        self.patch(UserDatabase, "_load", failing_once)
+        self.assertFalse(self.verify("alice", b"new password"))
+        self.assertTrue(self.verify("alice", b"new password"))
+        self.assertEqual(self.pool.calls, 2)
 
     def test_wrong_pairs_leave_good_ones(self) -> None:
         """A flood of wrong pairs does not push the good ones out of memory."""
@@ -161,10 +190,10 @@ class CountingUsers(UserDatabase):
     hashes = 0
     during: Callable[[], None] = staticmethod(lambda: None)
 
-    def verify(self, user: str, password: bytes) -> bool:
+    def check(self, user: str, password: bytes) -> tuple[bool, Any]:
         self.hashes += 1
         self.during()
-        return super().verify(user, password)
+        return super().check(user, password)
 
 
 class AbandonedCheckTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.systemd_notify import ReadyNotice, notify
+from gateway.systemd_notify import ReadyNotice, notify, notify_status
 
 
 class NotifyTests(SynchronousTestCase):
@@ -60,3 +60,11 @@ class NotifyTests(SynchronousTestCase):
         self.assertRaises(BlockingIOError, sock.recv, 4096)
         notice.startService()
         self.assertEqual(sock.recv(4096), b"READY=1")
+
+    def test_status_one_line_and_short(self) -> None:
+        """A status is one line, and cut to 1,000 bytes (systemd drops a message over its limit whole)."""
+        sock, address = self.listening()
+        self.assertTrue(notify_status("Reload failed:\nline two", {"NOTIFY_SOCKET": address}))
+        self.assertEqual(sock.recv(4096), b"STATUS=Reload failed: line two")
+        notify_status("x" * 5000, {"NOTIFY_SOCKET": address})
+        self.assertEqual(sock.recv(8192), b"STATUS=" + b"x" * 997 + b"...")
