@@ -511,13 +511,27 @@ def tcp_endpoint(description: str) -> tuple[str, str, int] | None:
 def _binds(endpoint: tuple[str, str, int], host: str, port: int) -> bool:
     """Whether a connection to C{host}:C{port} (a loopback or an exact address) reaches this listener."""
     kind, interface, bound_port = endpoint
-    address = parse_ip("127.0.0.1" if host == "localhost" else host)
     bound = parse_ip(interface or ("0.0.0.0" if kind == "tcp" else "::"))
-    if port != bound_port or address is None or bound is None:
+    if port != bound_port or bound is None:
         return False
-    if bound.is_unspecified:  # all of the host's addresses; tcp6's "::" takes IPv4 too
-        return address.is_loopback and (bound.version == 6 or address.version == 4)
-    return bound == address
+    for address in [parse_ip(name) for name in (("127.0.0.1", "::1") if host == "localhost" else (host,))]:
+        if address is None:
+            continue
+        if bound.is_unspecified:  # all of the host's addresses; "::" takes IPv4 too, unless bindv6only
+            if address.is_loopback and (bound.version == address.version or (bound.version == 6 and not _v6_only())):
+                return True
+        elif bound == address:
+            return True
+    return False
+
+
+def _v6_only() -> bool:
+    """Whether an IPv6 socket bound to "::" takes IPv6 alone here (Twisted leaves IPV6_V6ONLY to the system)."""
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only", "rb") as f:
+            return f.read().strip() == b"1"
+    except OSError:
+        return False
 
 
 def load_settings(path: str, text: str | None = None) -> Settings:

@@ -14,6 +14,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.addresses import in_networks, plain_address
+from gateway import config
 from gateway.config import (
     AuthSettings,
     BackendSettings,
@@ -563,7 +564,8 @@ class ListenerTests(ConfigTestCase):
         """
         for listener, host in (("tcp:143", "127.0.0.1"), (r"tcp6:143:interface=\:\:", "127.0.0.1"),
                                (r"tcp6:143:interface=\:\:", "::1"), ("tcp:143:interface=127.0.0.1", "localhost"),
-                               ("haproxy:tcp:143", "127.0.0.1"), ("tcp:143:interface=192.0.2.1", "192.0.2.1")):
+                               ("haproxy:tcp:143", "127.0.0.1"), ("tcp:143:interface=192.0.2.1", "192.0.2.1"),
+                               ("tcp6:143:interface=::1", "localhost")):
             tables = self.minimal()
             tables["imap"] = {"implicit_tls": '["tcp:993"]', "starttls": f"[{toml_string(listener)}]"}
             tables["imap.backend"] = {"host": toml_string(host)}
@@ -575,6 +577,13 @@ class ListenerTests(ConfigTestCase):
             tables["imap"] = {"implicit_tls": '["tcp:993"]', "starttls": f"[{toml_string(listener)}]"}
             tables["imap.backend"] = {"host": toml_string(host)}
             self.assertEqual(self.load(tables).imap.backend.host, host)  # type: ignore[union-attr]
+        # Where "::" takes IPv6 alone (net.ipv6.bindv6only = 1), a store on 127.0.0.1:143 is another socket.
+        self.patch(config, "_v6_only", lambda: True)
+        tables = self.minimal()
+        tables["imap"] = {"implicit_tls": '["tcp:993"]', "starttls": f"[{toml_string('tcp6:143')}]"}
+        self.assertEqual(self.load(tables).imap.backend.port, 143)  # type: ignore[union-attr]
+        tables["imap.backend"] = {"host": '"::1"'}
+        self.assert_tables_error(tables, "[imap.backend] port", "the mail store's port, got 143")
 
 
 class FileFormatTests(ConfigTestCase):
