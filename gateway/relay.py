@@ -237,8 +237,14 @@ class _Reading:
         self._source.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
-        """The consumer's connection is gone: stop the source's (the splice then closes it too)."""
-        self._source.stopProducing()  # type: ignore[attr-defined]
+        """
+        The consumer's connection is gone: close the source's once its buffer is written (the
+        splice then closes it too, with its grace period). Through the source's own
+        loseConnection: a TLS layer's stopProducing is its TCP connection's, which would close the
+        socket under TLS at once, and a client still sending would then get a reset in place of
+        the end of what it was sent.
+        """
+        self._source.loseConnection()
 
 
 class _Outlet:

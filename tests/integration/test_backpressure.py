@@ -5,12 +5,14 @@ reads nothing and a backend that tries to send it 200 MB.
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -68,17 +70,26 @@ class FloodingBackend:
         self.thread.join(10)
 
 
-class NonReadingClientTests(SynchronousTestCase):
-    """Backpressure from a client that stops reading reaches the backend."""
+class GatewayBeforeBackend(SynchronousTestCase):
+    """A real gateway process in front of the test's own IMAP backend (of C{backend_class}), with the user alice."""
+
+    backend_class: Callable[[], FloodingBackend | ClosingBackend]
 
     def setUp(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="gw-flood-")
+        self.directory = tempfile.mkdtemp(prefix="gw-backpressure-")
         self.addCleanup(shutil.rmtree, self.directory, True)
-        self.backend = FloodingBackend()
+        self.backend = type(self).backend_class()
         self.addCleanup(self.backend.close)
         self.gateway = GatewayProcess(self.directory, imap_backend_port=self.backend.port, users={"alice": "secret"})
         self.gateway.start()
         self.addCleanup(self.gateway.stop)
+
+
+class NonReadingClientTests(GatewayBeforeBackend):
+    """Backpressure from a client that stops reading reaches the backend."""
+
+    backend_class = FloodingBackend
+    backend: FloodingBackend
 
     def test_memory_bounded(self) -> None:
         """The gateway's resident memory grows by a few MB at most while the backend has 200 MB for a stalled client."""
@@ -101,3 +112,135 @@ class NonReadingClientTests(SynchronousTestCase):
         self.assertLess(self.backend.sent, 32 * 1024 * 1024, "the backend was not slowed down")
         self.assertLess(growth, 8 * 1024, f"resident memory grew by {growth} KiB")
         client.close()
+
+
+FINAL_ANSWER = b"* 1 FETCH (BODY[] {200000}\r\n" + b"y" * 200000 + b")\r\n* BYE Server shutting down.\r\n"
+
+
+class ClosingBackend:
+    """
+    An IMAP backend that accepts any LOGIN; at the next command it sends L{FINAL_ANSWER}, ends its
+    sending side and goes on reading (Dovecot's BYE as it shuts down, an upload under way).
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            connection.sendall(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+            reader = connection.makefile("rb")
+            while line := reader.readline():
+                tag, _, command = line.partition(b" ")
+                if command.upper().startswith(b"LOGOUT"):  # the gateway's probe at start
+                    connection.sendall(b"* BYE\r\n" + tag + b" OK\r\n")
+                    return
+                if command.upper().startswith(b"LOGIN"):
+                    connection.sendall(tag + b" OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+                    continue
+                connection.sendall(FINAL_ANSWER)
+                connection.shutdown(socket.SHUT_WR)
+                while connection.recv(65536):
+                    pass
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class BackendClosesTests(GatewayBeforeBackend):
+    """A backend that answers and closes while its client is still sending: the answer arrives whole."""
+
+    backend_class = ClosingBackend
+
+    def test_last_answer_whole(self) -> None:
+        """
+        On either listener, a client uploading with a small receive buffer gets the backend's last
+        answer to its end (over implicit TLS the client's socket was once closed under TLS, and the
+        client got a reset in place of most of it).
+        """
+        for kind in ("implicit_tls", "starttls"):
+            received = self.upload_while_answered(kind)
+            self.assertTrue(received.endswith(FINAL_ANSWER),
+                            f"{kind}: {len(received)} bytes received, the answer has {len(FINAL_ANSWER)}")
+
+    def upload_while_answered(self, kind: str) -> bytes:
+        """Log in, start an endless APPEND and keep sending it; what the client reads until the answer or the end."""
+        raw = socket.socket()
+        self.addCleanup(raw.close)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect(("127.0.0.1", self.gateway.port("imap", kind)))
+        raw.settimeout(10)
+        if kind == "starttls":
+            clear = raw.makefile("rb")
+            clear.readline()
+            raw.sendall(b"s STARTTLS\r\n")
+            while not clear.readline().startswith(b"s OK"):
+                pass
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing)
+        received = b""
+
+        def exchange(until: bytes) -> None:
+            """Complete the handshake, send what waits, and read until C{until} has come."""
+            nonlocal received
+            while True:
+                try:
+                    tls.do_handshake()
+                    while until not in received:
+                        received += tls.read(65536)
+                    return
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    incoming.write(raw.recv(65536))
+
+        exchange(b"\r\n" if kind == "implicit_tls" else b"")
+        tls.write(b"a LOGIN alice secret\r\n")
+        exchange(b"a OK")
+        received = b""
+        tls.write(b"b APPEND INBOX {100000000+}\r\n")
+        raw.setblocking(False)
+        pending = outgoing.read()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not received.endswith(FINAL_ANSWER):
+            if not pending:
+                tls.write(b"z" * 16384)
+                pending = outgoing.read()
+            readable, writable, _ = select.select([raw], [raw], [], 0.05)
+            if writable:
+                try:
+                    pending = pending[raw.send(pending):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pending = b""  # the gateway has stopped reading: only what comes back counts
+            if readable:
+                try:
+                    data = raw.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    break  # reset
+                if not data:
+                    break
+                incoming.write(data)
+                try:
+                    while chunk := tls.read(65536):
+                        received += chunk
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLError):
+                    break
+        return received
