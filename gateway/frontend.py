@@ -454,8 +454,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         Reading goes on (and is discarded), since a TLS close waits for the client's own
         close_notify; a client that never sends it is cut off after L{gateway.relay.CLOSE_GRACE} seconds.
         """
-        if self._phase is _Phase.CLOSED and self._closing is not None:
-            return
+        if self._lost or (self._phase is _Phase.CLOSED and self._closing is not None):
+            return  # gone, or closing already
         self._phase = _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()

@@ -679,6 +679,12 @@ class ReviewFixTests(ImapTestBase):
         self.front.dataReceived(b"b NOOP\r\n")
         self.assertEqual(self.read(), b"")
 
+    def test_close_after_loss_does_nothing(self) -> None:
+        """A close asked for once the connection is gone starts no grace period (tearDown checks no timer is left)."""
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.front.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_no_idle_timeout_while_logging_in(self) -> None:
         """While the gateway works on a login, the client is not idle: a slow backend does not time it out."""
         self.backend.hold = True
