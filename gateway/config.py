@@ -589,9 +589,7 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
     if not protocols:
         raise ConfigError(f"{path}: [imap], [pop3] or [submission]: expected at least one protocol section "
                           "with a listener")
-    listeners = [(name, kind, description) for name, protocol in protocols.items()
-                 for kind, descriptions in (("implicit_tls", protocol.implicit_tls), ("starttls", protocol.starttls))
-                 for description in descriptions]
+    listeners = _endpoints_of(protocols)
     for name, protocol in protocols.items():
         for other, kind, description in listeners:
             endpoint = tcp_endpoint(description.removeprefix(PROXY_PREFIX))
@@ -617,6 +615,20 @@ def parse_settings(path: str, data: dict[str, Any]) -> Settings:
             )
     return Settings(path, hostname, state_dir, tls, auth, limits, imap, pop3, submission, web, metrics, workers,
                     workers_setting)
+
+
+def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
+    """Every mail listener as (protocol, C{implicit_tls} or C{starttls}, description), in a fixed order."""
+    return _endpoints_of({name: protocol for name, protocol in
+                          (("imap", settings.imap), ("pop3", settings.pop3), ("submission", settings.submission))
+                          if protocol is not None})
+
+
+def _endpoints_of(protocols: dict[str, ProtocolSettings | SubmissionSettings]) -> list[tuple[str, str, str]]:
+    """L{mail_endpoints} of the protocols configured, in their order."""
+    return [(name, kind, description) for name, protocol in protocols.items()
+            for kind, descriptions in (("implicit_tls", protocol.implicit_tls), ("starttls", protocol.starttls))
+            for description in descriptions]
 
 
 def clear_text_backends(settings: Settings) -> list[str]:

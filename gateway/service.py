@@ -38,6 +38,7 @@ from gateway.config import (
     SubmissionSettings,
     clear_text_backends,
     load_settings,
+    mail_endpoints,
 )
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.descriptors import descriptors_needed, raise_descriptor_limit
@@ -583,15 +584,6 @@ def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettin
             partial(SmtpBackend, ehlo_name=settings.hostname),
         ))
     return protocols
-
-
-def mail_endpoints(settings: Settings) -> list[tuple[str, str, str]]:
-    """Every mail listener as (protocol, C{implicit_tls} or C{starttls}, description), in a fixed order."""
-    return [(name, kind, description)
-            for name, protocol in (("imap", settings.imap), ("pop3", settings.pop3), ("submission", settings.submission))
-            if protocol is not None
-            for kind, descriptions in (("implicit_tls", protocol.implicit_tls), ("starttls", protocol.starttls))
-            for description in descriptions]
 
 
 def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,

@@ -68,7 +68,7 @@ class WorkerPool(Service):
     :param settings: the configuration the supervisor started with; workers start from its
         text, or from that of the latest L{reload}, never from an unchecked file.
     :param gatekeeper: the shared limits and penalties the workers consult.
-    :param listeners: the supervisor's non-accepting listeners, in L{gateway.service.mail_endpoints} order.
+    :param listeners: the supervisor's non-accepting listeners, in L{gateway.config.mail_endpoints} order.
     :param publisher: where the workers' log events go.
     """
 

@@ -47,7 +47,7 @@ from zope.interface import implementer
 import gateway.tls
 from gateway.auth import HashingPool
 from gateway.backend import BackendConnector, BackendUnavailable
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, load_settings, mail_endpoints
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndFactory
 from gateway.gatekeeper import LocalGatekeeper
@@ -62,7 +62,6 @@ from gateway.service import (
     build_service,
     build_worker_service,
     check_service,
-    mail_endpoints,
     restart_needed,
 )
 from gateway.testing.pki import IssuedCertificate, TestCA
