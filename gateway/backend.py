@@ -157,6 +157,18 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         if not self.login_over:
             self.result.callback(self)  # type: ignore[union-attr]  # not over: not yet spent
 
+    def probed(self, goodbye: bytes = b"") -> None:
+        """
+        A probe (a request of None) has learnt what the backend offers: say C{goodbye} (unless the
+        dialogue has sent its own), hand the protocol over, and close. The goodbye goes first: the
+        prober closes the connection at once, and over TLS a write after the close is dropped.
+        """
+        assert self.result is not None and self.transport is not None  # relaying is not a probe's
+        if goodbye:
+            self.transport.write(goodbye)
+        self.result.callback(self)
+        self.transport.loseConnection()
+
     def fail(self, reason: Exception) -> None:
         """The login cannot go on: report why and drop the connection."""
         if not self.login_over:

@@ -175,11 +175,8 @@ class ImapBackendLogin(BackendLogin):
     def _identify(self) -> None:
         if self.request is None:
             # A probe at start: the backend answers, and this is what it offers before login.
-            assert self.result is not None and self.transport is not None  # relaying is not a probe's
             self.announced = self._known_capabilities
-            self.transport.write(self._next_tag() + b" LOGOUT\r\n")  # first: the prober closes at once
-            self.result.callback(self)
-            self.transport.loseConnection()
+            self.probed(self._next_tag() + b" LOGOUT\r\n")
             return
         if not (self.settings.forward_client_ip and self._has(b"ID")):
             self._login()

@@ -147,12 +147,7 @@ class Pop3BackendLogin(BackendLogin):
 
     def _identify(self) -> None:
         if self.request is None:
-            # A capability probe: nothing more to learn. QUIT goes first: the prober closes the
-            # connection at once, and over TLS a write after the close is dropped.
-            assert self.result is not None and self.transport is not None  # relaying is not a probe's
-            self.transport.write(b"QUIT\r\n")
-            self.result.callback(self)
-            self.transport.loseConnection()
+            self.probed(b"QUIT\r\n")  # a capability probe: nothing more to learn
             return
         offers_xclient = self._has(b"XCLIENT") or self._greeting_text.startswith(b"[XCLIENT]")
         if not (self.settings.forward_client_ip and offers_xclient):

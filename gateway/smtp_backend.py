@@ -123,12 +123,9 @@ class SmtpBackend(BackendLogin):
             self.start_tls()
             yield self._ehlo()
         if self.request is None:
-            # A capability probe: nothing more to learn. QUIT goes first: the prober closes the
-            # connection at once, and over TLS a write after the close is dropped.
-            assert self.result is not None and self.transport is not None  # relaying is not a probe's
+            # A capability probe: nothing more to learn. QUIT through command(), which awaits its reply.
             self.command(b"QUIT").addErrback(lambda f: None)
-            self.result.callback(self)
-            self.transport.loseConnection()
+            self.probed()
             return
         if self.settings.login == "xclient":
             yield self._xclient(login=True)
