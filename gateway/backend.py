@@ -9,6 +9,7 @@ L{BackendUnavailable}, except a refusal of the credentials, which is L{BackendRe
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,14 +73,26 @@ def login_answer(status: bytes, code: bytes | None) -> str:
     return f"{shown} [{printable(code).decode('ascii')}]" if code else shown
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientAddress:
-    """Where a client connected from and to, for logs and for forwarding to the backend."""
+    """
+    Where a client connected from and to, and the name of its session, for logs and for
+    forwarding to the backend.
+
+    :ivar session: names every log line of one connection; Dovecot logs it too, as C{session=<...>},
+        when the gateway forwards the client's address.
+    """
 
     host: str
     port: int
     local_host: str
     local_port: int
+    session: str
+
+
+def new_session_id() -> str:
+    """A session's name: 72 random bits in 12 characters of base64url, so that no two are ever alike."""
+    return secrets.token_urlsafe(9)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from gateway.backend import (
     BackendUnavailable,
     ClientAddress,
     LoginRequest,
+    new_session_id,
 )
 from gateway.config import Limits
 from gateway.gatekeeper import FailureCount, Gatekeeper, LoginCheck
@@ -190,7 +191,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._bytes_out = 0
         # What had been written when a TLS handshake still to complete began (None: none is pending).
         self._tls_from: int | None = 0 if context.implicit_tls else None
-        self.client = ClientAddress("", 0, "", 0)
+        self.client = ClientAddress("", 0, "", 0, "")
 
     # -- connection lifecycle
 
@@ -198,7 +199,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         assert self.transport is not None
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.client = ClientAddress(address_host(peer), getattr(peer, "port", 0),
-                                    address_host(host), getattr(host, "port", 0))
+                                    address_host(host), getattr(host, "port", 0), new_session_id())
         self._started = time.monotonic()
         tune(self.transport)
         admitting = self.context.gatekeeper.admit(self.client.host)
@@ -220,8 +221,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
                 self.context.gatekeeper.release(self.client.host)
             return
         if refused is not None:
-            log.warn("connection_refused protocol={protocol} client={client} limit={limit}",
-                     protocol=self.context.protocol, client=self.client.host, limit=refused)
+            self.log_event(log.warn, "connection_refused", "limit={limit}", limit=refused)
             self.reply_overloaded()
             self.close()
             return
@@ -242,16 +242,15 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         return not self._bytes_in and balancers_own(self.transport)
 
     def _log_connect(self) -> None:
-        log.info("connect protocol={protocol} client={client} port={client_port} listener={listener} tls={tls}",
-                 protocol=self.context.protocol, client=self.client.host, client_port=self.client.port,
-                 listener=self.client.local_port, tls="implicit" if self.secure else "none")
+        self.log_event(log.info, "connect", "port={client_port} listener={listener} tls={tls}",
+                       client_port=self.client.port, listener=self.client.local_port,
+                       tls="implicit" if self.secure else "none")
 
     def _log_tls(self) -> None:
         described = describe_tls(self.transport)
         if described is not None:
-            log.info("tls protocol={protocol} client={client} version={version} cipher={cipher}",
-                     protocol=self.context.protocol, client=self.client.host,
-                     version=described[0], cipher=described[1])
+            self.log_event(log.info, "tls", "version={version} cipher={cipher}", version=described[0],
+                           cipher=described[1])
 
     def _resume_admitted(self, _: None) -> None:
         if self._admitted and not (self._lost or self.closed):
@@ -260,8 +259,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def _gatekeeper_failed(self, failure: Failure) -> None:
         # Only a worker whose supervisor is gone gets here; it is about to stop.
-        log.failure("gatekeeper_failed protocol={protocol} client={client}", failure,
-                    protocol=self.context.protocol, client=self.client.host)
+        self.log_event(log.critical, "gatekeeper_failed", log_failure=failure)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -304,19 +302,21 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             bytes_out += self._splice.from_backend_bytes
         failed = tls_failure(reason)
         if failed is not None:  # a client refusing the certificate or the TLS versions says so only here
-            log.info("tls_failed protocol={protocol} client={client} error={error}",
-                     protocol=self.context.protocol, client=self.client.host, error=loggable_text(failed))
+            self.log_event(log.info, "tls_failed", "error={error}", error=loggable_text(failed))
         if self._unheard_balancer():
             # A health check: a line for each (every 2 s per server and balancer) would drown the
             # clients' lines.
             return
-        log.info("disconnect protocol={protocol} client={client} user={user} state={state} "
-                 "in={bytes_in} out={bytes_out} duration={duration:.3f}",
-                 protocol=self.context.protocol, client=self.client.host,
-                 user=loggable_text(self.user or ""),
-                 # A relayed session is logged as one, however the relay ended (close() marks it CLOSED).
-                 state=_Phase.RELAYING.value if self._splice is not None else phase.value,
-                 bytes_in=bytes_in, bytes_out=bytes_out, duration=time.monotonic() - self._started)
+        self.log_event(log.info, "disconnect",
+                       "user={user} state={state} in={bytes_in} out={bytes_out} duration={duration:.3f}",
+                       user=loggable_text(self.user or ""),
+                       # A relayed session is logged as one, however the relay ended (close() marks it CLOSED).
+                       state=_Phase.RELAYING.value if self._splice is not None else phase.value,
+                       bytes_in=bytes_in, bytes_out=bytes_out, duration=time.monotonic() - self._started)
+
+    def log_event(self, emit: Callable[..., None], event: str, details: str = "", **fields: object) -> None:
+        """Log a line about this connection (see L{_log_client_event}); C{emit} is a module's C{log.info}, say."""
+        _log_client_event(emit, self.context.protocol, self.client, event, details, **fields)
 
     # -- reading
 
@@ -354,8 +354,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def lineReceived(self, line: bytes) -> None:
         if write_backlog(self.transport) > MAX_UNREAD_REPLIES:
-            log.warn("replies_unread protocol={protocol} client={client}", protocol=self.context.protocol,
-                     client=self.client.host)
+            self.log_event(log.warn, "replies_unread")
             self.close()
             return
         if line.endswith(b"\r"):
@@ -365,8 +364,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             return
         if self._phase is _Phase.COMMANDS and _HTTP_REQUEST.match(line):
             # ALPACA: a browser tricked into talking HTTP to a mail port gets nothing back.
-            log.warn("http_on_mail_port protocol={protocol} client={client}",
-                     protocol=self.context.protocol, client=self.client.host)
+            self.log_event(log.warn, "http_on_mail_port")
             self.close()
             return
         if self._sasl is not None:
@@ -395,19 +393,16 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def timeoutConnection(self) -> None:
         if not self._admitted:
             # The gatekeeper (a worker's supervisor) has not answered: the gateway is the slow one.
-            log.warn("timeout protocol={protocol} client={client} reason=admission", protocol=self.context.protocol,
-                     client=self.client.host)
+            self.log_event(log.warn, "timeout", "reason=admission")
             self.reply_overloaded()
         else:
-            log.info("timeout protocol={protocol} client={client} reason=idle", protocol=self.context.protocol,
-                     client=self.client.host)
+            self.log_event(log.info, "timeout", "reason=idle")
             self.reply_timeout()
         self.close()
 
     def idle_expired(self) -> None:
         """The relay has been silent both ways for its idle timeout (called by L{IdleSessions})."""
-        log.info("timeout protocol={protocol} client={client} reason=relay-idle", protocol=self.context.protocol,
-                 client=self.client.host)
+        self.log_event(log.info, "timeout", "reason=relay-idle")
         # Nothing may be injected into a relayed stream: just close both sides.
         assert self._splice is not None
         self._splice.close()
@@ -430,8 +425,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._login_timed_out(self.reply_timeout)
 
     def _login_timed_out(self, notify: Callable[[], None]) -> None:
-        log.info("timeout protocol={protocol} client={client} reason=login-deadline",
-                 protocol=self.context.protocol, client=self.client.host)
+        self.log_event(log.info, "timeout", "reason=login-deadline")
         notify()
         self.close()
 
@@ -476,8 +470,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         """A command was malformed or not allowed; too many in a row close the connection."""
         self._errors += 1
         if self._errors >= self.context.limits.errors:
-            log.info("too_many_errors protocol={protocol} client={client}",
-                     protocol=self.context.protocol, client=self.client.host)
+            self.log_event(log.info, "too_many_errors")
             self.reply_too_many_errors()
             self.close()
 
@@ -495,8 +488,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         """
         dropped = self.clearLineBuffer()
         if dropped:
-            log.info("starttls_discarded protocol={protocol} client={client} bytes={count}",
-                     protocol=self.context.protocol, client=self.client.host, count=len(dropped))
+            self.log_event(log.info, "starttls_discarded", "bytes={count}", count=len(dropped))
         self.secure = True
         self._tls_from = self._bytes_out
         assert self.transport is not None
@@ -591,17 +583,16 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def _login_broken(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # the client went away; connectionLost has cleaned up
-        log.failure("login handling failed protocol={protocol} client={client}", failure,
-                    protocol=self.context.protocol, client=self.client.host)
+        self.log_event(log.critical, "login handling failed", log_failure=failure)
         self.close()
 
     def _verify(self, check: LoginCheck, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
         if check.throttled:
             raise _Throttled()
         # Only what counting needs: a check queued behind others must not keep the connection alive.
-        context, host = self.context, self.client.host
+        context, client = self.context, self.client
         verifying = context.authenticator.verify(user, password,
-                                                 lambda: _wrong_unanswered(context, host, user, password))
+                                                 lambda: _wrong_unanswered(context, client, user, password))
         return verifying.addCallback(self._verified, user, password, authzid, check.sessions_full)
 
     def _verified(self, good: bool, user: str, password: bytes, authzid: str,
@@ -614,7 +605,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             logging_in = self._backend_login(user, password)
             # A backend answers a failure only after its own pause (Dovecot's auth_failure_delay),
             # and success at once: a guesser that hangs up before the answer has learned enough.
-            logging_in.addErrback(_abandoned_guess, self.context, self.client.host, user, password)
+            logging_in.addErrback(_abandoned_guess, self.context, self.client, user, password)
             return logging_in
         if sessions_full:
             raise _TooManySessions()
@@ -651,8 +642,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         assert session.transport is not None
         session.transport.abortConnection()  # type: ignore[attr-defined]
         failure.trap(_TooManySessions)
-        log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
+        self.log_event(log.warn, "too_many_sessions", "user={user}", user=loggable_text(user))
         return LoginOutcome.OVERLOADED
 
     def _accepted(self, session: BackendLogin, user: str) -> LoginOutcome:
@@ -662,9 +652,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.user = user
         self._session = session
         self.context.gatekeeper.succeeded(user_key(user), self.client.host)
-        log.info("login protocol={protocol} client={client} user={user} backend_ms={backend_ms:.1f}",
-                 protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
-                 backend_ms=1000 * (self.clock.seconds() - self._backend_started))
+        self.log_event(log.info, "login", "user={user} backend_ms={backend_ms:.1f}", user=loggable_text(user),
+                       backend_ms=1000 * (self.clock.seconds() - self._backend_started))
         return LoginOutcome.LOGGED_IN
 
     def _not_logged_in(self, failure: Failure, user: str, password: bytes,
@@ -676,27 +665,24 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             self._session_user = None
         auth = self.context.authenticator
         if failure.check(_Throttled):
-            log.info("login_refused protocol={protocol} client={client} user={user} reason=throttled",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
+            self.log_event(log.info, "login_refused", "user={user} reason=throttled", user=loggable_text(user))
             return LoginOutcome.THROTTLED
         if failure.check(_TooManySessions):
-            log.warn("too_many_sessions protocol={protocol} client={client} user={user}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user))
+            self.log_event(log.warn, "too_many_sessions", "user={user}", user=loggable_text(user))
             return LoginOutcome.OVERLOADED
         if failure.check(BackendRefused):
             self.backend_refusal = failure.value.reply
-            log.info("backend_refused protocol={protocol} client={client} user={user} reply={reply}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
-                     reply=self.backend_refusal.decode("ascii", "replace"))
+            self.log_event(log.info, "backend_refused", "user={user} reply={reply}", user=loggable_text(user),
+                           reply=self.backend_refusal.decode("ascii", "replace"))
             return LoginOutcome.REFUSED
         # With a local database a backend refusal is the backend's fault, never the client's.
         if failure.check(BackendUnavailable) or (failure.check(BackendRejected) and not auth.backend_decides):
-            log.warn("backend_unavailable protocol={protocol} client={client} user={user} backend={backend} reason={reason}",
-                     protocol=self.context.protocol, client=self.client.host, user=loggable_text(user),
-                     backend=self.context.backend.address, reason=failure.getErrorMessage())
+            self.log_event(log.warn, "backend_unavailable", "user={user} backend={backend} reason={reason}",
+                           user=loggable_text(user), backend=self.context.backend.address,
+                           reason=failure.getErrorMessage())
             return LoginOutcome.UNAVAILABLE
         self.login_failures += 1
-        counting = _count_failure(self.context, self.client.host, user, password,
+        counting = _count_failure(self.context, self.client, user, password,
                                   "backend-refused" if failure.check(BackendRejected) else "credentials")
         return (counting.addCallback(lambda count: deferLater(self.clock, max(0.0, started + count.delay - self.clock.seconds())))
                 .addCallback(lambda _: LoginOutcome.REJECTED))
@@ -787,7 +773,22 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         raise NotImplementedError
 
 
-def _count_failure(context: FrontEndContext, host: str, user: str, password: bytes,
+def _log_client_event(emit: Callable[..., None], protocol: str, client: ClientAddress, event: str, details: str,
+                      **fields: object) -> None:
+    """
+    Log a line about one client's connection: the event's name, the protocol and client, then
+    C{details} (a format of C{fields}), then the session's name, which makes every line of one
+    connection (and Dovecot's lines for it) one C{grep} away, however many clients share an address.
+
+    :param emit: the level's method of the logger whose namespace the line takes (the metrics
+        tell events apart by it), such as C{log.info}; a C{log_failure} field adds a traceback.
+    """
+    middle = f" {details}" if details else ""
+    emit(f"{event} protocol={{protocol}} client={{client}}{middle} session={{session}}",
+         protocol=protocol, client=client.host, session=client.session, **fields)
+
+
+def _count_failure(context: FrontEndContext, client: ClientAddress, user: str, password: bytes,
                    reason: str) -> Deferred[FailureCount]:
     """
     Count a failed login, then log it. C{repeat=yes} marks the same wrong password again from the
@@ -796,15 +797,15 @@ def _count_failure(context: FrontEndContext, host: str, user: str, password: byt
     """
     def logged(count: FailureCount | Failure) -> FailureCount | Failure:
         repeated = isinstance(count, FailureCount) and count.repeated
-        log.info("login_failed protocol={protocol} client={client} user={user} reason={reason} repeat={repeat}",
-                 protocol=context.protocol, client=host, user=loggable_text(user), reason=reason,
-                 repeat="yes" if repeated else "no")
+        _log_client_event(log.info, context.protocol, client, "login_failed",
+                          "user={user} reason={reason} repeat={repeat}",
+                          user=loggable_text(user), reason=reason, repeat="yes" if repeated else "no")
         return count
 
-    return context.gatekeeper.failed(user_key(user), host, password).addBoth(logged)
+    return context.gatekeeper.failed(user_key(user), client.host, password).addBoth(logged)
 
 
-def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: bytes,
+def _wrong_unanswered(context: FrontEndContext, client: ClientAddress, user: str, password: bytes,
                       reason: str = "credentials") -> None:
     """
     A wrong password whose login ended (its client gone, its deadline passed) while the hash ran:
@@ -812,18 +813,19 @@ def _wrong_unanswered(context: FrontEndContext, host: str, user: str, password: 
     never be slowed or stopped. (A check cancelled before its hash started costs nothing, tells
     nothing, and is not counted.)
     """
-    counting = _count_failure(context, host, user, password, reason)
+    counting = _count_failure(context, client, user, password, reason)
     counting.addErrback(lambda failure: log.failure("counting a failed login failed", failure))
 
 
-def _abandoned_guess(failure: Failure, context: FrontEndContext, host: str, user: str, password: bytes) -> Failure:
+def _abandoned_guess(failure: Failure, context: FrontEndContext, client: ClientAddress, user: str,
+                     password: bytes) -> Failure:
     """
     A login the backend decides, ended (its connection closed) before the backend answered:
     counted as a failure, since the client may have taken the missing answer for one. A right
     password lost this way costs its address and its user one failure for the penalty window.
     """
     if failure.check(CancelledError):
-        _wrong_unanswered(context, host, user, password, reason="abandoned")
+        _wrong_unanswered(context, client, user, password, reason="abandoned")
     return failure
 
 

@@ -182,8 +182,10 @@ class ImapBackendLogin(BackendLogin):
             self._login()
             return
         client = self.request.client
+        # Dovecot logs the session's name as its own (session=<...>), from a trusted network.
         fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
-                  (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)))
+                  (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)),
+                  (b"x-session-id", client.session))
         pairs = b" ".join(b'"%s" "%s"' % (key, value.encode("ascii")) for key, value in fields)
         # The answer does not matter: a backend that ignores ID still takes the login.
         self._send(b"ID (" + pairs + b")", lambda response: self._login())

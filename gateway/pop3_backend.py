@@ -1,8 +1,8 @@
 """
 The POP3 login dialogue with the backend store (RFC 1939, 2449, 2595, 3206).
 
-Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... PORT=...} with the
-client's address (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
+Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... PORT=... SESSION=...} with the
+client's address and session name (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
 backend's capabilities are kept so that the front end promises only what the backend does.
 
 The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} (RFC 5034),
@@ -155,7 +155,9 @@ class Pop3BackendLogin(BackendLogin):
             return
         client = self.request.client
         # The answer does not matter: a backend that ignores XCLIENT still takes the login.
-        self._send(b"XCLIENT ADDR=%s PORT=%d" % (client.host.encode("ascii"), client.port),
+        # Dovecot logs the session's name as its own (session=<...>).
+        self._send(b"XCLIENT ADDR=%s PORT=%d SESSION=%s" % (client.host.encode("ascii"), client.port,
+                                                              client.session.encode("ascii")),
                    lambda ok, text: self._user())
 
     def _continue_auth(self) -> None:

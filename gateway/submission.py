@@ -243,8 +243,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         assert self.user is not None
         sender = path.address.decode("utf-8", "replace")
         if not self._senders.allowed(self.user, sender):
-            log.warn("sender_rejected protocol=submission client={client} user={user} sender={sender}",
-                     client=self.client.host, user=loggable_text(self.user), sender=loggable_text(sender))
+            self.log_event(log.warn, "sender_rejected", "user={user} sender={sender}",
+                           user=loggable_text(self.user), sender=loggable_text(sender))
             # The null sender is nobody's (Postfix's sender login check lets it pass; read receipts
             # that follow RFC 8098 use it): say so, since "not owned" would puzzle whoever reads it.
             self._error(b"553 5.7.1 Null sender not accepted: send as your own address" if not path.address
@@ -370,8 +370,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _refuse_message(self, reply: bytes, reason: str) -> None:
         """Nothing of this message may reach a mailbox: the MTA loses the connection before the final dot."""
-        log.warn("message_refused protocol=submission client={client} user={user} reason={reason}",
-                 client=self.client.host, user=loggable_text(self.user or ""), reason=reason)
+        self.log_event(log.warn, "message_refused", "user={user} reason={reason}",
+                       user=loggable_text(self.user or ""), reason=reason)
         self._data_refusal = reply
         self._drop_backend()
         # The MTA's backpressure may have paused the client; the rest must still be read (and dropped).
@@ -380,9 +380,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _message_done(self, reply: Reply) -> None:
         assert self.user is not None
-        log.info("message protocol=submission client={client} user={user} size={size} recipients={recipients} "
-                 "reply={code}", client=self.client.host, user=loggable_text(self.user),
-                 size=self._message_size(), recipients=self._recipients, code=reply.code)
+        self.log_event(log.info, "message", "user={user} size={size} recipients={recipients} reply={code}",
+                       user=loggable_text(self.user), size=self._message_size(), recipients=self._recipients,
+                       code=reply.code)
         self._end_transaction(reset_backend=False)
         self._mta_replied(reply)
 
@@ -390,7 +390,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._transaction_timer = None
         if self.closed:
             return  # said goodbye already (QUIT, an MTA's 421), and still closing
-        log.info("timeout protocol=submission client={client} reason=transaction", client=self.client.host)
+        self.log_event(log.info, "timeout", "reason=transaction")
         self.send(b"421 4.4.2 Transaction timeout, closing connection\r\n")
         self.close()
 
@@ -507,9 +507,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _backend_failed(self, failure: Failure) -> None:
         if self.closed:
             return
-        log.warn("backend_unavailable protocol=submission client={client} user={user} backend={backend} "
-                 "reason={reason}", client=self.client.host, user=loggable_text(self.user or ""),
-                 backend=self.context.backend.address, reason=failure.getErrorMessage())
+        self.log_event(log.warn, "backend_unavailable", "user={user} backend={backend} reason={reason}",
+                       user=loggable_text(self.user or ""), backend=self.context.backend.address,
+                       reason=failure.getErrorMessage())
         self._drop_backend()
         self._end_transaction(reset_backend=False)
         self._reply(_BACKEND_DOWN)

@@ -7,6 +7,7 @@ sockets: a client that sends commands and never reads the replies.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import replace
 
@@ -45,6 +46,7 @@ IMAP_TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] Too many connections, try agai
 IMAP_TOO_MANY_SESSIONS = (b"a1 NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n"
                           b"* BYE [UNAVAILABLE] Closing.\r\n")
 HTTP_LINES = (b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"Host: example.org")
+_SESSION = re.compile(r" session=[\w-]{12}$")
 
 SUBMISSION_RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
                                       max_message_size=1000, max_recipients=3, idle_timeout=300.0,
@@ -115,8 +117,9 @@ class AbuseTestBase(FrontEndTestBase):
         super().tearDown()
 
     def logged(self, prefix: str) -> list[str]:
-        """The log messages, formatted, that begin with C{prefix}."""
-        return [text for text in (formatEvent(e) for e in self.events) if text.startswith(prefix)]
+        """The log messages, formatted, that begin with C{prefix}; each session's name (at the end) is C{*}."""
+        return [_SESSION.sub(" session=*", text) for text in (formatEvent(e) for e in self.events)
+                if text.startswith(prefix)]
 
 
 class ImapTestBase(AbuseTestBase):
@@ -255,7 +258,7 @@ class ImapConnectionCapTests(ImapTestBase):
         self.assertEqual(third.say(b"a1 LOGIN bob secret\r\n"), b"")
         self.assertEqual(self.auth.checked, [])
         self.assertEqual(self.logged("connection_refused "),
-                         ["connection_refused protocol=imap client=192.168.1.1 limit=max_connections_per_ip"])
+                         ["connection_refused protocol=imap client=192.168.1.1 limit=max_connections_per_ip session=*"])
 
         self.assertEqual(self.open(HONEST).read(), IMAP_GREETING)
         # The same client on an IPv6 socket is the same address.
@@ -317,7 +320,8 @@ class SlowClientTests(ImapTestBase):
         self.clock.advance(1)
         self.assertEqual(self.home.read(), b"* BYE Disconnected for inactivity.\r\n")
         self.assertTrue(self.home.closing)
-        self.assertEqual(self.logged("timeout "), ["timeout protocol=imap client=192.168.1.1 reason=login-deadline"])
+        self.assertEqual(self.logged("timeout "),
+                         ["timeout protocol=imap client=192.168.1.1 reason=login-deadline session=*"])
 
 
 class HttpOnMailPortTests(ImapTestBase):
@@ -332,7 +336,7 @@ class HttpOnMailPortTests(ImapTestBase):
             self.assertTrue(client.closing, line)
             self.assertEqual(client.say(b"a1 NOOP\r\n"), b"", line)
         self.assertEqual(self.logged("http_on_mail_port "),
-                         [f"http_on_mail_port protocol=imap client=198.51.100.{n + 1}" for n in range(3)])
+                         [f"http_on_mail_port protocol=imap client=198.51.100.{n + 1} session=*" for n in range(3)])
 
     def test_whole_request_gets_nothing(self) -> None:
         """A browser's whole request in one segment gets nothing back and logs one event."""
@@ -366,7 +370,8 @@ class RelayIdleTests(ImapTestBase):
         self.clock.advance(1)
         self.assertTrue(self.home.closing)
         self.assertEqual(self.home.read(), b"")
-        self.assertEqual(self.logged("timeout "), ["timeout protocol=imap client=192.168.1.1 reason=relay-idle"])
+        self.assertEqual(self.logged("timeout "),
+                         ["timeout protocol=imap client=192.168.1.1 reason=relay-idle session=*"])
         self.home.lose()
         self.assertTrue(self.backend.sessions[0].transport.disconnecting)
 
@@ -526,8 +531,8 @@ class UnreadRepliesTests(TestCase):
         commands = b"a NOOP\r\n" * (512 * 1024)  # 4 MiB: 12 MiB of replies if all were answered
         yield deferToThread(_flood, port.getHost().port, commands)
         yield lost
-        messages = [formatEvent(event) for event in events]
-        self.assertIn("replies_unread protocol=imap client=127.0.0.1", messages)
+        messages = [_SESSION.sub(" session=*", formatEvent(event)) for event in events]
+        self.assertIn("replies_unread protocol=imap client=127.0.0.1 session=*", messages)
         [disconnect] = [event for event in events if formatEvent(event).startswith("disconnect ")]
         self.assertLess(disconnect["bytes_out"], 1024 * 1024 + 4 * MAX_UNREAD_REPLIES,
                         "the replies to a client that reads none were not bounded")

@@ -39,7 +39,7 @@ from gateway.testing.fakes import BACKEND_SETTINGS
 from gateway.testing.pki import TestCA
 from gateway.tls import ServerTLS, describe_tls
 
-CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993)
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993, "bAcKsEsSiOn1")
 REQUEST = LoginRequest("alice", b"secret", CLIENT)
 SETTINGS = dataclasses.replace(BACKEND_SETTINGS, timeout=2.5)
 POP3_SETTINGS = dataclasses.replace(SETTINGS, port=110)

@@ -37,8 +37,8 @@ from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
 
 BACKEND_DIALOGUES = 500  # of each kind
 BACKEND_TLS = object()  # stands for the TLS client creator: the transport only records startTLS
-BACKEND_CLIENTS = (ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993),
-                   ClientAddress("2001:db8::7", 4000, "2001:db8::1", 587))
+BACKEND_CLIENTS = (ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993, "fUzZsEsSiOn1"),
+                   ClientAddress("2001:db8::7", 4000, "2001:db8::1", 587, "fUzZsEsSiOn2"))
 PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
 CREDENTIAL_ALPHABETS = (b"alice", b'ab "\\%*(){}', bytes(range(0x20, 0x7F)), bytes(range(1, 256)), bytes(range(256)))
 

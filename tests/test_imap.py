@@ -195,7 +195,9 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(reply, b"a1 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in.\r\n")
         [request] = self.backend.requests
         self.assertEqual((request.user, request.password), ("bob", b"secret"))
-        self.assertEqual(request.client, ClientAddress("192.168.1.1", 54321, "10.0.0.1", 12345))
+        self.assertEqual(request.client, ClientAddress("192.168.1.1", 54321, "10.0.0.1", 12345,
+                                                       request.client.session))
+        self.assertRegex(request.client.session, "^[A-Za-z0-9_-]{12}$")
         self.front.dataReceived(b"a2 SELECT INBOX\r\n")
         backend_transport = self.backend.sessions[0].transport
         self.assertEqual(backend_transport.value(), b"a2 SELECT INBOX\r\n")
@@ -622,10 +624,33 @@ class LoggingTests(ImapTestBase):
         self.say(b"a1 LOGIN bob wrong\r\n")
         self.clock.advance(2)
         [event] = [e for e in self.events if e["log_format"].startswith("login_failed ")]
-        self.assertEqual(event["log_format"],
-                         "login_failed protocol={protocol} client={client} user={user} reason={reason} repeat={repeat}")
-        self.assertEqual((event["protocol"], event["client"], event["user"], event["reason"], event["repeat"]),
-                         ("imap", "192.168.1.1", '"bob"', "credentials", "no"))
+        self.assertEqual(event["log_format"], "login_failed protocol={protocol} client={client} user={user} "
+                                              "reason={reason} repeat={repeat} session={session}")
+        self.assertEqual((event["protocol"], event["client"], event["user"], event["reason"], event["repeat"],
+                          event["session"]),
+                         ("imap", "192.168.1.1", '"bob"', "credentials", "no", self.front.client.session))
+
+    def test_session_names_lines(self) -> None:
+        """
+        Every line about a connection ends with its session's name, the one the backend is given;
+        another connection's is another.
+        """
+        self.say(b"a1 LOGIN bob wrong\r\n")
+        self.clock.advance(2)
+        self.log_in()
+        self.front.connectionLost(Failure(ConnectionDone()))
+        session = self.front.client.session
+        self.assertRegex(session, "^[A-Za-z0-9_-]{12}$")
+        names = [e["log_format"].split(" ", 1)[0] for e in self.events]
+        self.assertEqual(names, ["connect", "login_failed", "login", "disconnect"])
+        for event in self.events:
+            self.assertTrue(event["log_format"].endswith(" session={session}"), event["log_format"])
+            self.assertEqual(event["session"], session)
+        [request] = self.backend.requests
+        self.assertEqual(request.client.session, session)
+        other, _ = self.connect("192.168.1.2")
+        self.assertNotEqual(other.client.session, session)
+        other.connectionLost(Failure(ConnectionDone()))
 
     def test_repeated_wrong_password_marked(self) -> None:
         """The same wrong password again from the same client is logged repeat=yes (not counted); another, no."""

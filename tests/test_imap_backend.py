@@ -20,7 +20,7 @@ from gateway.imap_backend import ImapBackendLogin
 from gateway.relay import Splice
 from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
 
-CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993)
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993, "iMaPsEsSiOn1")
 TLS_CREATOR = object()
 FORWARDING = dataclasses.replace(BACKEND_SETTINGS, forward_client_ip=True)
 STARTTLS = dataclasses.replace(BACKEND_SETTINGS, tls="starttls")
@@ -137,22 +137,23 @@ class IdTests(ImapLoginTestBase):
     settings = FORWARDING
 
     def test_id_sent(self) -> None:
-        """With forward_client_ip and an ID capability, ID carries the client's addresses and ports."""
+        """With forward_client_ip and an ID capability, ID carries the client's addresses and ports, and its session's name."""
         written = self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
         self.assertEqual(written, b'gw1 ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "50123" '
-                                  b'"x-connected-ip" "198.51.100.1" "x-connected-port" "993")\r\n')
+                                  b'"x-connected-ip" "198.51.100.1" "x-connected-port" "993" "x-session-id" "iMaPsEsSiOn1")\r\n')
         self.assertEqual(self.say(b'* ID ("name" "Dovecot")\r\ngw1 OK ID completed.\r\n'),
                          b"gw2 LOGIN alice secret\r\n")
 
     def test_ipv6_client(self) -> None:
         """An IPv6 client address goes into ID as it is."""
-        request = LoginRequest("alice", b"secret", ClientAddress("2001:db8::7", 4000, "2001:db8::1", 143))
+        request = LoginRequest("alice", b"secret",
+                               ClientAddress("2001:db8::7", 4000, "2001:db8::1", 143, "iMaPsEsSiOn2"))
         self.protocol = ImapBackendLogin(request, FORWARDING, None)
         self.transport = RecordingTransport()
         self.protocol.makeConnection(self.transport)
         written = self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
         self.assertEqual(written, b'gw1 ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "4000" '
-                                  b'"x-connected-ip" "2001:db8::1" "x-connected-port" "143")\r\n')
+                                  b'"x-connected-ip" "2001:db8::1" "x-connected-port" "143" "x-session-id" "iMaPsEsSiOn2")\r\n')
 
     def test_id_answer_with_literals_skipped(self) -> None:
         """

@@ -18,7 +18,7 @@ from gateway.pop3_backend import Pop3BackendLogin
 from gateway.relay import Splice
 from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
 
-CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 995)
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 995, "pOp3sEsSiOn1")
 TLS_CREATOR = object()
 SETTINGS = dataclasses.replace(BACKEND_SETTINGS, port=110)
 FORWARDING = dataclasses.replace(SETTINGS, forward_client_ip=True)
@@ -150,22 +150,23 @@ class XclientTests(Pop3LoginTestBase):
         """With forward_client_ip and an XCLIENT capability, XCLIENT carries the client's address and port."""
         self.say(GREETING)
         written = self.say(b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n")
-        self.assertEqual(written, b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertEqual(written, b"XCLIENT ADDR=192.0.2.7 PORT=50123 SESSION=pOp3sEsSiOn1\r\n")
         self.assertEqual(self.say(b"+OK\r\n"), b"USER alice\r\n")
 
     def test_xclient_greeting_code(self) -> None:
         """An [XCLIENT] greeting code offers XCLIENT even when CAPA does not list it."""
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
-        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123 SESSION=pOp3sEsSiOn1\r\n")
 
     def test_ipv6_client(self) -> None:
         """An IPv6 client address goes into XCLIENT as it is."""
-        request = LoginRequest("alice", b"secret", ClientAddress("2001:db8::7", 4000, "2001:db8::1", 110))
+        request = LoginRequest("alice", b"secret",
+                               ClientAddress("2001:db8::7", 4000, "2001:db8::1", 110, "pOp3sEsSiOn2"))
         self.protocol = Pop3BackendLogin(request, FORWARDING, None)
         self.transport = TLSStringTransport()
         self.protocol.makeConnection(self.transport)
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
-        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=2001:db8::7 PORT=4000\r\n")
+        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=2001:db8::7 PORT=4000 SESSION=pOp3sEsSiOn2\r\n")
 
     def test_xclient_refused_still_logs_in(self) -> None:
         """A backend that answers XCLIENT with -ERR still gets USER."""
@@ -351,7 +352,7 @@ class CleartextRefusedTests(Pop3LoginTestBase):
         """With XCLIENT offered and forwarding on, XCLIENT is the last command sent."""
         self.start(settings=FORWARDING)
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
-        self.assertEqual(self.say(CLEAR_REFUSED_CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertEqual(self.say(CLEAR_REFUSED_CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123 SESSION=pOp3sEsSiOn1\r\n")
         self.assertEqual(self.say(b"+OK\r\n"), b"")
         self.assert_cleartext_refused()
 

@@ -16,8 +16,8 @@ from gateway.smtp_backend import SmtpBackend
 from gateway.smtp_syntax import Reply
 from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
 
-CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 587)
-IPV6_CLIENT = ClientAddress("2001:db8::7", 4000, "2001:db8::1", 587)
+CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 587, "sMtPsEsSiOn1")
+IPV6_CLIENT = ClientAddress("2001:db8::7", 4000, "2001:db8::1", 587, "sMtPsEsSiOn2")
 TLS_CREATOR = object()
 SETTINGS = dataclasses.replace(BACKEND_SETTINGS, port=587)
 MASTER = dataclasses.replace(SETTINGS, login="master", master_user="relay", master_password=b"relaypw")

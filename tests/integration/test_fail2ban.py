@@ -52,14 +52,14 @@ class Fail2banFilterTests(SynchronousTestCase):
         probe.send(b"GET / HTTP/1.1\r\nHost: mail.example.org\r\n\r\n")
         self.assertEqual(probe.line(), b"")  # closed without a word
         probe.close()
-        self.gateway.wait_for_log(r"http_on_mail_port protocol=imap client=127\.0\.0\.1")
+        self.gateway.wait_for_log(r"http_on_mail_port protocol=imap client=127\.0\.0\.1 session=")
         self.gateway.wait_for_log(r"(login_failed .*\n.*){4}")
-        self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="alice" reason=credentials repeat=yes')
+        self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="alice" reason=credentials repeat=yes session=')
         # A multi-line event's further lines start with a tab (gateway.text_log): one that looked
         # like an event must not count.
         with open(self.gateway.log_path, encoding="utf-8") as f:
             lines = [*f.read().splitlines(), '\t[gateway.frontend#info] login_failed protocol=imap '
-                     'client=198.51.100.66 user="x" reason=credentials repeat=no']
+                     'client=198.51.100.66 user="x" reason=credentials repeat=no session=Gw7kQ2xZ0a1b']
         log_path = os.path.join(self.directory, "checked.log")
         with open(log_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

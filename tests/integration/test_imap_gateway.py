@@ -247,13 +247,16 @@ class GatewayBehaviourTests(GatewayFixture):
         wire.close()
 
     def test_client_address_forwarded(self) -> None:
-        """With forward_client_ip the backend logs the client's own address (IMAP ID)."""
+        """
+        With forward_client_ip the backend logs the client's own address (IMAP ID), and the
+        gateway's name of the session as its own.
+        """
         wire = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls(), source="127.0.0.5")
         wire.line()
         wire.send(f"a LOGIN {OTHER[0]} {OTHER[1]}\r\n".encode())
         self.assertTrue(wire.until(b"a ")[-1].startswith(b"a OK"))
         wire.close()
-        self.gateway.wait_for_log(r"login protocol=imap client=127\.0\.0\.5 user=\"bob\"")
+        login = self.gateway.wait_for_log(r"login protocol=imap client=127\.0\.0\.5 user=\"bob\" .* session=(\S+)")
         deadline_log = ""
         for _ in range(100):
             with open(self.dovecot.info_log_path, encoding="utf-8", errors="replace") as f:
@@ -262,6 +265,8 @@ class GatewayBehaviourTests(GatewayFixture):
                 break
             threading.Event().wait(0.05)
         self.assertIn("user=<bob>, method=PLAIN, rip=127.0.0.5", deadline_log)
+        self.assertRegex(deadline_log,
+                         rf"user=<bob>, method=PLAIN, rip=127\.0\.0\.5, .* session=<{re.escape(login.group(1))}>\n")
 
     def test_tls_failures_logged(self) -> None:
         """

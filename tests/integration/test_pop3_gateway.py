@@ -369,7 +369,10 @@ class GatewayBehaviourTests(GatewayFixture):
         client.quit()
 
     def test_client_address_forwarded(self) -> None:
-        """With forward_client_ip the backend logs the client's own address (XCLIENT) for the POP3 login."""
+        """
+        With forward_client_ip the backend logs the client's own address (XCLIENT) for the POP3
+        login, and the gateway's name of the session as its own.
+        """
         user, password = XCLIENT_USER
         wire = Wire(self.gateway.port("pop3", "implicit_tls"), tls=self.tls(), source="127.0.0.5")
         wire.line()
@@ -379,8 +382,9 @@ class GatewayBehaviourTests(GatewayFixture):
         wire.send(b"QUIT\r\n")
         wire.line()
         wire.close()
-        self.gateway.wait_for_log(rf'login protocol=pop3 client=127\.0\.0\.5 user="{user}"')
-        self.wait_for_dovecot_log(rf"pop3-login: Info: Login: user=<{user}>, method=\S+, rip=127\.0\.0\.5, ")
+        login = self.gateway.wait_for_log(rf'login protocol=pop3 client=127\.0\.0\.5 user="{user}" .* session=(\S+)')
+        self.wait_for_dovecot_log(rf"pop3-login: Info: Login: user=<{user}>, method=\S+, rip=127\.0\.0\.5, "
+                                  rf".* session=<{re.escape(login.group(1))}>$")
         self.assertNotIn(password, self.gateway.log())
 
     def test_fetchmail_200_messages(self) -> None:
