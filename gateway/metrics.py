@@ -18,13 +18,14 @@ L{gateway.web.REQUEST_TIMEOUT} closes. Responses name no server software.
 
 from __future__ import annotations
 
-import re
 import collections
+import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -69,7 +70,7 @@ class GatewayMetrics:
     so that two gateways in one process, or two tests, never share counts).
 
     Feed it events with L{observe}, and say which certificates to watch with
-    L{watch_certificates}.
+    L{watch_certificates} and which processes with L{watch_processes}.
 
     :ivar registry: everything to expose; hand it to L{metrics_site}.
     """
@@ -138,6 +139,8 @@ class GatewayMetrics:
             registry=registry)
         self._certificates = _CertificateCollector()
         registry.register(self._certificates)
+        self._processes = _ProcessesCollector()
+        registry.register(self._processes)
         self._handlers: dict[tuple[str, str], _Handler] = {
             ("gateway.frontend", "connect"): self._connect,
             ("gateway.frontend", "disconnect"): self._disconnect,
@@ -195,6 +198,15 @@ class GatewayMetrics:
         :param paths: (name for the C{certificate} label, path of the PEM chain, leaf first).
         """
         self._certificates.watched = tuple(dict.fromkeys(paths))
+
+    def watch_processes(self, processes: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """
+        Expose the C{process_*} metrics of these processes, in place of this one's alone (as
+        C{process="gateway"}): with workers, the supervisor's and each worker's.
+
+        :param processes: called at each scrape: (name for the C{process} label, process id).
+        """
+        self._processes.processes = processes
 
     # -- event handlers; a missing field raises, and observe counts it
 
@@ -336,6 +348,31 @@ class _CertificateCollector(Collector):
                 CounterMetricFamily("mailgateway_certificate_read_errors",
                                     "Scrapes at which a certificate chain file could not be read or parsed.",
                                     labels=labels))
+
+
+class _ProcessesCollector(Collector):
+    """
+    The standard C{process_*} metrics (CPU time, memory, open descriptors and their limit, start
+    time), read from C{/proc} at each scrape by prometheus_client's own collector, for each of the
+    gateway's processes: a worker holds sessions, and runs out of descriptors, on its own.
+    """
+
+    def __init__(self) -> None:
+        self.processes: Callable[[], Iterable[tuple[str, int]]] = lambda: (("gateway", os.getpid()),)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for name, pid in self.processes():
+            for family in _process_families(pid):
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for found in family.samples:
+                    merged.add_sample(found.name, {**found.labels, "process": name}, found.value)
+        yield from families.values()
+
+
+def _process_families(pid: int) -> Iterable[Metric]:
+    """One process's C{process_*} families; a process gone since it was listed has none (or only some)."""
+    return ProcessCollector(pid=lambda: pid, registry=None).collect()
 
 
 def certificate_expiry(path: str) -> float:

@@ -483,6 +483,9 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         pool = WorkerPool(reactor, settings, gatekeeper, held, serving=partial(notify, b"READY=1"))  # type: ignore[arg-type]
         pool.setServiceParent(top)
         reloader.follow(pool.reload)
+        if metrics is not None:
+            metrics.watch_processes(lambda: [("supervisor", os.getpid()),
+                                             *((f"worker-{n}", pid) for n, pid in sorted(pool.pids().items()))])
     if settings.web is not None:
         try:
             web_tls = ListenerTLS(b"http/1.1", files)

@@ -149,9 +149,9 @@ class WorkerPool(Service):
                      status=EXIT_UNSERVED)
         exit_after_stop(self._reactor, EXIT_UNSERVED)  # type: ignore[arg-type]
 
-    def pids(self) -> list[int]:
-        """The process ids of the running workers."""
-        return [worker.pid for worker in self._workers.values() if worker.pid is not None]
+    def pids(self) -> dict[int, int]:
+        """The running workers' process ids, by worker number."""
+        return {number: worker.pid for number, worker in self._workers.items() if worker.pid is not None}
 
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)

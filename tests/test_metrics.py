@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import resource
 import shutil
+import subprocess
 import tempfile
 from dataclasses import replace
 
@@ -31,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from gateway import __version__
 from gateway.backend import BackendRefused, BackendUnavailable, LoginRequest
 from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
@@ -498,6 +501,34 @@ def write_certificates(path: str, *expiries: datetime.datetime) -> None:
 
 def utc(year: int) -> datetime.datetime:
     return datetime.datetime(year, 6, 1, tzinfo=datetime.timezone.utc)
+
+
+class ProcessTests(SynchronousTestCase):
+    """The standard process_* metrics, for each of the gateway's processes."""
+
+    def test_this_process_by_default(self) -> None:
+        """Without workers, the series are this process's, as process="gateway"."""
+        metrics = GatewayMetrics()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.assertEqual(sample(metrics, "process_max_fds", process="gateway"), soft)
+        self.assertGreater(sample(metrics, "process_resident_memory_bytes", process="gateway") or 0, 1e6)
+        self.assertGreater(sample(metrics, "process_open_fds", process="gateway") or 0, 2)
+
+    def test_each_process_watched(self) -> None:
+        """Each process named has series of its own; a process gone has none, and the scrape goes on."""
+        child = subprocess.Popen(["sleep", "60"],
+                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (123, 123)))
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        metrics = GatewayMetrics()
+        gone = 2**22 + 1  # above the largest pid_max: no process has it
+        metrics.watch_processes(lambda: [("supervisor", os.getpid()), ("worker-0", child.pid), ("worker-1", gone)])
+        self.assertEqual(sample(metrics, "process_max_fds", process="worker-0"), 123)
+        self.assertEqual(sample(metrics, "process_max_fds", process="supervisor"),
+                         resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.assertIsNone(sample(metrics, "process_max_fds", process="worker-1"))
+        self.assertIsNone(sample(metrics, "process_max_fds", process="gateway"))
+        self.assertEqual(sample(metrics, "mailgateway_build_info", version=__version__), 1)
 
 
 class CertificateTests(SynchronousTestCase):

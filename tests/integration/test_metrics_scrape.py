@@ -51,6 +51,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def _start_time(pid: int) -> float:
+    """When a process started (Unix time), from /proc: the machine's boot time plus the process's start in ticks."""
+    with open("/proc/stat", encoding="ascii") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, counted from the state (3)
+
+
 def total(samples: Samples, name: str, **labels: str) -> float:
     """The sum of the samples of C{name} whose labels include C{labels}."""
     wanted = set(labels.items())
@@ -256,6 +265,22 @@ class MetricsScrapeTests(SynchronousTestCase):
         installed = importlib.metadata.version("mailgateway")
         self.gateway.wait_for_log(rf"starting version={re.escape(installed)} config=")
         self.assertEqual(value(self.scrape(), "mailgateway_build_info", version=installed), 1)
+
+    def test_processes(self) -> None:
+        """
+        The supervisor and each worker have process_* series of their own: a worker's start time
+        is its own process's (from /proc), later than the supervisor's.
+        """
+        samples = self.scrape()
+        workers = self.gateway.worker_pids()
+        self.assertEqual(sorted(workers), [0, 1])
+        supervisor = value(samples, "process_start_time_seconds", process="supervisor")
+        for number, pid in workers.items():
+            started = value(samples, "process_start_time_seconds", process=f"worker-{number}")
+            self.assertAlmostEqual(started, _start_time(pid), delta=0.02)
+            self.assertGreater(started, supervisor)
+            self.assertGreater(value(samples, "process_resident_memory_bytes", process=f"worker-{number}"), 1e6)
+            self.assertGreater(value(samples, "process_max_fds", process=f"worker-{number}"), 1000)
 
     def test_only_metrics(self) -> None:
         """/metrics is text format 0.0.4; every other path is a 404."""
