@@ -91,7 +91,7 @@ class ClientAddress:
 
 
 def new_session_id() -> str:
-    """A session's name: 72 random bits in 12 characters of base64url, so that no two are ever alike."""
+    """A session's name: 72 random bits in 12 characters of base64url, too many for two to be alike in practice."""
     return secrets.token_urlsafe(9)
 
 

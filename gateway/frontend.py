@@ -583,7 +583,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
     def _login_broken(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # the client went away; connectionLost has cleaned up
-        self.log_event(log.critical, "login handling failed", log_failure=failure)
+        self.log_event(log.critical, "login_handling_failed", log_failure=failure)
         self.close()
 
     def _verify(self, check: LoginCheck, user: str, password: bytes, authzid: str) -> Deferred[BackendLogin]:
@@ -773,7 +773,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         raise NotImplementedError
 
 
-def _log_client_event(emit: Callable[..., None], protocol: str, client: ClientAddress, event: str, details: str,
+def _log_client_event(emit: Callable[..., None], protocol: str, client: ClientAddress, event: str, details: str = "",
                       **fields: object) -> None:
     """
     Log a line about one client's connection: the event's name, the protocol and client, then

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import gc
+import re
 import weakref
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -51,6 +53,10 @@ class FrontEndTestBase(SynchronousTestCase):
     backend_capabilities: tuple[bytes, ...] = ()
 
     def setUp(self) -> None:
+        # Every line a test makes about a client's connection must name its session.
+        self.unnamed_lines: list[str] = []
+        globalLogPublisher.addObserver(self._check_session_named)
+        self.addCleanup(globalLogPublisher.removeObserver, self._check_session_named)
         self.clock = Clock()
         self.auth = MemoryAuthenticator({"alice": PASSWORD, "bob": b"secret"})
         self.backend = MemoryBackend(capabilities=self.backend_capabilities)
@@ -80,6 +86,12 @@ class FrontEndTestBase(SynchronousTestCase):
             if session.transport.disconnecting and not session.transport.disconnected and not session.lost:
                 session.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.unnamed_lines, [], "lines about a connection without its session=")
+
+    def _check_session_named(self, event: LogEvent) -> None:
+        if (event.get("log_namespace") in ("gateway.frontend", "gateway.submission") and "client" in event
+                and not re.fullmatch(r"[\w-]{12}", str(event.get("session")))):
+            self.unnamed_lines.append(formatEvent(event))
 
     def read(self) -> bytes:
         data = self.transport.value()

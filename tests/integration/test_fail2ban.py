@@ -56,10 +56,12 @@ class Fail2banFilterTests(SynchronousTestCase):
         self.gateway.wait_for_log(r"(login_failed .*\n.*){4}")
         self.gateway.wait_for_log(r'login_failed protocol=imap client=127\.0\.0\.1 user="alice" reason=credentials repeat=yes session=')
         # A multi-line event's further lines start with a tab (gateway.text_log): one that looked
-        # like an event must not count.
+        # like an event must not count. A line of a release before session= still counts.
         with open(self.gateway.log_path, encoding="utf-8") as f:
             lines = [*f.read().splitlines(), '\t[gateway.frontend#info] login_failed protocol=imap '
-                     'client=198.51.100.66 user="x" reason=credentials repeat=no session=Gw7kQ2xZ0a1b']
+                     'client=198.51.100.66 user="x" reason=credentials repeat=no session=Gw7kQ2xZ0a1b',
+                     '2026-11-28T20:07:14+0000 [gateway.frontend#info] login_failed protocol=imap '
+                     'client=198.51.100.67 user="x" reason=credentials repeat=no']
         log_path = os.path.join(self.directory, "checked.log")
         with open(log_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
@@ -68,12 +70,13 @@ class Fail2banFilterTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         total = re.search(r"^Failregex: (\d+) total", result.stdout, re.MULTILINE)
         assert total is not None, result.stdout
-        self.assertEqual(int(total.group(1)), 4, result.stdout)
+        self.assertEqual(int(total.group(1)), 5, result.stdout)
         addresses = subprocess.run(["fail2ban-regex", "-o", "ip", log_path, FILTER],
                                    capture_output=True, text=True, timeout=120, check=True).stdout.split()
-        self.assertEqual(addresses, ["127.0.0.1"] * 4)  # the forged client= in a user name is never taken
+        # A forged client= in a user name is never taken.
+        self.assertEqual(addresses, ["127.0.0.1"] * 4 + ["198.51.100.67"])
         # The shipped jail reads the journal, where the line keeps twistd's time stamp behind a "HOST twistd[PID]: ".
         journal = subprocess.run(["/usr/bin/python3", JOURNAL_SCRIPT, os.path.dirname(os.path.dirname(FILTER))],
                                  input=json.dumps(lines), capture_output=True, text=True, timeout=120)
         self.assertEqual(journal.returncode, 0, journal.stderr)
-        self.assertEqual(json.loads(journal.stdout), ["127.0.0.1"] * 4)
+        self.assertEqual(json.loads(journal.stdout), ["127.0.0.1"] * 4 + ["198.51.100.67"])
