@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
@@ -370,9 +371,20 @@ class _ProcessesCollector(Collector):
         yield from families.values()
 
 
-def _process_families(pid: int) -> Iterable[Metric]:
+def _process_families(pid: int, proc: str = "/proc") -> Iterable[Metric]:
     """One process's C{process_*} families; a process gone since it was listed has none (or only some)."""
-    return ProcessCollector(pid=lambda: pid, registry=None).collect()
+    return _BootTimeFromClock(pid=lambda: pid, proc=proc, registry=None).collect()
+
+
+class _BootTimeFromClock(ProcessCollector):
+    """
+    prometheus_client's collector, with the boot time (for C{process_start_time_seconds}) from the
+    clocks instead of C{/proc/stat}: the unit's C{ProcSubset=pid} hides that file, and the collector
+    would then report nothing at all.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def certificate_expiry(path: str) -> float:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from frontend_harness import FrontEndTestBase
+from prometheus_client import ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.application.service import MultiService
@@ -47,6 +48,7 @@ from gateway.metrics import (
     build_metrics_service,
     certificate_expiry,
     certificates_to_watch,
+    _process_families,
     event_value,
     metrics_site,
 )
@@ -529,6 +531,22 @@ class ProcessTests(SynchronousTestCase):
         self.assertIsNone(sample(metrics, "process_max_fds", process="worker-1"))
         self.assertIsNone(sample(metrics, "process_max_fds", process="gateway"))
         self.assertEqual(sample(metrics, "mailgateway_build_info", version=__version__), 1)
+
+    def test_without_proc_stat(self) -> None:
+        """
+        Where /proc/stat is hidden (the unit's ProcSubset=pid), every series is still there, with the
+        start time prometheus_client reads from /proc/stat's boot time, to within its whole second.
+        """
+        proc = self.mktemp()
+        os.mkdir(proc)
+        os.symlink(f"/proc/{os.getpid()}", os.path.join(proc, str(os.getpid())))
+        families = {family.name: family for family in _process_families(os.getpid(), proc)}
+        self.assertEqual(sorted(families), ["process_cpu_seconds", "process_max_fds", "process_open_fds",
+                                            "process_resident_memory_bytes", "process_start_time_seconds",
+                                            "process_virtual_memory_bytes"])
+        [real] = [family for family in ProcessCollector(registry=None).collect()
+                  if family.name == "process_start_time_seconds"]
+        self.assertLess(abs(families["process_start_time_seconds"].samples[0].value - real.samples[0].value), 1.0)
 
 
 class CertificateTests(SynchronousTestCase):
