@@ -50,6 +50,7 @@ from gateway.gatekeeper import FailureCount, Gatekeeper, LoginCheck
 from gateway.idle import IdleSessions
 from gateway.proxy_protocol import balancers_own
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
+from gateway.shutdown import OpenConnections
 from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
 from gateway.sockets import tune, write_backlog
 from gateway.text_log import loggable_text
@@ -76,6 +77,7 @@ class FrontEndContext:
     :ivar implicit_tls: True on a listener that speaks TLS from the first byte.
     :ivar backend: logs in to the store behind this protocol.
     :ivar idle: the relayed sessions' idle timeouts, shared by every listener.
+    :ivar connections: the process's open client connections, ended when it stops; shared too.
     """
 
     protocol: str
@@ -88,6 +90,7 @@ class FrontEndContext:
     hostname: str
     gatekeeper: Gatekeeper
     idle: IdleSessions
+    connections: OpenConnections
 
 
 class LoginOutcome(enum.Enum):
@@ -197,6 +200,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.context.connections.add(self)
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.client = ClientAddress(address_host(peer), getattr(peer, "port", 0),
                                     address_host(host), getattr(host, "port", 0), new_session_id())
@@ -280,6 +284,13 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         if self._lost:
             return  # counted and logged once, however often a transport reports it
         self._lost = True
+        try:
+            self._wind_up(reason)
+        finally:
+            self.context.connections.discard(self)  # last: a stop waiting for it ends after its lines
+
+    def _wind_up(self, reason: Failure) -> None:
+        """Once the connection is lost: cancel what was under way, give back what was counted, log its end."""
         phase, self._phase = self._phase, _Phase.CLOSED
         self.setTimeout(None)
         self._cancel_deadline()
@@ -398,6 +409,19 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         else:
             self.log_event(log.info, "timeout", "reason=idle")
             self.reply_timeout()
+        self.close()
+
+    def shut_down(self) -> None:
+        """
+        The process is stopping: a relayed session is closed both ways once what is under way is
+        written (nothing may be injected into it); any other connection is told why, and closed.
+        """
+        if self.closed:
+            return  # closing already
+        if self._splice is not None:
+            self._splice.close()
+            return
+        self.reply_shutting_down()
         self.close()
 
     def idle_expired(self) -> None:
@@ -744,6 +768,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def reply_overloaded(self) -> None:
         """Tell a connecting client that a limit refuses it (instead of the greeting); it closes after."""
+        raise NotImplementedError
+
+    def reply_shutting_down(self) -> None:
+        """Tell the client that the gateway is stopping (L{shut_down}); it closes after."""
         raise NotImplementedError
 
     def reply_closing_after_login(self) -> None:

@@ -68,6 +68,9 @@ class ImapFrontEnd(LoginFrontEnd):
     def reply_overloaded(self) -> None:
         self.send(b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n")
 
+    def reply_shutting_down(self) -> None:
+        self.send(b"* BYE Server shutting down.\r\n")  # Dovecot's words
+
     def command_line(self, line: bytes) -> None:
         if not self._command:
             self._tag = split_tag(line)

@@ -74,6 +74,9 @@ class Pop3FrontEnd(LoginFrontEnd):
     def reply_overloaded(self) -> None:
         self.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
 
+    def reply_shutting_down(self) -> None:
+        self.send(b"-ERR [SYS/TEMP] Server shutting down.\r\n")  # Dovecot's words
+
     def reply_challenge(self, challenge: bytes) -> None:
         self.send(b"+ " + challenge + b"\r\n")
 

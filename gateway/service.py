@@ -56,6 +56,7 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
+from gateway.shutdown import OpenConnections
 from gateway.systemd_notify import ReadyNotice, notify, notify_status
 from gateway.tls import (
     ListenerTLS,
@@ -597,6 +598,8 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
     hashing.setServiceParent(top)
     authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
     idle = IdleSessions(reactor)  # type: ignore[arg-type]
+    connections = OpenConnections(reactor)  # type: ignore[arg-type]
+    connections.setServiceParent(top)
     for name, alpn, protocol, front_end, backend_login in _mail_protocols(settings):
         if protocol is None:
             continue
@@ -608,7 +611,8 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
         CapabilityProbe(backend, name).setServiceParent(top)
         for implicit in (True, False):
             context = FrontEndContext(name, reactor, protocol_limits(settings, name), server_tls,  # type: ignore[arg-type]
-                                      implicit, authenticator, backend, settings.hostname, gatekeeper, idle)
+                                      implicit, authenticator, backend, settings.hostname, gatekeeper, idle,
+                                      connections)
             front_factory = FrontEndFactory(front_end, context)
             reloader.serve(server_tls, front_factory)
             factory: IProtocolFactory = front_factory

@@ -74,7 +74,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     # See LoginFrontEnd.
     __slots__ = (
         "_rules", "_senders", "_greeted", "_backend", "_sender", "_recipients", "_transaction_timer",
-        "_data_tail", "_data_size", "_data_refusal", "_smtputf8"
+        "_data_tail", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down"
     )
 
     def __init__(self, context: FrontEndContext, rules: SubmissionSettings, senders: SenderPolicy) -> None:
@@ -92,6 +92,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._data_size = 0
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
         self._smtputf8 = False
+        self._shutting_down = False  # the process is stopping: goodbye after the reply under way
 
     # -- hooks of LoginFrontEnd
 
@@ -110,6 +111,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def reply_overloaded(self) -> None:
         self.send(b"421 4.7.0 Too many connections, try again later\r\n")
 
+    def reply_shutting_down(self) -> None:
+        self.send(b"421 4.3.2 %s Service shutting down, closing connection\r\n" % self.context.hostname.encode("ascii"))
+
     def reply_challenge(self, challenge: bytes) -> None:
         self.send(b"334 " + challenge + b"\r\n")
 
@@ -125,6 +129,21 @@ class SubmissionFrontEnd(LoginFrontEnd):
         assert isinstance(session, SmtpBackend)
         self._use_backend(session)
         self.begin_session(self._rules.idle_timeout)
+
+    def shut_down(self) -> None:
+        """
+        As L{LoginFrontEnd.shut_down}, but a message still arriving, or waiting for the MTA's
+        verdict, and a command the MTA has yet to answer are seen through first: the client hears
+        the reply, then goodbye. Told nothing, a client whose message the MTA took would send it
+        again. (A message not ended by then is dropped with the connection, never delivered.)
+        """
+        if self.closed:
+            return
+        # Reading is paused while the MTA has the turn (see _relay and the end of DATA).
+        if not self.line_mode or (self.user is not None and self.paused):
+            self._shutting_down = True
+            return
+        super().shut_down()
 
     def command_line(self, line: bytes) -> None:
         verb, argument = split_command(line)
@@ -554,8 +573,12 @@ class SubmissionFrontEnd(LoginFrontEnd):
         return False
 
     def _reply(self, reply: bytes) -> None:
-        """Send a reply and read the next command."""
+        """Send a reply and read the next command (or, once the process is stopping, say goodbye)."""
         self.send(reply)
+        if self._shutting_down:
+            self.reply_shutting_down()
+            self.close()
+            return
         self.command_succeeded()
         if not self.closed:
             if self.user is not None:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import cast
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.python.failure import Failure
@@ -90,9 +91,14 @@ def _serve(settings: Settings, key: str, configuration: Callable[[], Deferred[Se
                                    list(range(first, first + options.listeners)), configuration, options.number)
     service.privilegedStartService()
     service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", _stop, service, channel)
     channel.tell("ready")  # the Reloader has its SIGHUP handler now
     log.info("worker_ready worker={worker} listeners={listeners}", worker=options.number, listeners=options.listeners)
+
+
+def _stop(service: MultiService, channel: WorkerChannel) -> Deferred[None]:
+    """Stop serving (the connections end first: gateway.shutdown), then close the channel once its last lines are sent."""
+    return maybeDeferred(service.stopService).addBoth(lambda _: channel.close())
 
 
 def _failed(failure: Failure, reactor: IReactorCore, status: list[int]) -> None:

@@ -278,6 +278,20 @@ class WorkerChannel(_Channel):
         self._log = _worker_log
         self._serial = 0
         self._waiting: dict[int, Deferred[Any]] = {}
+        self._closed: Deferred[None] | None = None
+
+    def close(self) -> Deferred[None]:
+        """
+        End the channel once what was written to it has gone, the worker's last log lines among
+        it (the reactor's stop would drop them); the Deferred fires then. For a worker stopping.
+        """
+        closed: Deferred[None] = Deferred()
+        if self.transport is None:
+            closed.callback(None)
+            return closed
+        self._closed = closed
+        self.transport.loseConnection()
+        return closed
 
     def call(self, name: str, *arguments: object) -> Deferred[Any]:
         """Ask the supervisor; the Deferred fires with its answer (or fails once the channel has gone)."""
@@ -307,6 +321,9 @@ class WorkerChannel(_Channel):
         waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             answer.errback(ConnectionError("the supervisor has gone"))
+        if self._closed is not None:
+            self._closed.callback(None)  # closed by the worker, which is stopping already
+            return
         self._lost()
 
 

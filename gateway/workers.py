@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from gateway.config import Settings
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.listener import Listener
+from gateway.shutdown import SHUTDOWN_GRACE
 from gateway.worker_channel import SupervisorChannel
 
 log = Logger()
@@ -44,8 +45,8 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 STABLE_AFTER = 60.0
 """A worker that ran this long before exiting is restarted after the shortest delay again."""
 
-STOP_GRACE = 10.0
-"""Seconds the workers have to stop after SIGTERM before they are killed."""
+STOP_GRACE = SHUTDOWN_GRACE + 2.0
+"""Seconds the workers have to stop after SIGTERM before they are killed: time to end their connections."""
 
 # A bound in time rather than in failed starts: it means the same however long a worker takes to
 # fail (an import, a users file to check, a fork refused) and however many workers there are. By

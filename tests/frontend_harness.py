@@ -19,6 +19,7 @@ from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.frontend import FrontEndContext, FrontEndFactory, LoginFrontEnd
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.idle import IdleSessions
+from gateway.shutdown import OpenConnections
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
@@ -65,7 +66,7 @@ class FrontEndTestBase(SynchronousTestCase):
         self.context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
                                        self.implicit_tls, self.auth, self.backend,  # type: ignore[arg-type]
                                        "mail.example.org", LocalGatekeeper(self.connections, self.penalties),
-                                       IdleSessions(self.clock))
+                                       IdleSessions(self.clock), OpenConnections(self.clock))
         self.front, self.transport = self.connect()
         self.greeting = self.read()
 

@@ -30,6 +30,7 @@ from gateway.imap import ImapFrontEnd
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.pop3 import Pop3FrontEnd
 from gateway.senders import SenderPolicy
+from gateway.shutdown import OpenConnections
 from gateway.submission import SubmissionFrontEnd
 from gateway.testing.fakes import BACKEND_SETTINGS, MemoryAuthenticator, MemoryBackend, TLSStringTransport
 
@@ -502,7 +503,7 @@ class UnreadRepliesTests(TestCase):
                                   "mail.example.org",
                                   LocalGatekeeper(ConnectionLimits(ConnectionRules()),
                                                   LoginPenalties(reactor, PenaltyRules())),
-                                  IdleSessions(reactor))
+                                  IdleSessions(reactor), OpenConnections(reactor))
         factory = FrontEndFactory(ImapFrontEnd, context)
         lost: Deferred[None] = Deferred()
         build = factory.buildProtocol

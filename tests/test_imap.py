@@ -571,6 +571,26 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertTrue(backend_transport.disconnected)
 
 
+class ShutdownTests(ImapTestBase):
+    """The process stopping."""
+
+    def test_before_login(self) -> None:
+        """A client not logged in is told, as Dovecot tells it, and closed."""
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), b"* BYE Server shutting down.\r\n")
+        self.assertTrue(self.front.closed)
+
+    def test_relayed(self) -> None:
+        """A relayed session is closed both ways, nothing injected into it: the backend's answers are the client's."""
+        self.log_in()
+        self.read()
+        backend = self.backend.sessions[0].transport
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), b"")
+        self.assertTrue(backend.disconnecting)
+        self.assertTrue(self.transport.disconnecting)
+
+
 class LoggingTests(ImapTestBase):
     """The log events are an interface (fail2ban) and never hold a password."""
 

@@ -537,8 +537,8 @@ class ProcessTests(SynchronousTestCase):
         Where /proc/stat is hidden (the unit's ProcSubset=pid), every series is still there, with the
         start time prometheus_client reads from /proc/stat's boot time, to within its whole second.
         """
-        proc = self.mktemp()
-        os.mkdir(proc)
+        proc = tempfile.mkdtemp(prefix="gw-proc-")
+        self.addCleanup(shutil.rmtree, proc)
         os.symlink(f"/proc/{os.getpid()}", os.path.join(proc, str(os.getpid())))
         families = {family.name: family for family in _process_families(os.getpid(), proc)}
         self.assertEqual(sorted(families), ["process_cpu_seconds", "process_max_fds", "process_open_fds",

@@ -60,6 +60,16 @@ class PlainListenerTests(Pop3TestBase):
         self.assertTrue(self.log_in().endswith(b"+OK Logged in.\r\n"))
 
 
+class ShutdownTests(Pop3TestBase):
+    """The process stopping."""
+
+    def test_before_login(self) -> None:
+        """A client not logged in is told, as Dovecot tells it, and closed."""
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), b"-ERR [SYS/TEMP] Server shutting down.\r\n")
+        self.assertTrue(self.front.closed)
+
+
 class ImplicitTLSTests(Pop3TestBase):
     """The POP3S listener."""
 

@@ -65,6 +65,7 @@ from gateway.service import (
     restart_needed,
 )
 from gateway.testing.pki import IssuedCertificate, TestCA
+from gateway.shutdown import OpenConnections
 from gateway.systemd_notify import ReadyNotice
 from gateway.tls import ServerTLS, ensure_self_signed
 from gateway.userdb import hash_password
@@ -238,7 +239,7 @@ class BuildServiceTests(SynchronousTestCase):
     def test_tree(self) -> None:
         """
         The tree holds one listener per endpoint, a probe per backend, a pool, a
-        reloader, and last the notice that tells systemd the gateway serves.
+        reloader, the open connections (ended at a stop), and last the notice that tells systemd the gateway serves.
         """
         top = self.build(self_signed=True)
         self.assertIsInstance(top, MultiService)
@@ -248,8 +249,9 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(top, CapabilityProbe)), 3)
         self.assertEqual(len(children(top, HashingPool)), 1)
         self.assertEqual(len(children(top, Reloader)), 1)
+        self.assertEqual(len(children(top, OpenConnections)), 1)
         self.assertIsInstance(list(top)[-1], ReadyNotice)
-        self.assertEqual(len(list(top)), 6 + 3 + 1 + 1 + 1)
+        self.assertEqual(len(list(top)), 6 + 3 + 1 + 1 + 1 + 1)
 
     def test_descriptor_limit_short(self) -> None:
         """

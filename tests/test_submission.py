@@ -403,6 +403,53 @@ class TransactionTests(SubmissionTestBase):
         self.assertTrue(self.transport.disconnecting)
 
 
+class ShutdownTests(SubmissionTestBase):
+    """The process stopping: a message under way is seen through to the MTA's verdict, then goodbye."""
+
+    GOODBYE = b"421 4.3.2 mail.example.org Service shutting down, closing connection\r\n"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.log_in()
+
+    def test_idle_session(self) -> None:
+        """A session between commands is told at once, and closed."""
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), self.GOODBYE)
+        self.assertTrue(self.front.closed)
+
+    def test_verdict_owed(self) -> None:
+        """
+        A message the MTA has not yet answered: the client hears the verdict, then goodbye. Cut off
+        before it, the client would send again a message the MTA may have taken.
+        """
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), b"")
+        self.assertFalse(self.front.closed)
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued as ABC\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as ABC\r\n" + self.GOODBYE)
+        self.assertTrue(self.front.closed)
+
+    def test_message_arriving(self) -> None:
+        """A message still arriving is read to its end and handed to the MTA, whose verdict comes first."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nfirst half ")
+        self.context.connections.stopService()
+        self.front.dataReceived(b"second half\r\n.\r\n")
+        self.assertEqual(self.mta_got(), b"Subject: x\r\n\r\nfirst half second half\r\n.\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued as DEF\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as DEF\r\n" + self.GOODBYE)
+
+    def test_command_owed(self) -> None:
+        """A command the MTA has yet to answer is answered, then goodbye."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.context.connections.stopService()
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n" + self.GOODBYE)
+
+
 class SenderPolicyTests(SubmissionTestBase):
     """Senders allowed by the senders file."""
 

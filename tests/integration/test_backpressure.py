@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.gateway import GatewayProcess
 
+from .scripted_server import ScriptedServer
 from .wire import Wire
 
 FLOOD = 200 * 1024 * 1024
@@ -117,26 +118,13 @@ class NonReadingClientTests(GatewayBeforeBackend):
 FINAL_ANSWER = b"* 1 FETCH (BODY[] {200000}\r\n" + b"y" * 200000 + b")\r\n* BYE Server shutting down.\r\n"
 
 
-class ClosingBackend:
+class ClosingBackend(ScriptedServer):
     """
     An IMAP backend that accepts any LOGIN; at the next command it sends L{FINAL_ANSWER}, ends its
     sending side and goes on reading (Dovecot's BYE as it shuts down, an upload under way).
     """
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
-
-    def _serve(self, connection: socket.socket) -> None:
+    def serve(self, connection: socket.socket) -> None:
         with connection:
             connection.sendall(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
             reader = connection.makefile("rb")
@@ -153,9 +141,6 @@ class ClosingBackend:
                 while connection.recv(65536):
                     pass
                 return
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class BackendClosesTests(GatewayBeforeBackend):

@@ -1,0 +1,129 @@
+"""
+A real gateway told to stop (SIGTERM, as systemctl stop sends) ends its connections first: a
+client whose message the MTA is still judging hears the verdict, then goodbye.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.shutdown import SHUTDOWN_GRACE
+from gateway.testing.gateway import GatewayProcess
+
+from .scripted_server import ScriptedServer
+from .wire import Wire
+
+USER, PASSWORD = "bob@example.org", "secret"
+EHLO_REPLY = b"250-mta.example.org\r\n250-XCLIENT ADDR PORT PROTO LOGIN\r\n250 8BITMIME\r\n"
+
+
+class SlowMta(ScriptedServer):
+    """An MTA that takes any XCLIENT login and holds its verdict on each message until told to give it."""
+
+    def __init__(self) -> None:
+        self.message_in = threading.Event()
+        self.verdict = threading.Event()
+        super().__init__()
+
+    def serve(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rwb", buffering=0) as f:
+            f.write(b"220 mta.example.org ESMTP\r\n")
+            for line in iter(f.readline, b""):
+                verb = line.split(b" ", 1)[0].strip().upper()
+                if verb == b"EHLO":
+                    f.write(EHLO_REPLY)
+                elif verb == b"XCLIENT":
+                    f.write(b"220 mta.example.org ESMTP\r\n")
+                elif verb == b"DATA":
+                    f.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    while f.readline() != b".\r\n":
+                        pass
+                    self.message_in.set()
+                    self.verdict.wait(30)
+                    f.write(b"250 2.0.0 Ok: queued as 4F00D\r\n")
+                elif verb == b"QUIT":
+                    f.write(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    f.write(b"250 2.0.0 Ok\r\n")
+
+    def close(self) -> None:
+        self.verdict.set()
+        super().close()
+
+
+class StopTests(SynchronousTestCase):
+    """One process."""
+
+    workers = 1
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="gw-stop-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.mta = SlowMta()
+        self.addCleanup(self.mta.close)
+        # No IMAP store: a client that has not logged in needs none.
+        self.gateway = GatewayProcess(self.directory, imap_backend_port=9, users={USER: PASSWORD},
+                                      submission_backend_port=self.mta.port,
+                                      submission_backend='login = "xclient"', workers=self.workers)
+        self.gateway.start()
+        self.addCleanup(self.gateway.stop)
+        self.tls = ssl.create_default_context()
+        self.tls.check_hostname, self.tls.verify_mode = False, ssl.CERT_NONE
+
+    def test_stop_ends_connections(self) -> None:
+        """
+        On SIGTERM an IMAP client not logged in gets Dovecot's BYE at once; a submission client
+        whose message the MTA is judging gets the MTA's 250, then a 421, and only then does the
+        gateway exit, with every connection's last lines logged.
+        """
+        imap = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls)
+        self.assertTrue(imap.line().startswith(b"* OK "))
+        smtp = Wire(self.gateway.port("submission", "implicit_tls"), tls=self.tls)
+        smtp.line()
+        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        smtp.send(b"EHLO client.example.org\r\nAUTH PLAIN " + token + b"\r\n")
+        self.assertTrue(smtp.until(b"235 ")[-1].startswith(b"235 "))
+        for command in (b"MAIL FROM:<bob@example.org>", b"RCPT TO:<alice@example.org>", b"DATA"):
+            smtp.send(command + b"\r\n")
+            self.assertIn(smtp.line()[:3], (b"250", b"354"))
+        smtp.send(b"Subject: stopping\r\n\r\nsent as the gateway stops\r\n.\r\n")
+        self.assertTrue(self.mta.message_in.wait(10))
+        os.kill(self.gateway.pid, signal.SIGTERM)
+        self.assertEqual(imap.line(), b"* BYE Server shutting down.\r\n")
+        self.assertEqual(imap.line(), b"")
+        imap.close()
+        time.sleep(0.5)
+        self.assertTrue(self.gateway.running, "the gateway did not wait for the MTA's verdict")
+        self.mta.verdict.set()
+        self.assertEqual(smtp.line(), b"250 2.0.0 Ok: queued as 4F00D\r\n")
+        self.assertEqual(smtp.line(), b"421 4.3.2 localhost Service shutting down, closing connection\r\n")
+        self.assertEqual(smtp.line(), b"")
+        smtp.close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while self.gateway.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(self.gateway.running, "the gateway did not exit once its connections had ended")
+        log = self.gateway.log()
+        self.assertRegex(log, r"message protocol=submission client=127\.0\.0\.1 user=\"bob@example\.org\" "
+                              r"size=\d+ recipients=1 reply=250 session=")
+        self.assertEqual(log.count("disconnect protocol="), 2, log[-3000:])
+        self.assertRegex(log, r"draining connections=\d grace=")
+        self.assertRegex(log, r"drained left=0 seconds=")
+        self.assertNotRegex(log, r"drained left=[1-9]")
+
+
+class WorkersStopTests(StopTests):
+    """Two workers: each ends its own connections before the supervisor's stop ends."""
+
+    workers = 2

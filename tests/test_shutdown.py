@@ -1,0 +1,86 @@
+"""The open connections are ended when the process stops, within the grace period."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.shutdown import SHUTDOWN_GRACE, OpenConnections
+from gateway.workers import STOP_GRACE
+
+
+class Connection:
+    """Ends when asked, or later (L{end}), or fails to."""
+
+    def __init__(self, connections: OpenConnections, at_once: bool = False, fails: bool = False) -> None:
+        self.connections = connections
+        self.at_once = at_once
+        self.fails = fails
+        self.asked = 0
+        connections.add(self)
+
+    def shut_down(self) -> None:
+        self.asked += 1
+        if self.fails:
+            raise RuntimeError("cannot end")
+        if self.at_once:
+            self.end()
+
+    def end(self) -> None:
+        self.connections.discard(self)
+
+
+class OpenConnectionsTests(SynchronousTestCase):
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.connections = OpenConnections(self.clock)
+        self.connections.startService()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_nothing_open(self) -> None:
+        """With no connection open the stop does not wait."""
+        self.assertIsNone(self.connections.stopService())
+
+    def test_waits_until_all_ended(self) -> None:
+        """Each connection is asked to end once; the stop waits for the last of them."""
+        quick = Connection(self.connections, at_once=True)
+        slow = [Connection(self.connections), Connection(self.connections)]
+        stopped = self.connections.stopService()
+        self.assertEqual([quick.asked, slow[0].asked, slow[1].asked], [1, 1, 1])
+        self.clock.advance(1)
+        slow[0].end()
+        self.assertNoResult(stopped)
+        self.clock.advance(1)
+        slow[1].end()
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual([formatEvent(e) for e in self.logged],
+                         [f"draining connections=3 grace={SHUTDOWN_GRACE:g}", "drained left=0 seconds=2.000"])
+
+    def test_grace_bounds_the_wait(self) -> None:
+        """Connections that have not ended when the grace period is over are left to the reactor's stop."""
+        stuck = Connection(self.connections)
+        stopped = self.connections.stopService()
+        self.clock.advance(SHUTDOWN_GRACE - 0.1)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        stuck.end()  # later, as the reactor drops it: nothing more happens
+        self.assertEqual(formatEvent(self.logged[-1]), f"drained left=1 seconds={SHUTDOWN_GRACE:.3f}")
+
+    def test_one_failing_connection(self) -> None:
+        """A connection that fails to end is logged; the others are still asked, and the stop still ends."""
+        failing = Connection(self.connections, fails=True)
+        other = Connection(self.connections, at_once=True)
+        stopped = self.connections.stopService()
+        self.assertEqual((failing.asked, other.asked), (1, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(SHUTDOWN_GRACE)
+        self.successResultOf(stopped)
+
+    def test_workers_given_longer(self) -> None:
+        """A supervisor waits longer for its workers than they wait for their connections."""
+        self.assertGreater(STOP_GRACE, SHUTDOWN_GRACE)
