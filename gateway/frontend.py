@@ -234,6 +234,9 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self._deadline = self.clock.callLater(self.context.limits.login_timeout, self._deadline_passed)
         if not self._unheard_balancer():
             self._log_connect()
+        if self.context.connections.stopping:
+            self.shut_down()  # accepted before the stop began, but its PROXY header came after
+            return
         self.greet()
 
     def _unheard_balancer(self) -> bool:
@@ -423,6 +426,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             return
         self.reply_shutting_down()
         self.close()
+
+    def drop(self) -> None:
+        """The stop's grace period is over: the connection goes now, whatever it still holds."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def idle_expired(self) -> None:
         """The relay has been silent both ways for its idle timeout (called by L{IdleSessions})."""
@@ -852,7 +860,8 @@ def _abandoned_guess(failure: Failure, context: FrontEndContext, client: ClientA
     counted as a failure, since the client may have taken the missing answer for one. A right
     password lost this way costs its address and its user one failure for the penalty window.
     """
-    if failure.check(CancelledError):
+    # Ended by the gateway's own stop, it tells nothing of the client (fail2ban would count it).
+    if failure.check(CancelledError) and not context.connections.stopping:
         _wrong_unanswered(context, client, user, password, reason="abandoned")
     return failure
 

@@ -353,7 +353,8 @@ class Reloader(Service):
         if self._rotation.running:
             self._rotation.stop()
         if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)  # type: ignore[arg-type]
+            # Ignored, not the default action, which would end a process still ending its connections.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _hangup(self, signum: int, frame: object) -> None:
         # A signal handler may not touch the reactor's state; this hands the work to it.

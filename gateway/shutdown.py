@@ -7,12 +7,15 @@ buffered are lost, TLS ends without close_notify, the last log lines of the conn
 written, and a submission client whose message the MTA has just accepted never hears so, and
 sends it again. L{OpenConnections} knows the open front-end connections; when it is stopped it
 asks each to end (L{Ending.shut_down}: a goodbye where the protocol allows one, a relayed session
-closed both ways once what is under way is written, a message's verdict passed on first), and
-holds the stop until they are gone or L{SHUTDOWN_GRACE} has passed.
+closed both ways with what the gateway holds for it written, a message's verdict passed on
+first), and holds the stop until they are gone or L{SHUTDOWN_GRACE} has passed; those left then
+are dropped. A client that does not read holds the stop for all of it.
 """
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -20,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["SHUTDOWN_GRACE", "Ending", "OpenConnections"]
+__all__ = ["SHUTDOWN_GRACE", "Ending", "OpenConnections", "sigterm_once"]
 
 log = Logger()
 
@@ -38,6 +41,9 @@ class Ending(Protocol):
     def shut_down(self) -> None:
         """End as soon as nothing under way would be lost by it; the process is stopping."""
 
+    def drop(self) -> None:
+        """End now: the grace period is over."""
+
 
 class OpenConnections(Service):
     """The client connections open in this process, ended when the service stops."""
@@ -48,7 +54,12 @@ class OpenConnections(Service):
         self._open: set[Ending] = set()
         self._all_gone: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
-        self._stopping_since = 0.0
+        self._stopping_since: float | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the process is stopping: a connection not yet greeted (its PROXY header came late) is refused."""
+        return self._stopping_since is not None
 
     def add(self, connection: Ending) -> None:
         self._open.add(connection)
@@ -56,16 +67,19 @@ class OpenConnections(Service):
     def discard(self, connection: Ending) -> None:
         self._open.discard(connection)
         if not self._open and self._all_gone is not None:
-            self._done()
+            assert self._timer is not None
+            self._timer.cancel()
+            all_gone, self._all_gone = self._all_gone, None
+            self._finish(all_gone, 0)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        self._stopping_since = self._clock.seconds()
         if not self._open:
             return None
         log.info("draining connections={count} grace={grace:g}", count=len(self._open), grace=self._grace)
-        self._stopping_since = self._clock.seconds()
         self._all_gone = all_gone = Deferred[None]()
-        self._timer = self._clock.callLater(self._grace, self._done)
+        self._timer = self._clock.callLater(self._grace, self._grace_over)
         for connection in list(self._open):  # a copy: a connection may end, and be discarded, at once
             try:
                 connection.shut_down()
@@ -73,13 +87,39 @@ class OpenConnections(Service):
                 log.failure("shut_down_failed")  # one connection must not keep the others open
         return all_gone
 
-    def _done(self) -> None:
-        all_gone, self._all_gone = self._all_gone, None
-        if all_gone is None:
-            return
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        log.info("drained left={left} seconds={seconds:.3f}", left=len(self._open),
+    def _grace_over(self) -> None:
+        # Dropped here rather than by the reactor's stop, their last lines are logged (a worker's
+        # reach its supervisor, over a channel the reactor's stop would close first).
+        left = list(self._open)
+        all_gone, self._all_gone = self._all_gone, None  # first: the drops below must not finish the stop
+        assert all_gone is not None
+        for connection in left:
+            try:
+                connection.drop()
+            except Exception:
+                log.failure("drop_failed")
+        self._finish(all_gone, len(left))
+
+    def _finish(self, all_gone: Deferred[None], left: int) -> None:
+        assert self._stopping_since is not None
+        log.info("drained left={left} seconds={seconds:.3f}", left=left,
                  seconds=self._clock.seconds() - self._stopping_since)
         all_gone.callback(None)
+
+
+def sigterm_once() -> None:
+    """
+    Have the SIGTERM handler the reactor installed stop it once: later SIGTERMs are ignored. A
+    worker gets two at once (systemd signals every process of the unit, and so does the
+    supervisor), and Twisted would answer the second, while the connections end, with a
+    ReactorNotRunning traceback. SIGKILL still ends the process. Call it once the reactor runs.
+    """
+    stop = signal.getsignal(signal.SIGTERM)
+    if not callable(stop):
+        return  # no handler of the reactor's (not run on the main thread): nothing to change
+
+    def once(number: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop(number, frame)
+
+    signal.signal(signal.SIGTERM, once)

@@ -575,7 +575,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _reply(self, reply: bytes) -> None:
         """Send a reply and read the next command (or, once the process is stopping, say goodbye)."""
         self.send(reply)
-        if self._shutting_down:
+        if self._shutting_down and self.line_mode:  # not after a 354: the message comes, then its verdict
             self.reply_shutting_down()
             self.close()
             return

@@ -104,6 +104,7 @@ def makeService(options: Options) -> IService:
     from gateway.config import ConfigError, load_settings
     from gateway.event_loop import streamline
     from gateway.service import build_service
+    from gateway.shutdown import sigterm_once
 
     streamline(reactor)
     try:
@@ -113,6 +114,7 @@ def makeService(options: Options) -> IService:
         # as the SystemExit's code would exit with 1, which systemd would restart every 5 s.
         raise SystemExit(_refused(e)) from None
     Logger().info("starting version={version} config={path}", version=__version__, path=options["config"])
+    reactor.callWhenRunning(sigterm_once)
     return service
 
 

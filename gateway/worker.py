@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.event_loop import streamline
 from gateway.service import build_worker_service
+from gateway.shutdown import sigterm_once
 from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
 from gateway.workers import CONTROL_FD, SingleProtocolFactory
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     hello: Deferred[str] = channel.call("hello")
     hello.addCallback(_start, configuration, options, reactor, channel)
     hello.addErrback(_failed, reactor, status)
+    reactor.callWhenRunning(sigterm_once)
     reactor.run()
     return status[0]
 

@@ -580,6 +580,14 @@ class ShutdownTests(ImapTestBase):
         self.assertEqual(self.read(), b"* BYE Server shutting down.\r\n")
         self.assertTrue(self.front.closed)
 
+    def test_greeted_after_the_stop_began(self) -> None:
+        """A connection admitted once the stop has begun (its PROXY header came late) is told instead of greeted."""
+        self.context.connections.stopService()
+        front, transport = self.connect("192.168.1.2")
+        self.assertEqual(transport.value(), b"* BYE Server shutting down.\r\n")
+        self.assertTrue(front.closed)
+        front.connectionLost(Failure(ConnectionDone()))
+
     def test_relayed(self) -> None:
         """A relayed session is closed both ways, nothing injected into it: the backend's answers are the client's."""
         self.log_in()
@@ -898,6 +906,16 @@ class AbandonedBackendLoginTests(ImapTestBase):
         self.assertEqual(self.backend.cancelled, 2)
         failures = [e for e in self.events if e["log_format"].startswith("login_failed ")]
         self.assertEqual([(e["user"], e["reason"]) for e in failures], [('"bob"', "abandoned")] * 2)
+
+    def test_cut_short_by_the_stop_not_counted(self) -> None:
+        """A login the gateway's own stop cut short tells nothing of the client: not counted, not logged."""
+        self.say(b"g LOGIN bob guess\r\n")
+        self.context.connections.stopService()
+        self.assertEqual(self.read(), b"* BYE Server shutting down.\r\n")
+        self.front.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.backend.cancelled, 1)
+        self.assertEqual(self.penalties.sizes(), (0, 0, 0))
+        self.assertEqual([e for e in self.events if e["log_format"].startswith("login_failed ")], [])
 
     def test_answered_login_not_counted_twice(self) -> None:
         """A login the backend answered before the client left is counted as what it was, once."""

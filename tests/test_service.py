@@ -909,13 +909,16 @@ class HangupTests(ReloaderTestCase):
         self.sentinel = sentinel
         return received
 
-    def test_handler_installed_and_restored(self) -> None:
-        """startService on the main thread installs a SIGHUP handler; stopService restores the previous one."""
+    def test_handler_installed_and_ignored_at_stop(self) -> None:
+        """
+        startService on the main thread installs a SIGHUP handler; stopService leaves SIGHUP ignored:
+        the default action would end a process still ending its connections (gateway.shutdown).
+        """
         received = self.install_sentinel()
         self.reloader.startService()
         self.assertIsNot(signal.getsignal(signal.SIGHUP), self.sentinel)
         self.reloader.stopService()
-        self.assertIs(signal.getsignal(signal.SIGHUP), self.sentinel)
+        self.assertIs(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
         self.assertEqual(received, [])
 
     def test_sighup_schedules_reload(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.shutdown import SHUTDOWN_GRACE, OpenConnections
+from gateway.shutdown import SHUTDOWN_GRACE, OpenConnections, sigterm_once
 from gateway.workers import STOP_GRACE
 
 
@@ -19,6 +21,7 @@ class Connection:
         self.at_once = at_once
         self.fails = fails
         self.asked = 0
+        self.dropped = False
         connections.add(self)
 
     def shut_down(self) -> None:
@@ -30,6 +33,10 @@ class Connection:
 
     def end(self) -> None:
         self.connections.discard(self)
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.end()
 
 
 class OpenConnectionsTests(SynchronousTestCase):
@@ -61,15 +68,28 @@ class OpenConnectionsTests(SynchronousTestCase):
                          [f"draining connections=3 grace={SHUTDOWN_GRACE:g}", "drained left=0 seconds=2.000"])
 
     def test_grace_bounds_the_wait(self) -> None:
-        """Connections that have not ended when the grace period is over are left to the reactor's stop."""
-        stuck = Connection(self.connections)
+        """Connections that have not ended when the grace period is over are dropped, and counted as left."""
+        ended, stuck = Connection(self.connections), Connection(self.connections)
         stopped = self.connections.stopService()
+        self.assertTrue(self.connections.stopping)
+        ended.end()
         self.clock.advance(SHUTDOWN_GRACE - 0.1)
         self.assertNoResult(stopped)
         self.clock.advance(0.1)
         self.successResultOf(stopped)
-        stuck.end()  # later, as the reactor drops it: nothing more happens
+        self.assertEqual((ended.dropped, stuck.dropped), (False, True))
         self.assertEqual(formatEvent(self.logged[-1]), f"drained left=1 seconds={SHUTDOWN_GRACE:.3f}")
+
+    def test_sigterm_once(self) -> None:
+        """The reactor's SIGTERM handler is called for the first SIGTERM only; later ones are ignored."""
+        self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        received: list[int] = []
+        signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+        sigterm_once()
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        self.assertEqual(received, [signal.SIGTERM])
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
 
     def test_one_failing_connection(self) -> None:
         """A connection that fails to end is logged; the others are still asked, and the stop still ends."""

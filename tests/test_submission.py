@@ -442,6 +442,21 @@ class ShutdownTests(SubmissionTestBase):
         self.mta().dataReceived(b"250 2.0.0 Ok: queued as DEF\r\n")
         self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as DEF\r\n" + self.GOODBYE)
 
+    def test_data_accepted_after_the_stop_began(self) -> None:
+        """A DATA the MTA had not yet answered: its 354 goes through, the message follows, then its verdict and goodbye."""
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.say(b"RCPT TO:<a@example.org>\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.read()
+        self.say(b"DATA\r\n")
+        self.context.connections.stopService()
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        self.assertEqual(self.read(), b"354 go ahead\r\n")
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok: queued as GHI\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as GHI\r\n" + self.GOODBYE)
+
     def test_command_owed(self) -> None:
         """A command the MTA has yet to answer is answered, then goodbye."""
         self.say(b"MAIL FROM:<bob@example.org>\r\n")
