@@ -443,7 +443,7 @@ class ShutdownTests(SubmissionTestBase):
         self.assertEqual(self.read(), b"250 2.0.0 Ok: queued as DEF\r\n" + self.GOODBYE)
 
     def test_data_accepted_after_the_stop_began(self) -> None:
-        """A DATA the MTA had not yet answered: its 354 goes through, the message follows, then its verdict and goodbye."""
+        """A DATA the MTA had not yet answered: its 354 goes through, the message follows, its verdict, then goodbye."""
         self.say(b"MAIL FROM:<bob@example.org>\r\n")
         self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
         self.say(b"RCPT TO:<a@example.org>\r\n")
