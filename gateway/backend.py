@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -35,6 +36,9 @@ from gateway.config import BackendSettings
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.sockets import tune
 from gateway.tls import ITLSEndListener, client_tls
+
+
+log = Logger()
 
 
 class BackendUnavailable(Exception):
@@ -282,6 +286,7 @@ class BackendConnector:
         self.address = host_port(settings.host, settings.port)
         self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
+        self._down_since: float | None = None  # when its logins began to fail as unavailable
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
         """
@@ -327,7 +332,27 @@ class BackendConnector:
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
+        done.addBoth(self._health)
         return done
+
+    def _health(self, result: BackendLogin | Failure) -> BackendLogin | Failure:
+        """
+        Log the backend's changes of state, once each, among the per-login lines an outage makes:
+        down at the first login it fails as unavailable, up at the first it answers again.
+        """
+        unavailable = isinstance(result, Failure) and result.check(BackendUnavailable) is not None
+        answered = not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused) is not None
+        now = self._reactor.seconds()  # type: ignore[attr-defined]
+        if unavailable and self._down_since is None:
+            assert isinstance(result, Failure)
+            self._down_since = now
+            log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
+                     reason=result.getErrorMessage())
+        elif answered and self._down_since is not None:
+            log.info("backend_up backend={backend} down_for={seconds:.1f}", backend=self.address,
+                     seconds=now - self._down_since)
+            self._down_since = None
+        return result
 
     def _learn(self, result: object, protocol: BackendLogin) -> object:
         # Only from a login that got as far as the credentials, that is past any STARTTLS: one that

@@ -15,7 +15,8 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IAddress, IConnector, IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -251,6 +252,36 @@ class LoginTests(ConnectorTestBase):
         self.accept()
         failure = self.failureResultOf(attempt, BackendUnavailable)
         self.assertEqual(failure.getErrorMessage(), "ValueError: boom")
+
+
+class HealthTests(ConnectorTestBase):
+    """An outage is logged where it begins and ends, once each, among the lines of each failed login."""
+
+    def test_down_then_up(self) -> None:
+        """The first login it fails logs backend_down; the first it answers (a wrong password too) backend_up."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector()
+        self.refuse(connector.login(REQUEST), 0)
+        self.reactor.advance(30)
+        self.refuse(connector.login(REQUEST), 1)
+        self.reactor.advance(12.5)
+        attempt = connector.login(REQUEST)
+        wire, _ = self.accept(2)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(attempt, BackendRejected)
+        self.refuse(connector.login(REQUEST), 3)
+        lines = [formatEvent(event) for event in logged]
+        self.assertEqual([line.split(" ", 1)[0] for line in lines], ["backend_down", "backend_up", "backend_down"])
+        self.assertTrue(lines[0].startswith("backend_down backend=127.0.0.1:143 reason=cannot connect"), lines[0])
+        self.assertEqual(lines[1], "backend_up backend=127.0.0.1:143 down_for=42.5")
+
+    def test_cancelled_says_nothing(self) -> None:
+        """A login its client gave up tells nothing of the backend."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        attempt = self.connector().login(REQUEST)
+        attempt.cancel()
+        self.failureResultOf(attempt, CancelledError)
+        self.assertEqual([formatEvent(event) for event in logged], [])
 
 
 class DeadlineTests(ConnectorTestBase):

@@ -432,7 +432,10 @@ class BackendOutageTests(GatewayFixture):
     """The backend goes away and comes back; the gateway keeps running."""
 
     def test_backend_down_then_back(self) -> None:
-        """With the backend stopped a login gets NO [UNAVAILABLE]; once it is back, logins work again."""
+        """
+        With the backend stopped a login gets NO [UNAVAILABLE]; once it is back, logins work again.
+        The log says when the outage began and ended, once each.
+        """
         self.dovecot.stop()
         try:
             client = self.imaps()
@@ -447,6 +450,10 @@ class BackendOutageTests(GatewayFixture):
         client = self.imaps()
         self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
         client.logout()
+        self.gateway.wait_for_log(r"backend_up backend=127\.0\.0\.1:\d+ down_for=\d+\.\d")
+        log = self.gateway.log()
+        self.assertEqual((log.count("backend_down "), log.count("backend_up ")), (1, 1))
+        self.assertLess(log.index("backend_down backend="), log.index("backend_up backend="))
 
 
 class BackendDecidesTests(SynchronousTestCase):
