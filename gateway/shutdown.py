@@ -30,8 +30,8 @@ log = Logger()
 SHUTDOWN_GRACE = 8.0
 """
 Seconds a stopping process waits for its connections to end (an MTA's verdict on a message, a
-relayed session's last buffered bytes) before Twisted drops those left. A supervisor gives its
-workers more (L{gateway.workers.STOP_GRACE}), and systemd far more (C{TimeoutStopSec}, 90 s).
+relayed session's last buffered bytes) before it drops those left. A supervisor gives its workers
+more (L{gateway.workers.STOP_GRACE}), and systemd far more (C{TimeoutStopSec}, 90 s).
 """
 
 

@@ -82,6 +82,22 @@ class ChannelTests(SynchronousTestCase):
         self.shared = LocalGatekeeper(self.connections, self.penalties)
         self.published: list[LogEvent] = []
 
+    def test_closed_by_a_stopping_worker(self) -> None:
+        """
+        A stopping worker closes its channel once its last log lines are sent; the supervisor gets
+        them, and the worker's loss handler (which stops the worker) is not called: it is stopping.
+        """
+        worker = Worker(self)
+        Logger(namespace="gateway.frontend", observer=worker.channel.emit).info("disconnect last=1")
+        closed = worker.channel.close()
+        self.assertNoResult(closed)
+        worker.pump.flush()
+        self.successResultOf(closed)
+        self.assertEqual([event["log_format"].split(" ")[0] for event in self.published],
+                         ["disconnect", "worker_channel_closed"])
+        self.assertEqual(worker.lost, 0)
+        self.successResultOf(worker.channel.close())  # again, once closed: at once
+
     def test_limits_count_every_worker(self) -> None:
         """A per-address limit of 2 refuses the third connection, whichever worker each came to."""
         first, second = Worker(self), Worker(self)
