@@ -20,7 +20,7 @@ from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["SHUTDOWN_GRACE", "Ending", "OpenConnections", "sigterm_once"]
@@ -55,6 +55,7 @@ class OpenConnections(Service):
         self._all_gone: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
         self._stopping_since: float | None = None
+        self._dropped = 0
 
     @property
     def stopping(self) -> bool:
@@ -67,13 +68,12 @@ class OpenConnections(Service):
     def discard(self, connection: Ending) -> None:
         self._open.discard(connection)
         if not self._open and self._all_gone is not None:
-            assert self._timer is not None
-            self._timer.cancel()
-            all_gone, self._all_gone = self._all_gone, None
-            self._finish(all_gone, 0)
+            self._finish()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self.stopping:
+            return None  # stopping already: the first stop waits
         self._stopping_since = self._clock.seconds()
         if not self._open:
             return None
@@ -89,30 +89,40 @@ class OpenConnections(Service):
 
     def _grace_over(self) -> None:
         # Dropped here rather than by the reactor's stop, their last lines are logged (a worker's
-        # reach its supervisor, over a channel the reactor's stop would close first).
-        left = list(self._open)
-        all_gone, self._all_gone = self._all_gone, None  # first: the drops below must not finish the stop
-        assert all_gone is not None
-        for connection in left:
+        # reach its supervisor, over a channel the reactor's stop would close first). Twisted
+        # reports a dropped connection's loss a turn of the reactor later: the stop waits for it.
+        self._dropped = len(self._open)
+        self._timer = self._clock.callLater(_DROPPED_LOSS_WAIT, self._finish)
+        for connection in list(self._open):
             try:
                 connection.drop()
             except Exception:
                 log.failure("drop_failed")
-        self._finish(all_gone, len(left))
 
-    def _finish(self, all_gone: Deferred[None], left: int) -> None:
+    def _finish(self) -> None:
+        all_gone, self._all_gone = self._all_gone, None
+        if all_gone is None:
+            return  # not stopping, or finished already
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         assert self._stopping_since is not None
-        log.info("drained left={left} seconds={seconds:.3f}", left=left,
+        log.info("drained left={left} seconds={seconds:.3f}", left=self._dropped,
                  seconds=self._clock.seconds() - self._stopping_since)
         all_gone.callback(None)
 
 
-def sigterm_once() -> None:
+_DROPPED_LOSS_WAIT = 1.0
+"""Seconds the stop waits, at most, for the losses of the connections it dropped to be reported."""
+
+
+def sigterm_once(reactor: IReactorCore) -> None:
     """
     Have the SIGTERM handler the reactor installed stop it once: later SIGTERMs are ignored. A
     worker gets two at once (systemd signals every process of the unit, and so does the
     supervisor), and Twisted would answer the second, while the connections end, with a
-    ReactorNotRunning traceback. SIGKILL still ends the process. Call it once the reactor runs.
+    ReactorNotRunning traceback. A stop begun otherwise (a worker whose supervisor has gone)
+    takes none either. SIGKILL still ends the process. Call it once the reactor runs.
     """
     stop = signal.getsignal(signal.SIGTERM)
     if not callable(stop):
@@ -123,3 +133,4 @@ def sigterm_once() -> None:
         stop(number, frame)
 
     signal.signal(signal.SIGTERM, once)
+    reactor.addSystemEventTrigger("before", "shutdown", signal.signal, signal.SIGTERM, signal.SIG_IGN)

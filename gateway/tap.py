@@ -114,7 +114,7 @@ def makeService(options: Options) -> IService:
         # as the SystemExit's code would exit with 1, which systemd would restart every 5 s.
         raise SystemExit(_refused(e)) from None
     Logger().info("starting version={version} config={path}", version=__version__, path=options["config"])
-    reactor.callWhenRunning(sigterm_once)
+    reactor.callWhenRunning(sigterm_once, reactor)
     return service
 
 

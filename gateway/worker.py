@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     hello: Deferred[str] = channel.call("hello")
     hello.addCallback(_start, configuration, options, reactor, channel)
     hello.addErrback(_failed, reactor, status)
-    reactor.callWhenRunning(sigterm_once)
+    reactor.callWhenRunning(sigterm_once, reactor)
     reactor.run()
     return status[0]
 

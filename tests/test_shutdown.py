@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -80,15 +80,62 @@ class OpenConnectionsTests(SynchronousTestCase):
         self.assertEqual((ended.dropped, stuck.dropped), (False, True))
         self.assertEqual(formatEvent(self.logged[-1]), f"drained left=1 seconds={SHUTDOWN_GRACE:.3f}")
 
+    def test_dropped_connections_seen_gone(self) -> None:
+        """
+        The stop waits for the losses of the connections it dropped, which Twisted reports a turn of
+        the reactor later: ended before, the reactor's stop would never let their lines be logged.
+        """
+        order: list[str] = []
+        stuck = Connection(self.connections)
+
+        def lost() -> None:
+            order.append("lost")
+            stuck.end()
+
+        stuck.drop = lambda: self.clock.callLater(0, lost)  # type: ignore[method-assign]
+        stopped = self.connections.stopService()
+        assert stopped is not None
+        stopped.addCallback(lambda _: order.append("stopped"))
+        self.clock.advance(SHUTDOWN_GRACE)
+        self.assertEqual(order, ["lost", "stopped"])
+        self.assertEqual(formatEvent(self.logged[-1]), f"drained left=1 seconds={SHUTDOWN_GRACE:.3f}")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_dropped_connection_never_seen_gone(self) -> None:
+        """A dropped connection whose loss never comes holds the stop a second more, no longer."""
+        Connection(self.connections).drop = lambda: None  # type: ignore[method-assign]
+        stopped = self.connections.stopService()
+        self.clock.advance(SHUTDOWN_GRACE)
+        self.clock.advance(0.9)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+
+    def test_stopped_twice(self) -> None:
+        """A second stop does not wait, nor disturb the first."""
+        Connection(self.connections)
+        stopped = self.connections.stopService()
+        self.assertIsNone(self.connections.stopService())
+        self.clock.advance(SHUTDOWN_GRACE)
+        self.successResultOf(stopped)
+
     def test_sigterm_once(self) -> None:
-        """The reactor's SIGTERM handler is called for the first SIGTERM only; later ones are ignored."""
+        """
+        The reactor's SIGTERM handler is called for the first SIGTERM only; later ones are ignored,
+        as they are once a stop has begun some other way.
+        """
         self.addCleanup(signal.signal, signal.SIGTERM, signal.getsignal(signal.SIGTERM))
         received: list[int] = []
         signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
-        sigterm_once()
+        reactor = MemoryReactor()
+        sigterm_once(reactor)
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)
         self.assertEqual(received, [signal.SIGTERM])
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+        [(trigger, args, _)] = reactor.triggers["before"]["shutdown"]  # a stop begun otherwise
+        trigger(*args)
         self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_IGN)
 
     def test_one_failing_connection(self) -> None:
