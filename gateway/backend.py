@@ -95,7 +95,7 @@ class ClientAddress:
 
 
 def new_session_id() -> str:
-    """A session's name: 72 random bits in 12 characters of base64url, too many for two to be alike in practice."""
+    """A session's name: 72 random bits in 12 characters of base64url; in practice no two are alike."""
     return secrets.token_urlsafe(9)
 
 

@@ -416,8 +416,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def shut_down(self) -> None:
         """
-        The process is stopping: a relayed session is closed both ways once what is under way is
-        written (nothing may be injected into it); any other connection is told why, and closed.
+        The process is stopping: a relayed session is closed both ways, with what the gateway holds
+        for the client written and nothing injected; any other connection is told why, and closed.
         """
         if self.closed:
             return  # closing already
