@@ -340,17 +340,15 @@ class BackendConnector:
         Log the backend's changes of state, once each, among the per-login lines an outage makes:
         down at the first login it fails as unavailable, up at the first it answers again.
         """
-        unavailable = isinstance(result, Failure) and result.check(BackendUnavailable) is not None
-        answered = not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused) is not None
-        now = self._reactor.seconds()  # type: ignore[attr-defined]
-        if unavailable and self._down_since is None:
-            assert isinstance(result, Failure)
-            self._down_since = now
-            log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
-                     reason=result.getErrorMessage())
-        elif answered and self._down_since is not None:
+        if isinstance(result, Failure) and result.check(BackendUnavailable):
+            if self._down_since is None:
+                self._down_since = self._reactor.seconds()  # type: ignore[attr-defined]
+                log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
+                         reason=result.getErrorMessage())
+        elif self._down_since is not None and (not isinstance(result, Failure)
+                                               or result.check(BackendRejected, BackendRefused)):
             log.info("backend_up backend={backend} down_for={seconds:.1f}", backend=self.address,
-                     seconds=now - self._down_since)
+                     seconds=self._reactor.seconds() - self._down_since)  # type: ignore[attr-defined]
             self._down_since = None
         return result
 
