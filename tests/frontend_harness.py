@@ -22,6 +22,7 @@ from gateway.idle import IdleSessions
 from gateway.shutdown import OpenConnections
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.testing.fakes import MemoryAuthenticator, MemoryBackend, TLSStringTransport
+from gateway.testing.gateway import SESSION_NAME
 
 PASSWORD = b'p4ss "w rd\\'
 TLS_OPTIONS = object()
@@ -91,7 +92,7 @@ class FrontEndTestBase(SynchronousTestCase):
 
     def _check_session_named(self, event: LogEvent) -> None:
         if (event.get("log_namespace") in ("gateway.frontend", "gateway.submission") and "client" in event
-                and not re.fullmatch(r"[\w-]{12}", str(event.get("session")))):
+                and not re.fullmatch(SESSION_NAME, str(event.get("session")))):
             self.unnamed_lines.append(formatEvent(event))
 
     def read(self) -> bytes:

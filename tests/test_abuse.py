@@ -33,6 +33,7 @@ from gateway.senders import SenderPolicy
 from gateway.shutdown import OpenConnections
 from gateway.submission import SubmissionFrontEnd
 from gateway.testing.fakes import BACKEND_SETTINGS, MemoryAuthenticator, MemoryBackend, TLSStringTransport
+from gateway.testing.gateway import SESSION_NAME
 
 HOME = "192.168.1.1"  # the harness's first client
 ATTACKER = "203.0.113.9"
@@ -47,7 +48,7 @@ IMAP_TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] Too many connections, try agai
 IMAP_TOO_MANY_SESSIONS = (b"a1 NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n"
                           b"* BYE [UNAVAILABLE] Closing.\r\n")
 HTTP_LINES = (b"GET / HTTP/1.1", b"POST /x HTTP/1.1", b"Host: example.org")
-_SESSION = re.compile(r" session=[\w-]{12}$")
+_SESSION = re.compile(rf" session={SESSION_NAME}$")
 
 SUBMISSION_RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
                                       max_message_size=1000, max_recipients=3, idle_timeout=300.0,

@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.backend import BackendUnavailable, ClientAddress
 from gateway.frontend import FrontEndFactory
 from gateway.imap import ImapFrontEnd
+from gateway.testing.gateway import SESSION_NAME
 from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.relay import CLOSE_GRACE
 
@@ -197,7 +198,7 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual((request.user, request.password), ("bob", b"secret"))
         self.assertEqual(request.client, ClientAddress("192.168.1.1", 54321, "10.0.0.1", 12345,
                                                        request.client.session))
-        self.assertRegex(request.client.session, "^[A-Za-z0-9_-]{12}$")
+        self.assertRegex(request.client.session, f"^{SESSION_NAME}$")
         self.front.dataReceived(b"a2 SELECT INBOX\r\n")
         backend_transport = self.backend.sessions[0].transport
         self.assertEqual(backend_transport.value(), b"a2 SELECT INBOX\r\n")
@@ -668,7 +669,7 @@ class LoggingTests(ImapTestBase):
         self.log_in()
         self.front.connectionLost(Failure(ConnectionDone()))
         session = self.front.client.session
-        self.assertRegex(session, "^[A-Za-z0-9_-]{12}$")
+        self.assertRegex(session, f"^{SESSION_NAME}$")
         names = [e["log_format"].split(" ", 1)[0] for e in self.events]
         self.assertEqual(names, ["connect", "login_failed", "login", "disconnect"])
         for event in self.events:

@@ -23,6 +23,8 @@ from gateway.userdb import hash_password
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The supervisor's line when there are workers (which log their own, inherited, ones too).
+SESSION_NAME = r"[A-Za-z0-9_-]{12}"
+"""A session's name, as every log line about a connection ends with it (see L{gateway.backend.new_session_id})."""
 _WORKER_STARTED = re.compile(r"worker_started worker=(\d+) pid=(\d+)")
 _LISTENING = re.compile(r"listening protocol=(\w+) tls=(\w+) (?:held_for=workers )?endpoint=\S+ address=(\S+):(\d+)")
 

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway.imap_syntax import login_command
 from gateway.relay import CLOSE_GRACE
 from gateway.testing.dovecot import DovecotSandbox
-from gateway.testing.gateway import GatewayProcess
+from gateway.testing.gateway import SESSION_NAME, GatewayProcess
 
 from .stack import Stack, require_tool
 from .wire import Wire
@@ -284,8 +284,8 @@ class GatewayBehaviourTests(GatewayFixture):
         for source, context in (("127.0.0.21", untrusting), ("127.0.0.22", old)):
             with self.assertRaises(ssl.SSLError):
                 Wire(self.gateway.port("imap", "implicit_tls"), tls=context, source=source)
-        self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.21 error="[^"]*unknown ca" session=[\w-]{12}\n')
-        self.gateway.wait_for_log(r'tls_failed protocol=imap client=127\.0\.0\.22 error="unsupported protocol" session=[\w-]{12}\n')
+        self.gateway.wait_for_log(rf'tls_failed protocol=imap client=127\.0\.0\.21 error="[^"]*unknown ca" session={SESSION_NAME}\n')
+        self.gateway.wait_for_log(rf'tls_failed protocol=imap client=127\.0\.0\.22 error="unsupported protocol" session={SESSION_NAME}\n')
         # The greeting written for them was never delivered: they were sent nothing.
         for source in ("127.0.0.21", "127.0.0.22"):
             self.gateway.wait_for_log(rf"disconnect protocol=imap client={re.escape(source)} \S+ \S+ in=0 out=0 ")
