@@ -129,13 +129,16 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
     :ivar lost: True once the connection is gone.
+    :ivar forwarding_refused: the backend's answer when it refused the client's address (POP3
+        C{XCLIENT}), printable; None otherwise.
     :ivar request: what to log in as; None once relaying, so that the password is not kept for
         as long as the session lasts.
     """
 
     # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
     __slots__ = (*slots.LINE_RECEIVER,
-                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost", "_closing")
+                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost", "_closing",
+                 "forwarding_refused")
 
     MAX_LENGTH = 65536
 
@@ -150,6 +153,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         self._splice: Splice | None = None
         self.lost = False
         self._closing: GracePeriod | None = None  # the abort of a close that takes too long
+        self.forwarding_refused: bytes | None = None
 
     def connectionMade(self) -> None:
         tune(self.transport)
@@ -287,6 +291,7 @@ class BackendConnector:
         self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
         self._down_since: float | None = None  # when its logins began to fail as unavailable
+        self._forwarding_refusal_logged = False
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
         """
@@ -358,6 +363,11 @@ class BackendConnector:
         if protocol.announced is not None and (not isinstance(result, Failure)
                                                or result.check(BackendRejected, BackendRefused)):
             self.announced = protocol.announced
+        # A setting of the backend's, the same for every login: said once, or it would double the log.
+        if protocol.forwarding_refused is not None and not self._forwarding_refusal_logged:
+            self._forwarding_refusal_logged = True
+            log.warn("backend_refused_client_address backend={backend} reply={reply}", backend=self.address,
+                     reply=protocol.forwarding_refused.decode("ascii"))
         return result
 
     def _connect(self, factory: IProtocolFactory, protocol: BackendLogin) -> Callable[[], None]:

@@ -2,8 +2,9 @@
 The POP3 login dialogue with the backend store (RFC 1939, 2449, 2595, 3206).
 
 Greeting, CAPA, optional STLS (then CAPA again), optional C{XCLIENT ADDR=... PORT=... SESSION=...} with the
-client's address and session name (Dovecot honours it from C{login_trusted_networks}), then USER and PASS. The
-backend's capabilities are kept so that the front end promises only what the backend does.
+client's address and session name (Dovecot honours it from C{login_trusted_networks}; a backend that refuses
+it is asked again without SESSION), then USER and PASS. The backend's capabilities are kept so that the front
+end promises only what the backend does.
 
 The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} (RFC 5034),
 the master user's credentials with the user as authorization identity, as Dovecot's own proxy
@@ -154,11 +155,23 @@ class Pop3BackendLogin(BackendLogin):
             self._user()
             return
         client = self.request.client
-        # The answer does not matter: a backend that ignores XCLIENT still takes the login.
-        # Dovecot logs the session's name as its own (session=<...>).
-        self._send(b"XCLIENT ADDR=%s PORT=%d SESSION=%s" % (client.host.encode("ascii"), client.port,
-                                                              client.session.encode("ascii")),
-                   lambda ok, text: self._user())
+        address = b"XCLIENT ADDR=%s PORT=%d" % (client.host.encode("ascii"), client.port)
+
+        def answered(ok: bool, text: bytes) -> None:
+            # SESSION is Dovecot's own field (it logs the name as its own session=<...>): a backend
+            # that refuses it is asked for the address alone.
+            if ok:
+                self._user()
+            else:
+                self._send(address, forwarded)
+
+        def forwarded(ok: bool, text: bytes) -> None:
+            # The login goes on either way: the backend then sees the gateway's address (logged, once).
+            if not ok:
+                self.forwarding_refused = printable(text)
+            self._user()
+
+        self._send(address + b" SESSION=" + client.session.encode("ascii"), answered)
 
     def _continue_auth(self) -> None:
         response, self._initial_response = self._initial_response, None

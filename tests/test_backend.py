@@ -44,6 +44,7 @@ CLIENT = ClientAddress("192.0.2.7", 50123, "198.51.100.1", 993, "bAcKsEsSiOn1")
 REQUEST = LoginRequest("alice", b"secret", CLIENT)
 SETTINGS = dataclasses.replace(BACKEND_SETTINGS, timeout=2.5)
 POP3_SETTINGS = dataclasses.replace(SETTINGS, port=110)
+POP3_SETTINGS_FORWARDING = dataclasses.replace(POP3_SETTINGS, forward_client_ip=True)
 POP3_CAPA = b"+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n"
 
 
@@ -282,6 +283,23 @@ class HealthTests(ConnectorTestBase):
         attempt.cancel()
         self.failureResultOf(attempt, CancelledError)
         self.assertEqual([formatEvent(event) for event in logged], [])
+
+
+class ForwardingTests(ConnectorTestBase):
+    """The client's address, as the backend takes it or not."""
+
+    def test_forwarding_refused_said_once(self) -> None:
+        """A backend that refuses the client's address (POP3 XCLIENT) is named once, however many logins it refuses."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector(POP3_SETTINGS_FORWARDING, Pop3BackendLogin)
+        for index in range(2):
+            attempt = connector.login(REQUEST)
+            wire, _ = self.accept(index)
+            wire.dataReceived(b"+OK [XCLIENT] ready\r\n" + POP3_CAPA + b"-ERR no\r\n-ERR Not trusted\r\n"
+                              b"+OK\r\n+OK Logged in.\r\n")
+            self.successResultOf(attempt)
+        self.assertEqual([formatEvent(event) for event in logged],
+                         ["backend_refused_client_address backend=127.0.0.1:110 reply=Not trusted"])
 
 
 class DeadlineTests(ConnectorTestBase):

@@ -169,11 +169,25 @@ class XclientTests(Pop3LoginTestBase):
         self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=2001:db8::7 PORT=4000 SESSION=pOp3sEsSiOn2\r\n")
 
     def test_xclient_refused_still_logs_in(self) -> None:
-        """A backend that answers XCLIENT with -ERR still gets USER."""
+        """
+        A backend that refuses XCLIENT is asked again without SESSION (not every XCLIENT has it);
+        refused again, it still gets USER, and its answer is kept for the connector to log.
+        """
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
         self.say(CAPA)
-        self.assertEqual(self.say(b"-ERR You are not from trusted IP\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.say(b"-ERR Unknown field SESSION\r\n"), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
+        self.assertIsNone(self.protocol.forwarding_refused)
+        self.assertEqual(self.say(b"-ERR You are not\x01 from trusted IP\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.protocol.forwarding_refused, b"You are not? from trusted IP")
         self.assertNoResult(self.protocol.result)
+
+    def test_xclient_without_session(self) -> None:
+        """A backend that takes XCLIENT without SESSION has the address: nothing is kept as refused."""
+        self.say(b"+OK [XCLIENT] ready.\r\n")
+        self.say(CAPA)
+        self.say(b"-ERR Bad XCLIENT attribute\r\n")
+        self.assertEqual(self.say(b"+OK Updated\r\n"), b"USER alice\r\n")
+        self.assertIsNone(self.protocol.forwarding_refused)
 
     def test_not_offered(self) -> None:
         """Without an XCLIENT offer no XCLIENT is sent, even with forward_client_ip."""
