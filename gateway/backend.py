@@ -291,6 +291,7 @@ class BackendConnector:
         self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
         self._down_since: float | None = None  # when its logins began to fail as unavailable
+        self._up_since = float("-inf")  # when it last answered again after an outage
         self._forwarding_refusal_logged = False
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
@@ -315,6 +316,7 @@ class BackendConnector:
             backend refuses the credentials and L{BackendUnavailable} for anything else,
             including taking longer than the configured timeout.
         """
+        started = self._reactor.seconds()  # type: ignore[attr-defined]
         protocol = self._login_protocol(request, self.settings, self._tls)
         factory: IProtocolFactory = _Dialing(protocol)
         if self.settings.tls == "implicit":
@@ -337,23 +339,26 @@ class BackendConnector:
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
-        done.addBoth(self._health)
+        done.addBoth(self._health, started)
         return done
 
-    def _health(self, result: BackendLogin | Failure) -> BackendLogin | Failure:
+    def _health(self, result: BackendLogin | Failure, started: float) -> BackendLogin | Failure:
         """
         Log the backend's changes of state, once each, among the per-login lines an outage makes:
-        down at the first login it fails as unavailable, up at the first it answers again.
+        down at the first login it fails as unavailable, up at the first it answers again. Only
+        a login begun since the last change can make the next: logins end out of order, and one
+        begun before an outage (or before its end) would otherwise log up (down) again within it.
         """
         if isinstance(result, Failure) and result.check(BackendUnavailable):
-            if self._down_since is None:
+            if self._down_since is None and started >= self._up_since:
                 self._down_since = self._reactor.seconds()  # type: ignore[attr-defined]
                 log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
                          reason=result.getErrorMessage())
-        elif self._down_since is not None and (not isinstance(result, Failure)
-                                               or result.check(BackendRejected, BackendRefused)):
+        elif (self._down_since is not None and started >= self._down_since
+              and (not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused))):
+            self._up_since = self._reactor.seconds()  # type: ignore[attr-defined]
             log.info("backend_up backend={backend} down_for={seconds:.1f}", backend=self.address,
-                     seconds=self._reactor.seconds() - self._down_since)  # type: ignore[attr-defined]
+                     seconds=self._up_since - self._down_since)
             self._down_since = None
         return result
 

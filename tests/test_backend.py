@@ -276,6 +276,30 @@ class HealthTests(ConnectorTestBase):
         self.assertTrue(lines[0].startswith("backend_down backend=127.0.0.1:143 reason=cannot connect"), lines[0])
         self.assertEqual(lines[1], "backend_up backend=127.0.0.1:143 down_for=42.5")
 
+    def test_out_of_order(self) -> None:
+        """
+        A login begun before the outage was logged ends it only if begun after (and one begun
+        before its end does not begin another): logins end out of order.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector()
+        before = connector.login(REQUEST)  # 0: still connecting when the outage is seen
+        self.reactor.advance(1)
+        self.refuse(connector.login(REQUEST), 1)  # 1: down
+        wire, _ = self.accept(0)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(before, BackendRejected)  # begun before the outage: not up
+        self.reactor.advance(1)
+        late = connector.login(REQUEST)  # 2: still connecting when the backend answers again
+        self.reactor.advance(1)
+        after = connector.login(REQUEST)  # 3
+        wire, _ = self.accept(3)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(after, BackendRejected)  # up
+        self.refuse(late, 2)  # begun before it answered again: not down
+        self.assertEqual([formatEvent(event).split(" ", 1)[0] for event in logged], ["backend_down", "backend_up"])
+        self.assertIn("down_for=2.0", formatEvent(logged[1]))
+
     def test_cancelled_says_nothing(self) -> None:
         """A login its client gave up tells nothing of the backend."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
