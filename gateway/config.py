@@ -229,6 +229,8 @@ class Limits:
         POP3 session is closed (IMAP IDLE clients renew within 29 minutes).
     :ivar trusted_networks: client networks exempt from the per-address limits and penalties.
     :ivar proxy_sources: load balancers allowed to connect to C{haproxy:} listeners.
+    :ivar stop_grace: seconds a stopping gateway waits for its connections to end (an MTA's
+        verdict on a message, a relayed session's last bytes) before it drops those left.
     """
 
     line_length: int = 8192
@@ -243,6 +245,7 @@ class Limits:
     relay_idle_timeout: float = 1860.0
     trusted_networks: tuple[Network, ...] = ()
     proxy_sources: tuple[Network, ...] = ()
+    stop_grace: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -750,6 +753,7 @@ def _limits(table: _Table) -> Limits:
         relay_idle_timeout=table.seconds("relay_idle_timeout", d.relay_idle_timeout, 10, 86400),
         trusted_networks=table.networks("trusted_networks"),
         proxy_sources=table.networks("proxy_sources"),
+        stop_grace=table.seconds("stop_grace", d.stop_grace, 1, 3600),
     )
     table.finish()
     return limits

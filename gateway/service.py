@@ -56,8 +56,8 @@ from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
 from gateway.smtp_backend import SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
-from gateway.shutdown import OpenConnections
-from gateway.systemd_notify import ReadyNotice, notify, notify_status
+from gateway.shutdown import STOP_MARGIN, OpenConnections
+from gateway.systemd_notify import ReadyNotice, StopNotice, notify, notify_status
 from gateway.tls import (
     ListenerTLS,
     ServerTLS,
@@ -69,7 +69,7 @@ from gateway.tls import (
 )
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
-from gateway.workers import WorkerPool
+from gateway.workers import WorkerPool, stop_within
 
 log = Logger()
 
@@ -464,6 +464,14 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
     reloader.setServiceParent(top)
     reloader.follow(provide_descriptors)
     reloader.follow(partial(_new_rules, gatekeeper))
+    # One process, or a supervisor whose workers are killed after stop_within: either is gone a margin later.
+    stop_notice = StopNotice(stop_within(settings) + STOP_MARGIN)
+    stop_notice.setServiceParent(top)
+
+    def new_stop_time(new: Settings) -> None:
+        stop_notice.seconds = stop_within(new) + STOP_MARGIN
+
+    reloader.follow(new_stop_time)
     if settings.workers == 1:
         _build_mail(settings, files, reactor, gatekeeper, reloader, top)
     else:
@@ -599,8 +607,13 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
     hashing.setServiceParent(top)
     authenticator = Authenticator(reactor, hashing.pool, _local_users(settings))  # type: ignore[arg-type]
     idle = IdleSessions(reactor)  # type: ignore[arg-type]
-    connections = OpenConnections(reactor)  # type: ignore[arg-type]
+    connections = OpenConnections(reactor, settings.limits.stop_grace)  # type: ignore[arg-type]
     connections.setServiceParent(top)
+
+    def new_grace(new: Settings) -> None:
+        connections.grace = new.limits.stop_grace
+
+    reloader.follow(new_grace)
     for name, alpn, protocol, front_end, backend_login in _mail_protocols(settings):
         if protocol is None:
             continue

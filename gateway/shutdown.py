@@ -8,8 +8,8 @@ written, and a submission client whose message the MTA has just accepted never h
 sends it again. L{OpenConnections} knows the open front-end connections; when it is stopped it
 asks each to end (L{Ending.shut_down}: a goodbye where the protocol allows one, a relayed session
 closed both ways with what the gateway holds for it written, a message's verdict passed on
-first), and holds the stop until they are gone or L{SHUTDOWN_GRACE} has passed; those left then
-are dropped. A client that does not read holds the stop for all of it.
+first), and holds the stop until they are gone or its grace (C{[limits] stop_grace}) has passed;
+those left then are dropped. A client that does not read holds the stop for all of it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["SHUTDOWN_GRACE", "Ending", "OpenConnections", "sigterm_once"]
+__all__ = ["STOP_MARGIN", "Ending", "OpenConnections", "sigterm_once"]
 
 log = Logger()
 
-SHUTDOWN_GRACE = 8.0
+STOP_MARGIN = 2.0
 """
-Seconds a stopping process waits for its connections to end (an MTA's verdict on a message, a
-relayed session's last buffered bytes) before it drops those left. A supervisor gives its workers
-more (L{gateway.workers.STOP_GRACE}), and systemd far more (C{TimeoutStopSec}, 90 s).
+Seconds a stopping process may take beyond its grace: the wait for the losses of the connections
+it dropped (L{_DROPPED_LOSS_WAIT}), and its exit. A supervisor kills a worker that takes longer,
+and tells systemd to wait for its own grace and two margins (L{gateway.systemd_notify.StopNotice}).
 """
 
 
@@ -46,11 +46,15 @@ class Ending(Protocol):
 
 
 class OpenConnections(Service):
-    """The client connections open in this process, ended when the service stops."""
+    """
+    The client connections open in this process, ended when the service stops.
 
-    def __init__(self, clock: IReactorTime, grace: float = SHUTDOWN_GRACE) -> None:
+    :ivar grace: seconds the stop waits for them; a reload may change it.
+    """
+
+    def __init__(self, clock: IReactorTime, grace: float) -> None:
         self._clock = clock
-        self._grace = grace
+        self.grace = grace
         self._open: set[Ending] = set()
         self._all_gone: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
@@ -77,9 +81,9 @@ class OpenConnections(Service):
         self._stopping_since = self._clock.seconds()
         if not self._open:
             return None
-        log.info("draining connections={count} grace={grace:g}", count=len(self._open), grace=self._grace)
+        log.info("draining connections={count} grace={grace:g}", count=len(self._open), grace=self.grace)
         self._all_gone = all_gone = Deferred[None]()
-        self._timer = self._clock.callLater(self._grace, self._grace_over)
+        self._timer = self._clock.callLater(self.grace, self._grace_over)
         for connection in list(self._open):  # a copy: a connection may end, and be discarded, at once
             try:
                 connection.shut_down()

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-__all__ = ["ReadyNotice", "notify", "notify_status"]
+__all__ = ["ReadyNotice", "StopNotice", "notify", "notify_status"]
 
 log = Logger()
 
@@ -58,3 +58,20 @@ class ReadyNotice(Service):
     def startService(self) -> None:
         super().startService()
         notify(b"READY=1")
+
+
+class StopNotice(Service):
+    """
+    Says C{STOPPING=1} when stopped, with how long the stop may take (C{EXTEND_TIMEOUT_USEC}):
+    systemd kills what is left of the unit after its C{TimeoutStopSec} (90 s by default), which
+    would cut short a longer C{[limits] stop_grace}. It extends that timeout, never shortens it.
+
+    :ivar seconds: how long the stop may take; a reload may change it.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def stopService(self) -> None:
+        super().stopService()
+        notify(b"STOPPING=1\nEXTEND_TIMEOUT_USEC=%d" % round(self.seconds * 1_000_000))

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from gateway.config import Settings
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.listener import Listener
-from gateway.shutdown import SHUTDOWN_GRACE
+from gateway.shutdown import STOP_MARGIN
 from gateway.worker_channel import SupervisorChannel
 
 log = Logger()
@@ -45,9 +45,6 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 STABLE_AFTER = 60.0
 """A worker that ran this long before exiting is restarted after the shortest delay again."""
 
-STOP_GRACE = SHUTDOWN_GRACE + 2.0
-"""Seconds the workers have to stop after SIGTERM before they are killed: time to end their connections."""
-
 # A bound in time rather than in failed starts: it means the same however long a worker takes to
 # fail (an import, a users file to check, a fork refused) and however many workers there are. By
 # RESTART_DELAYS, 60 s is about six failed starts in a row of every worker, the last after the
@@ -59,6 +56,11 @@ UNSERVED_LIMIT = 60.0
 
 EXIT_UNSERVED = os.EX_UNAVAILABLE
 """The supervisor's exit status when no worker could serve: 69, which systemd shows as C{status=69/UNAVAILABLE}."""
+
+
+def stop_within(settings: Settings) -> float:
+    """Seconds a worker has to stop after SIGTERM before it is killed: time to end its connections."""
+    return settings.limits.stop_grace + STOP_MARGIN
 
 
 class WorkerPool(Service):
@@ -83,6 +85,7 @@ class WorkerPool(Service):
         self._text = settings.text
         self._generation = 0  # of the text; a worker that started from an older one is told to reload
         self._count = settings.workers
+        self._stop_within = stop_within(settings)
         self._gatekeeper = gatekeeper
         self._listeners = listeners
         self._publisher = publisher
@@ -106,7 +109,7 @@ class WorkerPool(Service):
         for pending in self._restarts.values():
             pending.cancel()
         self._restarts.clear()
-        stopping = [worker.stop() for worker in self._workers.values()]
+        stopping = [worker.stop(self._stop_within) for worker in self._workers.values()]
         return DeferredList(stopping)  # type: ignore[return-value]
 
     def reload(self, settings: Settings) -> None:
@@ -116,6 +119,7 @@ class WorkerPool(Service):
         Workers started from now on start from it too.
         """
         self._text = settings.text
+        self._stop_within = stop_within(settings)
         self._generation += 1
         for worker in self._workers.values():
             self._update(worker)
@@ -262,14 +266,14 @@ class _Worker(ProcessProtocol):
         except ProcessExitedAlready:
             pass
 
-    def stop(self) -> Deferred[None]:
-        """SIGTERM, then SIGKILL after L{STOP_GRACE}; fires once the process has ended."""
+    def stop(self, within: float) -> Deferred[None]:
+        """SIGTERM, then SIGKILL after C{within} seconds; fires once the process has ended."""
         self._ended = Deferred()
         if self._done:
             self._ended.callback(None)
             return self._ended
         self.signal("TERM")
-        self._kill = self._clock.callLater(STOP_GRACE, self.signal, "KILL")
+        self._kill = self._clock.callLater(within, self.signal, "KILL")
         return self._ended
 
     def processEnded(self, reason: Failure) -> None:

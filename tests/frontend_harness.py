@@ -67,7 +67,7 @@ class FrontEndTestBase(SynchronousTestCase):
         self.context = FrontEndContext(self.protocol, self.clock, self.limits, TLS_OPTIONS,  # type: ignore[arg-type]
                                        self.implicit_tls, self.auth, self.backend,  # type: ignore[arg-type]
                                        "mail.example.org", LocalGatekeeper(self.connections, self.penalties),
-                                       IdleSessions(self.clock), OpenConnections(self.clock))
+                                       IdleSessions(self.clock), OpenConnections(self.clock, self.limits.stop_grace))
         self.front, self.transport = self.connect()
         self.greeting = self.read()
 

@@ -504,7 +504,7 @@ class UnreadRepliesTests(TestCase):
                                   "mail.example.org",
                                   LocalGatekeeper(ConnectionLimits(ConnectionRules()),
                                                   LoginPenalties(reactor, PenaltyRules())),
-                                  IdleSessions(reactor), OpenConnections(reactor))
+                                  IdleSessions(reactor), OpenConnections(reactor, Limits().stop_grace))
         factory = FrontEndFactory(ImapFrontEnd, context)
         lost: Deferred[None] = Deferred()
         build = factory.buildProtocol

@@ -65,8 +65,8 @@ from gateway.service import (
     restart_needed,
 )
 from gateway.testing.pki import IssuedCertificate, TestCA
-from gateway.shutdown import OpenConnections
-from gateway.systemd_notify import ReadyNotice
+from gateway.shutdown import STOP_MARGIN, OpenConnections
+from gateway.systemd_notify import ReadyNotice, StopNotice
 from gateway.tls import ServerTLS, ensure_self_signed
 from gateway.userdb import hash_password
 from gateway.worker import supervisor_configuration
@@ -238,8 +238,9 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_tree(self) -> None:
         """
-        The tree holds one listener per endpoint, a probe per backend, a pool, a
-        reloader, the open connections (ended at a stop), and last the notice that tells systemd the gateway serves.
+        The tree holds one listener per endpoint, a probe per backend, a pool, a reloader, the
+        open connections (ended at a stop), the notice that tells systemd the gateway stops, and
+        last the one that tells it the gateway serves.
         """
         top = self.build(self_signed=True)
         self.assertIsInstance(top, MultiService)
@@ -250,8 +251,9 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(top, HashingPool)), 1)
         self.assertEqual(len(children(top, Reloader)), 1)
         self.assertEqual(len(children(top, OpenConnections)), 1)
+        self.assertEqual(len(children(top, StopNotice)), 1)
         self.assertIsInstance(list(top)[-1], ReadyNotice)
-        self.assertEqual(len(list(top)), 6 + 3 + 1 + 1 + 1 + 1)
+        self.assertEqual(len(list(top)), 6 + 3 + 1 + 1 + 1 + 1 + 1)
 
     def test_descriptor_limit_short(self) -> None:
         """
@@ -633,6 +635,26 @@ class ProxySourcesReloadTests(SynchronousTestCase):
         self.assertIsNone(proxy.buildProtocol(balancer))
         self.assertIn("proxy_refused source=127.0.0.2 reason=untrusted", messages(logged))
         self.assertIsNotNone(proxy.buildProtocol(replacement))
+
+
+class StopGraceReloadTests(SynchronousTestCase):
+    """[limits] stop_grace follows a reload: a stop waits, and tells systemd it may take, the grace in force."""
+
+    def test_follows_reload(self) -> None:
+        """In one process the connections' grace and systemd's word follow; with workers, systemd's."""
+        for workers in (1, 2):
+            files = GatewayFiles(self)
+            top = build_service(load_settings(files.write(gateway=f"workers = {workers}", limits="stop_grace = 5")),
+                                ThreadCallReactor())
+            [reloader] = children(top, Reloader)
+            [notice] = children(top, StopNotice)
+            connections = children(top, OpenConnections)
+            self.assertEqual([notice.seconds, *(each.grace for each in connections)],
+                             [5 + 2 * STOP_MARGIN, *[5] * (workers == 1)])
+            files.write(gateway=f"workers = {workers}", limits="stop_grace = 30")
+            reloader.reload()
+            self.assertEqual([notice.seconds, *(each.grace for each in connections)],
+                             [30 + 2 * STOP_MARGIN, *[30] * (workers == 1)])
 
 
 class SupervisorReloadTests(SynchronousTestCase):

@@ -9,8 +9,11 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.shutdown import SHUTDOWN_GRACE, OpenConnections, sigterm_once
-from gateway.workers import STOP_GRACE
+from gateway import shutdown
+from gateway.config import Limits
+from gateway.shutdown import STOP_MARGIN, OpenConnections, sigterm_once
+
+SHUTDOWN_GRACE = Limits().stop_grace
 
 
 class Connection:
@@ -43,7 +46,7 @@ class OpenConnectionsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.connections = OpenConnections(self.clock)
+        self.connections = OpenConnections(self.clock, SHUTDOWN_GRACE)
         self.connections.startService()
         self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
@@ -148,6 +151,18 @@ class OpenConnectionsTests(SynchronousTestCase):
         self.clock.advance(SHUTDOWN_GRACE)
         self.successResultOf(stopped)
 
+    def test_grace_changed(self) -> None:
+        """The grace in force when the stop begins is the one it waits (a reload may have changed it)."""
+        Connection(self.connections)
+        self.connections.grace = 20
+        stopped = self.connections.stopService()
+        self.clock.advance(19.9)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.clock.advance(1)  # the wait for the dropped connections' losses
+        self.successResultOf(stopped)
+        self.assertEqual(formatEvent(self.logged[0]), "draining connections=1 grace=20")
+
     def test_workers_given_longer(self) -> None:
-        """A supervisor waits longer for its workers than they wait for their connections."""
-        self.assertGreater(STOP_GRACE, SHUTDOWN_GRACE)
+        """A supervisor waits longer for its workers than they wait for their connections and their losses."""
+        self.assertGreater(STOP_MARGIN, shutdown._DROPPED_LOSS_WAIT)

@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.systemd_notify import ReadyNotice, notify, notify_status
+from gateway.systemd_notify import ReadyNotice, StopNotice, notify, notify_status
 
 
 class NotifyTests(SynchronousTestCase):
@@ -60,6 +60,18 @@ class NotifyTests(SynchronousTestCase):
         self.assertRaises(BlockingIOError, sock.recv, 4096)
         notice.startService()
         self.assertEqual(sock.recv(4096), b"READY=1")
+
+    def test_stop_notice(self) -> None:
+        """StopNotice says STOPPING=1 when stopped, with the seconds it holds then, in microseconds."""
+        sock, address = self.listening()
+        sock.settimeout(0)
+        self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": address})
+        notice = StopNotice(12.0)
+        notice.startService()
+        notice.seconds = 34.5
+        self.assertRaises(BlockingIOError, sock.recv, 4096)
+        notice.stopService()
+        self.assertEqual(sock.recv(4096), b"STOPPING=1\nEXTEND_TIMEOUT_USEC=34500000")
 
     def test_status_one_line_and_short(self) -> None:
         """A status is one line, and cut to 1,000 bytes (systemd drops a message over its limit whole)."""

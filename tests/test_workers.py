@@ -20,6 +20,7 @@ from gateway.config import Limits, Settings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import LoginPenalties, PenaltyRules
+from gateway.shutdown import STOP_MARGIN
 from gateway.workers import EXIT_UNSERVED, UNSERVED_LIMIT, WorkerPool, exit_after_stop
 
 # Only what the pool reads: where the configuration is, its text, how many workers.
@@ -259,6 +260,23 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual((clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
         self.stop(pool)
 
+
+    def test_killed_after_grace_and_margin(self) -> None:
+        """
+        A worker that does not end after SIGTERM is killed its stop_grace and a margin later,
+        with the grace of the latest reload (the worker's own stop waits that grace).
+        """
+        pool = self.pool_of(1)
+        pool.startService()
+        pool.reload(replace(SETTINGS, limits=Limits(stop_grace=30)))
+        [worker] = self.clock.spawned
+        stopping = pool.stopService()
+        self.clock.advance(30 + STOP_MARGIN - 0.1)
+        self.assertEqual(worker.transport.signals, ["TERM"])  # type: ignore[union-attr]
+        self.clock.advance(0.1)
+        self.assertEqual(worker.transport.signals, ["TERM", "KILL"])  # type: ignore[union-attr]
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(stopping)
 
     def test_hung_start_gives_up_and_stops_worker(self) -> None:
         """

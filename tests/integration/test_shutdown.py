@@ -17,7 +17,8 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.shutdown import SHUTDOWN_GRACE
+from gateway.config import Limits
+from gateway.shutdown import STOP_MARGIN
 from gateway.testing.gateway import GatewayProcess
 
 from .scripted_server import ScriptedServer
@@ -36,6 +37,12 @@ class SlowMta(ScriptedServer):
         super().__init__()
 
     def serve(self, connection: socket.socket) -> None:
+        try:
+            self.converse(connection)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway dropped the connection while the verdict was held
+
+    def converse(self, connection: socket.socket) -> None:
         with connection, connection.makefile("rwb", buffering=0) as f:
             f.write(b"220 mta.example.org ESMTP\r\n")
             for line in iter(f.readline, b""):
@@ -72,20 +79,21 @@ class StopTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.mta = SlowMta()
         self.addCleanup(self.mta.close)
-        # No IMAP store: a client that has not logged in needs none.
-        self.gateway = GatewayProcess(self.directory, imap_backend_port=9, users={USER: PASSWORD},
-                                      submission_backend_port=self.mta.port,
-                                      submission_backend='login = "xclient"', workers=self.workers)
-        self.gateway.start()
-        self.addCleanup(self.gateway.stop)
         self.tls = ssl.create_default_context()
         self.tls.check_hostname, self.tls.verify_mode = False, ssl.CERT_NONE
 
-    def test_stop_ends_connections(self) -> None:
+    def start(self, settings: str = "") -> None:
+        # No IMAP store: a client that has not logged in needs none.
+        self.gateway = GatewayProcess(self.directory, imap_backend_port=9, users={USER: PASSWORD},
+                                      submission_backend_port=self.mta.port, submission_backend='login = "xclient"',
+                                      workers=self.workers, settings=settings)
+        self.gateway.start()
+        self.addCleanup(self.gateway.stop)
+
+    def stop_while_mta_judges(self) -> tuple[Wire, Wire]:
         """
-        On SIGTERM an IMAP client not logged in gets Dovecot's BYE at once; a submission client
-        whose message the MTA is judging gets the MTA's 250, then a 421, and only then does the
-        gateway exit, with every connection's last lines logged.
+        Open an IMAP connection, send a message the MTA holds its verdict on, and stop the gateway
+        as systemd does; return the IMAP and submission connections, the IMAP one told BYE.
         """
         imap = Wire(self.gateway.port("imap", "implicit_tls"), tls=self.tls)
         self.assertTrue(imap.line().startswith(b"* OK "))
@@ -103,6 +111,16 @@ class StopTests(SynchronousTestCase):
         for pid in [self.gateway.pid, *self.gateway.worker_pids().values()]:
             os.kill(pid, signal.SIGTERM)
         self.assertEqual(imap.line(), b"* BYE Server shutting down.\r\n")
+        return imap, smtp
+
+    def test_stop_ends_connections(self) -> None:
+        """
+        On SIGTERM an IMAP client not logged in gets Dovecot's BYE at once; a submission client
+        whose message the MTA is judging gets the MTA's 250, then a 421, and only then does the
+        gateway exit, with every connection's last lines logged.
+        """
+        self.start()
+        imap, smtp = self.stop_while_mta_judges()
         self.assertEqual(imap.line(), b"")
         imap.close()
         time.sleep(0.5)
@@ -112,7 +130,7 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(smtp.line(), b"421 4.3.2 localhost Service shutting down, closing connection\r\n")
         self.assertEqual(smtp.line(), b"")
         smtp.close()
-        deadline = time.monotonic() + SHUTDOWN_GRACE
+        deadline = time.monotonic() + Limits().stop_grace
         while self.gateway.running and time.monotonic() < deadline:
             time.sleep(0.05)
         self.assertFalse(self.gateway.running, "the gateway did not exit once its connections had ended")
@@ -123,6 +141,37 @@ class StopTests(SynchronousTestCase):
         self.assertRegex(log, r"draining connections=\d grace=")
         self.assertRegex(log, r"drained left=0 seconds=")
         self.assertNotRegex(log, r"drained left=[1-9]")
+        self.assertNotIn("Traceback", log)
+
+
+    def test_grace_configured(self) -> None:
+        """
+        [limits] stop_grace bounds the wait: a verdict slower than it is cut off, the rest of the
+        stop takes at most a margin, and systemd is told at once how long it may all take.
+        """
+        notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(notifications.close)
+        notifications.bind(os.path.join(self.directory, "notify"))
+        notifications.settimeout(30)
+        os.environ["NOTIFY_SOCKET"] = os.path.join(self.directory, "notify")  # the gateway inherits it
+        self.addCleanup(os.environ.pop, "NOTIFY_SOCKET", None)
+        self.start("[limits]\nstop_grace = 2\n")
+        self.assertEqual(notifications.recv(4096), b"READY=1")
+        imap, smtp = self.stop_while_mta_judges()
+        stopped = time.monotonic()
+        self.assertEqual(imap.line(), b"")
+        imap.close()
+        self.assertEqual(notifications.recv(4096), b"STOPPING=1\nEXTEND_TIMEOUT_USEC=%d" % ((2 + 2 * STOP_MARGIN) * 1e6))
+        self.assertEqual(smtp.line(), b"", "the client was told something")
+        took = time.monotonic() - stopped
+        self.assertGreater(took, 1.5, "the stop did not wait for the verdict")
+        while self.gateway.running and time.monotonic() - stopped < 2 + 2 * STOP_MARGIN + 5:
+            time.sleep(0.05)
+        self.assertFalse(self.gateway.running, "the gateway did not exit after its grace")
+        log = self.gateway.log()
+        self.assertRegex(log, r"draining connections=\d grace=2\n")
+        self.assertRegex(log, r"drained left=1 seconds=2\.")
+        self.assertRegex(log, r"disconnect protocol=submission .*session=")
         self.assertNotIn("Traceback", log)
 
 

@@ -26,7 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import SOURCE_TREE, GatewayProcess
-from gateway.workers import EXIT_UNSERVED, STOP_GRACE
+from gateway.config import Limits
+from gateway.workers import EXIT_UNSERVED
 
 from .stack import Stack
 
@@ -233,7 +234,7 @@ class NoReadyWorkerTests(SynchronousTestCase):
         self.addCleanup(end, process)
         started = time.monotonic()
         try:
-            status = process.wait(UNSERVED + STOP_GRACE + 20)
+            status = process.wait(UNSERVED + Limits().stop_grace + 20)
         except subprocess.TimeoutExpired:
             self.fail(f"the supervisor is still running; its log ends with:\n{gateway.log()[-2000:]}")
         took = time.monotonic() - started
