@@ -129,8 +129,8 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
     :ivar lost: True once the connection is gone.
-    :ivar forwarding_refused: the backend's answer when it refused the client's address (POP3
-        C{XCLIENT}), printable; None otherwise.
+    :ivar address_not_forwarded: why the backend did not take the client's address (POP3
+        C{XCLIENT}) though the settings forward it; None otherwise.
     :ivar request: what to log in as; None once relaying, so that the password is not kept for
         as long as the session lasts.
     """
@@ -138,7 +138,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
     # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
     __slots__ = (*slots.LINE_RECEIVER,
                  "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost", "_closing",
-                 "forwarding_refused")
+                 "address_not_forwarded")
 
     MAX_LENGTH = 65536
 
@@ -153,7 +153,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         self._splice: Splice | None = None
         self.lost = False
         self._closing: GracePeriod | None = None  # the abort of a close that takes too long
-        self.forwarding_refused: bytes | None = None
+        self.address_not_forwarded: str | None = None
 
     def connectionMade(self) -> None:
         tune(self.transport)
@@ -290,9 +290,12 @@ class BackendConnector:
         self.address = host_port(settings.host, settings.port)
         self._host_is_address = parse_ip(settings.host) is not None  # else a name, to resolve
         self.announced: tuple[bytes, ...] | None = None
-        self._down_since: float | None = None  # when its logins began to fail as unavailable
-        self._up_since = float("-inf")  # when it last answered again after an outage
-        self._forwarding_refusal_logged = False
+        # The outage lines (_health) go by the order in which logins began, not by the clock.
+        self._logins = 0  # begun so far: each login's number
+        self._newest_answered = 0  # the number of the latest-begun login the backend answered
+        self._down_by = 0  # the number of the login that logged the outage under way; 0 when none
+        self._down_since = 0.0  # when that outage was logged, for its length
+        self._not_forwarded_logged = False
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
         """
@@ -316,7 +319,8 @@ class BackendConnector:
             backend refuses the credentials and L{BackendUnavailable} for anything else,
             including taking longer than the configured timeout.
         """
-        started = self._reactor.seconds()  # type: ignore[attr-defined]
+        self._logins += 1
+        number = self._logins
         protocol = self._login_protocol(request, self.settings, self._tls)
         factory: IProtocolFactory = _Dialing(protocol)
         if self.settings.tls == "implicit":
@@ -339,27 +343,29 @@ class BackendConnector:
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
-        done.addBoth(self._health, started)
+        done.addBoth(self._health, number)
         return done
 
-    def _health(self, result: BackendLogin | Failure, started: float) -> BackendLogin | Failure:
+    def _health(self, result: BackendLogin | Failure, number: int) -> BackendLogin | Failure:
         """
         Log the backend's changes of state, once each, among the per-login lines an outage makes:
-        down at the first login it fails as unavailable, up at the first it answers again. Only
-        a login begun since the last change can make the next: logins end out of order, and one
-        begun before an outage (or before its end) would otherwise log up (down) again within it.
+        down at a login it fails as unavailable, unless one begun later was answered; up at an
+        answer to a login begun after the one that logged the outage. Logins end out of order (a
+        timeout comes long after its login began), and what a login found says less of the
+        backend now than what one begun after it found.
         """
         if isinstance(result, Failure) and result.check(BackendUnavailable):
-            if self._down_since is None and started >= self._up_since:
+            if not self._down_by and number > self._newest_answered:
+                self._down_by = number
                 self._down_since = self._reactor.seconds()  # type: ignore[attr-defined]
                 log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
                          reason=result.getErrorMessage())
-        elif (self._down_since is not None and started >= self._down_since
-              and (not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused))):
-            self._up_since = self._reactor.seconds()  # type: ignore[attr-defined]
-            log.info("backend_up backend={backend} down_for={seconds:.1f}", backend=self.address,
-                     seconds=self._up_since - self._down_since)
-            self._down_since = None
+        elif not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused):
+            self._newest_answered = max(self._newest_answered, number)
+            if self._down_by and number > self._down_by:
+                self._down_by = 0
+                log.info("backend_up backend={backend} down_for={seconds:.1f}", backend=self.address,
+                         seconds=self._reactor.seconds() - self._down_since)  # type: ignore[attr-defined]
         return result
 
     def _learn(self, result: object, protocol: BackendLogin) -> object:
@@ -368,11 +374,13 @@ class BackendConnector:
         if protocol.announced is not None and (not isinstance(result, Failure)
                                                or result.check(BackendRejected, BackendRefused)):
             self.announced = protocol.announced
-        # A setting of the backend's, the same for every login: said once, or it would double the log.
-        if protocol.forwarding_refused is not None and not self._forwarding_refusal_logged:
-            self._forwarding_refusal_logged = True
-            log.warn("backend_refused_client_address backend={backend} reply={reply}", backend=self.address,
-                     reply=protocol.forwarding_refused.decode("ascii"))
+        # A setting of the backend's, the same for every login: said once (by the probe at start,
+        # if it can tell), or it would double the log.
+        if protocol.address_not_forwarded is not None and not self._not_forwarded_logged:
+            self._not_forwarded_logged = True
+            log.warn("client_address_not_forwarded backend={backend} reason={reason}: the backend sees the "
+                     "gateway's address; list the gateway in its login_trusted_networks", backend=self.address,
+                     reason=protocol.address_not_forwarded)
         return result
 
     def _connect(self, factory: IProtocolFactory, protocol: BackendLogin) -> Callable[[], None]:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
+from gateway.addresses import parse_ip
 from gateway.backend import (
     BackendLogin,
     BackendRefused,
@@ -147,14 +148,17 @@ class Pop3BackendLogin(BackendLogin):
         self._send(b"STLS", answered)
 
     def _identify(self) -> None:
+        offers_xclient = self._has(b"XCLIENT") or self._greeting_text.startswith(b"[XCLIENT]")
+        if self.settings.forward_client_ip and not offers_xclient:
+            # Dovecot offers it to its login_trusted_networks only: the probe at start finds this out.
+            self.address_not_forwarded = "the backend does not offer XCLIENT"
         if self.request is None:
             self.probed(b"QUIT\r\n")  # a capability probe: nothing more to learn
             return
-        offers_xclient = self._has(b"XCLIENT") or self._greeting_text.startswith(b"[XCLIENT]")
-        if not (self.settings.forward_client_ip and offers_xclient):
-            self._user()
-            return
         client = self.request.client
+        if not (self.settings.forward_client_ip and offers_xclient) or parse_ip(client.host) is None:
+            self._user()  # (a client of a UNIX socket listener has no address to forward)
+            return
         address = b"XCLIENT ADDR=%s PORT=%d" % (client.host.encode("ascii"), client.port)
 
         def answered(ok: bool, text: bytes) -> None:
@@ -168,7 +172,7 @@ class Pop3BackendLogin(BackendLogin):
         def forwarded(ok: bool, text: bytes) -> None:
             # The login goes on either way: the backend then sees the gateway's address (logged, once).
             if not ok:
-                self.forwarding_refused = printable(text)
+                self.address_not_forwarded = "the backend refused XCLIENT: " + printable(text).decode("ascii")
             self._user()
 
         self._send(address + b" SESSION=" + client.session.encode("ascii"), answered)

@@ -119,7 +119,8 @@ class WorkerPool(Service):
         Workers started from now on start from it too.
         """
         self._text = settings.text
-        self._stop_within = stop_within(settings)
+        # The longest yet: a worker that has not applied a shorter grace still waits the longer one.
+        self._stop_within = max(self._stop_within, stop_within(settings))
         self._generation += 1
         for worker in self._workers.values():
             self._update(worker)

@@ -300,6 +300,24 @@ class HealthTests(ConnectorTestBase):
         self.assertEqual([formatEvent(event).split(" ", 1)[0] for event in logged], ["backend_down", "backend_up"])
         self.assertIn("down_for=2.0", formatEvent(logged[1]))
 
+    def test_stale_timeout_says_nothing(self) -> None:
+        """
+        A login that times out after one begun later was answered (the backend stalled, and came
+        back) does not log an outage: the later answer is the newer word.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector()
+        stalled = connector.login(REQUEST)
+        self.accept(0)  # connected, never greeted
+        self.reactor.advance(1)
+        answered = connector.login(REQUEST)
+        wire, _ = self.accept(1)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(answered, BackendRejected)
+        self.reactor.advance(1.5)
+        self.failureResultOf(stalled, BackendUnavailable)
+        self.assertEqual([formatEvent(event) for event in logged], [])
+
     def test_cancelled_says_nothing(self) -> None:
         """A login its client gave up tells nothing of the backend."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -312,18 +330,32 @@ class HealthTests(ConnectorTestBase):
 class ForwardingTests(ConnectorTestBase):
     """The client's address, as the backend takes it or not."""
 
-    def test_forwarding_refused_said_once(self) -> None:
+    def test_refused_said_once(self) -> None:
         """A backend that refuses the client's address (POP3 XCLIENT) is named once, however many logins it refuses."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         connector = self.connector(POP3_SETTINGS_FORWARDING, Pop3BackendLogin)
         for index in range(2):
             attempt = connector.login(REQUEST)
             wire, _ = self.accept(index)
-            wire.dataReceived(b"+OK [XCLIENT] ready\r\n" + POP3_CAPA + b"-ERR no\r\n-ERR Not trusted\r\n"
+            wire.dataReceived(b"+OK [XCLIENT] ready\r\n" + POP3_CAPA + b"-ERR no\r\n-ERR Not allowed\r\n"
                               b"+OK\r\n+OK Logged in.\r\n")
             self.successResultOf(attempt)
         self.assertEqual([formatEvent(event) for event in logged],
-                         ["backend_refused_client_address backend=127.0.0.1:110 reply=Not trusted"])
+                         ["client_address_not_forwarded backend=127.0.0.1:110 reason=the backend refused XCLIENT: "
+                          "Not allowed: the backend sees the gateway's address; list the gateway in its "
+                          "login_trusted_networks"])
+
+    def test_not_offered_said_by_the_probe(self) -> None:
+        """The probe at start names a backend that does not offer XCLIENT (Dovecot, to an untrusted gateway)."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        probing = self.connector(POP3_SETTINGS_FORWARDING, Pop3BackendLogin).probe()
+        wire, _ = self.accept()
+        wire.dataReceived(b"+OK ready\r\n" + POP3_CAPA)
+        self.successResultOf(probing)
+        wire.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([formatEvent(event).split(":", 1)[0] for event in logged],
+                         ["client_address_not_forwarded backend=127.0.0.1"])
+        self.assertIn("reason=the backend does not offer XCLIENT:", formatEvent(logged[0]))
 
 
 class DeadlineTests(ConnectorTestBase):

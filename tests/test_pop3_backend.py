@@ -176,9 +176,9 @@ class XclientTests(Pop3LoginTestBase):
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
         self.say(CAPA)
         self.assertEqual(self.say(b"-ERR Unknown field SESSION\r\n"), b"XCLIENT ADDR=192.0.2.7 PORT=50123\r\n")
-        self.assertIsNone(self.protocol.forwarding_refused)
-        self.assertEqual(self.say(b"-ERR You are not\x01 from trusted IP\r\n"), b"USER alice\r\n")
-        self.assertEqual(self.protocol.forwarding_refused, b"You are not? from trusted IP")
+        self.assertIsNone(self.protocol.address_not_forwarded)
+        self.assertEqual(self.say(b"-ERR Not\x01 allowed\r\n"), b"USER alice\r\n")
+        self.assertEqual(self.protocol.address_not_forwarded, "the backend refused XCLIENT: Not? allowed")
         self.assertNoResult(self.protocol.result)
 
     def test_xclient_without_session(self) -> None:
@@ -187,11 +187,29 @@ class XclientTests(Pop3LoginTestBase):
         self.say(CAPA)
         self.say(b"-ERR Bad XCLIENT attribute\r\n")
         self.assertEqual(self.say(b"+OK Updated\r\n"), b"USER alice\r\n")
-        self.assertIsNone(self.protocol.forwarding_refused)
+        self.assertIsNone(self.protocol.address_not_forwarded)
 
     def test_not_offered(self) -> None:
-        """Without an XCLIENT offer no XCLIENT is sent, even with forward_client_ip."""
+        """
+        Without an XCLIENT offer no XCLIENT is sent, even with forward_client_ip; the dialogue, and
+        a probe's, says why the address is not forwarded (Dovecot offers it to trusted networks only).
+        """
         self.reach_user()
+        self.assertEqual(self.protocol.address_not_forwarded, "the backend does not offer XCLIENT")
+        self.start(probe=True)
+        self.say(GREETING)
+        self.assertEqual(self.say(CAPA), b"QUIT\r\n")
+        self.assertEqual(self.protocol.address_not_forwarded, "the backend does not offer XCLIENT")
+
+    def test_unix_socket_client(self) -> None:
+        """A client of a UNIX socket listener has no address to forward: no XCLIENT, and nothing to say of it."""
+        request = LoginRequest("alice", b"secret", ClientAddress("UNIXAddress(None)", 0, "", 0, "uNiXsEsSiOn1"))
+        self.protocol = Pop3BackendLogin(request, FORWARDING, None)
+        self.transport = TLSStringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
+        self.assertEqual(self.say(CAPA), b"USER alice\r\n")
+        self.assertIsNone(self.protocol.address_not_forwarded)
 
     def test_not_forwarding(self) -> None:
         """Without forward_client_ip no XCLIENT is sent, even when the backend offers it."""

@@ -260,15 +260,15 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual((clock.stops, self.exits.statuses()), (1, [EXIT_UNSERVED]))
         self.stop(pool)
 
-
     def test_killed_after_grace_and_margin(self) -> None:
         """
         A worker that does not end after SIGTERM is killed its stop_grace and a margin later,
-        with the grace of the latest reload (the worker's own stop waits that grace).
+        with the longest grace a reload has given (a worker may not have applied a shorter one yet).
         """
         pool = self.pool_of(1)
         pool.startService()
         pool.reload(replace(SETTINGS, limits=Limits(stop_grace=30)))
+        pool.reload(replace(SETTINGS, limits=Limits(stop_grace=5)))
         [worker] = self.clock.spawned
         stopping = pool.stopService()
         self.clock.advance(30 + STOP_MARGIN - 0.1)

@@ -104,13 +104,14 @@ class GatewayFixture(SynchronousTestCase):
 
     users: dict[str, str] = USERS
     dovecot_config = ""
+    trusted_networks = "127.0.0.0/8"  # Dovecot's login_trusted_networks: the gateway is in them
     backend_config = "forward_client_ip = true\ntimeout = 3"
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.stack = stack = Stack("gw-pop3-")
         cls.ca_path = stack.ca.ca_path
-        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), cls.users,
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), cls.users, trusted_networks=cls.trusted_networks,
                                                  extra_config="pop3_uidl_format = %f\n" + cls.dovecot_config))
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=None, pop3_backend_port=cls.dovecot.pop3_port,
@@ -149,6 +150,17 @@ class GatewayFixture(SynchronousTestCase):
             with open(path, "rb") as f:
                 messages[os.path.basename(path).split(":", 1)[0].encode()] = f.read()
         return messages
+
+    def log_in_from(self, source: str, user: str, password: str) -> None:
+        """Log in over POP3S from the loopback address C{source}, then quit."""
+        wire = Wire(self.gateway.port("pop3", "implicit_tls"), tls=self.tls(), source=source)
+        wire.line()
+        wire.send(f"USER {user}\r\nPASS {password}\r\n".encode())
+        wire.line()
+        self.assertEqual(wire.line(), b"+OK Logged in.\r\n")
+        wire.send(b"QUIT\r\n")
+        wire.line()
+        wire.close()
 
     def wait_for_dovecot_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait until a line of Dovecot's info log matches the regular expression C{pattern}."""
@@ -374,18 +386,12 @@ class GatewayBehaviourTests(GatewayFixture):
         login, and the gateway's name of the session as its own.
         """
         user, password = XCLIENT_USER
-        wire = Wire(self.gateway.port("pop3", "implicit_tls"), tls=self.tls(), source="127.0.0.5")
-        wire.line()
-        wire.send(f"USER {user}\r\nPASS {password}\r\n".encode())
-        wire.line()
-        self.assertEqual(wire.line(), b"+OK Logged in.\r\n")
-        wire.send(b"QUIT\r\n")
-        wire.line()
-        wire.close()
+        self.log_in_from("127.0.0.5", user, password)
         login = self.gateway.wait_for_log(rf'login protocol=pop3 client=127\.0\.0\.5 user="{user}" .* session=(\S+)')
         self.wait_for_dovecot_log(rf"pop3-login: Info: Login: user=<{user}>, method=\S+, rip=127\.0\.0\.5, "
                                   rf".* session=<{re.escape(login.group(1))}>$")
         self.assertNotIn(password, self.gateway.log())
+        self.assertNotIn("client_address_not_forwarded", self.gateway.log())
 
     def test_fetchmail_200_messages(self) -> None:
         """
@@ -461,6 +467,24 @@ class BackendOutageTests(GatewayFixture):
         login(client, USER, PASSWORD)
         self.assertEqual(client.stat()[0], len(self.dovecot.message_files(USER)))
         client.quit()
+
+
+class UntrustedGatewayTests(GatewayFixture):
+    """A Dovecot that does not list the gateway in its login_trusted_networks, with forward_client_ip on."""
+
+    users = {USER: PASSWORD}
+    trusted_networks = "192.0.2.0/24"
+
+    def test_not_forwarded_said_once(self) -> None:
+        """
+        Dovecot offers XCLIENT to trusted networks only: the probe at start says the client's
+        address is not forwarded, once, and logins go on, Dovecot seeing the gateway's address.
+        """
+        self.gateway.wait_for_log(r"client_address_not_forwarded backend=127\.0\.0\.1:\d+ reason=the backend does "
+                                  r"not offer XCLIENT: .*login_trusted_networks")
+        self.log_in_from("127.0.0.5", USER, PASSWORD)
+        self.wait_for_dovecot_log(rf"pop3-login: Info: Login: user=<{USER}>, method=\S+, rip=127\.0\.0\.1, ")
+        self.assertEqual(self.gateway.log().count("client_address_not_forwarded"), 1)
 
 
 class InUseTests(GatewayFixture):

@@ -143,11 +143,10 @@ class StopTests(SynchronousTestCase):
         self.assertNotRegex(log, r"drained left=[1-9]")
         self.assertNotIn("Traceback", log)
 
-
     def test_grace_configured(self) -> None:
         """
-        [limits] stop_grace bounds the wait: a verdict slower than it is cut off, the rest of the
-        stop takes at most a margin, and systemd is told at once how long it may all take.
+        [limits] stop_grace bounds the wait: a verdict slower than it is cut off, the gateway then
+        exits, and systemd is told at once how long it may all take.
         """
         notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(notifications.close)
