@@ -378,9 +378,8 @@ class BackendConnector:
         # if it can tell), or it would double the log.
         if protocol.address_not_forwarded is not None and not self._not_forwarded_logged:
             self._not_forwarded_logged = True
-            log.warn("client_address_not_forwarded backend={backend} reason={reason}: the backend sees the "
-                     "gateway's address; list the gateway in its login_trusted_networks", backend=self.address,
-                     reason=protocol.address_not_forwarded)
+            log.warn("client_address_not_forwarded backend={backend} reason={reason} (the backend sees the "
+                     "gateway's address)", backend=self.address, reason=protocol.address_not_forwarded)
         return result
 
     def _connect(self, factory: IProtocolFactory, protocol: BackendLogin) -> Callable[[], None]:

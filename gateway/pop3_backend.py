@@ -150,8 +150,10 @@ class Pop3BackendLogin(BackendLogin):
     def _identify(self) -> None:
         offers_xclient = self._has(b"XCLIENT") or self._greeting_text.startswith(b"[XCLIENT]")
         if self.settings.forward_client_ip and not offers_xclient:
-            # Dovecot offers it to its login_trusted_networks only: the probe at start finds this out.
-            self.address_not_forwarded = "the backend does not offer XCLIENT"
+            # Dovecot offers it to its login_trusted_networks only (in the greeting, which is
+            # therefore still read after STLS): the probe at start finds this out.
+            self.address_not_forwarded = ("the backend does not offer XCLIENT: "
+                                          "list the gateway in its login_trusted_networks")
         if self.request is None:
             self.probed(b"QUIT\r\n")  # a capability probe: nothing more to learn
             return

@@ -69,7 +69,7 @@ from gateway.tls import (
 )
 from gateway.userdb import UserDatabase, UserFileError, self_test
 from gateway.web import WebState, build_web_service
-from gateway.workers import WorkerPool, stop_within
+from gateway.workers import WorkerPool
 
 log = Logger()
 
@@ -464,16 +464,10 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
     reloader.setServiceParent(top)
     reloader.follow(provide_descriptors)
     reloader.follow(partial(_new_rules, gatekeeper))
-    # One process, or a supervisor whose workers are killed after stop_within: either is gone a margin later.
-    stop_notice = StopNotice(stop_within(settings) + STOP_MARGIN)
-    stop_notice.setServiceParent(top)
-
-    def new_stop_time(new: Settings) -> None:
-        stop_notice.seconds = stop_within(new) + STOP_MARGIN
-
-    reloader.follow(new_stop_time)
+    stop_time: Callable[[], float]
     if settings.workers == 1:
-        _build_mail(settings, files, reactor, gatekeeper, reloader, top)
+        connections = _build_mail(settings, files, reactor, gatekeeper, reloader, top)
+        stop_time = lambda: connections.grace + STOP_MARGIN
     else:
         # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
         # with one process, instead of every worker failing until the supervisor gives up.
@@ -493,9 +487,12 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         pool = WorkerPool(reactor, settings, gatekeeper, held, serving=partial(notify, b"READY=1"))  # type: ignore[arg-type]
         pool.setServiceParent(top)
         reloader.follow(pool.reload)
+        stop_time = lambda: pool.stop_within + STOP_MARGIN
         if metrics is not None:
             metrics.watch_processes(lambda: [("supervisor", os.getpid()),
                                              *((f"worker-{n}", pid) for n, pid in sorted(pool.pids().items()))])
+    # A process is gone a margin after its grace; a supervisor, a margin after it has killed its last worker.
+    StopNotice(stop_time).setServiceParent(top)
     if settings.web is not None:
         try:
             web_tls = ListenerTLS(b"http/1.1", files)
@@ -600,8 +597,13 @@ def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettin
 
 
 def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper: Gatekeeper, reloader: Reloader,
-                top: MultiService, inherited: Sequence[int] | None = None) -> None:
-    """The mail front ends and their listeners (TLS from C{files}), listening anew or on C{inherited} sockets."""
+                top: MultiService, inherited: Sequence[int] | None = None) -> OpenConnections:
+    """
+    The mail front ends and their listeners (TLS from C{files}), listening anew or on C{inherited}
+    sockets.
+
+    :returns: their open connections, ended at a stop.
+    """
     factories: dict[tuple[str, str], IProtocolFactory] = {}
     hashing = HashingPool(settings.auth.hash_threads)
     hashing.setServiceParent(top)
@@ -638,6 +640,7 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
         if each.proxy is not None:
             reloader.serve_proxy(each.proxy)
         each.setServiceParent(top)
+    return connections
 
 
 def _backend(settings: Settings, name: str, protocol: ProtocolSettings | SubmissionSettings,

@@ -30,8 +30,9 @@ log = Logger()
 STOP_MARGIN = 2.0
 """
 Seconds a stopping process may take beyond its grace: the wait for the losses of the connections
-it dropped (L{_DROPPED_LOSS_WAIT}), and its exit. A supervisor kills a worker that takes longer,
-and tells systemd to wait for its own grace and two margins (L{gateway.systemd_notify.StopNotice}).
+it dropped (L{_DROPPED_LOSS_WAIT}), and its exit. A supervisor kills a worker that takes longer;
+systemd is told a process is gone a margin after its grace, and a supervisor a margin after it
+has killed its last worker (L{gateway.systemd_notify.StopNotice}).
 """
 
 

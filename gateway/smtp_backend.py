@@ -10,7 +10,6 @@ and message data, and receives each reply in order.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Generator
 from typing import Any
@@ -19,6 +18,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 
+from gateway.addresses import parse_ip
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, printable
 from gateway.config import BackendSettings
 from gateway.sasl import plain_message
@@ -173,15 +173,15 @@ class SmtpBackend(BackendLogin):
         if b"XCLIENT" not in self.keywords:
             raise BackendUnavailable("the MTA does not offer XCLIENT (smtpd_authorized_xclient_hosts)")
         client = self.request.client
-        address = client.host
-        try:
-            if ipaddress.ip_address(address).version == 6:
-                address = "IPV6:" + address
-        except ValueError:
-            pass
+        ip = parse_ip(client.host)
+        if ip is None:  # a client of a UNIX socket listener: Postfix's word for no address (its 501 otherwise)
+            address, port = b"[UNAVAILABLE]", b"[UNAVAILABLE]"
+        else:
+            address = xtext((("IPV6:" if ip.version == 6 else "") + client.host).encode("ascii"))
+            port = b"%d" % client.port
         # Postfix takes PROTO=SMTP or ESMTP only (ESMTPA is refused with 501); with LOGIN= it
         # logs the session as authenticated and writes "with ESMTPA" into Received: itself.
-        command = b"XCLIENT ADDR=%s PORT=%d PROTO=ESMTP" % (xtext(address.encode("ascii")), client.port)
+        command = b"XCLIENT ADDR=%s PORT=%s PROTO=ESMTP" % (address, port)
         if login:
             command += b" LOGIN=" + xtext(self.request.user.encode("utf-8", "surrogateescape"))
         reply = yield self.command(command)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -66,12 +66,12 @@ class StopNotice(Service):
     systemd kills what is left of the unit after its C{TimeoutStopSec} (90 s by default), which
     would cut short a longer C{[limits] stop_grace}. It extends that timeout, never shortens it.
 
-    :ivar seconds: how long the stop may take; a reload may change it.
+    :param seconds: how long the stop may take, asked as it begins (a reload may have changed it).
     """
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: Callable[[], float]) -> None:
+        self._seconds = seconds
 
     def stopService(self) -> None:
         super().stopService()
-        notify(b"STOPPING=1\nEXTEND_TIMEOUT_USEC=%d" % round(self.seconds * 1_000_000))
+        notify(b"STOPPING=1\nEXTEND_TIMEOUT_USEC=%d" % round(self._seconds() * 1_000_000))

@@ -73,6 +73,8 @@ class WorkerPool(Service):
     :param gatekeeper: the shared limits and penalties the workers consult.
     :param listeners: the supervisor's non-accepting listeners, in L{gateway.config.mail_endpoints} order.
     :param publisher: where the workers' log events go.
+    :ivar stop_within: seconds a worker has after SIGTERM before it is killed: the longest grace
+        (and margin) since the start, since a worker may not have applied a shorter one yet.
     """
 
     def __init__(self, reactor: IReactorProcess, settings: Settings, gatekeeper: LocalGatekeeper,
@@ -85,7 +87,7 @@ class WorkerPool(Service):
         self._text = settings.text
         self._generation = 0  # of the text; a worker that started from an older one is told to reload
         self._count = settings.workers
-        self._stop_within = stop_within(settings)
+        self.stop_within = stop_within(settings)
         self._gatekeeper = gatekeeper
         self._listeners = listeners
         self._publisher = publisher
@@ -109,7 +111,7 @@ class WorkerPool(Service):
         for pending in self._restarts.values():
             pending.cancel()
         self._restarts.clear()
-        stopping = [worker.stop(self._stop_within) for worker in self._workers.values()]
+        stopping = [worker.stop(self.stop_within) for worker in self._workers.values()]
         return DeferredList(stopping)  # type: ignore[return-value]
 
     def reload(self, settings: Settings) -> None:
@@ -120,7 +122,7 @@ class WorkerPool(Service):
         """
         self._text = settings.text
         # The longest yet: a worker that has not applied a shorter grace still waits the longer one.
-        self._stop_within = max(self._stop_within, stop_within(settings))
+        self.stop_within = max(self.stop_within, stop_within(settings))
         self._generation += 1
         for worker in self._workers.values():
             self._update(worker)

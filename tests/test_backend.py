@@ -318,6 +318,21 @@ class HealthTests(ConnectorTestBase):
         self.failureResultOf(stalled, BackendUnavailable)
         self.assertEqual([formatEvent(event) for event in logged], [])
 
+    def test_newest_answer_kept(self) -> None:
+        """
+        What the latest-begun answered login says stands against a failure of any login begun
+        before it, however the answers came in.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector()
+        first, second, third = (connector.login(REQUEST) for _ in range(3))
+        for index, attempt in ((2, third), (0, first)):
+            wire, _ = self.accept(index)
+            wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+            self.failureResultOf(attempt, BackendRejected)
+        self.refuse(second, 1)
+        self.assertEqual([formatEvent(event) for event in logged], [])
+
     def test_cancelled_says_nothing(self) -> None:
         """A login its client gave up tells nothing of the backend."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -342,8 +357,7 @@ class ForwardingTests(ConnectorTestBase):
             self.successResultOf(attempt)
         self.assertEqual([formatEvent(event) for event in logged],
                          ["client_address_not_forwarded backend=127.0.0.1:110 reason=the backend refused XCLIENT: "
-                          "Not allowed: the backend sees the gateway's address; list the gateway in its "
-                          "login_trusted_networks"])
+                          "Not allowed (the backend sees the gateway's address)"])
 
     def test_not_offered_said_by_the_probe(self) -> None:
         """The probe at start names a backend that does not offer XCLIENT (Dovecot, to an untrusted gateway)."""
@@ -355,7 +369,8 @@ class ForwardingTests(ConnectorTestBase):
         wire.connectionLost(Failure(ConnectionDone()))
         self.assertEqual([formatEvent(event).split(":", 1)[0] for event in logged],
                          ["client_address_not_forwarded backend=127.0.0.1"])
-        self.assertIn("reason=the backend does not offer XCLIENT:", formatEvent(logged[0]))
+        self.assertIn("reason=the backend does not offer XCLIENT: list the gateway in its login_trusted_networks",
+                      formatEvent(logged[0]))
 
 
 class DeadlineTests(ConnectorTestBase):

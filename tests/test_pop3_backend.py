@@ -195,11 +195,11 @@ class XclientTests(Pop3LoginTestBase):
         a probe's, says why the address is not forwarded (Dovecot offers it to trusted networks only).
         """
         self.reach_user()
-        self.assertEqual(self.protocol.address_not_forwarded, "the backend does not offer XCLIENT")
+        self.assertTrue(self.protocol.address_not_forwarded.startswith("the backend does not offer XCLIENT: "))
         self.start(probe=True)
         self.say(GREETING)
         self.assertEqual(self.say(CAPA), b"QUIT\r\n")
-        self.assertEqual(self.protocol.address_not_forwarded, "the backend does not offer XCLIENT")
+        self.assertTrue(self.protocol.address_not_forwarded.startswith("the backend does not offer XCLIENT: "))
 
     def test_unix_socket_client(self) -> None:
         """A client of a UNIX socket listener has no address to forward: no XCLIENT, and nothing to say of it."""
@@ -216,6 +216,23 @@ class XclientTests(Pop3LoginTestBase):
         self.start(settings=SETTINGS)
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
         self.assertEqual(self.say(b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n"), b"USER alice\r\n")
+        self.assertIsNone(self.protocol.address_not_forwarded)
+        self.start(settings=SETTINGS, probe=True)
+        self.say(GREETING)
+        self.assertEqual(self.say(CAPA), b"QUIT\r\n")
+        self.assertIsNone(self.protocol.address_not_forwarded, "nothing to say when nothing is to be forwarded")
+
+    def test_greeting_offer_kept_across_stls(self) -> None:
+        """
+        Dovecot offers XCLIENT in its greeting only, before STLS: with backend STARTTLS the offer
+        still stands after TLS (the CAPA after it does not list XCLIENT), and XCLIENT is sent.
+        """
+        self.start(settings=dataclasses.replace(STLS, forward_client_ip=True))
+        self.assertEqual(self.say(b"+OK [XCLIENT] Dovecot ready.\r\n"), b"CAPA\r\n")
+        self.assertEqual(self.say(b"+OK\r\nSTLS\r\n.\r\n"), b"STLS\r\n")
+        self.assertEqual(self.say(b"+OK Begin TLS negotiation now.\r\n"), b"CAPA\r\n")
+        self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=192.0.2.7 PORT=50123 SESSION=pOp3sEsSiOn1\r\n")
+        self.assertIsNone(self.protocol.address_not_forwarded)
 
 
 class UserPassTests(Pop3LoginTestBase):

@@ -640,21 +640,35 @@ class ProxySourcesReloadTests(SynchronousTestCase):
 class StopGraceReloadTests(SynchronousTestCase):
     """[limits] stop_grace follows a reload: a stop waits, and tells systemd it may take, the grace in force."""
 
+    def told_systemd(self, notice: StopNotice) -> bytes:
+        """What C{notice} tells systemd as a stop begins."""
+        directory = tempfile.mkdtemp(prefix="gw-notify-")
+        self.addCleanup(shutil.rmtree, directory)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(os.path.join(directory, "notify"))
+            self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": os.path.join(directory, "notify")})
+            notice.stopService()
+            return sock.recv(4096)
+
     def test_follows_reload(self) -> None:
-        """In one process the connections' grace and systemd's word follow; with workers, systemd's."""
-        for workers in (1, 2):
+        """
+        In one process the connections' grace follows, and systemd is told it and a margin; with
+        workers, systemd is told the supervisor's kill delay (the longest grace and a margin) and a margin.
+        """
+        for workers, margins, longest in ((1, 1, False), (2, 2, True)):
             files = GatewayFiles(self)
             top = build_service(load_settings(files.write(gateway=f"workers = {workers}", limits="stop_grace = 5")),
                                 ThreadCallReactor())
             [reloader] = children(top, Reloader)
             [notice] = children(top, StopNotice)
             connections = children(top, OpenConnections)
-            self.assertEqual([notice.seconds, *(each.grace for each in connections)],
-                             [5 + 2 * STOP_MARGIN, *[5] * (workers == 1)])
-            files.write(gateway=f"workers = {workers}", limits="stop_grace = 30")
-            reloader.reload()
-            self.assertEqual([notice.seconds, *(each.grace for each in connections)],
-                             [30 + 2 * STOP_MARGIN, *[30] * (workers == 1)])
+            self.assertEqual(len(connections), workers == 1)
+            for grace, expected in ((5, 5), (30, 30), (3, 30 if longest else 3)):
+                files.write(gateway=f"workers = {workers}", limits=f"stop_grace = {grace}")
+                reloader.reload()
+                self.assertEqual([each.grace for each in connections], [grace] * (workers == 1))
+                self.assertEqual(self.told_systemd(notice), b"STOPPING=1\nEXTEND_TIMEOUT_USEC=%d"
+                                 % ((expected + margins * STOP_MARGIN) * 1_000_000), f"workers={workers} grace={grace}")
 
 
 class SupervisorReloadTests(SynchronousTestCase):

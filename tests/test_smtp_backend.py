@@ -288,6 +288,12 @@ class XclientLoginTests(SmtpBackendTestBase):
         self.assertEqual(self.reach_auth(self.OFFER),
                          b"XCLIENT ADDR=IPV6:2001:db8::7 PORT=4000 PROTO=ESMTP LOGIN=alice\r\n")
 
+    def test_unix_socket_client(self) -> None:
+        """A client of a UNIX socket listener has no address: Postfix's [UNAVAILABLE], which it takes (not 501)."""
+        self.start(client=ClientAddress("UNIXAddress(None)", 0, "", 0, "sMtPsEsSiOn3"))
+        self.assertEqual(self.reach_auth(self.OFFER),
+                         b"XCLIENT ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE] PROTO=ESMTP LOGIN=alice\r\n")
+
     def test_success(self) -> None:
         """220 to XCLIENT is followed by EHLO again, whose extensions become the capabilities; no AUTH is sent."""
         self.reach_auth(self.OFFER)

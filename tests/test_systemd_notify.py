@@ -62,13 +62,14 @@ class NotifyTests(SynchronousTestCase):
         self.assertEqual(sock.recv(4096), b"READY=1")
 
     def test_stop_notice(self) -> None:
-        """StopNotice says STOPPING=1 when stopped, with the seconds it holds then, in microseconds."""
+        """StopNotice says STOPPING=1 when stopped, with the seconds it is told then, in microseconds."""
         sock, address = self.listening()
         sock.settimeout(0)
         self.patch(os, "environ", {**os.environ, "NOTIFY_SOCKET": address})
-        notice = StopNotice(12.0)
+        seconds = [12.0]
+        notice = StopNotice(lambda: seconds[0])
         notice.startService()
-        notice.seconds = 34.5
+        seconds[0] = 34.5
         self.assertRaises(BlockingIOError, sock.recv, 4096)
         notice.stopService()
         self.assertEqual(sock.recv(4096), b"STOPPING=1\nEXTEND_TIMEOUT_USEC=34500000")
