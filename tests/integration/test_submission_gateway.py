@@ -11,6 +11,7 @@ recipients of its own, so what one test finds in the Maildir is its own mail.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 import random
@@ -24,7 +25,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from gateway.backend import BackendConnector, ClientAddress, LoginRequest
+from gateway.smtp_backend import SmtpBackend
+from gateway.testing.fakes import BACKEND_SETTINGS
 
 from gateway.testing.dovecot import DovecotSandbox
 from gateway.testing.gateway import GatewayProcess
@@ -725,3 +733,30 @@ class ReplayLoginTests(SubmissionFixture):
         wait_for_file(self.postfix.log_path,
                       r"client=unknown\[127\.0\.0\.8\], sasl_method=PLAIN, sasl_username=alice@example\.org")
         self.assertNotIn(PASSWORD, self.gateway.log())
+
+
+class UnixSocketClientTests(TestCase):
+    """The MTA login of a client of a UNIX socket listener, which has no IP address, against a real Postfix."""
+
+    def setUp(self) -> None:
+        self.stack = Stack("gw-smtp-unix-")
+        self.addCleanup(self.stack.stop)
+        self.postfix = self.stack.start(PostfixSandbox(self.stack.path("postfix")))
+
+    @inlineCallbacks
+    def test_xclient_without_address(self):  # type: ignore[no-untyped-def]
+        """
+        Postfix takes the gateway's XCLIENT for such a client (ADDR=[UNAVAILABLE]) and logs the
+        login; the client's address text (UNIXAddress(None)) it would refuse with 501.
+        """
+        settings = dataclasses.replace(BACKEND_SETTINGS, port=self.postfix.smtp_port, login="xclient")
+        connector = BackendConnector(reactor, settings, SmtpBackend)
+        client = ClientAddress("UNIXAddress(None)", 0, "", 0, "uNiXsEsSiOn1")
+        session = yield connector.login(LoginRequest(USER, b"", client))
+        # Postfix names the login as it opens a queue file: at the first recipient.
+        session.transport.write(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<xclient@example.org>\r\nQUIT\r\n")
+        session.close_with_grace(reactor)
+        while not session.lost:
+            yield deferLater(reactor, 0.05)
+        wait_for_file(self.postfix.log_path, r"client=unknown\[unknown\], sasl_method=XCLIENT, "
+                                             r"sasl_username=alice@example\.org")
