@@ -9,7 +9,8 @@ sends it again. L{OpenConnections} knows the open front-end connections; when it
 asks each to end (L{Ending.shut_down}: a goodbye where the protocol allows one, a relayed session
 closed both ways with what the gateway holds for it written, a message's verdict passed on
 first), and holds the stop until they are gone or its grace (C{[limits] stop_grace}) has passed;
-those left then are dropped. A client that does not read holds the stop for all of it.
+those left then are dropped. A client that does not read holds the stop until the close gives
+it up (L{gateway.relay.CLOSE_GRACE}), or the grace ends first.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ in C{$NOTIFY_SOCKET}, as sd_notify(3) sends it, once every listener listens (wit
 one of them serves). C{systemctl start} then returns when the gateway answers, and fails when it
 exits first (a configuration error: status 78). After each reload it also sets the status line
 C{systemctl status} shows (C{STATUS=}), since C{systemctl reload} returns once the signal is
-sent and cannot tell a reload that was refused. Run otherwise, there is no such socket and
-nothing is sent.
+sent and cannot tell a reload that was refused. As it stops it says so, and how long it may take
+(L{StopNotice}). Run otherwise, there is no such socket and nothing is sent.
 """
 
 from __future__ import annotations
