@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
+from gateway.addresses import parse_ip
 from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, login_answer, printable
 from gateway.config import BackendSettings
 from gateway.imap_syntax import (
@@ -183,9 +184,10 @@ class ImapBackendLogin(BackendLogin):
             return
         client = self.request.client
         # Dovecot logs the session's name as its own (session=<...>), from a trusted network.
-        fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
-                  (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)),
-                  (b"x-session-id", client.session))
+        fields: tuple[tuple[bytes, str], ...] = ((b"x-session-id", client.session),)
+        if parse_ip(client.host) is not None:  # a client of a UNIX socket listener has no address to forward
+            fields = ((b"x-originating-ip", client.host), (b"x-originating-port", str(client.port)),
+                      (b"x-connected-ip", client.local_host), (b"x-connected-port", str(client.local_port)), *fields)
         pairs = b" ".join(b'"%s" "%s"' % (key, value.encode("ascii")) for key, value in fields)
         # The answer does not matter: a backend that ignores ID still takes the login.
         self._send(b"ID (" + pairs + b")", lambda response: self._login())

@@ -155,6 +155,16 @@ class IdTests(ImapLoginTestBase):
         self.assertEqual(written, b'gw1 ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "4000" '
                                   b'"x-connected-ip" "2001:db8::1" "x-connected-port" "143" "x-session-id" "iMaPsEsSiOn2")\r\n')
 
+    def test_unix_socket_client(self) -> None:
+        """A client of a UNIX socket listener has no address to forward: ID carries its session's name alone."""
+        request = LoginRequest("alice", b"secret", ClientAddress("UNIXAddress(None)", 0, "UNIXAddress('/run/imap')",
+                                                                 0, "iMaPsEsSiOn3"))
+        self.protocol = ImapBackendLogin(request, FORWARDING, None)
+        self.transport = RecordingTransport()
+        self.protocol.makeConnection(self.transport)
+        written = self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
+        self.assertEqual(written, b'gw1 ID ("x-session-id" "iMaPsEsSiOn3")\r\n')
+
     def test_id_answer_with_literals_skipped(self) -> None:
         """
         Dovecot answers ID with a literal for a value that is not ASCII (its imap_id_send): the
