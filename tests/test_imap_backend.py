@@ -51,9 +51,9 @@ class ImapLoginTestBase(SynchronousTestCase):
         self.start()
 
     def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
-              settings: BackendSettings | None = None, probe: bool = False) -> None:
+              settings: BackendSettings | None = None, probe: bool = False, client: ClientAddress = CLIENT) -> None:
         """Begin a fresh dialogue (a probe's, with no request), replacing any earlier one."""
-        request = None if probe else LoginRequest(user, password, CLIENT, master_user)
+        request = None if probe else LoginRequest(user, password, client, master_user)
         self.protocol = ImapBackendLogin(request, settings or self.settings, TLS_CREATOR)  # type: ignore[arg-type]
         self.transport = RecordingTransport()
         self.protocol.makeConnection(self.transport)
@@ -146,22 +146,14 @@ class IdTests(ImapLoginTestBase):
 
     def test_ipv6_client(self) -> None:
         """An IPv6 client address goes into ID as it is."""
-        request = LoginRequest("alice", b"secret",
-                               ClientAddress("2001:db8::7", 4000, "2001:db8::1", 143, "iMaPsEsSiOn2"))
-        self.protocol = ImapBackendLogin(request, FORWARDING, None)
-        self.transport = RecordingTransport()
-        self.protocol.makeConnection(self.transport)
+        self.start(client=ClientAddress("2001:db8::7", 4000, "2001:db8::1", 143, "iMaPsEsSiOn2"))
         written = self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
         self.assertEqual(written, b'gw1 ID ("x-originating-ip" "2001:db8::7" "x-originating-port" "4000" '
                                   b'"x-connected-ip" "2001:db8::1" "x-connected-port" "143" "x-session-id" "iMaPsEsSiOn2")\r\n')
 
     def test_unix_socket_client(self) -> None:
         """A client of a UNIX socket listener has no address to forward: ID carries its session's name alone."""
-        request = LoginRequest("alice", b"secret", ClientAddress("UNIXAddress(None)", 0, "UNIXAddress('/run/imap')",
-                                                                 0, "iMaPsEsSiOn3"))
-        self.protocol = ImapBackendLogin(request, FORWARDING, None)
-        self.transport = RecordingTransport()
-        self.protocol.makeConnection(self.transport)
+        self.start(client=ClientAddress("UNIXAddress(None)", 0, "UNIXAddress('/run/imap')", 0, "iMaPsEsSiOn3"))
         written = self.say(b"* OK [CAPABILITY IMAP4rev1 ID] Dovecot ready.\r\n")
         self.assertEqual(written, b'gw1 ID ("x-session-id" "iMaPsEsSiOn3")\r\n')
 

@@ -41,9 +41,9 @@ class Pop3LoginTestBase(SynchronousTestCase):
         self.start()
 
     def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
-              settings: BackendSettings | None = None, probe: bool = False) -> None:
+              settings: BackendSettings | None = None, probe: bool = False, client: ClientAddress = CLIENT) -> None:
         """Begin a fresh dialogue (a capability probe with C{probe}), replacing any earlier one."""
-        request = None if probe else LoginRequest(user, password, CLIENT, master_user)
+        request = None if probe else LoginRequest(user, password, client, master_user)
         self.protocol = Pop3BackendLogin(request, settings or self.settings, TLS_CREATOR)  # type: ignore[arg-type]
         self.transport = TLSStringTransport()
         self.protocol.makeConnection(self.transport)
@@ -160,11 +160,7 @@ class XclientTests(Pop3LoginTestBase):
 
     def test_ipv6_client(self) -> None:
         """An IPv6 client address goes into XCLIENT as it is."""
-        request = LoginRequest("alice", b"secret",
-                               ClientAddress("2001:db8::7", 4000, "2001:db8::1", 110, "pOp3sEsSiOn2"))
-        self.protocol = Pop3BackendLogin(request, FORWARDING, None)
-        self.transport = TLSStringTransport()
-        self.protocol.makeConnection(self.transport)
+        self.start(client=ClientAddress("2001:db8::7", 4000, "2001:db8::1", 110, "pOp3sEsSiOn2"))
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
         self.assertEqual(self.say(CAPA), b"XCLIENT ADDR=2001:db8::7 PORT=4000 SESSION=pOp3sEsSiOn2\r\n")
 
@@ -203,10 +199,7 @@ class XclientTests(Pop3LoginTestBase):
 
     def test_unix_socket_client(self) -> None:
         """A client of a UNIX socket listener has no address to forward: no XCLIENT, and nothing to say of it."""
-        request = LoginRequest("alice", b"secret", ClientAddress("UNIXAddress(None)", 0, "", 0, "uNiXsEsSiOn1"))
-        self.protocol = Pop3BackendLogin(request, FORWARDING, None)
-        self.transport = TLSStringTransport()
-        self.protocol.makeConnection(self.transport)
+        self.start(client=ClientAddress("UNIXAddress(None)", 0, "", 0, "uNiXsEsSiOn1"))
         self.say(b"+OK [XCLIENT] Dovecot ready.\r\n")
         self.assertEqual(self.say(CAPA), b"USER alice\r\n")
         self.assertIsNone(self.protocol.address_not_forwarded)
