@@ -437,7 +437,12 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.log_event(log.info, "timeout", "reason=relay-idle")
         # Nothing may be injected into a relayed stream: just close both sides.
         assert self._splice is not None
-        self._splice.close()
+        try:
+            self._splice.close()
+        except BaseException:
+            # The wheel no longer watches this session: left open, it would stay open for ever.
+            self._splice.abort()
+            raise
 
     def _relay_active(self) -> None:
         self.idle_deadline = self.clock.seconds() + self.context.limits.relay_idle_timeout

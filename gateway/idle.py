@@ -32,7 +32,7 @@ class Watched(Protocol):
     idle_slot: int | None  # the wheel's, to find the session again; None for a session not watched
 
     def idle_expired(self) -> None:
-        """The deadline passed with no activity since: end the session."""
+        """The deadline passed with no activity since: end the session (even if this raises: it is no longer watched)."""
 
 
 class IdleSessions:

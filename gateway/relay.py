@@ -181,6 +181,12 @@ class Splice:
         """End the relay (its idle timeout): close both sides once their buffers are written."""
         self._end()
 
+    def abort(self) -> None:
+        """End the relay at once: both connections are reset, and what they still hold is lost."""
+        self._closing = True  # their losses have nothing left to close
+        self._client.abortConnection()  # type: ignore[attr-defined]
+        self._backend.abortConnection()  # type: ignore[attr-defined]
+
     def _end(self, client: bool = True, backend: bool = True) -> None:
         """Close the sides named, which are still connected."""
         if self._closing:

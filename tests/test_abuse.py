@@ -28,6 +28,7 @@ from gateway.frontend import MAX_UNREAD_REPLIES, FrontEndContext, FrontEndFactor
 from gateway.idle import IdleSessions
 from gateway.imap import ImapFrontEnd
 from gateway.penalties import LoginPenalties, PenaltyRules
+from gateway.relay import Splice
 from gateway.pop3 import Pop3FrontEnd
 from gateway.senders import SenderPolicy
 from gateway.shutdown import OpenConnections
@@ -376,6 +377,21 @@ class RelayIdleTests(ImapTestBase):
                          ["timeout protocol=imap client=192.168.1.1 reason=relay-idle session=*"])
         self.home.lose()
         self.assertTrue(self.backend.sessions[0].transport.disconnecting)
+
+    def test_close_that_raises_resets_both(self) -> None:
+        """
+        A relay whose close raises at the idle timeout is reset both ways, and the failure logged:
+        the wheel no longer watches it, so nothing else would ever end it.
+        """
+        self.log_in()
+
+        def broken(splice: Splice) -> None:
+            raise RuntimeError("a close went wrong")
+        self.patch(Splice, "close", broken)
+        self.clock.advance(self.limits.relay_idle_timeout)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.transport.disconnected)
+        self.assertTrue(self.backend.sessions[0].transport.disconnected)
 
     def test_traffic_either_way_resets(self) -> None:
         """Bytes from the client and bytes from the backend each restart the relay idle timeout."""
