@@ -38,12 +38,16 @@ AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = len(b".\r\n")  # the terminator's own line: read and counted, but not part of the message
+_STUFFED_LINE = b"\r\n.."  # a line whose first dot the client doubled (the first line follows the 354's CRLF)
 _BARE_LINE_ENDING = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 _BARE_LINE_REFUSAL = b"554 5.6.0 Message refused: lines must end in CRLF, closing connection\r\n"
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
-_NOT_IMPLEMENTED = (b"VRFY", b"EXPN", b"HELP", b"TURN", b"ETRN", b"BDAT", b"ATRN")
+_NOT_IMPLEMENTED = (b"HELP", b"TURN", b"ETRN", b"ATRN")
+# RFC 5321 7.3: a server that does not verify addresses says 252, which reads as neither yes nor no.
+_CANNOT_VERIFY = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and attempt delivery\r\n"
+_BDAT_REFUSAL = b"554 5.5.1 BDAT is not supported (no CHUNKING), closing connection\r\n"
 _BEFORE_TLS = (b"EHLO", b"NOOP", b"STARTTLS", b"QUIT")  # RFC 3207 4: all else gets 530 until TLS
 
 _SASL_FAILURES = {
@@ -87,7 +91,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._recipients = 0
         self._transaction_timer: IDelayedCall | None = None
         # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes read so far
-        # (the ".\r\n" line included, see _message_size), too big?
+        # (less doubled dots, the ".\r\n" line included, see _message_size), too big?
         self._data_tail = b""
         self._data_size = 0
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
@@ -152,7 +156,13 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._error(b"500 5.5.2 Line too long")
             return
         handler = _COMMANDS.get(verb)
-        if not self.secure and verb not in _BEFORE_TLS:
+        if verb == b"BDAT":
+            # CHUNKING is not offered, but the client's chunk follows the command line: read as
+            # commands, a message body would run as such (RFC 3030 2). Where it ends is the
+            # client's word, which nothing here parses: nothing more is read.
+            self.send(_BDAT_REFUSAL)
+            self.close()
+        elif not self.secure and verb not in _BEFORE_TLS:
             self._error(b"530 5.7.0 Must issue a STARTTLS command first")
         elif handler is not None and b"\0" not in line:
             handler(self, argument)
@@ -238,6 +248,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def do_NOOP(self, argument: bytes) -> None:
         self._reply(b"250 2.0.0 OK\r\n")
 
+    def do_VRFY(self, argument: bytes) -> None:
+        self._reply(_CANNOT_VERIFY)
+
     def do_QUIT(self, argument: bytes) -> None:
         self.send(b"221 2.0.0 Bye\r\n")
         self.close()
@@ -257,7 +270,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._error(b"503 5.5.1 Nested MAIL command")
             return
         path = self._path(argument, b"FROM")
-        if path is None or not self._ascii_or_smtputf8(path, path.parameter(b"SMTPUTF8") is not None):
+        if path is None or not self._ascii_or_smtputf8(path, path.parameter(b"SMTPUTF8") is not None, mail=True):
             return
         assert self.user is not None
         sender = path.address.decode("utf-8", "replace")
@@ -302,7 +315,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self._reply(b"452 4.5.3 Too many recipients\r\n")
             return
         path = self._path(argument, b"TO")
-        if (path is None or not self._ascii_or_smtputf8(path, self._smtputf8)
+        if (path is None or not self._ascii_or_smtputf8(path, self._smtputf8, mail=False)
                 or not self._parameters_supported(path, mail=False)):
             return
 
@@ -350,12 +363,15 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self.send(_BARE_LINE_REFUSAL)
             self.close()
             return
+        # RFC 1870: the size leaves out the dots that dot-stuffing doubled. One wholly inside the
+        # tail was counted last time.
+        stuffed = checked.count(_STUFFED_LINE, max(0, len(self._data_tail) - len(_STUFFED_LINE) + 1))
         if end < 0:
-            self._message_bytes(data)
+            self._message_bytes(data, stuffed)
             self._data_tail = window[-4:]
             return
         cut = end + len(_END_OF_DATA) - len(self._data_tail)
-        self._message_bytes(data[:cut])
+        self._message_bytes(data[:cut], stuffed)
         self.pauseProducing()  # what follows waits for the verdict
         self.back_to_lines(data[cut:])
         if self._data_refusal is not None:
@@ -373,15 +389,17 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _message_size(self) -> int:
         """
-        The message as the client sent it after the 354: every line with its CRLF (dot-stuffing
-        included), up to and including the last line's CRLF; the terminating ".\r\n" line is not
-        counted. The bytes read so far may end with (part of) that line, hence at most 3 bytes
-        too few while the message streams; exact once it has ended.
+        The message's size as RFC 1870 counts it: what the client sent after the 354, every line
+        with its CRLF, up to and including the last line's CRLF, less the dots that dot-stuffing
+        doubled; the terminating ".\r\n" line is not counted. The bytes read so far may end with
+        (part of) that line, hence at most 3 bytes too few while the message streams; exact once
+        it has ended.
         """
         return self._data_size - _DOT_LINE
 
-    def _message_bytes(self, chunk: bytes) -> None:
-        self._data_size += len(chunk)
+    def _message_bytes(self, chunk: bytes, stuffed: int) -> None:
+        """Relay a chunk of the message, in which C{stuffed} lines begin with a doubled dot."""
+        self._data_size += len(chunk) - stuffed
         if self._data_refusal is None and self._message_size() > self._size_limit():
             self._refuse_message(b"552 5.3.4 Message size exceeds fixed maximum message size\r\n", "size")
         if self._data_refusal is None and self._backend is not None:
@@ -539,8 +557,19 @@ class SubmissionFrontEnd(LoginFrontEnd):
         try:
             return parse_path(argument, keyword)
         except SmtpSyntaxError as e:
-            self._error(b"501 5.5.4 " + str(e).encode("ascii"))
+            self._refuse_path(b"501 5.5.4 " + str(e).encode("ascii"), mail=keyword == b"FROM")
             return None
+
+    def _refuse_path(self, reply: bytes, mail: bool) -> None:
+        """
+        Refuse a MAIL, a protocol error (counted), or one recipient, which is answered as the MTA's
+        refusals are: not counted, since a pipelined group with many bad addresses must still
+        have its other recipients and its DATA answered (RFC 2920 3.1).
+        """
+        if mail:
+            self._error(reply)
+        else:
+            self._reply(reply + b"\r\n")
 
     def _parameters_supported(self, path: PathCommand, mail: bool) -> bool:
         """
@@ -561,15 +590,15 @@ class SubmissionFrontEnd(LoginFrontEnd):
             else:
                 supported = keyword == b"SMTPUTF8" and value is None and b"SMTPUTF8" in offered
             if not supported:
-                self._error(b"555 5.5.4 Unsupported parameter " + keyword)
+                self._refuse_path(b"555 5.5.4 Unsupported parameter " + keyword, mail)
                 return False
         return True
 
-    def _ascii_or_smtputf8(self, path: PathCommand, smtputf8: bool) -> bool:
+    def _ascii_or_smtputf8(self, path: PathCommand, smtputf8: bool, mail: bool) -> bool:
         """An address with non-ASCII bytes is an SMTPUTF8 address (RFC 6531 3.4), or refused."""
         if smtputf8 or path.address.isascii():
             return True
-        self._error(b"553 5.6.7 Non-ASCII address without SMTPUTF8")
+        self._refuse_path(b"553 5.6.7 Non-ASCII address without SMTPUTF8", mail)
         return False
 
     def _reply(self, reply: bytes) -> None:
@@ -607,6 +636,7 @@ _COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
     b"MAIL": SubmissionFrontEnd.do_MAIL, b"RCPT": SubmissionFrontEnd.do_RCPT,
     b"DATA": SubmissionFrontEnd.do_DATA, b"RSET": SubmissionFrontEnd.do_RSET,
     b"NOOP": SubmissionFrontEnd.do_NOOP, b"QUIT": SubmissionFrontEnd.do_QUIT,
+    b"VRFY": SubmissionFrontEnd.do_VRFY, b"EXPN": SubmissionFrontEnd.do_VRFY,
 }
 
 

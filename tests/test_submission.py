@@ -104,12 +104,21 @@ class PlainListenerTests(SubmissionTestBase):
         self.assertEqual(self.auth.checked, [])
 
     def test_only_ehlo_noop_starttls_quit_before_tls(self) -> None:
-        """Before TLS, HELO, RSET, VRFY, EXPN, HELP, BDAT and unknown verbs get 530 5.7.0 (RFC 3207 4)."""
+        """
+        Before TLS, HELO, RSET, VRFY, EXPN, HELP and unknown verbs get 530 5.7.0 (RFC 3207 4); BDAT
+        closes the connection there too, before its chunk can run as commands.
+        """
         for line in (b"HELO client\r\n", b"RSET\r\n", b"VRFY bob\r\n", b"EXPN list\r\n", b"HELP\r\n",
-                     b"BDAT 10 LAST\r\n", b"FOO\r\n"):
+                     b"FOO\r\n"):
             self.assertEqual(self.say(line), b"530 5.7.0 Must issue a STARTTLS command first\r\n")
             self.assertEqual(self.say(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")  # keeps the error count low
         self.assertEqual(self.say(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
+
+    def test_bdat_before_tls_closes(self) -> None:
+        """BDAT before TLS closes the connection: its chunk is not read, so no STARTTLS inside it runs."""
+        reply = self.say(b"BDAT 10 LAST\r\nSTARTTLS\r\n")
+        self.assertEqual(reply, b"554 5.5.1 BDAT is not supported (no CHUNKING), closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
 
     def test_starttls_discards_and_forgets(self) -> None:
         """STARTTLS drops pipelined input and the earlier EHLO; it is not offered again."""
@@ -388,12 +397,30 @@ class TransactionTests(SubmissionTestBase):
         self.assertNotIn(b"SMTPUTF8", ehlo)
 
     def test_commands(self) -> None:
-        """NOOP answers 250; VRFY is not implemented; unknown commands are 500; QUIT closes."""
+        """
+        NOOP answers 250; VRFY and EXPN 252, neither yes nor no (RFC 5321 7.3); HELP is not
+        implemented; unknown commands are 500; QUIT closes.
+        """
         self.assertEqual(self.say(b"NOOP\r\n"), b"250 2.0.0 OK\r\n")
-        self.assertEqual(self.say(b"VRFY bob\r\n"), b"502 5.5.1 Command not implemented\r\n")
+        cannot = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and attempt delivery\r\n"
+        self.assertEqual(self.say(b"VRFY bob\r\n"), cannot)
+        self.assertEqual(self.say(b"EXPN staff\r\n"), cannot)
+        self.assertEqual(self.say(b"HELP\r\n"), b"502 5.5.1 Command not implemented\r\n")
+        self.assertEqual(self.mta_got(), b"")
         self.assertEqual(self.say(b"FOO\r\n"), b"500 5.5.2 Command unrecognized\r\n")
         self.assertEqual(self.say(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertTrue(self.transport.disconnecting)
+
+    def test_bdat_closes(self) -> None:
+        """
+        BDAT (CHUNKING is not offered) is refused and the connection closes: its chunk, which
+        follows at once, is a message body and must not run as commands (RFC 3030 2).
+        """
+        chunk = b"RSET\r\nMAIL FROM:<bob@example.org>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n"
+        reply = self.say(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        self.assertEqual(reply, b"554 5.5.1 BDAT is not supported (no CHUNKING), closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.mta_got(), b"")
 
     def test_too_many_errors(self) -> None:
         """Five consecutive errors close the connection with 421."""
@@ -657,6 +684,28 @@ class ReviewFixTests(SubmissionTestBase):
         self.front.dataReceived(b"x" * 999 + b"\r\n.\r\n")
         self.assertEqual(self.read(), b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
 
+    def test_doubled_dots_not_counted(self) -> None:
+        """
+        The dots that dot-stuffing doubled are not part of the message's size (RFC 1870): a message
+        of exactly the limit, 250 lines that begin with a dot, passes however it is cut into reads,
+        byte for byte; one byte more does not.
+        """
+        message = b".xx\r\n" * 200  # 1000 bytes, sent as 1200
+        stuffed = message.replace(b".", b"..")
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for step in (1, 2, 3, 5, 7, len(stuffed) + 3):
+            self.start_data()
+            sent = stuffed + b".\r\n"
+            for start in range(0, len(sent), step):
+                self.front.dataReceived(sent[start:start + step])
+            self.assertEqual(self.mta_got(), sent)
+            self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+            self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
+        self.assertEqual({event["size"] for event in events if event["log_format"].startswith("message ")}, {1000})
+        self.start_data()
+        self.front.dataReceived(b"x" + stuffed + b".\r\n")
+        self.assertEqual(self.read(), b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+
     def test_non_ascii_needs_smtputf8(self) -> None:
         """A look-alike address (U+212A KELVIN SIGN for K) needs SMTPUTF8 and never passes as the user's own."""
         kelvin = "\u212a".encode()
@@ -664,6 +713,24 @@ class ReviewFixTests(SubmissionTestBase):
                          b"553 5.6.7 Non-ASCII address without SMTPUTF8\r\n")
         self.assertFalse(SenderPolicy(None).allowed("kob@example.org", "\u212aob@example.org"))
         self.assertTrue(SenderPolicy(None).allowed("Bob@Example.org", "bob@example.ORG"))
+
+    def test_refused_recipients_not_counted(self) -> None:
+        """
+        Recipients the gateway refuses (syntax, a non-ASCII address without SMTPUTF8, a parameter)
+        are answered as the MTA's refusals are, without using up the error limit: a pipelined group
+        with six of them still has its good recipient and its DATA answered (RFC 2920 3.1).
+        """
+        bad = (b"RCPT TO:<a b@example.org>\r\n", "RCPT TO:<\u00e4@example.org>\r\n".encode(),
+               b"RCPT TO:<a@example.org> NOTIFY=NEVER\r\n") * 2
+        self.front.dataReceived(b"MAIL FROM:<bob@example.org>\r\n" + b"".join(bad)
+                                + b"RCPT TO:<a@example.org>\r\nDATA\r\n")
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.mta().dataReceived(b"250 2.1.5 Ok\r\n")
+        self.mta().dataReceived(b"354 go ahead\r\n")
+        replies = self.read().splitlines()
+        self.assertEqual([reply[:3] for reply in replies], [b"250"] + [b"501", b"553", b"555"] * 2 + [b"250", b"354"])
+        self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n")
+        self.assertFalse(self.transport.disconnecting)
 
     def test_pipelined_fallout_not_counted(self) -> None:
         """RCPTs behind a refused MAIL get 503 without using up the error limit (RFC 2920)."""
