@@ -121,7 +121,8 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
-_HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) |[Hh][Oo][Ss][Tt]:)")
+# A browser's request line, whole: an IMAP command may have the tag GET or POST.
+_HTTP_REQUEST = re.compile(rb"^((GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) \S+ HTTP/|[Hh][Oo][Ss][Tt]:)")
 
 
 USER_KEY_LENGTH = 64

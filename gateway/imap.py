@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
 from gateway.imap_syntax import Arg, Command, Nil, ParseError, format_capabilities, literal_at_end, parse_command, split_tag
+from gateway.sasl import user_name
 
 # Capabilities that describe the pre-login state of the backend and mean nothing to the client.
 _PRE_LOGIN_ONLY = (b"STARTTLS", b"LOGINDISABLED")
@@ -29,10 +30,15 @@ _SASL_FAILURES = {
 # The commands that carry credentials.
 _LOGIN_COMMANDS = frozenset((b"LOGIN", b"AUTHENTICATE"))
 
-# What a connection offers before login (worked out once): STARTTLS and LOGINDISABLED until TLS, AUTH= after.
-_COMMON_CAPABILITIES = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
-_SECURE_CAPABILITIES = format_capabilities(_COMMON_CAPABILITIES + [b"AUTH=PLAIN", b"AUTH=LOGIN"])
-_CLEAR_CAPABILITIES = format_capabilities(_COMMON_CAPABILITIES + [b"STARTTLS", b"LOGINDISABLED"])
+# What a connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after. LITERAL-,
+# not LITERAL+: a client's non-synchronizing literals stay within 4096 bytes (RFC 7888 4), below the limit.
+_COMMON_CAPABILITIES = (b"IMAP4rev1", b"SASL-IR", b"LITERAL-", b"ID")
+_SECURE_CAPABILITIES = (b"AUTH=PLAIN", b"AUTH=LOGIN")
+_CLEAR_CAPABILITIES = (b"STARTTLS", b"LOGINDISABLED")
+# The backend's, offered before login when it offers them, as Dovecot does: they serve only after
+# login, but some clients keep the list they got before (Python's imaplib refuses ENABLE, and from
+# 3.14 IDLE, unless the server listed it then).
+_BACKEND_CAPABILITIES = (b"ENABLE", b"IDLE")
 
 
 class ImapFrontEnd(LoginFrontEnd):
@@ -48,8 +54,11 @@ class ImapFrontEnd(LoginFrontEnd):
         self._literal_left = 0
 
     def capabilities(self) -> bytes:
-        """What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after."""
-        return _SECURE_CAPABILITIES if self.secure else _CLEAR_CAPABILITIES
+        """
+        What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH=
+        after, and the backend's ENABLE and IDLE when it announced them.
+        """
+        return _before_login(self.secure, self.context.backend.announced or ())
 
     # -- hooks of LoginFrontEnd
 
@@ -191,7 +200,12 @@ class ImapFrontEnd(LoginFrontEnd):
             return
         user, password = command.args
         assert isinstance(user, bytes) and isinstance(password, bytes)
-        self.log_in(user.decode("utf-8", "surrogateescape"), password)
+        name = user_name(user)
+        if not name or not password:
+            # Refused as AUTHENTICATE refuses them, before any hash or backend is asked.
+            self._bad(b"LOGIN expects a user name and a password.")
+            return
+        self.log_in(name, password)
 
     def do_AUTHENTICATE(self, command: Command) -> None:
         if not self._may_log_in():
@@ -269,6 +283,14 @@ _COMMANDS: dict[bytes, Callable[[ImapFrontEnd, Command], None]] = {
     b"LOGIN": ImapFrontEnd.do_LOGIN,
     b"AUTHENTICATE": ImapFrontEnd.do_AUTHENTICATE,
 }
+
+
+@functools.lru_cache(maxsize=64)
+def _before_login(secure: bool, backend_capabilities: tuple[bytes, ...]) -> bytes:
+    """What a connection offers before login; worked out once per backend's list, not per connection."""
+    offered = {c.upper() for c in backend_capabilities}
+    caps = _COMMON_CAPABILITIES + tuple(c for c in _BACKEND_CAPABILITIES if c in offered)
+    return format_capabilities(caps + (_SECURE_CAPABILITIES if secure else _CLEAR_CAPABILITIES))
 
 
 @functools.lru_cache(maxsize=64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.frontend import FrontEndContext, LoginFrontEnd, LoginOutcome, SaslFailure
-from gateway.sasl import MECHANISMS
+from gateway.sasl import MECHANISMS, user_name
 
 # Backend capabilities the gateway may pass on: what the client can use once it is relayed.
 _BACKEND_CAPABILITIES = (b"TOP", b"UIDL")
@@ -69,7 +69,7 @@ class Pop3FrontEnd(LoginFrontEnd):
         pass  # POP3 has one reply per command: the login's -ERR was it, and the close says the rest
 
     def reply_too_many_errors(self) -> None:
-        self.send(b"-ERR Too many invalid commands.\r\n")
+        pass  # POP3 has one reply per command: the last command's -ERR was it, and the close says the rest
 
     def reply_overloaded(self) -> None:
         self.send(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
@@ -117,10 +117,11 @@ class Pop3FrontEnd(LoginFrontEnd):
     def do_USER(self, argument: bytes) -> None:
         if not self._may_log_in():
             return
-        if not argument:
+        name = user_name(argument)
+        if not name:  # refused as AUTH refuses it, before any hash or backend is asked
             self._error(b"USER expects a user name.")
             return
-        self._given_user = argument.decode("utf-8", "surrogateescape")
+        self._given_user = name
         self._ok(b"Send your password.")
 
     def do_PASS(self, argument: bytes) -> None:
@@ -128,6 +129,9 @@ class Pop3FrontEnd(LoginFrontEnd):
             return
         if self._given_user is None:
             self._error(b"Send USER first.")
+            return
+        if not argument:
+            self._error(b"PASS expects a password.")
             return
         user, self._given_user = self._given_user, None
         # The password is the rest of the line: it may hold spaces.

@@ -126,22 +126,33 @@ def plain_message(authcid: str, password: bytes, authzid: str = "") -> bytes:
     return base64.b64encode(b"\0".join(fields))
 
 
-def _identity(data: bytes) -> str:
+def user_name(data: bytes) -> str | None:
     """
-    Decode a user name or authorization identity.
+    Decode a user name or authorization identity: the one check, for IMAP LOGIN and POP3 USER too.
 
     :param data: the raw identity bytes.
-    :returns: the identity as text.
-    :raises SaslError: if it is not valid UTF-8 or contains a control character.
+    :returns: the identity as text; None if it is not valid UTF-8 or holds a control character.
     """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SaslError("identity is not valid UTF-8") from None
+        return None
     # Category Cc covers NUL, C0, DEL and C1; none belongs in a user name, and
     # refusing them keeps user names safe to log.
     if any(unicodedata.category(char) == "Cc" for char in text):
-        raise SaslError("control character in identity")
+        return None
+    return text
+
+
+def _identity(data: bytes) -> str:
+    """
+    Decode a user name or authorization identity (see L{user_name}).
+
+    :raises SaslError: if it is not valid UTF-8 or contains a control character.
+    """
+    text = user_name(data)
+    if text is None:
+        raise SaslError("identity is not valid UTF-8 or holds a control character")
     return text
 
 

@@ -44,7 +44,7 @@ CONSTANT_DELAY = PenaltyRules(base_delay=2.0, max_delay=2.0)
 IMAP_THROTTLED = (b" NO [UNAVAILABLE] Too many failed logins from your address, try again later.\r\n"
                   b"* BYE [UNAVAILABLE] Closing.\r\n")
 IMAP_REJECTED = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
-IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] Mail gateway ready.\r\n"
+IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN] Mail gateway ready.\r\n"
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
 IMAP_TOO_MANY_SESSIONS = (b"a1 NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n"
                           b"* BYE [UNAVAILABLE] Closing.\r\n")

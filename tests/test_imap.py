@@ -53,7 +53,7 @@ class PlainListenerTests(ImapTestBase):
     def test_capability_before_tls(self) -> None:
         """CAPABILITY before TLS lists STARTTLS and LOGINDISABLED and no AUTH=."""
         reply = self.say(b"c1 CAPABILITY\r\n")
-        self.assertEqual(reply, b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED\r\n"
+        self.assertEqual(reply, b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID STARTTLS LOGINDISABLED\r\n"
                                 b"c1 OK Capability completed.\r\n")
 
     def test_login_before_starttls_refused(self) -> None:
@@ -141,8 +141,31 @@ class ImplicitTLSTests(ImapTestBase):
 
     def test_greeting_offers_auth(self) -> None:
         """The greeting offers AUTH=PLAIN and AUTH=LOGIN and neither STARTTLS nor LOGINDISABLED."""
-        self.assertEqual(self.greeting, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] "
+        self.assertEqual(self.greeting, b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN] "
                                         b"Mail gateway ready.\r\n")
+
+    def test_backend_enable_and_idle_offered(self) -> None:
+        """
+        The backend's ENABLE and IDLE are offered before login when it announced them, as Dovecot
+        offers them: Python's imaplib refuses enable() (and from 3.14 idle()) unless the list it
+        got before login had them. Nothing else of the backend's is.
+        """
+        self.backend.announced = (b"IMAP4rev1", b"SASL-IR", b"LOGIN-REFERRALS", b"ID", b"enable", b"IDLE",
+                                  b"LITERAL+", b"STARTTLS", b"AUTH=PLAIN", b"AUTH=CRAM-MD5")
+        self.assertEqual(self.say(b"a1 CAPABILITY\r\n"),
+                         b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID ENABLE IDLE AUTH=PLAIN AUTH=LOGIN\r\n"
+                         b"a1 OK Capability completed.\r\n")
+        self.backend.announced = (b"IMAP4rev1", b"IDLE")
+        self.assertEqual(self.say(b"a2 CAPABILITY\r\n"),
+                         b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID IDLE AUTH=PLAIN AUTH=LOGIN\r\n"
+                         b"a2 OK Capability completed.\r\n")
+
+    def test_http_method_as_tag(self) -> None:
+        """GET and POST are valid IMAP tags: only a browser's whole request line closes the connection."""
+        self.assertEqual(self.say(b"GET NOOP\r\n"), b"GET OK NOOP completed.\r\n")
+        self.assertEqual(self.say(b"POST CAPABILITY\r\n")[-31:], b"POST OK Capability completed.\r\n")
+        self.assertEqual(self.say(b"GET /index.html HTTP/1.1\r\n"), b"")
+        self.assertTrue(self.transport.disconnecting)
 
     def test_starttls_refused(self) -> None:
         """STARTTLS on the implicit-TLS listener is a BAD."""
@@ -280,6 +303,20 @@ class ImplicitTLSTests(ImapTestBase):
             self.clock.advance(0.001)
             replies.append(self.read()[3:])
         self.assertEqual(replies[0], replies[1])
+
+    def test_login_names_refused_as_sasl_refuses_them(self) -> None:
+        """
+        A user name that is empty, not UTF-8 or holds a control character, or an empty password, is
+        refused with BAD as AUTHENTICATE refuses it: no hash is computed, no backend asked.
+        """
+        for n, line in enumerate((b'LOGIN "" secret', b"LOGIN {7}\r\nal\r\nice secret", b"LOGIN {3}\r\nb\xe9b secret",
+                                  b'LOGIN "al\x1bice" secret', b'LOGIN bob ""')):
+            reply = self.say(b"a%d " % n + line + b"\r\n")
+            self.assertTrue(reply.endswith(b"a%d BAD LOGIN expects a user name and a password.\r\n" % n), reply)
+            self.say(b"b NOOP\r\n")  # keeps the error count low
+        self.assertEqual(self.auth.checked, [])
+        self.assertEqual(self.backend.requests, [])
+        self.assertTrue(self.say(b"c LOGIN bob secret\r\n").startswith(b"c OK "))
 
     def test_unquoted_wildcards_in_user_name(self) -> None:
         """

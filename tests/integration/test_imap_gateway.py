@@ -115,6 +115,20 @@ class ClientFlowMixin:
         self.assertIn(MESSAGE, bodies)
         self.assertEqual(client.logout()[0], "BYE")
 
+    def test_imaplib_enable_after_login(self) -> None:
+        """
+        imaplib's enable() works after login, as against Dovecot itself: imaplib checks the list
+        it got before login, where the gateway offers the backend's ENABLE and IDLE (learned by
+        its probe at start).
+        """
+        client = self.connect()
+        self.assertIn("ENABLE", client.capabilities)
+        self.assertIn("IDLE", client.capabilities)
+        client.login(USER, PASSWORD)
+        self.assertEqual(client.enable("CONDSTORE")[0], "OK")
+        self.assertEqual(client.response("ENABLED"), ("ENABLED", [b"CONDSTORE"]))
+        client.logout()
+
     def test_authenticate_plain(self) -> None:
         """AUTHENTICATE PLAIN logs in."""
         client = self.connect()
