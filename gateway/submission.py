@@ -78,7 +78,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     # See LoginFrontEnd.
     __slots__ = (
         "_rules", "_senders", "_greeted", "_backend", "_sender", "_recipients", "_transaction_timer",
-        "_data_tail", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down"
+        "_data_tail", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down", "_mta_holding"
     )
 
     def __init__(self, context: FrontEndContext, rules: SubmissionSettings, senders: SenderPolicy) -> None:
@@ -97,6 +97,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
         self._smtputf8 = False
         self._shutting_down = False  # the process is stopping: goodbye after the reply under way
+        self._mta_holding = False  # the MTA's backpressure has paused reading from the client
 
     # -- hooks of LoginFrontEnd
 
@@ -521,12 +522,13 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def _use_backend(self, backend: SmtpBackend) -> None:
         self._backend = backend
         backend.start_session()
-        reads = _ClientReads(self.transport, self._mta_lost)  # type: ignore[arg-type]
+        reads = _ClientReads(self.transport, self._mta_lost, self._mta_backpressure)  # type: ignore[arg-type]
         backend.transport.registerProducer(reads, True)  # type: ignore[union-attr]
         assert backend.result is not None  # spent only once relaying, which submission never does
         backend.result.addErrback(lambda failure: None)
 
     def _drop_backend(self) -> None:
+        self._mta_holding = False
         backend, self._backend = self._backend, None
         if backend is not None and backend.transport is not None and not backend.lost:
             backend.transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -540,6 +542,19 @@ class SubmissionFrontEnd(LoginFrontEnd):
         """
         if not self.line_mode and self._data_refusal is None:
             self._refuse_message(_BACKEND_DOWN, "backend-lost")
+
+    def _mta_backpressure(self, holding: bool) -> None:
+        self._mta_holding = holding
+
+    def timeoutConnection(self) -> None:
+        if self._mta_holding and not self.line_mode and self._data_refusal is None:
+            # The client went silent because the MTA stopped taking its message: the MTA's stall,
+            # not the client's. The client, read again, hears so after its final dot, as when
+            # the MTA is lost; its idle timer starts over.
+            self._refuse_message(_BACKEND_DOWN, "backend-stalled")
+            self.setTimeout(self._rules.idle_timeout)
+            return
+        super().timeoutConnection()
 
     def _backend_failed(self, failure: Failure) -> None:
         if self.closed:
@@ -662,18 +677,22 @@ class _ClientReads:
     Backpressure from the MTA to the client: a full MTA send buffer pauses reading from the
     client. Unlike registering the client's transport itself, the MTA connection closing (its
     idle timeout, say) does not close the client: the next MAIL simply connects again, and
-    C{lost} tells the front end, which must not stay paused for good.
+    C{lost} tells the front end, which must not stay paused for good; C{holding} tells it when
+    reading stops and starts again, so that a client silent meanwhile is not blamed for it.
     """
 
-    def __init__(self, transport: IPushProducer, lost: Callable[[], None]) -> None:
+    def __init__(self, transport: IPushProducer, lost: Callable[[], None], holding: Callable[[bool], None]) -> None:
         self._transport = transport
         self._lost = lost
+        self._holding = holding
 
     def pauseProducing(self) -> None:
         self._transport.pauseProducing()
+        self._holding(True)
 
     def resumeProducing(self) -> None:
         self._transport.resumeProducing()
+        self._holding(False)
 
     def stopProducing(self) -> None:
         # Twisted calls this when the MTA connection is lost, not when the front end unregisters us.

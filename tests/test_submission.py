@@ -659,6 +659,40 @@ class ReviewFixTests(SubmissionTestBase):
         self.assertEqual(len(self.backend.requests), 2)
         self.assertEqual(self.mta_got(1), b"MAIL FROM:<bob@example.org>\r\n")
 
+    def test_mta_stalled_mid_message(self) -> None:
+        """
+        An MTA that stops taking the message for the idle timeout: the MTA is blamed, not the client.
+        Its connection is dropped, the client is read again, its message ends with 451 4.4.1, and the
+        session goes on; a client then silent on its own is still timed out as before.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
+        mta = self.mta()
+        mta.transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
+        self.clock.advance(RULES.idle_timeout)
+        self.assertTrue(mta.transport.disconnected)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.read(), b"")
+        self.assertEqual([e["reason"] for e in events if e["log_format"].startswith("message_refused ")],
+                         ["backend-stalled"])
+        self.assertEqual(self.say(b"part two\r\n.\r\n"),
+                         b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+
+    def test_client_silent_mid_message_timed_out(self) -> None:
+        """A client silent mid-message while the MTA takes what it sends is the one timed out."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
+        reads = self.mta().transport.producer
+        reads.pauseProducing()
+        reads.resumeProducing()  # the MTA took it all
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
     def test_mta_421_after_data_closes_client(self) -> None:
         """An MTA 421 to the final dot reaches the client, and the client's session closes too."""
         self.start_data()
