@@ -30,11 +30,12 @@ _SASL_FAILURES = {
 # The commands that carry credentials.
 _LOGIN_COMMANDS = frozenset((b"LOGIN", b"AUTHENTICATE"))
 
-# What a connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH= after. LITERAL-,
-# not LITERAL+: a client's non-synchronizing literals stay within 4096 bytes (RFC 7888 4), below the limit.
-_COMMON_CAPABILITIES = (b"IMAP4rev1", b"SASL-IR", b"LITERAL-", b"ID")
+# What a connection offers before login (see _before_login): STARTTLS and LOGINDISABLED until TLS, AUTH= after.
 _SECURE_CAPABILITIES = (b"AUTH=PLAIN", b"AUTH=LOGIN")
 _CLEAR_CAPABILITIES = (b"STARTTLS", b"LOGINDISABLED")
+# LITERAL-, not LITERAL+: a client's non-synchronizing literals stay within 4096 bytes (RFC 7888 4);
+# offered when the literal limit allows that much.
+_LITERAL_MINUS = 4096
 # The backend's, offered before login when it offers them, as Dovecot does: they serve only after
 # login, but some clients keep the list they got before (Python's imaplib refuses ENABLE, and from
 # 3.14 IDLE, unless the server listed it then).
@@ -58,7 +59,8 @@ class ImapFrontEnd(LoginFrontEnd):
         What this connection offers before login: STARTTLS and LOGINDISABLED until TLS, AUTH=
         after, and the backend's ENABLE and IDLE when it announced them.
         """
-        return _before_login(self.secure, self.context.backend.announced or ())
+        literal_minus = self.context.limits.literal_size >= _LITERAL_MINUS
+        return _before_login(self.secure, self.context.backend.announced or (), literal_minus)
 
     # -- hooks of LoginFrontEnd
 
@@ -201,8 +203,8 @@ class ImapFrontEnd(LoginFrontEnd):
         user, password = command.args
         assert isinstance(user, bytes) and isinstance(password, bytes)
         name = user_name(user)
-        if not name or not password:
-            # Refused as AUTHENTICATE refuses them, before any hash or backend is asked.
+        if name is None:
+            # No user's name: refused as AUTHENTICATE refuses it, before any hash or backend is asked.
             self._bad(b"LOGIN expects a user name and a password.")
             return
         self.log_in(name, password)
@@ -286,11 +288,12 @@ _COMMANDS: dict[bytes, Callable[[ImapFrontEnd, Command], None]] = {
 
 
 @functools.lru_cache(maxsize=64)
-def _before_login(secure: bool, backend_capabilities: tuple[bytes, ...]) -> bytes:
+def _before_login(secure: bool, backend_capabilities: tuple[bytes, ...], literal_minus: bool) -> bytes:
     """What a connection offers before login; worked out once per backend's list, not per connection."""
     offered = {c.upper() for c in backend_capabilities}
-    caps = _COMMON_CAPABILITIES + tuple(c for c in _BACKEND_CAPABILITIES if c in offered)
-    return format_capabilities(caps + (_SECURE_CAPABILITIES if secure else _CLEAR_CAPABILITIES))
+    caps = [b"IMAP4rev1", b"SASL-IR"] + ([b"LITERAL-"] if literal_minus else []) + [b"ID"]
+    caps += [c for c in _BACKEND_CAPABILITIES if c in offered]
+    return format_capabilities(caps + list(_SECURE_CAPABILITIES if secure else _CLEAR_CAPABILITIES))
 
 
 @functools.lru_cache(maxsize=64)

@@ -117,6 +117,7 @@ class Pop3FrontEnd(LoginFrontEnd):
     def do_USER(self, argument: bytes) -> None:
         if not self._may_log_in():
             return
+        self._given_user = None  # PASS follows a successful USER only (RFC 1939 7)
         name = user_name(argument)
         if not name:  # refused as AUTH refuses it, before any hash or backend is asked
             self._error(b"USER expects a user name.")
@@ -129,9 +130,6 @@ class Pop3FrontEnd(LoginFrontEnd):
             return
         if self._given_user is None:
             self._error(b"Send USER first.")
-            return
-        if not argument:
-            self._error(b"PASS expects a password.")
             return
         user, self._given_user = self._given_user, None
         # The password is the rest of the line: it may hold spaces.

@@ -173,8 +173,7 @@ class Splice:
 
     def backend_lost(self) -> None:
         """The backend's connection is gone: close the client once its buffer is written."""
-        if not isinstance(self._closing, bool):
-            self._closing.cancel()  # it closed in time
+        self._backend_closed()  # in time
         self._end(backend=False)
 
     def close(self) -> None:
@@ -183,9 +182,15 @@ class Splice:
 
     def abort(self) -> None:
         """End the relay at once: both connections are reset, and what they still hold is lost."""
+        self._backend_closed()
         self._closing = True  # their losses have nothing left to close
         self._client.abortConnection()  # type: ignore[attr-defined]
         self._backend.abortConnection()  # type: ignore[attr-defined]
+
+    def _backend_closed(self) -> None:
+        """The backend's close needs no abort any more: cancel the one pending, if any."""
+        if not isinstance(self._closing, bool):
+            self._closing.cancel()
 
     def _end(self, client: bool = True, backend: bool = True) -> None:
         """Close the sides named, which are still connected."""

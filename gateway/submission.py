@@ -250,6 +250,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self._reply(b"250 2.0.0 OK\r\n")
 
     def do_VRFY(self, argument: bytes) -> None:
+        if not argument:
+            self._error(b"501 5.5.4 Syntax: VRFY or EXPN takes an argument")
+            return
         self._reply(_CANNOT_VERIFY)
 
     def do_QUIT(self, argument: bytes) -> None:

@@ -393,6 +393,18 @@ class RelayIdleTests(ImapTestBase):
         self.assertTrue(self.transport.disconnected)
         self.assertTrue(self.backend.sessions[0].transport.disconnected)
 
+    def test_close_that_raises_halfway_leaves_no_timer(self) -> None:
+        """A close that raised after it began timing the backend's close: the reset cancels that abort."""
+        self.log_in()
+
+        def broken() -> None:
+            raise RuntimeError("a close went wrong")
+        self.home.front._splice._close_client = broken  # type: ignore[union-attr]
+        self.clock.advance(self.limits.relay_idle_timeout)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.backend.sessions[0].transport.disconnected)
+        self.assertEqual([call for call in self.clock.getDelayedCalls() if "GracePeriod" in call.func.__qualname__], [])
+
     def test_traffic_either_way_resets(self) -> None:
         """Bytes from the client and bytes from the backend each restart the relay idle timeout."""
         self.log_in()

@@ -132,6 +132,18 @@ class PlainListenerTests(ImapTestBase):
         self.assertIsNone(self.transport.tls_options)
 
 
+class SmallLiteralLimitTests(ImapTestBase):
+    """A literal limit below 4096 bytes: LITERAL- is not offered, since it would allow that much."""
+
+    limits = replace(ImapTestBase.limits, literal_size=1024)
+
+    def test_no_literal_minus(self) -> None:
+        """The greeting offers no non-synchronizing literals; a synchronizing one past the limit gets BAD."""
+        self.assertEqual(self.greeting, b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN AUTH=LOGIN] "
+                                        b"Mail gateway ready.\r\n")
+        self.assertEqual(self.say(b"a1 LOGIN {2000}\r\n"), b"a1 BAD [TOOBIG] Literal too large.\r\n")
+
+
 class ImplicitTLSTests(ImapTestBase):
     """The IMAPS listener: the connection is secure from the start."""
 
@@ -306,11 +318,12 @@ class ImplicitTLSTests(ImapTestBase):
 
     def test_login_names_refused_as_sasl_refuses_them(self) -> None:
         """
-        A user name that is empty, not UTF-8 or holds a control character, or an empty password, is
-        refused with BAD as AUTHENTICATE refuses it: no hash is computed, no backend asked.
+        A user name that is not UTF-8 or holds a control character is refused with BAD as
+        AUTHENTICATE refuses it: no hash is computed, no backend asked. (An empty name or password
+        is a wrong one: NO after the failure pause, as Dovecot answers it.)
         """
-        for n, line in enumerate((b'LOGIN "" secret', b"LOGIN {7}\r\nal\r\nice secret", b"LOGIN {3}\r\nb\xe9b secret",
-                                  b'LOGIN "al\x1bice" secret', b'LOGIN bob ""')):
+        for n, line in enumerate((b"LOGIN {7}\r\nal\r\nice secret", b"LOGIN {3}\r\nb\xe9b secret",
+                                  b'LOGIN "al\x1bice" secret', b"LOGIN {5}\r\nbob\xc2\x85 secret")):
             reply = self.say(b"a%d " % n + line + b"\r\n")
             self.assertTrue(reply.endswith(b"a%d BAD LOGIN expects a user name and a password.\r\n" % n), reply)
             self.say(b"b NOOP\r\n")  # keeps the error count low

@@ -113,14 +113,17 @@ class ImplicitTLSTests(Pop3TestBase):
 
     def test_names_refused_as_sasl_refuses_them(self) -> None:
         """
-        USER with a name that is not UTF-8 or holds a control character, and an empty PASS, are
-        refused as AUTH refuses them: no hash is computed, no backend asked; the USER given stays.
+        USER with a name that is not UTF-8 or holds a control character is refused as AUTH refuses
+        it: no hash is computed, no backend asked. It also forgets the USER before it, since PASS
+        follows a successful USER only (RFC 1939 7).
         """
+        self.assertEqual(self.say(b"USER alice\r\n"), b"+OK Send your password.\r\n")
         for line in (b"USER b\xe9b\r\n", b"USER al\x1bice\r\n", b"USER al\x7fice\r\n"):
             self.assertEqual(self.say(line), b"-ERR USER expects a user name.\r\n")
-        self.assertEqual(self.say(b"USER alice\r\nPASS \r\n"), b"+OK Send your password.\r\n-ERR PASS expects a password.\r\n")
+        self.assertEqual(self.say(b"PASS " + PASSWORD + b"\r\n"), b"-ERR Send USER first.\r\n")
         self.assertEqual(self.auth.checked, [])
-        self.assertEqual(self.say(b"PASS " + PASSWORD + b"\r\n"), b"+OK Logged in.\r\n")
+        self.assertEqual(self.say(b"USER alice\r\nPASS " + PASSWORD + b"\r\n"),
+                         b"+OK Send your password.\r\n+OK Logged in.\r\n")
 
     def test_wrong_password_paced(self) -> None:
         """A wrong password gets -ERR [AUTH] only after the failure delay; an unknown user alike."""

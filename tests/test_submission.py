@@ -405,6 +405,7 @@ class TransactionTests(SubmissionTestBase):
         cannot = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and attempt delivery\r\n"
         self.assertEqual(self.say(b"VRFY bob\r\n"), cannot)
         self.assertEqual(self.say(b"EXPN staff\r\n"), cannot)
+        self.assertEqual(self.say(b"VRFY\r\n"), b"501 5.5.4 Syntax: VRFY or EXPN takes an argument\r\n")
         self.assertEqual(self.say(b"HELP\r\n"), b"502 5.5.1 Command not implemented\r\n")
         self.assertEqual(self.mta_got(), b"")
         self.assertEqual(self.say(b"FOO\r\n"), b"500 5.5.2 Command unrecognized\r\n")
@@ -666,19 +667,55 @@ class ReviewFixTests(SubmissionTestBase):
         session goes on; a client then silent on its own is still timed out as before.
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.start_data()
-        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
-        mta = self.mta()
-        mta.transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
-        self.clock.advance(RULES.idle_timeout)
+        mta = self.stall_mid_message()
         self.assertTrue(mta.transport.disconnected)
         self.assertEqual(self.transport.producerState, "producing")
-        self.assertEqual(self.read(), b"")
         self.assertEqual([e["reason"] for e in events if e["log_format"].startswith("message_refused ")],
                          ["backend-stalled"])
         self.assertEqual(self.say(b"part two\r\n.\r\n"),
                          b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
         self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+
+    def stall_mid_message(self) -> SmtpBackend:
+        """An MTA stops taking a message for the idle timeout: nothing is said to the client yet."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\npart one\r\n")
+        mta = self.mta()
+        mta.transport.producer.pauseProducing()  # as Twisted does when the MTA's send buffer is full
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"")
+        return mta
+
+    def test_client_silent_after_stall_timed_out(self) -> None:
+        """After the MTA was blamed, a client that never ends its message is still timed out."""
+        self.stall_mid_message()
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_stall_forgotten_with_its_mta(self) -> None:
+        """
+        An MTA connection dropped while it held the client (the message was too big) is not blamed
+        for the next message: that client, silent, is timed out.
+        """
+        self.start_data()
+        self.mta().transport.producer.pauseProducing()
+        self.front.dataReceived(b"x" * 1200 + b"\r\n.\r\n")
+        self.assertEqual(self.read(), b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+        self.start_data()  # over a new MTA connection
+        self.front.dataReceived(b"Subject: y\r\n")
+        self.clock.advance(RULES.idle_timeout)
+        self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
+
+    def test_stall_after_final_dot_not_blamed_later(self) -> None:
+        """An MTA that held the client as its message ended, then answered: a client silent after is timed out."""
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.mta().transport.producer.pauseProducing()
+        self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
         self.clock.advance(RULES.idle_timeout)
         self.assertEqual(self.read(), b"421 4.4.2 mail.example.org Timeout, closing connection\r\n")
 
@@ -765,6 +802,14 @@ class ReviewFixTests(SubmissionTestBase):
         self.assertEqual([reply[:3] for reply in replies], [b"250"] + [b"501", b"553", b"555"] * 2 + [b"250", b"354"])
         self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n")
         self.assertFalse(self.transport.disconnecting)
+
+    def test_refused_senders_counted(self) -> None:
+        """A MAIL the gateway refuses is a protocol error, still counted: five in a row close the connection."""
+        for _ in range(4):
+            self.assertEqual(self.say(b"MAIL FROM:<a b@example.org>\r\n")[:3], b"501")
+        self.assertTrue(self.say(b"MAIL FROM:<a b@example.org>\r\n").endswith(
+            b"421 4.7.0 Too many errors, closing connection\r\n"))
+        self.assertTrue(self.transport.disconnecting)
 
     def test_pipelined_fallout_not_counted(self) -> None:
         """RCPTs behind a refused MAIL get 503 without using up the error limit (RFC 2920)."""
