@@ -104,7 +104,10 @@ class ImapBackendLogin(BackendLogin):
 
     def _untagged(self, response: Response) -> None:
         if response.status == b"BYE":
-            self.fail(BackendUnavailable(f"backend said BYE: {_text(response)}"))
+            # Once the credentials are sent (announced is set then), a backend may quote them back
+            # ("Bad command: gw1 LOGIN alice ..."): the log gets the status and code only.
+            said = _text(response) if self.announced is None else _verdict(response)
+            self.fail(BackendUnavailable(f"backend said BYE: {said}"))
         elif response.code is not None and response.code.name == b"CAPABILITY":
             self._capabilities_from(response.code.args)
         elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
@@ -230,7 +233,12 @@ class ImapBackendLogin(BackendLogin):
             self._send_credentials(tag, [tag + b" AUTHENTICATE PLAIN\r\n", message + b"\r\n"])
 
     def _send_credentials(self, tag: bytes, chunks: list[bytes]) -> None:
-        """Send a login command whose later chunks wait for the backend's continuations; forget the capabilities."""
+        """
+        Send a login command whose later chunks wait for the backend's continuations. What the backend
+        offered is what it announces before login (kept by the connector, see BackendConnector._learn);
+        after login it says anew.
+        """
+        self.announced = self._known_capabilities
         self._known_capabilities = None
         self._waiting = (tag, self._logged_in)
         self._login_chunks = chunks

@@ -400,6 +400,28 @@ class LoginReplyTests(ImapLoginTestBase):
         self.say(b"* BYE Server shutting down.\r\n")
         self.failed_with(BackendUnavailable)
 
+    def test_bye_text_logged_only_before_credentials(self) -> None:
+        """A BYE before the credentials are sent cannot quote them: its text is kept for the log."""
+        self.start()
+        self.say(b"* BYE Too many connections from your address\r\n")
+        self.assertIn("Too many connections", str(self.failed_with(BackendUnavailable)))
+        self.start()
+        self.say(b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n* BYE [UNAVAILABLE] Quoted back\r\n")
+        self.assertEqual(str(self.failed_with(BackendUnavailable)), "backend said BYE: BYE [UNAVAILABLE]")
+
+    def test_announced_kept_at_login(self) -> None:
+        """
+        What the backend offered before login is kept by each login that sends the credentials (the
+        connector learns it from there, not only from its probe at start); what it says after login
+        is the session's.
+        """
+        self.start()
+        self.say(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ENABLE IDLE AUTH=PLAIN] Dovecot ready.\r\n")
+        self.assertEqual(self.protocol.announced, (b"IMAP4rev1", b"SASL-IR", b"ENABLE", b"IDLE", b"AUTH=PLAIN"))
+        self.say(b"gw1 OK [CAPABILITY IMAP4rev1 ENABLE IDLE MOVE] Logged in\r\n")
+        self.assertEqual(self.logged_in().capabilities, (b"IMAP4rev1", b"ENABLE", b"IDLE", b"MOVE"))
+        self.assertEqual(self.protocol.announced, (b"IMAP4rev1", b"SASL-IR", b"ENABLE", b"IDLE", b"AUTH=PLAIN"))
+
     def test_bye_while_asking_capabilities(self) -> None:
         """BYE while the post-login CAPABILITY is pending makes the backend unavailable."""
         self.say(b"gw1 OK Logged in\r\n")
@@ -600,6 +622,8 @@ class SecrecyTests(ImapLoginTestBase):
             (b"IMAP4rev1", b"gw1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", BackendRejected),
             (b"IMAP4rev1", b"gw1 BAD Error in IMAP command LOGIN\r\n", BackendUnavailable),
             (b"IMAP4rev1", b"* BYE Disconnected for inactivity.\r\n", BackendUnavailable),
+            (b"IMAP4rev1", b"* BYE Bad command: gw1 LOGIN alice " + self.PASSWORD + b"\r\n", BackendUnavailable),
+            (b"IMAP4rev1", b"* BYE [UNAVAILABLE] " + self.PASSWORD + b"\r\n", BackendUnavailable),
             (b"IMAP4rev1 LOGINDISABLED", b"", BackendUnavailable),
         ):
             self.start(password=self.PASSWORD)

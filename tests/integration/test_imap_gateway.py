@@ -470,6 +470,39 @@ class BackendOutageTests(GatewayFixture):
         self.assertLess(log.index("backend_down backend="), log.index("backend_up backend="))
 
 
+class BackendDownAtStartTests(GatewayFixture):
+    """The backend is down when the gateway starts, so its probe learns nothing."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-it-")
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD}))
+        cls.dovecot.stop()
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={USER: PASSWORD},
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
+            imap_backend="timeout = 3"))
+
+    def test_backend_capabilities_learned_at_login(self) -> None:
+        """
+        Until a login reaches the backend the gateway offers none of its capabilities before login;
+        from the first one on it offers its ENABLE and IDLE, and imaplib's enable() works.
+        """
+        client = self.imaps()
+        self.assertNotIn("ENABLE", client.capabilities)
+        client.logout()
+        self.dovecot.start()
+        client = self.imaps()
+        self.assertEqual(client.login(USER, PASSWORD)[0], "OK")
+        client.logout()
+        client = self.imaps()
+        self.assertIn("ENABLE", client.capabilities)
+        self.assertIn("IDLE", client.capabilities)
+        client.login(USER, PASSWORD)
+        self.assertEqual(client.enable("CONDSTORE")[0], "OK")
+        client.logout()
+
+
 class BackendDecidesTests(SynchronousTestCase):
     """[auth] mode "backend": Dovecot checks the passwords the gateway passes on."""
 
