@@ -52,7 +52,8 @@ class BackendRejected(Exception):
 class BackendRefused(Exception):
     """
     The backend accepted the credentials but refused the session for a reason the client must
-    see as the backend said it (POP3 C{[IN-USE]}, C{[LOGIN-DELAY]}).
+    see as the backend said it (POP3 C{[IN-USE]}, C{[LOGIN-DELAY]}; IMAP C{NO [LIMIT]}, by its
+    status and code alone).
 
     :ivar reply: the backend's reply text, printable ASCII, safe to relay.
     """

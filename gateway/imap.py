@@ -251,8 +251,11 @@ class ImapFrontEnd(LoginFrontEnd):
         elif outcome is LoginOutcome.OVERLOADED:
             self.send(self._tag + b" NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
             self.send(b"* BYE [UNAVAILABLE] Closing.\r\n")
+        elif outcome is LoginOutcome.REFUSED:
+            # The backend's status and code (NO [LIMIT]), not its text: the client's reply is a fixed text.
+            self.send(self._tag + b" " + self.backend_refusal
+                      + b" The mail store refused the session, try again later.\r\n")
         else:
-            # IMAP has no way to relay a backend's reason; both are temporary for the client.
             self.send(self._tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
 
     # -- replies

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from gateway.addresses import parse_ip
-from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, LoginRequest, login_answer, printable
+from gateway.backend import (
+    BackendLogin,
+    BackendRefused,
+    BackendRejected,
+    BackendUnavailable,
+    LoginRequest,
+    login_answer,
+    printable,
+)
 from gateway.config import BackendSettings
 from gateway.imap_syntax import (
     ParseError,
@@ -31,6 +39,9 @@ from gateway.sasl import plain_message
 
 # Backend NO codes that mean "these credentials are wrong"; any other NO is the backend failing.
 _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"))
+# RFC 5530 codes by which a backend that is up refuses this one session (Dovecot's NO [LIMIT] for a
+# user past mail_max_userip_connections): not an outage. The client hears the code, not the text.
+_SESSION_REFUSAL_CODES = frozenset((b"LIMIT", b"INUSE", b"CONTACTADMIN", b"OVERQUOTA"))
 
 _Handler = Callable[[Response], None]
 
@@ -262,6 +273,8 @@ class ImapBackendLogin(BackendLogin):
             self._with_capabilities(self._done)
         elif response.status == b"NO" and (response.code is None or response.code.name in _REJECTION_CODES):
             self.fail(BackendRejected(f"backend refused the login: {_verdict(response)}"))
+        elif response.status == b"NO" and response.code is not None and response.code.name in _SESSION_REFUSAL_CODES:
+            self.fail(BackendRefused(_verdict(response).encode("ascii")))
         else:
             self.fail(BackendUnavailable(f"backend login failed: {_verdict(response)}"))
 

@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.backend import BackendUnavailable, ClientAddress
+from gateway.backend import BackendRefused, BackendUnavailable, ClientAddress
 from gateway.frontend import FrontEndFactory
 from gateway.imap import ImapFrontEnd
 from gateway.testing.gateway import SESSION_NAME
@@ -364,6 +364,11 @@ class ImplicitTLSTests(ImapTestBase):
                          b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
         self.backend.error = None
         self.assertTrue(self.say(b"a2 LOGIN bob secret\r\n").startswith(b"a2 OK "))
+
+    def test_backend_refuses_session(self) -> None:
+        """A backend that refuses the session (NO [LIMIT]) gives its status and code, with a fixed text."""
+        self.backend.error = BackendRefused(b"NO [LIMIT]")
+        self.assertEqual(self.log_in(), b"a1 NO [LIMIT] The mail store refused the session, try again later.\r\n")
 
     def test_backend_rejects_after_local_success(self) -> None:
         """With a local database, a backend that refuses the login makes it NO [UNAVAILABLE]."""

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.backend import BackendRejected, BackendUnavailable, ClientAddress, LoginRequest
+from gateway.backend import BackendRefused, BackendRejected, BackendUnavailable, ClientAddress, LoginRequest
 from gateway.config import BackendSettings
 from gateway.imap_backend import ImapBackendLogin
 from gateway.relay import Splice
@@ -383,6 +383,18 @@ class LoginReplyTests(ImapLoginTestBase):
         """A NO without a response code is a rejection of the credentials."""
         self.say(b"gw1 NO Login failed.\r\n")
         self.failed_with(BackendRejected)
+
+    def test_session_refusals(self) -> None:
+        """
+        NO [LIMIT] (Dovecot's, for a user past mail_max_userip_connections), [INUSE], [CONTACTADMIN]
+        and [OVERQUOTA] are a backend that is up refusing this session: its status and code, not
+        its text, are the refusal.
+        """
+        for code in (b"LIMIT", b"INUSE", b"CONTACTADMIN", b"OVERQUOTA"):
+            self.start()
+            self.say(b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+            self.say(b"gw1 NO [" + code + b"] Too many sessions for alice with secret\r\n")
+            self.assertEqual(self.failed_with(BackendRefused).reply, b"NO [" + code + b"]")  # type: ignore[attr-defined]
 
     def test_no_unavailable(self) -> None:
         """NO [UNAVAILABLE] is the backend failing, not a rejection."""

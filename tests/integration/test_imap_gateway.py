@@ -503,6 +503,35 @@ class BackendDownAtStartTests(GatewayFixture):
         client.logout()
 
 
+class UserLimitTests(GatewayFixture):
+    """Dovecot allows one session per user and address (mail_max_userip_connections = 1)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.stack = stack = Stack("gw-it-")
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD},
+                                                 extra_config="protocol imap {\n  mail_max_userip_connections = 1\n}\n"))
+        cls.gateway = stack.start(GatewayProcess(
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={USER: PASSWORD},
+            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path))
+
+    def test_second_session_refused_without_outage(self) -> None:
+        """
+        The user's second session gets Dovecot's NO [LIMIT] with the gateway's own text, and the log
+        says the backend refused it: the backend is up, so no backend_down line.
+        """
+        first = self.imaps()
+        first.login(USER, PASSWORD)
+        second = self.imaps()
+        with self.assertRaises(imaplib.IMAP4.error) as caught:
+            second.login(USER, PASSWORD)
+        self.assertIn("[LIMIT] The mail store refused the session, try again later.", str(caught.exception))
+        self.gateway.wait_for_log(r'backend_refused protocol=imap client=127\.0\.0\.1 user="alice" reply=NO \[LIMIT\]')
+        self.assertNotIn("backend_down", self.gateway.log())
+        second.logout()
+        first.logout()
+
+
 class BackendDecidesTests(SynchronousTestCase):
     """[auth] mode "backend": Dovecot checks the passwords the gateway passes on."""
 
