@@ -454,14 +454,6 @@ class _BodilessChannel(RequestDeadlineChannel):
         log.info("metrics_request_timeout peer={peer}", peer=address_host(self.getPeer()))
 
 
-class _MetricsRequest(Request):
-    """A request whose response does not name the server software (twisted.web's Server header)."""
-
-    def render(self, resrc: IResource) -> None:
-        self.responseHeaders.removeHeader(b"server")
-        super().render(resrc)
-
-
 class _MetricsSite(Site):
     """The site of a metrics listener: no request body, no access log."""
 
@@ -481,7 +473,7 @@ def metrics_site(registry: CollectorRegistry, reactor: object) -> Site:
     """
     root = _OnlyChildren()
     root.putChild(b"metrics", MetricsPage(registry))
-    return _MetricsSite(root, requestFactory=_MetricsRequest, parsePOSTFormSubmission=False,
+    return _MetricsSite(root, parsePOSTFormSubmission=False,
                         timeout=REQUEST_TIMEOUT, reactor=reactor)
 
 

@@ -7,8 +7,9 @@ The HTTPS site serves the documents of L{gateway.autoconfig} at the paths mail c
 every other path to C{[web] upstream}. The plain HTTP site serves Thunderbird's autoconfig paths
 too (Thunderbird asks over HTTP as well), with C{[web] acme_webroot} the ACME HTTP-01 challenges
 certbot's C{--webroot} leaves there (so that the certificate renews while the gateway holds port
-80), and answers everything else with a 301 to C{https://<public_host>}: the configured name,
-never the request's Host header, so the redirect cannot be pointed elsewhere.
+80), and answers everything else with a 301 (Outlook's Autodiscover: a 302) to
+C{https://<public_host>}: the configured name, never the request's Host header, so the redirect
+cannot be pointed elsewhere.
 
 Both sites read the configuration through a L{WebState}, so a reload changes the documents,
 the upstream and the headers of the next request.
@@ -55,6 +56,7 @@ import stat
 import tempfile
 from io import BytesIO
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -80,7 +82,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from gateway.addresses import address_host, plain_address
+from gateway.addresses import address_host, client_key, plain_address
 from gateway.autoconfig import (
     AUTODISCOVER_MAX_BODY,
     MOBILECONFIG_CONTENT_TYPE,
@@ -298,7 +300,10 @@ class _WebRequest(Request):
         self._body_limit = site.body_limit(self.target.split(b"?", 1)[0])
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
-        self.content = BytesIO() if self.body_too_large or in_memory else _Spool(site, _peer(self))
+        if self.body_too_large or in_memory:
+            self.content = BytesIO()
+        else:  # an IPv6 client's share is its network's, as everywhere else it is counted
+            self.content = _Spool(site, client_key(_peer(self), site.state.settings.auth.ipv6_prefix))
         if self.body_too_large:
             # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
             self.requestHeaders.removeHeader(b"expect")
@@ -395,7 +400,7 @@ class RequestDeadlineChannel(HTTPChannel):
     its connection for ever: here a request has L{REQUEST_DEADLINE} from its first byte, plus a
     second for every L{UPLOAD_MIN_RATE} bytes of body, and then gets a 408. Both the web sites
     and the metrics listener use it. A subclass says what a refusal carries (L{refusal}) and logs
-    a missed deadline (L{request_timed_out}).
+    a missed deadline (L{request_timed_out}). No response names the server software.
     """
 
     site: Site  # set by twisted.web's factory
@@ -414,6 +419,14 @@ class RequestDeadlineChannel(HTTPChannel):
             self._request_started = self.site.reactor.seconds()
             self._deadline = self.callLater(REQUEST_DEADLINE, self._deadline_reached)
         super().dataReceived(data)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        """
+        Write a response's headers without a Server header: none for scanners, whether twisted.web
+        set it (on every response, even those it answers itself, as OPTIONS *) or the webmail did.
+        """
+        headers.removeHeader(b"server")
+        super().writeHeaders(version, code, reason, headers)
 
     def rawDataReceived(self, data: bytes) -> None:
         """Count the bytes of a request body (not those of a pipelined request waiting in line)."""
@@ -478,8 +491,10 @@ class RequestDeadlineChannel(HTTPChannel):
             content = getattr(self.requests[-1], "content", None)
             if content is not None:
                 content.close()
-        headers, body = self.refusal(code)
-        headers = [*headers, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]
+        fields, body = self.refusal(code)
+        headers = Headers()
+        for name, value in [*fields, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]:
+            headers.addRawHeader(name, value)
         self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
         self.transport.write(body)  # type: ignore[union-attr]
         # A client that does not read this is aborted after the grace period (loseConnection).
@@ -619,9 +634,8 @@ class _WebSite(Site):
     def security_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers every response starts with (the proxy drops the CSP for the webmail's)."""
         headers = [(b"X-Content-Type-Options", b"nosniff"), (b"Content-Security-Policy", CONTENT_SECURITY_POLICY)]
-        max_age = self.state.web.hsts_max_age
-        if self.https and max_age > 0:
-            headers.append((b"Strict-Transport-Security", b"max-age=%d" % max_age))
+        if self.https:  # max-age=0 too: browsers then forget a policy an earlier setting gave them (RFC 6797 6.1.1)
+            headers.append((b"Strict-Transport-Security", b"max-age=%d" % self.state.web.hsts_max_age))
         return headers
 
 
@@ -712,14 +726,19 @@ def _not_allowed(request: Request, allowed: bytes) -> bytes:
 
 
 def _query_text(request: Request, name: bytes) -> str | None:
-    """The first value of a query parameter as text, or None if absent or not UTF-8."""
-    values = request.args.get(name) if request.args else None
-    if not values:
-        return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    """
+    The first value of a query parameter as text, or None if absent or not UTF-8. A "+" stays a
+    "+", not a space as in a form: the parameters read are addresses, such as alice+tag@..., which
+    a user types into Safari's address bar (which does not encode it).
+    """
+    for field in request.uri.partition(b"?")[2].split(b"&"):
+        key, _, value = field.partition(b"=")
+        if unquote_to_bytes(key) == name:
+            try:
+                return unquote_to_bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+    return None
 
 
 class _WebRoot(Resource):
@@ -744,7 +763,6 @@ class _WebRoot(Resource):
 
     def _answer(self, request: _WebRequest) -> bytes | int:
         """Route a request by its path: a document's or page's body, or NOT_DONE_YET while proxied."""
-        request.responseHeaders.removeHeader(b"server")  # no software version for scanners
         route = _route(request.path, self._https)
         if route == "thunderbird":
             return self._thunderbird(request)
@@ -814,7 +832,8 @@ class _WebRoot(Resource):
     def _redirect(self, request: Request) -> bytes:
         # Only an origin-form target ("/path?query") is kept; anything else goes to the root.
         target = request.uri if request.uri.startswith(b"/") else b"/"
-        request.setResponseCode(301)
+        # Outlook follows only a 302 from its plain-HTTP Autodiscover probe (MS-OXDISCO 3.1.5.2).
+        request.setResponseCode(302 if request.path.lower() == _AUTODISCOVER_PATH else 301)
         request.setHeader(b"Location", b"https://" + self._state.web.public_host.encode("ascii") + target)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Moved to HTTPS.\n"

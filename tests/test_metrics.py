@@ -672,9 +672,10 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(body, b"")
 
     def test_no_server_header(self) -> None:
-        """No response names the server software: not a scrape, a 404 or a 405."""
+        """No response names the server software: not a scrape, a 404, a 405 or an OPTIONS *."""
         for request in (b"GET /metrics HTTP/1.0\r\n\r\n", b"HEAD /metrics HTTP/1.0\r\n\r\n",
-                        b"GET /other HTTP/1.0\r\n\r\n", b"DELETE /metrics HTTP/1.0\r\n\r\n"):
+                        b"GET /other HTTP/1.0\r\n\r\n", b"DELETE /metrics HTTP/1.0\r\n\r\n",
+                        b"OPTIONS * HTTP/1.0\r\n\r\n"):
             status, headers, _ = http_get(self.site, request)
             self.assertNotIn(b"server", headers, status)
             self.assertIn(b"date", headers)

@@ -423,6 +423,17 @@ class DocumentTests(SiteTestCase):
         profile = plistlib.loads(reply.body)
         self.assertEqual(profile["PayloadContent"][0]["PayloadType"], "com.apple.mail.managed")
 
+    def test_mobileconfig_plus_address(self) -> None:
+        """
+        A "+" in the address stays one, as Safari sends it when a user types alice+tag@... into the
+        address bar; encoded, it is the same; the first emailaddress counts.
+        """
+        for query in (b"?emailaddress=dave+mail@example.com", b"?emailaddress=dave%2Bmail%40example.com",
+                      b"?x=1&emailaddress=dave+mail@example.com&emailaddress=eve@example.com"):
+            reply = self.get(b"/apple/mail.mobileconfig" + query)
+            self.assertEqual(reply.code, 200, query)
+            self.assertEqual(reply.body, mobileconfig(self.state.settings, "dave+mail@example.com"))
+
     def test_mobileconfig_needs_an_address(self) -> None:
         """A profile request without a plausible address is a 400."""
         for query in (b"", b"?emailaddress=", b"?emailaddress=%25EMAILADDRESS%25", b"?emailaddress=nobody",
@@ -454,15 +465,22 @@ class SecurityHeaderTests(SiteTestCase):
         self.assertEqual(reply.header("cache-control"), b"no-store")
         self.assertIsNone(reply.header("server"))
 
+    def test_star_request_names_no_server(self) -> None:
+        """OPTIONS * and GET *, which twisted.web answers itself, name no server software either, on both sites."""
+        for site in (self.https, self.http):
+            for method in (b"OPTIONS", b"GET"):
+                reply = self.get(b"*", site=site, method=method)
+                self.assertIsNone(reply.header("server"), (site, method))
+
     def test_error_headers(self) -> None:
         """An error page carries the security headers too."""
         reply = self.get(b"/autodiscover/autodiscover.xml", method=b"POST", body=b"junk")
         self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
 
     def test_hsts_off(self) -> None:
-        """With hsts_max_age = 0 there is no HSTS header."""
+        """With hsts_max_age = 0 the header says max-age=0, so that browsers forget an earlier policy (RFC 6797 6.1.1)."""
         self.state.update(self.settings(hsts_max_age=0))
-        self.assertIsNone(self.get(TB_PATH).header("strict-transport-security"))
+        self.assertEqual(self.get(TB_PATH).header("strict-transport-security"), b"max-age=0")
 
     def test_no_upstream(self) -> None:
         """Without an upstream every other path is a plain 404 page."""
@@ -545,10 +563,14 @@ class RedirectTests(SiteTestCase):
         self.assertEqual(reply.header("location"), b"https://mail.example.org/")
 
     def test_autodiscover_redirected(self) -> None:
-        """Autodiscover over HTTP is redirected to HTTPS (where Outlook then posts)."""
-        reply = self.get(b"/autodiscover/autodiscover.xml", site=self.http, method=b"POST", body=b"<x/>")
-        self.assertEqual(reply.code, 301)
-        self.assertEqual(reply.header("location"), b"https://mail.example.org/autodiscover/autodiscover.xml")
+        """
+        Autodiscover over HTTP is redirected to HTTPS (where Outlook then posts) with a 302, the only
+        redirect Outlook's plain-HTTP probe follows (MS-OXDISCO), whatever the path's case.
+        """
+        for path, method in ((b"/autodiscover/autodiscover.xml", b"GET"), (b"/Autodiscover/Autodiscover.xml", b"POST")):
+            reply = self.get(path, site=self.http, method=method, body=b"<x/>" if method == b"POST" else b"")
+            self.assertEqual(reply.code, 302)
+            self.assertEqual(reply.header("location"), b"https://mail.example.org" + path)
 
     def test_reload_changes_redirect(self) -> None:
         """After WebState.update the redirect names the new public host."""
@@ -699,6 +721,7 @@ class ProxyTests(SiteTestCase):
             "Content-Type": ["text/html; charset=utf-8"], "Set-Cookie": ["a=1; Secure", "b=2; HttpOnly"],
             "Connection": ["X-Upstream-Hop"], "X-Upstream-Hop": ["1"], "Keep-Alive": ["timeout=3"],
             "Strict-Transport-Security": ["max-age=1"], "X-Content-Type-Options": ["whatever"],
+            "Server": ["BaseHTTP/0.6 Python/3.11.7"],
         })
         assert response.protocol is not None
         response.protocol.dataReceived(b"<html>first")
@@ -715,7 +738,7 @@ class ProxyTests(SiteTestCase):
         self.assertEqual(reply.headers.getRawHeaders(b"set-cookie"), [b"a=1; Secure", b"b=2; HttpOnly; Secure"])
         self.assertEqual(reply.headers.getRawHeaders(b"strict-transport-security"), [b"max-age=31536000"])
         self.assertEqual(reply.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
-        for name in ("content-security-policy", "x-upstream-hop", "keep-alive"):
+        for name in ("content-security-policy", "x-upstream-hop", "keep-alive", "server"):
             self.assertIsNone(reply.header(name), name)
         self.assertEqual(reply.headers.getRawHeaders(b"connection"), None)
 
@@ -1037,6 +1060,15 @@ class ProxyTests(SiteTestCase):
         self.assert_own_page(self.upload_start(400_000, 150_000).reply(), 503)
         self.upload_start(400_000, 150_000, IPv4Address("TCP", "198.51.100.3", 40000))
         self.assertEqual(self.https.spooled_by, {"192.0.2.7": 200_000, "198.51.100.3": 150_000})
+
+    def test_spool_share_per_ipv6_network(self) -> None:
+        """An IPv6 client's share is its /64's, as everywhere else it is counted: another address of it gets none."""
+        self.patch(web, "SPOOL_SHARE", 300_000)
+        self.upload_start(400_000, 200_000, IPv6Address("TCP", "2001:db8:1:2::7", 40000))
+        refused = self.upload_start(400_000, 150_000, IPv6Address("TCP", "2001:db8:1:2:ffff::8", 40001))
+        self.assert_own_page(refused.reply(), 503)
+        self.upload_start(400_000, 150_000, IPv6Address("TCP", "2001:db8:1:3::7", 40002))
+        self.assertEqual(self.https.spooled_by, {"2001:db8:1:2::/64": 200_000, "2001:db8:1:3::/64": 150_000})
 
     def test_spool_given_back_once_sent(self) -> None:
         """A body passed on whole is given back as soon as the webmail has read it all."""
