@@ -51,11 +51,12 @@ class BackendRejected(Exception):
 
 class BackendRefused(Exception):
     """
-    The backend accepted the credentials but refused the session for a reason the client must
-    see as the backend said it (POP3 C{[IN-USE]}, C{[LOGIN-DELAY]}; IMAP C{NO [LIMIT]}, by its
-    status and code alone).
+    The backend, which is up, accepted the credentials but refused the session: POP3
+    C{[IN-USE]} or C{[LOGIN-DELAY]}, which the client must see as the backend said it, or IMAP
+    C{NO [LIMIT]} and its like, which the client is told as unavailability.
 
-    :ivar reply: the backend's reply text, printable ASCII, safe to relay.
+    :ivar reply: the backend's reply, printable ASCII, safe to relay and to log (POP3: its text; IMAP:
+        its status and code alone).
     """
 
     def __init__(self, reply: bytes) -> None:

@@ -153,10 +153,10 @@ class WebSettings:
     HTTPS: client autoconfiguration, an optional webmail reverse proxy, and an HTTP redirector.
 
     :ivar https: endpoint descriptions of the HTTPS listeners.
-    :ivar http: endpoint descriptions of plain HTTP listeners: they redirect to HTTPS (301),
-        except the autoconfig paths, which Thunderbird also asks over HTTP.
+    :ivar http: endpoint descriptions of plain HTTP listeners: they redirect to HTTPS (301;
+        Outlook's Autodiscover, 302), except the autoconfig paths, which Thunderbird also asks over HTTP.
     :ivar public_host: the host name clients are told to use (default: [gateway] hostname).
-    :ivar hsts_max_age: seconds for the Strict-Transport-Security header.
+    :ivar hsts_max_age: seconds for the Strict-Transport-Security header (0: browsers forget the policy).
     :ivar upstream: C{http://host:port} of a plaintext webmail that every other path goes to.
     :ivar autoconfig_username: C{%EMAILADDRESS%} or C{%EMAILLOCALPART%}: what users log in with.
     :ivar acme_webroot: the directory certbot's C{--webroot} writes challenges under; the plain

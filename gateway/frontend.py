@@ -98,7 +98,7 @@ class LoginOutcome(enum.Enum):
 
     REJECTED = "rejected"        # bad credentials, whatever the cause; reply after the failure pause
     UNAVAILABLE = "unavailable"  # the backend failed; a temporary error, never an auth failure
-    REFUSED = "refused"          # the backend refused the session with a reason for the client (POP3 [IN-USE], IMAP NO [LIMIT])
+    REFUSED = "refused"          # the backend, up, refused the session (POP3 [IN-USE], relayed; IMAP NO [LIMIT])
     THROTTLED = "throttled"      # the client's address used up its failed logins; the connection closes
     OVERLOADED = "overloaded"    # the user has too many sessions; the connection closes
     LOGGED_IN = "logged-in"      # the backend session is ready; after the reply the connection relays

@@ -251,11 +251,10 @@ class ImapFrontEnd(LoginFrontEnd):
         elif outcome is LoginOutcome.OVERLOADED:
             self.send(self._tag + b" NO [UNAVAILABLE] Too many sessions for this user, try again later.\r\n")
             self.send(b"* BYE [UNAVAILABLE] Closing.\r\n")
-        elif outcome is LoginOutcome.REFUSED:
-            # The backend's status and code (NO [LIMIT]), not its text: the client's reply is a fixed text.
-            self.send(self._tag + b" " + self.backend_refusal
-                      + b" The mail store refused the session, try again later.\r\n")
         else:
+            # A backend's refusal of the session (NO [LIMIT]) too: clients know UNAVAILABLE as
+            # temporary, where some might take another code for a wrong password and ask for it
+            # again. The log names the backend's code (backend_refused).
             self.send(self._tag + b" NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
 
     # -- replies

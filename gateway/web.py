@@ -141,11 +141,12 @@ client trickling bytes to hold a connection slot has to spend that bandwidth per
 SPOOL_LIMIT = 1024 * 1024 * 1024
 """Bytes of proxied request bodies kept at once, over every client together: they wait in
 temporary files, which are memory where /tmp is a tmpfs (Debian's default since 13). A body that
-would pass it, or its address's L{SPOOL_SHARE}, gets a 503 at once."""
+would pass it, or its client's L{SPOOL_SHARE}, gets a 503 at once."""
 
 SPOOL_SHARE = SPOOL_LIMIT // 4
-"""Bytes of the spool one client address may hold (two uploads of the largest size): a single
-client trickling its uploads cannot keep everyone else's out."""
+"""Bytes of the spool one client may hold (two uploads of the largest size): a single client
+trickling its uploads cannot keep everyone else's out. An IPv6 client is its network of
+C{[auth] ipv6_prefix} bits, as everywhere else it is counted."""
 
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 """Seconds allowed to connect to the webmail before the client gets a 502."""
@@ -605,7 +606,7 @@ class _WebSite(Site):
     A twisted.web site bound to the live configuration.
 
     :ivar spooled_by: bytes of proxied request bodies its requests keep now (see L{_Spool}), by
-        client address, for the addresses that keep any.
+        client (an IPv6 client's network, see L{SPOOL_SHARE}), for the clients that keep any.
     """
 
     # HTTP/1.1 only: the listeners offer no other ALPN protocol, so no HTTP/2 negotiation.
@@ -727,9 +728,10 @@ def _not_allowed(request: Request, allowed: bytes) -> bytes:
 
 def _query_text(request: Request, name: bytes) -> str | None:
     """
-    The first value of a query parameter as text, or None if absent or not UTF-8. A "+" stays a
-    "+", not a space as in a form: the parameters read are addresses, such as alice+tag@..., which
-    a user types into Safari's address bar (which does not encode it).
+    The first value of a query parameter as text, or None if absent or not UTF-8; fields are split
+    at "&" only, as clients write them. A "+" stays a "+", not a space as in a form: the
+    parameters read are addresses, such as alice+tag@..., which a user types into Safari's
+    address bar (which does not encode it).
     """
     for field in request.uri.partition(b"?")[2].split(b"&"):
         key, _, value = field.partition(b"=")
@@ -832,7 +834,7 @@ class _WebRoot(Resource):
     def _redirect(self, request: Request) -> bytes:
         # Only an origin-form target ("/path?query") is kept; anything else goes to the root.
         target = request.uri if request.uri.startswith(b"/") else b"/"
-        # Outlook follows only a 302 from its plain-HTTP Autodiscover probe (MS-OXDISCO 3.1.5.2).
+        # Outlook follows only a 302 from its plain-HTTP Autodiscover probe (MS-OXDISCO 3.1.5.4).
         request.setResponseCode(302 if request.path.lower() == _AUTODISCOVER_PATH else 301)
         request.setHeader(b"Location", b"https://" + self._state.web.public_host.encode("ascii") + target)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

@@ -445,6 +445,18 @@ class AnnouncedTests(ConnectorTestBase):
         self.failureResultOf(attempt, BackendRejected)
         self.assertEqual(connector.announced, (b"TOP", b"UIDL", b"USER"))
 
+    def test_learned_from_imap_login_refused(self) -> None:
+        """
+        An IMAP login teaches the connector what the backend announced before it, also one the backend
+        refused for its session (NO [LIMIT]): the backend answered, after the credentials.
+        """
+        connector = self.connector()
+        attempt = connector.login(REQUEST)
+        wire, _ = self.accept()
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1 ENABLE IDLE] ready\r\ngw1 NO [LIMIT] Too many sessions\r\n")
+        self.failureResultOf(attempt, BackendRefused)
+        self.assertEqual(connector.announced, (b"IMAP4rev1", b"ENABLE", b"IDLE"))
+
     def test_not_learned_in_clear_before_a_failed_starttls(self) -> None:
         """
         With backend STARTTLS, what a login that failed before TLS saw (a CAPA without STLS, maybe

@@ -366,9 +366,9 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertTrue(self.say(b"a2 LOGIN bob secret\r\n").startswith(b"a2 OK "))
 
     def test_backend_refuses_session(self) -> None:
-        """A backend that refuses the session (NO [LIMIT]) gives its status and code, with a fixed text."""
+        """A backend that refuses the session (NO [LIMIT]) is unavailable to the client, which clients know as temporary."""
         self.backend.error = BackendRefused(b"NO [LIMIT]")
-        self.assertEqual(self.log_in(), b"a1 NO [LIMIT] The mail store refused the session, try again later.\r\n")
+        self.assertEqual(self.log_in(), b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
 
     def test_backend_rejects_after_local_success(self) -> None:
         """With a local database, a backend that refuses the login makes it NO [UNAVAILABLE]."""

@@ -517,15 +517,15 @@ class UserLimitTests(GatewayFixture):
 
     def test_second_session_refused_without_outage(self) -> None:
         """
-        The user's second session gets Dovecot's NO [LIMIT] with the gateway's own text, and the log
-        says the backend refused it: the backend is up, so no backend_down line.
+        The user's second session is told NO [UNAVAILABLE], and the log says the backend refused it
+        with NO [LIMIT]: the backend is up, so no backend_down line.
         """
         first = self.imaps()
         first.login(USER, PASSWORD)
         second = self.imaps()
         with self.assertRaises(imaplib.IMAP4.error) as caught:
             second.login(USER, PASSWORD)
-        self.assertIn("[LIMIT] The mail store refused the session, try again later.", str(caught.exception))
+        self.assertIn("[UNAVAILABLE] Service temporarily unavailable", str(caught.exception))
         self.gateway.wait_for_log(r'backend_refused protocol=imap client=127\.0\.0\.1 user="alice" reply=NO \[LIMIT\]')
         self.assertNotIn("backend_down", self.gateway.log())
         second.logout()
