@@ -517,6 +517,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         """True once the connection is closing; nothing more is read or answered."""
         return self._phase is _Phase.CLOSED
 
+    @property
+    def in_sasl_exchange(self) -> bool:
+        """True while the client's lines are SASL responses (see L{start_sasl})."""
+        return self._sasl is not None
+
     # -- for subclasses: STARTTLS
 
     def start_tls(self) -> None:

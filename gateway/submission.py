@@ -105,7 +105,10 @@ class SubmissionFrontEnd(LoginFrontEnd):
         self.send(b"220 %s ESMTP Mail gateway ready\r\n" % self.context.hostname.encode("ascii"))
 
     def reply_line_too_long(self) -> None:
-        self.send(b"500 5.5.2 Line too long, closing connection\r\n")
+        if self.in_sasl_exchange:  # RFC 4954 4
+            self.send(b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
+        else:
+            self.send(b"500 5.5.2 Line too long, closing connection\r\n")
 
     def reply_timeout(self) -> None:
         self.send(b"421 4.4.2 %s Timeout, closing connection\r\n" % self.context.hostname.encode("ascii"))

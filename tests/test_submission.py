@@ -194,6 +194,14 @@ class AuthTests(SubmissionTestBase):
         self.assertEqual(self.say(b"NOOP " + b"x" * 600 + b"\r\n"), b"500 5.5.2 Line too long\r\n")
         self.assertFalse(self.transport.disconnecting)
 
+    def test_sasl_response_too_long(self) -> None:
+        """A SASL response over the line limit gets RFC 4954's 500 5.5.6, and the connection closes."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN\r\n"), b"334 \r\n")
+        self.assertEqual(self.say(b"x" * (self.limits.line_length + 1) + b"\r\n"),
+                         b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
 
 class TransactionTests(SubmissionTestBase):
     """Mail transactions after AUTH, relayed command by command."""
