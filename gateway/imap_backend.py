@@ -40,7 +40,8 @@ from gateway.sasl import plain_message
 # Backend NO codes that mean "these credentials are wrong"; any other NO is the backend failing.
 _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b"EXPIRED"))
 # RFC 5530 codes by which a backend that is up refuses this one session (Dovecot's NO [LIMIT] for a
-# user past mail_max_userip_connections): not an outage. The client hears the code, not the text.
+# user past mail_max_userip_connections): not an outage. The client is told UNAVAILABLE (see
+# ImapFrontEnd.reply_login), the log names the code.
 _SESSION_REFUSAL_CODES = frozenset((b"LIMIT", b"INUSE", b"CONTACTADMIN", b"OVERQUOTA"))
 
 _Handler = Callable[[Response], None]
