@@ -63,13 +63,17 @@ class GatewayFixture(SynchronousTestCase):
     """One Dovecot and one gateway for a test class; torn down after its last test."""
 
     forward_client_ip = True
+    dovecot_config = "mail_save_crlf = yes\n" + BACKEND_ID  # appended to the sandbox's own
+    backend_down_at_start = False  # Dovecot stopped before the gateway starts: its probe learns nothing
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.stack = stack = Stack("gw-it-")
         cls.ca_path = stack.ca.ca_path
         cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD, OTHER[0]: OTHER[1]},
-                                                 extra_config="mail_save_crlf = yes\n" + BACKEND_ID))
+                                                 extra_config=cls.dovecot_config))
+        if cls.backend_down_at_start:
+            cls.dovecot.stop()
         cls.gateway = stack.start(GatewayProcess(
             stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port,
             users={USER: PASSWORD, OTHER[0]: OTHER[1]},
@@ -473,15 +477,7 @@ class BackendOutageTests(GatewayFixture):
 class BackendDownAtStartTests(GatewayFixture):
     """The backend is down when the gateway starts, so its probe learns nothing."""
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.stack = stack = Stack("gw-it-")
-        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD}))
-        cls.dovecot.stop()
-        cls.gateway = stack.start(GatewayProcess(
-            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={USER: PASSWORD},
-            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path,
-            imap_backend="timeout = 3"))
+    backend_down_at_start = True
 
     def test_backend_capabilities_learned_at_login(self) -> None:
         """
@@ -506,14 +502,7 @@ class BackendDownAtStartTests(GatewayFixture):
 class UserLimitTests(GatewayFixture):
     """Dovecot allows one session per user and address (mail_max_userip_connections = 1)."""
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.stack = stack = Stack("gw-it-")
-        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {USER: PASSWORD},
-                                                 extra_config="protocol imap {\n  mail_max_userip_connections = 1\n}\n"))
-        cls.gateway = stack.start(GatewayProcess(
-            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users={USER: PASSWORD},
-            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path))
+    dovecot_config = GatewayFixture.dovecot_config + "protocol imap {\n  mail_max_userip_connections = 1\n}\n"
 
     def test_second_session_refused_without_outage(self) -> None:
         """
