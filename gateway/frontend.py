@@ -402,7 +402,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             LineReceiver.dataReceived(self, rest)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.reply_line_too_long()
+        self.reply_line_too_long(line)
         self.close()
 
     def timeoutConnection(self) -> None:
@@ -777,8 +777,11 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         """Handle one line (without its line ending and never longer than the limit) from the client."""
         raise NotImplementedError
 
-    def reply_line_too_long(self) -> None:
-        """Tell the client its line was too long; the connection closes after."""
+    def reply_line_too_long(self, line: bytes) -> None:
+        """Tell the client its line was too long; the connection closes after.
+
+        :param line: what was read of the line (at least the limit), its command first.
+        """
         raise NotImplementedError
 
     def reply_timeout(self) -> None:

@@ -67,7 +67,7 @@ class ImapFrontEnd(LoginFrontEnd):
     def greet(self) -> None:
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] Mail gateway ready.\r\n")
 
-    def reply_line_too_long(self) -> None:
+    def reply_line_too_long(self, line: bytes) -> None:
         self.send(b"* BYE Command line too long.\r\n")
 
     def reply_timeout(self) -> None:

@@ -59,7 +59,7 @@ class Pop3FrontEnd(LoginFrontEnd):
     def greet(self) -> None:
         self.send(b"+OK Mail gateway ready.\r\n")
 
-    def reply_line_too_long(self) -> None:
+    def reply_line_too_long(self, line: bytes) -> None:
         self.send(b"-ERR Line too long.\r\n")
 
     def reply_timeout(self) -> None:

@@ -104,8 +104,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
     def greet(self) -> None:
         self.send(b"220 %s ESMTP Mail gateway ready\r\n" % self.context.hostname.encode("ascii"))
 
-    def reply_line_too_long(self) -> None:
-        if self.in_sasl_exchange:  # RFC 4954 4
+    def reply_line_too_long(self, line: bytes) -> None:
+        # RFC 4954 4: a SASL response too long, the initial one on the AUTH line included
+        if self.in_sasl_exchange or line[:5].upper() == b"AUTH ":
             self.send(b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
         else:
             self.send(b"500 5.5.2 Line too long, closing connection\r\n")

@@ -202,6 +202,19 @@ class AuthTests(SubmissionTestBase):
                          b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_initial_response_too_long(self) -> None:
+        """An initial response on the AUTH line is a SASL response too: over the limit, it gets 5.5.6."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"auth PLAIN " + b"x" * self.limits.line_length + b"\r\n"),
+                         b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_other_command_too_long(self) -> None:
+        """Any other line over the limit gets 5.5.2."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTHX " + b"x" * self.limits.line_length + b"\r\n"),
+                         b"500 5.5.2 Line too long, closing connection\r\n")
+
 
 class TransactionTests(SubmissionTestBase):
     """Mail transactions after AUTH, relayed command by command."""
