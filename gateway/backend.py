@@ -130,6 +130,9 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         the session would otherwise keep).
     :ivar capabilities: what the backend offers after login, as the subclass found out.
     :ivar announced: what the backend offered before login, once the subclass has asked.
+    :ivar notices: lines of the client's protocol that the backend asked, during the login, to be
+        shown to the user (IMAP's ALERTs), for the front end to send before its reply to a login
+        that succeeded, and then to drop.
     :ivar lost: True once the connection is gone.
     :ivar address_not_forwarded: why the backend did not take the client's address (POP3
         C{XCLIENT}) though the settings forward it; None otherwise.
@@ -139,7 +142,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
 
     # One per session, for as long as it lasts: its attributes, and Twisted's, in slots (see LoginFrontEnd).
     __slots__ = (*slots.LINE_RECEIVER,
-                 "request", "settings", "tls", "capabilities", "announced", "result", "_splice", "lost", "_closing",
+                 "request", "settings", "tls", "capabilities", "announced", "notices", "result", "_splice", "lost", "_closing",
                  "address_not_forwarded")
 
     MAX_LENGTH = 65536
@@ -151,6 +154,7 @@ class BackendLogin(slots.TwistedDefaults, LineReceiver):
         self.tls = tls
         self.capabilities: tuple[bytes, ...] = ()
         self.announced: tuple[bytes, ...] | None = None
+        self.notices: tuple[bytes, ...] = ()
         self.result: Deferred[BackendLogin] | None = Deferred(lambda d: self._abort())
         self._splice: Splice | None = None
         self.lost = False

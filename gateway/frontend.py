@@ -730,10 +730,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         return (counting.addCallback(lambda count: deferLater(self.clock, max(0.0, started + count.delay - self.clock.seconds())))
                 .addCallback(lambda _: LoginOutcome.REJECTED))
 
-    def backend_capabilities(self) -> tuple[bytes, ...]:
-        """What the backend announced after the login; valid from L{LoginOutcome.LOGGED_IN} on."""
+    def backend_session(self) -> BackendLogin:
+        """The logged-in backend session; valid from L{LoginOutcome.LOGGED_IN} on."""
         assert self._session is not None
-        return self._session.capabilities
+        return self._session
 
     @property
     def attempts_exhausted(self) -> bool:

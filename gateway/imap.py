@@ -240,7 +240,11 @@ class ImapFrontEnd(LoginFrontEnd):
     def reply_login(self, outcome: LoginOutcome) -> None:
         assert self._tag is not None
         if outcome is LoginOutcome.LOGGED_IN:
-            self.send(self._tag + b" OK " + _logged_in_code(self.backend_capabilities()) + b"Logged in.\r\n")
+            session = self.backend_session()
+            for notice in session.notices:
+                self.send(notice)
+            session.notices = ()
+            self.send(self._tag + b" OK " + _logged_in_code(session.capabilities) + b"Logged in.\r\n")
         elif outcome is LoginOutcome.REJECTED:
             self.send(self._tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
             if self.attempts_exhausted:

@@ -4,7 +4,8 @@ The IMAP login dialogue with the backend store.
 Greeting, optional STARTTLS, CAPABILITY when the greeting did not carry it, optional ID with
 the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN (or, for a
 master login, AUTHENTICATE PLAIN with the user as authorization identity). The
-capabilities the backend announces after login are kept for the client's tagged OK.
+capabilities the backend announces after login are kept for the client's tagged OK, and its
+ALERTs for untagged lines before it.
 
 Untagged data the dialogue does not need may carry literals: Dovecot answers ID with one for a
 value of its C{imap_id_send} that is not plain ASCII. Such a response is skipped whole.
@@ -43,6 +44,8 @@ _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b
 # user past mail_max_userip_connections): not an outage. The client is told UNAVAILABLE (see
 # ImapFrontEnd.reply_login), the log names the code.
 _SESSION_REFUSAL_CODES = frozenset((b"LIMIT", b"INUSE", b"CONTACTADMIN", b"OVERQUOTA"))
+# ALERTs kept for the user from one login (RFC 9051 7.1: the client must show them); more are dropped.
+_MAX_ALERTS = 8
 
 _Handler = Callable[[Response], None]
 
@@ -124,6 +127,8 @@ class ImapBackendLogin(BackendLogin):
             self._capabilities_from(response.code.args)
         elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
             self._capabilities_from(response.text[11:])
+        elif response.code is not None and response.code.name == b"ALERT":
+            self._alert(response)
         if not self._greeted_yet and response.status is not None and not self.login_over:
             self._greeted_yet = True
             self._greeted(response)
@@ -271,6 +276,8 @@ class ImapBackendLogin(BackendLogin):
         elif response.status == b"OK":
             if response.code is not None and response.code.name == b"CAPABILITY":
                 self._capabilities_from(response.code.args)
+            elif response.code is not None and response.code.name == b"ALERT":
+                self._alert(response)  # the gateway's tagged OK carries its own code
             self._with_capabilities(self._done)
         elif response.status == b"NO" and (response.code is None or response.code.name in _REJECTION_CODES):
             self.fail(BackendRejected(f"backend refused the login: {_verdict(response)}"))
@@ -278,6 +285,11 @@ class ImapBackendLogin(BackendLogin):
             self.fail(BackendRefused(_verdict(response).encode("ascii")))
         else:
             self.fail(BackendUnavailable(f"backend login failed: {_verdict(response)}"))
+
+    def _alert(self, response: Response) -> None:
+        # Untagged, as a warning or a tagged answer's alert may not be: the user is shown the text.
+        if len(self.notices) < _MAX_ALERTS:
+            self.notices += (b"* OK [ALERT] " + response.text + b"\r\n",)
 
     def _done(self) -> None:
         self.capabilities = self._known_capabilities or ()

@@ -238,6 +238,13 @@ class ImplicitTLSTests(ImapTestBase):
         backend_transport = self.backend.sessions[0].transport
         self.assertEqual(backend_transport.value(), b"a2 SELECT INBOX\r\n")
 
+    def test_backend_alerts_before_ok(self) -> None:
+        """The backend's ALERTs from the login reach the client before the tagged OK, once."""
+        self.backend.notices = (b"* OK [ALERT] Password expires in 3 days\r\n",)
+        self.assertEqual(self.log_in(), b"* OK [ALERT] Password expires in 3 days\r\n"
+                                        b"a1 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in.\r\n")
+        self.assertEqual(self.backend.sessions[0].notices, ())
+
     def test_pipelined_after_login_goes_to_backend(self) -> None:
         """Commands pipelined after LOGIN go to the backend, after the tagged OK."""
         reply = self.say(b"a1 LOGIN bob secret\r\na2 SELECT INBOX\r\na3 IDLE\r\n")

@@ -347,6 +347,24 @@ class LoginReplyTests(ImapLoginTestBase):
         self.say(b"* CAPABILITY IMAP4rev1 IDLE\r\ngw2 OK Capability completed.\r\n")
         self.assertEqual(self.logged_in().capabilities, (b"IMAP4rev1", b"IDLE"))
 
+    def test_alerts_kept_for_the_user(self) -> None:
+        """
+        ALERTs, untagged or on the tagged OK, are kept as untagged OK [ALERT] lines for the client
+        (RFC 9051 7.1: the user must see them); other untagged responses are not.
+        """
+        self.say(b"* OK [ALERT] Your password expires in 3 days\r\n* NO [ALERT] Mailbox nearly full\r\n"
+                 b"* OK [UNSEEN 3] Not an alert\r\n* OK Plain text\r\n"
+                 b"gw1 OK [ALERT] Maintenance tonight at 22:00\r\n")
+        self.say(b"* CAPABILITY IMAP4rev1\r\ngw2 OK Capability completed.\r\n")
+        self.assertEqual(self.logged_in().notices,
+                         (b"* OK [ALERT] Your password expires in 3 days\r\n", b"* OK [ALERT] Mailbox nearly full\r\n",
+                          b"* OK [ALERT] Maintenance tonight at 22:00\r\n"))
+
+    def test_alerts_bounded(self) -> None:
+        """A backend that sends alerts without end has the first eight kept."""
+        self.say(b"".join(b"* OK [ALERT] number %d\r\n" % n for n in range(100)) + b"gw1 OK [CAPABILITY IMAP4rev1] Hi\r\n")
+        self.assertEqual(self.logged_in().notices, tuple(b"* OK [ALERT] number %d\r\n" % n for n in range(8)))
+
     def test_untagged_capability_before_ok(self) -> None:
         """An untagged CAPABILITY before the tagged OK is taken as the post-login capabilities."""
         self.assertEqual(self.say(b"* CAPABILITY IMAP4rev1 SORT\r\ngw1 OK Logged in\r\n"), b"")

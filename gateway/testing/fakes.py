@@ -68,6 +68,7 @@ class MemoryBackend:
     :ivar requests: every login request, in order.
     :ivar sessions: the logged-in backend protocols, in order.
     :ivar announced: what the backend offers before login, as L{BackendConnector.announced}.
+    :ivar notices: what a plain session says for the user at login (L{BackendLogin.notices}).
     """
 
     def __init__(self, capabilities: tuple[bytes, ...] = (b"IMAP4rev1", b"IDLE"),
@@ -83,6 +84,7 @@ class MemoryBackend:
         self.announced: tuple[bytes, ...] | None = None
         self.address = host_port(settings.host, settings.port)
         self.capabilities = capabilities
+        self.notices: tuple[bytes, ...] = ()
         self.passwords: dict[str, bytes] | None = None
         self.error: Exception | None = None
         self.hold = False
@@ -113,6 +115,7 @@ class MemoryBackend:
         else:
             session = BackendLogin(request, self.settings, None)
             session.capabilities = self.capabilities
+            session.notices = self.notices
             session.makeConnection(StringTransport())
             session.succeed()
         self.sessions.append(session)
