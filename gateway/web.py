@@ -200,6 +200,8 @@ _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 section 3.1's scheme, and the "//" before an authority.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+# An absolute-form request target's scheme and authority (RFC 9112 section 3.2.2).
+_HTTP_ORIGIN = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 # Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
 _REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
 
@@ -309,6 +311,10 @@ class _WebRequest(Request):
             # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Take the target in origin form, then go on as twisted.web does (twisted.web hook)."""
+        super().requestReceived(command, _origin_form(path), version)
 
     def __repr__(self) -> str:
         # twisted.web names a request in a few of its log lines: as the access log shows it there too.
@@ -560,7 +566,7 @@ class _WebChannel(RequestDeadlineChannel):
         if len(self.requests) > before:
             parts = line.split(b" ")
             if len(parts) == 3:
-                self.requests[-1].target = parts[1]
+                self.requests[-1].target = _origin_form(parts[1])
 
     def resumeProducing(self) -> None:
         """Resume the response being written, unless the client has ended TLS meanwhile."""
@@ -573,13 +579,31 @@ class _WebChannel(RequestDeadlineChannel):
         super().resumeProducing()
 
 
+def _origin_form(target: bytes) -> bytes:
+    """
+    An absolute-form request target (C{http://host/path?query}) in origin form (C{/path?query});
+    any other target as it is. A server must accept the absolute form (RFC 9112 section 3.2.2),
+    and the gateway serves one site whatever the host named: only the path and query are kept.
+    """
+    origin = _HTTP_ORIGIN.match(target)
+    if origin is None:
+        return target
+    rest = target[origin.end():].partition(b"#")[0]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
 def _well_formed(headers: Headers, version: bytes) -> bool:
     """
-    Whether a request's headers may be acted on: no control character but HTAB in any value,
-    and (RFC 9112 section 3.2) exactly one valid C{Host}, which only an HTTP/1.0 request may
-    leave out.
+    Whether a request's headers may be acted on: no control character but HTAB in any value;
+    (RFC 9112 section 3.2) exactly one valid C{Host}, which only an HTTP/1.0 request may leave
+    out; and (section 6.1) no transfer coding but C{chunked}, the one that twisted.web decodes
+    (it takes C{identity}, gone since RFC 7230, as no body at all, and would read a body sent
+    with it as the next request).
     """
     if any(_CONTROL.search(value) for _, values in headers.getAllRawHeaders() for value in values):
+        return False
+    codings = headers.getRawHeaders(b"transfer-encoding")
+    if codings is not None and [coding.strip().lower() for coding in codings] != [b"chunked"]:
         return False
     hosts = headers.getRawHeaders(b"host")
     if not hosts:
@@ -832,7 +856,7 @@ class _WebRoot(Resource):
         return _document(request, MOBILECONFIG_CONTENT_TYPE.encode("ascii"), body)
 
     def _redirect(self, request: Request) -> bytes:
-        # Only an origin-form target ("/path?query") is kept; anything else goes to the root.
+        # Only an origin-form target ("/path?query", an absolute form's made one) is kept; anything else goes to the root.
         target = request.uri if request.uri.startswith(b"/") else b"/"
         # Outlook follows only a 302 from its plain-HTTP Autodiscover probe (MS-OXDISCO 3.1.5.4).
         request.setResponseCode(302 if request.path.lower() == _AUTODISCOVER_PATH else 301)
@@ -966,7 +990,7 @@ class _ReverseProxy:
         if request.method in _REFUSED_METHODS:
             return _page(request, 405)  # no Allow: the webmail's methods are not known here (nginx sends none)
         if not request.uri.startswith(b"/"):
-            return _page(request, 400)  # an absolute or authority form must not pick the upstream's target
+            return _page(request, 400)  # an authority form, or an absolute form but HTTP's, must not pick the upstream's target
         body: IBodyProducer | None = None
         content = request.content
         content.seek(0, os.SEEK_END)

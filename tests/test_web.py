@@ -528,10 +528,13 @@ class AccessLogTests(SiteTestCase):
         self.assertNotIn("0123ABCD", line)
 
     def test_user_and_password_left_out(self) -> None:
-        """A user name and password in an absolute-form target or a Referer are logged as a dash; the host stays."""
+        """
+        A user name and password in a Referer are logged as a dash, the host kept; an absolute-form
+        target is logged in the origin form it is served in.
+        """
         line = self.logged(b"https://alice:s3cret@mail.example.org" + TB_PATH,
                            {b"Referer": b"https://bob:hunter2@mail.example.org/roundcube/;x=1"})
-        self.assertIn('"GET https://-@mail.example.org%s HTTP/1.1"' % TB_PATH.decode(), line)
+        self.assertIn('"GET %s HTTP/1.1"' % TB_PATH.decode(), line)
         self.assertIn('"https://-@mail.example.org/roundcube/;x="', line)
         for secret in ("alice", "s3cret", "bob", "hunter2"):
             self.assertNotIn(secret, line)
@@ -558,9 +561,10 @@ class RedirectTests(SiteTestCase):
         self.assertEqual(reply.header("x-content-type-options"), b"nosniff")
 
     def test_absolute_target(self) -> None:
-        """An absolute-form request target is redirected to the public host's root, not to its own host."""
-        reply = self.get(b"http://evil.example/path", site=self.http)
-        self.assertEqual(reply.header("location"), b"https://mail.example.org/")
+        """An absolute-form request target is redirected to its path on the public host, not to its own host."""
+        reply = self.get(b"http://evil.example/path?q=1", site=self.http)
+        self.assertEqual(reply.header("location"), b"https://mail.example.org/path?q=1")
+        self.assertEqual(self.get(b"http://evil.example", site=self.http).header("location"), b"https://mail.example.org/")
 
     def test_autodiscover_redirected(self) -> None:
         """
@@ -858,11 +862,38 @@ class ProxyTests(SiteTestCase):
         self.assertTrue(connection.transport.disconnecting)
         self.assertFalse(connection.reply().complete)
 
-    def test_non_origin_target(self) -> None:
-        """An absolute-form target is a 400 and never reaches the webmail."""
+    def test_absolute_form_target(self) -> None:
+        """
+        An absolute-form target is served as its path and query (RFC 9112 3.2.2: a server must
+        accept it), from the webmail and under the public host, whatever host it names.
+        """
         connection = self.connect(self.https)
-        connection.send(b"GET", b"http://169.254.169.254/latest/meta-data/")
+        connection.send(b"GET", b"HTTP://alice:pw@169.254.169.254/latest/meta-data/?x=1#frag")
+        self.assertEqual(len(self.agent.sent), 1)
+        self.assertEqual(self.agent.sent[0].uri, UPSTREAM.encode() + b"/latest/meta-data/?x=1")
+        self.assertEqual(self.agent.sent[0].headers.getRawHeaders(b"host"), [PUBLIC_HOST.encode()])
+
+    def test_non_origin_target(self) -> None:
+        """A target in another form (another scheme's, or an authority) is a 400 and never reaches the webmail."""
+        for target in (b"ftp://169.254.169.254/latest/meta-data/", b"169.254.169.254:80"):
+            connection = self.connect(self.https)
+            connection.send(b"GET", target)
+            self.assert_own_page(connection.reply(), 400)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_transfer_coding_other_than_chunked(self) -> None:
+        """
+        A body sent with a transfer coding other than chunked (identity, gone since RFC 7230) is
+        a 400, not a request without a body followed by its body read as the next request.
+        """
+        connection = self.connect(self.https)
+        connection.send(b"POST", b"/upload", {b"Transfer-Encoding": b"identity"},
+                        body=b"GET /second HTTP/1.1\r\nHost: mail.example.org\r\n\r\n")
         self.assert_own_page(connection.reply(), 400)
+        for coding in (b"chunked, identity", b"gzip, chunked"):  # twisted.web's own bare 400
+            connection = self.connect(self.https)
+            connection.send(b"POST", b"/upload", {b"Transfer-Encoding": coding}, body=b"x")
+            self.assertEqual(connection.reply().code, 400)
         self.assertEqual(self.agent.sent, [])
 
     def test_oversized_upload(self) -> None:
