@@ -200,6 +200,8 @@ _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 section 3.1's scheme, and the "//" before an authority.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+# A Refresh header's URL (HTML's "delay; url=URL", the URL perhaps quoted): group 1.
+_REFRESH_URL = re.compile(rb"\s*[0-9.]+\s*[;,]\s*url\s*=\s*['\"]?([^'\"\s]+)", re.IGNORECASE)
 # An absolute-form request target's scheme and authority (RFC 9112 section 3.2.2).
 _HTTP_ORIGIN = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 # Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
@@ -931,7 +933,7 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
     """
     Copy the webmail's response headers, less hop-by-hop ones and those the gateway sets itself.
 
-    A C{Location} or C{Content-Location} under the webmail's own address, or under
+    A C{Location} or C{Content-Location} (or the URL of a C{Refresh}) under the webmail's own address, or under
     C{http://public_host} (a webmail that builds links from Host without heeding
     C{X-Forwarded-Proto}), is made C{https://public_host}, as nginx's C{proxy_redirect default}
     does: the internal address is not shown, and the browser is not sent to plain HTTP. Every
@@ -948,6 +950,8 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
             continue
         if lower in (b"location", b"content-location"):
             values = [_public_url(value, internal, public) for value in values]
+        elif lower == b"refresh":
+            values = [_public_refresh(value, internal, public) for value in values]
         elif lower == b"set-cookie":
             values = [_secure_cookie(value) for value in values]
         target.setRawHeaders(name, list(values))
@@ -959,6 +963,15 @@ def _public_url(url: bytes, internal: tuple[bytes, ...], public: bytes) -> bytes
         if url[: len(prefix)].lower() == prefix.lower() and url[len(prefix):len(prefix) + 1] in (b"", b"/", b"?", b"#"):
             return public + url[len(prefix):]
     return url
+
+
+def _public_refresh(refresh: bytes, internal: tuple[bytes, ...], public: bytes) -> bytes:
+    """A C{Refresh} value (C{5; url=URL}, the URL maybe quoted) with its URL made public as L{_public_url} makes it."""
+    match = _REFRESH_URL.match(refresh)
+    if match is None:
+        return refresh
+    start, end = match.span(1)
+    return refresh[:start] + _public_url(refresh[start:end], internal, public) + refresh[end:]
 
 
 def _secure_cookie(cookie: bytes) -> bytes:

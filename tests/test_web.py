@@ -792,6 +792,24 @@ class ProxyTests(SiteTestCase):
                              (expected.encode(), expected.encode()), location)
             self.agent.sent.clear()
 
+    def test_refresh_made_public(self) -> None:
+        """A Refresh header's URL is made public as a Location is; its delay and quoting are kept."""
+        cases = {
+            f"0; url={UPSTREAM}/roundcube/": f"0; url=https://{PUBLIC_HOST}/roundcube/",
+            f"5;URL='{UPSTREAM}/x?y=1'": f"5;URL='https://{PUBLIC_HOST}/x?y=1'",
+            f"3, url=\"http://{PUBLIC_HOST}/\"": f"3, url=\"https://{PUBLIC_HOST}/\"",
+            "10": "10",
+            "5; url=/relative": "5; url=/relative",
+            "5; url=https://example.net/": "5; url=https://example.net/",
+        }
+        for refresh, expected in cases.items():
+            connection, sent = self.forward()
+            response = self.answer(sent, 200, {"Refresh": [refresh]}, length=0)
+            assert response.protocol is not None
+            response.protocol.connectionLost(Failure(ResponseDone()))
+            self.assertEqual(connection.reply().header("refresh"), expected.encode(), refresh)
+            self.agent.sent.clear()
+
     def test_response_length_kept(self) -> None:
         """A webmail response of known length is passed on with its Content-Length, unchunked."""
         connection, sent = self.forward()
