@@ -26,6 +26,7 @@ MAX_LITERAL_DIGITS = 10
 _MAX_NUMBER = 4294967295  # RFC 3501 "number" is an unsigned 32-bit integer.
 
 _SP = 0x20
+_SPACE = frozenset((_SP,))
 _DQUOTE = 0x22
 _BACKSLASH = 0x5C
 _OPEN = 0x28
@@ -261,7 +262,8 @@ class _CommandParser:
         args: list[Arg] = []
         while self._pos < len(data):
             self._expect_space()
-            args.append(self._arg(0))
+            if self._pos < len(data):  # else spaces at the end of the line
+                args.append(self._arg(0))
         return Command(data[:tag_end], name.upper(), tuple(args))
 
     def _take_chars(self, allowed: frozenset[int]) -> bytes:
@@ -280,13 +282,17 @@ class _CommandParser:
 
     def _expect_space(self) -> None:
         """
-        Consume the single space between two tokens.
+        Consume the space between two tokens: one by the grammar, more as Dovecot takes them.
 
         :raises ParseError: if the next byte is not a space.
         """
         if self._data[self._pos] != _SP:
             raise ParseError("Expected space")
-        self._pos += 1
+        self._skip_spaces()
+
+    def _skip_spaces(self) -> bool:
+        """Consume any spaces; say whether there were some."""
+        return bool(self._take_chars(_SPACE))
 
     def _arg(self, depth: int) -> Arg:
         """
@@ -329,18 +335,19 @@ class _CommandParser:
             raise ParseError("Lists nested too deeply")
         data = self._data
         self._pos += 1
+        self._skip_spaces()  # Dovecot takes spaces after "(" and before ")" too
         items: list[Arg] = []
-        if self._pos < len(data) and data[self._pos] == _CLOSE:
-            self._pos += 1
-            return ()
+        spaced = False
         while True:
-            items.append(self._arg(depth))
             if self._pos >= len(data):
                 raise ParseError("Unterminated list")
             if data[self._pos] == _CLOSE:
                 self._pos += 1
                 return tuple(items)
-            self._expect_space()
+            if items and not spaced:
+                raise ParseError("Expected space")
+            items.append(self._arg(depth))
+            spaced = self._skip_spaces()
 
     def _quoted(self) -> bytes:
         """
@@ -403,7 +410,7 @@ def parse_command(data: bytes) -> Command:
     :returns: the command; atoms, quoted strings and literals become bytes,
         the atom NIL (in any case) a L{Nil}, and lists become tuples.
     :raises ParseError: if the command does not follow the grammar: a bad tag
-        or name, anything but one space between tokens, a bad quoted string
+        or name, tokens not separated by spaces, a bad quoted string
         or literal, lists nested more than ``MAX_LIST_DEPTH`` deep, or a NUL
         anywhere.
     """

@@ -142,6 +142,7 @@ class Pop3FrontEnd(LoginFrontEnd):
             self._ok(b"Mechanisms follow.\r\n" + b"".join(m + b"\r\n" for m in MECHANISMS) + b".")
             return
         mechanism, _, initial = argument.partition(b" ")
+        initial = initial.strip(b" ")  # spaces around it, which Dovecot takes, are no part of the base64
         self.start_sasl(mechanism, initial or None)
 
     def do_NOOP(self, argument: bytes) -> None:

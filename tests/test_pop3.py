@@ -161,6 +161,14 @@ class ImplicitTLSTests(Pop3TestBase):
         """AUTH PLAIN with an initial response logs in."""
         self.assertEqual(self.say(b"AUTH PLAIN " + b64(b"\0alice\0" + PASSWORD) + b"\r\n"), b"+OK Logged in.\r\n")
 
+    def test_auth_spaces_around_initial_response(self) -> None:
+        """Spaces after the mechanism or the initial response are no part of the response, as in Dovecot."""
+        self.assertEqual(self.say(b"AUTH PLAIN  " + b64(b"\0alice\0" + PASSWORD) + b" \r\n"), b"+OK Logged in.\r\n")
+
+    def test_auth_trailing_space_prompts(self) -> None:
+        """AUTH PLAIN followed by a space alone has no initial response: it prompts."""
+        self.assertEqual(self.say(b"AUTH PLAIN \r\n"), b"+ \r\n")
+
     def test_auth_plain_two_steps(self) -> None:
         """AUTH PLAIN without an initial response asks with an empty challenge."""
         self.assertEqual(self.say(b"AUTH PLAIN\r\n"), b"+ \r\n")
