@@ -51,7 +51,16 @@ from gateway.idle import IdleSessions
 from gateway.proxy_protocol import balancers_own
 from gateway.relay import GracePeriod, Splice, close_with_grace, hand_over
 from gateway.shutdown import OpenConnections
-from gateway.sasl import Challenge, Credentials, SaslCancelled, SaslError, SaslExchange, begin, encode_challenge
+from gateway.sasl import (
+    Challenge,
+    Credentials,
+    SaslCancelled,
+    SaslError,
+    SaslExchange,
+    SaslRefused,
+    begin,
+    encode_challenge,
+)
 from gateway.sockets import tune, write_backlog
 from gateway.text_log import loggable_text
 from gateway.tls import ITLSEndListener, describe_tls, tls_failure
@@ -109,7 +118,8 @@ class SaslFailure(enum.Enum):
 
     UNKNOWN_MECHANISM = "unknown-mechanism"
     CANCELLED = "cancelled"
-    MALFORMED = "malformed"
+    MALFORMED = "malformed"  # a response that does not decode: a protocol error
+    REFUSED = "refused"  # decoded, but no credentials: failed as wrong ones are, with nothing checked
 
 
 class _Phase(enum.Enum):
@@ -568,6 +578,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             return
         except SaslError:
             self.reply_sasl_failed(SaslFailure.MALFORMED)
+            self.command_failed()
+            return
+        except SaslRefused:
+            self.reply_sasl_failed(SaslFailure.REFUSED)
             self.command_failed()
             return
         if isinstance(result, Challenge):

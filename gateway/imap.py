@@ -21,10 +21,12 @@ _PRE_LOGIN_ONLY = (b"STARTTLS", b"LOGINDISABLED")
 
 _ID_REPLY = b'* ID ("name" "mailgateway")\r\n'
 
+_REJECTED = b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
 _SASL_FAILURES = {
     SaslFailure.UNKNOWN_MECHANISM: b" NO Unsupported authentication mechanism.\r\n",
     SaslFailure.CANCELLED: b" BAD Authentication cancelled.\r\n",
     SaslFailure.MALFORMED: b" BAD Invalid SASL response.\r\n",
+    SaslFailure.REFUSED: _REJECTED,
 }
 
 # The commands that carry credentials.
@@ -246,7 +248,7 @@ class ImapFrontEnd(LoginFrontEnd):
             session.notices = ()
             self.send(self._tag + b" OK " + _logged_in_code(session.capabilities) + b"Logged in.\r\n")
         elif outcome is LoginOutcome.REJECTED:
-            self.send(self._tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            self.send(self._tag + _REJECTED)
             if self.attempts_exhausted:
                 self.send(b"* BYE Too many failed login attempts.\r\n")
         elif outcome is LoginOutcome.THROTTLED:

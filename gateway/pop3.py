@@ -18,14 +18,16 @@ from gateway.sasl import MECHANISMS, user_name
 # Backend capabilities the gateway may pass on: what the client can use once it is relayed.
 _BACKEND_CAPABILITIES = (b"TOP", b"UIDL")
 
+_REJECTED = b"-ERR [AUTH] Authentication failed.\r\n"
 _SASL_FAILURES = {
     SaslFailure.UNKNOWN_MECHANISM: b"-ERR Unsupported authentication mechanism.\r\n",
     SaslFailure.CANCELLED: b"-ERR Authentication cancelled.\r\n",
     SaslFailure.MALFORMED: b"-ERR Invalid SASL response.\r\n",
+    SaslFailure.REFUSED: _REJECTED,
 }
 _LOGIN_REPLIES = {
     LoginOutcome.LOGGED_IN: b"+OK Logged in.\r\n",
-    LoginOutcome.REJECTED: b"-ERR [AUTH] Authentication failed.\r\n",
+    LoginOutcome.REJECTED: _REJECTED,
     # Never [AUTH] for a backend failure: clients throw saved passwords away on [AUTH].
     LoginOutcome.UNAVAILABLE: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
     LoginOutcome.THROTTLED: b"-ERR [SYS/TEMP] Too many failed logins from your address, try again later.\r\n",

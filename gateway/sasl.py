@@ -44,14 +44,22 @@ class SaslCancelled(Exception):
     """The client cancelled the exchange by answering a challenge with "*"."""
 
 
+class SaslRefused(Exception):
+    """
+    A client response decodes, but is no message its mechanism defines (PLAIN without exactly
+    two NULs, a NUL in a LOGIN password): the authentication fails (RFC 4616 2), as Dovecot
+    fails it, where a response that does not decode is a protocol error (L{SaslError}).
+    """
+
+
 @dataclass(frozen=True)
 class Credentials:
     """
     What a completed exchange yields.
 
-    :ivar user: the authentication identity (PLAIN authcid, LOGIN user name);
-        non-empty, without control characters.
-    :ivar password: the password bytes; non-empty, without NUL. Hidden from repr.
+    :ivar user: the authentication identity (PLAIN authcid, LOGIN user name), without
+        control characters; empty is a wrong one, as in an IMAP LOGIN.
+    :ivar password: the password bytes, without NUL; empty is a wrong one. Hidden from repr.
     :ivar authzid: the PLAIN authorization identity as sent, or "" when absent.
         The front end refuses a non-empty authzid that differs from ``user``.
     """
@@ -264,17 +272,13 @@ class _PlainExchange(SaslExchange):
 
         :param data: the decoded message.
         :returns: the credentials it carries.
-        :raises SaslError: unless it has exactly two NULs, a non-empty valid
-            authcid, a non-empty password and a valid authzid.
+        :raises SaslRefused: unless it has exactly two NULs.
+        :raises SaslError: unless the authcid and authzid are valid.
         """
         parts = data.split(b"\0")
         if len(parts) != 3:
-            raise SaslError("malformed PLAIN message")
+            raise SaslRefused("malformed PLAIN message")
         authzid, authcid, password = parts
-        if not authcid:
-            raise SaslError("empty user name")
-        if not password:
-            raise SaslError("empty password")
         return Credentials(_identity(authcid), password, _identity(authzid))
 
 
@@ -308,20 +312,16 @@ class _LoginExchange(SaslExchange):
         :param data: the decoded response.
         :returns: the "Password:" challenge after the user name, the
             credentials after the password.
-        :raises SaslError: if the user name is empty or invalid, or the
-            password is empty or contains NUL.
+        :raises SaslError: if the user name is invalid.
+        :raises SaslRefused: if the password contains NUL.
         """
         if self._user is None:
-            if not data:
-                raise SaslError("empty user name")
             self._user = _identity(data)
             return Challenge(b"Password:")
-        if not data:
-            raise SaslError("empty password")
         # PLAIN cannot carry a NUL in a password and the backend LOGIN command
         # cannot either, so LOGIN refuses it too.
         if b"\0" in data:
-            raise SaslError("NUL in password")
+            raise SaslRefused("NUL in password")
         return Credentials(self._user, data)
 
 

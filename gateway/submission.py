@@ -50,14 +50,16 @@ _CANNOT_VERIFY = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and at
 _BDAT_REFUSAL = b"554 5.5.1 BDAT is not supported (no CHUNKING), closing connection\r\n"
 _BEFORE_TLS = (b"EHLO", b"NOOP", b"STARTTLS", b"QUIT")  # RFC 3207 4: all else gets 530 until TLS
 
+_REJECTED = b"535 5.7.8 Authentication credentials invalid\r\n"
 _SASL_FAILURES = {
     SaslFailure.UNKNOWN_MECHANISM: b"504 5.5.4 Unrecognized authentication type\r\n",
     SaslFailure.CANCELLED: b"501 5.7.0 Authentication cancelled\r\n",
     SaslFailure.MALFORMED: b"501 5.5.2 Cannot decode response\r\n",
+    SaslFailure.REFUSED: _REJECTED,
 }
 _LOGIN_REPLIES = {
     LoginOutcome.LOGGED_IN: b"235 2.7.0 Authentication successful\r\n",
-    LoginOutcome.REJECTED: b"535 5.7.8 Authentication credentials invalid\r\n",
+    LoginOutcome.REJECTED: _REJECTED,
     # A 4xx: the client keeps the password and the message and tries again later.
     LoginOutcome.UNAVAILABLE: b"454 4.7.0 Temporary authentication failure, try again later\r\n",
     LoginOutcome.REFUSED: b"454 4.7.0 Temporary authentication failure, try again later\r\n",

@@ -264,13 +264,13 @@ class ParserFuzzTests(SynchronousTestCase):
             self.call((), smtp_syntax.xtext, mutate(rng, b"a+b=c"))
 
     def test_sasl(self) -> None:
-        """PLAIN and LOGIN exchanges raise only SaslError or SaslCancelled, and yield only well-formed credentials."""
+        """PLAIN and LOGIN exchanges raise only SaslError, SaslCancelled or SaslRefused, and yield only well-formed credentials."""
         rng = random.Random(SEED)
         for _ in range(PARSER_INPUTS):
             exchange = self.call((sasl.SaslError,), sasl.begin, rng.choice((b"PLAIN", b"login", mutate(rng, b"LOGIN"))))
             if not isinstance(exchange, sasl.SaslExchange):
                 continue
-            errors = (sasl.SaslError, sasl.SaslCancelled)
+            errors = (sasl.SaslError, sasl.SaslCancelled, sasl.SaslRefused)
             sent = [rng.choice((None, b"=", sasl_response(rng)))]
             result = self.call(errors, exchange.start, sent[0])
             for _ in range(2):
@@ -278,7 +278,7 @@ class ParserFuzzTests(SynchronousTestCase):
                     sent.append(rng.choice((b"=", b"*", sasl_response(rng))))
                     result = self.call(errors, exchange.respond, sent[-1])
             if isinstance(result, sasl.Credentials):
-                well_formed = (result.user and result.password and b"\0" not in result.password
+                well_formed = (b"\0" not in result.password
                                and not any(unicodedata.category(c) == "Cc" for c in result.user))
                 self.assertTrue(well_formed, f"{exchange.mechanism!r} exchange {sent!r} gave {result!r}")
             text = mutate(rng, base64.b64encode(rng.randbytes(rng.randint(0, 40))))

@@ -457,6 +457,31 @@ class ImplicitTLSTests(ImapTestBase):
         self.say(b"a1 AUTHENTICATE PLAIN\r\n")
         self.assertEqual(self.say(b"not base64!\r\n"), b"a1 BAD Invalid SASL response.\r\n")
 
+    def test_authenticate_not_plain_message(self) -> None:
+        """
+        A response that decodes but is no PLAIN message fails the authentication with NO, as
+        Dovecot fails it (RFC 9051 keeps BAD for what does not decode), at once: nothing is checked.
+        """
+        for response in (b"=", b64(b"bob"), b64(b"\0bob\0sec\0ret")):
+            self.assertEqual(self.say(b"a1 AUTHENTICATE PLAIN " + response + b"\r\n"),
+                             b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.say(b"a2 AUTHENTICATE PLAIN\r\n"), b"+ \r\n")
+        self.assertEqual(self.say(b"\r\n"), b"a2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_authenticate_empty_password_is_wrong(self) -> None:
+        """An empty password in PLAIN or LOGIN is a wrong one, as in LOGIN: NO after the failure pause."""
+        for tag, lines in ((b"a1", [b"a1 AUTHENTICATE PLAIN " + b64(b"\0bob\0") + b"\r\n"]),
+                           (b"a2", [b"a2 AUTHENTICATE LOGIN " + b64(b"bob") + b"\r\n", b"=\r\n"])):
+            for line in lines:
+                self.front.dataReceived(line)
+            self.read()
+            self.clock.advance(1.9)
+            self.assertEqual(self.read(), b"")
+            self.clock.advance(0.1)
+            self.assertEqual(self.read(), tag + b" NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.backend.requests, [])
+
     def test_authenticate_unknown_mechanism(self) -> None:
         """An unsupported mechanism is a NO."""
         self.assertEqual(self.say(b"a1 AUTHENTICATE CRAM-MD5\r\n"), b"a1 NO Unsupported authentication mechanism.\r\n")

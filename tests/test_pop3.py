@@ -165,6 +165,11 @@ class ImplicitTLSTests(Pop3TestBase):
         """Spaces after the mechanism or the initial response are no part of the response, as in Dovecot."""
         self.assertEqual(self.say(b"AUTH PLAIN  " + b64(b"\0alice\0" + PASSWORD) + b" \r\n"), b"+OK Logged in.\r\n")
 
+    def test_auth_not_plain_message(self) -> None:
+        """A response that decodes but is no PLAIN message fails with -ERR [AUTH], as Dovecot fails it."""
+        self.assertEqual(self.say(b"AUTH PLAIN " + b64(b"alice") + b"\r\n"), b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN =\r\n"), b"-ERR [AUTH] Authentication failed.\r\n")
+
     def test_auth_trailing_space_prompts(self) -> None:
         """AUTH PLAIN followed by a space alone has no initial response: it prompts."""
         self.assertEqual(self.say(b"AUTH PLAIN \r\n"), b"+ \r\n")

@@ -15,6 +15,7 @@ from gateway.sasl import (
     SaslCancelled,
     SaslError,
     SaslExchange,
+    SaslRefused,
     begin,
     decode_response,
     encode_challenge,
@@ -174,8 +175,8 @@ class PlainTests(SynchronousTestCase):
             exchange.start(None)
             self.assertEqual(exchange.respond(b64(message)), expected, message)
 
-    def test_malformed_messages(self) -> None:
-        """Messages without exactly two NULs, or with an empty or invalid user or password, are a SaslError."""
+    def test_not_plain_messages(self) -> None:
+        """Messages without exactly two NULs are no PLAIN message: SaslRefused, the authentication fails."""
         cases = [
             b"",  # empty response
             b"alice",  # no NUL
@@ -184,9 +185,22 @@ class PlainTests(SynchronousTestCase):
             b"\0alice\0pass\0",  # three NULs
             b"\0\0alice\0pass",
             b"\0alice\0pa\0ss",  # NUL in the password
-            b"\0\0" + SECRET,  # empty user
-            b"\0alice\0",  # empty password
-            b"\0\0",
+        ]
+        for message in cases:
+            assert_rejected(self, begin(b"PLAIN").start, b64(message) if message else b"=", SaslRefused)
+            exchange = begin(b"PLAIN")
+            exchange.start(None)
+            assert_rejected(self, exchange.respond, b64(message), SaslRefused)
+
+    def test_empty_fields(self) -> None:
+        """An empty user name or password is a wrong one, as in an IMAP LOGIN: the credentials go to be checked."""
+        for message, expected in ((b"\0\0" + SECRET, Credentials("", SECRET)), (b"\0alice\0", Credentials("alice", b"")),
+                                  (b"\0\0", Credentials("", b""))):
+            self.assertEqual(begin(b"PLAIN").start(b64(message)), expected)
+
+    def test_malformed_identities(self) -> None:
+        """A user name or authorization identity that is not UTF-8 or holds a control character is a SaslError."""
+        cases = [
             b"\0al\xffice\0pass",  # user not UTF-8
             b"\0al\xc3ice\0pass",  # truncated UTF-8
             b"\0\xed\xa0\x80\0pass",  # encoded surrogate
@@ -198,20 +212,15 @@ class PlainTests(SynchronousTestCase):
             b"ad\nmin\0alice\0pass",  # control character in the authzid
         ]
         for message in cases:
-            assert_rejected(self, begin(b"PLAIN").start, b64(message) if message else b"=")
+            assert_rejected(self, begin(b"PLAIN").start, b64(message))
             exchange = begin(b"PLAIN")
             exchange.start(None)
             assert_rejected(self, exchange.respond, b64(message))
 
     def test_empty_initial_response(self) -> None:
-        """An initial response of "=" is an empty PLAIN message, which is malformed."""
-        with self.assertRaises(SaslError):
-            begin(b"PLAIN").start(b"=")
-
-    def test_blank_initial_response(self) -> None:
-        """An initial response of no text at all is a SaslError for both mechanisms."""
-        for name in MECHANISMS:
-            self.assertRaises(SaslError, begin(name).start, b"")
+        """An initial response of "=", or of no text at all, is an empty PLAIN message, which is none."""
+        for empty in (b"=", b""):
+            self.assertRaises(SaslRefused, begin(b"PLAIN").start, empty)
 
     def test_bad_base64(self) -> None:
         """Invalid base64 is a SaslError, in the initial response or in a response."""
@@ -259,29 +268,29 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(exchange.start(b64("jürgen".encode())), Challenge(b"Password:"))
         self.assertEqual(exchange.respond(b64(b'p w "\xff')), Credentials("jürgen", b'p w "\xff'))
 
-    def test_empty_initial_response(self) -> None:
-        """An initial response of "=" is an empty user name, which is a SaslError."""
-        self.assertRaises(SaslError, begin(b"LOGIN").start, b"=")
+    def test_empty_fields(self) -> None:
+        """
+        An empty user name ("=", or no text at all) and an empty password are wrong ones, as in
+        an IMAP LOGIN: the credentials go to be checked.
+        """
+        for empty in (b"=", b""):
+            exchange = begin(b"LOGIN")
+            self.assertEqual(exchange.start(empty), Challenge(b"Password:"))
+            self.assertEqual(exchange.respond(empty), Credentials("", b""))
 
     def test_invalid_user(self) -> None:
-        """An empty, non-UTF-8 or control-character user name is a SaslError."""
-        for user in (b"", b"\xff", b"al\0ice", b"al\tice", b"alice\r\n"):
+        """A non-UTF-8 or control-character user name is a SaslError."""
+        for user in (b"\xff", b"al\0ice", b"al\tice", b"alice\r\n"):
             exchange = begin(b"LOGIN")
             exchange.start(None)
-            assert_rejected(self, exchange.respond, b64(user) if user else b"=")
+            assert_rejected(self, exchange.respond, b64(user))
 
     def test_invalid_password(self) -> None:
-        """An empty password or one containing NUL is a SaslError."""
-        for password in (b"", b"pa\0ss", b"\0"):
+        """A password containing NUL, which PLAIN could not carry, is SaslRefused."""
+        for password in (b"pa\0ss", b"\0"):
             exchange = begin(b"LOGIN")
             exchange.start(b64(b"alice"))
-            assert_rejected(self, exchange.respond, b64(password) if password else b"=")
-
-    def test_empty_line_password(self) -> None:
-        """An empty response line is an empty password, which is a SaslError."""
-        exchange = begin(b"LOGIN")
-        exchange.start(b64(b"alice"))
-        self.assertRaises(SaslError, exchange.respond, b"")
+            assert_rejected(self, exchange.respond, b64(password), SaslRefused)
 
     def test_cancel(self) -> None:
         """A "*" response cancels LOGIN at either prompt."""
@@ -363,12 +372,12 @@ class SecrecyTests(SynchronousTestCase):
         self.assertNotIn("password", text)
 
     def test_errors_do_not_echo_input(self) -> None:
-        """SaslError messages contain neither the password nor the encoded response."""
+        """SaslError and SaslRefused messages contain neither the password nor the encoded response."""
         messages = [
             b"\0alice\0" + SECRET + b"\0",
             b"\xff\0alice\0" + SECRET,
             b"\0al\xffice\0" + SECRET,
-            b"\0\0" + SECRET,
+            b"alice\0" + SECRET,
         ]
         for message in messages:
             encoded = b64(message)
@@ -376,13 +385,13 @@ class SecrecyTests(SynchronousTestCase):
                 exchange = begin(b"PLAIN")
                 if step == "respond":
                     exchange.start(None)
-                with self.assertRaises(SaslError) as caught:
+                with self.assertRaises((SaslError, SaslRefused)) as caught:
                     getattr(exchange, step)(encoded)
                 text = str(caught.exception) + repr(caught.exception)
                 self.assertNotIn(SECRET.decode(), text)
                 self.assertNotIn(encoded.decode(), text)
         exchange = begin(b"LOGIN")
         exchange.start(b64(b"alice"))
-        with self.assertRaises(SaslError) as caught:
+        with self.assertRaises(SaslRefused) as caught:
             exchange.respond(b64(SECRET + b"\0"))
         self.assertNotIn(SECRET.decode(), str(caught.exception))

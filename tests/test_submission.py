@@ -157,9 +157,9 @@ class AuthTests(SubmissionTestBase):
         self.assertEqual(self.say(b64(b"secret") + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
 
     def test_auth_empty_initial_response(self) -> None:
-        """"=" is an empty initial response; empty is not a valid PLAIN message."""
+        """"=" is an empty initial response; empty is no PLAIN message: the authentication fails, at once."""
         self.say(b"EHLO client\r\n")
-        self.assertEqual(self.say(b"AUTH PLAIN =\r\n"), b"501 5.5.2 Cannot decode response\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN =\r\n"), b"535 5.7.8 Authentication credentials invalid\r\n")
 
     def test_auth_cancel(self) -> None:
         """"*" cancels AUTH."""
