@@ -1,4 +1,4 @@
-"""Tests for the test-support modules: the throwaway PKI and the Dovecot sandbox."""
+"""Tests for the test-support modules: the throwaway PKI, the Dovecot sandbox and the gateway process."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.testing import dovecot as dovecot_module
 from gateway.testing.dovecot import DovecotNotInstalled, DovecotSandbox
+from gateway.testing.gateway import GatewayProcess
 from gateway.testing.host import free_ports
 from gateway.testing.pki import IssuedCertificate, TestCA
 
@@ -473,3 +474,23 @@ class FreePortsTests(SynchronousTestCase):
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 20000))  # free iff this succeeds; closed before use
             self.assertEqual(free_ports("127.0.0.1", 1, Scripted()), [20000])
+
+
+class GatewayProcessTests(SynchronousTestCase):
+    """The real gateway as a child process, as the integration tests run it."""
+
+    def test_restart_in_the_same_directory(self) -> None:
+        """
+        Started again in the directory of an earlier run, whose log it goes on, it returns once
+        its own listeners are up, with their ports, not the earlier run's.
+        """
+        [backend_port] = free_ports("127.0.0.1", 1)  # nothing listens: the gateway starts all the same
+        gateway = GatewayProcess(_temporary_directory(self), imap_backend_port=backend_port, users={USER: PASSWORD})
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        gateway.stop()
+        gateway.start()
+        for port in gateway.ports.values():
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        self.assertEqual(gateway.log().count("Starting reactor"), 2)

@@ -184,6 +184,7 @@ failure_delay_max = 0.2
         """
         self.write_config()
         log = open(self.log_path, "ab")
+        earlier = len(self.log())  # a restart's log goes on after an earlier run's: only its own lines tell
         self._process = subprocess.Popen(
             [sys.executable, "-m", "twisted", "--log-format=text", "mailgateway", "--config", self.config_path],
             cwd=SOURCE_TREE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -191,7 +192,7 @@ failure_delay_max = 0.2
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            log_text = self.log()
+            log_text = self.log()[earlier:]
             self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(log_text)}
             expected = 2 * sum(port is not None for _, port, _, _ in self._protocols())
             ready = "Starting reactor" in log_text and (self._workers == 1 or log_text.count("worker_ready") >= self._workers)
