@@ -39,8 +39,11 @@ AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = len(b".\r\n")  # the terminator's own line: read and counted, but not part of the message
 _STUFFED_LINE = b"\r\n.."  # a line whose first dot the client doubled (the first line follows the 354's CRLF)
-_BARE_LINE_ENDING = re.compile(rb"(?<!\r)\n|\r(?!\n)")
-_BARE_LINE_REFUSAL = b"554 5.6.0 Message refused: lines must end in CRLF, closing connection\r\n"
+# A line of a lone dot with a bare CR or LF on either side: an end of data to some MTA, not to the
+# gateway (SMTP smuggling). Only CRLF.CRLF ends the data here.
+_AMBIGUOUS_END = re.compile(rb"(?:(?<!\r)\n|\r)\.[\r\n]|\r\n\.(?:\n|\r(?!\n))")
+_AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must begin and end with CRLF, "
+                          b"closing connection\r\n")
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
@@ -357,20 +360,23 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def rawDataReceived(self, data: bytes) -> None:
         """
-        Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing travels untouched. A bare
-        CR or LF refuses the message and ends the connection: an MTA may end the data at LF.LF
-        where the gateway does not, and run what follows as commands nobody checked (SMTP
-        smuggling); past one, where this message ends is ambiguous, so nothing more is read
-        from this client (Postfix's smtpd_forbid_bare_newline does the same).
+        Message data, streamed to the MTA until CRLF.CRLF; dot-stuffing and line endings travel
+        untouched. Lines ending in a bare LF pass, as Postfix takes them (its default
+        smtpd_forbid_bare_newline, "normalize" from 3.9 on): curl and Python's smtplib send files
+        as they are. A lone dot with a bare CR or LF around it refuses the message and ends the
+        connection: an MTA may end the data there where the gateway does not, and run what
+        follows as commands nobody checked (SMTP smuggling); past one, where this message ends
+        is ambiguous, so nothing more is read from this client.
         """
         window = self._data_tail + data
         end = window.find(_END_OF_DATA)
         checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
-        # The tail was checked last time, all but a final CR whose LF had not come yet.
-        if _BARE_LINE_ENDING.search(checked, len(self._data_tail) - 1):
+        # The tail was checked last time, all but a final CR whose LF had not come yet; a match
+        # may need all four of its bytes again.
+        if _AMBIGUOUS_END.search(checked):
             if self._data_refusal is None:  # else refused, and logged, already
-                self._refuse_message(_BARE_LINE_REFUSAL, "bare-line-ending")
-            self.send(_BARE_LINE_REFUSAL)
+                self._refuse_message(_AMBIGUOUS_END_REFUSAL, "ambiguous-end")
+            self.send(_AMBIGUOUS_END_REFUSAL)
             self.close()
             return
         # RFC 1870: the size leaves out the dots that dot-stuffing doubled. One wholly inside the

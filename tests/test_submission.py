@@ -27,7 +27,8 @@ from gateway.testing.tls_pair import memory_bios, tls_pair
 
 RULES = SubmissionSettings(implicit_tls=(), starttls=(), backend=BACKEND_SETTINGS, senders_file=None,
                            max_message_size=1000, max_recipients=3, idle_timeout=300.0, transaction_timeout=600.0)
-BARE_LINE_REFUSAL = b"554 5.6.0 Message refused: lines must end in CRLF, closing connection\r\n"
+AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must begin and end with CRLF, "
+                         b"closing connection\r\n")
 AUTH_BOB = b"AUTH PLAIN " + b64(b"\0bob@example.org\0secret") + b"\r\n"
 
 
@@ -539,7 +540,7 @@ class ReviewFixTests(SubmissionTestBase):
 
     def assert_smuggling_refused(self, data: bytes) -> None:
         """
-        C{data}, sent after the 354, holds a bare line ending: the message is refused, the MTA
+        C{data}, sent after the 354, holds a lone dot with a bare line ending: the message is refused, the MTA
         connection is dropped before any terminator, and the client's connection closes without
         reading another command, since where this message ends is ambiguous.
         """
@@ -548,7 +549,7 @@ class ReviewFixTests(SubmissionTestBase):
         self.assertTrue(mta.transport.disconnecting)
         self.assertNotIn(b"MAIL FROM", mta.transport.value())
         self.assertNotIn(b"\n.\n", mta.transport.value())
-        self.assertEqual(self.read(), BARE_LINE_REFUSAL)
+        self.assertEqual(self.read(), AMBIGUOUS_END_REFUSAL)
         self.assertTrue(self.transport.disconnecting)
         self.front.dataReceived(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
         self.assertEqual(self.read(), b"")
@@ -580,10 +581,44 @@ class ReviewFixTests(SubmissionTestBase):
         self.assert_smuggling_refused(b"\n.\nMAIL FROM:<bob@example.org>\r\n")
         self.assertEqual([e["reason"] for e in events if e["log_format"].startswith("message_refused ")], ["size"])
 
-    def test_lone_cr_refused(self) -> None:
-        """A lone CR in the data refuses the message too, and closes the connection."""
+    def test_cr_dot_smuggling_refused(self) -> None:
+        """Nor do CR.CRLF, CRLF.CR or CR.CR, for MTAs that end lines at a bare CR."""
+        for end in (b"\r.\r\n", b"\r\n.\rX", b"\r.\r"):
+            self.setUp()
+            self.assert_end_refused(end)
+
+    def test_lone_dot_at_the_start_refused(self) -> None:
+        """The data's first line follows the 354's CRLF: a lone dot there with a bare LF after it is refused."""
         self.start_data()
-        self.assert_smuggling_refused(b"a\rb\r\n.\r\nMAIL FROM:<bob@example.org>\r\n")
+        self.assert_smuggling_refused(b".\nMAIL FROM:<bob@example.org>\r\n")
+
+    def test_ambiguous_end_across_reads_refused(self) -> None:
+        """LF.LF is found when its bytes come in separate reads, a byte at a time or split anywhere."""
+        data = b"Subject: hi\r\n\r\nbody\n.\nMAIL FROM:<bob@example.org>\r\n"
+        for cut in range(len(b"Subject: hi\r\n\r\nbody"), len(data)):
+            self.setUp()
+            self.start_data()
+            self.front.dataReceived(data[:cut])
+            self.assert_smuggling_refused(data[cut:])
+        self.setUp()
+        self.start_data()
+        for byte in data[:-1]:
+            self.front.dataReceived(bytes([byte]))
+        self.assert_smuggling_refused(data[-1:])
+
+    def test_bare_line_endings_pass(self) -> None:
+        """
+        Lines ending in a bare LF or CR, dot-stuffed ones among them, reach the MTA as they came, as
+        Postfix takes them (curl and Python's smtplib send files so); only CRLF.CRLF ends the data.
+        """
+        body = b"Subject: lf\n\nline one\n..hidden\nx\ry\n.. \n\r\n"
+        self.start_data()
+        for piece in (body[:20], body[20:31], body[31:], b".\r\n"):
+            self.front.dataReceived(piece)
+        self.assertEqual(self.mta_got(), body + b".\r\n")
+        self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
+        self.assertFalse(self.transport.disconnecting)
 
     def test_crlf_split_across_reads_is_not_bare(self) -> None:
         """A CR at the end of one read and its LF at the start of the next are a proper line end."""

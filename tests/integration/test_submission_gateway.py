@@ -473,6 +473,17 @@ class SubmissionTests(SubmissionFixture):
         self.assertEqual(self.postfix.delivered("smuggled"), [])
         self.assertEqual(self.postfix.delivered("carrier"), [])
 
+    def test_bare_lf_lines_delivered(self) -> None:
+        """
+        A message whose lines end in bare LF, as smtplib sends a bytes message that the email
+        package made, is delivered as Postfix takes it: line by line, its dots unstuffed.
+        """
+        message = b"Subject: unix lines\n\nline one\n.hidden\n.\nline two\r\n"
+        client = self.logged_in()
+        self.assertEqual(client.sendmail(USER, ["unixlines@example.org"], message), {})
+        client.quit()
+        self.assert_arrives_intact("unixlines", crlf(message))
+
     def test_declared_size_over_limit_refused(self) -> None:
         """MAIL FROM with a SIZE over max_message_size is refused with 552 5.3.4; a smaller SIZE is accepted."""
         client = self.logged_in()
