@@ -569,6 +569,15 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             return
         self._sasl_step(exchange, lambda: exchange.start(initial_response))
 
+    def start_auth(self, argument: bytes) -> None:
+        """
+        L{start_sasl} from the argument of a POP3 or SMTP AUTH: a mechanism, then maybe a space
+        and an initial response. Spaces around the response, which Dovecot and Postfix take, are
+        no part of it.
+        """
+        mechanism, _, initial = argument.partition(b" ")
+        self.start_sasl(mechanism, initial.strip(b" ") or None)
+
     def _sasl_step(self, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]) -> None:
         try:
             result = step()

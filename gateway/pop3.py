@@ -143,9 +143,7 @@ class Pop3FrontEnd(LoginFrontEnd):
         if not argument:
             self._ok(b"Mechanisms follow.\r\n" + b"".join(m + b"\r\n" for m in MECHANISMS) + b".")
             return
-        mechanism, _, initial = argument.partition(b" ")
-        initial = initial.strip(b" ")  # spaces around it, which Dovecot takes, are no part of the base64
-        self.start_sasl(mechanism, initial or None)
+        self.start_auth(argument)
 
     def do_NOOP(self, argument: bytes) -> None:
         if self._no_argument(argument):

@@ -201,7 +201,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _hello(self, argument: bytes, extended: bool) -> bool:
         if not argument or b" " in argument.strip():
-            self._error(b"501 5.5.4 Syntax: EHLO hostname")
+            self._error(b"501 5.5.4 Syntax: %s hostname" % (b"EHLO" if extended else b"HELO"))
             return False
         self._greeted = extended  # AUTH is an extension: after HELO there is none (RFC 4954 3)
         self._end_transaction(reset_backend=True)
@@ -248,8 +248,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         elif not argument:
             self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         else:
-            mechanism, _, initial = argument.partition(b" ")
-            self.start_sasl(mechanism, initial or None)
+            self.start_auth(argument)
 
     def do_RSET(self, argument: bytes) -> None:
         self._end_transaction(reset_backend=True)

@@ -203,6 +203,17 @@ class AuthTests(SubmissionTestBase):
                          b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_hello_without_a_name(self) -> None:
+        """EHLO or HELO without a host name gets 501 naming the command that was sent."""
+        self.assertEqual(self.say(b"HELO\r\n"), b"501 5.5.4 Syntax: HELO hostname\r\n")
+        self.assertEqual(self.say(b"EHLO \r\n"), b"501 5.5.4 Syntax: EHLO hostname\r\n")
+
+    def test_auth_spaces_around_initial_response(self) -> None:
+        """Spaces after the mechanism or the initial response are no part of the response, as Postfix takes them."""
+        self.say(b"EHLO client\r\n")
+        self.assertEqual(self.say(b"AUTH PLAIN  " + b64(b"\0bob@example.org\0secret") + b" \r\n"),
+                         b"235 2.7.0 Authentication successful\r\n")
+
     def test_initial_response_too_long(self) -> None:
         """An initial response on the AUTH line is a SASL response too: over the limit, it gets 5.5.6."""
         self.say(b"EHLO client\r\n")
