@@ -122,9 +122,10 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
     """
     Parse the argument of MAIL (C{keyword} b"FROM") or RCPT (b"TO").
 
-    Accepts a space after the colon, as common clients send it. The address must be in angle
-    brackets and be a mailbox (RFC 5321 4.1.2), the null path, or for RCPT the bare
-    "Postmaster"; a source route is refused.
+    Accepts a space after the colon, as common clients send it, and more spaces than one before
+    a parameter and after the last, as Postfix takes them. The address must be in angle brackets
+    and be a mailbox (RFC 5321 4.1.2), the null path, or for RCPT the bare "Postmaster"; a
+    source route is refused.
 
     :raises SmtpSyntaxError: with a fixed text.
     """
@@ -139,11 +140,12 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
     if not _valid_path(address, keyword):
         raise SmtpSyntaxError("Bad address syntax")
     parameters = []
+    rest = rest.rstrip(b" ")
     if rest:
         if not rest.startswith(b" "):
             raise SmtpSyntaxError("Syntax error in parameters")
         keywords: set[bytes] = set()
-        for item in rest[1:].split(b" "):
+        for item in filter(None, rest.split(b" ")):
             key, equals, value = item.partition(b"=")
             if not _ESMTP_KEYWORD.match(key) or (equals and not value) or not _valid_value(value):
                 raise SmtpSyntaxError("Syntax error in parameters")

@@ -222,6 +222,13 @@ class ParsePathTests(SynchronousTestCase):
         self.assertEqual(parse_path(b"FROM:  <a@b.example> SIZE=1", b"FROM"),
                          PathCommand(b"a@b.example", ((b"SIZE", b"1"),)))
 
+    def test_spaces_around_parameters(self) -> None:
+        """More spaces than one before a parameter, and spaces after the last, are taken, as Postfix takes them."""
+        self.assertEqual(parse_path(b"FROM:<a@b.example> ", b"FROM"), PathCommand(b"a@b.example", ()))
+        self.assertEqual(parse_path(b"FROM:<a@b.example>  SIZE=1   BODY=8BITMIME  ", b"FROM"),
+                         PathCommand(b"a@b.example", ((b"SIZE", b"1"), (b"BODY", b"8BITMIME"))))
+        self.assertEqual(self.assert_refused(b"FROM:<a@b.example>SIZE=1"), "Syntax error in parameters")
+
     def test_address_case_kept(self) -> None:
         """The address keeps its case."""
         self.assertEqual(parse_path(b"FROM:<Alice@Example.ORG>", b"FROM").address, b"Alice@Example.ORG")
@@ -322,8 +329,8 @@ class ParsePathTests(SynchronousTestCase):
         self.assertEqual(self.assert_refused(b"FROM:<a@b.example>SIZE=1"), "Syntax error in parameters")
 
     def test_empty_parameter(self) -> None:
-        """A trailing space or two spaces between parameters leave an empty parameter, which is refused."""
-        for argument in (b"FROM:<a@b.example> ", b"FROM:<a@b.example> SIZE=1  BODY=7BIT"):
+        """A parameter of "=" alone, or a keyword with "=" and no value, is refused."""
+        for argument in (b"FROM:<a@b.example> =", b"FROM:<a@b.example> SIZE=1 BODY="):
             self.assertEqual(self.assert_refused(argument), "Syntax error in parameters")
 
     def test_parameter_value_outside_grammar(self) -> None:
