@@ -47,6 +47,16 @@ _AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
+# DSN's parameters (RFC 3461 4, 5) and their values; ORCPT's xtext may carry UTF-8 (RFC 6533 3).
+_DSN_MAIL = {
+    b"RET": re.compile(rb"FULL|HDRS", re.IGNORECASE),
+    b"ENVID": re.compile(rb"(?=.{1,100}$)" + _XTEXT.pattern, re.DOTALL),
+}
+_DSN_RCPT = {
+    b"NOTIFY": re.compile(rb"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*", re.IGNORECASE),
+    b"ORCPT": re.compile(rb"(?=.{1,494}$)[A-Za-z0-9-]+;(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e\x80-\xff]|\+[0-9A-F]{2})+",
+                         re.DOTALL),
+}
 _NOT_IMPLEMENTED = (b"HELP", b"TURN", b"ETRN", b"ATRN")
 # RFC 5321 7.3: a server that does not verify addresses says 252, which reads as neither yes nor no.
 _CANNOT_VERIFY = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and attempt delivery\r\n"
@@ -218,9 +228,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         return keywords
 
     def _backend_extensions(self) -> list[bytes]:
-        """8BITMIME and SMTPUTF8 only when the MTA offers them: they are relayed, never downgraded."""
+        """8BITMIME, SMTPUTF8 and DSN only when the MTA offers them: they are relayed, never downgraded."""
         offered = self._mta_keywords()
-        return [keyword for keyword in (b"8BITMIME", b"SMTPUTF8") if keyword in offered]
+        return [keyword for keyword in (b"8BITMIME", b"SMTPUTF8", b"DSN") if keyword in offered]
 
     def _size_limit(self) -> int:
         """The smaller of the configured limit and the MTA's own SIZE (RFC 1870), when it gives one."""
@@ -602,12 +612,16 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def _parameters_supported(self, path: PathCommand, mail: bool) -> bool:
         """
-        MAIL takes SIZE, BODY=7BIT, and BODY=8BITMIME and SMTPUTF8 when the MTA offers them;
-        RCPT takes none (DSN is not relayed, so NOTIFY and ORCPT are refused rather than dropped).
+        MAIL takes SIZE, BODY=7BIT, and BODY=8BITMIME, SMTPUTF8, and DSN's RET and ENVID when the
+        MTA offers them; RCPT takes DSN's NOTIFY and ORCPT when the MTA offers DSN (RFC 3461).
+        Anything else is refused rather than dropped; the MTA judges the values further.
         """
         offered = self._backend_extensions()
+        dsn = _DSN_MAIL if mail else _DSN_RCPT
         for keyword, value in path.parameters:
-            if not mail:
+            if b"DSN" in offered and keyword in dsn:
+                supported = value is not None and dsn[keyword].fullmatch(value) is not None
+            elif not mail:
                 supported = False
             elif keyword == b"SIZE":
                 supported = True

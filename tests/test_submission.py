@@ -32,12 +32,13 @@ AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must 
 AUTH_BOB = b"AUTH PLAIN " + b64(b"\0bob@example.org\0secret") + b"\r\n"
 
 
-def logged_in_mta(request: LoginRequest) -> SmtpBackend:
-    """An MTA session that has just logged in (its EHLO offered 8BITMIME), on a StringTransport."""
+def logged_in_mta(request: LoginRequest, *more: bytes) -> SmtpBackend:
+    """An MTA session that has just logged in (its EHLO offered 8BITMIME, and C{more}), on a StringTransport."""
     backend = SmtpBackend(request, replace(BACKEND_SETTINGS, login="xclient"), None)
     backend.makeConnection(StringTransport())
     backend.dataReceived(b"220 mta ESMTP\r\n250-mta\r\n250-8BITMIME\r\n250 XCLIENT ADDR PORT PROTO LOGIN\r\n"
-                         b"220 mta ESMTP\r\n250-mta\r\n250 8BITMIME\r\n")
+                         b"220 mta ESMTP\r\n250-mta\r\n" + b"".join(b"250-%s\r\n" % keyword for keyword in more)
+                         + b"250 8BITMIME\r\n")
     backend.transport.clear()
     return backend
 
@@ -973,6 +974,47 @@ class HeloTests(SubmissionTestBase):
         """AUTH after HELO (not EHLO) gets 503."""
         self.say(b"HELO client\r\n")
         self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Send EHLO first\r\n")
+
+
+class DsnTests(SubmissionTestBase):
+    """DSN (RFC 3461), offered and relayed when the MTA offers it."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.backend._make_session = lambda request: logged_in_mta(request, b"DSN")  # type: ignore[attr-defined]
+        self.log_in()
+
+    def accepted(self) -> None:
+        self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertEqual(self.read(), b"250 2.1.0 Ok\r\n")
+
+    def test_offered(self) -> None:
+        """EHLO after AUTH offers DSN, as the MTA does."""
+        self.assertIn(b"DSN", [line[4:] for line in self.say(b"EHLO client\r\n").split(b"\r\n")])
+
+    def test_parameters_relayed(self) -> None:
+        """RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT reach the MTA as they came."""
+        self.say(b"MAIL FROM:<bob@example.org> RET=hdrs ENVID=QQ+2B314\r\n")
+        self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org> RET=hdrs ENVID=QQ+2B314\r\n")
+        self.accepted()
+        for rcpt in (b"RCPT TO:<a@example.org> NOTIFY=SUCCESS,failure ORCPT=rfc822;a@example.org",
+                     b"RCPT TO:<b@example.org> NOTIFY=NEVER", b"RCPT TO:<c@example.org> ORCPT=utf-8;c+40example.org"):
+            self.say(rcpt + b"\r\n")
+            self.assertEqual(self.mta_got(), rcpt + b"\r\n")
+            self.accepted()
+
+    def test_malformed_values_refused(self) -> None:
+        """Values outside RFC 3461's grammar are refused, not passed on."""
+        for mail in (b"RET=ALL", b"RET", b"ENVID=" + b"x" * 101, b"ENVID=a+zz"):
+            self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> " + mail + b"\r\n"),
+                             b"555 5.5.4 Unsupported parameter " + mail.partition(b"=")[0] + b"\r\n")
+        self.say(b"MAIL FROM:<bob@example.org>\r\n")
+        self.mta_got()
+        self.accepted()
+        for rcpt in (b"NOTIFY=NEVER,SUCCESS", b"NOTIFY=SOMETIMES", b"NOTIFY", b"ORCPT=rfc822", b"ORCPT=;a@b"):
+            self.assertEqual(self.say(b"RCPT TO:<a@example.org> " + rcpt + b"\r\n"),
+                             b"555 5.5.4 Unsupported parameter " + rcpt.partition(b"=")[0] + b"\r\n")
+        self.assertEqual(self.mta_got(), b"")
 
 
 class MtaSizeTests(SubmissionTestBase):

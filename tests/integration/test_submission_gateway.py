@@ -473,6 +473,26 @@ class SubmissionTests(SubmissionFixture):
         self.assertEqual(self.postfix.delivered("smuggled"), [])
         self.assertEqual(self.postfix.delivered("carrier"), [])
 
+    def test_dsn_relayed(self) -> None:
+        """
+        DSN is offered as Postfix offers it, and its parameters reach Postfix: a message asking for
+        a report on success is delivered, and Postfix's report, naming the envelope id, comes back
+        to the sender.
+        """
+        client = self.logged_in()
+        self.assertTrue(client.has_extn("dsn"))
+        envid = f"dsn-test-{time.time_ns()}"
+        message = b"Subject: dsn\r\n\r\nreport this\r\n"
+        self.assertEqual(client.sendmail(USER, ["dsn@example.org"], message,
+                                         mail_options=["RET=HDRS", f"ENVID={envid}"],
+                                         rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;dsn@example.org"]), {})
+        client.quit()
+        self.assert_arrives_intact("dsn", message)
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while not any(f"Original-Envelope-Id: {envid}".encode() in report for report in self.postfix.delivered("alice")):
+            self.assertLess(time.monotonic(), deadline, "no success report came back to the sender")
+            time.sleep(0.2)
+
     def test_bare_lf_lines_delivered(self) -> None:
         """
         A message whose lines end in bare LF, as smtplib sends a bytes message that the email
