@@ -261,6 +261,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self.start_auth(argument)
 
     def do_RSET(self, argument: bytes) -> None:
+        if argument:  # RFC 5321 4.1.1.5: RSET takes none; nothing is reset
+            self._error(b"501 5.5.4 Syntax: RSET")
+            return
         self._end_transaction(reset_backend=True)
         self._reply(b"250 2.0.0 OK\r\n")
 

@@ -344,6 +344,9 @@ class TransactionTests(SubmissionTestBase):
         self.say(b"MAIL FROM:<bob@example.org>\r\n")
         self.mta().dataReceived(b"250 2.1.0 Ok\r\n")
         self.mta_got()
+        self.read()
+        self.assertEqual(self.say(b"RSET now\r\n"), b"501 5.5.4 Syntax: RSET\r\n")  # RFC 5321: no argument
+        self.assertEqual(self.mta_got(), b"")
         self.assertTrue(self.say(b"RSET\r\n").endswith(b"250 2.0.0 OK\r\n"))
         self.assertEqual(self.mta_got(), b"RSET\r\n")
 
