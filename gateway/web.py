@@ -200,8 +200,9 @@ _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 section 3.1's scheme, and the "//" before an authority.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
-# A Refresh header's URL (HTML's "delay; url=URL", the URL perhaps quoted): group 1.
-_REFRESH_URL = re.compile(rb"\s*[0-9.]+\s*[;,]\s*url\s*=\s*['\"]?([^'\"\s]+)", re.IGNORECASE)
+# A Refresh header's URL (HTML's "delay; url=URL", where "url=" and the ";" may be left out and
+# the URL quoted): group 1.
+_REFRESH_URL = re.compile(rb"\s*[0-9.]+(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?['\"]?([^'\"\s]+)", re.IGNORECASE)
 # An absolute-form request target's scheme and authority (RFC 9112 section 3.2.2).
 _HTTP_ORIGIN = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 # Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
@@ -286,8 +287,8 @@ class _WebRequest(Request):
     A request whose body is bounded as it arrives, and whose every response carries the
     security headers.
 
-    :ivar target: the request target from the request line, set by L{_WebChannel} before the
-        headers are read.
+    :ivar target: the request target from the request line, as the client sent it (an absolute
+        form too, which the access log shows), set by L{_WebChannel} before the headers are read.
     :ivar body_too_large: the body was over its limit: the request has been answered and the
         connection is closing.
     """
@@ -302,7 +303,7 @@ class _WebRequest(Request):
     def gotLength(self, length: int | None) -> None:
         """Choose the body's limit from the path, and where the body is kept (twisted.web hook)."""
         site: _WebSite = self.channel.site
-        self._body_limit = site.body_limit(self.target.split(b"?", 1)[0])
+        self._body_limit = site.body_limit(self._path())
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
         if self.body_too_large or in_memory:
@@ -313,6 +314,10 @@ class _WebRequest(Request):
             # twisted.web sends 100 Continue after this hook: it must not invite a refused body.
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body()
+
+    def _path(self) -> bytes:
+        """The path of the target, before twisted.web has parsed the request (for the body's limit)."""
+        return _origin_form(self.target).split(b"?", 1)[0]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Take the target in origin form, then go on as twisted.web does (twisted.web hook)."""
@@ -347,7 +352,7 @@ class _WebRequest(Request):
         # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
         channel: _WebChannel = self.channel
         if code is None:
-            code = 400 if _route(self.target.split(b"?", 1)[0], channel.site.https) is not None else 413
+            code = 400 if _route(self._path(), channel.site.https) is not None else 413
         channel.refuse(code)
 
     def process(self) -> None:
@@ -568,7 +573,7 @@ class _WebChannel(RequestDeadlineChannel):
         if len(self.requests) > before:
             parts = line.split(b" ")
             if len(parts) == 3:
-                self.requests[-1].target = _origin_form(parts[1])
+                self.requests[-1].target = parts[1]
 
     def resumeProducing(self) -> None:
         """Resume the response being written, unless the client has ended TLS meanwhile."""
@@ -684,7 +689,8 @@ class _AsLogged:
 
     @property
     def uri(self) -> bytes:
-        return _loggable_target(self._request.uri)
+        # As the client sent it: an absolute form shows what was asked of the gateway (a proxy probe).
+        return _loggable_target(getattr(self._request, "target", b"") or self._request.uri)
 
     def getHeader(self, name: bytes) -> bytes | None:
         value = self._request.getHeader(name)

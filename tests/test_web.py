@@ -529,12 +529,12 @@ class AccessLogTests(SiteTestCase):
 
     def test_user_and_password_left_out(self) -> None:
         """
-        A user name and password in a Referer are logged as a dash, the host kept; an absolute-form
-        target is logged in the origin form it is served in.
+        A user name and password in an absolute-form target (logged as the client sent it, though
+        served as its path) or a Referer are logged as a dash; the host stays.
         """
         line = self.logged(b"https://alice:s3cret@mail.example.org" + TB_PATH,
                            {b"Referer": b"https://bob:hunter2@mail.example.org/roundcube/;x=1"})
-        self.assertIn('"GET %s HTTP/1.1"' % TB_PATH.decode(), line)
+        self.assertIn('"GET https://-@mail.example.org%s HTTP/1.1" 200 ' % TB_PATH.decode(), line)
         self.assertIn('"https://-@mail.example.org/roundcube/;x="', line)
         for secret in ("alice", "s3cret", "bob", "hunter2"):
             self.assertNotIn(secret, line)
@@ -798,6 +798,8 @@ class ProxyTests(SiteTestCase):
             f"0; url={UPSTREAM}/roundcube/": f"0; url=https://{PUBLIC_HOST}/roundcube/",
             f"5;URL='{UPSTREAM}/x?y=1'": f"5;URL='https://{PUBLIC_HOST}/x?y=1'",
             f"3, url=\"http://{PUBLIC_HOST}/\"": f"3, url=\"https://{PUBLIC_HOST}/\"",
+            f"0; {UPSTREAM}/x": f"0; https://{PUBLIC_HOST}/x",
+            f"0 url={UPSTREAM}/x": f"0 url=https://{PUBLIC_HOST}/x",
             "10": "10",
             "5; url=/relative": "5; url=/relative",
             "5; url=https://example.net/": "5; url=https://example.net/",
