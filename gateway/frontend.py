@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.protocol import ServerFactory
@@ -681,6 +681,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
 
     def _backend_login(self, user: str, password: bytes) -> Deferred[BackendLogin]:
         backend = self.context.backend.settings
+        if backend.login != "replay" and not user:
+            # The gateway's own account would speak for itself (a master login with no authorization
+            # identity, XCLIENT LOGIN= empty). The users file holds no empty name: never reached.
+            return fail(BackendUnavailable("an empty user name for a master or XCLIENT login"))
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
             request = LoginRequest(user, backend.master_password, self.client, backend.master_user)

@@ -121,7 +121,9 @@ class Pop3FrontEnd(LoginFrontEnd):
             return
         self._given_user = None  # PASS follows a successful USER only (RFC 1939 7)
         name = user_name(argument)
-        if not name:  # refused as AUTH refuses it, before any hash or backend is asked
+        # Not UTF-8 or holding a control character, refused as AUTH refuses it; or none (RFC 1939 7
+        # requires one). Either is answered at once: no hash or backend is asked.
+        if not name:
             self._error(b"USER expects a user name.")
             return
         self._given_user = name

@@ -245,6 +245,19 @@ class ImplicitTLSTests(ImapTestBase):
                                         b"a1 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in.\r\n")
         self.assertEqual(self.backend.sessions[0].notices, ())
 
+    def test_empty_user_never_speaks_for_the_gateway(self) -> None:
+        """
+        With a master login, an empty user name never reaches the backend, even if the users
+        file let it pass: the master account, with no one to act for, would log in as itself.
+        """
+        self.backend.settings = replace(self.backend.settings, login="master", master_user="master",
+                                        master_password=b"master-secret")
+        self.auth.passwords[""] = b"pw"
+        self.front.dataReceived(b'a1 LOGIN "" pw\r\n')
+        self.clock.advance(2)
+        self.assertEqual(self.read(), b"a1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.\r\n")
+        self.assertEqual(self.backend.requests, [])
+
     def test_pipelined_after_login_goes_to_backend(self) -> None:
         """Commands pipelined after LOGIN go to the backend, after the tagged OK."""
         reply = self.say(b"a1 LOGIN bob secret\r\na2 SELECT INBOX\r\na3 IDLE\r\n")
