@@ -493,4 +493,5 @@ class GatewayProcessTests(SynchronousTestCase):
         for port in gateway.ports.values():
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 pass
+        self.assertEqual(gateway.listener_port("imap", "implicit_tls", "127.0.0.1"), gateway.ports[("imap", "implicit_tls")])
         self.assertEqual(gateway.log().count("Starting reactor"), 2)

@@ -103,6 +103,7 @@ class GatewayProcess:
         self.users_path = os.path.join(self.directory, "users")
         self.ports: dict[tuple[str, str], int] = {}
         self._process: subprocess.Popen[bytes] | None = None
+        self._run_start = 0  # where the latest run's lines begin in the log
 
     @property
     def pid(self) -> int | None:
@@ -126,7 +127,7 @@ class GatewayProcess:
 
     def listener_port(self, protocol: str, tls: str, address: str) -> int:
         """The port of the listener of C{protocol} and C{tls} bound to C{address}, where there are several."""
-        for found in _LISTENING.finditer(self.log()):
+        for found in _LISTENING.finditer(self._this_run_log()):
             if (found[1], found[2], found[3].strip("[]")) == (protocol, tls, address):
                 return int(found[4])
         raise AssertionError(f"no {protocol} {tls} listener on {address}; the log ends with:\n{self.log()[-3000:]}")
@@ -184,7 +185,7 @@ failure_delay_max = 0.2
         """
         self.write_config()
         log = open(self.log_path, "ab")
-        earlier = len(self.log())  # a restart's log goes on after an earlier run's: only its own lines tell
+        self._run_start = len(self.log())  # a restart's log goes on after an earlier run's: only its own lines tell
         self._process = subprocess.Popen(
             [sys.executable, "-m", "twisted", "--log-format=text", "mailgateway", "--config", self.config_path],
             cwd=SOURCE_TREE, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -192,7 +193,7 @@ failure_delay_max = 0.2
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            log_text = self.log()[earlier:]
+            log_text = self._this_run_log()
             self.ports = {(m[1], m[2]): int(m[4]) for m in _LISTENING.finditer(log_text)}
             expected = 2 * sum(port is not None for _, port, _, _ in self._protocols())
             ready = "Starting reactor" in log_text and (self._workers == 1 or log_text.count("worker_ready") >= self._workers)
@@ -216,6 +217,10 @@ failure_delay_max = 0.2
                 return f.read()
         except FileNotFoundError:
             return ""
+
+    def _this_run_log(self) -> str:
+        """What the gateway has logged since its latest start."""
+        return self.log()[self._run_start:]
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> re.Match[str]:
         """
