@@ -47,16 +47,20 @@ _AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
-# DSN's parameters (RFC 3461 4, 5) and their values; ORCPT's xtext may carry UTF-8 (RFC 6533 3).
+# DSN's parameters and their values (RFC 3461 4, 5): ENVID and ORCPT's address are xtext of
+# printable ASCII; a "utf-8" ORCPT is RFC 6533's, "+" and "=" left out, 8-bit only with SMTPUTF8.
+_PRINTABLE_XTEXT = rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+(?:2[0-9A-F]|[3-6][0-9A-F]|7[0-9A-E]))+"
 _DSN_MAIL = {
     b"RET": re.compile(rb"FULL|HDRS", re.IGNORECASE),
-    b"ENVID": re.compile(rb"(?=.{1,100}$)" + _XTEXT.pattern, re.DOTALL),
+    b"ENVID": re.compile(rb"(?=.{1,100}$)" + _PRINTABLE_XTEXT, re.DOTALL),
 }
 _DSN_RCPT = {
     b"NOTIFY": re.compile(rb"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*", re.IGNORECASE),
-    b"ORCPT": re.compile(rb"(?=.{1,494}$)[A-Za-z0-9-]+;(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e\x80-\xff]|\+[0-9A-F]{2})+",
-                         re.DOTALL),
+    b"ORCPT": re.compile(rb"(?=.{1,494}$)(?:(?i:utf-8);[\x21-\x2a\x2c-\x3c\x3e-\x7e\x80-\xff]+|(?!(?i:utf-8);)"
+                         rb"[A-Za-z0-9-]+;" + _PRINTABLE_XTEXT + rb")", re.DOTALL),
 }
+# RFC 3461 4: DSN lengthens the longest MAIL line by 110 octets (RET, ENVID), RCPT's by 500 (NOTIFY, ORCPT).
+_DSN_LINE_EXTRA = {b"MAIL": 110, b"RCPT": 500}
 _NOT_IMPLEMENTED = (b"HELP", b"TURN", b"ETRN", b"ATRN")
 # RFC 5321 7.3: a server that does not verify addresses says 252, which reads as neither yes nor no.
 _CANNOT_VERIFY = b"252 2.5.0 Cannot VRFY or EXPN, but will accept message and attempt delivery\r\n"
@@ -171,7 +175,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     def command_line(self, line: bytes) -> None:
         verb, argument = split_command(line)
-        limit = COMMAND_LINE_LIMIT + (500 if verb == b"MAIL" and b" AUTH=" in line.upper() else 0)
+        limit = (COMMAND_LINE_LIMIT + _DSN_LINE_EXTRA.get(verb, 0)
+                 + (500 if verb == b"MAIL" and b" AUTH=" in line.upper() else 0))
         if len(line) > limit and verb != b"AUTH":
             self._error(b"500 5.5.2 Line too long")
             return
@@ -624,8 +629,12 @@ class SubmissionFrontEnd(LoginFrontEnd):
         dsn = _DSN_MAIL if mail else _DSN_RCPT
         for keyword, value in path.parameters:
             if b"DSN" in offered and keyword in dsn:
-                supported = value is not None and dsn[keyword].fullmatch(value) is not None
-            elif not mail:
+                if value is None or dsn[keyword].fullmatch(value) is None or not (value.isascii() or self._smtputf8):
+                    # Known, but not well formed: a syntax error (RFC 5321 4.1.1.11 keeps 555 for the unknown).
+                    self._refuse_path(b"501 5.5.4 Bad " + keyword + b" parameter syntax", mail)
+                    return False
+                continue
+            if not mail:
                 supported = False
             elif keyword == b"SIZE":
                 supported = True

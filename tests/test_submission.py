@@ -1001,23 +1001,39 @@ class DsnTests(SubmissionTestBase):
         self.assertEqual(self.mta_got(), b"MAIL FROM:<bob@example.org> RET=hdrs ENVID=QQ+2B314\r\n")
         self.accepted()
         for rcpt in (b"RCPT TO:<a@example.org> NOTIFY=SUCCESS,failure ORCPT=rfc822;a@example.org",
-                     b"RCPT TO:<b@example.org> NOTIFY=NEVER", b"RCPT TO:<c@example.org> ORCPT=utf-8;c+40example.org"):
+                     b"RCPT TO:<b@example.org> NOTIFY=NEVER", b"RCPT TO:<c@example.org> ORCPT=UTF-8;c\\x{E9}@example.org"):
             self.say(rcpt + b"\r\n")
             self.assertEqual(self.mta_got(), rcpt + b"\r\n")
             self.accepted()
 
     def test_malformed_values_refused(self) -> None:
-        """Values outside RFC 3461's grammar are refused, not passed on."""
-        for mail in (b"RET=ALL", b"RET", b"ENVID=" + b"x" * 101, b"ENVID=a+zz"):
+        """
+        Values outside RFC 3461's grammar get 501, and are not passed on: a control character
+        hidden in xtext, 8-bit bytes but in a "utf-8" ORCPT of an SMTPUTF8 transaction, "+" in one.
+        """
+        for mail in (b"RET=ALL", b"RET", b"ENVID=" + b"x" * 101, b"ENVID=a+zz", b"ENVID=a+0Db", b"ENVID=\xc3\xa9"):
             self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> " + mail + b"\r\n"),
-                             b"555 5.5.4 Unsupported parameter " + mail.partition(b"=")[0] + b"\r\n")
+                             b"501 5.5.4 Bad " + mail.partition(b"=")[0] + b" parameter syntax\r\n")
+            self.say(b"NOOP\r\n")  # a refused MAIL counts as an error: six in a row would close
         self.say(b"MAIL FROM:<bob@example.org>\r\n")
         self.mta_got()
         self.accepted()
-        for rcpt in (b"NOTIFY=NEVER,SUCCESS", b"NOTIFY=SOMETIMES", b"NOTIFY", b"ORCPT=rfc822", b"ORCPT=;a@b"):
+        for rcpt in (b"NOTIFY=NEVER,SUCCESS", b"NOTIFY=SOMETIMES", b"NOTIFY", b"ORCPT=rfc822", b"ORCPT=;a@b",
+                     b"ORCPT=rfc822;j+0D+0AX@example.org", b"ORCPT=rfc822;g\xc3\xa9@example.org",
+                     b"ORCPT=utf-8;g\xc3\xa9@example.org", b"ORCPT=utf-8;f+40example.org"):
             self.assertEqual(self.say(b"RCPT TO:<a@example.org> " + rcpt + b"\r\n"),
-                             b"555 5.5.4 Unsupported parameter " + rcpt.partition(b"=")[0] + b"\r\n")
+                             b"501 5.5.4 Bad " + rcpt.partition(b"=")[0] + b" parameter syntax\r\n")
         self.assertEqual(self.mta_got(), b"")
+
+    def test_long_dsn_lines(self) -> None:
+        """RCPT lines are 500 octets longer with DSN, MAIL lines 110 (RFC 3461 4): a long ORCPT fits."""
+        self.say(b"MAIL FROM:<bob@example.org> ENVID=" + b"e" * 100 + b"\r\n")
+        self.assertTrue(self.mta_got().startswith(b"MAIL FROM:"))
+        self.accepted()
+        rcpt = b"RCPT TO:<" + b"a" * 300 + b"@example.org> NOTIFY=SUCCESS ORCPT=rfc822;" + b"a" * 300 + b"@example.org"
+        self.assertGreater(len(rcpt), 512)
+        self.say(rcpt + b"\r\n")
+        self.assertEqual(self.mta_got(), rcpt + b"\r\n")
 
 
 class MtaSizeTests(SubmissionTestBase):
