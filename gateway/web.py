@@ -605,12 +605,13 @@ def _well_formed(headers: Headers, version: bytes) -> bool:
     (RFC 9112 section 3.2) exactly one valid C{Host}, which only an HTTP/1.0 request may leave
     out; and (section 6.1) no transfer coding but C{chunked}, the one that twisted.web decodes
     (it takes C{identity}, gone since RFC 7230, as no body at all, and would read a body sent
-    with it as the next request).
+    with it as the next request), and none at all in HTTP/1.0, whose framing it makes faulty.
     """
     if any(_CONTROL.search(value) for _, values in headers.getAllRawHeaders() for value in values):
         return False
     codings = headers.getRawHeaders(b"transfer-encoding")
-    if codings is not None and [coding.strip().lower() for coding in codings] != [b"chunked"]:
+    if codings is not None and ([coding.strip().lower() for coding in codings] != [b"chunked"]
+                                or version == b"HTTP/1.0"):
         return False
     hosts = headers.getRawHeaders(b"host")
     if not hosts:

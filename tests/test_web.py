@@ -1177,6 +1177,11 @@ class MalformedRequestTests(SiteTestCase):
         sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
         self.assertEqual(connection.reply().code, 502)
 
+    def test_chunked_http10(self) -> None:
+        """HTTP/1.0 knows no transfer coding: one makes the framing faulty (RFC 9112 6.1), a 400."""
+        self.assert_refused(b"POST /upload HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"5\r\nhello\r\n0\r\n\r\n")
+
     def test_several_hosts(self) -> None:
         """Two Host headers are a 400, even when they agree."""
         for second in (b"evil.example", b"mail.example.org"):
