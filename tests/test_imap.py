@@ -482,6 +482,10 @@ class ImplicitTLSTests(ImapTestBase):
         self.assertEqual(self.say(b"\r\n"), b"a2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.assertEqual(self.backend.requests, [])
 
+    def test_authenticate_login_empty_initial_response(self) -> None:
+        """AUTHENTICATE LOGIN = gives an empty user name and prompts for the password, as Dovecot does."""
+        self.assertEqual(self.say(b"a1 AUTHENTICATE LOGIN =\r\n"), b"+ " + b64(b"Password:") + b"\r\n")
+
     def test_authenticate_empty_password_is_wrong(self) -> None:
         """An empty password in PLAIN or LOGIN is a wrong one, as in LOGIN: NO after the failure pause."""
         for tag, lines in ((b"a1", [b"a1 AUTHENTICATE PLAIN " + b64(b"\0bob\0") + b"\r\n"]),
