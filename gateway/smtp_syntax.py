@@ -114,6 +114,8 @@ _QUOTED_STRING = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
 _LABEL = rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?"
 # An IPv4 address, or a tagged one ("IPv6:..."); what is inside is the MTA's to check.
 _ADDRESS_LITERAL = rb"\[(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+)\]"
+# A path in angle brackets; a ">" in a quoted local part is no end of it.
+_BRACKETED = re.compile(rb'<((?:"(?:[^"\\]|\\.)*"|[^">])*)>', re.DOTALL)
 _MAILBOX = re.compile(rb"(?:%s(?:\.%s)*|%s)@(?:%s(?:\.%s)*|%s)" % (
     _ATOM, _ATOM, _QUOTED_STRING, _LABEL, _LABEL, _ADDRESS_LITERAL))
 
@@ -133,10 +135,10 @@ def parse_path(argument: bytes, keyword: bytes) -> PathCommand:
     if argument[: len(prefix)].upper() != prefix:
         raise SmtpSyntaxError("Syntax: " + keyword.decode() + ":<address>")
     rest = argument[len(prefix):].lstrip(b" ")
-    if not rest.startswith(b"<") or b">" not in rest:
+    bracketed = _BRACKETED.match(rest)
+    if bracketed is None:
         raise SmtpSyntaxError("Syntax: " + keyword.decode() + ":<address>")
-    end = rest.index(b">")
-    address, rest = rest[1:end], rest[end + 1:]
+    address, rest = bracketed[1], rest[bracketed.end():]
     if not _valid_path(address, keyword):
         raise SmtpSyntaxError("Bad address syntax")
     parameters = []

@@ -288,11 +288,11 @@ class ParsePathTests(SynchronousTestCase):
         "ceo(@lists.example" for "ceo" and a comment, and appends its own domain).
         """
         for address in (b"ceo(@lists.example", b"ceo%gmail.com(@lists.example", b"ceo(x)@lists.example",
-                        b"a,b@lists.example", b"a:b@lists.example", b"a\\b@lists.example", b'a"b@lists.example',
+                        b"a,b@lists.example", b"a:b@lists.example", b"a\\b@lists.example",
                         b"ceo", b"@lists.example", b"ceo@", b".ceo@lists.example", b"ceo.@lists.example",
                         b"c..eo@lists.example", b"ceo@lists.example.", b"ceo@lists..example", b"ceo@-lists.example",
                         b"ceo@lists-.example", b"ceo@lists.example(x)", b"ceo@lists_x.example", b"a@b@c.example",
-                        b"ceo@[1.2.3.4", b'"unclosed@lists.example', b"ceo@[x]", b"ceo@[1.2.3]", b"ceo@[:x]"):
+                        b"ceo@[1.2.3.4", b"ceo@[x]", b"ceo@[1.2.3]", b"ceo@[:x]"):
             self.assertEqual(self.assert_refused(b"FROM:<" + address + b">"), "Bad address syntax", address)
             self.assertEqual(self.assert_refused(b"TO:<" + address + b">", b"TO"), "Bad address syntax", address)
 
@@ -303,6 +303,14 @@ class ParsePathTests(SynchronousTestCase):
                         b"a@[192.0.2.1]", b"a@[IPv6:2001:db8::1]",
                         b"a@x", b"A@EXAMPLE.ORG"):
             self.assertEqual(parse_path(b"FROM:<" + address + b">", b"FROM").address, address)
+
+    def test_closing_bracket_in_quotes(self) -> None:
+        """A ">" inside a quoted local part does not end the path; an unclosed quote leaves it open."""
+        self.assertEqual(parse_path(b'TO:<"a>b"@example.org> NOTIFY=NEVER', b"TO"),
+                         PathCommand(b'"a>b"@example.org', ((b"NOTIFY", b"NEVER"),)))
+        self.assertEqual(parse_path(b'TO:<"a\\">b"@example.org>', b"TO").address, b'"a\\">b"@example.org')
+        for unclosed in (b'TO:<"a>b@example.org>', b'TO:<a"b@example.org>'):
+            self.assertEqual(self.assert_refused(unclosed, b"TO"), "Syntax: TO:<address>")
 
     def test_postmaster_and_null_path(self) -> None:
         """RCPT takes a bare Postmaster (any case) but not the null path; MAIL the other way round."""
