@@ -46,18 +46,19 @@ _AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must
                           b"closing connection\r\n")
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
 FINAL_REPLY_TIMEOUT = 600.0    # RFC 5321 4.5.3.2.6: 10 minutes for the end of data
-_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
-# DSN's parameters and their values (RFC 3461 4, 5): ENVID and ORCPT's address are xtext of
-# printable ASCII; a "utf-8" ORCPT is RFC 6533's, "+" and "=" left out, 8-bit only with SMTPUTF8.
-_PRINTABLE_XTEXT = rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+(?:2[0-9A-F]|[3-6][0-9A-F]|7[0-9A-E]))+"
+# xtext (RFC 3461 4) of printable ASCII, as AUTH=, ENVID and ORCPT carry it: no escaped control character.
+_XTEXT_PATTERN = rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+(?:2[0-9A-F]|[3-6][0-9A-F]|7[0-9A-E]))+"
+_XTEXT = re.compile(_XTEXT_PATTERN)
+# DSN's parameters and their values (RFC 3461 4, 5); a "utf-8" ORCPT is RFC 6533's, "+" and "="
+# left out, 8-bit only with SMTPUTF8.
 _DSN_MAIL = {
     b"RET": re.compile(rb"FULL|HDRS", re.IGNORECASE),
-    b"ENVID": re.compile(rb"(?=.{1,100}$)" + _PRINTABLE_XTEXT, re.DOTALL),
+    b"ENVID": re.compile(rb"(?=.{1,100}$)" + _XTEXT_PATTERN, re.DOTALL),
 }
 _DSN_RCPT = {
     b"NOTIFY": re.compile(rb"NEVER|(?:SUCCESS|FAILURE|DELAY)(?:,(?:SUCCESS|FAILURE|DELAY))*", re.IGNORECASE),
     b"ORCPT": re.compile(rb"(?=.{1,494}$)(?:(?i:utf-8);[\x21-\x2a\x2c-\x3c\x3e-\x7e\x80-\xff]+|(?!(?i:utf-8);)"
-                         rb"[A-Za-z0-9-]+;" + _PRINTABLE_XTEXT + rb")", re.DOTALL),
+                         rb"[A-Za-z0-9-]+;" + _XTEXT_PATTERN + rb")", re.DOTALL),
 }
 # RFC 3461 4: DSN lengthens the longest MAIL line by 110 octets (RET, ENVID), RCPT's by 500 (NOTIFY, ORCPT).
 _DSN_LINE_EXTRA = {b"MAIL": 110, b"RCPT": 500}

@@ -655,6 +655,9 @@ class ReviewFixTests(SubmissionTestBase):
         self.read()
         self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> AUTH=bad\x01\r\n"),
                          b"501 5.5.4 Syntax error in parameters\r\n")
+        # xtext may not hide a control character either
+        self.assertEqual(self.say(b"MAIL FROM:<bob@example.org> AUTH=a+0Db@example.org\r\n"),
+                         b"555 5.5.4 Unsupported parameter AUTH\r\n")
 
     def test_slow_steady_upload_not_cut(self) -> None:
         """A message that streams for longer than the transaction timeout is not cut while data flows."""
