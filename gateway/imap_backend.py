@@ -287,7 +287,7 @@ class ImapBackendLogin(BackendLogin):
             self.fail(BackendUnavailable(f"backend login failed: {_verdict(response)}"))
 
     def _alert(self, response: Response) -> None:
-        # Untagged, as a warning or a tagged answer's alert may not be: the user is shown the text.
+        # Always as an untagged OK, whatever carried it (an untagged NO, the tagged OK): only the text is the user's.
         if len(self.notices) < _MAX_ALERTS:
             self.notices += (b"* OK [ALERT] " + response.text + b"\r\n",)
 
