@@ -123,15 +123,22 @@ class ImapBackendLogin(BackendLogin):
             # ("Bad command: gw1 LOGIN alice ..."): the log gets the status and code only.
             said = _text(response) if self.announced is None else _verdict(response)
             self.fail(BackendUnavailable(f"backend said BYE: {said}"))
-        elif response.code is not None and response.code.name == b"CAPABILITY":
-            self._capabilities_from(response.code.args)
         elif response.status is None and response.text[:11].upper() == b"CAPABILITY ":
             self._capabilities_from(response.text[11:])
-        elif response.code is not None and response.code.name == b"ALERT":
-            self._alert(response)
+        else:
+            self._take_code(response)
         if not self._greeted_yet and response.status is not None and not self.login_over:
             self._greeted_yet = True
             self._greeted(response)
+
+    def _take_code(self, response: Response) -> None:
+        """What a status response's code tells the dialogue: the capabilities, or an alert for the user."""
+        if response.code is None:
+            return
+        if response.code.name == b"CAPABILITY":
+            self._capabilities_from(response.code.args)
+        elif response.code.name == b"ALERT":
+            self._alert(response)
 
     def _capabilities_from(self, text: bytes) -> None:
         try:
@@ -274,10 +281,7 @@ class ImapBackendLogin(BackendLogin):
             # Answered before the credentials were all sent (a literal refused): no verdict on them.
             self.fail(BackendUnavailable(f"backend answered before the credentials were sent: {_verdict(response)}"))
         elif response.status == b"OK":
-            if response.code is not None and response.code.name == b"CAPABILITY":
-                self._capabilities_from(response.code.args)
-            elif response.code is not None and response.code.name == b"ALERT":
-                self._alert(response)  # the gateway's tagged OK carries its own code
+            self._take_code(response)  # an alert on it: the gateway's tagged OK carries its own code
             self._with_capabilities(self._done)
         elif response.status == b"NO" and (response.code is None or response.code.name in _REJECTION_CODES):
             self.fail(BackendRejected(f"backend refused the login: {_verdict(response)}"))
