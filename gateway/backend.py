@@ -109,12 +109,16 @@ class LoginRequest:
     :ivar user: the user to log in as (the client's user; with a master login, the one to impersonate).
     :ivar password: the client's password, or the master password.
     :ivar master_user: set for a master login: the account that logs in on behalf of C{user}.
+    :ivar client_helo: the name the client gave in SMTP's EHLO, for an MTA told that the session
+        is the client's (XCLIENT): its Received header names the client's EHLO, not the gateway's.
+        None in the other protocols.
     """
 
     user: str
     password: bytes = field(repr=False)
     client: ClientAddress
     master_user: str | None = None
+    client_helo: bytes | None = None
 
 
 @implementer(ITLSEndListener)

@@ -685,13 +685,14 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             # The gateway's own account would speak for itself (a master login with no authorization
             # identity, XCLIENT LOGIN= empty). The users file holds no empty name: never reached.
             return fail(BackendUnavailable("an empty user name for a master or XCLIENT login"))
+        helo = self.client_helo()
         if backend.login == "master":
             assert backend.master_user is not None and backend.master_password is not None
-            request = LoginRequest(user, backend.master_password, self.client, backend.master_user)
+            request = LoginRequest(user, backend.master_password, self.client, backend.master_user, helo)
         elif backend.login == "xclient":
-            request = LoginRequest(user, b"", self.client)  # the MTA trusts the gateway's word: no password kept
+            request = LoginRequest(user, b"", self.client, client_helo=helo)  # the MTA trusts the gateway's word: no password kept
         else:
-            request = LoginRequest(user, password, self.client)
+            request = LoginRequest(user, password, self.client, client_helo=helo)
         self._backend_started = self.clock.seconds()
         return self.context.backend.login(request)
 
@@ -829,6 +830,10 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         closes. By default the timeout's own notice; a protocol without unsolicited replies overrides it.
         """
         self.reply_timeout()
+
+    def client_helo(self) -> bytes | None:
+        """The name the client gave in SMTP's EHLO, for the backend login (L{LoginRequest.client_helo}); None by default."""
+        return None
 
     def reply_too_many_errors(self) -> None:
         """Tell the client it made too many errors; the connection closes after."""

@@ -4,12 +4,15 @@ The submission backend: the login dialogue with the MTA, then an ordered command
 Login: greeting, EHLO, optional STARTTLS (then EHLO again), then one of AUTH PLAIN with the
 client's credentials (C{replay}), AUTH PLAIN with the gateway's relay account (C{master}), or
 Postfix XCLIENT naming the client and its login (C{xclient}; Postfix then logs the real client
-and treats the session as authenticated). Afterwards the submission front end sends commands
-and message data, and receives each reply in order.
+and treats the session as authenticated). After XCLIENT the EHLO is the client's own, as nginx
+sends it: Postfix takes the last EHLO's name for its Received header and its HELO checks.
+Afterwards the submission front end sends commands and message data, and receives each reply in
+order.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Generator
 from typing import Any
@@ -23,6 +26,10 @@ from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, L
 from gateway.config import BackendSettings
 from gateway.sasl import plain_message
 from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
+
+
+# What of a client's EHLO name is passed on: printable ASCII, one token, no longer than a domain.
+_EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 
 
 class SmtpBackend(BackendLogin):
@@ -142,8 +149,9 @@ class SmtpBackend(BackendLogin):
         self.succeed()
 
     @inlineCallbacks
-    def _ehlo(self) -> Generator[Deferred[Any], Any, None]:
-        reply = yield self.command(b"EHLO " + self._ehlo_name)
+    def _ehlo(self, name: bytes | None = None) -> Generator[Deferred[Any], Any, None]:
+        """EHLO as C{name}, by default the gateway's own name."""
+        reply = yield self.command(b"EHLO " + (name or self._ehlo_name))
         if reply.code != 250:
             raise BackendUnavailable(f"the MTA refused EHLO: {_said(reply)}")
         self.keywords = ehlo_keywords(reply)
@@ -187,8 +195,10 @@ class SmtpBackend(BackendLogin):
         reply = yield self.command(command)
         if reply.code != 220:
             raise BackendUnavailable(f"the MTA refused XCLIENT: {_said(reply)}")
-        # XCLIENT restarts the session with a new greeting: EHLO again.
-        yield self._ehlo()
+        # XCLIENT restarts the session with a new greeting: EHLO again, as the client did (a name
+        # that could not be sent as one token is left out: the gateway's then).
+        helo = self.request.client_helo
+        yield self._ehlo(helo if helo is not None and _EHLO_NAME.fullmatch(helo) else None)
 
     # -- the session
 

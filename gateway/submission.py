@@ -97,7 +97,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
     # See LoginFrontEnd.
     __slots__ = (
-        "_rules", "_senders", "_greeted", "_backend", "_sender", "_recipients", "_transaction_timer",
+        "_rules", "_senders", "_ehlo_name", "_backend", "_sender", "_recipients", "_transaction_timer",
         "_data_tail", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down", "_mta_holding"
     )
 
@@ -105,7 +105,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         super().__init__(context)
         self._rules = rules
         self._senders = senders
-        self._greeted = False
+        # The name of the client's EHLO since the last reset, which AUTH needs; None before one, after HELO or STARTTLS.
+        self._ehlo_name: bytes | None = None
         self._backend: SmtpBackend | None = None
         self._sender: bytes | None = None
         self._recipients = 0
@@ -130,6 +131,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
             self.send(b"500 5.5.6 Authentication Exchange line is too long, closing connection\r\n")
         else:
             self.send(b"500 5.5.2 Line too long, closing connection\r\n")
+
+    def client_helo(self) -> bytes | None:
+        return self._ehlo_name
 
     def reply_timeout(self) -> None:
         self.send(b"421 4.4.2 %s Timeout, closing connection\r\n" % self.context.hostname.encode("ascii"))
@@ -219,7 +223,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
         if not argument or b" " in argument.strip():
             self._error(b"501 5.5.4 Syntax: %s hostname" % (b"EHLO" if extended else b"HELO"))
             return False
-        self._greeted = extended  # AUTH is an extension: after HELO there is none (RFC 4954 3)
+        # AUTH is an extension: after HELO there is none (RFC 4954 3).
+        self._ehlo_name = argument.strip() if extended else None
         self._end_transaction(reset_backend=True)
         return True
 
@@ -253,13 +258,13 @@ class SubmissionFrontEnd(LoginFrontEnd):
         else:
             self._reply(b"220 2.0.0 Ready to start TLS\r\n")
             # RFC 3207 4.2: forget everything learned from the client before TLS.
-            self._greeted = False
+            self._ehlo_name = None
             self.start_tls()
 
     def do_AUTH(self, argument: bytes) -> None:
         if self.user is not None:
             self._error(b"503 5.5.1 Already authenticated")
-        elif not self._greeted:
+        elif self._ehlo_name is None:
             self._error(b"503 5.5.1 Send EHLO first")
         elif not argument:
             self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")

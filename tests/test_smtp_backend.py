@@ -55,9 +55,9 @@ class SmtpBackendTestBase(SynchronousTestCase):
 
     def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
               settings: BackendSettings | None = None, probe: bool = False, client: ClientAddress = CLIENT,
-              ehlo_name: str = "localhost") -> None:
+              ehlo_name: str = "localhost", client_helo: bytes | None = b"client.example.net") -> None:
         """Begin a fresh dialogue (a capability probe with C{probe}), replacing any earlier one."""
-        request = None if probe else LoginRequest(user, password, client, master_user)
+        request = None if probe else LoginRequest(user, password, client, master_user, client_helo)
         self.protocol = SmtpBackend(request, settings or self.settings, TLS_CREATOR,  # type: ignore[arg-type]
                                     ehlo_name=ehlo_name)
         self.transport = TLSStringTransport()
@@ -295,9 +295,12 @@ class XclientLoginTests(SmtpBackendTestBase):
                          b"XCLIENT ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE] PROTO=ESMTP LOGIN=alice\r\n")
 
     def test_success(self) -> None:
-        """220 to XCLIENT is followed by EHLO again, whose extensions become the capabilities; no AUTH is sent."""
+        """
+        220 to XCLIENT is followed by EHLO again, as the client said it (Postfix's Received header
+        shows that name), whose extensions become the capabilities; no AUTH is sent.
+        """
         self.reach_auth(self.OFFER)
-        self.assertEqual(self.say(GREETING), b"EHLO localhost\r\n")
+        self.assertEqual(self.say(GREETING), b"EHLO client.example.net\r\n")
         self.assertNoResult(self.protocol.result)
         self.assertEqual(self.say(ehlo_reply(b"PIPELINING", b"SIZE 1000")), b"")
         protocol = self.logged_in()
@@ -305,6 +308,20 @@ class XclientLoginTests(SmtpBackendTestBase):
         self.assertEqual(protocol.announced, (b"PIPELINING", b"SIZE 1000"))
         self.assertNotIn(b"AUTH", self.written)
         self.assertNotIn(b"secret", self.written)
+
+    def test_client_ehlo_not_sendable(self) -> None:
+        """
+        A client's EHLO name that is not one printable ASCII token of at most 255 bytes is not
+        sent: the EHLO after XCLIENT is the gateway's own then.
+        """
+        for helo in (None, b"", b"host\rMAIL FROM:<x@example.org>", b"h\x00st", b"h\tst", b"h\xc3\xb6st.example",
+                     b"a" * 256):
+            self.start(client_helo=helo)
+            self.reach_auth(self.OFFER)
+            self.assertEqual(self.say(GREETING), b"EHLO localhost\r\n", helo)
+        self.start(client_helo=b"[IPv6:2001:db8::7]")
+        self.reach_auth(self.OFFER)
+        self.assertEqual(self.say(GREETING), b"EHLO [IPv6:2001:db8::7]\r\n")
 
     def test_refused(self) -> None:
         """XCLIENT answered 501 or 550 makes the MTA unavailable."""
@@ -329,9 +346,9 @@ class ForwardingTests(SmtpBackendTestBase):
     OFFER = ehlo_reply(b"AUTH PLAIN", b"XCLIENT ADDR PORT PROTO LOGIN")
 
     def test_xclient_then_auth(self) -> None:
-        """XCLIENT without LOGIN comes first, then EHLO again, then AUTH PLAIN; 235 logs in."""
+        """XCLIENT without LOGIN comes first, then EHLO again as the client's, then AUTH PLAIN; 235 logs in."""
         self.assertEqual(self.reach_auth(self.OFFER), b"XCLIENT ADDR=192.0.2.7 PORT=50123 PROTO=ESMTP\r\n")
-        self.assertEqual(self.say(GREETING), b"EHLO localhost\r\n")
+        self.assertEqual(self.say(GREETING), b"EHLO client.example.net\r\n")
         self.assertEqual(self.say(EHLO), b"AUTH PLAIN " + TOKEN + b"\r\n")
         self.say(AUTHENTICATED)
         self.assertEqual(self.logged_in().capabilities, EXTENSIONS)

@@ -981,6 +981,13 @@ class HeloTests(SubmissionTestBase):
         self.say(b"HELO client\r\n")
         self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Send EHLO first\r\n")
 
+    def test_login_carries_the_ehlo_name(self) -> None:
+        """The backend login is given the name of the client's last EHLO, without the spaces around it."""
+        self.say(b"EHLO first.example.net\r\n")
+        self.say(b"EHLO  client.example.net \r\n")
+        self.assertEqual(self.say(AUTH_BOB), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual([request.client_helo for request in self.backend.requests], [b"client.example.net"])
+
 
 class DsnTests(SubmissionTestBase):
     """DSN (RFC 3461), offered and relayed when the MTA offers it."""

@@ -415,14 +415,17 @@ class SubmissionTests(SubmissionFixture):
         client.quit()
 
     def test_xclient_names_user_and_client(self) -> None:
-        """Postfix logs the gateway's client address and the login name, learned through XCLIENT."""
+        """
+        Postfix logs the gateway's client address and the login name, learned through XCLIENT, and
+        its Received header names the client by its own EHLO, as if it had connected directly.
+        """
         message = text_message("xclient@example.org", "xclient")
         client = self.smtps(source="127.0.0.7")
         client.login(USER, PASSWORD)
         self.assertEqual(client.sendmail(USER, ["xclient@example.org"], message), {})
         client.quit()
         delivered = self.assert_arrives_intact("xclient", message)
-        self.assertIn(b"[127.0.0.7]", delivered)
+        self.assertIn(b"\nReceived: from client.example.net (unknown [127.0.0.7])\n", delivered)
         self.assertIn(b"with ESMTPA", delivered)
         wait_for_file(self.postfix.log_path,
                       r"client=unknown\[127\.0\.0\.7\], sasl_method=XCLIENT, sasl_username=alice@example\.org")
