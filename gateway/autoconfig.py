@@ -213,10 +213,12 @@ def _provider_domain(settings: Settings) -> str:
     return ".".join(labels[1:]) if len(labels) > 2 else ".".join(labels)
 
 
-def _require_incoming(entries: list[Advertised]) -> None:
-    """Refuse to build an account document with nothing to read mail from."""
+def _require_servers(entries: list[Advertised], outgoing: bool = False) -> None:
+    """Refuse to build an account document with nothing to read mail from (or, with C{outgoing}, to send it through)."""
     if not any(entry.protocol != "smtp" for entry in entries):
         raise NothingToAdvertise("no IMAP or POP3 listener to advertise")
+    if outgoing and not any(entry.protocol == "smtp" for entry in entries):
+        raise NothingToAdvertise("no submission listener to advertise")
 
 
 def _xml_document(root: ElementTree.Element) -> bytes:
@@ -243,10 +245,12 @@ def thunderbird_config(settings: Settings, email: str | None) -> bytes:
     :param email: the address the client asked about; anything implausible counts as none.
     :returns: the UTF-8 XML document with its declaration. The provider id and domain are the
         address's domain, or without one the public host's mail domain.
-    :raises NothingToAdvertise: if there is no IMAP or POP3 listener.
+    :raises NothingToAdvertise: if there is no IMAP or POP3 listener, or no submission listener:
+        Thunderbird refuses a whole document without an C{outgoingServer}, and only when none is
+        served goes on to its other sources (its ISPDB, guessing), which may find the MTA.
     """
     entries = advertised(settings)
-    _require_incoming(entries)
+    _require_servers(entries, outgoing=True)
     address = plausible_email(email)
     domain = address.rsplit("@", 1)[1].lower() if address is not None else _provider_domain(settings)
     username = _username_form(settings)
@@ -338,7 +342,7 @@ def autodiscover_response(settings: Settings, email: str) -> bytes:
     """
     address, _ = _require_email(email)
     entries = advertised(settings)
-    _require_incoming(entries)
+    _require_servers(entries)
     login = login_name(settings, address)
     # Plain tags with xmlns attributes: the default namespaces are written as such, without
     # touching ElementTree's process-wide prefix registry.
@@ -365,27 +369,28 @@ def mobileconfig(settings: Settings, email: str) -> bytes:
     """
     Build an Apple configuration profile with one mail account for an address.
 
-    The profile offers implicit-TLS ports only, since it cannot express STARTTLS: incoming is
-    the first implicit-TLS IMAP entry, else the first implicit-TLS POP3 one; outgoing is the
-    first implicit-TLS SMTP entry. Both use a password, the same for both, and the configured
-    login name. The identifiers and UUIDs derive from the public host and the address, so the
+    A profile has one server of each kind and cannot say which TLS: C{UseSSL} is set either way.
+    Implicit TLS is preferred: incoming is the first implicit-TLS IMAP entry, else the first
+    implicit-TLS POP3 one, else the first STARTTLS entry (IMAP before POP3); outgoing is the first
+    implicit-TLS SMTP entry, else the first STARTTLS one. Apple's clients take C{UseSSL} with port
+    587 as STARTTLS (Apple's own settings for iCloud Mail say port 587, "SSL required"), and the
+    gateway offers no plaintext to fall back to. Both servers use a password, the same for both,
+    and the configured login name. The identifiers and UUIDs derive from the public host and the address, so the
     same request gives the same profile, and installing it again replaces the earlier one.
 
     :param settings: the configuration.
     :param email: the address the profile is for.
     :returns: the profile as an XML property list.
     :raises ValueError: if the address is not plausible.
-    :raises NothingToAdvertise: if no implicit-TLS incoming or outgoing entry exists.
+    :raises NothingToAdvertise: if no incoming or no outgoing entry exists.
     """
     address, domain = _require_email(email)
-    implicit = [entry for entry in advertised(settings) if entry.tls == "SSL"]
-    incoming = next((e for e in implicit if e.protocol == "imap"), None) or next(
-        (e for e in implicit if e.protocol == "pop3"), None)
-    outgoing = next((e for e in implicit if e.protocol == "smtp"), None)
-    if incoming is None:
-        raise NothingToAdvertise("no implicit-TLS IMAP or POP3 listener to put in a profile")
-    if outgoing is None:
-        raise NothingToAdvertise("no implicit-TLS submission listener to put in a profile")
+    entries = advertised(settings)
+    _require_servers(entries, outgoing=True)
+    # advertised() lists IMAP, POP3, then SMTP, each with implicit TLS first: a stable sort on TLS keeps that.
+    by_tls = sorted(entries, key=lambda entry: entry.tls != "SSL")
+    incoming = next(entry for entry in by_tls if entry.protocol != "smtp")
+    outgoing = next(entry for entry in by_tls if entry.protocol == "smtp")
     host = public_host(settings)
     login = login_name(settings, address)
     name = f"mailgateway:{host}:{address.lower()}"

@@ -819,7 +819,7 @@ class _WebRoot(Resource):
             return _not_allowed(request, b"GET, HEAD")
         try:
             body = thunderbird_config(self._state.settings, _query_text(request, b"emailaddress"))
-        except ValueError:  # no IMAP or POP3 listener to offer
+        except ValueError:  # no IMAP or POP3 listener, or no submission listener, to offer
             return _page(request, 404)
         return _document(request, b"text/xml; charset=utf-8", body)
 
@@ -859,7 +859,7 @@ class _WebRoot(Resource):
             return _page(request, 400)
         try:
             body = mobileconfig(self._state.settings, email)
-        except ValueError:  # no implicit-TLS listener to put in a profile
+        except ValueError:  # no incoming or no submission listener to put in a profile
             return _page(request, 404)
         request.setHeader(b"Content-Disposition", b'attachment; filename="mail.mobileconfig"')
         return _document(request, MOBILECONFIG_CONTENT_TYPE.encode("ascii"), body)

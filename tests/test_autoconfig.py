@@ -191,11 +191,13 @@ class ThunderbirdTests(SettingsTestCase):
                     for port, tls in (("10465", "SSL"), ("10587", "STARTTLS"))]
         self.assertEqual(servers, incoming + outgoing)
 
-    def test_imap_only(self) -> None:
-        """Without [pop3] and [submission] there are only IMAP entries, on [gateway] hostname without [web]."""
-        _, servers = thunderbird_servers(thunderbird_config(self.settings({"imap": FULL["imap"]}), None))
+    def test_without_pop3(self) -> None:
+        """Without [pop3] the incoming entries are IMAP's only, on [gateway] hostname without [web]."""
+        _, servers = thunderbird_servers(thunderbird_config(
+            self.settings({"imap": FULL["imap"], "submission": FULL["submission"]}), None))
         self.assertEqual([(s[0], s[1], s[2], s[3]) for s in servers], [
-            ("incomingServer", "imap", HOSTNAME, "10993"), ("incomingServer", "imap", HOSTNAME, "10143")])
+            ("incomingServer", "imap", HOSTNAME, "10993"), ("incomingServer", "imap", HOSTNAME, "10143"),
+            ("outgoingServer", "smtp", HOSTNAME, "10465"), ("outgoingServer", "smtp", HOSTNAME, "10587")])
 
     def test_local_part_username(self) -> None:
         """With autoconfig_username %EMAILLOCALPART% every server says so."""
@@ -216,7 +218,8 @@ class ThunderbirdTests(SettingsTestCase):
         provider, _ = thunderbird_servers(thunderbird_config(self.settings(FULL), None))
         self.assertEqual((provider.get("id"), provider.findtext("domain")), ("example.net", "example.net"))
         provider, _ = thunderbird_servers(
-            thunderbird_config(self.settings({"imap": FULL["imap"]}, hostname="example.com"), None))
+            thunderbird_config(self.settings({"imap": FULL["imap"], "submission": FULL["submission"]},
+                                             hostname="example.com"), None))
         self.assertEqual(provider.get("id"), "example.com")
 
     def test_placeholders_are_no_address(self) -> None:
@@ -245,6 +248,15 @@ class ThunderbirdTests(SettingsTestCase):
         """A gateway with only submission has no account to describe."""
         self.assertRaises(NothingToAdvertise, thunderbird_config, self.settings({"submission": FULL["submission"]}),
                           "joe@example.org")
+
+    def test_no_outgoing_server(self) -> None:
+        """
+        Without a submission listener there is no document either: Thunderbird would refuse it
+        whole ("Need proper <outgoingServer> in XML file") instead of going on to its other sources.
+        """
+        error = self.assertRaises(NothingToAdvertise, thunderbird_config,
+                                  self.settings({"imap": FULL["imap"], "pop3": FULL["pop3"]}), "joe@example.org")
+        self.assertEqual(str(error), "no submission listener to advertise")
 
 
 def autodiscover_request(email: str, *, namespace: str = AUTODISCOVER_REQUEST_NS,
@@ -458,7 +470,7 @@ class MobileconfigTests(SettingsTestCase):
         self.assertEqual(len({part for triple in identifiers for part in triple}), 9)
 
     def test_pop3_when_imap_is_starttls_only(self) -> None:
-        """IMAP with only STARTTLS is left out; the implicit-TLS POP3 listener is the account."""
+        """An implicit-TLS POP3 listener comes before IMAP with only STARTTLS."""
         settings = self.settings({"imap": {"starttls": ["tcp:143"]}, "pop3": {"implicit_tls": ["haproxy:tcp:10995"]},
                                   "submission": {"implicit_tls": ["systemd:domain=INET:index=2"]},
                                   "limits": {"proxy_sources": ["192.0.2.1"]}})
@@ -467,12 +479,25 @@ class MobileconfigTests(SettingsTestCase):
                           account["IncomingMailServerPortNumber"], account["OutgoingMailServerPortNumber"]),
                          ("EmailTypePOP", HOSTNAME, 995, 465))
 
-    def test_starttls_only_left_out(self) -> None:
-        """A profile needs an implicit-TLS incoming and outgoing listener; STARTTLS ones do not count."""
-        for sections in ({"imap": {"starttls": ["tcp:143"]}, "submission": FULL["submission"]},
-                         {"imap": FULL["imap"], "submission": {"starttls": ["tcp:587"]}},
-                         {"imap": FULL["imap"]},
-                         {"submission": FULL["submission"]}):
+    def test_starttls_when_no_implicit_tls(self) -> None:
+        """
+        Where a kind of server has no implicit-TLS listener, its STARTTLS one is in the profile,
+        with UseSSL all the same (the common 993 and 587); IMAP before POP3 among them.
+        """
+        for sections, expected in (
+                ({"imap": FULL["imap"], "submission": {"starttls": ["tcp:587"]}}, ("EmailTypeIMAP", 10993, 587)),
+                ({"imap": {"starttls": ["tcp:143"]}, "pop3": {"starttls": ["tcp:110"]},
+                  "submission": {"starttls": ["tcp:587"]}}, ("EmailTypeIMAP", 143, 587)),
+                ({"pop3": {"starttls": ["tcp:110"]}, "submission": FULL["submission"]}, ("EmailTypePOP", 110, 10465))):
+            account = plistlib.loads(mobileconfig(self.settings(sections), "joe@example.org"))["PayloadContent"][0]
+            self.assertEqual((account["EmailAccountType"], account["IncomingMailServerPortNumber"],
+                              account["OutgoingMailServerPortNumber"]), expected, sections)
+            self.assertIs(account["IncomingMailServerUseSSL"], True)
+            self.assertIs(account["OutgoingMailServerUseSSL"], True)
+
+    def test_no_incoming_or_outgoing(self) -> None:
+        """A profile needs an incoming and an outgoing listener."""
+        for sections in ({"imap": FULL["imap"]}, {"submission": FULL["submission"]}):
             error = self.assertRaises(NothingToAdvertise, mobileconfig, self.settings(sections), "joe@example.org")
             self.assertIsInstance(error, ValueError)
 

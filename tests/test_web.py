@@ -440,11 +440,15 @@ class DocumentTests(SiteTestCase):
                       b"?emailaddress=%ff%40example.com", b"?other=dave%40example.com"):
             self.assert_own_page(self.get(b"/apple/mail.mobileconfig" + query), 400)
 
-    def test_mobileconfig_without_implicit_tls(self) -> None:
-        """Without implicit-TLS listeners there is no profile: a 404."""
-        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"], "backend": {"port": 10143}},
-                                                   "submission": {"starttls": ["tcp:587"], "backend": {"port": 10587}}}))
+    def test_mobileconfig_without_submission(self) -> None:
+        """Without a submission listener there is no profile: a 404."""
+        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"], "backend": {"port": 10143}}}))
         self.assert_own_page(self.get(b"/apple/mail.mobileconfig?emailaddress=dave%40example.com"), 404)
+
+    def test_thunderbird_without_submission(self) -> None:
+        """Without a submission listener there is no Thunderbird document either: a 404."""
+        self.state.update(self.settings(listeners={"imap": {"starttls": ["tcp:143"], "backend": {"port": 10143}}}))
+        self.assert_own_page(self.get(b"/mail/config-v1.1.xml?emailaddress=dave%40example.com"), 404)
 
     def test_mobileconfig_only_over_https(self) -> None:
         """The plain HTTP site redirects the profile path instead of serving a profile in clear."""

@@ -558,8 +558,9 @@ class RealProcessTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         leaf_ca = TestCA(os.path.join(directory, "ca"))
         leaf = leaf_ca.issue("localhost", "127.0.0.1")
-        gateway = GatewayProcess(os.path.join(directory, "gateway"), imap_backend_port=9, users={"a": "b"},
-                                 certificate=leaf.chain_path, private_key=leaf.key_path,
+        # Submission too: Thunderbird's document needs an outgoing server. Nothing listens on port 9.
+        gateway = GatewayProcess(os.path.join(directory, "gateway"), imap_backend_port=9, submission_backend_port=9,
+                                 users={"a": "b"}, certificate=leaf.chain_path, private_key=leaf.key_path,
                                  settings='[web]\nhttps = ["tcp:0:interface=127.0.0.1"]\n'
                                           'http = ["tcp:0:interface=127.0.0.1"]\npublic_host = "localhost"\n')
         gateway.start()
