@@ -73,9 +73,12 @@ def ehlo_keywords(reply: Reply) -> dict[bytes, bytes]:
 
 
 def split_command(line: bytes) -> tuple[bytes, bytes]:
-    """A command line as (upper-case verb, argument)."""
+    """
+    A command line as (upper-case verb, argument), the argument without trailing spaces: RFC 5321
+    has none, but clients send them, and Postfix takes them (C{RSET  } is a RSET).
+    """
     verb, _, argument = line.partition(b" ")
-    return verb.upper(), argument
+    return verb.upper(), argument.rstrip(b" ")
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,11 @@ class SplitCommandTests(SynchronousTestCase):
         """Only the first space separates the verb; the rest is the argument."""
         self.assertEqual(split_command(b"EHLO  client example"), (b"EHLO", b" client example"))
 
+    def test_trailing_spaces_dropped(self) -> None:
+        """Spaces at the end of the line are not part of the argument."""
+        self.assertEqual(split_command(b"RSET  "), (b"RSET", b""))
+        self.assertEqual(split_command(b"VRFY bob  "), (b"VRFY", b"bob"))
+
 
 class ParsePathTests(SynchronousTestCase):
     """MAIL FROM and RCPT TO arguments."""

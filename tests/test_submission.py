@@ -347,7 +347,7 @@ class TransactionTests(SubmissionTestBase):
         self.read()
         self.assertEqual(self.say(b"RSET now\r\n"), b"501 5.5.4 Syntax: RSET\r\n")  # RFC 5321: no argument
         self.assertEqual(self.mta_got(), b"")
-        self.assertTrue(self.say(b"RSET\r\n").endswith(b"250 2.0.0 OK\r\n"))
+        self.assertTrue(self.say(b"RSET  \r\n").endswith(b"250 2.0.0 OK\r\n"))  # trailing spaces: as Postfix
         self.assertEqual(self.mta_got(), b"RSET\r\n")
 
     def test_mta_lost_mid_transaction(self) -> None:
