@@ -60,14 +60,17 @@ _STANDARD_PORTS: dict[tuple[Protocol, Security], int] = {
     ("smtp", "STARTTLS"): 587,
 }
 
-# RFC 6186 / RFC 8314 service labels, in the order the records are printed.
-_SRV_SERVICES: tuple[tuple[str, Protocol, Security], ...] = (
-    ("_imaps._tcp", "imap", "SSL"),
-    ("_imap._tcp", "imap", "STARTTLS"),
-    ("_pop3s._tcp", "pop3", "SSL"),
-    ("_pop3._tcp", "pop3", "STARTTLS"),
-    ("_submissions._tcp", "smtp", "SSL"),
-    ("_submission._tcp", "smtp", "STARTTLS"),
+# RFC 6186 / RFC 8314 service labels, in the order the records are printed, with their SRV
+# priorities: a client that finds several reading (or sending) services takes the lowest (RFC 6186
+# 3.4), so they say what the documents' order says, IMAP before POP3 and implicit TLS before
+# STARTTLS (RFC 8314 5.1); with all equal, a client may as well pick POP3.
+_SRV_SERVICES: tuple[tuple[str, Protocol, Security, int], ...] = (
+    ("_imaps._tcp", "imap", "SSL", 0),
+    ("_imap._tcp", "imap", "STARTTLS", 10),
+    ("_pop3s._tcp", "pop3", "SSL", 20),
+    ("_pop3._tcp", "pop3", "STARTTLS", 30),
+    ("_submissions._tcp", "smtp", "SSL", 0),
+    ("_submission._tcp", "smtp", "STARTTLS", 10),
 )
 
 # RFC 5322 dot-atom, less "%", "$", "{" and "}": real mailboxes do without them, while the
@@ -435,7 +438,8 @@ def dns_records(settings: Settings, domain: str) -> list[str]:
     Return the DNS records to publish for a mail domain, as zone-file lines.
 
     - RFC 6186 / RFC 8314 SRV records for the six services (C{_imaps}, C{_imap}, C{_pop3s},
-      C{_pop3}, C{_submissions}, C{_submission}, all C{._tcp}): priority 0, weight 1, the
+      C{_pop3}, C{_submissions}, C{_submission}, all C{._tcp}): the service's priority
+      (L{_SRV_SERVICES}: 0, 10, 20, 30 for reading, 0 and 10 for sending), weight 1, the
       advertised port and the public host, one per distinct port; a service with no listener
       gets C{0 0 0 .}, RFC 6186's "not available here", so clients do not try it.
     - With C{[web]}: C{autoconfig.DOMAIN} and C{autodiscover.DOMAIN} as CNAMEs of the public
@@ -453,12 +457,12 @@ def dns_records(settings: Settings, domain: str) -> list[str]:
     host = public_host(settings)
     entries = advertised(settings)
     lines: list[str] = []
-    for service, protocol, security in _SRV_SERVICES:
+    for service, protocol, security, priority in _SRV_SERVICES:
         ports = [entry.port for entry in entries if entry.protocol == protocol and entry.tls == security]
         owner = f"{service}.{zone}."
         if not ports:
             lines.append(f"{owner} IN SRV 0 0 0 .")
-        lines.extend(f"{owner} IN SRV 0 1 {port} {host}." for port in ports)
+        lines.extend(f"{owner} IN SRV {priority} 1 {port} {host}." for port in ports)
     if settings.web is not None:
         for alias in ("autoconfig", "autodiscover"):
             if f"{alias}.{zone}" != host:  # a name cannot be a CNAME of itself

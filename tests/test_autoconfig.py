@@ -525,11 +525,11 @@ class DNSRecordsTests(SettingsTestCase):
         """Every service has its SRV record; autoconfig, autodiscover and _autodiscover point at the public host."""
         self.assertEqual(dns_records(self.settings(FULL), "example.org"), [
             "_imaps._tcp.example.org. IN SRV 0 1 10993 gw.example.net.",
-            "_imap._tcp.example.org. IN SRV 0 1 10143 gw.example.net.",
-            "_pop3s._tcp.example.org. IN SRV 0 1 10995 gw.example.net.",
-            "_pop3._tcp.example.org. IN SRV 0 1 10110 gw.example.net.",
+            "_imap._tcp.example.org. IN SRV 10 1 10143 gw.example.net.",
+            "_pop3s._tcp.example.org. IN SRV 20 1 10995 gw.example.net.",
+            "_pop3._tcp.example.org. IN SRV 30 1 10110 gw.example.net.",
             "_submissions._tcp.example.org. IN SRV 0 1 10465 gw.example.net.",
-            "_submission._tcp.example.org. IN SRV 0 1 10587 gw.example.net.",
+            "_submission._tcp.example.org. IN SRV 10 1 10587 gw.example.net.",
             "autoconfig.example.org. IN CNAME gw.example.net.",
             "autodiscover.example.org. IN CNAME gw.example.net.",
             "_autodiscover._tcp.example.org. IN SRV 0 1 443 gw.example.net.",
@@ -557,7 +557,7 @@ class DNSRecordsTests(SettingsTestCase):
         records = dns_records(settings, "example.org")
         self.assertNotIn("autoconfig.example.org. IN CNAME autoconfig.example.org.", records)
         self.assertIn("autodiscover.example.org. IN CNAME autoconfig.example.org.", records)
-        self.assertIn("_imap._tcp.example.org. IN SRV 0 1 143 autoconfig.example.org.", records)
+        self.assertIn("_imap._tcp.example.org. IN SRV 10 1 143 autoconfig.example.org.", records)
 
     def test_bad_domain(self) -> None:
         """A domain that is not a host name is refused."""

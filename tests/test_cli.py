@@ -65,7 +65,7 @@ class DNSRecordsCommandTests(CLITestCase):
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(out.splitlines(), [
             "_imaps._tcp.example.org. IN SRV 0 1 993 gw.example.net.",
-            "_imap._tcp.example.org. IN SRV 0 1 143 gw.example.net.",
+            "_imap._tcp.example.org. IN SRV 10 1 143 gw.example.net.",
             "_pop3s._tcp.example.org. IN SRV 0 0 0 .",
             "_pop3._tcp.example.org. IN SRV 0 0 0 .",
             "_submissions._tcp.example.org. IN SRV 0 1 465 gw.example.net.",
@@ -84,7 +84,7 @@ class DNSRecordsCommandTests(CLITestCase):
             "_imaps._tcp.example.com. IN SRV 0 0 0 .",
             "_imap._tcp.example.com. IN SRV 0 0 0 .",
             "_pop3s._tcp.example.com. IN SRV 0 0 0 .",
-            "_pop3._tcp.example.com. IN SRV 0 1 1110 mail.example.org.",
+            "_pop3._tcp.example.com. IN SRV 30 1 1110 mail.example.org.",
             "_submissions._tcp.example.com. IN SRV 0 0 0 .",
             "_submission._tcp.example.com. IN SRV 0 0 0 .",
         ])
@@ -153,7 +153,7 @@ class ModuleTests(CLITestCase):
         path = self.config('[submission]\nstarttls = ["tcp:587"]\n[submission.backend]\nport = 10587\n')
         result = self.run_module("dns-records", "example.org", "--config", path)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("_submission._tcp.example.org. IN SRV 0 1 587 mail.example.org.", result.stdout.splitlines())
+        self.assertIn("_submission._tcp.example.org. IN SRV 10 1 587 mail.example.org.", result.stdout.splitlines())
         result = self.run_module("dns-records", "example.org", "--config", str(self.directory / "missing.toml"))
         self.assertEqual((result.returncode, result.stdout), (1, ""))
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
