@@ -58,7 +58,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IProtocolFactory, IPushProducer, IReactorTime
@@ -940,6 +940,9 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
     """
     Copy the webmail's response headers, less hop-by-hop ones and those the gateway sets itself.
 
+    The headers a response's C{Connection} names are hop-by-hop too (RFC 9110 7.6.1), but they
+    pass: Twisted's client keeps C{Connection} to itself, out of C{source} (nginx passes them too).
+
     A C{Location} or C{Content-Location} (or the URL of a C{Refresh}) under the webmail's own address, or under
     C{http://public_host} (a webmail that builds links from Host without heeding
     C{X-Forwarded-Proto}), is made C{https://public_host}, as nginx's C{proxy_redirect default}
@@ -947,7 +950,7 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
     cookie is made C{Secure}: the webmail is only ever served over HTTPS, and a cookie without
     the flag would go in clear with any request the browser makes to C{http://public_host}.
     """
-    dropped = _HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS | _connection_tokens(source)
+    dropped = _HOP_BY_HOP | _GATEWAY_RESPONSE_HEADERS
     public = b"https://" + public_host.encode("ascii")
     internal = (upstream.rstrip("/").encode("ascii"), b"http://" + public_host.encode("ascii"),
                 b"http://" + public_host.encode("ascii") + b":80")
@@ -1203,17 +1206,6 @@ def http_site(state: WebState, reactor: IReactorTime) -> Site:
     return _WebSite(_WebRoot(state, False, None), state, reactor, https=False)
 
 
-class _UpstreamConnections(Service):
-    """Closes the idle connections to the webmail when the gateway stops."""
-
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self._pool = pool
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return self._pool.closeCachedConnections()
-
-
 def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServerConnectionCreator, state: WebState,
                       limits: ConnectionLimits) -> MultiService:
     """
@@ -1226,14 +1218,15 @@ def build_web_service(web: WebSettings, reactor: Any, server_tls: IOpenSSLServer
     :param state: what the sites serve; the caller updates it on reload.
     :param limits: the gateway's connection counts, which every web connection joins while it lasts.
     :returns: a service whose children are one L{Listener} per endpoint (labelled
-        C{protocol=https tls=implicit_tls endpoint=...} and C{protocol=http tls=none endpoint=...}),
-        and one that closes the idle upstream connections when stopped.
+        C{protocol=https tls=implicit_tls endpoint=...} and C{protocol=http tls=none endpoint=...}).
     :raises ConfigError: if an endpoint description is not usable, or behind C{haproxy:}.
     """
     top = MultiService()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    _UpstreamConnections(pool).setServiceParent(top)
-    agent = Agent(reactor, connectTimeout=UPSTREAM_CONNECT_TIMEOUT, pool=pool)
+    # A connection to the webmail per request (Connection: close), as nginx's default: Twisted's
+    # client drops what a response leaves unread, so on a reused connection a webmail's stray bytes
+    # (a body after a 204 or for a HEAD, more than its Content-Length) would be read as the answer
+    # to the next request on it, another user's. The webmail is near: a connection costs little.
+    agent = Agent(reactor, connectTimeout=UPSTREAM_CONNECT_TIMEOUT, pool=HTTPConnectionPool(reactor, persistent=False))
     cooperator = Cooperator(scheduler=lambda step: reactor.callLater(0, step))
     secure_factory = TLSMemoryBIOFactory(server_tls, False, https_site(state, reactor, agent, cooperator))
     secure_factory.noisy = False

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ElementTree
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -48,6 +48,7 @@ HSTS_MAX_AGE = 600
 FLOOD = 50 * 1024 * 1024
 FLOOD_CHUNK = os.urandom(64 * 1024)
 FLOOD_SHA256 = hashlib.sha256(FLOOD_CHUNK * (FLOOD // len(FLOOD_CHUNK))).hexdigest()
+STRAY_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 14\r\n\r\nalice's secret"
 
 LISTENERS: dict[str, Any] = {  # the stores on ports of their own: the gateway takes the standard ones
     "imap": {"implicit_tls": ["tcp:993"], "starttls": ["tcp:143"], "backend": {"port": 10143}},
@@ -94,7 +95,8 @@ class Upstream(Resource):
     """
     A plaintext webmail stand-in: C{/headers} records the request headers, C{/upload} answers the
     SHA-256 of the body, C{/big} streams L{FLOOD} bytes, C{/stall} sends 10 bytes of 100 and
-    then nothing.
+    then nothing, C{/stray} answers 204 and writes a whole response of its own 0.5 s later, as a
+    faulty webmail might, and C{/slow} answers after 1 s. Every request's connection is recorded.
     """
 
     isLeaf = True
@@ -104,10 +106,23 @@ class Upstream(Resource):
         self.seen: list[dict[bytes, list[bytes]]] = []
         self.floods: list[Flood] = []
         self.stalls: list[Deferred[None]] = []  # each fires, or fails when the connection is lost
+        self.connections: list[object] = []
+        self.late: list[Deferred[None]] = []  # each fires once a late write (/stray, /slow) is done or skipped
 
     def render(self, request: Request) -> bytes | int:
         self.seen.append({name.lower(): list(values) for name, values in request.requestHeaders.getAllRawHeaders()})
+        self.connections.append(request.channel)
         request.setHeader(b"Strict-Transport-Security", b"max-age=1")
+        if request.path == b"/stray":
+            transport = request.channel.transport
+            self.late.append(deferLater(reactor, 0.5, lambda: transport.connected and transport.write(STRAY_RESPONSE)))
+            request.setResponseCode(204)
+            return b""
+        if request.path == b"/slow":
+            request.setHeader(b"Content-Type", b"text/html")
+            self.late.append(deferLater(reactor, 1.0, lambda: request.channel and (
+                request.write(b"<html>slow</html>"), request.finish())))
+            return NOT_DONE_YET
         if request.path == b"/upload":
             request.setHeader(b"Content-Type", b"text/plain")
             return hashlib.sha256(request.content.read()).hexdigest().encode()
@@ -446,6 +461,22 @@ class WebGatewayTests(TestCase):
         client = yield connectProtocol(endpoint, _StalledReader())
         yield client.stalled
         return client
+
+    @inlineCallbacks
+    def test_no_upstream_connection_reused(self) -> Any:
+        """
+        Every proxied request has a webmail connection of its own, closed after its answer: bytes a
+        faulty webmail writes after a response (here a whole response, 0.5 s after a 204) never
+        reach the client of the next request, as they would on a reused connection.
+        """
+        first = yield self.curl("/stray")
+        self.assertEqual(first.status, 204)
+        second = yield self.curl("/slow")
+        self.assertEqual((second.exit_code, second.status, second.body), (0, 200, b"<html>slow</html>"))
+        yield gatherResults(self.upstream.late)
+        self.assertEqual(len(self.upstream.connections), 2)
+        self.assertIsNot(self.upstream.connections[0], self.upstream.connections[1])
+        self.assertEqual([seen.get(b"connection") for seen in self.upstream.seen], [[b"close"], [b"close"]])
 
     @inlineCallbacks
     def test_stalled_upstream_cut_off(self) -> Any:
