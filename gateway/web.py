@@ -942,6 +942,9 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
 
     The headers a response's C{Connection} names are hop-by-hop too (RFC 9110 7.6.1), but they
     pass: Twisted's client keeps C{Connection} to itself, out of C{source} (nginx passes them too).
+    A control character in a value (NUL, ESC, DEL; Twisted's C{Headers} has made CR and LF
+    spaces) becomes a space, as RFC 9110 5.5 allows: a webmail that puts an attachment's name in
+    C{Content-Disposition} must not carry a terminal escape or a NUL to the browser.
 
     A C{Location} or C{Content-Location} (or the URL of a C{Refresh}) under the webmail's own address, or under
     C{http://public_host} (a webmail that builds links from Host without heeding
@@ -964,7 +967,7 @@ def _copy_response_headers(source: Headers, target: Headers, upstream: str, publ
             values = [_public_refresh(value, internal, public) for value in values]
         elif lower == b"set-cookie":
             values = [_secure_cookie(value) for value in values]
-        target.setRawHeaders(name, list(values))
+        target.setRawHeaders(name, [_CONTROL.sub(b" ", value) for value in values])
 
 
 def _public_url(url: bytes, internal: tuple[bytes, ...], public: bytes) -> bytes:
@@ -1073,7 +1076,9 @@ class _Exchange:
     def _respond(self, response: IResponse) -> None:
         self._pending = None
         request = self._request
-        request.setResponseCode(response.code, response.phrase)
+        # The standard reason phrase, not the webmail's: it means nothing to a client (RFC 9112
+        # 4), and a control character or bare CR in it would reach the status line as sent.
+        request.setResponseCode(response.code)
         _copy_response_headers(response.headers, request.responseHeaders, self.upstream, self._public_host)
         # The agent keeps Content-Length to itself (but for HEAD) and gives the length instead.
         if isinstance(response.length, int) and response.code not in NO_BODY_CODES and request.method != b"HEAD":

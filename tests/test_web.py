@@ -750,6 +750,24 @@ class ProxyTests(SiteTestCase):
             self.assertIsNone(reply.header(name), name)
         self.assertEqual(reply.headers.getRawHeaders(b"connection"), None)
 
+    def test_control_characters_made_spaces(self) -> None:
+        """
+        Control characters in the webmail's header values become spaces (RFC 9110 5.5), and its
+        reason phrase is not relayed: the standard one takes its place.
+        """
+        connection, sent = self.forward()
+        response = FakeResponse(200, {"Content-Type": ["text/plain"],
+                                      "Content-Disposition": ['attachment; filename="a\x1b[31mb\x00c\x7f.txt"']}, 2)
+        response.phrase = b"OK\x00\x1b[31m\rX-Injected: 1"
+        sent.answer.callback(response)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"ok")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        written = connection.transport.value()
+        self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written[:60])
+        self.assertIn(b'\r\nContent-Disposition: attachment; filename="a [31mb c .txt"\r\n', written)
+        self.assertEqual(connection.reply().body, b"ok")
+
     def test_closed_connection_aborted_without_progress(self) -> None:
         """
         A connection twisted.web closes after its response (Connection: close) is aborted once the
