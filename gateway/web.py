@@ -434,6 +434,15 @@ class RequestDeadlineChannel(HTTPChannel):
             self._deadline = self.callLater(REQUEST_DEADLINE, self._deadline_reached)
         super().dataReceived(data)
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Refuse a request twisted.web cannot take (headers over its size or count limits, a line
+        without a colon, a framing it rejects, a broken chunk) as the gateway refuses one: a 400
+        with the refusal's headers and body (twisted.web's hook, whose own answer is a bare status
+        line: no length, no security headers, no page).
+        """
+        self.refuse(400)
+
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         """
         Write a response's headers without a Server header: none for scanners, whether twisted.web

@@ -953,10 +953,29 @@ class ProxyTests(SiteTestCase):
         connection.send(b"POST", b"/upload", {b"Transfer-Encoding": b"identity"},
                         body=b"GET /second HTTP/1.1\r\nHost: mail.example.org\r\n\r\n")
         self.assert_own_page(connection.reply(), 400)
-        for coding in (b"chunked, identity", b"gzip, chunked"):  # twisted.web's own bare 400
+        for coding in (b"chunked, identity", b"gzip, chunked"):  # refused by twisted.web itself
             connection = self.connect(self.https)
             connection.send(b"POST", b"/upload", {b"Transfer-Encoding": coding}, body=b"x")
-            self.assertEqual(connection.reply().code, 400)
+            self.assert_own_page(connection.reply(), 400)
+        self.assertEqual(self.agent.sent, [])
+
+    def test_refused_by_twisted_web_itself(self) -> None:
+        """
+        What twisted.web refuses before the gateway sees it gets the gateway's own 400 page, with
+        its length and security headers, and the connection closes: headers over 16 KiB in all, a
+        header name with spaces, a broken chunk.
+        """
+        for target, headers, body in (
+                (b"/roundcube/", {b"X-%d" % n: b"x" * 6000 for n in range(3)}, b""),
+                (b"/roundcube/", {b"Broken header line": b""}, b""),
+                (b"/upload", {b"Transfer-Encoding": b"chunked"}, b"zz\r\nx\r\n0\r\n\r\n")):
+            connection = self.connect(self.https)
+            connection.send(b"POST", target, headers, body)
+            reply = connection.reply()
+            self.assert_own_page(reply, 400)
+            self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
+            self.assertEqual(reply.header("connection"), b"close")
+            self.assertTrue(connection.transport.disconnecting)
         self.assertEqual(self.agent.sent, [])
 
     def test_oversized_upload(self) -> None:
