@@ -62,8 +62,8 @@ _STANDARD_PORTS: dict[tuple[Protocol, Security], int] = {
 
 # RFC 6186 / RFC 8314 service labels, in the order the records are printed, with their SRV
 # priorities: a client that finds several reading (or sending) services takes the lowest (RFC 6186
-# 3.4), so they say what the documents' order says, IMAP before POP3 and implicit TLS before
-# STARTTLS (RFC 8314 5.1); with all equal, a client may as well pick POP3.
+# 3.4), so they give the order of Thunderbird's and Outlook's documents, IMAP before POP3 and
+# implicit TLS before STARTTLS; with all equal, a client may as well pick POP3.
 _SRV_SERVICES: tuple[tuple[str, Protocol, Security, int], ...] = (
     ("_imaps._tcp", "imap", "SSL", 0),
     ("_imap._tcp", "imap", "STARTTLS", 10),

@@ -150,8 +150,15 @@ class SmtpBackend(BackendLogin):
 
     @inlineCallbacks
     def _ehlo(self, name: bytes | None = None) -> Generator[Deferred[Any], Any, None]:
-        """EHLO as C{name}, by default the gateway's own name."""
+        """
+        EHLO as C{name}, by default the gateway's own name. An MTA that judges the name at once
+        (Postfix's smtpd_delay_reject = no with HELO restrictions) may refuse the client's: the
+        gateway's own name then, as without it, rather than no session for that client.
+        """
         reply = yield self.command(b"EHLO " + (name or self._ehlo_name))
+        # 504, 501, or 450 for a name not in the DNS; 421 is the MTA closing.
+        if reply.code not in (250, 421) and name is not None:
+            reply = yield self.command(b"EHLO " + self._ehlo_name)
         if reply.code != 250:
             raise BackendUnavailable(f"the MTA refused EHLO: {_said(reply)}")
         self.keywords = ehlo_keywords(reply)

@@ -314,14 +314,37 @@ class XclientLoginTests(SmtpBackendTestBase):
         A client's EHLO name that is not one printable ASCII token of at most 255 bytes is not
         sent: the EHLO after XCLIENT is the gateway's own then.
         """
-        for helo in (None, b"", b"host\rMAIL FROM:<x@example.org>", b"h\x00st", b"h\tst", b"h\xc3\xb6st.example",
-                     b"a" * 256):
+        for helo in (None, b"", b"host\rMAIL FROM:<x@example.org>", b"h\x00st", b"h\tst", b"h\x7fst",
+                     b"h\xc3\xb6st.example", b"a" * 256):
             self.start(client_helo=helo)
             self.reach_auth(self.OFFER)
             self.assertEqual(self.say(GREETING), b"EHLO localhost\r\n", helo)
-        self.start(client_helo=b"[IPv6:2001:db8::7]")
+        for helo in (b"[IPv6:2001:db8::7]", b"a" * 255, b"!~"):
+            self.start(client_helo=helo)
+            self.reach_auth(self.OFFER)
+            self.assertEqual(self.say(GREETING), b"EHLO " + helo + b"\r\n")
+
+    def test_client_ehlo_refused(self) -> None:
+        """
+        An MTA that refuses the client's EHLO name at once (smtpd_delay_reject = no with HELO
+        restrictions) gets the gateway's own name next, and the login goes on; a refusal of that
+        one too makes the MTA unavailable.
+        """
+        for refusal in (b"504 5.5.2 <DESKTOP-ABC>: Helo command rejected: need fully-qualified hostname\r\n",
+                        b"450 4.7.1 <DESKTOP-ABC>: Helo command rejected: Host not found\r\n"):
+            self.start(client_helo=b"DESKTOP-ABC")
+            self.reach_auth(self.OFFER)
+            self.assertEqual(self.say(GREETING), b"EHLO DESKTOP-ABC\r\n")
+            self.assertEqual(self.say(refusal), b"EHLO localhost\r\n")
+            self.assertEqual(self.say(ehlo_reply(b"PIPELINING")), b"")
+            self.assertEqual(self.logged_in().capabilities, (b"PIPELINING",))
+        self.start(client_helo=b"DESKTOP-ABC")
         self.reach_auth(self.OFFER)
-        self.assertEqual(self.say(GREETING), b"EHLO [IPv6:2001:db8::7]\r\n")
+        self.say(GREETING)
+        self.say(b"504 5.5.2 <DESKTOP-ABC>: Helo command rejected\r\n")
+        self.say(b"554 5.7.1 <localhost>: Helo command rejected\r\n")
+        self.assertEqual(str(self.failed_with(BackendUnavailable)),
+                         "the MTA refused EHLO: 554 5.7.1 <localhost>: Helo command rejected")
 
     def test_refused(self) -> None:
         """XCLIENT answered 501 or 550 makes the MTA unavailable."""

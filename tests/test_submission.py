@@ -981,12 +981,26 @@ class HeloTests(SubmissionTestBase):
         self.say(b"HELO client\r\n")
         self.assertEqual(self.say(AUTH_BOB), b"503 5.5.1 Send EHLO first\r\n")
 
-    def test_login_carries_the_ehlo_name(self) -> None:
-        """The backend login is given the name of the client's last EHLO, without the spaces around it."""
+    def assert_login_carries_the_ehlo_name(self) -> None:
         self.say(b"EHLO first.example.net\r\n")
         self.say(b"EHLO  client.example.net \r\n")
         self.assertEqual(self.say(AUTH_BOB), b"235 2.7.0 Authentication successful\r\n")
         self.assertEqual([request.client_helo for request in self.backend.requests], [b"client.example.net"])
+
+    def test_login_carries_the_ehlo_name(self) -> None:
+        """The backend login is given the name of the client's last EHLO, without the spaces around it."""
+        self.assert_login_carries_the_ehlo_name()
+
+    def test_xclient_login_carries_the_ehlo_name(self) -> None:
+        """So is an XCLIENT login."""
+        self.backend.settings = replace(BACKEND_SETTINGS, login="xclient")
+        self.assert_login_carries_the_ehlo_name()
+
+    def test_master_login_carries_the_ehlo_name(self) -> None:
+        """And a login as the relay account (with forward_client_ip, XCLIENT names the client before it)."""
+        self.backend.settings = replace(BACKEND_SETTINGS, login="master", master_user="relay",
+                                        master_password=b"relaypw", forward_client_ip=True)
+        self.assert_login_carries_the_ehlo_name()
 
 
 class DsnTests(SubmissionTestBase):

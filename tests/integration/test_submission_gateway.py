@@ -763,10 +763,33 @@ class ReplayLoginTests(SubmissionFixture):
         client.login(USER, PASSWORD)
         self.assertEqual(client.sendmail(USER, ["replay@example.org"], message), {})
         client.quit()
-        self.assert_arrives_intact("replay", message)
+        delivered = self.assert_arrives_intact("replay", message)
+        self.assertIn(b"\nReceived: from client.example.net (unknown [127.0.0.8])\n", delivered)
         wait_for_file(self.postfix.log_path,
                       r"client=unknown\[127\.0\.0\.8\], sasl_method=PLAIN, sasl_username=alice@example\.org")
         self.assertNotIn(PASSWORD, self.gateway.log())
+
+
+class StrictHeloTests(SubmissionFixture):
+    """A Postfix that judges HELO names at EHLO (smtpd_delay_reject = no) and refuses invalid ones."""
+
+    postfix_main_cf = "smtpd_delay_reject = no\nsmtpd_helo_restrictions = reject_invalid_helo_hostname\n"
+
+    def test_refused_client_name_replaced(self) -> None:
+        """
+        A client whose EHLO name Postfix refuses still sends: the gateway's EHLO after XCLIENT
+        falls back to its own name, and the Received header shows that one.
+        """
+        message = text_message("strict@example.org", "strict HELO")
+        client = smtplib.SMTP_SSL("127.0.0.1", self.gateway.port("submission", "implicit_tls"),
+                                  context=self.tls(), timeout=REPLY_TIMEOUT, source_address=("127.0.0.9", 0))
+        client.ehlo("[1.2.3.4")
+        client.login(USER, PASSWORD)
+        self.assertEqual(client.sendmail(USER, ["strict@example.org"], message), {})
+        client.quit()
+        delivered = self.assert_arrives_intact("strict", message)
+        self.assertIn(b"\nReceived: from localhost (unknown [127.0.0.9])\n", delivered)
+        wait_for_file(self.postfix.log_path, r"reject: EHLO from unknown\[127\.0\.0\.9\]: 501 5\.5\.2 <\[1\.2\.3\.4>: Helo command rejected")
 
 
 class UnixSocketClientTests(TestCase):
