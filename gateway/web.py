@@ -34,9 +34,9 @@ nothing, or the client reads nothing) is cut off: both connections close.
 
 A request is refused with a 400 before its body is read when it is malformed in a way the
 webmail might read differently from the gateway (RFC 9112 section 3.2): an HTTP/1.1 request
-without a Host header, any request with several or with one that is not C{host[:port]}, or a
-header value with a control character. TRACE and CONNECT are answered with a 405, never passed
-on. The webmail is told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) and the public
+without a Host header, any request with several or with one that is not C{host[:port]}, a
+header value with a control character, or a path with a dot segment (which a webmail serving
+files might follow). TRACE and CONNECT are answered with a 405, never passed on. The webmail is told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) and the public
 host (C{Host}, C{X-Forwarded-Host}) by the gateway alone: the client's own claims, and every
 header whose name has an underscore (which CGI-style servers read as the dashed one), are
 dropped.
@@ -198,6 +198,9 @@ _GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
 # RFC 9110 section 5.5: control characters in a field value; HTAB is whitespace.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A path segment "." or "..", raw or percent-encoded: browsers resolve them before they send a
+# request (RFC 3986 5.2.4), so only a probe sends one, and a webmail that serves files might follow it.
+_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 # RFC 3986 section 3.1's scheme, and the "//" before an authority.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
 # A Refresh header's URL (HTML's "delay; url=URL", where "url=" and the ";" may be left out and
@@ -303,7 +306,7 @@ class _WebRequest(Request):
     def gotLength(self, length: int | None) -> None:
         """Choose the body's limit from the path, and where the body is kept (twisted.web hook)."""
         site: _WebSite = self.channel.site
-        self._body_limit = site.body_limit(self._path())
+        self._body_limit = site.body_limit(self.target_path())
         self.body_too_large = length is not None and length > self._body_limit
         in_memory = self._body_limit <= _IN_MEMORY_BODY or (length is not None and length <= _IN_MEMORY_BODY)
         if self.body_too_large or in_memory:
@@ -315,7 +318,7 @@ class _WebRequest(Request):
             self.requestHeaders.removeHeader(b"expect")
             self._refuse_body()
 
-    def _path(self) -> bytes:
+    def target_path(self) -> bytes:
         """The path of the target, before twisted.web has parsed the request (for the body's limit)."""
         return _origin_form(self.target).split(b"?", 1)[0]
 
@@ -352,7 +355,7 @@ class _WebRequest(Request):
         # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
         channel: _WebChannel = self.channel
         if code is None:
-            code = 400 if _route(self._path(), channel.site.https) is not None else 413
+            code = 400 if _route(self.target_path(), channel.site.https) is not None else 413
         channel.refuse(code)
 
     def process(self) -> None:
@@ -561,8 +564,12 @@ class _WebChannel(RequestDeadlineChannel):
         return [*site.security_headers(), *_PAGE_HEADERS], _PAGES[code]
 
     def allHeadersReceived(self) -> None:
-        """Refuse a malformed request with a 400 before its body, or go on as twisted.web does (twisted.web hook)."""
-        if not _well_formed(self.requests[-1].requestHeaders, self._version):
+        """
+        Refuse a malformed request, or one whose path has a dot segment, with a 400 before its
+        body, or go on as twisted.web does (twisted.web hook).
+        """
+        request = self.requests[-1]
+        if not _well_formed(request.requestHeaders, self._version) or _DOT_SEGMENT.search(request.target_path()):
             self.refuse(400)
             return
         super().allHeadersReceived()
