@@ -36,7 +36,8 @@ A request is refused with a 400 before its body is read when it is malformed in 
 webmail might read differently from the gateway (RFC 9112 section 3.2): an HTTP/1.1 request
 without a Host header, any request with several or with one that is not C{host[:port]}, a
 header value with a control character, or a path with a dot segment (which a webmail serving
-files might follow). TRACE and CONNECT are answered with a 405, never passed on. The webmail is told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) and the public
+files might follow). TRACE and CONNECT are answered with a 405, never passed on. The webmail is
+told the client's address (C{X-Forwarded-For}, C{X-Real-IP}) and the public
 host (C{Host}, C{X-Forwarded-Host}) by the gateway alone: the client's own claims, and every
 header whose name has an underscore (which CGI-style servers read as the dashed one), are
 dropped.
@@ -198,9 +199,8 @@ _GATEWAY_RESPONSE_HEADERS = frozenset({b"strict-transport-security", b"x-content
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?")
 # RFC 9110 section 5.5: control characters in a field value; HTAB is whitespace.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# A path segment "." or "..", raw or percent-encoded: browsers resolve them before they send a
-# request (RFC 3986 5.2.4), so only a probe sends one, and a webmail that serves files might follow it.
-_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# What separates a path's segments for some server behind the gateway: a slash, or a backslash on Windows.
+_SEGMENT_SEPARATOR = re.compile(rb"[/\\]")
 # RFC 3986 section 3.1's scheme, and the "//" before an authority.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
 # A Refresh header's URL (HTML's "delay; url=URL", where "url=" and the ";" may be left out and
@@ -569,7 +569,7 @@ class _WebChannel(RequestDeadlineChannel):
         body, or go on as twisted.web does (twisted.web hook).
         """
         request = self.requests[-1]
-        if not _well_formed(request.requestHeaders, self._version) or _DOT_SEGMENT.search(request.target_path()):
+        if not _well_formed(request.requestHeaders, self._version) or _climbs(request.target_path()):
             self.refuse(400)
             return
         super().allHeadersReceived()
@@ -613,6 +613,19 @@ def _origin_form(target: bytes) -> bytes:
         return target
     rest = target[origin.end():].partition(b"#")[0]
     return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def _climbs(path: bytes) -> bool:
+    """
+    Whether a request path has a "." or ".." segment, or a NUL, once percent-decoded: browsers
+    resolve dot segments before they send a request (RFC 3986 5.2.4), so only a probe sends one,
+    and a webmail that serves files might follow it. Decoded once, as a server would, and cut at a
+    "#" (which the agent drops before forwarding), at either kind of slash, and at a segment's ";"
+    parameters (C{/..;/}, which Java servers take as C{/../}).
+    """
+    decoded = unquote_to_bytes(path.partition(b"#")[0])
+    return b"\0" in decoded or any(segment.partition(b";")[0] in (b".", b"..")
+                                   for segment in _SEGMENT_SEPARATOR.split(decoded))
 
 
 def _well_formed(headers: Headers, version: bytes) -> bool:
