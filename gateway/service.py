@@ -54,7 +54,7 @@ from gateway.pop3 import Pop3FrontEnd
 from gateway.pop3_backend import Pop3BackendLogin
 from gateway.proxy_protocol import TrustedProxyFactory
 from gateway.senders import SenderPolicy, SendersFileError
-from gateway.smtp_backend import SmtpBackend
+from gateway.smtp_backend import RefusedEhloNames, SmtpBackend
 from gateway.submission import AUTH_LINE_LIMIT, SubmissionFrontEnd
 from gateway.shutdown import STOP_MARGIN, OpenConnections
 from gateway.systemd_notify import ReadyNotice, StopNotice, notify, notify_status
@@ -591,7 +591,7 @@ def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettin
         protocols.append((
             "submission", b"smtp", rules,
             lambda context: SubmissionFrontEnd(context, rules, senders),
-            partial(SmtpBackend, ehlo_name=settings.hostname),
+            partial(SmtpBackend, ehlo_name=settings.hostname, refused_names=RefusedEhloNames()),
         ))
     return protocols
 

@@ -13,12 +13,13 @@ order.
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Generator
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.addresses import parse_ip
@@ -28,8 +29,34 @@ from gateway.sasl import plain_message
 from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
 
 
+log = Logger()
+
 # What of a client's EHLO name is passed on: printable ASCII, one token, no longer than a domain.
 _EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
+
+
+class RefusedEhloNames:
+    """
+    The client EHLO names the MTA has refused, each then replaced by the gateway's own name: kept
+    (the newest L{LIMIT}) so that each is sent once. Every refusal is a line in the MTA's log
+    naming the client's address, which fail2ban's postfix filter counts against it.
+    """
+
+    LIMIT = 10_000
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: OrderedDict[bytes, None] = OrderedDict()
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._names
+
+    def add(self, name: bytes) -> None:
+        """Remember a refused name, forgetting the oldest past L{LIMIT}."""
+        self._names[name] = None
+        if len(self._names) > self.LIMIT:
+            self._names.popitem(last=False)
 
 
 class SmtpBackend(BackendLogin):
@@ -40,14 +67,21 @@ class SmtpBackend(BackendLogin):
     """
 
     # See BackendLogin.
-    __slots__ = ("_ehlo_name", "_reader", "_waiting", "keywords")
+    __slots__ = ("_ehlo_name", "_refused_names", "_reader", "_waiting", "keywords")
 
     MAX_LENGTH = 4096
 
     def __init__(self, request: LoginRequest | None, settings: BackendSettings,
-                 tls: IOpenSSLClientConnectionCreator | None, ehlo_name: str = "localhost") -> None:
+                 tls: IOpenSSLClientConnectionCreator | None, ehlo_name: str = "localhost",
+                 refused_names: RefusedEhloNames | None = None) -> None:
+        """
+        :param ehlo_name: the gateway's own name, for its EHLO.
+        :param refused_names: the client EHLO names the MTA has refused, shared by the connections
+            to one MTA; by default this connection's own.
+        """
         super().__init__(request, settings, tls)
         self._ehlo_name = ehlo_name.encode("ascii")
+        self._refused_names = RefusedEhloNames() if refused_names is None else refused_names
         self._reader = ReplyReader()
         self._waiting: deque[Deferred[Reply]] = deque()
         self.keywords: dict[bytes, bytes] = {}
@@ -158,6 +192,12 @@ class SmtpBackend(BackendLogin):
         reply = yield self.command(b"EHLO " + (name or self._ehlo_name))
         # 504, 501, or 450 for a name not in the DNS; 421 is the MTA closing.
         if reply.code not in (250, 421) and name is not None:
+            self._refused_names.add(name)
+            assert self.request is not None  # a client's name comes with its login
+            log.info("mta_refused_client_ehlo name={name} reply={reply} client={client} session={session}: "
+                     "the gateway's own name goes instead; clear smtpd_helo_restrictions on the MTA's submission "
+                     "service", name=name.decode("ascii"), reply=_said(reply), client=self.request.client.host,
+                     session=self.request.client.session)
             reply = yield self.command(b"EHLO " + self._ehlo_name)
         if reply.code != 250:
             raise BackendUnavailable(f"the MTA refused EHLO: {_said(reply)}")
@@ -203,9 +243,10 @@ class SmtpBackend(BackendLogin):
         if reply.code != 220:
             raise BackendUnavailable(f"the MTA refused XCLIENT: {_said(reply)}")
         # XCLIENT restarts the session with a new greeting: EHLO again, as the client did (a name
-        # that could not be sent as one token is left out: the gateway's then).
+        # that could not be sent as one token, or that the MTA has refused, is left out: the gateway's then).
         helo = self.request.client_helo
-        yield self._ehlo(helo if helo is not None and _EHLO_NAME.fullmatch(helo) else None)
+        sendable = helo is not None and _EHLO_NAME.fullmatch(helo) and helo not in self._refused_names
+        yield self._ehlo(helo if sendable else None)
 
     # -- the session
 

@@ -7,12 +7,14 @@ import dataclasses
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.backend import BackendRejected, BackendUnavailable, ClientAddress, LoginRequest
 from gateway.config import BackendSettings
-from gateway.smtp_backend import SmtpBackend
+from gateway.smtp_backend import RefusedEhloNames, SmtpBackend
 from gateway.smtp_syntax import Reply
 from gateway.testing.fakes import BACKEND_SETTINGS, TLSStringTransport
 
@@ -55,11 +57,12 @@ class SmtpBackendTestBase(SynchronousTestCase):
 
     def start(self, user: str = "alice", password: bytes = b"secret", master_user: str | None = None,
               settings: BackendSettings | None = None, probe: bool = False, client: ClientAddress = CLIENT,
-              ehlo_name: str = "localhost", client_helo: bytes | None = b"client.example.net") -> None:
+              ehlo_name: str = "localhost", client_helo: bytes | None = b"client.example.net",
+              refused_names: RefusedEhloNames | None = None) -> None:
         """Begin a fresh dialogue (a capability probe with C{probe}), replacing any earlier one."""
         request = None if probe else LoginRequest(user, password, client, master_user, client_helo)
         self.protocol = SmtpBackend(request, settings or self.settings, TLS_CREATOR,  # type: ignore[arg-type]
-                                    ehlo_name=ehlo_name)
+                                    ehlo_name=ehlo_name, refused_names=refused_names)
         self.transport = TLSStringTransport()
         self.written = b""
         self.protocol.makeConnection(self.transport)
@@ -330,6 +333,7 @@ class XclientLoginTests(SmtpBackendTestBase):
         restrictions) gets the gateway's own name next, and the login goes on; a refusal of that
         one too makes the MTA unavailable.
         """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         for refusal in (b"504 5.5.2 <DESKTOP-ABC>: Helo command rejected: need fully-qualified hostname\r\n",
                         b"450 4.7.1 <DESKTOP-ABC>: Helo command rejected: Host not found\r\n"):
             self.start(client_helo=b"DESKTOP-ABC")
@@ -338,6 +342,11 @@ class XclientLoginTests(SmtpBackendTestBase):
             self.assertEqual(self.say(refusal), b"EHLO localhost\r\n")
             self.assertEqual(self.say(ehlo_reply(b"PIPELINING")), b"")
             self.assertEqual(self.logged_in().capabilities, (b"PIPELINING",))
+        lines = [event for event in logged if event["log_format"].startswith("mta_refused_client_ehlo")]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual((lines[0]["name"], lines[0]["reply"], lines[0]["client"]),
+                         ("DESKTOP-ABC", "504 5.5.2 <DESKTOP-ABC>: Helo command rejected: need fully-qualified hostname",
+                          "192.0.2.7"))
         self.start(client_helo=b"DESKTOP-ABC")
         self.reach_auth(self.OFFER)
         self.say(GREETING)
@@ -345,6 +354,32 @@ class XclientLoginTests(SmtpBackendTestBase):
         self.say(b"554 5.7.1 <localhost>: Helo command rejected\r\n")
         self.assertEqual(str(self.failed_with(BackendUnavailable)),
                          "the MTA refused EHLO: 554 5.7.1 <localhost>: Helo command rejected")
+
+    def test_refused_name_not_sent_again(self) -> None:
+        """
+        A name the MTA has refused is not sent again by the connections that share the memory of
+        refusals (each refusal is a line in the MTA's log against the client's address); others are.
+        """
+        refused = RefusedEhloNames()
+        self.start(client_helo=b"DESKTOP-ABC", refused_names=refused)
+        self.reach_auth(self.OFFER)
+        self.say(GREETING)
+        self.assertEqual(self.say(b"504 5.5.2 <DESKTOP-ABC>: Helo command rejected\r\n"), b"EHLO localhost\r\n")
+        for helo, sent in ((b"DESKTOP-ABC", b"EHLO localhost\r\n"), (b"laptop.example.net", b"EHLO laptop.example.net\r\n")):
+            self.start(client_helo=helo, refused_names=refused)
+            self.reach_auth(self.OFFER)
+            self.assertEqual(self.say(GREETING), sent)
+        self.start(client_helo=b"DESKTOP-ABC")  # a memory of its own
+        self.reach_auth(self.OFFER)
+        self.assertEqual(self.say(GREETING), b"EHLO DESKTOP-ABC\r\n")
+
+    def test_refused_names_bounded(self) -> None:
+        """The memory of refused names keeps the newest LIMIT."""
+        self.patch(RefusedEhloNames, "LIMIT", 3)
+        refused = RefusedEhloNames()
+        for name in (b"a", b"b", b"c", b"d"):
+            refused.add(name)
+        self.assertEqual([name in refused for name in (b"a", b"b", b"c", b"d")], [False, True, True, True])
 
     def test_refused(self) -> None:
         """XCLIENT answered 501 or 550 makes the MTA unavailable."""

@@ -790,6 +790,7 @@ class StrictHeloTests(SubmissionFixture):
         delivered = self.assert_arrives_intact("strict", message)
         self.assertIn(b"\nReceived: from localhost (unknown [127.0.0.9])\n", delivered)
         wait_for_file(self.postfix.log_path, r"reject: EHLO from unknown\[127\.0\.0\.9\]: 501 5\.5\.2 <\[1\.2\.3\.4>: Helo command rejected")
+        self.gateway.wait_for_log(r"mta_refused_client_ehlo name=\[1\.2\.3\.4 reply=501 5\.5\.2 .* client=127\.0\.0\.9 ")
 
 
 class UnixSocketClientTests(TestCase):
