@@ -235,8 +235,10 @@ class Limits:
 
     line_length: int = 8192
     literal_size: int = 8192
-    idle_timeout: float = 60.0
-    login_timeout: float = 120.0
+    # Dovecot's login processes give a client three minutes to log in (CLIENT_LOGIN_TIMEOUT_MSECS): a
+    # user at a mail client's password prompt must not be cut off sooner through the gateway.
+    idle_timeout: float = 180.0
+    login_timeout: float = 180.0
     login_attempts: int = 3
     errors: int = 5
     max_connections: int = 10_000

@@ -49,7 +49,8 @@ class FrontEndTestBase(SynchronousTestCase):
     front_end: type[LoginFrontEnd]
     protocol = "test"
     implicit_tls = True
-    limits = Limits()
+    # Timeouts of the tests' own (the defaults are test_config's to check): 60 s of silence, 120 s to log in.
+    limits = Limits(idle_timeout=60.0, login_timeout=120.0)
     # A constant failure delay (no escalation) unless a test asks for one: tests/test_penalties.py covers escalation.
     penalty_rules = PenaltyRules(base_delay=2.0, max_delay=2.0)
     backend_capabilities: tuple[bytes, ...] = ()

@@ -158,7 +158,7 @@ class DefaultTests(ConfigTestCase):
                 state_dir="/var/lib/mailgateway",
                 tls=TLSSettings(self.certificate, self.private_key, False),
                 auth=AuthSettings(mode="local", users_file=self.users, failure_delay=2.0, hash_threads=2),
-                limits=Limits(line_length=8192, literal_size=8192, idle_timeout=60.0, login_timeout=120.0,
+                limits=Limits(line_length=8192, literal_size=8192, idle_timeout=180.0, login_timeout=180.0,
                               login_attempts=3, errors=5),
                 imap=ProtocolSettings(
                     implicit_tls=("tcp:993",),
