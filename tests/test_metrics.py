@@ -753,6 +753,15 @@ class RequestBodyTests(SynchronousTestCase):
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertTrue(self.transport.disconnecting)
 
+    def test_unparsable_request_refused(self) -> None:
+        """What twisted.web cannot parse gets a 400 with its length and Connection: close, and the connection closes."""
+        self.channel.dataReceived(b"GET /metrics HTTP/1.1\r\nBroken header line\r\n\r\n")
+        written = self.transport.value()
+        self.assertTrue(written.startswith(b"HTTP/1.1 400 "), written)
+        self.assertIn(b"\r\nContent-Length: 0\r\n", written)
+        self.assertIn(b"\r\nConnection: close\r\n", written)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_no_access_log(self) -> None:
         """A scrape writes nothing to the log."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)

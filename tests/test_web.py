@@ -780,7 +780,9 @@ class ProxyTests(SiteTestCase):
         """
         connection, sent = self.forward()
         response = FakeResponse(200, {"Content-Type": ["text/plain"],
-                                      "Content-Disposition": ['attachment; filename="a\x1b[31mb\x00c\x7f.txt"']}, 2)
+                                      "Content-Disposition": ['attachment; filename="a\x1b[31mb\x00c\x7f.txt"'],
+                                      "Location": ["http://127.0.0.1:8080/a\x1bb"], "Set-Cookie": ["s=\x00x"],
+                                      "Refresh": ["5; url=/a\x1bb"]}, 2)
         response.phrase = b"OK\x00\x1b[31m\rX-Injected: 1"
         sent.answer.callback(response)
         assert response.protocol is not None
@@ -789,6 +791,9 @@ class ProxyTests(SiteTestCase):
         written = connection.transport.value()
         self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written[:60])
         self.assertIn(b'\r\nContent-Disposition: attachment; filename="a [31mb c .txt"\r\n', written)
+        self.assertIn(b"\r\nLocation: https://mail.example.org/a b\r\n", written)
+        self.assertIn(b"\r\nSet-Cookie: s= x; Secure\r\n", written)
+        self.assertIn(b"\r\nRefresh: 5; url=/a b\r\n", written)
         self.assertEqual(connection.reply().body, b"ok")
 
     def test_closed_connection_aborted_without_progress(self) -> None:
