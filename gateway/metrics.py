@@ -446,12 +446,13 @@ class _BodilessChannel(RequestDeadlineChannel):
         """Refuse a request with a body before any of it arrives (twisted.web hook)."""
         if self.length != 0:  # a Content-Length above 0, or chunked (None)
             # twisted.web would read the whole body (into memory or a file) before the 405.
-            self.refuse(413)
+            self.refuse(413, "body")
             return
         super().allHeadersReceived()
 
-    def request_timed_out(self) -> None:
-        log.info("metrics_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+    def request_refused(self, code: int, reason: str) -> None:
+        if reason == "deadline":
+            log.info("metrics_request_timeout peer={peer}", peer=address_host(self.getPeer()))
 
 
 class _MetricsSite(Site):

@@ -347,16 +347,18 @@ class _WebRequest(Request):
             return
         if isinstance(self.content, _Spool) and not self.content.take(len(data)):
             self.body_too_large = True
-            self._refuse_body(503)
+            self._refuse_body(spool_full=True)
             return
         self.content.write(data)
 
-    def _refuse_body(self, code: int | None = None) -> None:
+    def _refuse_body(self, spool_full: bool = False) -> None:
         # At once: waiting for the end of a body over the limit would let an endless one hold the connection.
         channel: _WebChannel = self.channel
-        if code is None:
+        if spool_full:
+            channel.refuse(503, "spool_full")
+        else:
             code = 400 if _route(self.target_path(), channel.site.https) is not None else 413
-        channel.refuse(code)
+            channel.refuse(code, "body_too_large")
 
     def process(self) -> None:
         """Set the security headers, then let twisted.web find and render the resource."""
@@ -417,7 +419,7 @@ class RequestDeadlineChannel(HTTPChannel):
     its connection for ever: here a request has L{REQUEST_DEADLINE} from its first byte, plus a
     second for every L{UPLOAD_MIN_RATE} bytes of body, and then gets a 408. Both the web sites
     and the metrics listener use it. A subclass says what a refusal carries (L{refusal}) and logs
-    a missed deadline (L{request_timed_out}). No response names the server software.
+    refusals (L{request_refused}), a missed deadline among them. No response names the server software.
     """
 
     site: Site  # set by twisted.web's factory
@@ -444,7 +446,7 @@ class RequestDeadlineChannel(HTTPChannel):
         with the refusal's headers and body (twisted.web's hook, whose own answer is a bare status
         line: no length, no security headers, no page).
         """
-        self.refuse(400)
+        self.refuse(400, "unparsable")
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         """
@@ -466,7 +468,7 @@ class RequestDeadlineChannel(HTTPChannel):
         the transport itself, which over TLS waits for the channel to unregister as its producer:
         the client got no answer, and its connection stayed open until the deadline.)
         """
-        self.refuse(400)
+        self.refuse(400, "line_too_long")
 
     def allContentReceived(self) -> None:
         """The request has arrived in time: process it, unless it was refused meanwhile (twisted.web hook)."""
@@ -482,16 +484,15 @@ class RequestDeadlineChannel(HTTPChannel):
             self._deadline = self.callLater(remaining, self._deadline_reached)
             return
         self._deadline = None
-        self.request_timed_out()
-        self.refuse(408)
+        self.refuse(408, "deadline")
 
     def _cancel_deadline(self) -> None:
         deadline, self._deadline = self._deadline, None
         if deadline is not None:
             deadline.cancel()
 
-    def request_timed_out(self) -> None:
-        """Log that a request missed its deadline; a 408 follows (a hook: nothing by default)."""
+    def request_refused(self, code: int, reason: str) -> None:
+        """Log a refusal about to be written (a hook: nothing by default); C{reason} C{deadline} is a 408."""
 
     def refusal(self, code: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """
@@ -502,16 +503,18 @@ class RequestDeadlineChannel(HTTPChannel):
         """
         return [], b""
 
-    def refuse(self, code: int) -> None:
+    def refuse(self, code: int, reason: str) -> None:
         """
         Answer the request still arriving and close the connection; the rest of the request is
         neither read nor processed.
 
         :param code: the status code.
+        :param reason: why, in a word, for the log (L{request_refused}).
         """
         if self._refused:
             return
         self._refused = True
+        self.request_refused(code, reason)
         self._cancel_deadline()
         if self.requests:  # the request still arriving: what its body holds, maybe in a file, is of no use now
             content = getattr(self.requests[-1], "content", None)
@@ -555,8 +558,12 @@ class _WebChannel(RequestDeadlineChannel):
 
     site: _WebSite
 
-    def request_timed_out(self) -> None:
-        log.info("web_request_timeout peer={peer}", peer=address_host(self.getPeer()))
+    def request_refused(self, code: int, reason: str) -> None:
+        peer = address_host(self.getPeer())
+        if reason == "deadline":
+            log.info("web_request_timeout peer={peer}", peer=peer)
+        else:  # the client sees only the status: the log says why (a user's cookies over 16 KiB, say)
+            log.info("web_request_refused code={code} reason={reason} peer={peer}", code=code, reason=reason, peer=peer)
 
     def refusal(self, code: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """The fixed page of C{code}, with the security headers."""
@@ -569,8 +576,11 @@ class _WebChannel(RequestDeadlineChannel):
         body, or go on as twisted.web does (twisted.web hook).
         """
         request = self.requests[-1]
-        if not _well_formed(request.requestHeaders, self._version) or _climbs(request.target_path()):
-            self.refuse(400)
+        if not _well_formed(request.requestHeaders, self._version):
+            self.refuse(400, "malformed")
+            return
+        if _climbs(request.target_path()):
+            self.refuse(400, "dot_segment")
             return
         super().allHeadersReceived()
 

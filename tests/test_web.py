@@ -1247,6 +1247,21 @@ class MalformedRequestTests(SiteTestCase):
         self.assertEqual([sent.uri for sent in self.agent.sent],
                          [b"http://127.0.0.1:8080/roundcube/...x/.well/a..b/%252e%252e/;x/?x=/../y"])
 
+    def test_refusals_logged(self) -> None:
+        """Every refusal is logged with its code, why in a word, and the client's address."""
+        self.patch(web, "PROXIED_BODY_LIMIT", 100)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for target, headers, body in (
+                (b"/roundcube/", {b"Host": b"a b"}, b""),
+                (b"/a/../b", {}, b""),
+                (b"/roundcube/", {b"Broken header line": b""}, b""),
+                (b"/upload", {}, b"x" * 101)):
+            self.connect(self.https).send(b"POST", target, headers, body)
+        self.assertEqual([(e["code"], e["reason"], e["peer"]) for e in events
+                          if e["log_format"].startswith("web_request_refused ")],
+                         [(400, "malformed", "192.0.2.7"), (400, "dot_segment", "192.0.2.7"),
+                          (400, "unparsable", "192.0.2.7"), (413, "body_too_large", "192.0.2.7")])
+
     def test_no_host(self) -> None:
         """An HTTP/1.1 request without Host is a 400, to a proxied path, a document, or on plain HTTP."""
         for site, path in ((self.https, b"/roundcube/"), (self.https, TB_PATH), (self.http, b"/")):
