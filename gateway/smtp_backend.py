@@ -27,6 +27,7 @@ from gateway.backend import BackendLogin, BackendRejected, BackendUnavailable, L
 from gateway.config import BackendSettings
 from gateway.sasl import plain_message
 from gateway.smtp_syntax import Reply, ReplyReader, SmtpSyntaxError, ehlo_keywords, xtext
+from gateway.text_log import loggable_text
 
 
 log = Logger()
@@ -37,8 +38,8 @@ _EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 
 class RefusedEhloNames:
     """
-    The client EHLO names the MTA has refused, each then replaced by the gateway's own name: kept
-    (the newest L{LIMIT}) so that each is sent once. Every refusal is a line in the MTA's log
+    The client EHLO names the MTA has refused for good (5xx), each then replaced by the gateway's
+    own name: kept (the newest L{LIMIT}, until the gateway restarts) so that each is sent once. Every refusal is a line in the MTA's log
     naming the client's address, which fail2ban's postfix filter counts against it.
     """
 
@@ -192,12 +193,13 @@ class SmtpBackend(BackendLogin):
         reply = yield self.command(b"EHLO " + (name or self._ehlo_name))
         # 504, 501, or 450 for a name not in the DNS; 421 is the MTA closing.
         if reply.code not in (250, 421) and name is not None:
-            self._refused_names.add(name)
+            if reply.code >= 500:  # a 450 (the name's DNS lookup failed) may pass another time
+                self._refused_names.add(name)
             assert self.request is not None  # a client's name comes with its login
             log.info("mta_refused_client_ehlo name={name} reply={reply} client={client} session={session}: "
                      "the gateway's own name goes instead; clear smtpd_helo_restrictions on the MTA's submission "
-                     "service", name=name.decode("ascii"), reply=_said(reply), client=self.request.client.host,
-                     session=self.request.client.session)
+                     "service", name=loggable_text(name.decode("ascii")), reply=_said(reply),
+                     client=self.request.client.host, session=self.request.client.session)
             reply = yield self.command(b"EHLO " + self._ehlo_name)
         if reply.code != 250:
             raise BackendUnavailable(f"the MTA refused EHLO: {_said(reply)}")

@@ -446,7 +446,8 @@ class RequestDeadlineChannel(HTTPChannel):
         with the refusal's headers and body (twisted.web's hook, whose own answer is a bare status
         line: no length, no security headers, no page).
         """
-        self.refuse(400, "unparsable")
+        too_large = self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders
+        self.refuse(400, "headers_too_large" if too_large else "unparsable")
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         """
@@ -486,6 +487,18 @@ class RequestDeadlineChannel(HTTPChannel):
         self._deadline = None
         self.refuse(408, "deadline")
 
+    def timeoutConnection(self) -> None:
+        """
+        twisted.web's idle timeout (twisted.web hook): a request still arriving is answered by its
+        deadline, which falls due at the same time when the request stopped at once; an idle
+        connection between requests is closed as twisted.web closes it.
+        """
+        if self._deadline is not None:
+            self._cancel_deadline()
+            self.refuse(408, "deadline")
+            return
+        super().timeoutConnection()
+
     def _cancel_deadline(self) -> None:
         deadline, self._deadline = self._deadline, None
         if deadline is not None:
@@ -514,6 +527,7 @@ class RequestDeadlineChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
+        self.setTimeout(None)  # twisted.web's idle timeout: it would time the connection out a second time
         self.request_refused(code, reason)
         self._cancel_deadline()
         if self.requests:  # the request still arriving: what its body holds, maybe in a file, is of no use now

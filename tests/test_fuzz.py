@@ -394,7 +394,7 @@ class FuzzBase(Transcribed, FrontEndTestBase):
                 else:
                     self.step("held backend login fails", lambda: held.errback(BackendUnavailable("down")))
         elif roll < 0.36:
-            # Rarely past an idle timeout (60 s before login, 300 s in a submission session): that ends the session.
+            # Rarely past an idle timeout (the harness's 60 s before login, 300 s in a submission session): that ends it.
             seconds = rng.choice((0.5, 1.0, 2.0, 5.0)) if rng.random() < 0.9 else rng.choice((30.0, 61.0, 301.0))
             self.step(f"{seconds} s pass", lambda: self.clock.advance(seconds))
         else:

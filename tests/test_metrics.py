@@ -36,7 +36,7 @@ from twisted.web.server import Site
 
 from gateway import __version__
 from gateway.backend import BackendRefused, BackendUnavailable, LoginRequest
-from gateway.config import ConfigError, Limits, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
+from gateway.config import ConfigError, MetricsSettings, NamedCertificate, SubmissionSettings, TLSSettings
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.listener import Listener
 from gateway.config import load_settings
@@ -235,10 +235,10 @@ class FrontEndEventTests(FrontEndTestBase):
 
     def test_timeouts_by_reason(self) -> None:
         """An idle client and one past the login deadline count under their reasons."""
-        self.clock.advance(Limits().idle_timeout)
+        self.clock.advance(self.limits.idle_timeout)
         self.assertEqual(self.count("mailgateway_timeouts_total", protocol="pop3", reason="idle"), 1)
         chatty, _ = self.connect()
-        for _ in range(int(Limits().login_timeout // 30)):
+        for _ in range(int(self.limits.login_timeout // 30)):
             self.clock.advance(30)
             chatty.dataReceived(b"CAPA\r\n")
         self.assertEqual(self.count("mailgateway_timeouts_total", protocol="pop3", reason="login-deadline"), 1)
@@ -285,7 +285,7 @@ class SubmissionEventTests(FrontEndTestBase):
     """Messages, sender rejections and MTA failures of a real submission front end, counted from its log events."""
 
     protocol = "submission"
-    limits = replace(Limits(), line_length=12288)
+    limits = replace(FrontEndTestBase.limits, line_length=12288)
 
     def front_end(self, context):  # type: ignore[no-untyped-def,override]
         return SubmissionFrontEnd(context, RULES, SenderPolicy(None))

@@ -345,7 +345,7 @@ class XclientLoginTests(SmtpBackendTestBase):
         lines = [event for event in logged if event["log_format"].startswith("mta_refused_client_ehlo")]
         self.assertEqual(len(lines), 2)
         self.assertEqual((lines[0]["name"], lines[0]["reply"], lines[0]["client"]),
-                         ("DESKTOP-ABC", "504 5.5.2 <DESKTOP-ABC>: Helo command rejected: need fully-qualified hostname",
+                         ('"DESKTOP-ABC"', "504 5.5.2 <DESKTOP-ABC>: Helo command rejected: need fully-qualified hostname",
                           "192.0.2.7"))
         self.start(client_helo=b"DESKTOP-ABC")
         self.reach_auth(self.OFFER)
@@ -357,15 +357,22 @@ class XclientLoginTests(SmtpBackendTestBase):
 
     def test_refused_name_not_sent_again(self) -> None:
         """
-        A name the MTA has refused is not sent again by the connections that share the memory of
-        refusals (each refusal is a line in the MTA's log against the client's address); others are.
+        A name the MTA has refused for good (5xx) is not sent again by the connections that share
+        the memory of refusals (each refusal is a line in the MTA's log against the client's
+        address); others are, and so is one refused for now (4xx).
         """
         refused = RefusedEhloNames()
         self.start(client_helo=b"DESKTOP-ABC", refused_names=refused)
         self.reach_auth(self.OFFER)
         self.say(GREETING)
         self.assertEqual(self.say(b"504 5.5.2 <DESKTOP-ABC>: Helo command rejected\r\n"), b"EHLO localhost\r\n")
-        for helo, sent in ((b"DESKTOP-ABC", b"EHLO localhost\r\n"), (b"laptop.example.net", b"EHLO laptop.example.net\r\n")):
+        self.start(client_helo=b"DESKTOP-DEF", refused_names=refused)
+        self.reach_auth(self.OFFER)
+        self.say(GREETING)
+        self.assertEqual(self.say(b"450 4.7.1 <DESKTOP-DEF>: Helo command rejected: Host not found\r\n"),
+                         b"EHLO localhost\r\n")
+        for helo, sent in ((b"DESKTOP-ABC", b"EHLO localhost\r\n"), (b"laptop.example.net", b"EHLO laptop.example.net\r\n"),
+                           (b"DESKTOP-DEF", b"EHLO DESKTOP-DEF\r\n")):  # a temporary refusal: tried again
             self.start(client_helo=helo, refused_names=refused)
             self.reach_auth(self.OFFER)
             self.assertEqual(self.say(GREETING), sent)

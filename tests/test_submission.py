@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from gateway.backend import BackendUnavailable, LoginRequest
-from gateway.config import Limits, SubmissionSettings
+from gateway.config import SubmissionSettings
 from gateway.frontend import FrontEndFactory
 from gateway.relay import CLOSE_GRACE
 from gateway.senders import SenderPolicy
@@ -47,7 +47,7 @@ class SubmissionTestBase(FrontEndTestBase):
     """A submission front end whose users are addresses, over a scripted MTA."""
 
     protocol = "submission"
-    limits = replace(Limits(), line_length=12288)
+    limits = replace(FrontEndTestBase.limits, line_length=12288)
 
     def front_end(self, context):  # type: ignore[no-untyped-def,override]
         return SubmissionFrontEnd(context, RULES, SenderPolicy(None))

@@ -1255,12 +1255,17 @@ class MalformedRequestTests(SiteTestCase):
                 (b"/roundcube/", {b"Host": b"a b"}, b""),
                 (b"/a/../b", {}, b""),
                 (b"/roundcube/", {b"Broken header line": b""}, b""),
+                (b"/roundcube/", {b"X-%d" % n: b"x" * 6000 for n in range(3)}, b""),
+                (b"/roundcube/", {b"X-%d" % n: b"x" for n in range(501)}, b""),
+                (b"/roundcube/", {b"Cookie": b"x" * 17_000}, b""),
                 (b"/upload", {}, b"x" * 101)):
             self.connect(self.https).send(b"POST", target, headers, body)
         self.assertEqual([(e["code"], e["reason"], e["peer"]) for e in events
                           if e["log_format"].startswith("web_request_refused ")],
                          [(400, "malformed", "192.0.2.7"), (400, "dot_segment", "192.0.2.7"),
-                          (400, "unparsable", "192.0.2.7"), (413, "body_too_large", "192.0.2.7")])
+                          (400, "unparsable", "192.0.2.7"), (400, "headers_too_large", "192.0.2.7"),
+                          (400, "headers_too_large", "192.0.2.7"), (400, "line_too_long", "192.0.2.7"),
+                          (413, "body_too_large", "192.0.2.7")])
 
     def test_no_host(self) -> None:
         """An HTTP/1.1 request without Host is a 400, to a proxied path, a document, or on plain HTTP."""
@@ -1348,6 +1353,28 @@ class RequestDeadlineTests(SiteTestCase):
             self.assertEqual(connection.reply().code, 408)
             self.assertEqual(connection.reply().header("connection"), b"close")
             connection.close()
+
+    def test_silent_request_logged_once(self) -> None:
+        """
+        A request that stops arriving gets its 408 when its deadline and twisted.web's own idle
+        timeout come due together, whichever fires first, and one line in the log: the gateway's,
+        not twisted.web's too.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for trickled in (False, True):  # twisted.web's timeout first, then the deadline first
+            connection = self.connect(self.https)
+            connection.channel.dataReceived(b"GET /x HTTP/1.1\r\n")
+            if trickled:
+                self.clock.advance(web.REQUEST_DEADLINE / 2)
+                connection.channel.dataReceived(b"X: 1\r\n")  # restarts twisted.web's timeout, not the deadline
+                self.clock.advance(web.REQUEST_DEADLINE / 2)
+            else:
+                self.clock.advance(web.REQUEST_DEADLINE)
+            self.assertEqual(connection.reply().code, 408)
+            self.clock.advance(web.REQUEST_TIMEOUT)
+            self.assertEqual(connection.transport.value().count(b"HTTP/1.1 "), 1)
+            connection.close()
+        self.assertEqual([e.get("log_format") for e in events], ["web_request_timeout peer={peer}"] * 2)
 
     def test_trickled_body(self) -> None:
         """A body sent far below the minimum rate is cut off with a 408 soon after the first minute."""

@@ -19,7 +19,6 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from gateway.config import Limits
 from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import FailureCount, LocalGatekeeper, LoginCheck
 from gateway.imap import ImapFrontEnd
@@ -406,7 +405,7 @@ class WorkerFrontEndTests(FrontEndTestBase):
     front_end = ImapFrontEnd
     protocol = "imap"
     # Allowed by the configuration ([limits] line_length goes up to 65536).
-    limits = replace(Limits(), line_length=40000)
+    limits = replace(FrontEndTestBase.limits, line_length=40000)
 
     def setUp(self) -> None:
         super().setUp()

@@ -790,7 +790,16 @@ class StrictHeloTests(SubmissionFixture):
         delivered = self.assert_arrives_intact("strict", message)
         self.assertIn(b"\nReceived: from localhost (unknown [127.0.0.9])\n", delivered)
         wait_for_file(self.postfix.log_path, r"reject: EHLO from unknown\[127\.0\.0\.9\]: 501 5\.5\.2 <\[1\.2\.3\.4>: Helo command rejected")
-        self.gateway.wait_for_log(r"mta_refused_client_ehlo name=\[1\.2\.3\.4 reply=501 5\.5\.2 .* client=127\.0\.0\.9 ")
+        self.gateway.wait_for_log(r'mta_refused_client_ehlo name="\[1\.2\.3\.4" reply=501 5\.5\.2 .* client=127\.0\.0\.9 ')
+        # The name refused is not sent again: the second client's login costs no second reject in Postfix's log.
+        second = smtplib.SMTP_SSL("127.0.0.1", self.gateway.port("submission", "implicit_tls"),
+                                  context=self.tls(), timeout=REPLY_TIMEOUT, source_address=("127.0.0.9", 0))
+        second.ehlo("[1.2.3.4")
+        second.login(USER, PASSWORD)
+        second.quit()
+        wait_for_file(self.postfix.log_path, r"disconnect from unknown\[127\.0\.0\.9\] ehlo=2 xclient=0/1 quit=1 ")
+        with open(self.postfix.log_path, encoding="utf-8", errors="replace") as f:
+            self.assertEqual(f.read().count("Helo command rejected"), 1)
 
 
 class UnixSocketClientTests(TestCase):
