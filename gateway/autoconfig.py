@@ -217,7 +217,7 @@ def _provider_domain(settings: Settings) -> str:
 
 
 def _require_servers(entries: list[Advertised], outgoing: bool = False) -> None:
-    """Refuse to build an account document with nothing to read mail from (or, with C{outgoing}, to send it through)."""
+    """Refuse an account document with nothing to read mail from (or, with C{outgoing}, to send it through)."""
     if not any(entry.protocol != "smtp" for entry in entries):
         raise NothingToAdvertise("no IMAP or POP3 listener to advertise")
     if outgoing and not any(entry.protocol == "smtp" for entry in entries):
@@ -249,8 +249,8 @@ def thunderbird_config(settings: Settings, email: str | None) -> bytes:
     :returns: the UTF-8 XML document with its declaration. The provider id and domain are the
         address's domain, or without one the public host's mail domain.
     :raises NothingToAdvertise: if there is no IMAP or POP3 listener, or no submission listener:
-        Thunderbird refuses a whole document without an C{outgoingServer}, and only when none is
-        served goes on to its other sources (its ISPDB, guessing), which may find the MTA.
+        Thunderbird refuses a whole document without an C{outgoingServer}, and after a 404 goes on
+        to its other sources (its ISPDB, guessing), which may find the MTA.
     """
     entries = advertised(settings)
     _require_servers(entries, outgoing=True)
@@ -378,8 +378,9 @@ def mobileconfig(settings: Settings, email: str) -> bytes:
     implicit-TLS SMTP entry, else the first STARTTLS one. Apple's clients take C{UseSSL} with port
     587 as STARTTLS (Apple's own settings for iCloud Mail say port 587, "SSL required"), and the
     gateway offers no plaintext to fall back to. Both servers use a password, the same for both,
-    and the configured login name. The identifiers and UUIDs derive from the public host and the address, so the
-    same request gives the same profile, and installing it again replaces the earlier one.
+    and the configured login name. The identifiers and UUIDs derive from the public host and the
+    address, so the same request gives the same profile, and installing it again replaces the
+    earlier one.
 
     :param settings: the configuration.
     :param email: the address the profile is for.

@@ -690,7 +690,8 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
             assert backend.master_user is not None and backend.master_password is not None
             request = LoginRequest(user, backend.master_password, self.client, backend.master_user, helo)
         elif backend.login == "xclient":
-            request = LoginRequest(user, b"", self.client, client_helo=helo)  # the MTA trusts the gateway's word: no password kept
+            # The MTA trusts the gateway's word: no password kept.
+            request = LoginRequest(user, b"", self.client, client_helo=helo)
         else:
             request = LoginRequest(user, password, self.client, client_helo=helo)
         self._backend_started = self.clock.seconds()
@@ -832,7 +833,7 @@ class LoginFrontEnd(slots.TwistedDefaults, LineReceiver, TimeoutMixin):
         self.reply_timeout()
 
     def client_helo(self) -> bytes | None:
-        """The name the client gave in SMTP's EHLO, for the backend login (L{LoginRequest.client_helo}); None by default."""
+        """The name the client gave in SMTP's EHLO, for the backend login (L{LoginRequest.client_helo}); else None."""
         return None
 
     def reply_too_many_errors(self) -> None:

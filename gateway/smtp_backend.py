@@ -39,8 +39,9 @@ _EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 class RefusedEhloNames:
     """
     The client EHLO names the MTA has refused for good (5xx), each then replaced by the gateway's
-    own name: kept (the newest L{LIMIT}, until the gateway restarts) so that each is sent once. Every refusal is a line in the MTA's log
-    naming the client's address, which fail2ban's postfix filter counts against it.
+    own name: kept (the newest L{LIMIT}, until the gateway restarts) so that each is sent once.
+    Every refusal is a line in the MTA's log naming the client's address, which fail2ban's postfix
+    filter counts against it.
     """
 
     LIMIT = 10_000

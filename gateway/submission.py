@@ -105,7 +105,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         super().__init__(context)
         self._rules = rules
         self._senders = senders
-        # The name of the client's EHLO since the last reset, which AUTH needs; None before one, after HELO or STARTTLS.
+        # The name of the client's last EHLO, which AUTH needs; None before one, after HELO or STARTTLS.
         self._ehlo_name: bytes | None = None
         self._backend: SmtpBackend | None = None
         self._sender: bytes | None = None
