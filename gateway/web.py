@@ -494,8 +494,7 @@ class RequestDeadlineChannel(HTTPChannel):
         connection between requests is closed as twisted.web closes it.
         """
         if self._deadline is not None:
-            self._cancel_deadline()
-            self.refuse(408, "deadline")
+            self.refuse(408, "deadline")  # which cancels the deadline
             return
         super().timeoutConnection()
 
