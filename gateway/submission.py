@@ -38,7 +38,9 @@ AUTH_LINE_LIMIT = 12288    # RFC 4954 4: AUTH and SASL responses may be longer
 
 _END_OF_DATA = b"\r\n.\r\n"
 _DOT_LINE = len(b".\r\n")  # the terminator's own line: read and counted, but not part of the message
-_STUFFED_LINE = b"\r\n.."  # a line whose first dot the client doubled (the first line follows the 354's CRLF)
+# A line whose first dot the client doubled, after a CRLF or a bare LF, both line ends to the MTA
+# (the first line follows the 354's CRLF).
+_STUFFED_LINE = b"\n.."
 # A line of a lone dot with a bare CR or LF on either side: an end of data to some MTA, not to the
 # gateway (SMTP smuggling). Only CRLF.CRLF ends the data here.
 _AMBIGUOUS_END = re.compile(rb"(?:(?<!\r)\n|\r)\.[\r\n]|\r\n\.(?:\n|\r(?!\n))")

@@ -832,20 +832,21 @@ class ReviewFixTests(SubmissionTestBase):
     def test_doubled_dots_not_counted(self) -> None:
         """
         The dots that dot-stuffing doubled are not part of the message's size (RFC 1870): a message
-        of exactly the limit, 250 lines that begin with a dot, passes however it is cut into reads,
-        byte for byte; one byte more does not.
+        of exactly the limit, 200 lines that begin with a dot, passes however it is cut into reads,
+        byte for byte, whether its lines end in CRLF or (all but the last) in a bare LF; one byte
+        more does not.
         """
-        message = b".xx\r\n" * 200  # 1000 bytes, sent as 1200
-        stuffed = message.replace(b".", b"..")
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        for step in (1, 2, 3, 5, 7, len(stuffed) + 3):
-            self.start_data()
-            sent = stuffed + b".\r\n"
-            for start in range(0, len(sent), step):
-                self.front.dataReceived(sent[start:start + step])
-            self.assertEqual(self.mta_got(), sent)
-            self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
-            self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
+        for message in (b".xx\r\n" * 200, b".xxx\n" * 199 + b".xx\r\n"):  # 1000 bytes, sent as 1200
+            stuffed = message.replace(b".", b"..")
+            for step in (1, 2, 3, 5, 7, len(stuffed) + 3):
+                self.start_data()
+                sent = stuffed + b".\r\n"
+                for start in range(0, len(sent), step):
+                    self.front.dataReceived(sent[start:start + step])
+                self.assertEqual(self.mta_got(), sent)
+                self.mta().dataReceived(b"250 2.0.0 Ok\r\n")
+                self.assertEqual(self.read(), b"250 2.0.0 Ok\r\n")
         self.assertEqual({event["size"] for event in events if event["log_format"].startswith("message ")}, {1000})
         self.start_data()
         self.front.dataReceived(b"x" + stuffed + b".\r\n")
