@@ -44,6 +44,9 @@ _STUFFED_LINE = b"\n.."
 # A line of a lone dot with a bare CR or LF on either side: an end of data to some MTA, not to the
 # gateway (SMTP smuggling). Only CRLF.CRLF ends the data here.
 _AMBIGUOUS_END = re.compile(rb"(?:(?<!\r)\n|\r)\.[\r\n]|\r\n\.(?:\n|\r(?!\n))")
+# A lone dot then a CR, at the end of what has been read: an end of data to some MTA already, to
+# the gateway only if an LF follows.
+_DOT_LINE_CR = re.compile(rb"[\r\n]\.\r\Z")
 _AMBIGUOUS_END_REFUSAL = (b"554 5.6.0 Message refused: a line of a lone dot must begin and end with CRLF, "
                           b"closing connection\r\n")
 COMMAND_REPLY_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: 5 minutes for MAIL and RCPT
@@ -100,7 +103,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
     # See LoginFrontEnd.
     __slots__ = (
         "_rules", "_senders", "_ehlo_name", "_backend", "_sender", "_recipients", "_transaction_timer",
-        "_data_tail", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down", "_mta_holding"
+        "_data_tail", "_data_held", "_data_size", "_data_refusal", "_smtputf8", "_shutting_down", "_mta_holding"
     )
 
     def __init__(self, context: FrontEndContext, rules: SubmissionSettings, senders: SenderPolicy) -> None:
@@ -116,6 +119,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         # DATA streaming: the last bytes seen (to find CRLF.CRLF across reads), bytes read so far
         # (less doubled dots, the ".\r\n" line included, see _message_size), too big?
         self._data_tail = b""
+        self._data_held = b""  # a CR after a lone dot, not yet relayed: the next byte tells what it ends
         self._data_size = 0
         self._data_refusal: bytes | None = None  # the reply owed at the end of a refused message
         self._smtputf8 = False
@@ -375,7 +379,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
         def answered(reply: Reply) -> None:
             if reply.code == 354:
-                self._data_tail, self._data_size, self._data_refusal = b"\r\n", 0, None
+                self._data_tail, self._data_held, self._data_size, self._data_refusal = b"\r\n", b"", 0, None
                 # From here the idle timer (reset by every read) catches a stalled upload; a slow
                 # but steady one may take as long as it needs.
                 self._stop_transaction_timer()
@@ -393,6 +397,7 @@ class SubmissionFrontEnd(LoginFrontEnd):
         follows as commands nobody checked (SMTP smuggling); past one, where this message ends
         is ambiguous, so nothing more is read from this client.
         """
+        data, self._data_held = self._data_held + data, b""
         window = self._data_tail + data
         end = window.find(_END_OF_DATA)
         checked = window[: end + len(_END_OF_DATA)] if end >= 0 else window.removesuffix(b"\r")
@@ -409,6 +414,10 @@ class SubmissionFrontEnd(LoginFrontEnd):
         # tail was counted last time.
         stuffed = checked.count(_STUFFED_LINE, max(0, len(self._data_tail) - len(_STUFFED_LINE) + 1))
         if end < 0:
+            if _DOT_LINE_CR.search(window[-3:]):
+                # Relayed, it would give an MTA that ends the data at CRLF.CR or CR.CR the whole
+                # message before the next read shows it ambiguous.
+                data, window, self._data_held = data[:-1], window[:-1], b"\r"
             self._message_bytes(data, stuffed)
             self._data_tail = window[-4:]
             return

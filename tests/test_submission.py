@@ -563,7 +563,8 @@ class ReviewFixTests(SubmissionTestBase):
         mta = self.mta(0)
         self.assertTrue(mta.transport.disconnecting)
         self.assertNotIn(b"MAIL FROM", mta.transport.value())
-        self.assertNotIn(b"\n.\n", mta.transport.value())
+        for end in (b"\n.\n", b"\n.\r", b"\r.\r", b"\r.\n"):  # no ambiguous end, whole or in part
+            self.assertNotIn(end, mta.transport.value())
         self.assertEqual(self.read(), AMBIGUOUS_END_REFUSAL)
         self.assertTrue(self.transport.disconnecting)
         self.front.dataReceived(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n")
@@ -608,18 +609,23 @@ class ReviewFixTests(SubmissionTestBase):
         self.assert_smuggling_refused(b".\nMAIL FROM:<bob@example.org>\r\n")
 
     def test_ambiguous_end_across_reads_refused(self) -> None:
-        """LF.LF is found when its bytes come in separate reads, a byte at a time or split anywhere."""
-        data = b"Subject: hi\r\n\r\nbody\n.\nMAIL FROM:<bob@example.org>\r\n"
-        for cut in range(len(b"Subject: hi\r\n\r\nbody"), len(data)):
+        """
+        An ambiguous end is found when its bytes come in separate reads, a byte at a time or split
+        anywhere, and none of it reaches the MTA: one that ends the data at CRLF.CR would otherwise
+        have the whole message when a read stops after the CR.
+        """
+        for end in (b"\n.\n", b"\r\n.\rX", b"\n.\r\n", b"\r.\r"):
+            data = b"Subject: hi\r\n\r\nbody" + end + b"MAIL FROM:<bob@example.org>\r\n"
+            for cut in range(len(b"Subject: hi\r\n\r\nbody"), len(data)):
+                self.setUp()
+                self.start_data()
+                self.front.dataReceived(data[:cut])
+                self.assert_smuggling_refused(data[cut:])
             self.setUp()
             self.start_data()
-            self.front.dataReceived(data[:cut])
-            self.assert_smuggling_refused(data[cut:])
-        self.setUp()
-        self.start_data()
-        for byte in data[:-1]:
-            self.front.dataReceived(bytes([byte]))
-        self.assert_smuggling_refused(data[-1:])
+            for byte in data[:-1]:
+                self.front.dataReceived(bytes([byte]))
+            self.assert_smuggling_refused(data[-1:])
 
     def test_bare_line_endings_pass(self) -> None:
         """
