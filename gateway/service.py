@@ -472,7 +472,7 @@ def build_service(settings: Settings, reactor: object, *, renew: bool = True) ->
         # The workers load these themselves. Loaded here too, a mistake ends the start at once, as
         # with one process, instead of every worker failing until the supervisor gives up.
         _local_users(settings)
-        for name, _, protocol, _, backend_login in _mail_protocols(settings):  # the senders file too
+        for name, _, protocol, _, backend_login in _mail_protocols(settings, RefusedEhloNames()):  # the senders file
             if protocol is not None:
                 _backend(settings, name, protocol, backend_login, reactor)
         try:
@@ -574,9 +574,14 @@ def _new_rules(gatekeeper: LocalGatekeeper, settings: Settings) -> None:
     gatekeeper.connections.rules = connection_rules(settings)
 
 
-def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
-                                                      Callable[[FrontEndContext], LoginFrontEnd], LoginFactory]]:
-    """Per protocol: name, ALPN, settings, front end and backend dialogue."""
+def _mail_protocols(settings: Settings, refused_names: RefusedEhloNames
+                    ) -> list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
+                                    Callable[[FrontEndContext], LoginFrontEnd], LoginFactory]]:
+    """
+    Per protocol: name, ALPN, settings, front end and backend dialogue.
+
+    :param refused_names: the submission backend's memory of client EHLO names its MTA refused.
+    """
     protocols: list[tuple[str, bytes, ProtocolSettings | SubmissionSettings | None,
                           Callable[[FrontEndContext], LoginFrontEnd], LoginFactory]] = [
         ("imap", b"imap", settings.imap, ImapFrontEnd, ImapBackendLogin),
@@ -591,7 +596,7 @@ def _mail_protocols(settings: Settings) -> list[tuple[str, bytes, ProtocolSettin
         protocols.append((
             "submission", b"smtp", rules,
             lambda context: SubmissionFrontEnd(context, rules, senders),
-            partial(SmtpBackend, ehlo_name=settings.hostname, refused_names=RefusedEhloNames()),
+            partial(SmtpBackend, ehlo_name=settings.hostname, refused_names=refused_names),
         ))
     return protocols
 
@@ -615,8 +620,11 @@ def _build_mail(settings: Settings, files: TLSFiles, reactor: object, gatekeeper
     def new_grace(new: Settings) -> None:
         connections.grace = new.limits.stop_grace
 
+    refused_names = RefusedEhloNames()
     reloader.follow(new_grace)
-    for name, alpn, protocol, front_end, backend_login in _mail_protocols(settings):
+    # A sysadmin who changed the MTA's HELO rules reloads the gateway to have the names tried again.
+    reloader.follow(lambda new: refused_names.clear())
+    for name, alpn, protocol, front_end, backend_login in _mail_protocols(settings, refused_names):
         if protocol is None:
             continue
         try:

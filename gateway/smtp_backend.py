@@ -39,7 +39,8 @@ _EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 class RefusedEhloNames:
     """
     The client EHLO names the MTA has refused for good (5xx), each then replaced by the gateway's
-    own name: kept (the newest L{LIMIT}, until the gateway restarts) so that each is sent once.
+    own name: kept (the newest L{LIMIT}, until the gateway reloads or restarts) so that each is
+    sent once.
     Every refusal is a line in the MTA's log naming the client's address, which fail2ban's postfix
     filter counts against it.
     """
@@ -53,6 +54,10 @@ class RefusedEhloNames:
 
     def __contains__(self, name: bytes) -> bool:
         return name in self._names
+
+    def clear(self) -> None:
+        """Forget every name: each is tried again."""
+        self._names.clear()
 
     def add(self, name: bytes) -> None:
         """Remember a refused name, forgetting the oldest past L{LIMIT}."""

@@ -602,6 +602,20 @@ class ReloadTests(ReloaderTestCase):
         counted = load_settings(self.files.write(gateway=f"workers = {running.workers}"))
         self.assertEqual(restart_needed(running, counted), ["[gateway] workers"])
 
+    def test_refused_ehlo_names_forgotten(self) -> None:
+        """
+        The client EHLO names the MTA refused, one memory for every submission listener, are
+        tried again after a reload: the sysadmin may have changed the MTA's HELO rules.
+        """
+        memories = [front.context.backend._login_protocol.keywords["refused_names"]  # type: ignore[attr-defined]
+                    for front in self.fronts if front.context.protocol == "submission"]
+        self.assertEqual(len(memories), 2)
+        self.assertIs(memories[0], memories[1])
+        memories[0].add(b"DESKTOP-ABC")
+        self.files.write(limits="max_connections_per_ip = 7")
+        self.reloader.reload()
+        self.assertNotIn(b"DESKTOP-ABC", memories[0])
+
     def test_reloadable_change_after_refused_one(self) -> None:
         """Once the file is back to what runs, with only reloadable changes, the reload applies them."""
         self.files.write(backend_ports={"pop3": 2110})
