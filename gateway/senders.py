@@ -9,13 +9,15 @@ adds more, one user per line::
     bob: bob@example.net, @lists.example.net
 
 An @domain entry covers local parts without the routing characters "%" and "!" and without quotes.
-Addresses and user names compare ignoring ASCII case only. The file is small and re-read when it changes (a stat per
+Addresses and user names compare ignoring ASCII case only, and a quoted local part that needs no
+quotes as the MTA reads it: "alice"@example.org is alice@example.org. The file is small and re-read when it changes (a stat per
 check); a broken rewrite keeps the previous contents and logs a warning.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from twisted.logger import Logger
 
@@ -31,6 +33,22 @@ def ascii_lower(text: str) -> str:
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+# RFC 5321's Dot-string, with RFC 6531's non-ASCII: what a local part may be without quotes.
+_DOT_STRING = re.compile(r'[^\x00-\x20"(),.:;<>@\[\\\]\x7f]+(?:\.[^\x00-\x20"(),.:;<>@\[\\\]\x7f]+)*')
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _plain(address: str) -> str:
+    """
+    C{address} with a quoted local part written plain where it needs no quotes (RFC 5321 4.1.2):
+    Postfix, for one, reads the two forms as one address, so one may not pass where the other fails.
+    """
+    local, at, domain = address.rpartition("@")
+    if len(local) < 2 or local[0] != '"' or local[-1] != '"':
+        return address
+    content = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return content + at + domain if _DOT_STRING.fullmatch(content) else address
 
 
 class SendersFileError(Exception):
@@ -72,7 +90,7 @@ class SenderPolicy:
 
     def allowed(self, user: str, sender: str) -> bool:
         """True when C{user} may send as C{sender}; never for the null sender."""
-        address = ascii_lower(sender)
+        address = ascii_lower(_plain(sender))
         if address.count("@") != 1:
             return False
         if ascii_lower(user) == address:

@@ -137,14 +137,33 @@ class FilePolicyTests(SendersFileTestCase):
 
     def test_domain_wildcard_not_routed_onwards(self) -> None:
         """
-        @domain does not cover a local part an MTA may route to another domain ("%", "!"), nor a
-        quoted one; an address listed whole still passes.
+        @domain does not cover a local part an MTA may route to another domain ("%", "!"), nor one
+        that must be quoted; an address listed whole still passes.
         """
         for sender in ("ceo%gmail.com@lists.example.net", "gmail.com!ceo@lists.example.net",
-                       '"ceo%gmail.com"@lists.example.net', '"ceo"@lists.example.net'):
+                       '"ceo%gmail.com"@lists.example.net', '"ceo\\%gmail.com"@lists.example.net',
+                       '"ceo@gmail.com"@lists.example.net', '"c e o"@lists.example.net',
+                       '"ceo."@lists.example.net'):
             self.assertFalse(self.policy.allowed("bob", sender), sender)
         self.write(SENDERS + "carol: odd%name@example.com\n")
         self.assertTrue(SenderPolicy(self.path).allowed("carol", "odd%name@example.com"))
+
+    def test_needless_quotes(self) -> None:
+        """
+        A quoted local part that needs no quotes is the address written plain, as the MTA reads
+        it, escaped characters included: for the login name, a listed address and a domain.
+        """
+        for user, sender in (("alice@example.org", '"alice"@example.org'),
+                             ("alice@example.org", '"Al\\ice"@example.org'),
+                             ("alice@example.org", '"a.smith"@example.org'),
+                             ("bob", '"announce"@lists.example.net'),
+                             ("bob", '"b\u00e9a.t"@lists.example.net')):
+            self.assertTrue(self.policy.allowed(user, sender), sender)
+        for user, sender in (("alice@example.org", '"alice\\"@example.org'),
+                             ("alice@example.org", '"alice"x@example.org'),
+                             ("alice@example.org", '"alice@example.org"'),
+                             ("alice@example.org", '"bob"@example.org')):
+            self.assertFalse(self.policy.allowed(user, sender), sender)
 
     def test_null_sender(self) -> None:
         """The null sender is refused even for users in the file."""
