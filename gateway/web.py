@@ -211,6 +211,9 @@ _HTTP_ORIGIN = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 # Never passed on: TRACE would echo the request, cookies included, and CONNECT asks for a tunnel.
 _REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
 
+# Standard reason phrases, with the one twisted.web lacks (RFC 6585).
+_REASON_PHRASES = {**RESPONSES, 431: b"Request Header Fields Too Large"}
+
 # What every fixed page carries besides the security headers (L{_page}, L{_WebChannel.refusal}).
 _PAGE_HEADERS = ((b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store"))
 
@@ -220,6 +223,9 @@ _PAGES = {
     405: b"Method not allowed.\n",
     408: b"Request timeout.\n",
     413: b"Request body too large.\n",
+    414: b"Address too long.\n",
+    # Most often the cookies: a browser sends every one the site's names have set.
+    431: b"Request headers too large. Deleting this site's cookies may help.\n",
     502: b"The webmail is not available at the moment. Please try again later.\n",
     503: b"The server is busy. Please try again later.\n",
     504: b"The webmail did not answer in time. Please try again later.\n",
@@ -446,8 +452,10 @@ class RequestDeadlineChannel(HTTPChannel):
         with the refusal's headers and body (twisted.web's hook, whose own answer is a bare status
         line: no length, no security headers, no page).
         """
-        too_large = self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders
-        self.refuse(400, "headers_too_large" if too_large else "unparsable")
+        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+            self.refuse(431, "headers_too_large")  # RFC 6585 5
+        else:
+            self.refuse(400, "unparsable")
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         """
@@ -465,11 +473,14 @@ class RequestDeadlineChannel(HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """
-        A request or header line over twisted.web's bound: a 400. (LineReceiver's default closes
-        the transport itself, which over TLS waits for the channel to unregister as its producer:
-        the client got no answer, and its connection stayed open until the deadline.)
+        A request line over twisted.web's bound is a 414, a header line a 431. (LineReceiver's
+        default closes the transport itself, which over TLS waits for the channel to unregister as
+        its producer: the client got no answer, and its connection stayed open until the deadline.)
         """
-        self.refuse(400, "line_too_long")
+        if self._receivedHeaderSize == 0:  # nothing of this request read yet: its request line
+            self.refuse(414, "target_too_long")
+        else:
+            self.refuse(431, "headers_too_large")
 
     def allContentReceived(self) -> None:
         """The request has arrived in time: process it, unless it was refused meanwhile (twisted.web hook)."""
@@ -537,7 +548,7 @@ class RequestDeadlineChannel(HTTPChannel):
         headers = Headers()
         for name, value in [*fields, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]:
             headers.addRawHeader(name, value)
-        self.writeHeaders(b"HTTP/1.1", b"%d" % code, RESPONSES[code], headers)
+        self.writeHeaders(b"HTTP/1.1", b"%d" % code, _REASON_PHRASES[code], headers)
         self.transport.write(body)  # type: ignore[union-attr]
         # A client that does not read this is aborted after the grace period (loseConnection).
         self.loseConnection()
@@ -1130,7 +1141,7 @@ class _Exchange:
         request = self._request
         # The standard reason phrase, not the webmail's: it means nothing to a client (RFC 9112
         # 4), and a control character or bare CR in it would reach the status line as sent.
-        request.setResponseCode(response.code)
+        request.setResponseCode(response.code, _REASON_PHRASES.get(response.code))
         _copy_response_headers(response.headers, request.responseHeaders, self.upstream, self._public_host)
         # The agent keeps Content-Length to itself (but for HEAD) and gives the length instead.
         if isinstance(response.length, int) and response.code not in NO_BODY_CODES and request.method != b"HEAD":

@@ -967,18 +967,20 @@ class ProxyTests(SiteTestCase):
 
     def test_refused_by_twisted_web_itself(self) -> None:
         """
-        What twisted.web refuses before the gateway sees it gets the gateway's own 400 page, with
-        its length and security headers, and the connection closes: headers over 16 KiB in all, a
-        header name with spaces, a broken chunk.
+        What twisted.web refuses before the gateway sees it gets the gateway's own page, with its
+        length and security headers, and the connection closes: headers over 16 KiB in all (431,
+        RFC 6585), a header name with spaces, a broken chunk (400).
         """
-        for target, headers, body in (
-                (b"/roundcube/", {b"X-%d" % n: b"x" * 6000 for n in range(3)}, b""),
-                (b"/roundcube/", {b"Broken header line": b""}, b""),
-                (b"/upload", {b"Transfer-Encoding": b"chunked"}, b"zz\r\nx\r\n0\r\n\r\n")):
+        for target, headers, body, code in (
+                (b"/roundcube/", {b"X-%d" % n: b"x" * 6000 for n in range(3)}, b"", 431),
+                (b"/roundcube/", {b"Broken header line": b""}, b"", 400),
+                (b"/upload", {b"Transfer-Encoding": b"chunked"}, b"zz\r\nx\r\n0\r\n\r\n", 400)):
             connection = self.connect(self.https)
             connection.send(b"POST", target, headers, body)
             reply = connection.reply()
-            self.assert_own_page(reply, 400)
+            self.assert_own_page(reply, code)
+            self.assertEqual(connection.transport.value().split(b"\r\n", 1)[0],
+                             b"HTTP/1.1 431 Request Header Fields Too Large" if code == 431 else b"HTTP/1.1 400 Bad Request")
             self.assertEqual(reply.header("strict-transport-security"), b"max-age=31536000")
             self.assertEqual(reply.header("connection"), b"close")
             self.assertTrue(connection.transport.disconnecting)
@@ -1220,11 +1222,11 @@ class ProxyTests(SiteTestCase):
 class MalformedRequestTests(SiteTestCase):
     """Requests the webmail might read otherwise than the gateway get a 400 before their body, on both sites."""
 
-    def assert_refused(self, request: bytes, site: Site | None = None) -> None:
+    def assert_refused(self, request: bytes, site: Site | None = None, code: int = 400) -> None:
         connection = self.connect(site or self.https)
         connection.channel.dataReceived(request)
         reply = connection.reply()
-        self.assert_own_page(reply, 400)
+        self.assert_own_page(reply, code)
         self.assertEqual(reply.header("connection"), b"close")
         self.assertTrue(connection.transport.disconnecting)
         connection.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: mail.example.org\r\n\r\n")
@@ -1257,14 +1259,15 @@ class MalformedRequestTests(SiteTestCase):
                 (b"/roundcube/", {b"X-%d" % n: b"x" * 6000 for n in range(3)}, b""),
                 (b"/roundcube/", {b"X-%d" % n: b"x" for n in range(501)}, b""),
                 (b"/roundcube/", {b"Cookie": b"x" * 17_000}, b""),
+                (b"/" + b"x" * 17_000, {}, b""),
                 (b"/upload", {}, b"x" * 101)):
             self.connect(self.https).send(b"POST", target, headers, body)
         self.assertEqual([(e["code"], e["reason"], e["peer"]) for e in events
                           if e["log_format"].startswith("web_request_refused ")],
                          [(400, "malformed", "192.0.2.7"), (400, "dot_segment", "192.0.2.7"),
-                          (400, "unparsable", "192.0.2.7"), (400, "headers_too_large", "192.0.2.7"),
-                          (400, "headers_too_large", "192.0.2.7"), (400, "line_too_long", "192.0.2.7"),
-                          (413, "body_too_large", "192.0.2.7")])
+                          (400, "unparsable", "192.0.2.7"), (431, "headers_too_large", "192.0.2.7"),
+                          (431, "headers_too_large", "192.0.2.7"), (431, "headers_too_large", "192.0.2.7"),
+                          (414, "target_too_long", "192.0.2.7"), (413, "body_too_large", "192.0.2.7")])
 
     def test_no_host(self) -> None:
         """An HTTP/1.1 request without Host is a 400, to a proxied path, a document, or on plain HTTP."""
@@ -1312,12 +1315,15 @@ class MalformedRequestTests(SiteTestCase):
         sent.answer.errback(ConnectionRefusedError("127.0.0.1:8080"))
 
     def test_over_long_lines(self) -> None:
-        """A request line or header line over twisted.web's 16 KiB, ended or not, is a 400 on both sites."""
+        """
+        A request line over twisted.web's 16 KiB, ended or not, is a 414 on both sites, a header
+        line a 431 (a cookie, most often).
+        """
         long = b"a" * 17000
         for site in (self.https, self.http):
-            for request in (b"GET /%s HTTP/1.1\r\n" % long, b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nX: %s" % long,
-                            long):
-                self.assert_refused(request, site)
+            for request, code in ((b"GET /%s HTTP/1.1\r\n" % long, 414), (long, 414),
+                                  (b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nCookie: %s" % long, 431)):
+                self.assert_refused(request, site, code)
 
     def test_refused_before_body(self) -> None:
         """A malformed request is answered before its body arrives, which is then never read or kept."""

@@ -404,12 +404,12 @@ class WebGatewayTests(TestCase):
     @inlineCallbacks
     def test_over_long_header_answered_at_once(self) -> Any:
         """
-        Over TLS, a header line over 16 KiB gets its 400 at once: the channel is its TLS
+        Over TLS, a header line over 16 KiB gets its 431 at once: the channel is its TLS
         transport's producer, and the close twisted.web's line parser made by itself waited for
         the request deadline (60 s), with no answer.
         """
         fetched = yield self.curl("/roundcube/", "-H", "X-Long: " + "a" * 17000, "--max-time", "10")
-        self.assertEqual((fetched.exit_code, fetched.status), (0, 400), fetched.stderr)
+        self.assertEqual((fetched.exit_code, fetched.status), (0, 431), fetched.stderr)
         self.assertEqual(self.upstream.seen, [])
 
     @inlineCallbacks
