@@ -33,10 +33,12 @@ from zope.interface import Interface, implementer
 
 from gateway.userdb import MAX_USER_NAME_BYTES, UserDatabase
 
-MAX_BACKEND_PASSWORD_BYTES = 1024
+MAX_BACKEND_PASSWORD_BYTES = 4096
 """
-The longest password passed on to a backend that decides: Dovecot's login process drops a
-command over its 4 KiB input buffer with a BYE, which would read as the backend being down.
+The longest password passed on to a backend that decides (an OAuth token may pass 1 KiB): Dovecot's
+login process drops a SASL response over its 8 KiB buffer with a BYE, which would read as the
+backend being down. Longer than 1 KiB, the backends' logins go as SASL PLAIN, which Dovecot reads
+into that buffer (L{gateway.imap_backend}, L{gateway.pop3_backend}).
 """
 
 log = Logger()

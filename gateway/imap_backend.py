@@ -2,8 +2,9 @@
 The IMAP login dialogue with the backend store.
 
 Greeting, optional STARTTLS, CAPABILITY when the greeting did not carry it, optional ID with
-the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN (or, for a
-master login, AUTHENTICATE PLAIN with the user as authorization identity). The
+the client's address (Dovecot honours it from C{login_trusted_networks}), then LOGIN, or
+AUTHENTICATE PLAIN for a master login (the user as authorization identity) and for credentials
+too long for Dovecot's LOGIN (L{_LOGIN_COMMAND_LIMIT}). The
 capabilities the backend announces after login are kept for the client's tagged OK, and its
 ALERTs for untagged lines before it.
 
@@ -46,6 +47,10 @@ _REJECTION_CODES = frozenset((b"AUTHENTICATIONFAILED", b"AUTHORIZATIONFAILED", b
 _SESSION_REFUSAL_CODES = frozenset((b"LIMIT", b"INUSE", b"CONTACTADMIN", b"OVERQUOTA"))
 # ALERTs kept for the user from one login (RFC 9051 7.1: the client must show them); more are dropped.
 _MAX_ALERTS = 8
+# Dovecot's login process reads at most 1 KiB of a command's arguments and drops a longer LOGIN
+# with "BYE Input buffer full", which would read as the backend being down; it reads a SASL
+# response into a larger buffer, so a longer LOGIN goes as AUTHENTICATE PLAIN.
+_LOGIN_COMMAND_LIMIT = 1000
 
 _Handler = Callable[[Response], None]
 
@@ -223,7 +228,14 @@ class ImapBackendLogin(BackendLogin):
         request = self.request
         assert request is not None
         if request.master_user is not None:
-            self._master_login(request.user, request.master_user, request.password)
+            # As Dovecot's own proxy does: SASL PLAIN with the user as the authorization identity.
+            # Dovecot needs no auth_master_user_separator for it, and any user name goes through.
+            if not self._has(b"AUTH=PLAIN"):
+                # Dovecot drops it where it would refuse a clear-text password, as it adds LOGINDISABLED.
+                self.fail(BackendUnavailable("backend does not offer AUTH=PLAIN for the master login: "
+                                             "use backend TLS or the backend's login_trusted_networks"))
+                return
+            self._plain_login(request.master_user, authzid=request.user)
             return
         if self._has(b"LOGINDISABLED"):
             self.fail(BackendUnavailable("backend refuses LOGIN (LOGINDISABLED): use backend TLS"))
@@ -235,18 +247,16 @@ class ImapBackendLogin(BackendLogin):
         except ValueError:
             self.fail(BackendRejected("credentials cannot be sent in an IMAP login"))
             return
+        if sum(len(chunk) for chunk in chunks) > _LOGIN_COMMAND_LIMIT and self._has(b"AUTH=PLAIN"):
+            self._plain_login(request.user)
+            return
         self._send_credentials(tag, chunks)
 
-    def _master_login(self, user: str, master_user: str, password: bytes) -> None:
-        # As Dovecot's own proxy does: SASL PLAIN with the user as the authorization identity.
-        # Dovecot needs no auth_master_user_separator for it, and any user name goes through.
-        if not self._has(b"AUTH=PLAIN"):
-            # Dovecot drops it where it would refuse a clear-text password, as it adds LOGINDISABLED.
-            self.fail(BackendUnavailable("backend does not offer AUTH=PLAIN for the master login: "
-                                         "use backend TLS or the backend's login_trusted_networks"))
-            return
+    def _plain_login(self, authcid: str, authzid: str = "") -> None:
+        """AUTHENTICATE PLAIN (RFC 4959's initial response where the backend offers SASL-IR)."""
+        assert self.request is not None
         try:
-            message = plain_message(master_user, password, authzid=user)
+            message = plain_message(authcid, self.request.password, authzid=authzid)
         except ValueError:
             self.fail(BackendRejected("credentials cannot be sent in an IMAP login"))
             return

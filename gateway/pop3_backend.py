@@ -6,9 +6,11 @@ client's address and session name (Dovecot honours it from C{login_trusted_netwo
 it is asked again without SESSION), then USER and PASS. The backend's capabilities are kept so that the front
 end promises only what the backend does.
 
-The client's credentials go by USER and PASS. A master login goes by C{AUTH PLAIN} (RFC 5034),
-the master user's credentials with the user as authorization identity, as Dovecot's own proxy
-logs in: with an initial response, or after the server's C{+ } where the line would be too long.
+The client's credentials go by USER and PASS, or by C{AUTH PLAIN} (RFC 5034) where those cannot
+carry them: a space in the name, a CR or LF in the password, or a password too long for a 255-octet
+command line (RFC 2449 4). A master login goes by C{AUTH PLAIN}, the master user's credentials with
+the user as authorization identity, as Dovecot's own proxy logs in. AUTH PLAIN sends its response
+initially, or after the server's C{+ } where the line would be too long.
 A backend that will not take a clear-text password on this connection fails as unavailable,
 never as a rejection, like LOGINDISABLED on the IMAP side: its CAPA leaves out USER (RFC 2449
 6.2), or PLAIN from its SASL line for a master login, or, when its CAPA did not say, it answers
@@ -203,21 +205,26 @@ class Pop3BackendLogin(BackendLogin):
             self.fail(BackendUnavailable(_CLEARTEXT_REFUSED))
             return
         if master_user is not None:
-            self._master_login(master_user)
+            self._plain_login(master_user, authzid=request.user)
             return
         encoded = request.user.encode("utf-8", "surrogateescape")
-        if not encoded or any(byte in encoded for byte in b"\0\r\n "):
-            self.fail(BackendRejected("the user name cannot be sent in a POP3 USER command"))
+        sendable = (encoded and not any(byte in encoded for byte in b"\0\r\n ")
+                    and not any(byte in request.password for byte in b"\0\r\n"))
+        if not (sendable and len(b"PASS " + request.password + b"\r\n") <= _COMMAND_LINE) and self._offers_plain():
+            # USER and PASS carry one word each, in a line of at most 255 octets: a space in the
+            # name, a long password (Dovecot's "Input buffer full" past 1 KiB) go by PLAIN.
+            self._plain_login(request.user)
             return
-        if any(byte in request.password for byte in b"\0\r\n"):
-            self.fail(BackendRejected("the password cannot be sent in a POP3 PASS command"))
+        if not sendable:
+            self.fail(BackendRejected("the credentials cannot be sent in POP3 USER and PASS"))
             return
         self._send(b"USER " + encoded, self._password)
 
-    def _master_login(self, master_user: str) -> None:
+    def _plain_login(self, authcid: str, authzid: str = "") -> None:
+        """AUTH PLAIN (RFC 5034): with an initial response where the line fits, else after the server's "+ "."""
         assert self.request is not None
         try:
-            message = plain_message(master_user, self.request.password, authzid=self.request.user)
+            message = plain_message(authcid, self.request.password, authzid=authzid)
         except ValueError:
             self.fail(BackendRejected("the credentials cannot be sent in AUTH PLAIN"))
             return

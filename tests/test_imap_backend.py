@@ -299,6 +299,29 @@ class LoginCommandTests(ImapLoginTestBase):
         self.say(b"gw1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
         self.failed_with(BackendRejected)
 
+    def test_long_credentials_by_plain(self) -> None:
+        """
+        Credentials that make LOGIN longer than Dovecot's login process reads (1 KiB, then "BYE
+        Input buffer full") go as AUTHENTICATE PLAIN where the backend offers it; up to the
+        bound, and where it does not, as LOGIN.
+        """
+        password = b"p" * 2000
+        message = base64.b64encode(b"\0alice\0" + password)
+        self.start(password=password)
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR AUTH=PLAIN"), b"gw2 AUTHENTICATE PLAIN " + message + b"\r\n")
+        self.say(b"gw2 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        self.logged_in()
+        self.start(password=password)
+        self.assertEqual(self.greet(b"IMAP4rev1 AUTH=PLAIN"), b"gw2 AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(self.say(b"+ \r\n"), message + b"\r\n")
+        self.say(b"gw2 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+        self.logged_in()
+        fits = b"p" * (1000 - len(b"gw1 LOGIN alice \r\n"))  # a LOGIN of exactly 1000 bytes
+        self.start(password=fits)
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR AUTH=PLAIN"), b"gw1 LOGIN alice %s\r\n" % fits)
+        self.start(password=password)
+        self.assertEqual(self.greet(b"IMAP4rev1 SASL-IR"), b"gw1 LOGIN alice %s\r\n" % password)
+
     def test_master_login_nul(self) -> None:
         """A NUL would shift the PLAIN fields: such a master login is rejected and nothing is sent."""
         self.start(user="alice\0admin", password=b"masterpw", master_user="admin")

@@ -349,19 +349,50 @@ class UserPassTests(Pop3LoginTestBase):
             self.say(b"-ERR [" + code + b"] Internal error occurred.\r\n")
             self.failed_with(BackendUnavailable)
 
-    def test_unsendable_user(self) -> None:
-        """A user name that is empty or holds a space, CR, LF or NUL is rejected without USER sent."""
-        for user in ("", "alice smith", "ali\rce", "ali\nce", "ali\0ce"):
-            self.start(user=user)
+    def test_plain_where_user_and_pass_cannot_carry_them(self) -> None:
+        """
+        A name with a space, a password with a CR or LF, or one that makes PASS longer than 255
+        octets (RFC 2449 4; Dovecot drops it past 1 KiB with "Input buffer full") goes by AUTH
+        PLAIN, its response after the server's "+ " where the line would pass 255 octets.
+        """
+        for user, password in (("alice smith", b"secret"), ("alice", b"se\r\ncret"), ("alice", b"p" * 249),
+                               ("alice", b"p" * 3000)):
+            message = base64.b64encode(b"\0" + user.encode() + b"\0" + password)
+            self.start(user=user, password=password)
             self.say(GREETING)
-            self.assertEqual(self.say(CAPA), b"")
-            self.failed_with(BackendRejected)
+            if len(message) < 240:
+                self.assertEqual(self.say(CAPA), b"AUTH PLAIN " + message + b"\r\n")
+            else:
+                self.assertEqual(self.say(CAPA), b"AUTH PLAIN\r\n")
+                self.assertEqual(self.say(b"+ \r\n"), message + b"\r\n")
+            self.assertEqual(self.say(b"+OK Logged in.\r\n"), b"")
+            self.assertEqual(self.logged_in().capabilities, CAPABILITIES)
+        self.start(password=b"p" * 248)  # PASS's line is 255 octets
+        self.reach_user()
+        self.assertEqual(self.say(b"+OK\r\n"), b"PASS " + b"p" * 248 + b"\r\n")
 
-    def test_unsendable_password(self) -> None:
-        """A password holding CR, LF or NUL is rejected before USER is even sent."""
-        for password in (b"se\rcret", b"se\ncret", b"se\0cret"):
-            self.start(password=password)
-            self.assertEqual(self.say(GREETING), b"CAPA\r\n")
+    def test_unsendable_without_plain(self) -> None:
+        """
+        Without SASL PLAIN in the CAPA answer, a name or password USER and PASS cannot carry is
+        rejected with nothing sent; a long password still goes by PASS (Dovecot takes 1 KiB).
+        """
+        capa = b"+OK\r\nUSER\r\n.\r\n"
+        for user, password in (("", b"secret"), ("alice smith", b"secret"), ("ali\rce", b"secret"),
+                               ("ali\nce", b"secret"), ("ali\0ce", b"secret"), ("alice", b"se\rcret"),
+                               ("alice", b"se\ncret"), ("alice", b"se\0cret")):
+            self.start(user=user, password=password)
+            self.say(GREETING)
+            self.assertEqual(self.say(capa), b"")
+            self.failed_with(BackendRejected)
+        self.start(password=b"p" * 500)
+        self.reach_user(capa)
+        self.assertEqual(self.say(b"+OK\r\n"), b"PASS " + b"p" * 500 + b"\r\n")
+
+    def test_nul_never_sent(self) -> None:
+        """A NUL would shift PLAIN's fields: such credentials are rejected with nothing sent."""
+        for user, password in (("ali\0ce", b"secret"), ("alice", b"se\0cret")):
+            self.start(user=user, password=password)
+            self.say(GREETING)
             self.assertEqual(self.say(CAPA), b"")
             self.failed_with(BackendRejected)
 
@@ -605,6 +636,6 @@ class SecrecyTests(Pop3LoginTestBase):
         self.say(b"+OK\r\n")
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assert_secret(self.failureResultOf(self.protocol.result, BackendUnavailable).value)
-        self.start(password=self.PASSWORD + b"\r")
+        self.start(password=self.PASSWORD + b"\0")
         self.say(GREETING + CAPA)
         self.assert_secret(self.failed_with(BackendRejected))

@@ -5,6 +5,7 @@ TLS listeners and a test CA, and real clients (imaplib, curl, mbsync, raw socket
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import imaplib
 import os
@@ -521,16 +522,23 @@ class UserLimitTests(GatewayFixture):
         first.logout()
 
 
+# An OAuth token as a password (Dovecot's oauth2 passdb): over Dovecot's 1 KiB for LOGIN and USER/PASS.
+TOKEN_USER = ("carol", "t" * 2000)
+# Where Dovecot takes any name (auth_username_chars empty): POP3's USER cannot carry a space.
+SPACED_USER = ("dave smith", "daves-password")
+
+
 class BackendDecidesTests(SynchronousTestCase):
     """[auth] mode "backend": Dovecot checks the passwords the gateway passes on."""
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.stack = stack = Stack("gw-backend-auth-")
-        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), {OTHER[0]: OTHER[1]}))
+        cls.dovecot = stack.start(DovecotSandbox(stack.path("dovecot"), dict((OTHER, TOKEN_USER, SPACED_USER)),
+                                                 extra_config="auth_username_chars =\n"))
         cls.gateway = stack.start(GatewayProcess(
-            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, users=None,
-            certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path))
+            stack.path("gateway"), imap_backend_port=cls.dovecot.imap_port, pop3_backend_port=cls.dovecot.pop3_port,
+            users=None, certificate=stack.certificate.chain_path, private_key=stack.certificate.key_path))
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -555,6 +563,29 @@ class BackendDecidesTests(SynchronousTestCase):
         client = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"), ssl_context=self.stack.tls())
         self.assertEqual(client.login(*OTHER)[0], "OK")
         client.logout()
+
+    def test_credentials_login_and_user_pass_cannot_carry(self) -> None:
+        """
+        A 2,000-byte password (an OAuth token: Dovecot drops a LOGIN, USER or PASS past 1 KiB) logs
+        in over IMAP and POP3, and a name with a space over POP3, each to its own mailbox: the
+        gateway's logins to Dovecot go as SASL PLAIN there.
+        """
+        for user, password in (TOKEN_USER, SPACED_USER):
+            self.dovecot.deliver(user, b"Subject: for %s\r\n\r\nhello\r\n" % user.encode())
+            imap = imaplib.IMAP4_SSL("127.0.0.1", self.gateway.port("imap", "implicit_tls"),
+                                     ssl_context=self.stack.tls(), timeout=30)
+            self.assertEqual(imap.login(f'"{user}"', password)[0], "OK", user)  # imaplib quotes the password only
+            imap.select("INBOX", readonly=True)
+            fetched = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0]
+            self.assertIn(b"for " + user.encode(), fetched[1])
+            imap.logout()
+            pop = poplib.POP3_SSL("127.0.0.1", self.gateway.port("pop3", "implicit_tls"), context=self.stack.tls(),
+                                  timeout=30)
+            plain = base64.b64encode(b"\0%s\0%s" % (user.encode(), password.encode()))
+            self.assertTrue(pop._shortcmd("AUTH PLAIN " + plain.decode()).startswith(b"+OK"), user)
+            self.assertIn(b"for " + user.encode(), b"\n".join(pop.top(1, 0)[1]))
+            pop.quit()
+        self.assertNotIn("login_failed", self.gateway.log())
 
     def test_client_hanging_up_does_not_cut_the_login_short(self) -> None:
         """
