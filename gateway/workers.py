@@ -40,10 +40,11 @@ CONTROL_FD = 3
 """The worker's descriptor of its channel; the listening sockets follow it, in order."""
 
 RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
-"""Seconds before restarting a worker that exited, growing while it keeps failing soon after start."""
-
-STABLE_AFTER = 60.0
-"""A worker that ran this long before exiting is restarted after the shortest delay again."""
+"""
+Seconds before restarting a worker that exited: the shortest after one that served (as nginx
+respawns one at once: its clients wait in the backlog meanwhile), growing while it keeps failing
+before it serves (a users file it cannot read), when restarting sooner would only fail again.
+"""
 
 # A bound in time rather than in failed starts: it means the same however long a worker takes to
 # fail (an import, a users file to check, a fork refused) and however many workers there are. By
@@ -189,13 +190,13 @@ class WorkerPool(Service):
         self._workers[number] = worker
         log.info("worker_started worker={worker} pid={pid}", worker=number, pid=worker.pid)
 
-    def _ended(self, worker: _Worker, reason: Failure, ran: float) -> None:
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self._workers.get(worker.number) is not worker:
             return  # its start failed after the spawn, which has already scheduled the restart
         del self._workers[worker.number]
         if not self.running:
             return
-        if ran >= STABLE_AFTER:
+        if worker.ready:
             self._failures[worker.number] = 0
         self._schedule(worker.number, f"pid {worker.pid} exited: {reason.getErrorMessage()}")
         if not worker.ready and worker.last_output is not None:
@@ -203,7 +204,7 @@ class WorkerPool(Service):
         self._watch_unserved()
 
     def _schedule(self, number: int, reason: str) -> None:
-        """Start worker C{number} again later: the sooner the longer it had been running well."""
+        """Start worker C{number} again later: the later the more often it has failed in a row."""
         failures = self._failures.get(number, 0)
         self._failures[number] = failures + 1
         delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
@@ -228,13 +229,13 @@ class _Worker(ProcessProtocol):
     """
     One worker process as the supervisor sees it: its output is logged, its end reported.
 
-    :param exited: called with the worker, why it ended and how long it ran, unless it was stopped.
+    :param exited: called with the worker and why it ended, unless it was stopped.
     :param generation: that of the configuration text it starts from.
     :ivar ready: whether it serves (and can take SIGHUP).
     :ivar last_output: the last line it printed, if any.
     """
 
-    def __init__(self, number: int, clock: IReactorTime, exited: Callable[[_Worker, Failure, float], None],
+    def __init__(self, number: int, clock: IReactorTime, exited: Callable[[_Worker, Failure], None],
                  generation: int) -> None:
         self.number = number
         self.generation = generation
@@ -243,7 +244,6 @@ class _Worker(ProcessProtocol):
         self.last_output: str | None = None
         self._exited = exited
         self._clock = clock
-        self._started = clock.seconds()
         self._ended: Deferred[None] | None = None
         self._kill: IDelayedCall | None = None
         self._done = False
@@ -289,7 +289,7 @@ class _Worker(ProcessProtocol):
                          worker=self.number, pid=self.pid, reason=reason.getErrorMessage())
             self._ended.callback(None)
             return
-        self._exited(self, reason, self._clock.seconds() - self._started)
+        self._exited(self, reason)
 
 
 def exit_after_stop(reactor: IReactorCore, status: int) -> None:

@@ -21,7 +21,7 @@ from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.shutdown import STOP_MARGIN
-from gateway.workers import EXIT_UNSERVED, UNSERVED_LIMIT, WorkerPool, exit_after_stop
+from gateway.workers import EXIT_UNSERVED, RESTART_DELAYS, UNSERVED_LIMIT, WorkerPool, exit_after_stop
 
 # Only what the pool reads: where the configuration is, its text, how many workers.
 SETTINGS = Settings("/nonexistent.toml", "localhost", "/nonexistent", None, None, Limits(), None, None, None,  # type: ignore[arg-type]
@@ -195,6 +195,29 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(pool.pids()), 1)
         pool.stopService()
 
+
+    def test_restart_after_serving_not_slowed(self) -> None:
+        """
+        A worker that served and died is restarted after the shortest delay however often that
+        happens (the OOM killer, a crash): only failures before serving make the delay grow.
+        """
+        pool, clock = self.pool, self.clock
+        pool.startService()
+        for _ in range(len(RESTART_DELAYS) + 2):
+            clock.channels[-1].lineReceived(READY)  # type: ignore[attr-defined]
+            started = len(clock.spawned)
+            clock.spawned[-1].processEnded(Failure(ProcessTerminated(signal=9)))
+            clock.advance(RESTART_DELAYS[0] - 0.01)
+            self.assertEqual(len(clock.spawned), started)
+            clock.advance(0.01)
+            self.assertEqual(len(clock.spawned), started + 1)
+        started = len(clock.spawned)
+        clock.spawned[-1].processEnded(Failure(ProcessTerminated(exitCode=1)))  # before serving
+        clock.advance(RESTART_DELAYS[1] - 0.01)
+        self.assertEqual(len(clock.spawned), started)
+        clock.advance(0.01)
+        self.assertEqual(len(clock.spawned), started + 1)
+        self.stop(pool)
 
     def test_no_ready_worker_exits(self) -> None:
         """
