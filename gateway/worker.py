@@ -4,7 +4,8 @@ A worker process: C{python -m gateway.worker}, started by the supervisor (L{gate
 It inherits its channel to the supervisor and the listening sockets as descriptors, runs with
 the configuration text the supervisor checked (at start and at each reload, never the file as
 it is now), and serves the mail listeners. It logs through the channel and stops when the
-channel closes, so no worker outlives its supervisor.
+channel closes, so no worker outlives its supervisor; what it logs while it stops then goes to
+the supervisor's standard output (systemd's journal), in the same text format.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gateway.config import ConfigError, Settings, load_settings
 from gateway.event_loop import streamline
 from gateway.service import build_worker_service
 from gateway.shutdown import sigterm_once
+from gateway.text_log import text_file_observer
 from gateway.worker_channel import RemoteGatekeeper, WorkerChannel
 from gateway.workers import CONTROL_FD, SingleProtocolFactory
 
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if reactor.running:
             reactor.stop()
 
-    channel = WorkerChannel(lost=lost)
+    # Line-buffered: each line is out before the next event, however the stop ends.
+    orphaned = text_file_observer(open(CONTROL_FD + 1 + options.listeners, "w", buffering=1, encoding="utf-8",
+                                       errors="replace"))
+    channel = WorkerChannel(lost=lost, orphaned=orphaned)
     with socket.socket(fileno=CONTROL_FD) as control:  # the reactor keeps its own copy
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, channel.emit)], redirectStandardIO=False)

@@ -269,10 +269,14 @@ class WorkerChannel(_Channel):
     The worker's end of its channel.
 
     :param lost: called when the supervisor is gone (the worker then stops).
+    :param orphaned: where log events go once the supervisor is gone, so that the lines of the
+        connections the worker then ends (a message delivered, a disconnect) are not lost.
     """
 
-    def __init__(self, lost: Callable[[], None]) -> None:
+    def __init__(self, lost: Callable[[], None], orphaned: Callable[[LogEvent], object] = lambda event: None) -> None:
         self._lost = lost
+        self._orphaned: Callable[[LogEvent], object] | None = None
+        self._fallback = orphaned
         # Its events go to the supervisor's log, which drops a worker's event in this module's
         # namespace (the supervisor's own): the worker's end logs as the worker.
         self._log = _worker_log
@@ -309,8 +313,11 @@ class WorkerChannel(_Channel):
         self.send(0, name, *arguments)
 
     def emit(self, event: LogEvent) -> None:
-        """Send one log event to the supervisor; an C{ILogObserver}."""
-        self.tell("log", loggable(event))
+        """Send one log event to the supervisor, or once it is gone to the fallback; an C{ILogObserver}."""
+        if self._orphaned is not None:
+            self._orphaned(event)
+        else:
+            self.tell("log", loggable(event))
 
     def lineReceived(self, line: bytes) -> None:
         serial, answer = _decode(line.decode("ascii"))
@@ -324,6 +331,7 @@ class WorkerChannel(_Channel):
         if self._closed is not None:
             self._closed.callback(None)  # closed by the worker, which is stopping already
             return
+        self._orphaned = self._fallback
         self._lost()
 
 

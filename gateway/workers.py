@@ -37,7 +37,10 @@ from gateway.worker_channel import SupervisorChannel
 log = Logger()
 
 CONTROL_FD = 3
-"""The worker's descriptor of its channel; the listening sockets follow it, in order."""
+"""
+The worker's descriptor of its channel. The listening sockets follow it, in order, then the
+supervisor's standard output, where a worker whose supervisor has gone logs what it still does.
+"""
 
 RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 """
@@ -176,6 +179,7 @@ class WorkerPool(Service):
             for offset, held in enumerate(self._listeners):
                 assert held.port is not None, "the listeners start before the pool"
                 descriptors[CONTROL_FD + 1 + offset] = held.port.fileno()  # type: ignore[attr-defined]
+            descriptors[CONTROL_FD + 1 + len(self._listeners)] = sys.__stdout__.fileno()  # type: ignore[union-attr]
             worker = _Worker(number, self._reactor, self._ended, self._generation)  # type: ignore[arg-type]
             arguments = [sys.executable, "-m", "gateway.worker", "--config", self._config_path,
                          "--number", str(number), "--listeners", str(len(self._listeners))]

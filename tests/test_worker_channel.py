@@ -44,8 +44,9 @@ class Worker:
     def __init__(self, case: ChannelTests, configuration: Callable[[], str] = lambda: "[gateway]\n") -> None:
         self.lost = 0
         self.ready = 0
+        self.orphaned: list[LogEvent] = []
         self.supervisor = SupervisorChannel(case.shared, case.published.append, 4321, configuration, self._ready)
-        self.channel = WorkerChannel(self._lost)
+        self.channel = WorkerChannel(self._lost, self.orphaned.append)
         self.pump = iosim.connect(self.supervisor, iosim.FakeTransport(self.supervisor, True),
                                   self.channel, iosim.FakeTransport(self.channel, False))
         key = self.answer(self.channel.call("hello"))
@@ -96,6 +97,27 @@ class ChannelTests(SynchronousTestCase):
                          ["disconnect", "worker_channel_closed"])
         self.assertEqual(worker.lost, 0)
         self.successResultOf(worker.channel.close())  # again, once closed: at once
+        Logger(observer=worker.channel.emit).info("Main loop terminated.")
+        self.assertEqual(worker.orphaned, [])
+
+    def test_orphaned_worker_logs_on(self) -> None:
+        """
+        A worker whose supervisor has gone logs what it still does (the connections it then
+        ends) to its fallback, as it was, where it had dropped those lines.
+        """
+        worker = Worker(self)
+        logger = Logger(namespace="gateway.submission", observer=worker.channel.emit)
+        logger.info("login user=alice")
+        worker.pump.flush()
+        worker.supervisor.transport.loseConnection()  # type: ignore[union-attr]
+        worker.pump.flush()
+        self.assertEqual(worker.lost, 1)
+        logger.info("message user={user} size={size}", user="alice", size=120)
+        self.assertEqual([event["log_format"].split(" ")[0] for event in self.published],
+                         ["login", "worker_channel_closed"])
+        [event] = worker.orphaned
+        self.assertEqual(formatEvent(event), "message user=alice size=120")
+        self.assertEqual(event["log_namespace"], "gateway.submission")
 
     def test_limits_count_every_worker(self) -> None:
         """A per-address limit of 2 refuses the third connection, whichever worker each came to."""

@@ -262,7 +262,8 @@ class SupervisorEndTests(SynchronousTestCase):
 
     def start_gateway(self) -> tuple[GatewayProcess, list[int]]:
         gateway = self.stack.start(GatewayProcess(self.stack.path("gateway"), imap_backend_port=self.dovecot.imap_port,
-                                                  users=USERS, workers=2))
+                                                  users=USERS, workers=2, certificate=self.stack.certificate.chain_path,
+                                                  private_key=self.stack.certificate.key_path))
         pids = list(gateway.worker_pids().values())
         self.assertEqual(len(pids), 2)
         return gateway, pids
@@ -276,11 +277,20 @@ class SupervisorEndTests(SynchronousTestCase):
         self.assertRaises(ConnectionRefusedError, socket.create_connection, ("127.0.0.1", port), 2)
 
     def test_supervisor_killed(self) -> None:
-        """Workers whose supervisor was killed outright stop by themselves."""
+        """
+        Workers whose supervisor was killed outright stop by themselves, and what they log as they
+        end their sessions goes to the supervisor's standard output, here the gateway's log.
+        """
         gateway, pids = self.start_gateway()
         assert gateway.pid is not None
+        client = imaplib.IMAP4_SSL("127.0.0.1", gateway.port("imap", "implicit_tls"),
+                                   ssl_context=self.stack.tls(), timeout=15)
+        client.login("alice", USERS["alice"])
+        gateway.wait_for_log(r'login protocol=imap client=127\.0\.0\.1 user="alice" ')
         os.kill(gateway.pid, signal.SIGKILL)
         wait_until(lambda: not any(alive(pid) for pid in pids))
+        gateway.wait_for_log(r'disconnect protocol=imap client=127\.0\.0\.1 user="alice" ')
+        client.shutdown()
 
 
 class ReadyNotificationTests(SynchronousTestCase):
