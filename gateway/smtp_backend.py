@@ -32,6 +32,8 @@ from gateway.text_log import loggable_text
 
 log = Logger()
 
+# RFC 5321 4.5.3.1.4: a command line of at most 512 octets, CRLF included.
+_COMMAND_LINE = 512
 # What of a client's EHLO name is passed on: printable ASCII, one token, no longer than a domain.
 _EHLO_NAME = re.compile(rb"[\x21-\x7e]{1,255}")
 
@@ -222,7 +224,15 @@ class SmtpBackend(BackendLogin):
             token = plain_message(account, self.request.password)
         except ValueError:
             raise BackendRejected("the credentials cannot be sent in AUTH PLAIN") from None
-        reply = yield self.command(b"AUTH PLAIN " + token)
+        if len(b"AUTH PLAIN " + token + b"\r\n") <= _COMMAND_LINE:
+            reply = yield self.command(b"AUTH PLAIN " + token)
+        else:
+            # RFC 4954 4: not as an initial response where the line would pass SMTP's limit
+            # (Postfix cuts lines at 2048 bytes; it reads a SASL response up to 12 KiB).
+            reply = yield self.command(b"AUTH PLAIN")
+            if reply.code != 334:  # no verdict on credentials it has not seen
+                raise BackendUnavailable(f"the MTA answered AUTH PLAIN with {reply.code}")
+            reply = yield self.command(token)
         if reply.code == 235:
             return
         if reply.code == 535 and self.request.master_user is None:

@@ -178,6 +178,27 @@ class ReplayTests(SmtpBackendTestBase):
         """AUTH PLAIN carries base64 of NUL, the user, NUL and the password, as one line."""
         self.assertEqual(self.reach_auth(), b"AUTH PLAIN " + TOKEN + b"\r\n")
 
+    def test_long_credentials_after_334(self) -> None:
+        """
+        Where AUTH PLAIN with the response would pass SMTP's 512-octet line (RFC 4954 4; Postfix
+        cuts lines at 2048 bytes: an OAuth token), the response follows the MTA's 334 instead.
+        """
+        password = b"t" * 2000
+        token = base64.b64encode(b"\0alice\0" + password)
+        self.start(password=password)
+        self.assertEqual(self.reach_auth(), b"AUTH PLAIN\r\n")
+        self.assertEqual(self.say(b"334 \r\n"), token + b"\r\n")
+        self.assertEqual(self.say(AUTHENTICATED), b"")
+        self.assertEqual(self.logged_in().capabilities, EXTENSIONS)
+        self.start(password=b"t" * 365)  # the longest that fits: a line of 509 octets
+        written = self.reach_auth()
+        self.assertEqual((written[:11], len(written)), (b"AUTH PLAIN ", 509))
+        self.start(password=b"t" * 366)
+        self.assertEqual(self.reach_auth(), b"AUTH PLAIN\r\n")
+        # Answered before the credentials were sent: no verdict on them.
+        self.assertEqual(self.say(b"535 5.7.8 Error: authentication failed\r\n"), b"")
+        self.failed_with(BackendUnavailable)
+
     def test_utf8_credentials(self) -> None:
         """A user and password with UTF-8 and spaces are sent as their bytes, base64-encoded."""
         self.start(user="jörg", password="pä ss".encode())

@@ -134,6 +134,10 @@ def plain_token(user: str, password: str) -> str:
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
 
 
+# An OAuth token as a password, for a backend that decides (Dovecot's oauth2 passdb).
+TOKEN_USER = ("carol@example.org", "t" * 3000)
+
+
 class SubmissionFixture(SynchronousTestCase):
     """
     One Postfix and one submission gateway for a test class; torn down after its last test.
@@ -740,7 +744,7 @@ class ReplayLoginTests(SubmissionFixture):
     def start_backends(cls) -> None:
         """Start a Dovecot whose auth service listens on TCP for Postfix."""
         cls.dovecot = cls.stack.start(DovecotSandbox(
-            cls.stack.path("dovecot"), USERS,
+            cls.stack.path("dovecot"), {**USERS, TOKEN_USER[0]: TOKEN_USER[1]},
             extra_config=f"service auth {{\n  inet_listener auth-inet {{\n    address = 127.0.0.1\n"
                          f"    port = {cls.auth_port}\n  }}\n}}\n"))
 
@@ -768,6 +772,21 @@ class ReplayLoginTests(SubmissionFixture):
         wait_for_file(self.postfix.log_path,
                       r"client=unknown\[127\.0\.0\.8\], sasl_method=PLAIN, sasl_username=alice@example\.org")
         self.assertNotIn(PASSWORD, self.gateway.log())
+
+
+    def test_token_as_password(self) -> None:
+        """
+        A 3,000-byte password (an OAuth token) logs in and sends: Postfix cuts command lines at
+        2048 bytes, so the gateway's AUTH PLAIN sends it after the 334 (RFC 4954 4).
+        """
+        user, password = TOKEN_USER
+        message = text_message("token@example.org", "token login")
+        client = self.smtps()
+        client.login(user, password)
+        self.assertEqual(client.sendmail(user, ["token@example.org"], message), {})
+        client.quit()
+        self.assert_arrives_intact("token", message)
+        self.assertNotIn("login_failed", self.gateway.log())
 
 
 class StrictHeloTests(SubmissionFixture):
