@@ -64,7 +64,7 @@ def parse_senders(data: bytes, path: str) -> dict[str, frozenset[str]]:
         if not line or line.startswith("#"):
             continue
         user, colon, addresses = line.partition(":")
-        allowed = [ascii_lower(a.strip()) for a in addresses.replace(",", " ").split()]
+        allowed = [ascii_lower(_plain(a.strip())) for a in addresses.replace(",", " ").split()]
         if not colon or not user.strip() or not allowed or any("@" not in a for a in allowed):
             raise SendersFileError(f"{path}:{number}: expected 'user: address, @domain, ...'")
         if ascii_lower(user.strip()) in senders:
@@ -93,7 +93,7 @@ class SenderPolicy:
         address = ascii_lower(_plain(sender))
         if address.count("@") != 1:
             return False
-        if ascii_lower(user) == address:
+        if ascii_lower(_plain(user)) == address:
             return True
         self._refresh()
         allowed = self._senders.get(ascii_lower(user), frozenset())

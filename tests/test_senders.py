@@ -151,7 +151,8 @@ class FilePolicyTests(SendersFileTestCase):
     def test_needless_quotes(self) -> None:
         """
         A quoted local part that needs no quotes is the address written plain, as the MTA reads
-        it, escaped characters included: for the login name, a listed address and a domain.
+        it, escaped characters included: in a sender matched to the login name, a listed address
+        or a domain, and in the file's entries and the login name themselves.
         """
         for user, sender in (("alice@example.org", '"alice"@example.org'),
                              ("alice@example.org", '"Al\\ice"@example.org'),
@@ -159,6 +160,10 @@ class FilePolicyTests(SendersFileTestCase):
                              ("bob", '"announce"@lists.example.net'),
                              ("bob", '"b\u00e9a.t"@lists.example.net')):
             self.assertTrue(self.policy.allowed(user, sender), sender)
+        self.write(SENDERS + 'carol: "info"@example.com\n')
+        self.assertTrue(SenderPolicy(self.path).allowed("carol", "info@example.com"))
+        self.assertTrue(SenderPolicy(self.path).allowed("carol", '"info"@example.com'))
+        self.assertTrue(self.policy.allowed('"dave"@example.org', "dave@example.org"))
         for user, sender in (("alice@example.org", '"alice\\"@example.org'),
                              ("alice@example.org", '"alice"x@example.org'),
                              ("alice@example.org", '"alice@example.org"'),
