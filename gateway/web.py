@@ -452,7 +452,9 @@ class RequestDeadlineChannel(HTTPChannel):
         with the refusal's headers and body (twisted.web's hook, whose own answer is a bare status
         line: no length, no security headers, no page).
         """
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+        if self._receivedHeaderSize > self.totalHeadersSize and len(getattr(self, "_path", b"")) > self.totalHeadersSize // 2:
+            self.refuse(414, "target_too_long")  # the request line counts too: mostly the address
+        elif self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
             self.refuse(431, "headers_too_large")  # RFC 6585 5
         else:
             self.refuse(400, "unparsable")

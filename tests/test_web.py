@@ -1322,7 +1322,12 @@ class MalformedRequestTests(SiteTestCase):
         long = b"a" * 17000
         for site in (self.https, self.http):
             for request, code in ((b"GET /%s HTTP/1.1\r\n" % long, 414), (long, 414),
-                                  (b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nCookie: %s" % long, 431)):
+                                  (b"GET / HTTP/1.1\r\nHost: mail.example.org\r\nCookie: %s" % long, 431),
+                                  # under 16 KiB each, over it together: the longer names the fault
+                                  (b"GET /%s HTTP/1.1\r\nHost: mail.example.org\r\nCookie: %s\r\n\r\n"
+                                   % (b"a" * 16000, b"c" * 1000), 414),
+                                  (b"GET /%s HTTP/1.1\r\nHost: mail.example.org\r\nCookie: %s\r\n\r\n"
+                                   % (b"a" * 1000, b"c" * 16000), 431)):
                 self.assert_refused(request, site, code)
 
     def test_refused_before_body(self) -> None:
