@@ -434,7 +434,9 @@ class SubmissionFrontEnd(LoginFrontEnd):
         assert self._backend is not None
         self.setTimeout(None)  # the MTA's turn, as in _relay: FINAL_REPLY_TIMEOUT is its deadline
         waiting = self._backend.expect_reply()
-        waiting.addTimeout(FINAL_REPLY_TIMEOUT, self.clock)
+        # Late, the verdict is unknown: the MTA may yet deliver what the client is told to retry.
+        waiting.addTimeout(FINAL_REPLY_TIMEOUT, self.clock,
+                           onTimeoutCancel=_mta_late("the end of the message (it may deliver it still)"))
         waiting.addCallbacks(self._message_done, self._backend_failed)
         self._pending = waiting  # cancelled if the client goes away meanwhile
 
@@ -535,7 +537,8 @@ class SubmissionFrontEnd(LoginFrontEnd):
 
         def send(backend: SmtpBackend) -> Deferred[Reply]:
             reply = backend.command(line)
-            reply.addTimeout(COMMAND_REPLY_TIMEOUT, self.clock)
+            reply.addTimeout(COMMAND_REPLY_TIMEOUT, self.clock,
+                             onTimeoutCancel=_mta_late(line.split(b" ", 1)[0].decode("ascii", "replace")))
             return reply
 
         connecting.addCallback(send)
@@ -711,6 +714,13 @@ _COMMANDS: dict[bytes, Callable[[SubmissionFrontEnd, bytes], None]] = {
     b"NOOP": SubmissionFrontEnd.do_NOOP, b"QUIT": SubmissionFrontEnd.do_QUIT,
     b"VRFY": SubmissionFrontEnd.do_VRFY, b"EXPN": SubmissionFrontEnd.do_VRFY,
 }
+
+
+def _mta_late(what: str) -> Callable[[object, float], Failure]:
+    """For C{addTimeout}: a reply the MTA owes, late, as the backend being unavailable, naming C{what}."""
+    def late(result: object, timeout: float) -> Failure:
+        return Failure(BackendUnavailable(f"the MTA did not answer {what} within {timeout:g} s"))
+    return late
 
 
 def _say_goodbye(backend: SmtpBackend, clock: IReactorTime) -> None:

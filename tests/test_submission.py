@@ -674,7 +674,12 @@ class ReviewFixTests(SubmissionTestBase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_slow_mta_is_not_client_idleness(self) -> None:
-        """While the MTA works on a reply the client's idle timer stops; the MTA's own deadline gives 451."""
+        """
+        While the MTA works on a reply the client's idle timer stops; the MTA's own deadline gives
+        451, and the log says what it did not answer: a command, or the end of a message, whose
+        fate is then unknown.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.say(b"MAIL FROM:<bob@example.org>\r\n")
         self.clock.advance(299)
         self.assertEqual(self.read(), b"")
@@ -684,6 +689,13 @@ class ReviewFixTests(SubmissionTestBase):
         self.clock.advance(300)
         self.assertEqual(self.read(), b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
         self.assertFalse(self.transport.disconnecting)
+        self.start_data()
+        self.front.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.clock.advance(600)
+        self.assertEqual(self.read(), b"451 4.4.1 Mail system temporarily unavailable, try again later\r\n")
+        self.assertEqual([event["reason"] for event in events if event["log_format"].startswith("backend_unavailable ")],
+                         ["the MTA did not answer RCPT within 300 s",
+                          "the MTA did not answer the end of the message (it may deliver it still) within 600 s"])
 
     def test_lost_mta_mid_transaction_is_temporary(self) -> None:
         """After MAIL, a lost MTA makes RCPT a 451, not a 503 from a fresh MTA session."""
