@@ -304,7 +304,7 @@ class BackendConnector:
         self._logins = 0  # begun so far: each login's number
         self._newest_answered = 0  # the number of the latest-begun login the backend answered
         self._down_by = 0  # the number of the login that logged the outage under way; 0 when none
-        self._down_since = 0.0  # when that outage was logged, for its length
+        self._down_since = 0.0  # when the login that logged it began: the outage began by then
         self._not_forwarded_logged = False
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
@@ -353,21 +353,22 @@ class BackendConnector:
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
-        done.addBoth(self._health, number)
+        done.addBoth(self._health, number, self._reactor.seconds())  # type: ignore[attr-defined]
         return done
 
-    def _health(self, result: BackendLogin | Failure, number: int) -> BackendLogin | Failure:
+    def _health(self, result: BackendLogin | Failure, number: int, began: float) -> BackendLogin | Failure:
         """
         Log the backend's changes of state, once each, among the per-login lines an outage makes:
         down at a login it fails as unavailable, unless one begun later was answered; up at an
         answer to a login begun after the one that logged the outage. Logins end out of order (a
         timeout comes long after its login began), and what a login found says less of the
-        backend now than what one begun after it found.
+        backend now than what one begun after it found. The outage is timed from the beginning
+        of the login that logged it (a stalled backend is found out a timeout later).
         """
         if isinstance(result, Failure) and result.check(BackendUnavailable):
             if not self._down_by and number > self._newest_answered:
                 self._down_by = number
-                self._down_since = self._reactor.seconds()  # type: ignore[attr-defined]
+                self._down_since = began
                 log.warn("backend_down backend={backend} reason={reason}", backend=self.address,
                          reason=result.getErrorMessage())
         elif not isinstance(result, Failure) or result.check(BackendRejected, BackendRefused):

@@ -276,6 +276,25 @@ class HealthTests(ConnectorTestBase):
         self.assertTrue(lines[0].startswith("backend_down backend=127.0.0.1:143 reason=cannot connect"), lines[0])
         self.assertEqual(lines[1], "backend_up backend=127.0.0.1:143 down_for=42.5")
 
+    def test_stalled_backend_timed_from_the_first_login(self) -> None:
+        """
+        A backend that stalls is found out a timeout after the login began: its outage, in
+        backend_up's down_for, counts from then, not from the timeout.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connector = self.connector()
+        stalled = connector.login(REQUEST)
+        self.accept(0)  # connected, and never greeted
+        self.reactor.advance(SETTINGS.timeout)
+        self.failureResultOf(stalled, BackendUnavailable)
+        self.reactor.advance(10)
+        attempt = connector.login(REQUEST)
+        wire, _ = self.accept(1)
+        wire.dataReceived(b"* OK [CAPABILITY IMAP4rev1] ready\r\ngw1 NO [AUTHENTICATIONFAILED] no\r\n")
+        self.failureResultOf(attempt, BackendRejected)
+        self.assertEqual(formatEvent(logged[-1]),
+                         "backend_up backend=127.0.0.1:143 down_for=%.1f" % (SETTINGS.timeout + 10))
+
     def test_out_of_order(self) -> None:
         """
         A login begun before the outage was logged ends it only if begun after (and one begun
