@@ -353,7 +353,8 @@ class BackendConnector:
         done.addErrback(self._unavailable)
         done.addTimeout(self.settings.timeout, self._reactor)  # type: ignore[arg-type]
         done.addErrback(self._timed_out)
-        done.addBoth(self._health, number, self._reactor.seconds())  # type: ignore[attr-defined]
+        began: float = self._reactor.seconds()  # type: ignore[attr-defined]
+        done.addBoth(self._health, number, began)
         return done
 
     def _health(self, result: BackendLogin | Failure, number: int, began: float) -> BackendLogin | Failure:
