@@ -22,7 +22,7 @@ from typing import cast
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorCore
-from twisted.logger import ILogObserver, Logger, globalLogBeginner
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
 from gateway.config import ConfigError, Settings, load_settings
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if reactor.running:
             reactor.stop()
 
-    # Line-buffered: each line is out before the next event, however the stop ends.
-    orphaned = text_file_observer(open(CONTROL_FD + 1 + options.listeners, "w", buffering=1, encoding="utf-8",
-                                       errors="replace"))
-    channel = WorkerChannel(lost=lost, orphaned=orphaned)
+    channel = WorkerChannel(lost=lost, orphaned=orphaned_log(CONTROL_FD + 1 + options.listeners))
     with socket.socket(fileno=CONTROL_FD) as control:  # the reactor keeps its own copy
         reactor.adoptStreamConnection(control.fileno(), socket.AF_UNIX, SingleProtocolFactory(channel))  # type: ignore[attr-defined]
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, channel.emit)], redirectStandardIO=False)
@@ -72,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     reactor.callWhenRunning(sigterm_once, reactor)
     reactor.run()
     return status[0]
+
+
+def orphaned_log(descriptor: int) -> Callable[[LogEvent], object]:
+    """Where the worker logs once its supervisor has gone: text lines to C{descriptor}, if it has one."""
+    try:
+        # Line-buffered: each line is out before the next event, however the stop ends.
+        return text_file_observer(open(descriptor, "w", buffering=1, encoding="utf-8", errors="replace"))
+    except OSError:  # started by a supervisor of an earlier release, which passes none
+        return lambda event: None
 
 
 def supervisor_configuration(channel: WorkerChannel, path: str) -> Deferred[Settings]:

@@ -46,8 +46,12 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0)
 """
 Seconds before restarting a worker that exited: the shortest after one that served (as nginx
 respawns one at once: its clients wait in the backlog meanwhile), growing while it keeps failing
-before it serves (a users file it cannot read), when restarting sooner would only fail again.
+before it serves (a users file it cannot read, a crash at its first clients), when restarting
+sooner would only fail again.
 """
+
+SERVED_AFTER = 10.0
+"""Seconds a worker must have been ready to count as having served: one that dies sooner failed."""
 
 # A bound in time rather than in failed starts: it means the same however long a worker takes to
 # fail (an import, a users file to check, a fork refused) and however many workers there are. By
@@ -139,6 +143,7 @@ class WorkerPool(Service):
 
     def _ready(self, worker: _Worker) -> None:
         worker.ready = True
+        worker.ready_at = self._reactor.seconds()  # type: ignore[attr-defined]
         serving, self._serving = self._serving, None
         if serving is not None:
             serving()
@@ -179,7 +184,7 @@ class WorkerPool(Service):
             for offset, held in enumerate(self._listeners):
                 assert held.port is not None, "the listeners start before the pool"
                 descriptors[CONTROL_FD + 1 + offset] = held.port.fileno()  # type: ignore[attr-defined]
-            descriptors[CONTROL_FD + 1 + len(self._listeners)] = sys.__stdout__.fileno()  # type: ignore[union-attr]
+            descriptors[CONTROL_FD + 1 + len(self._listeners)] = _standard_output()
             worker = _Worker(number, self._reactor, self._ended, self._generation)  # type: ignore[arg-type]
             arguments = [sys.executable, "-m", "gateway.worker", "--config", self._config_path,
                          "--number", str(number), "--listeners", str(len(self._listeners))]
@@ -200,7 +205,8 @@ class WorkerPool(Service):
         del self._workers[worker.number]
         if not self.running:
             return
-        if worker.ready:
+        clock: IReactorTime = self._reactor  # type: ignore[assignment]
+        if worker.ready_at is not None and clock.seconds() - worker.ready_at >= SERVED_AFTER:
             self._failures[worker.number] = 0
         self._schedule(worker.number, f"pid {worker.pid} exited: {reason.getErrorMessage()}")
         if not worker.ready and worker.last_output is not None:
@@ -217,6 +223,15 @@ class WorkerPool(Service):
                   worker=number, reason=reason, delay=delay)
         clock: IReactorTime = self._reactor  # type: ignore[assignment]
         self._restarts[number] = clock.callLater(delay, self._spawn, number)
+
+
+def _standard_output() -> int | str:
+    """The supervisor's standard output for a worker, or a pipe the supervisor reads where it has none (closed)."""
+    try:
+        os.fstat(1)
+    except OSError:
+        return "r"
+    return 1
 
 
 class SingleProtocolFactory(Factory):
@@ -236,6 +251,7 @@ class _Worker(ProcessProtocol):
     :param exited: called with the worker and why it ended, unless it was stopped.
     :param generation: that of the configuration text it starts from.
     :ivar ready: whether it serves (and can take SIGHUP).
+    :ivar ready_at: since when, if it does.
     :ivar last_output: the last line it printed, if any.
     """
 
@@ -244,6 +260,7 @@ class _Worker(ProcessProtocol):
         self.number = number
         self.generation = generation
         self.ready = False
+        self.ready_at: float | None = None
         self.pid: int | None = None
         self.last_output: str | None = None
         self._exited = exited

@@ -21,7 +21,8 @@ from gateway.connection_limits import ConnectionLimits, ConnectionRules
 from gateway.gatekeeper import LocalGatekeeper
 from gateway.penalties import LoginPenalties, PenaltyRules
 from gateway.shutdown import STOP_MARGIN
-from gateway.workers import EXIT_UNSERVED, RESTART_DELAYS, UNSERVED_LIMIT, WorkerPool, exit_after_stop
+from gateway.worker import orphaned_log
+from gateway.workers import CONTROL_FD, EXIT_UNSERVED, RESTART_DELAYS, SERVED_AFTER, UNSERVED_LIMIT, WorkerPool, exit_after_stop
 
 # Only what the pool reads: where the configuration is, its text, how many workers.
 SETTINGS = Settings("/nonexistent.toml", "localhost", "/nonexistent", None, None, Limits(), None, None, None,  # type: ignore[arg-type]
@@ -55,6 +56,7 @@ class _SpawningClock(Clock):
         self.spawned: list[ProcessProtocol] = []
         self.channels: list[Protocol] = []
         self.environments: list[dict[str, str]] = []
+        self.descriptors: list[dict[int, object]] = []
         self.stops = 0
 
     def stop(self) -> None:
@@ -70,6 +72,7 @@ class _SpawningClock(Clock):
         protocol.makeConnection(process)  # type: ignore[arg-type]
         self.spawned.append(protocol)
         self.environments.append(env)
+        self.descriptors.append(childFDs)
         return process
 
     def adoptStreamConnection(self, fileno: int, family: int, factory: Factory) -> None:
@@ -198,26 +201,59 @@ class WorkerPoolTests(SynchronousTestCase):
 
     def test_restart_after_serving_not_slowed(self) -> None:
         """
-        A worker that served and died is restarted after the shortest delay however often that
-        happens (the OOM killer, a crash): only failures before serving make the delay grow.
+        A worker that served (ready for SERVED_AFTER seconds) and died is restarted after the
+        shortest delay however often that happens (the OOM killer, a crash); one that dies
+        sooner after it was ready (a crash at its first clients) has failed, and the delay grows.
         """
         pool, clock = self.pool, self.clock
         pool.startService()
-        for _ in range(len(RESTART_DELAYS) + 2):
+
+        def dies(after: float, delay: float) -> None:
             clock.channels[-1].lineReceived(READY)  # type: ignore[attr-defined]
+            clock.advance(after)
             started = len(clock.spawned)
             clock.spawned[-1].processEnded(Failure(ProcessTerminated(signal=9)))
-            clock.advance(RESTART_DELAYS[0] - 0.01)
-            self.assertEqual(len(clock.spawned), started)
+            clock.advance(delay - 0.01)
+            self.assertEqual(len(clock.spawned), started, f"restarted sooner than {delay} s")
             clock.advance(0.01)
-            self.assertEqual(len(clock.spawned), started + 1)
-        started = len(clock.spawned)
-        clock.spawned[-1].processEnded(Failure(ProcessTerminated(exitCode=1)))  # before serving
-        clock.advance(RESTART_DELAYS[1] - 0.01)
-        self.assertEqual(len(clock.spawned), started)
-        clock.advance(0.01)
-        self.assertEqual(len(clock.spawned), started + 1)
+            self.assertEqual(len(clock.spawned), started + 1, f"not restarted after {delay} s")
+
+        for _ in range(len(RESTART_DELAYS) + 2):
+            dies(after=SERVED_AFTER, delay=RESTART_DELAYS[0])
+        for delay in RESTART_DELAYS[1:]:
+            dies(after=SERVED_AFTER - 0.5, delay=delay)
+        dies(after=SERVED_AFTER, delay=RESTART_DELAYS[0])
         self.stop(pool)
+
+    def test_standard_output_for_orphans(self) -> None:
+        """
+        A worker gets the supervisor's standard output after its listeners (where it logs once
+        its supervisor has gone), or, where the supervisor has none (closed), a pipe: it starts.
+        """
+        self.pool.startService()
+        self.assertEqual(self.clock.descriptors[-1], {0: "w", 1: "r", 2: "r", CONTROL_FD: self.clock.descriptors[-1][3],
+                                                      CONTROL_FD + 1: 1})
+        real_fstat = os.fstat
+
+        def fstat(fd: int) -> os.stat_result:
+            if fd == 1:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            return real_fstat(fd)
+
+        self.patch(os, "fstat", fstat)
+        self.clock.spawned[-1].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.clock.advance(RESTART_DELAYS[0])
+        self.assertEqual(len(self.clock.spawned), 2)
+        self.assertEqual(self.clock.descriptors[-1][CONTROL_FD + 1], "r")
+        self.stop(self.pool)
+
+    def test_worker_of_an_earlier_supervisor(self) -> None:
+        """A worker whose supervisor passed no such descriptor (an earlier release) starts, logging nowhere once orphaned."""
+        read, write = os.pipe()
+        os.close(write)
+        os.close(read)  # a descriptor number that is closed
+        orphaned = orphaned_log(read)
+        orphaned({"log_format": "disconnect", "log_level": LogLevel.info, "log_namespace": "x", "log_time": 0.0})
 
     def test_no_ready_worker_exits(self) -> None:
         """
