@@ -304,7 +304,7 @@ class BackendConnector:
         self._logins = 0  # begun so far: each login's number
         self._newest_answered = 0  # the number of the latest-begun login the backend answered
         self._down_by = 0  # the number of the login that logged the outage under way; 0 when none
-        self._down_since = 0.0  # when the login that logged it began: the outage began by then
+        self._down_since = 0.0  # when the login that logged it began (the outage began by its end)
         self._not_forwarded_logged = False
 
     def probe(self) -> Deferred[tuple[bytes, ...]]:
@@ -364,7 +364,8 @@ class BackendConnector:
         answer to a login begun after the one that logged the outage. Logins end out of order (a
         timeout comes long after its login began), and what a login found says less of the
         backend now than what one begun after it found. The outage is timed from the beginning
-        of the login that logged it (a stalled backend is found out a timeout later).
+        of the login that logged it: a stalled backend is found out a timeout later, and an
+        outage that began during that login is overstated by at most the timeout.
         """
         if isinstance(result, Failure) and result.check(BackendUnavailable):
             if not self._down_by and number > self._newest_answered:
